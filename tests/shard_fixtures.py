@@ -1,0 +1,58 @@
+"""Tiny shard datasets for data-pipeline tests, built with the real builder from raw HDF5 files.
+
+Raw files follow the public layouts (REFERENCE.md section 4) so the shards go through the same code
+path as real data: h5py file -> nestor_ds.data.builder.build -> shard directory + manifest.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from nestor_ds.data.builder import META_BYTES_ESTIMATE, BuildConfig, build
+
+
+def random_fields(n: int, t: int, res: int, c: int, seed: int) -> np.ndarray:
+    """[N, T, X, Y, C] float32 with distinct per-channel scales (so normalisation is visible)."""
+    rng = np.random.default_rng(seed)
+    scale = np.arange(1, c + 1, dtype=np.float32)
+    return (rng.standard_normal((n, t, res, res, c)).astype(np.float32) * scale + 3.0 * scale).astype(np.float32)
+
+
+def write_pdebench_cfd(path: Path, fields_NTXYC: np.ndarray) -> None:
+    """PDEBench 2D CFD layout: Vx, Vy, density, pressure each [N, T, X, Y]; t-coordinate has T + 1 entries."""
+    n, t, x, y, c = fields_NTXYC.shape
+    assert c == 4
+    with h5py.File(path, "w") as f:
+        for k, name in enumerate(("Vx", "Vy", "density", "pressure")):
+            f.create_dataset(name, data=fields_NTXYC[..., k])
+        f.create_dataset("x-coordinate", data=np.linspace(0, 1, x, dtype=np.float32))
+        f.create_dataset("y-coordinate", data=np.linspace(0, 1, y, dtype=np.float32))
+        f.create_dataset("t-coordinate", data=np.linspace(0, 1, t + 1, dtype=np.float32))
+        f.attrs.update({"eta": 0.1, "zeta": 0.1, "M": 1.0})
+
+
+def write_pdebench_groups(path: Path, fields_NTXYC: np.ndarray) -> None:
+    """PDEBench groups layout: one group per trajectory with `data` [T, X, Y, C]."""
+    with h5py.File(path, "w") as f:
+        for i, traj in enumerate(fields_NTXYC):
+            g = f.create_group(f"{i:04d}")
+            g.create_dataset("data", data=traj)
+
+
+def build_dataset(root: Path, name: str, n: int, t: int, res: int, c: int, per_shard: int,
+                  test_fraction: float = 0.2, seed: int = 0, dtype: str = "float32") -> Path:
+    """Write a raw file (CFD layout when c == 4, else groups) and build shards of `per_shard` trajectories."""
+    raw = root / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    fields = random_fields(n, t, res, c, seed)
+    src = raw / f"{name}.h5"
+    (write_pdebench_cfd if c == 4 else write_pdebench_groups)(src, fields)
+    sample_bytes = t * res * res * c * np.dtype(dtype).itemsize + META_BYTES_ESTIMATE
+    out = root / name
+    build(BuildConfig(inputs=[str(src)], out=str(out), layout="pdebench-cfd" if c == 4 else "pdebench-groups",
+                      name=name, test_fraction=test_fraction, dtype=dtype, progress=False,
+                      shard_size_mb=(per_shard * sample_bytes + 0.5) / 2**20))
+    return out

@@ -1,0 +1,187 @@
+"""Export of a real 2-rank, ep_size-2 DeepSpeed checkpoint -> safetensors -> load_pretrained.
+
+The module fixture trains a tiny NESTOR (deepspeed token-MoE backend, ep_size 2, ZeRO-2, gloo) for one
+step under torchrun, saves it with the engine's own checkpoint writer, and records the DeepSpeed
+engine model's eval output on a fixed input. This file is also that worker (`--worker OUT_DIR`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_OVERRIDES = {"in_channels": 2, "t_in": 3, "resolution": 16, "patch_size": 4, "width": 16, "num_heads": 2,
+                   "image_experts": 2, "image_top_k": 1, "afno_num_blocks": 2, "norm_groups": 4, "head_dim": 8,
+                   "depth": 1, "moe": {"backend": "deepspeed", "ep_size": 2, "num_experts": 4, "top_k": 2}}
+
+
+def tiny_config():
+    from nestor_ds.model import get_preset
+
+    return get_preset("nestor-tiny", MODEL_OVERRIDES)
+
+
+def fixed_input() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(3, 16, 16, 3, 2, generator=g)
+    return x, torch.ones(3, 2, dtype=torch.bool)
+
+
+def worker(out: Path) -> None:
+    """2 ranks: build, one ZeRO-2 step on rank-specific data, save, record eval outputs on rank 0."""
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    from nestor_ds.engine.checkpoint import rng_state, save_checkpoint
+    from nestor_ds.model import build_model
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    cfg = tiny_config()
+    torch.manual_seed(1000 + rank)  # experts differ per rank (DeepSpeed broadcasts the non-expert weights)
+    model = build_model(cfg)
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "all"})
+    ds_cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=ds_cfg)
+    x_train = torch.randn(2, 16, 16, 3, 2, generator=torch.Generator().manual_seed(rank))
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    out_train = engine(x_train, mask)
+    engine.backward(out_train.pred.square().mean() + sum(out_train.aux_losses.values()))
+    engine.step()
+
+    run_cfg = {"model": cfg.to_dict(), "data": {"datasets": []}, "world_size": 2, "ep_size": 2}
+    save_checkpoint(engine, out / "ckpt", 1, {"step": 1, "rng": rng_state()}, run_cfg, keep_last=2)
+    engine.module.eval()
+    x, mask = fixed_input()
+    with torch.no_grad():
+        pred = engine.module(x, mask).pred
+        roll = engine.module.rollout(x, 2, mask)
+    if rank == 0:
+        torch.save({"x": x, "pred": pred, "rollout": roll}, out / "reference.pt")
+
+
+@pytest.fixture(scope="module")
+def ds_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ds_ep2")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           str(Path(__file__).resolve()), "--worker", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    if proc.returncode != 0:
+        pytest.fail(f"2-rank DeepSpeed worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return out
+
+
+def test_deepspeed_files_are_what_we_expect(ds_run):
+    from nestor_ds.checkpoint_io import gather_deepspeed_state, resolve_checkpoint
+
+    tag = resolve_checkpoint(ds_run / "ckpt")
+    assert tag.name == "step_00000001"
+    names = sorted(p.name for p in tag.iterdir())
+    # 1 DeepSpeed token-MoE layer (depth 1 x 2 image experts = 2 layers) x 4 global experts, ranks 0 and 1
+    assert [n for n in names if n.startswith("layer_")] == [
+        f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(2) for e in range(4)]
+    state = gather_deepspeed_state(tag)
+    expert_keys = [k for k in state if ".deepspeed_experts." in k]
+    assert len(expert_keys) == 2 * 4 * 3  # layers x experts x (w1, w3, w2)
+    # expert ids in the keys are global: 2 and 3 came from rank 1's files
+    assert any(".deepspeed_experts.3.w2.weight" in k for k in expert_keys)
+
+
+def test_export_then_load_pretrained_matches_engine_model(ds_run, tmp_path):
+    from safetensors import safe_open
+
+    from nestor_ds import load_pretrained
+    from nestor_ds.checkpoint_io import export_checkpoint
+
+    out = export_checkpoint(ds_run / "ckpt", tmp_path / "tiny.safetensors")
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert json.loads(meta["nestor_config"])["ep_size"] == 2
+    assert json.loads((tmp_path / "tiny.json").read_text())["model"]["moe"]["backend"] == "deepspeed"
+    assert any(k.endswith("experts.w1_EFD") for k in keys) and not any("deepspeed" in k for k in keys)
+
+    ref = torch.load(ds_run / "reference.pt", weights_only=True)
+    model = load_pretrained(out)
+    assert not model.training
+    assert model.cfg.moe.backend == "local" and model.cfg.moe.ep_size == 1
+    _, mask = fixed_input()
+    with torch.no_grad():
+        pred = model(ref["x"], mask).pred
+    torch.testing.assert_close(pred, ref["pred"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.rollout(ref["x"], 2, mask), ref["rollout"], atol=1e-6, rtol=0)
+
+    # the DeepSpeed directory itself (root -> latest tag) loads to the same weights
+    direct = load_pretrained(ds_run / "ckpt")
+    for (k, a), (_, b) in zip(model.state_dict().items(), direct.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_missing_expert_file_is_named(ds_run, tmp_path):
+    from nestor_ds.checkpoint_io import CheckpointError, export_checkpoint
+
+    tag = tmp_path / "step_00000001"
+    shutil.copytree(ds_run / "ckpt" / "step_00000001", tag)
+    (tag / "layer_1_expert_2_mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"MoE layer 1 is missing expert file\(s\) for expert id\(s\) \[2\]"):
+        export_checkpoint(tag, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_config_mismatch_names_key_and_both_shapes(ds_run, tmp_path):
+    from nestor_ds import load_pretrained
+    from nestor_ds.checkpoint_io import CheckpointError, load_local_state, save_safetensors
+
+    state, run_cfg, _ = load_local_state(ds_run / "ckpt")
+    run_cfg["model"]["head_dim"] = 12  # the weights were trained with head_dim 8
+    bad = save_safetensors(state, run_cfg, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match=r"key 'head\.[\w.]+' has shape \(\d+(, \d+)*\) in the checkpoint "
+                                              r"but \(\d+(, \d+)*\) in the model built from its config"):
+        load_pretrained(bad)
+
+
+class Payload:
+    """A custom class: unpickling it would run arbitrary code paths, so loading must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_pickled_object_is_refused(tmp_path):
+    from nestor_ds import load_pretrained
+    from nestor_ds.checkpoint_io import CheckpointError
+
+    tag = tmp_path / "step_00000001"
+    tag.mkdir()
+    torch.save({"module": {"w": torch.zeros(2)}, "client": Payload()}, tag / "mp_rank_00_model_states.pt")
+    (tag / "nestor_config.json").write_text(json.dumps({"model": tiny_config().to_dict()}))
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt: refused to load: it contains pickled "
+                                              r"objects .*weights_only=True"):
+        load_pretrained(tag)
+
+
+def test_bad_paths_are_one_line_errors(tmp_path):
+    from nestor_ds.checkpoint_io import CheckpointError, resolve_checkpoint
+
+    with pytest.raises(CheckpointError, match="no such file"):
+        resolve_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "latest").write_text("step_9")
+    with pytest.raises(CheckpointError, match="names tag 'step_9'"):
+        resolve_checkpoint(tmp_path)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
+    sys.path.insert(0, str(ROOT))
+    worker(Path(sys.argv[2]))

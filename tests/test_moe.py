@@ -1,0 +1,291 @@
+"""Token-level Sub-MoE (nestor_ds.moe), single process.
+
+The DeepSpeed comparison runs this file as a script in a subprocess (`python tests/test_moe.py
+ds-compare`) so that torch.distributed state never leaks into the pytest process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from nestor_ds.moe import (LocalTokenMoE, MoEConfig, build_token_moe, expert_load_stats,  # noqa: E402
+                           grouped_mm_supported)
+
+D, F_HID, E, K = 16, 16, 4, 2  # 16 fp32 = 64 bytes: grouped_mm runs on CPU
+
+
+def make_moe(seed: int = 0, **kw) -> LocalTokenMoE:
+    torch.manual_seed(seed)
+    cfg = MoEConfig(**{"num_experts": E, "top_k": K, "num_shared_experts": 1, **kw})
+    return build_token_moe(cfg, D)
+
+
+def swiglu(x, w1, w3, w2):
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def naive_forward(moe: LocalTokenMoE, x_ND: torch.Tensor) -> torch.Tensor:
+    """out_n = sum_k w_nk Expert_{e_nk}(x_n) + Shared(x_n), token by token, straight from the math."""
+    probs = torch.softmax(x_ND @ moe.router.gate.weight.T, dim=-1)
+    rows = []
+    for n in range(x_ND.shape[0]):
+        top_p, top_e = probs[n].topk(moe.top_k)
+        w = top_p / top_p.sum()
+        y = sum(w[j] * swiglu(x_ND[n], moe.experts.w1_EFD[e], moe.experts.w3_EFD[e], moe.experts.w2_EDF[e])
+                for j, e in enumerate(top_e.tolist()))
+        rows.append(y + moe.shared(x_ND[n]))
+    return torch.stack(rows)
+
+
+def test_grouped_mm_available_on_cpu_for_aligned_sizes():
+    assert grouped_mm_supported(torch.device("cpu"), torch.float32, D, F_HID)
+    assert not grouped_mm_supported(torch.device("cpu"), torch.float32, 15, F_HID)  # 60-byte rows
+    assert not grouped_mm_supported(torch.device("cpu"), torch.float64, D, F_HID)
+
+
+@pytest.mark.parametrize("use_grouped_mm", [True, False])
+def test_output_shapes_and_matches_naive_math(use_grouped_mm):
+    moe = make_moe()
+    moe.use_grouped_mm = use_grouped_mm
+    x = torch.randn(13, D)
+    out = moe(x)
+    assert out.out_ND.shape == (13, D) and out.out_ND.dtype == torch.float32
+    assert out.lb_loss.shape == () and out.z_loss.shape == ()
+    assert out.tokens_per_expert_E.shape == (E,) and out.tokens_per_expert_E.dtype == torch.long
+    assert int(out.tokens_per_expert_E.sum()) == 13 * K
+    torch.testing.assert_close(out.out_ND, naive_forward(moe, x), atol=1e-5, rtol=1e-5)
+
+
+def test_weights_initialised_and_finite():
+    moe = make_moe(mlp_ratio=2.0)
+    for name, p in moe.named_parameters():
+        assert torch.isfinite(p).all() and p.abs().max() > 0, name
+    assert moe.experts.w1_EFD.shape == (E, 2 * D, D) and moe.experts.w2_EDF.shape == (E, D, 2 * D)
+    # experts differ from each other (independent init, not copies)
+    assert not torch.equal(moe.experts.w1_EFD[0], moe.experts.w1_EFD[1])
+
+
+def test_bf16_forward_is_finite():
+    moe = make_moe().to(torch.bfloat16)
+    out = moe(torch.randn(9, D, dtype=torch.bfloat16))
+    assert out.out_ND.dtype == torch.bfloat16 and torch.isfinite(out.out_ND.float()).all()
+
+
+@pytest.mark.parametrize("use_grouped_mm", [True, False])
+def test_gradients_reach_only_selected_experts(use_grouped_mm):
+    moe = make_moe(seed=1)
+    moe.use_grouped_mm = use_grouped_mm
+    x = torch.randn(3, D)
+    with torch.no_grad():
+        chosen = torch.softmax(x @ moe.router.gate.weight.T, -1).topk(K).indices
+    used = set(chosen.flatten().tolist())
+    assert len(used) < E, "need an unselected expert for this test; change the seed"
+    out = moe(x)
+    (out.out_ND * torch.randn_like(out.out_ND)).sum().backward()
+    for e in range(E):
+        grads = [moe.experts.w1_EFD.grad[e], moe.experts.w3_EFD.grad[e], moe.experts.w2_EDF.grad[e]]
+        if e in used:
+            assert all(g.abs().sum() > 0 for g in grads), e
+        else:
+            assert all(torch.count_nonzero(g) == 0 for g in grads), e
+    assert all(p.grad.abs().sum() > 0 for p in moe.shared.parameters())  # shared expert sees every token
+    assert moe.router.gate.weight.grad.abs().sum() > 0  # router learns through the renormalised weights
+    assert out.tokens_per_expert_E.tolist() == torch.bincount(chosen.flatten(), minlength=E).tolist()
+
+
+def hand_routed_moe() -> tuple[LocalTokenMoE, torch.Tensor, list[list[int]], list[list[float]]]:
+    """Gate = identity on the first E dims, tokens a*e_i + b*e_j (a > b > 0): token routes to (i, j)."""
+    moe = make_moe()
+    with torch.no_grad():
+        moe.router.gate.weight.zero_()
+        moe.router.gate.weight[:, :E] = torch.eye(E)
+    pairs = [(0, 1), (0, 2), (0, 1), (3, 0), (2, 1)]
+    a, b = 2.0, 1.0
+    x = torch.zeros(len(pairs), D)
+    for n, (i, j) in enumerate(pairs):
+        x[n, i], x[n, j] = a, b
+    logits = [[a if e == i else b if e == j else 0.0 for e in range(E)] for i, j in pairs]
+    return moe, x, [list(p) for p in pairs], logits
+
+
+def test_load_balancing_loss_on_hand_built_routing():
+    moe, x, pairs, logits = hand_routed_moe()
+    out = moe(x)
+    n = len(pairs)
+    f = [sum(p.count(e) for p in pairs) / (K * n) for e in range(E)]  # [4, 3, 2, 1] / 10
+    probs = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in logits]
+    P = [sum(row[e] for row in probs) / n for e in range(E)]
+    expected = E * sum(fi * pi for fi, pi in zip(f, P))
+    assert out.tokens_per_expert_E.tolist() == [4, 3, 2, 1]
+    assert out.lb_loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_uniform_routing_gives_lb_loss_one():
+    moe = make_moe()
+    with torch.no_grad():
+        moe.router.gate.weight.zero_()
+        moe.router.gate.weight[:, :E] = torch.eye(E) * 1e-3  # nearly uniform probabilities
+    x = torch.zeros(E, D)
+    x[:, :E] = torch.eye(E) * 3 + torch.roll(torch.eye(E), 1, dims=1)  # each expert first once, second once
+    assert moe(x).lb_loss.item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_z_loss_formula():
+    moe, x, _, logits = hand_routed_moe()
+    expected = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits) / len(logits)
+    assert moe(x).z_loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_top1_weight_is_renormalised_to_one():
+    moe = make_moe(top_k=1, num_shared_experts=0)
+    x = torch.randn(5, D)
+    e = torch.softmax(x @ moe.router.gate.weight.T, -1).argmax(-1)
+    expected = torch.stack([swiglu(x[n], moe.experts.w1_EFD[e[n]], moe.experts.w3_EFD[e[n]], moe.experts.w2_EDF[e[n]])
+                            for n in range(5)])
+    torch.testing.assert_close(moe(x).out_ND, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_rows_are_excluded():
+    moe = make_moe(seed=3)
+    x = torch.randn(12, D)
+    valid = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 0], dtype=torch.bool)
+    x_padded = x.clone()
+    x_padded[~valid] = 1e3  # garbage in padding must not leak anywhere
+    full, only = moe(x_padded, valid), moe(x[valid])
+    torch.testing.assert_close(full.out_ND[valid], only.out_ND)
+    assert torch.count_nonzero(full.out_ND[~valid]) == 0
+    torch.testing.assert_close(full.lb_loss, only.lb_loss)
+    torch.testing.assert_close(full.z_loss, only.z_loss)
+    assert full.tokens_per_expert_E.tolist() == only.tokens_per_expert_E.tolist()
+
+
+def test_all_padding_gives_zero_losses_and_counts():
+    moe = make_moe()
+    x = torch.randn(4, D, requires_grad=True)
+    out = moe(x, torch.zeros(4, dtype=torch.bool))
+    assert out.lb_loss.item() == 0.0 and out.z_loss.item() == 0.0
+    assert out.tokens_per_expert_E.tolist() == [0] * E and torch.count_nonzero(out.out_ND) == 0
+    (out.out_ND.sum() + out.lb_loss + out.z_loss).backward()  # graph stays usable, no NaN
+    assert torch.isfinite(x.grad).all()
+
+
+def test_router_noise_only_in_training():
+    moe = make_moe(router_noise=5.0)
+    x = torch.randn(64, D)
+    moe.eval()
+    a, b = moe(x), moe(x)
+    torch.testing.assert_close(a.out_ND, b.out_ND)
+    moe.train()
+    torch.manual_seed(0)
+    assert moe(x).tokens_per_expert_E.tolist() != a.tokens_per_expert_E.tolist() or \
+        not torch.allclose(moe(x).out_ND, a.out_ND)
+
+
+def test_bad_input_and_config_errors():
+    moe = make_moe()
+    with pytest.raises(ValueError, match=r"x_ND must be \[N, 16\]"):
+        moe(torch.randn(3, D + 1))
+    with pytest.raises(ValueError, match="valid_N must be a bool tensor"):
+        moe(torch.randn(3, D), torch.ones(3))
+    for bad in [dict(backend="tutel"), dict(top_k=7), dict(ep_size=2), dict(capacity_factor=1.0),
+                dict(backend="deepspeed", top_k=1), dict(num_experts=6, ep_size=4, backend="deepspeed"),
+                dict(mlp_ratio=0.0), dict(backend="deepspeed", router_noise=0.1)]:
+        with pytest.raises(ValueError, match="moe"):
+            MoEConfig(**bad).validate()
+
+
+def test_expert_load_stats():
+    uniform = expert_load_stats(torch.tensor([5, 5, 5, 5]))
+    assert uniform["entropy_norm"] == pytest.approx(1.0) and uniform["max_share"] == uniform["min_share"] == 0.25
+    skewed = expert_load_stats(torch.tensor([10, 0, 0, 0]))
+    assert skewed["entropy"] == pytest.approx(0.0) and skewed["max_share"] == 1.0 and skewed["min_share"] == 0.0
+
+
+def test_megablocks_backend_missing_names_requirements_file():
+    try:
+        import megablocks  # noqa: F401
+        pytest.skip("megablocks is installed: checked by tools/gpu_check_moe.py")
+    except Exception:
+        pass
+    with pytest.raises(RuntimeError, match="pip install -r requirements-gpu.txt"):
+        build_token_moe(MoEConfig(backend="megablocks"), D)
+
+
+# ---------------------------------------------------------------- local vs deepspeed (one process)
+
+def ds_compare() -> dict:
+    """Runs in a fresh process: local and deepspeed (ep_size=1) on the same weights, same rows."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MOE_TEST_PORT", "29517"),
+                      RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    import deepspeed
+    from nestor_ds.moe.deepspeed_backend import deepspeed_state_from_local, local_state_from_deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    report: dict = {}
+    for k in (2, 3):
+        local = make_moe(seed=k, top_k=k)
+        torch.manual_seed(100 + k)
+        ds = build_token_moe(MoEConfig(backend="deepspeed", num_experts=E, top_k=k), D)
+        ds.load_state_dict(deepspeed_state_from_local(local.state_dict()))
+        x = torch.randn(24, D)
+        valid = torch.rand(24) > 0.3
+        x[~valid] = 7.0  # padding content must not matter
+        a, b = local(x, valid), ds(x, valid)
+        g = torch.randn(24, D)
+        ((a.out_ND * g).sum() + a.lb_loss + a.z_loss).backward()
+        ((b.out_ND * g).sum() + b.lb_loss + b.z_loss).backward()
+        ds_grads = local_state_from_deepspeed({n: p.grad for n, p in ds.named_parameters()})
+        grad_err = max((p.grad - ds_grads[n]).abs().max().item() for n, p in local.named_parameters())
+        only = ds(x[valid])  # deepspeed with padding == deepspeed on the valid rows
+        report[f"k{k}"] = {
+            "out_err": (a.out_ND - b.out_ND).abs().max().item(),
+            "lb_err": abs(a.lb_loss.item() - b.lb_loss.item()),
+            "z_err": abs(a.z_loss.item() - b.z_loss.item()),
+            "counts_equal": a.tokens_per_expert_E.tolist() == b.tokens_per_expert_E.tolist(),
+            "grad_err": grad_err,
+            "pad_err": (b.out_ND[valid] - only.out_ND).abs().max().item(),
+            "pad_rows_zero": bool(torch.count_nonzero(b.out_ND[~valid]) == 0),
+            "roundtrip": all(torch.equal(v, local.state_dict()[n])
+                             for n, v in local_state_from_deepspeed(ds.state_dict()).items()),
+        }
+    expert_params = [p for n, p in ds.named_parameters() if "deepspeed_experts" in n]
+    report["tags"] = all(p.allreduce is False and p.group_name == "ep_size_1" for p in expert_params)
+    try:
+        ds(torch.zeros(0, D))
+        report["n0_error"] = ""
+    except ValueError as err:
+        report["n0_error"] = str(err)
+    return report
+
+
+@pytest.mark.timeout(180)
+def test_local_and_deepspeed_agree_ep1(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MOE_TEST_PORT": str(29500 + os.getpid() % 400)}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    proc = subprocess.run([sys.executable, __file__, "ds-compare"], env=env, capture_output=True, text=True,
+                          timeout=170, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for k in ("k2", "k3"):
+        r = report[k]
+        assert r["out_err"] < 1e-5 and r["lb_err"] < 1e-5 and r["z_err"] < 1e-5 and r["counts_equal"], r
+        assert r["grad_err"] < 1e-5 and r["pad_err"] < 1e-5 and r["pad_rows_zero"] and r["roundtrip"], r
+    assert report["tags"]
+    assert "N=0" in report["n0_error"]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["ds-compare"]:
+    print(json.dumps(ds_compare()))

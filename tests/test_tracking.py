@@ -1,0 +1,314 @@
+"""Tracking: a real MLflow SQLite store in tmp_path, read back with MlflowClient."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from nestor_ds.tracking import (
+    ExpertUsage,
+    Tracker,
+    TrackingConfig,
+    expert_usage_heatmap,
+    flatten,
+    mutual_information_bits,
+    prediction_panels,
+    rollout_error_curve,
+    token_expert_heatmap,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite store for the module (creating its tables costs seconds); tests use own experiments."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def _cfg(store: str, experiment: str, **kw) -> TrackingConfig:
+    return TrackingConfig(tracking_uri=store, experiment=experiment, **kw)
+
+
+def _runs(store: str, experiment: str) -> list:
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def _download(client: MlflowClient, run_id: str, path: str, dst: Path) -> Path:
+    return Path(client.download_artifacts(run_id, path, str(dst)))
+
+
+# ---------------------------------------------------------------- tracker
+def test_run_records_params_metrics_tags_figures(store, tmp_path):
+    cfg = _cfg(store, "roundtrip", system_metrics=True, system_metrics_interval_s=0.2)
+    tracker = Tracker(cfg, rank=0, entry="finetune", run_name="ft-demo", parent_run_id="abc123pretrain")
+    run_id = tracker.run_id
+    assert run_id is not None
+    tracker.log_params({"model": {"preset": "nestor-ti", "moe": {"top_k": 2}}, "note": "x" * 900})
+    tracker.set_tags({"nestor.preset": "nestor-ti"})
+    for step in range(3):
+        tracker.log_metrics({"train/loss": torch.tensor(1.0 / (step + 1)), "perf/samples_per_s": np.float32(8.5)}, step)
+    tracker.log_figure(rollout_error_curve({"dr_pdb": [0.01, 0.02, 0.04]}), "rollout")
+    tracker.log_dict({"dr_pdb": {"l2re_1step": np.float64(0.0123)}}, "eval_report")
+    time.sleep(0.7)  # let the system-metrics sampler publish at least once
+    tracker.finish()
+    assert tracker.run_id is None
+
+    client = MlflowClient(store)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "ft-demo"
+    assert run.data.params["model.preset"] == "nestor-ti"
+    assert run.data.params["model.moe.top_k"] == "2"
+    assert len(run.data.params["note"]) == 500 and run.data.params["note"].endswith("...")
+    assert [m.value for m in client.get_metric_history(run_id, "train/loss")] == pytest.approx([1, 0.5, 1 / 3])
+    assert run.data.metrics["perf/samples_per_s"] == pytest.approx(8.5)
+    assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
+    tags = run.data.tags
+    assert tags["nestor.entry"] == "finetune"
+    assert tags["nestor.pretrain_run_id"] == "abc123pretrain"
+    assert tags["nestor.preset"] == "nestor-ti"
+    assert tags["nestor.version.torch"] == torch.__version__
+    for key in ("nestor.version.deepspeed", "nestor.version.mlflow", "nestor.git.commit"):
+        assert tags[key]
+
+    png = _download(client, run_id, "figures/rollout.png", tmp_path)
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert matplotlib.image.imread(png).ndim == 3
+    report = json.loads(_download(client, run_id, "eval_report.json", tmp_path).read_text())
+    assert report["dr_pdb"]["l2re_1step"] == pytest.approx(0.0123)
+    params = json.loads(_download(client, run_id, "params.json", tmp_path).read_text())
+    assert len(params["note"]) == 900  # the artifact keeps the unclipped value
+
+
+def test_nonzero_rank_writes_nothing_and_one_run_per_training(store, tmp_path):
+    unused = f"sqlite:///{tmp_path / 'never.db'}"
+    other = Tracker(_cfg(unused, "ranks"), rank=1, entry="pretrain")
+    other.log_params({"a": 1})
+    other.log_metrics({"train/loss": 1.0}, 0)
+    other.log_figure(rollout_error_curve({"a": [1.0]}), "x")
+    other.finish()
+    assert other.run_id is None
+    assert not (tmp_path / "never.db").exists() and not (tmp_path / "mlruns").exists()
+
+    trackers = [Tracker(_cfg(store, "ranks", system_metrics=False), rank=r, entry="pretrain") for r in range(2)]
+    for r, t in enumerate(trackers):
+        t.log_metrics({"train/loss": float(r)}, 0)
+    run_ids = [t.run_id for t in trackers]
+    for t in trackers:
+        t.finish()
+    runs = _runs(store, "ranks")
+    assert len(runs) == 1 and run_ids == [runs[0].info.run_id, None]
+    assert runs[0].data.metrics["train/loss"] == 0.0
+
+
+def test_disabled_config_is_a_no_op(store):
+    t = Tracker(_cfg(store, "disabled", enabled=False), rank=0, entry="pretrain")
+    t.log_metrics({"train/loss": 1.0}, 0)
+    t.finish()
+    assert t.run_id is None and _runs(store, "disabled") == []
+
+
+def test_unreachable_server_costs_one_warning(caplog):
+    caplog.set_level(logging.WARNING, logger="nestor_ds.tracking")
+    start = time.monotonic()
+    t = Tracker(TrackingConfig(tracking_uri="http://127.0.0.1:9"), rank=0, entry="pretrain")
+    t.log_params({"a": 1})
+    t.log_metrics({"train/loss": 1.0}, 0)
+    t.log_figure(rollout_error_curve({"a": [1.0]}), "x")
+    t.log_dict({"a": 1}, "r")
+    t.finish()
+    assert t.run_id is None
+    assert time.monotonic() - start < 30
+    warnings = [r for r in caplog.records if r.name == "nestor_ds.tracking"]
+    assert len(warnings) == 1 and "127.0.0.1:9" in warnings[0].getMessage()
+    assert "\n" not in warnings[0].getMessage()
+
+
+def test_later_mlflow_error_disables_without_raising(store, caplog):
+    caplog.set_level(logging.WARNING, logger="nestor_ds.tracking")
+    t = Tracker(_cfg(store, "later-error", system_metrics=False), rank=0, entry="pretrain")
+    run_id = t.run_id
+    MlflowClient(store).log_param(run_id, "lr", "0.1")  # someone else set it: MLflow params are immutable
+    t.log_params({"lr": 0.5})  # conflicting value -> MLflow raises inside
+    assert t.run_id is None
+    t.log_metrics({"train/loss": 1.0}, 0)  # now a no-op
+    t.finish()
+    assert len([r for r in caplog.records if r.name == "nestor_ds.tracking"]) == 1
+    assert "train/loss" not in MlflowClient(store).get_run(run_id).data.metrics
+
+
+def test_resume_continues_the_same_run(store):
+    first = Tracker(_cfg(store, "resume", system_metrics=False), rank=0, entry="pretrain")
+    run_id = first.run_id
+    first.log_params({"optim": {"lr": 1e-3}})
+    first.log_metrics({"train/loss": 2.0}, 10)
+    first.finish("KILLED")
+    again = Tracker(_cfg(store, "resume", system_metrics=False), rank=0, entry="pretrain", resume_run_id=run_id)
+    assert again.run_id == run_id
+    assert MlflowClient(store).get_run(run_id).info.status == "RUNNING"
+    again.log_params({"optim": {"lr": 1e-3}, "train": {"resumed": True}})  # same value: fine
+    again.log_metrics({"train/loss": 1.0}, 20)
+    again.finish()
+    assert len(_runs(store, "resume")) == 1
+    run = MlflowClient(store).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.resumed"] == "True"
+    assert [m.step for m in MlflowClient(store).get_metric_history(run_id, "train/loss")] == [10, 20]
+
+
+def test_flatten_nested_dicts():
+    assert flatten({"a": {"b": {"c": 1}, "d": [1, 2]}, "e": {}}) == {"a.b.c": 1, "a.d": [1, 2], "e": {}}
+
+
+# ---------------------------------------------------------------- expert statistics
+def _specialised(datasets: int = 4) -> ExpertUsage:
+    usage = ExpertUsage(num_datasets=datasets)
+    ds = torch.arange(datasets).repeat(3)  # 3 samples per dataset
+    usage.update(0, ds, ds[:, None], torch.full((datasets, 2), 6))  # k=1, dataset d -> expert d
+    return usage
+
+
+def test_mutual_information_perfect_specialisation_is_log2_datasets():
+    usage = _specialised(4)
+    assert usage.specialisation(0) == pytest.approx(2.0)
+    np.testing.assert_array_equal(usage.counts_matrix(0), 3 * np.eye(4))
+    m = usage.metrics()
+    assert m["experts/block0/specialisation_mi"] == pytest.approx(2.0)
+    assert m["experts/block0/image_entropy"] == pytest.approx(1.0)  # each expert gets a quarter
+    assert m["experts/block0/image_max_share"] == pytest.approx(0.25)
+
+
+def test_mutual_information_uniform_routing_is_zero():
+    usage = ExpertUsage(num_datasets=3)
+    ds = torch.tensor([0, 0, 1, 1, 2, 2])
+    topk = torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3], [0, 1], [2, 3]])  # k=2, every dataset alike
+    usage.update(1, ds, topk, torch.ones(4, 3))
+    assert usage.specialisation(1) == pytest.approx(0.0, abs=1e-12)
+    assert mutual_information_bits(np.ones((5, 7))) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_load_metrics_by_hand():
+    usage = ExpertUsage(num_datasets=1)
+    # image level: expert 0 gets 3 of 4 assignments, expert 1 gets 1, expert 2 none
+    usage.update(0, torch.zeros(4, dtype=torch.long), torch.tensor([[0], [0], [0], [1]]),
+                 torch.tensor([[30, 10], [5, 5], [0, 0]]), dropped_tokens=2)
+    usage.update(0, torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long),
+                 torch.tensor([[0, 0], [0, 0], [0, 0]]), dropped_tokens=1)
+    m = usage.metrics("experts")
+    p = np.array([0.75, 0.25])
+    assert m["experts/block0/image_entropy"] == pytest.approx(-(p * np.log(p)).sum() / math.log(3))
+    assert m["experts/block0/image_max_share"] == pytest.approx(0.75)
+    assert m["experts/block0/image_min_share"] == 0.0
+    assert m["experts/block0/expert0/token_entropy"] == pytest.approx(-(p * np.log(p)).sum() / math.log(2))
+    assert m["experts/block0/expert0/token_max_share"] == pytest.approx(0.75)
+    assert m["experts/block0/expert1/token_entropy"] == pytest.approx(1.0)
+    assert "experts/block0/expert2/token_entropy" not in m  # expert 2 got no samples
+    assert m["experts/block0/dropped_tokens"] == 3.0
+    usage.reduce()  # no process group: no-op
+    assert usage.metrics("experts") == m
+    with pytest.raises(ValueError, match="block 0"):
+        usage.update(0, torch.zeros(2, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, 2))
+
+
+def _reduce_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    usage = ExpertUsage(num_datasets=2)
+    usage.update(0, torch.tensor([rank]), torch.tensor([[rank]]), torch.tensor([[rank + 1, 0], [0, 1]]))
+    usage.reduce()
+    if rank == 0:
+        np.save(out_file, np.concatenate([usage.counts_matrix(0).ravel(), usage.token_counts(0).ravel()]))
+    torch.distributed.destroy_process_group()
+
+
+def test_reduce_sums_counts_across_ranks(tmp_path):
+    out = tmp_path / "reduced.npy"
+    # fork: spawn would re-import this module (mlflow, matplotlib) in each child, ~10 s on 2 cores
+    torch.multiprocessing.start_processes(
+        _reduce_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, start_method="fork"
+    )
+    reduced = np.load(out, allow_pickle=False)
+    np.testing.assert_array_equal(reduced[:4], [1, 0, 0, 1])  # dataset r -> expert r on rank r
+    np.testing.assert_array_equal(reduced[4:], [3, 0, 0, 2])
+    # summed counts of a perfectly specialised routing: 1 bit for 2 datasets
+    assert mutual_information_bits(reduced[:4].reshape(2, 2)) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- figures
+def _png_ok(fig, path: Path) -> None:
+    fig.savefig(path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert matplotlib.image.imread(path).shape[0] > 50
+
+
+def test_figures_render_valid_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    true = rng.standard_normal((16, 12, 2))
+    fig = prediction_panels(torch.tensor(true + 0.1), true, ["u", "v"], "dr_pdb step 1")
+    assert len(fig.axes) == 2 * 3 * 2  # 6 panels + 6 colour bars
+    _png_ok(fig, tmp_path / "pred.png")
+    fig = expert_usage_heatmap(3 * np.eye(4), ["a", "b", "c", "d"], None, "block 0")
+    assert "2.000 bits" in fig.axes[0].get_title()
+    _png_ok(fig, tmp_path / "heat.png")
+    _png_ok(token_expert_heatmap(torch.ones(6, 6)), tmp_path / "tok.png")
+    fig = rollout_error_curve({"dr_pdb": [0.01, 0.02], "swe_pdb": [0.005, 0.007, 0.01]})
+    assert fig.axes[0].get_yscale() == "log"
+    _png_ok(fig, tmp_path / "roll.png")
+    with pytest.raises(ValueError, match="pred"):
+        prediction_panels(np.zeros((4, 4, 1)), np.zeros((4, 4, 2)), ["u"], "")
+
+
+# ---------------------------------------------------------------- tools
+def _two_runs(store: str, experiment: str) -> list[str]:
+    ids = []
+    for name, preset, l2re, sps in (("nestor", "nestor-ti", 0.031, 3.2), ("afno", "afno-ti", 0.048, 8.3)):
+        t = Tracker(_cfg(store, experiment, system_metrics=False), rank=0, entry="pretrain", run_name=name)
+        t.log_params({"model": {"preset": preset}})
+        t.log_metrics({"train/loss": 0.1, "eval/dr_pdb/l2re_1step": l2re, "perf/samples_per_s": sps}, 100)
+        ids.append(t.run_id)
+        t.finish()
+    return ids
+
+
+def test_mlflow_report_prints_runs_side_by_side(store, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import mlflow_report
+    finally:
+        sys.path.pop(0)
+    ids = _two_runs(store, "report")
+    assert mlflow_report.main(["--tracking-uri", store, "--experiment", "report", "--metrics", "train/lr"]) == 0
+    out = capsys.readouterr().out
+    for expected in [i[:12] for i in ids] + ["nestor", "afno", "nestor-ti", "afno-ti", "0.031", "0.048", "8.3",
+                                               "eval/dr_pdb/l2re_1step", "train/lr"]:
+        assert expected in out, out
+    assert mlflow_report.main(["--tracking-uri", store, "--experiment", "no-such"]) == 2
+    assert "no-such" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian chromium")
+def test_screenshot_of_a_run_page(store, tmp_path):
+    run_id = _two_runs(store, "screenshot")[0]
+    out = tmp_path / "run.png"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "screenshot_mlflow.py"), "--run", run_id, "--out", str(out),
+         "--tracking-uri", store, "--render-ms", "3000"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert matplotlib.image.imread(out).shape[:2] == (1200, 1600)

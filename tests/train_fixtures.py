@@ -1,0 +1,93 @@
+"""Small real training data and configs for the engine, fine-tune and tracking tests.
+
+Real PDE solutions from ``nestor_ds.data.layout_writers`` in their public layouts, built into real shards by
+the real builder: the tests exercise exactly what users run, only smaller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = {  # name: (pde, layout, trajectories, frames)
+    "ns_tiny": ("ns", "fno-mat", 6, 14),
+    "dr_tiny": ("dr", "pdebench-groups", 6, 14),
+}
+
+
+def build_tiny_shards(root: Path, names: tuple[str, ...] = ("ns_tiny", "dr_tiny"), res: int = 16) -> dict[str, Path]:
+    """Generate and shard each dataset once under ``root`` (reused when already there)."""
+    from nestor_ds.data.builder import BuildConfig, build
+    from nestor_ds.data.layout_writers import write_dataset
+
+    out = {}
+    for i, name in enumerate(names):
+        pde, layout, n, steps = DATASETS[name]
+        shard_dir = root / "shards" / name
+        if not (shard_dir / "manifest.json").is_file():
+            raw = write_dataset(pde, layout, root / "raw" / f"{name}.h5", n=n, res=res, steps=steps, seed=i)
+            build(BuildConfig(inputs=[str(raw)], out=str(shard_dir), name=name, test_fraction=0.34, progress=False))
+        out[name] = shard_dir
+    return out
+
+
+def tiny_config(root: Path, shards: dict[str, Path], **sections: Any) -> Path:
+    """A YAML run config for a tiny NESTOR on the tiny shards; ``sections`` deep-override it."""
+    cfg: dict[str, Any] = {
+        "data": {
+            "datasets": [{"name": n, "path": str(p), "weight": 1.0, "rollout_steps": 3} for n, p in shards.items()],
+            "t_in": 4, "t_ar": 1, "resolution": 16, "channels": 2, "windows_per_trajectory": 2,
+            "shuffle_buffer": 8, "steps_per_epoch": 10,
+        },
+        "model": {"preset": "nestor-tiny", "width": 16, "num_heads": 2, "patch_size": 4, "afno_modes": 2,
+                  "norm_groups": 4, "head_dim": 8, "moe": {"backend": "local"}},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"max_steps": 6, "log_every": 1, "eval_every": 0, "ckpt_every": 3, "eval_max_trajectories": 2,
+                  "eval_rollout_steps": 2, "eval_batch_size": 2, "output_dir": str(root / "runs"), "input_noise": 0.0},
+        "tracking": {"enabled": True, "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "system_metrics": False},
+    }
+    for key, value in sections.items():
+        cfg[key] = _merge(cfg.get(key, {}), value)
+    path = root / f"config_{abs(hash(json.dumps(cfg, sort_keys=True, default=str))) % 10**8}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _merge(a: Any, b: Any) -> Any:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {**a, **{k: _merge(a.get(k), v) for k, v in b.items()}}
+    return b
+
+
+def ds_config(root: Path, stage: int = 2, micro: int = 2, accum: int = 1, **extra: Any) -> Path:
+    base = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+    base.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, **extra)
+    path = root / f"ds_zero{stage}_m{micro}_a{accum}.json"
+    path.write_text(json.dumps(base))
+    return path
+
+
+def launch(args: list[str], ranks: int, cwd: Path, timeout: int = 400, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``nestor_ds/<entry>.py`` on ``ranks`` CPU ranks with torchrun (1 rank: a plain process)."""
+    full_env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    if ranks == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(_free_port()), *args]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
