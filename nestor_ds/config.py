@@ -79,6 +79,7 @@ class TrainConfig:
     keep_last: int = 3
     output_dir: str = "runs"
     threads_per_rank: Optional[int] = None  # torch intra-op threads; None -> cores / local ranks
+    stop_at: Optional[int] = None  # stop cleanly after this step, as a preemption would (staged runs, tests)
 
     def validate(self) -> None:
         _check(self.max_steps > 0, "train.max_steps", "must be > 0")

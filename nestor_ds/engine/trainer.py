@@ -121,6 +121,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     ckpt_root = run_dir / "checkpoints"
 
     if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s: world size %d, ep_size %d, %d thread(s) per rank, device %s", entry, dist_info.world_size, ep, threads, dist_info.device)
         log.info("resolved configuration:\n%s", format_config(cfg, ds_config))
 
@@ -152,9 +153,11 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     }
     if start_step == 0:
         tracker.log_params(flatten(run_params))
-    tracker.set_tags({"entry": entry, **({"nestor.pretrain_run_id": parent_run_id} if parent_run_id else {})})
+    stats = perf.model_stats()
+    tracker.set_tags({"nestor.preset": cfg.preset or cfg.model.arch, "nestor.params_total": stats["total_params"],
+                      "nestor.params_active": stats["active_params"]})
 
-    run_config_json = {**cfg.to_dict(), "world_size": dist_info.world_size, "ep_size": ep}
+    run_config_json = {**cfg.to_dict(), "world_size": dist_info.world_size, "ep_size": ep, "mlflow_run_id": tracker.run_id or ""}
     stream = TrainStream(cfg.data, micro_batch=micro, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.train.seed)
     batches = iter(stream.batches(start_step=start_step * accum))
     result = TrainResult(run_dir=run_dir, steps=start_step, run_id=tracker.run_id)
@@ -195,13 +198,16 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
                 metrics["train/grad_norm"] = float(grad_norm)
             metrics.update(perf.step(step_time))
             result.losses.append(metrics["train/loss"])
+            if dist_info.is_main:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
             if not math.isfinite(metrics["train/loss"]):
                 raise FloatingPointError(f"step {step}: loss is {metrics['train/loss']} (lr {lr:.3g}); lower optim.lr or check the data")
             if step % cfg.train.log_every == 0 or step == total or step == start_step + 1:
                 tracker.log_metrics(metrics, step=step)
             progress.update(metrics)
 
-            stop = any_rank(preempt.requested)
+            stop = any_rank(preempt.requested) or step == cfg.train.stop_at
             last = step == total
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0) and not last:
                 usage.reduce()

@@ -114,9 +114,14 @@ def _rollout_fn(model: torch.nn.Module):
 
 
 def _names(spec: Any, i: int) -> tuple[str, list[str]]:
+    """Dataset name and channel names (from the shard manifest; c0, c1, ... when it has none)."""
+    from nestor_ds.data import load_manifest
+
     name = getattr(spec, "name", None) or f"dataset{i}"
-    channels = list(getattr(spec, "channels", None) or [])
-    return str(name), [str(c) for c in channels]
+    channels = getattr(spec, "channels", None)
+    if channels is None and getattr(spec, "path", None):
+        channels = load_manifest(spec.path).get("channels")
+    return str(name), [str(c) for c in channels or []]
 
 
 @torch.no_grad()

@@ -145,8 +145,8 @@ class ImageMoE(nn.Module):
         weight_A = weight_A.index_select(0, order_A)
         sizes = self.group_sizes(counts_E, B)
 
-        x_BLD = h_BDHW.flatten(2).transpose(1, 2)                      # [B, L, D]
-        mix_BLD = torch.zeros_like(x_BLD)
+        x_BLD = h_BDHW.flatten(2).transpose(1, 2).contiguous()         # [B, L, D], rows gathered by memcpy
+        mix_BLD = torch.zeros_like(x_BLD)                               # filled in place, one expert at a time
         token_counts = torch.zeros(self.E, self.experts[0].moe.num_experts, dtype=torch.long, device=h_BDHW.device)
         token_lb = token_z = h_BDHW.new_zeros((), dtype=torch.float32)
         real_total = 0
@@ -166,7 +166,11 @@ class ImageMoE(nn.Module):
             y_GLD, m = self.experts[e](x_GLD, valid_N)
             if real > 0:
                 w = weight_A[seg][:real].to(y_GLD.dtype).view(real, 1, 1)
-                mix_BLD = mix_BLD.index_add(0, idx, y_GLD[:real] * w)
+                mix_BLD.index_add_(0, idx, y_GLD[:real] * w)
+            else:
+                # Only padding here, but other ranks of the expert-parallel group have real samples: keep this
+                # call in the autograd graph so its backward all-to-alls run on every rank, in the same order.
+                mix_BLD = mix_BLD + 0.0 * y_GLD.sum()
             token_counts[e] = m.tokens_per_expert_E.to(token_counts.device)
             # token losses averaged over the block's real samples (each expert's loss is ~1 when balanced)
             token_lb = token_lb + m.lb_loss.float() * real

@@ -38,7 +38,7 @@ def _annotate(ax, values: np.ndarray, fmt: str = "{:.2f}") -> None:
         return
     for (i, j), v in np.ndenumerate(values):
         ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
-                color="white" if v < 0.5 * max(values.max(), 1e-12) else "black")
+                color="white" if v > 0.5 * max(values.max(), 1e-12) else "black")
 
 
 def prediction_panels(pred_XYC, true_XYC, channel_names: Sequence[str], title: str = "") -> Figure:
