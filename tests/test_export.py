@@ -172,7 +172,7 @@ def test_evaluate_cli_on_exported_checkpoint(ds_run, tmp_path):
     assert 0 < r["l2re_1step"] < float("inf") and len(r["channels"]) == 2
     assert "tiny2" in proc.stdout
 
-    bad = subprocess.run(cmd[:4] + ["--data", str(tmp_path / "missing"), "--no-mlflow"], capture_output=True, text=True,
+    bad = subprocess.run(cmd[:5] + ["--data", str(tmp_path / "missing"), "--no-mlflow"], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "manifest" in bad.stderr, bad.stderr
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 import torch
 
 from nestor_ds.config import LossConfig
-from nestor_ds.eval.metrics import l2re, masked_mean
+from nestor_ds.eval.metrics import l2re
 
 
 def training_loss(pred: torch.Tensor, target: torch.Tensor, channel_mask: torch.Tensor,
                   aux_losses: dict[str, torch.Tensor], cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``loss = mean relative L2 (real channels only) + w_img * image_lb + w_tok * token_lb + w_z * token_z``.
+    """``loss = mean over samples of the relative L2 over real channels + w_img * image_lb + w_tok * token_lb + w_z * token_z``.
 
     Returns the loss and its detached parts for logging.
     """
-    rel_l2 = masked_mean(l2re(pred, target, channel_mask), channel_mask).to(pred.dtype)
+    # each sample counts once, whatever its number of real channels: the batch mean then splits exactly over
+    # data-parallel ranks (2 ranks x B/2 give the gradient of 1 rank x B)
+    err_BC = l2re(pred, target, channel_mask)
+    mask_BC = channel_mask.to(err_BC.dtype)
+    rel_l2 = ((err_BC * mask_BC).sum(1) / mask_BC.sum(1).clamp_min(1)).mean().to(pred.dtype)
     zero = pred.new_zeros(())
     image_lb = aux_losses.get("image_lb", zero)
     token_lb = aux_losses.get("token_lb", zero)

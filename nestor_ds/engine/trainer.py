@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -36,6 +36,8 @@ log = get_logger(__name__)
 
 # prepare(model, cfg, dist) -> {"group name": (params, lr multiplier)}; called before the engine is built.
 PrepareHook = Callable[[torch.nn.Module, RunConfig, DistInfo], dict[str, tuple[list[torch.nn.Parameter], float]]]
+# batches(start_micro_step) -> iterator of batch dicts for this rank; default: the shard stream of cfg.data.
+BatchSource = Callable[[int], Iterator[dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -46,6 +48,7 @@ class TrainResult:
     final_eval: dict[str, Any] = field(default_factory=dict)
     run_id: Optional[str] = None
     preempted: bool = False
+    model: Optional[torch.nn.Module] = None  # the trained module (this rank's experts under expert parallelism)
 
 
 class _Preemption:
@@ -101,7 +104,8 @@ def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int) -> tupl
 
 def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", run_name: Optional[str] = None,
                  resume: Optional[str] = None, prepare: Optional[PrepareHook] = None,
-                 parent_run_id: Optional[str] = None, evaluate_before: bool = False) -> TrainResult:
+                 parent_run_id: Optional[str] = None, evaluate_before: bool = False,
+                 batch_source: Optional[BatchSource] = None) -> TrainResult:
     """Train ``cfg`` with DeepSpeed; returns what tests and entries need (run dir, losses, final evaluation)."""
     import deepspeed
 
@@ -158,9 +162,11 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
                       "nestor.params_active": stats["active_params"]})
 
     run_config_json = {**cfg.to_dict(), "world_size": dist_info.world_size, "ep_size": ep, "mlflow_run_id": tracker.run_id or ""}
-    stream = TrainStream(cfg.data, micro_batch=micro, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.train.seed)
-    batches = iter(stream.batches(start_step=start_step * accum))
-    result = TrainResult(run_dir=run_dir, steps=start_step, run_id=tracker.run_id)
+    if batch_source is None:
+        stream = TrainStream(cfg.data, micro_batch=micro, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.train.seed)
+        batch_source = stream.batches
+    batches = iter(batch_source(start_step * accum))
+    result = TrainResult(run_dir=run_dir, steps=start_step, run_id=tracker.run_id, model=engine.module)
 
     if evaluate_before:
         result.final_eval["before"] = _evaluate(engine, cfg, dist_info, tracker, step=start_step, prefix="eval_before")

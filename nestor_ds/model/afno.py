@@ -57,8 +57,12 @@ class SpectralMixing(nn.Module):
         # [B, nb, bs, Hk, mw] -> [nb, M, bs] with M = B*Hk*mw; [Re, Im] side by side
         xk = xk.reshape(B, self.nb, self.bs, Hk, mw).permute(1, 0, 3, 4, 2).reshape(self.nb, -1, self.bs)
         h = torch.cat([xk.real, xk.imag], dim=-1)                               # [nb, M, 2bs]
-        h = F.gelu(torch.bmm(h, complex_block(self.w1)) + self.b1.permute(1, 0, 2).reshape(self.nb, 1, -1))
-        h = torch.bmm(h, complex_block(self.w2)) + self.b2.permute(1, 0, 2).reshape(self.nb, 1, -1)
+        # spectral weights in fp32 whatever the module dtype: FFTs run in fp32 (no bf16 FFT)
+        b1 = self.b1.float().permute(1, 0, 2).reshape(self.nb, 1, -1)
+        b2 = self.b2.float().permute(1, 0, 2).reshape(self.nb, 1, -1)
+        h = F.gelu(torch.bmm(h, complex_block(self.w1.float())) + b1)
+        h = torch.bmm(h, complex_block(self.w2.float())) + b2
+        h = h.float()                                                           # autocast may give bf16
         h = F.softshrink(h, self.sparsity) if self.sparsity > 0 else h
         yk = torch.complex(h[..., : self.bs], h[..., self.bs:])                  # [nb, M, bs]
         yk = yk.reshape(self.nb, B, Hk, mw, self.bs).permute(1, 0, 4, 2, 3).reshape(B, D, Hk, mw)

@@ -61,25 +61,32 @@ class DeepSpeedTokenMoE(TokenMoE):
         self.num_experts, self.top_k, self.ep_size = cfg.num_experts, cfg.top_k, cfg.ep_size
         self.dim, self.hidden = dim, cfg.hidden_dim(dim)
         dropless = cfg.capacity_factor <= 0
-        self.moe = MoE(
-            hidden_size=dim,
-            expert=SwiGLU(dim, self.hidden),  # deep-copied E/ep_size times, each copy freshly initialised below
-            num_experts=cfg.num_experts,
-            ep_size=cfg.ep_size,
-            k=cfg.top_k,
-            capacity_factor=1.0 if dropless else cfg.capacity_factor,
-            eval_capacity_factor=1.0 if dropless else cfg.capacity_factor,
-            min_capacity=0 if dropless else 4,
-            use_residual=False,
-            noisy_gate_policy=None,
-            drop_tokens=not dropless,
-            use_rts=False,
-            top2_2nd_expert_sampling=False,
-        )
-        for expert in self.moe.deepspeed_moe.experts.deepspeed_experts:  # deepcopy gave identical experts
-            for lin in (expert.w1, expert.w3, expert.w2):
-                lin.reset_parameters()
-        self.shared = SwiGLU(dim, self.hidden * cfg.num_shared_experts) if cfg.num_shared_experts > 0 else None
+        # Initial weights are a function of the seed, not of the parallel layout: draw every expert exactly as
+        # the local backend does (same RNG stream), build DeepSpeed's layer without touching the global RNG,
+        # then keep this rank's slice. So ep_size 1 and 2, and the local backend, start from the same model.
+        from .local import LocalTokenMoE
+
+        reference = LocalTokenMoE(cfg, dim).state_dict()
+        with torch.random.fork_rng(devices=[]):
+            self.moe = MoE(
+                hidden_size=dim,
+                expert=SwiGLU(dim, self.hidden),  # deep-copied E/ep_size times; overwritten below
+                num_experts=cfg.num_experts,
+                ep_size=cfg.ep_size,
+                k=cfg.top_k,
+                capacity_factor=1.0 if dropless else cfg.capacity_factor,
+                eval_capacity_factor=1.0 if dropless else cfg.capacity_factor,
+                min_capacity=0 if dropless else 4,
+                use_residual=False,
+                noisy_gate_policy=None,
+                drop_tokens=not dropless,
+                use_rts=False,
+                top2_2nd_expert_sampling=False,
+            )
+            self.shared = SwiGLU(dim, self.hidden * cfg.num_shared_experts) if cfg.num_shared_experts > 0 else None
+        # DeepSpeed groups consecutive ranks into expert-parallel groups, so this rank's place is rank % ep_size
+        ep_rank = dist.get_rank() % cfg.ep_size if dist.is_available() and dist.is_initialized() else 0
+        self.load_state_dict(deepspeed_state_from_local(reference, ep_rank, cfg.ep_size))
 
     @property
     def gate_weight(self) -> torch.Tensor:

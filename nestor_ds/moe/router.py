@@ -31,9 +31,11 @@ def route_from_logits(logits_NE: torch.Tensor, top_k: int) -> Routing:
     """Softmax in fp32, top-k, renormalise over the k (DeepSpeed's top-2/top-k gate does the same)."""
     logits_NE = logits_NE.float()
     probs_NE = logits_NE.softmax(dim=-1)
-    top_p_NK, experts_NK = probs_NE.topk(top_k, dim=-1)
-    # clamp like DeepSpeed so an all-underflow row cannot divide by zero
-    weights_NK = top_p_NK / top_p_NK.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).eps)
+    experts_NK = probs_NE.topk(top_k, dim=-1).indices
+    # p_i / sum_k p_k over the selected experts == softmax of the selected logits. Written this way the
+    # unselected logits get an exactly zero gradient (the quotient form leaves ~1e-9 round-off there, which
+    # Adam's normalisation would turn into full-size updates of unused router rows).
+    weights_NK = logits_NE.gather(-1, experts_NK).softmax(dim=-1)
     return Routing(logits_NE, probs_NE, weights_NK, experts_NK)
 
 

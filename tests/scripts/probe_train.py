@@ -1,0 +1,60 @@
+"""Train with the real engine on one global batch sequence, however many ranks, and record what tests compare.
+
+The global batch of each step is drawn by the real shard stream as if there were one rank, then each rank takes
+its contiguous slice: 1 rank x micro G and 2 ranks x micro G/2 see exactly the same samples per step.
+Writes ``<out>/losses.json`` and (rank 0) ``<out>/probe.pt``: the probe input and the trained model's output on it.
+
+    torchrun --nproc_per_node 2 tests/scripts/probe_train.py --config C.yaml --ds_config D.json --global-batch 4 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from nestor_ds.config import load_config  # noqa: E402
+from nestor_ds.data import TrainStream  # noqa: E402
+from nestor_ds.engine import run_training  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", required=True)
+    p.add_argument("--ds_config", required=True)
+    p.add_argument("--global-batch", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--run-name", default="probe")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args()
+    cfg = load_config(args.config, args.overrides)
+
+    def global_batches(start: int):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        per = args.global_batch // world
+        for batch in TrainStream(cfg.data, micro_batch=args.global_batch, rank=0, world_size=1, seed=cfg.train.seed).batches(start):
+            yield {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+
+    result = run_training(cfg, args.ds_config, entry="pretrain", run_name=args.run_name, batch_source=global_batches)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    probe = next(global_batches(0))
+    model = result.model.eval()
+    with torch.no_grad():
+        pred = model(probe["x"], probe["channel_mask"]).pred.contiguous()
+    gathered = [torch.empty_like(pred) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, pred)
+    full = next(TrainStream(cfg.data, micro_batch=args.global_batch, rank=0, world_size=1, seed=cfg.train.seed).batches(0))
+    if dist.get_rank() == 0:
+        (out / "losses.json").write_text(json.dumps(result.losses))
+        torch.save({"x": full["x"], "channel_mask": full["channel_mask"], "pred": torch.cat(gathered)}, out / "probe.pt")
+
+
+if __name__ == "__main__":
+    main()
