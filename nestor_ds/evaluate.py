@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the training run's, else sqlite:///mlflow.db)")
     p.add_argument("--run-name", default=None, help="MLflow run name (default: evaluate-<checkpoint name>)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.rollout_steps is not None and args.rollout_steps < 1):
@@ -89,10 +91,16 @@ def log_to_mlflow(report: dict[str, Any], args: argparse.Namespace, run_cfg: dic
         return
     tracking = TrackingConfig(**{k: v for k, v in (run_cfg.get("tracking") or {}).items()
                                  if k in TrackingConfig.__dataclass_fields__})
+    # --no-mlflow decides, not whether the training run tracked; a URI given for this evaluation (flag or
+    # $MLFLOW_TRACKING_URI) wins over the one the training run saved, which may name another machine's store
+    tracking.enabled = True
+    tracking.tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.tracking_uri
     tracking.system_metrics = False
     name = args.run_name or f"evaluate-{Path(args.checkpoint).resolve().name}"
     tracker = Tracker(tracking, rank=0, entry="evaluate", run_name=name)
     try:
+        if run_cfg.get("mlflow_run_id"):  # the training run that wrote the checkpoint
+            tracker.set_tags({"nestor.checkpoint_run_id": run_cfg["mlflow_run_id"]})
         tracker.log_params({"checkpoint": str(args.checkpoint), "data": ",".join(args.data),
                             **flatten(report["settings"], "eval")})
         metrics = {}

@@ -108,7 +108,10 @@ def main() -> int:
                           prepare=prepare, parent_run_id=source_cfg.get("mlflow_run_id") or None, evaluate_before=True)
     before = result.final_eval.get("before", {}).get("mean", {})
     after = result.final_eval.get("after", {}).get("mean", {})
-    if before and after:
+    import torch.distributed as dist
+
+    is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if before and after and is_main:  # every rank holds the same report; say it once
         log.info("fine-tuning: mean one-step L2RE %.4f -> %.4f, rollout L2RE %.4f -> %.4f",
                  before["l2re_1step"], after["l2re_1step"], before["l2re_rollout"], after["l2re_rollout"])
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .schema import MANIFEST_NAME, read_manifest
+from .urls import check_path, default_manifest, is_url_spec, read_manifest_at, shard_urls, split_spec
 
 
 def load_manifest(path: str | Path) -> dict:
@@ -24,6 +25,22 @@ def load_manifest(path: str | Path) -> dict:
     return read_manifest(p.parent if p.name == MANIFEST_NAME else p)
 
 
+def spec_manifest(spec: "DatasetSpec") -> dict:
+    """The validated manifest of a dataset: `spec.manifest` if given (local path, http(s) URL or pipe:
+    command), else `<path>/manifest.json` for a directory or the default of a URL spec (urls.default_manifest).
+
+    Raises ValueError naming the dataset when a URL spec has no manifest location.
+    """
+    location = spec.manifest
+    if location is None and not is_url_spec(spec.path):
+        return load_manifest(spec.path)
+    location = location or default_manifest(spec.path)
+    if location is None:
+        raise ValueError(f"dataset {spec.name}: path {spec.path!r} is a URL spec whose manifest cannot be "
+                         f"located; set `manifest:` (a path, an http(s) URL or a pipe: command)")
+    return read_manifest_at(location)
+
+
 @dataclass
 class DatasetSpec:
     """One built shard dataset in the training mixture.
@@ -31,12 +48,20 @@ class DatasetSpec:
     `weight` is the relative probability that a batch element is drawn from this dataset;
     `rollout_steps` is how many autoregressive steps the evaluator scores on its test split
     (REFERENCE.md section 2; the evaluation pass itself yields all frames after T_in).
+
+    `path` is a built shard directory, or a WebDataset URL spec of the training shards
+    (`pipe:...`, `http(s)://...`, `s3://...`, `gs://...`, or a brace pattern of local files), or a
+    mapping `{train: URLSPEC, test: URLSPEC}` when the test split is read from URLs too
+    (docs/data_pipeline.md, "Shards behind URLs and multi-node"). `manifest` locates manifest.json:
+    default `<path>/manifest.json` for a directory and `<dirname of the first training URL>/manifest.json`
+    for a URL spec whose first URL is a local file or http(s); pipe:/s3:/gs: specs must set it.
     """
 
     name: str
-    path: str
+    path: str | dict[str, str]
     weight: float = 1.0
     rollout_steps: int = 10
+    manifest: str | None = None
 
 
 @dataclass
@@ -113,23 +138,32 @@ class DataConfig:
                 raise ValueError(f"{where}: weight must be > 0, got {spec.weight!r}")
             if not isinstance(spec.rollout_steps, int) or spec.rollout_steps < 1:
                 raise ValueError(f"{where}: rollout_steps must be an integer >= 1, got {spec.rollout_steps!r}")
+            check_path(spec.path, where)
+            if spec.manifest is not None and not isinstance(spec.manifest, str):
+                raise ValueError(f"{where}: manifest must be a path or URL string, got {spec.manifest!r}")
             if not check_files:
                 continue
-            if not Path(spec.path).is_dir():
+            remote = is_url_spec(spec.path)
+            if not remote and not Path(spec.path).is_dir():
                 raise ValueError(f"{where}: path {spec.path} does not exist (build it with tools/build_shards.py)")
             try:
-                manifest = load_manifest(spec.path)
+                manifest = spec_manifest(spec)
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
             t, _, _, c = manifest["shape"]
             if self.t_in + self.t_ar > t:
                 raise ValueError(f"{where}: t_in + t_ar = {self.t_in + self.t_ar} > T = {t} frames "
-                                 f"(shape {manifest['shape']} in {spec.path}/{MANIFEST_NAME})")
+                                 f"(shape {manifest['shape']} in the manifest of {spec.path})")
             if c > self.channels:
                 raise ValueError(f"{where}: {c} channels {manifest['channels']} > data.channels = {self.channels}")
             train = manifest["splits"].get("train", {})
             if not train.get("shards"):
-                raise ValueError(f"{where}: no training shards listed in {spec.path}/{MANIFEST_NAME}")
+                raise ValueError(f"{where}: no training shards listed in the manifest of {spec.path}")
+            if remote:  # shard URLs must match the manifest; reachability is checked when read
+                for split in ("train", "test"):
+                    if split_spec(spec.path, split):
+                        shard_urls(split_spec(spec.path, split), manifest, split, where)
+                continue
             for shard in train["shards"]:
                 if not (Path(spec.path) / shard["file"]).is_file():
                     raise ValueError(f"{where}: shard {spec.path}/{shard['file']} listed in the manifest is missing")

@@ -1,6 +1,7 @@
 """Evaluation pass: every test trajectory once, in a fixed order, as (first t_in frames, all later frames).
 
-The order is the manifest's test shards in order and the samples of each shard in tar order;
+The order is the manifest's test shards in order and the samples of each shard in tar order (shards behind
+URLs are read sequentially in that order with webdataset);
 `traj_index` is a trajectory's position in that order, so results of different ranks or runs can be
 joined per trajectory. Frames are resized, padded and normalised exactly like training batches.
 """
@@ -8,7 +9,7 @@ joined per trajectory. Frames are resized, padded and normalised exactly like tr
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -17,28 +18,45 @@ from .config import DataConfig, DatasetSpec
 from .schema import FIELDS_EXT, DataFormatError
 from .stream import (DatasetInfo, iter_shard_samples, normalize_, padded_stats,
                      read_fields, resize_frames, write_frames)
+from .urls import decode_sample, iter_url_samples
+
+
+def _local_samples(path: str) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """(key, read fields) of each sample of a local shard in tar order; data is read only when asked."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for key, members in iter_shard_samples(fd, path):
+            if FIELDS_EXT not in members:
+                raise DataFormatError(path, f"sample '{key}' has no .{FIELDS_EXT} member")
+            yield key, lambda m=members[FIELDS_EXT], w=f"{path} key {key}": read_fields(fd, *m, w)
+    finally:
+        os.close(fd)
+
+
+def _url_samples(url: str) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """(key, decode fields) of each sample of a shard URL, read sequentially (other ranks' samples are
+    downloaded with the stream but not decoded)."""
+    samples = iter_url_samples(url)
+    try:
+        for sample in samples:
+            yield sample["__key__"], lambda s=sample: decode_sample(s, url)[0]
+    finally:
+        samples.close()
 
 
 def _test_trajectories(info: DatasetInfo, limit: int | None, rank: int,
                        world_size: int) -> Iterator[tuple[int, np.ndarray]]:
     """(traj_index, fields [T, X, Y, c]) of this rank's test trajectories (index % world_size == rank);
     other ranks' trajectories are skipped without reading their data."""
+    read = _url_samples if info.remote else _local_samples
     index = 0
-    for file, _ in info.test:
-        path = info.root / file
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            for key, members in iter_shard_samples(fd, str(path)):
-                if limit is not None and index >= limit:
-                    return
-                if index % world_size == rank:
-                    if FIELDS_EXT not in members:
-                        raise DataFormatError(path, f"sample '{key}' has no .{FIELDS_EXT} member")
-                    where = f"{path} key {key}"
-                    yield index, info.check(read_fields(fd, *members[FIELDS_EXT], where), where)
-                index += 1
-        finally:
-            os.close(fd)
+    for location, _ in info.test:
+        for key, fields in read(location):
+            if limit is not None and index >= limit:
+                return
+            if index % world_size == rank:
+                yield index, info.check(fields(), f"{location} key {key}")
+            index += 1
 
 
 def build_eval_batches(spec: DatasetSpec, cfg: DataConfig, dataset_id: int, batch_size: int,
@@ -61,6 +79,9 @@ def build_eval_batches(spec: DatasetSpec, cfg: DataConfig, dataset_id: int, batc
     if c > cfg.channels:
         raise ValueError(f"{spec.path}: {c} channels > data.channels = {cfg.channels}")
     if not info.test:
+        if info.remote:
+            raise ValueError(f"dataset {spec.name}: path {spec.path!r} gives no test URLs; write it as "
+                             f"{{train: URLSPEC, test: URLSPEC}} to evaluate")
         raise ValueError(f"{spec.path}: manifest lists no test shards")
     R, C = cfg.resolution, cfg.channels
     mean, std = padded_stats(info, C)

@@ -12,9 +12,14 @@ ahead as it is reached), and a window is written into the batch with
 one transposing copy that moves all channels of a grid point at once (the [T, X, Y, C] -> [X, Y, T, C]
 transpose done on C*4-byte items instead of 4-byte floats). See docs/data_pipeline.md.
 
+Shards behind URLs (a dataset `path` that is a WebDataset URL spec, see urls.py) go through the same
+sampler, windows, shuffle, mixture and assembly; only the trajectory source differs (a `ShardReader`:
+`mapped_trajectories` for local files, `url_trajectories` reading each shard sequentially with webdataset).
+
 Determinism: batch `s` of rank `r` comes from logical worker `w = s mod W` (W = max(1, num_workers)),
 whose epoch `e = s // steps_per_epoch` stream is seeded by (seed, e, r, w). Resuming at `s` rebuilds
-that epoch stream and fast-forwards it without reading trajectory data.
+that epoch stream and fast-forwards it without reading trajectory data. The shard positions come from
+the manifest, so a URL dataset gives the same batches as the same shards in a local directory.
 """
 
 from __future__ import annotations
@@ -24,15 +29,16 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import DataConfig, DatasetSpec, load_manifest
+from .config import DataConfig, DatasetSpec, spec_manifest
 from .schema import FIELDS_EXT, DataFormatError
+from .urls import decode_sample, is_url_spec, iter_url_samples, shard_urls, split_spec
 
 # Seed-sequence tags: keep the random streams of different purposes independent.
 _TAG_SHARDS = 0x5A4D   # per-epoch shard permutation, shared by all ranks and workers
@@ -201,23 +207,28 @@ class DatasetInfo:
 
     index: int
     spec: DatasetSpec
-    root: Path
+    remote: bool                              # shards are URLs read by webdataset, not mapped files
     shape: tuple[int, int, int, int]          # T, X, Y, C of every trajectory
-    train: tuple[tuple[str, int], ...]        # (shard file, trajectory count)
-    test: tuple[tuple[str, int], ...]
+    train: tuple[tuple[str, int], ...]        # (shard file path or URL, trajectory count), manifest order
+    test: tuple[tuple[str, int], ...]         # empty for a URL spec without test URLs
     mean: np.ndarray                          # [C] training-split statistics
     std: np.ndarray                           # [C], zeros replaced by 1 (constant channels)
 
     @classmethod
     def from_spec(cls, index: int, spec: DatasetSpec) -> "DatasetInfo":
-        manifest = load_manifest(spec.path)
+        manifest = spec_manifest(spec)
         splits = manifest["splits"]
+        remote = is_url_spec(spec.path)
 
         def shards(split: str) -> tuple[tuple[str, int], ...]:
-            return tuple((s["file"], int(s["count"])) for s in splits.get(split, {}).get("shards", []))
+            if remote:
+                urls = split_spec(spec.path, split)
+                return shard_urls(urls, manifest, split, f"dataset {spec.name}") if urls else ()
+            return tuple((str(Path(spec.path) / s["file"]), int(s["count"]))
+                         for s in splits.get(split, {}).get("shards", []))
 
         std = np.asarray(manifest["stats"]["std"], dtype=np.float32)
-        return cls(index=index, spec=spec, root=Path(spec.path), shape=tuple(manifest["shape"]),
+        return cls(index=index, spec=spec, remote=remote, shape=tuple(manifest["shape"]),
                    train=shards("train"), test=shards("test"),
                    mean=np.asarray(manifest["stats"]["mean"], dtype=np.float32),
                    std=np.where(std > 0, std, np.float32(1.0)).astype(np.float32))
@@ -291,13 +302,25 @@ def padded_stats(info: DatasetInfo, channels: int) -> tuple[np.ndarray, np.ndarr
 # Training pipeline
 # ----------------------------------------------------------------------------------------------
 
-class _Trajectory:
-    """One trajectory in a shard; its data is read on first use (eagerly while streaming, lazily for
+class Trajectory(Protocol):
+    """One trajectory of a training shard; `load()` returns its [T, X, Y, C] float32 array."""
+
+    def load(self) -> np.ndarray: ...
+
+
+# A trajectory source: (shard location, trajectory count, modulus, residue, info, eager) -> the shard's
+# trajectories at positions p with p % modulus == residue, in tar order. While `eager()` is True each one is
+# read as it is yielded; otherwise (resume fast-forward) it is read on its first `load()`, if ever.
+ShardReader = Callable[[str, int, int, int, DatasetInfo, Callable[[], bool]], Iterator[Trajectory]]
+
+
+class _MappedTrajectory:
+    """One trajectory in a local shard; its data is read on first use (eagerly while streaming, lazily for
     windows that entered the shuffle buffer during a resume fast-forward)."""
 
     __slots__ = ("path", "key", "offset", "size", "info", "_arr")
 
-    def __init__(self, path: Path, key: str, offset: int, size: int, info: DatasetInfo):
+    def __init__(self, path: str, key: str, offset: int, size: int, info: DatasetInfo):
         self.path, self.key, self.offset, self.size, self.info = path, key, offset, size, info
         self._arr: np.ndarray | None = None
 
@@ -310,6 +333,83 @@ class _Trajectory:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._arr = self.info.check(map_fields(mm, self.offset, self.size, where), where)
         return self._arr
+
+
+def mapped_trajectories(path: str, count: int, mod: int, res: int, info: DatasetInfo,
+                        eager: Callable[[], bool]) -> Iterator[_MappedTrajectory]:
+    """ShardReader of a local shard file: memory-mapped, tar headers walked by `iter_shard_samples`."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # stays valid after close
+        for pos, (key, members) in enumerate(iter_shard_samples(fd, path)):
+            if pos % mod != res:
+                continue
+            if FIELDS_EXT not in members:
+                raise DataFormatError(path, f"sample '{key}' has no .{FIELDS_EXT} member")
+            traj = _MappedTrajectory(path, key, *members[FIELDS_EXT], info)
+            if eager():
+                traj.load(mm)
+            yield traj
+    finally:
+        os.close(fd)
+
+
+class _UrlTrajectory:
+    """One trajectory of a shard URL. Streamed trajectories arrive decoded; one created during a resume
+    fast-forward is fetched on first use by re-reading its shard from the start up to its position."""
+
+    __slots__ = ("url", "pos", "info", "meta", "_arr")
+
+    def __init__(self, url: str, pos: int, info: DatasetInfo, sample: dict | None = None):
+        self.url, self.pos, self.info = url, pos, info
+        self.meta: dict | None = None
+        self._arr: np.ndarray | None = None
+        if sample is not None:
+            self._decode(sample)
+
+    def _decode(self, sample: dict) -> None:
+        fields, self.meta = decode_sample(sample, self.url)
+        self._arr = self.info.check(fields, f"{self.url} key {sample['__key__']}")
+
+    def load(self) -> np.ndarray:
+        if self._arr is None:
+            samples = iter_url_samples(self.url)
+            try:
+                self._decode(_advance(samples, self.pos + 1, self.url))
+            finally:
+                samples.close()
+        return self._arr
+
+
+def _advance(samples: Iterator[dict], n: int, url: str) -> dict:
+    """Consume n samples and return the last (the shard must hold at least n, as its manifest says)."""
+    sample = None
+    for _ in range(n):
+        sample = next(samples, None)
+        if sample is None:
+            raise DataFormatError(url, f"shard ended before sample {n - 1} (fewer samples than the manifest count)")
+    return sample
+
+
+def url_trajectories(url: str, count: int, mod: int, res: int, info: DatasetInfo,
+                     eager: Callable[[], bool]) -> Iterator[_UrlTrajectory]:
+    """ShardReader of a shard URL: one sequential webdataset read, opened when the first eager trajectory
+    is due. Positions come from the manifest count, so a fast-forward yields lazy trajectories unread."""
+    samples: Iterator[dict] | None = None
+    at = 0  # position of the next sample of `samples`
+    try:
+        for pos in range(res, count, mod):
+            if not eager():
+                yield _UrlTrajectory(url, pos, info)
+                continue
+            if samples is None:
+                samples = iter_url_samples(url)
+            sample = _advance(samples, pos + 1 - at, url)
+            at = pos + 1
+            yield _UrlTrajectory(url, pos, info, sample)
+    finally:
+        if samples is not None:
+            samples.close()
 
 
 def slot_shares(counts: list[int], perm: np.ndarray, slot: int, n_slots: int) -> list[tuple[int, int, int]]:
@@ -345,30 +445,17 @@ class _WindowSource:
         self.eager = True
         self._it = self._shuffled()
 
-    def next(self) -> tuple[_Trajectory, int]:
+    def next(self) -> tuple[Trajectory, int]:
         return next(self._it)
 
-    def _trajectories(self) -> Iterator[_Trajectory]:
+    def _trajectories(self) -> Iterator[Trajectory]:
+        read: ShardReader = url_trajectories if self.info.remote else mapped_trajectories
         while True:
             for j in self.rng.permutation(len(self.share)):
                 shard, mod, res = self.share[j]
-                path = self.info.root / self.info.train[shard][0]
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # stays valid after close
-                    for pos, (key, members) in enumerate(iter_shard_samples(fd, str(path))):
-                        if pos % mod != res:
-                            continue
-                        if FIELDS_EXT not in members:
-                            raise DataFormatError(path, f"sample '{key}' has no .{FIELDS_EXT} member")
-                        traj = _Trajectory(path, key, *members[FIELDS_EXT], self.info)
-                        if self.eager:
-                            traj.load(mm)
-                        yield traj
-                finally:
-                    os.close(fd)
+                yield from read(*self.info.train[shard], mod, res, self.info, lambda: self.eager)
 
-    def _windows(self) -> Iterator[tuple[_Trajectory, int]]:
+    def _windows(self) -> Iterator[tuple[Trajectory, int]]:
         length = self.cfg.t_in + self.cfg.t_ar
         n_starts = self.info.shape[0] - length + 1
         k = self.cfg.windows_per_trajectory
@@ -376,8 +463,8 @@ class _WindowSource:
             for t0 in self.rng.choice(n_starts, size=k, replace=n_starts < k):
                 yield traj, int(t0)
 
-    def _shuffled(self) -> Iterator[tuple[_Trajectory, int]]:
-        buffer: list[tuple[_Trajectory, int]] = []
+    def _shuffled(self) -> Iterator[tuple[Trajectory, int]]:
+        buffer: list[tuple[Trajectory, int]] = []
         capacity = self.cfg.shuffle_buffer
         for window in self._windows():
             if len(buffer) < capacity:
@@ -476,7 +563,7 @@ class TrainStream:
             yield epoch.next_batch()
             s += n_workers
 
-    def assemble(self, windows: list[tuple[int, _Trajectory, int]]) -> dict[str, torch.Tensor]:
+    def assemble(self, windows: list[tuple[int, Trajectory, int]]) -> dict[str, torch.Tensor]:
         """Cut, resize, pad and normalise the chosen windows into one batch dict."""
         cfg = self.cfg
         B, R, C = len(windows), cfg.resolution, cfg.channels

@@ -295,7 +295,7 @@ class _progress:
 
     def note(self, text: str) -> None:
         if self.bar is not None:
-            self.bar.write(f"[nestor-ds] {text}")
+            self.bar.write(f"[nestor-ds] {text}", file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -65,14 +65,20 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dim: int, hid
     if (dim * itemsize) % 16 or (hidden * itemsize) % 16:
         return False
     try:
-        x_RD = torch.randn(3, dim, device=device, dtype=dtype, requires_grad=True)
-        w_EFD = torch.randn(2, hidden, dim, device=device, dtype=dtype, requires_grad=True)
-        offs_E = torch.tensor([1, 3], device=device, dtype=torch.int32)
-        y_RF = _ContiguousGrad.apply(torch._grouped_mm(x_RD, w_EFD.transpose(-2, -1), offs=offs_E))
-        y_RF.sum().backward()
-        return True
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):  # may be first called under no_grad (eval)
+            return _probe_grouped_mm(device, dtype, dim, hidden)
     except (RuntimeError, NotImplementedError):
         return False
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype, dim: int, hidden: int) -> bool:
+    """One tiny forward + backward; raises where the kernel is missing (runs under fork_rng: no RNG side effect)."""
+    x_RD = torch.randn(3, dim, device=device, dtype=dtype, requires_grad=True)
+    w_EFD = torch.randn(2, hidden, dim, device=device, dtype=dtype, requires_grad=True)
+    offs_E = torch.tensor([1, 3], device=device, dtype=torch.int32)
+    y_RF = _ContiguousGrad.apply(torch._grouped_mm(x_RD, w_EFD.transpose(-2, -1), offs=offs_E))
+    y_RF.sum().backward()
+    return True
 
 
 class GroupedSwiGLU(nn.Module):

@@ -1,0 +1,195 @@
+"""The pre-training entry end to end: 2 CPU ranks over gloo, real shards, real DeepSpeed, real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_fixtures import REPO, ds_config, launch, tiny_config
+
+TRAIN = str(REPO / "nestor_ds" / "train.py")
+PROBE = str(REPO / "tests" / "scripts" / "probe_train.py")
+pytestmark = pytest.mark.timeout(900)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["train/loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def zero2_ep2_run(tiny_shards, tmp_path_factory):
+    """~30 steps of a tiny NESTOR, ZeRO-2, token experts expert-parallel over 2 ranks, evaluation and MLflow on."""
+    root, shards = tiny_shards
+    work = tmp_path_factory.mktemp("zero2_ep2")
+    cfg = tiny_config(work, shards, model={"moe": {"backend": "deepspeed", "ep_size": 2}},
+                      train={"max_steps": 30, "eval_every": 15, "ckpt_every": 15, "log_every": 5},
+                      optim={"lr": 3e-3, "warmup_steps": 3})
+    proc = launch([TRAIN, "--ds_config", str(ds_config(work)), "--config", str(cfg), "--run-name", "ep2"], ranks=2, cwd=work)
+    return work, proc
+
+
+def test_zero2_ep2_trains_checkpoints_and_evaluates(zero2_ep2_run):
+    work, proc = zero2_ep2_run
+    _ok(proc)
+    run = work / "runs" / "ep2"
+    losses = _losses(run)
+    assert len(losses) == 30 and all(map(lambda v: v == v and abs(v) < 1e3, losses))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    tags = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert tags == ["step_00000015", "step_00000030"]
+    last = run / "checkpoints" / "step_00000030"
+    for f in ("mp_rank_00_model_states.pt", "nestor_config.json", "COMPLETE",
+              "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        assert (last / f).is_file(), f
+    expert_files = sorted(last.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))
+    # nestor-tiny: 2 blocks x 4 image experts, each with a token MoE of 4 experts -> 8 MoE layers x 4 experts
+    assert len(expert_files) == 8 * 4
+    saved = json.loads((last / "nestor_config.json").read_text())
+    assert saved["world_size"] == 2 and saved["ep_size"] == 2
+    assert "ep_size 2" in proc.stderr and "world size 2" in proc.stderr
+
+
+def test_one_mlflow_run_with_params_metrics_and_figures(zero2_ep2_run):
+    from mlflow.tracking import MlflowClient
+
+    work, proc = zero2_ep2_run
+    _ok(proc)
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("nestor-ds")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, "one MLflow run per training, never one per rank"
+    run = runs[0]
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    for key in ("config.model.width", "config.optim.lr", "ds_config.zero_optimization.stage", "world_size", "ep_size",
+                "preset", "total_params", "active_params", "flops_per_sample"):
+        assert key in params, key
+    assert params["world_size"] == "2" and params["ep_size"] == "2" and params["ds_config.zero_optimization.stage"] == "2"
+    assert tags["nestor.entry"] == "pretrain" and "nestor.version.torch" in tags and "nestor.version.deepspeed" in tags
+    for key in ("train/loss", "train/rel_l2", "train/image_lb", "train/token_lb", "train/lr", "train/grad_norm",
+                "perf/samples_per_s", "perf/tokens_per_s", "perf/step_time_s", "perf/tflops",
+                "eval/ns_tiny/l2re_1step", "eval/dr_tiny/l2re_1step", "eval/ns_tiny/l2re_rollout",
+                "experts/block0/image_entropy", "experts/block0/specialisation_mi"):
+        assert key in metrics, key
+    history = client.get_metric_history(run.info.run_id, "eval/dr_tiny/l2re_1step")
+    assert sorted(m.step for m in history) == [15, 30]
+    art = Path(run.info.artifact_uri.replace("file://", ""))
+    pngs = sorted(art.rglob("*.png"))
+    names = " ".join(p.name for p in pngs)
+    for part in ("ns_tiny_step", "dr_tiny_step", "rollout_error", "block0_image_experts", "block0_token_experts"):
+        assert part in names, (part, names)
+    for png in pngs:
+        head = png.read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", head[16:24])
+        assert width > 50 and height > 50
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_shards, tmp_path):
+    root, shards = tiny_shards
+    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "deepspeed"}},
+                      train={"max_steps": 8, "ckpt_every": 100, "input_noise": 5e-4},
+                      tracking={"enabled": False})
+    ds = str(ds_config(tmp_path))
+    full = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "full"], ranks=2, cwd=tmp_path)
+    _ok(full)
+    first = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--set", "train.stop_at=4"], ranks=2, cwd=tmp_path)
+    _ok(first)
+    assert "stopped cleanly at step 4" in first.stderr
+    second = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--resume", "auto"], ranks=2, cwd=tmp_path)
+    _ok(second)
+    assert "resumed from" in second.stderr
+    a, b = _losses(tmp_path / "runs" / "full"), _losses(tmp_path / "runs" / "cut")
+    assert len(a) == len(b) == 8
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-6 * abs(x), (a, b)
+
+
+def test_two_ranks_equal_one_rank_and_export_matches_engine(tiny_shards, tmp_path):
+    """Same global batch: loss at step 1 to 1e-5, parameters after 3 steps to 1e-4; then the 2-rank (ep 2)
+    checkpoint exported to one safetensors file gives the engine model's outputs."""
+    from nestor_ds import load_pretrained
+    from nestor_ds.checkpoint_io import export_checkpoint, load_local_state
+
+    root, shards = tiny_shards
+    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "deepspeed"}},
+                      loss={"image_lb_weight": 0.0, "token_lb_weight": 0.0},
+                      train={"max_steps": 3, "ckpt_every": 3}, tracking={"enabled": False})
+    ds = str(ds_config(tmp_path))
+    out = {}
+    for ranks in (1, 2):
+        proc = launch([PROBE, "--config", str(cfg), "--ds_config", ds, "--global-batch", "4", "--out", f"probe{ranks}",
+                       "--run-name", f"r{ranks}"], ranks=ranks, cwd=tmp_path)
+        _ok(proc)
+        out[ranks] = json.loads((tmp_path / f"probe{ranks}" / "losses.json").read_text())
+    assert abs(out[1][0] - out[2][0]) <= 1e-5 * abs(out[1][0]), out
+    one, _, _ = load_local_state(tmp_path / "runs" / "r1" / "checkpoints")
+    two, cfg2, _ = load_local_state(tmp_path / "runs" / "r2" / "checkpoints")
+    assert cfg2["ep_size"] == 2 and set(one) == set(two)
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert worst <= 1e-4, worst
+
+    exported = export_checkpoint(tmp_path / "runs" / "r2" / "checkpoints", tmp_path / "model.safetensors")
+    probe = torch.load(tmp_path / "probe2" / "probe.pt", weights_only=True)
+    model = load_pretrained(exported)
+    with torch.no_grad():
+        pred = model(probe["x"], probe["channel_mask"]).pred
+    assert torch.allclose(pred, probe["pred"], rtol=0, atol=1e-6), (pred - probe["pred"]).abs().max()
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_zero_stages_0_and_1_train(tiny_shards, tmp_path, stage):
+    root, shards = tiny_shards
+    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "deepspeed"}},
+                      train={"max_steps": 3, "ckpt_every": 3}, tracking={"enabled": False})
+    proc = launch([TRAIN, "--ds_config", str(ds_config(tmp_path, stage=stage)), "--config", str(cfg)], ranks=2, cwd=tmp_path)
+    _ok(proc)
+    assert len(_losses(tmp_path / "runs" / "pretrain-nestor-tiny")) == 3
+
+
+def test_zero3_refuses_deepspeed_moe_with_a_message(tiny_shards, tmp_path):
+    root, shards = tiny_shards
+    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "deepspeed"}}, tracking={"enabled": False})
+    proc = launch([TRAIN, "--ds_config", str(ds_config(tmp_path, stage=3)), "--config", str(cfg)], ranks=1, cwd=tmp_path)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ZeRO stage 3 does not support DeepSpeed-MoE") and "zero2.json" in last
+
+
+def test_zero3_trains_the_afno_baseline_with_unreachable_tracking(tiny_shards, tmp_path):
+    root, shards = tiny_shards
+    cfg = tiny_config(tmp_path, shards, model={"preset": "afno-tiny", "width": 16, "patch_size": 4, "afno_modes": 2,
+                                               "norm_groups": 4, "head_dim": 8},
+                      train={"max_steps": 3, "ckpt_every": 3},
+                      tracking={"tracking_uri": "http://127.0.0.1:9", "enabled": True})
+    proc = launch([TRAIN, "--ds_config", str(ds_config(tmp_path, stage=3)), "--config", str(cfg), "--run-name", "afno"], ranks=2, cwd=tmp_path)
+    _ok(proc)
+    assert "MLflow tracking disabled" in proc.stderr
+    assert len(_losses(tmp_path / "runs" / "afno")) == 3
+    assert (tmp_path / "runs" / "afno" / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+
+
+def test_bad_configs_fail_at_start_with_one_line(tiny_shards, tmp_path):
+    root, shards = tiny_shards
+    cfg = tiny_config(tmp_path, shards, tracking={"enabled": False})
+    ds = str(ds_config(tmp_path))
+    cases = [
+        (["--set", "model.widht=3"], "unknown key 'model.widht'"),
+        (["--set", "train.max_steps=abc"], "train.max_steps must be an integer"),
+        (["--set", "model.moe.backend=deepspeed", "--set", "model.moe.ep_size=3"], "must divide both the world size"),
+        (["--set", "model.t_in=7"], "model.t_in = 7 disagrees with data.t_in = 4"),
+    ]
+    for extra, message in cases:
+        proc = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), *extra], ranks=1, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and message in last, last
+    missing = launch([TRAIN, "--ds_config", str(tmp_path / "nope.json"), "--config", str(cfg)], ranks=1, cwd=tmp_path)
+    assert missing.returncode == 2 and "nope.json: file not found" in missing.stderr
