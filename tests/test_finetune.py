@@ -229,6 +229,32 @@ def test_frozen_parts_do_not_move(pretrained, exported, ft_export):
     assert any(n.startswith("head.") for n in moved) and any(".shared." in n for n in moved), moved
 
 
+def test_freeze_parts_match_only_their_parameters(exported):
+    """Each --freeze part names exactly its parameters; `shared_afno` is the block-level AFNO expert, not the
+    token MoE's shared SwiGLU expert."""
+    from nestor_ds.checkpoint_io import inference_model_config, read_safetensors
+    from nestor_ds.engine.transfer import freeze
+    from nestor_ds.model import build_model
+
+    _, run_cfg = read_safetensors(exported)
+
+    def frozen(part: str) -> tuple[set[str], set[str]]:
+        model = build_model(inference_model_config(run_cfg))
+        names = set(freeze(model, [part]))
+        assert names == {n for n, q in model.named_parameters() if not q.requires_grad}
+        return names, {n for n, _ in model.named_parameters()}
+
+    shared, every = frozen("shared_afno")
+    assert shared == {n for n in every if re.match(r"blocks\.\d+\.moe\.shared\.\d+\.", n)} and shared
+    routers, _ = frozen("routers")
+    assert routers == {f"blocks.{b}.moe.router.{w}" for b in (0, 1) for w in ("weight", "bias")} | {
+        f"blocks.{b}.moe.experts.{e}.moe.router.gate.weight" for b in (0, 1) for e in range(4)}
+    embedding, _ = frozen("embedding")
+    assert embedding == {n for n in every if n.startswith("encoder.")}
+    experts, _ = frozen("experts")
+    assert experts == {n for n in every if ".experts." in n} and not experts & shared
+
+
 # --------------------------------------------------------------------------- evaluation CLI with MLflow
 
 

@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from nestor_ds.moe import (LocalTokenMoE, MoEConfig, build_token_moe, expert_load_stats,  # noqa: E402
                            grouped_mm_supported)
+from nestor_ds.moe.experts import chunk_rows  # noqa: E402
 
 D, F_HID, E, K = 16, 16, 4, 2  # 16 fp32 = 64 bytes: grouped_mm runs on CPU
 
@@ -55,10 +56,10 @@ def test_grouped_mm_available_on_cpu_for_aligned_sizes():
     assert not grouped_mm_supported(torch.device("cpu"), torch.float64, D, F_HID)
 
 
-@pytest.mark.parametrize("use_grouped_mm", [True, False])
-def test_output_shapes_and_matches_naive_math(use_grouped_mm):
+@pytest.mark.parametrize("kernel", ["grouped", "padded"])
+def test_output_shapes_and_matches_naive_math(kernel):
     moe = make_moe()
-    moe.use_grouped_mm = use_grouped_mm
+    moe.kernel = kernel
     x = torch.randn(13, D)
     out = moe(x)
     assert out.out_ND.shape == (13, D) and out.out_ND.dtype == torch.float32
@@ -66,6 +67,32 @@ def test_output_shapes_and_matches_naive_math(use_grouped_mm):
     assert out.tokens_per_expert_E.shape == (E,) and out.tokens_per_expert_E.dtype == torch.long
     assert int(out.tokens_per_expert_E.sum()) == 13 * K
     torch.testing.assert_close(out.out_ND, naive_forward(moe, x), atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_rows_splits_skewed_loads_and_keeps_balanced_ones_whole():
+    assert chunk_rows([224, 236, 207, 228, 236, 235]) == 240            # balanced: one chunk per expert
+    c = chunk_rows([136, 514, 143, 824, 1612, 867])                     # skewed (a router at init)
+    assert c % 8 == 0 and c < 1612
+    assert sum(-(-n // c) for n in [136, 514, 143, 824, 1612, 867]) * c < 1.3 * 4096   # < 30% padding
+
+
+def test_padded_kernel_with_several_chunks_per_expert_matches_grouped_in_value_and_gradient():
+    """A skewed router (one expert takes most tokens) makes the padded kernel split experts into chunks."""
+    outs = {}
+    for kernel in ("grouped", "padded"):
+        moe = make_moe(seed=3)
+        with torch.no_grad():
+            moe.router.gate.weight[0] += 3.0 * moe.router.gate.weight[1:].abs().sum(0)   # favour expert 0
+        moe.kernel = kernel
+        x = torch.randn(200, D, generator=torch.Generator().manual_seed(0)).abs()
+        out = moe(x)
+        (out.out_ND * torch.linspace(-1, 1, D)).sum().backward()
+        outs[kernel] = (out.out_ND, {n: p.grad for n, p in moe.named_parameters()}, out.tokens_per_expert_E)
+    counts = outs["padded"][2].tolist()
+    assert max(counts) > chunk_rows(counts), counts                            # expert 0 really is split
+    torch.testing.assert_close(outs["padded"][0], outs["grouped"][0], atol=1e-5, rtol=1e-5)
+    for name, g in outs["grouped"][1].items():
+        torch.testing.assert_close(outs["padded"][1][name], g, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_weights_initialised_and_finite():
@@ -83,10 +110,10 @@ def test_bf16_forward_is_finite():
     assert out.out_ND.dtype == torch.bfloat16 and torch.isfinite(out.out_ND.float()).all()
 
 
-@pytest.mark.parametrize("use_grouped_mm", [True, False])
-def test_gradients_reach_only_selected_experts(use_grouped_mm):
+@pytest.mark.parametrize("kernel", ["grouped", "padded"])
+def test_gradients_reach_only_selected_experts(kernel):
     moe = make_moe(seed=1)
-    moe.use_grouped_mm = use_grouped_mm
+    moe.kernel = kernel
     x = torch.randn(3, D)
     with torch.no_grad():
         chosen = torch.softmax(x @ moe.router.gate.weight.T, -1).topk(K).indices

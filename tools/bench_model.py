@@ -4,9 +4,9 @@
 
 Forward + backward samples/s for both models at the same batch and resolution, measured side by side
 (repetitions interleaved, median taken) because the machine is shared; achieved FLOP rate = analytic
-training FLOPs (3 x forward, nestor_ds.model.flops) x samples/s. The token-MoE comparison runs the
-local grouped backend (6 experts, top-2, 1 shared) against one SwiGLU whose hidden width gives the same
-activated FLOPs per token. With --json the last line is one JSON object.
+training FLOPs (3 x forward, nestor_ds.model.flops) x samples/s. The token-MoE comparison runs nestor-ti's
+token MoE (local backend, this device's kernel: 6 experts top-2 + 1 shared) against one SwiGLU whose hidden
+width gives the same activated FLOPs per token. With --json the last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     rate = {"nestor": 3 * f_nestor * sps["nestor"], "afno": 3 * f_afno * sps["afno"]}
 
     D = 512
-    mcfg = MoEConfig()
+    mcfg = get_preset("nestor-ti").moe                     # the token MoE inside nestor-ti's image experts
     moe = build_token_moe(mcfg, D)
-    dense = SwiGLU(D, mcfg.hidden_dim(D) * (mcfg.top_k + mcfg.num_shared_experts))
+    dense = SwiGLU(D, mcfg.hidden_dim(D) * mcfg.top_k + mcfg.shared_hidden_dim(D))
     x = torch.randn(args.tokens, D)
     tl = interleave({"moe": layer_step(moe, x, True), "dense": layer_step(dense, x, False)},
                     args.reps * 2, args.warmup, "layers")

@@ -16,32 +16,35 @@ start=$SECONDS
 step "1/6 generate demo PDE data (demo/raw)"
 if [[ ! -f demo/raw/.complete ]]; then
   python tools/gen_pde.py --demo demo/raw
-  python tools/gen_pde.py --pde ns --layout pdearena-ns --n 16 --res 64 --steps 16 --seed 7 \
+  python tools/gen_pde.py --pde ns --layout pdearena-ns --n 16 --res 64 --steps 16 --seed 7 --split train \
     --out demo/raw/NavierStokes2D_train_7_0.5.h5
+  python tools/gen_pde.py --pde ns --layout pdearena-ns --n 4 --res 64 --steps 16 --seed 8 --split test \
+    --out demo/raw/NavierStokes2D_test_8_0.5.h5
   touch demo/raw/.complete
 else echo "demo/raw already generated"; fi
 
 step "2/6 build WebDataset shards (shards/)"
-build() { # name input
-  if [[ -f "shards/$1/manifest.json" ]]; then echo "shards/$1 already built"; return; fi
-  python tools/build_shards.py --input "$2" --out "shards/$1" --name "$1" --test-fraction 0.2
+build() { # name input [input ...]
+  local name=$1; shift
+  if [[ -f "shards/$name/manifest.json" ]]; then echo "shards/$name already built"; return; fi
+  python tools/build_shards.py --input "$@" --out "shards/$name" --name "$name" --test-fraction 0.2
 }
 build ns2d_fno_demo demo/raw/ns_V1e-3_N24_T20.mat
 build dr_pdb_demo demo/raw/2D_diff-react_NA_NA.h5
 build swe_pdb_demo demo/raw/2D_rdb_NA_NA.h5
 build cfd_pdb_demo demo/raw/2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_64_Train.hdf5
-build ns2d_pda_demo demo/raw/NavierStokes2D_train_7_0.5.h5
+build ns2d_pda_demo demo/raw/NavierStokes2D_train_7_0.5.h5 demo/raw/NavierStokes2D_test_8_0.5.h5
 
 step "3/6 pre-train NESTOR on $RANKS ranks (ZeRO-2, expert parallel)"
 deepspeed --num_gpus "$RANKS" nestor_ds/train.py --ds_config ds_configs/zero2.json \
-  --config configs/pretrain_demo.yaml --run-name demo-pretrain ${STEPS_ARGS[@]+"${STEPS_ARGS[@]}"}
+  --config configs/pretrain_demo.yaml --run-name demo-pretrain --resume auto ${STEPS_ARGS[@]+"${STEPS_ARGS[@]}"}
 
 step "4/6 export the expert-parallel checkpoint to one safetensors file"
 python tools/export_checkpoint.py --checkpoint runs/demo-pretrain/checkpoints --out runs/demo-pretrain/nestor-demo.safetensors
 
 step "5/6 fine-tune on an unseen 3-channel dataset (1 rank, another ep_size)"
 python nestor_ds/finetune.py --ds_config ds_configs/zero2.json --config configs/finetune_demo.yaml \
-  --pretrained runs/demo-pretrain/checkpoints --run-name demo-finetune
+  --pretrained runs/demo-pretrain/checkpoints --run-name demo-finetune --resume auto
 
 step "6/6 evaluate (one-step and rollout L2RE, energy spectra)"
 python -m nestor_ds.evaluate --checkpoint runs/demo-pretrain/nestor-demo.safetensors \

@@ -123,6 +123,10 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     run_name = run_name or f"{entry}-{cfg.preset or cfg.model.arch}"
     run_dir = Path(cfg.train.output_dir) / run_name
     ckpt_root = run_dir / "checkpoints"
+    existing = ckpt.complete_tags(ckpt_root)
+    if resume is None and existing:
+        raise ValueError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}): continue that run with "
+                         f"--resume auto, or start a new one with another --run-name")
 
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +172,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     batches = iter(batch_source(start_step * accum))
     result = TrainResult(run_dir=run_dir, steps=start_step, run_id=tracker.run_id, model=engine.module)
 
-    if evaluate_before:
+    if evaluate_before and start_step == 0:
         result.final_eval["before"] = _evaluate(engine, cfg, dist_info, tracker, step=start_step, prefix="eval_before")
 
     total = cfg.train.max_steps
@@ -258,7 +262,8 @@ def _evaluate(engine: Any, cfg: RunConfig, dist_info: DistInfo, tracker: Any, st
     was_training = model.training
     model.eval()
     report = evaluate_model(model, cfg.data, rollout_steps=cfg.train.eval_rollout_steps, batch_size=cfg.train.eval_batch_size,
-                            max_trajectories=cfg.train.eval_max_trajectories, device=engine.device)
+                            max_trajectories=cfg.train.eval_max_trajectories, device=engine.device,
+                            progress=dist_info.is_main)
     metrics = {}
     for name, ds in report.get("datasets", {}).items():
         metrics[f"{prefix}/{name}/l2re_1step"] = ds["l2re_1step"]

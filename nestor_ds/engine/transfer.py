@@ -9,10 +9,12 @@ re-initialised and reported; the caller gives them their own learning rate.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # which parameter-name prefixes each --load choice carries over
@@ -21,12 +23,13 @@ PARTS = {
     "embedding+blocks": ("encoder.", "blocks."),
     "blocks": ("blocks.",),
 }
-# which names each freeze option matches (substring of the parameter name)
+# which names each freeze option matches (regular expressions searched in the parameter name). The shared AFNO
+# expert is anchored to the block level: the token MoE's shared SwiGLU expert (``...experts.N.moe.shared.``) is not it.
 FREEZE = {
-    "routers": (".router.", ".gate."),
-    "experts": (".experts.",),
-    "shared_afno": (".shared.",),
-    "embedding": ("encoder.",),
+    "routers": (r"\.router\.", r"\.gate\."),
+    "experts": (r"\.experts\.",),
+    "shared_afno": (r"^blocks\.\d+\.moe\.shared\.",),
+    "embedding": (r"^encoder\.",),
 }
 
 
@@ -36,11 +39,12 @@ class TransferReport:
     reinitialised: list[str] = field(default_factory=list)  # in the selected parts, but the shape changed
     not_selected: list[str] = field(default_factory=list)   # outside the selected parts: fresh init
     unused: list[str] = field(default_factory=list)         # in the checkpoint, not in the model
+    resized: list[str] = field(default_factory=list)        # loaded after resizing (positional embedding)
 
     def summary(self) -> str:
         lines = [f"pre-trained weights: {len(self.loaded)} tensors loaded, {len(self.reinitialised)} re-initialised "
                  f"(shape changed), {len(self.not_selected)} freshly initialised (not selected), {len(self.unused)} unused"]
-        for title, names in (("re-initialised", self.reinitialised), ("not selected", self.not_selected), ("unused", self.unused)):
+        for title, names in (("resized to the new grid", self.resized), ("re-initialised", self.reinitialised), ("not selected", self.not_selected), ("unused", self.unused)):
             if names:
                 lines.append(f"  {title}: " + ", ".join(_compress(names)))
         return "\n".join(lines)
@@ -94,6 +98,13 @@ def load_pretrained_parts(model: nn.Module, local_state: Mapping[str, torch.Tens
         elif key in source and tuple(source[key].shape) == tuple(target.shape):
             update[key] = source[key].to(dtype=target.dtype)
             report.loaded.append(key)
+        elif key.endswith("pos_embed.pos") and key in source and source[key].shape[:2] == target.shape[:2]:
+            # another resolution: the learned [1, D, H, W] table is resized to the new token grid, as the model
+            # itself does at run time, instead of being thrown away
+            update[key] = F.interpolate(source[key].float(), size=tuple(target.shape[-2:]), mode="bicubic",
+                                        align_corners=False).to(target.dtype)
+            report.loaded.append(key)
+            report.resized.append(key)
         else:
             report.reinitialised.append(key)
     report.unused = sorted(set(source) - set(own))
@@ -103,10 +114,10 @@ def load_pretrained_parts(model: nn.Module, local_state: Mapping[str, torch.Tens
 
 def freeze(model: nn.Module, parts: list[str]) -> list[str]:
     """``requires_grad = False`` on the named parts; returns the frozen parameter names."""
-    patterns = tuple(p for part in parts for p in FREEZE[part])
+    patterns = [re.compile(p) for part in parts for p in FREEZE[part]]
     frozen = []
     for name, param in model.named_parameters():
-        if any(name.startswith(p) if p.endswith(".") and not p.startswith(".") else p in name for p in patterns):
+        if any(p.search(name) for p in patterns):
             param.requires_grad_(False)
             frozen.append(name)
     return frozen

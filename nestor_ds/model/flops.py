@@ -57,7 +57,7 @@ def image_expert_flops(cfg: ModelConfig, L: int) -> int:
     F = m.hidden_dim(D)
     attn = 2 * L * D * 3 * D + 2 * 2 * L * L * D + 2 * L * D * D
     router = 2 * L * D * m.num_experts
-    experts = 2 * L * 3 * D * F * (m.top_k + m.num_shared_experts)
+    experts = 2 * L * 3 * D * (F * m.top_k + (m.shared_hidden_dim(D) if m.num_shared_experts else 0))
     return attn + router + experts
 
 

@@ -9,8 +9,10 @@ K image top-k, A = B*K assignments, G samples in one expert's group (after paddi
 Routing: global average pool -> Linear(D -> E, bias) -> softmax -> top-k -> renormalise, using the
 token router's `route_from_logits` and `load_balancing_loss` (one implementation in the project).
 
-Dispatch: the A assignments are sorted by expert (argsort) and each expert gets its samples with one
-index_select and returns its outputs with one index_add: no per-expert masks over the whole batch.
+Dispatch: the A assignments are sorted by expert (argsort); one gather puts every sample's token field
+in its K rows of an expert-sorted buffer, each expert runs on its contiguous slice, and one gather brings
+the outputs back to (sample, k) order for the weighted sum (gathers both ways, also in backward: see
+nestor_ds.moe.local). No per-expert masks over the whole batch.
 
 Expert parallelism (cfg.moe.ep_size > 1): every rank of the expert-parallel group must call each
 expert's TokenMoE with the same number of rows. Each expert's sample group is padded to
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nestor_ds.moe import MoEOutput, build_token_moe
+from nestor_ds.moe.local import dispatch_rows, gather_rows
 from nestor_ds.moe.router import load_balancing_loss, route_from_logits, tokens_per_expert
 
 from .afno import AFNOBlock
@@ -136,17 +139,19 @@ class ImageMoE(nn.Module):
 
         # group the A = B*K assignments by expert; with a capacity, higher weights first inside a group
         expert_A = r.experts_NK.reshape(-1)
-        weight_A = r.weights_NK.reshape(-1)
         if self.cfg.image_capacity_factor > 0:
-            order_A = (expert_A.double() * 2.0 + (1.0 - weight_A.detach().double())).argsort(stable=True)
+            order_A = (expert_A.double() * 2.0 + (1.0 - r.weights_NK.detach().reshape(-1).double())).argsort(stable=True)
         else:
             order_A = expert_A.argsort(stable=True)
-        sample_A = order_A.div(self.K, rounding_mode="floor")
-        weight_A = weight_A.index_select(0, order_A)
+        slot_BK = torch.empty_like(order_A)
+        slot_BK[order_A] = torch.arange(order_A.numel(), device=order_A.device)   # sorted row of assignment (b, k)
+        slot_BK = slot_BK.view(B, self.K)
         sizes = self.group_sizes(counts_E, B)
 
-        x_BLD = h_BDHW.flatten(2).transpose(1, 2).contiguous()         # [B, L, D], rows gathered by memcpy
-        mix_BLD = torch.zeros_like(x_BLD)                               # filled in place, one expert at a time
+        x_BLD = h_BDHW.flatten(2).transpose(1, 2)
+        x_ALD = dispatch_rows(x_BLD.reshape(B, L * D), slot_BK, B * self.K).view(-1, L, D)   # sorted by expert
+        y_pieces: list[torch.Tensor] = []          # expert outputs in sorted order (zeros for dropped samples)
+        keep_in_graph = h_BDHW.new_zeros(())      # padding-only calls under expert parallelism (see below)
         token_counts = torch.zeros(self.E, self.experts[0].moe.num_experts, dtype=torch.long, device=h_BDHW.device)
         token_lb = token_z = h_BDHW.new_zeros((), dtype=torch.float32)
         real_total = 0
@@ -154,23 +159,25 @@ class ImageMoE(nn.Module):
         for e, (n_e, size) in enumerate(zip(counts_E.tolist(), sizes)):
             seg = slice(start, start + n_e)
             start += n_e
-            if size == 0:
-                continue
             real = min(n_e, size)                                      # overflow beyond capacity dropped
-            idx = sample_A[seg][:real]
-            x_GLD = x_BLD.index_select(0, idx)
+            if size == 0:
+                if n_e:
+                    y_pieces.append(x_ALD.new_zeros(n_e, L, D))
+                continue
+            x_GLD = x_ALD[seg][:real]
             valid_N = None
             if size > real:
                 x_GLD = torch.cat([x_GLD, x_GLD.new_zeros(size - real, L, D)], dim=0)
                 valid_N = torch.arange(size * L, device=x_GLD.device) < real * L
             y_GLD, m = self.experts[e](x_GLD, valid_N)
             if real > 0:
-                w = weight_A[seg][:real].to(y_GLD.dtype).view(real, 1, 1)
-                mix_BLD.index_add_(0, idx, y_GLD[:real] * w)
+                y_pieces.append(y_GLD[:real])
             else:
                 # Only padding here, but other ranks of the expert-parallel group have real samples: keep this
                 # call in the autograd graph so its backward all-to-alls run on every rank, in the same order.
-                mix_BLD = mix_BLD + 0.0 * y_GLD.sum()
+                keep_in_graph = keep_in_graph + 0.0 * y_GLD.sum()
+            if n_e > real:
+                y_pieces.append(y_GLD.new_zeros(n_e - real, L, D))
             token_counts[e] = m.tokens_per_expert_E.to(token_counts.device)
             # token losses averaged over the block's real samples (each expert's loss is ~1 when balanced)
             token_lb = token_lb + m.lb_loss.float() * real
@@ -179,6 +186,10 @@ class ImageMoE(nn.Module):
         if real_total > 0:
             token_lb, token_z = token_lb / real_total, token_z / real_total
 
+        # back to (sample, k) order, then the router-weighted sum over the K experts of each sample
+        y_BKLD = gather_rows(torch.cat(y_pieces, dim=0), slot_BK)
+        w_BK11 = r.weights_NK.to(y_BKLD.dtype)[:, :, None, None]
+        mix_BLD = (w_BK11 * y_BKLD).sum(dim=1) + keep_in_graph
         out = mix_BLD.transpose(1, 2).reshape(B, D, H, W)
         if self.shared is not None:
             out = out + self.shared(h_BDHW)

@@ -25,8 +25,9 @@ def _afno(**kw: Any) -> ModelConfig:
 
 _PRESETS: dict[str, ModelConfig] = {
     # the authors' NESTOR-Ti: width 512, 2 blocks, 6 image experts top-2, 6 token experts top-2 + 1 shared,
-    # with DPOT's 12-way dataset-classification head (counted in the authors' 83.1M)
-    "nestor-ti": _nestor(num_datasets=12),
+    # with DPOT's 12-way dataset-classification head (counted in the authors' 83.1M) and the authors'
+    # LLaMA-style shared token expert of hidden 2/3 * width (341)
+    "nestor-ti": _nestor(num_datasets=12, moe={"shared_hidden_ratio": 2 / 3}),
     # GPU sizes (counts in docs/model.md): ~0.19B, ~0.51B, ~1.0B total parameters
     "nestor-s": _nestor(width=768, depth=2, num_heads=12, num_datasets=12),
     "nestor-m": _nestor(width=1024, depth=3, num_heads=16, num_datasets=12),

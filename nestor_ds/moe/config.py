@@ -20,6 +20,7 @@ class MoEConfig:
     top_k: int = 2  # experts per token K
     num_shared_experts: int = 1  # always-on SwiGLU experts, added to every token
     mlp_ratio: float = 1.0  # expert hidden width F = int(dim * mlp_ratio)
+    shared_hidden_ratio: float | None = None  # shared-expert hidden per shared expert / dim; None = mlp_ratio
     ep_size: int = 1  # expert-parallel group size (already resolved to an int by the engine)
     capacity_factor: float = 0.0  # 0 = dropless; > 0 = DeepSpeed capacity policy (tokens over capacity dropped)
     router_noise: float = 0.0  # std of Gaussian noise added to router logits, training only
@@ -27,6 +28,12 @@ class MoEConfig:
     def hidden_dim(self, dim: int) -> int:
         """Expert hidden width F for model width `dim`."""
         return int(dim * self.mlp_ratio)
+
+    def shared_hidden_dim(self, dim: int) -> int:
+        """Hidden width of the always-on SwiGLU: S shared experts run as one SwiGLU of S times the width.
+        The authors' Ti uses a LLaMA-style width 2/3 * dim (set by the nestor-ti preset)."""
+        ratio = self.mlp_ratio if self.shared_hidden_ratio is None else self.shared_hidden_ratio
+        return int(dim * ratio) * self.num_shared_experts
 
     def validate(self) -> "MoEConfig":
         """Raise ValueError with one clear line for an inconsistent configuration; return self."""
@@ -40,6 +47,8 @@ class MoEConfig:
             raise ValueError(f"moe.num_shared_experts={self.num_shared_experts}: must be >= 0")
         if self.mlp_ratio <= 0:
             raise ValueError(f"moe.mlp_ratio={self.mlp_ratio}: must be > 0")
+        if self.shared_hidden_ratio is not None and self.shared_hidden_ratio <= 0:
+            raise ValueError(f"moe.shared_hidden_ratio={self.shared_hidden_ratio}: must be > 0 (or None = mlp_ratio)")
         if self.ep_size < 1 or self.num_experts % self.ep_size != 0:
             raise ValueError(f"moe.ep_size={self.ep_size}: must be >= 1 and divide num_experts={self.num_experts}")
         if self.capacity_factor < 0:

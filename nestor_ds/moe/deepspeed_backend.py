@@ -83,7 +83,7 @@ class DeepSpeedTokenMoE(TokenMoE):
                 use_rts=False,
                 top2_2nd_expert_sampling=False,
             )
-            self.shared = SwiGLU(dim, self.hidden * cfg.num_shared_experts) if cfg.num_shared_experts > 0 else None
+            self.shared = SwiGLU(dim, cfg.shared_hidden_dim(dim)) if cfg.num_shared_experts > 0 else None
         # DeepSpeed groups consecutive ranks into expert-parallel groups, so this rank's place is rank % ep_size
         ep_rank = dist.get_rank() % cfg.ep_size if dist.is_available() and dist.is_initialized() else 0
         self.load_state_dict(deepspeed_state_from_local(reference, ep_rank, cfg.ep_size))

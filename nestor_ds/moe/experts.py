@@ -1,14 +1,23 @@
 """SwiGLU experts: one expert as a module (shared expert, DeepSpeed's per-expert module) and E experts
-as grouped weights run by one grouped matmul per projection.
+as grouped weights run over an expert-major row buffer.
 
-Shape legend: R routed rows (tokens sorted by expert), D model width, F hidden width, E experts.
+Shape legend: A routed assignments, S rows of the expert-major buffer, D model width, F hidden width,
+E experts, J chunks (padded kernel), C rows per chunk.
 SwiGLU(x) = W2 (silu(W1 x) * W3 x), no biases.
+
+Two kernels for the E experts, chosen per device (same math, same parameters):
+  - "grouped": rows sorted by expert, one torch._grouped_mm per projection (fast on Hopper GPUs);
+  - "padded": each expert's rows cut into chunks of C rows (the last one zero-padded), one torch.bmm per
+    projection over the J chunks with each chunk's expert weights. On CPU torch._grouped_mm and its backward
+    loop over per-expert matmuls and run at about half the rate of one MKL batched matmul; C is chosen from
+    the expert loads so that an unbalanced router (e.g. at initialisation) wastes little on padding.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -81,12 +90,64 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype, dim: int, hidden
     return True
 
 
+KERNELS = ("grouped", "padded")
+
+
+def chunk_rows(counts: list[int], overhead_rows: int = 32, max_splits: int = 8) -> int:
+    """Rows per chunk C for the padded kernel: the C = ceil(max_count / j), j = 1..max_splits, rounded up to 8,
+    that minimises padded rows + a fixed per-chunk cost (`overhead_rows`, a chunk's call and weight copy).
+    Balanced loads give one chunk per expert; a skewed load splits its big experts instead of padding all."""
+    top = max(max(counts), 1)
+    best = None
+    for j in range(1, max_splits + 1):
+        c = math.ceil(math.ceil(top / j) / 8) * 8
+        cost = sum(-(-n // c) for n in counts) * (c + overhead_rows)
+        if best is None or cost < best[0]:
+            best = (cost, c)
+    return best[1]
+
+
+@dataclass
+class ExpertLayout:
+    """Where each expert's rows sit in the expert-major buffer [S, D] that GroupedSwiGLU consumes.
+
+    grouped: S = A rows sorted by expert, offs_E = end row of each expert's group;
+    padded: S = J * C rows, chunk j holds rows of expert expert_J[j] (unused rows are zero).
+    """
+
+    kernel: str
+    rows: int
+    offs_E: torch.Tensor | None = None      # grouped: int32 [E]
+    chunk: int = 0                          # padded: C
+    expert_J: torch.Tensor | None = None    # padded: long [J]
+    one_chunk_per_expert: bool = False      # padded: expert_J == arange(E): use the weights as they are
+
+
+def plan_layout(expert_A: torch.Tensor, counts_E: torch.Tensor, kernel: str) -> tuple[torch.Tensor, ExpertLayout]:
+    """slot_A: the buffer row of each assignment (experts in order, assignments in order inside an expert),
+    and the buffer layout for `kernel`. One stable argsort; the padded kernel also reads counts_E on the host."""
+    A = expert_A.numel()
+    order_A = expert_A.argsort(stable=True)
+    rank_A = torch.empty_like(order_A)
+    rank_A[order_A] = torch.arange(A, device=expert_A.device)     # row in the sorted (grouped) layout
+    if kernel == "grouped":
+        return rank_A, ExpertLayout("grouped", A, offs_E=counts_E.cumsum(0).to(torch.int32))
+    counts = counts_E.tolist()
+    C = chunk_rows(counts)
+    chunks_E = (counts_E + C - 1) // C
+    start_E = counts_E.cumsum(0) - counts_E                       # first sorted row of each expert
+    first_chunk_E = chunks_E.cumsum(0) - chunks_E
+    slot_A = rank_A + (first_chunk_E * C - start_E).index_select(0, expert_A)
+    expert_J = torch.repeat_interleave(torch.arange(len(counts), device=expert_A.device), chunks_E)
+    J = expert_J.numel()
+    one_each = J == len(counts) and all(n > 0 for n in counts)
+    return slot_A, ExpertLayout("padded", J * C, chunk=C, expert_J=expert_J, one_chunk_per_expert=one_each)
+
+
 class GroupedSwiGLU(nn.Module):
     """E SwiGLU experts stored as grouped weights w1_EFD, w3_EFD [E, F, D] and w2_EDF [E, D, F].
 
-    forward takes rows already sorted by expert with counts_E rows per expert, and runs one
-    torch._grouped_mm per projection when the device/dtype supports it, else a loop over experts
-    on contiguous slices (same math).
+    forward(x_SD, layout) runs every expert on its rows of the expert-major buffer (see ExpertLayout).
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
@@ -102,16 +163,18 @@ class GroupedSwiGLU(nn.Module):
         _init_uniform_(self.w3_EFD, self.dim)
         _init_uniform_(self.w2_EDF, self.hidden)
 
-    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, use_grouped_mm: bool | None = None) -> torch.Tensor:
-        if use_grouped_mm is None:
-            use_grouped_mm = grouped_mm_supported(x_RD.device, x_RD.dtype, self.dim, self.hidden)
-        if use_grouped_mm:
-            return self._forward_grouped(x_RD.contiguous(), counts_E)
-        return self._forward_loop(x_RD, counts_E)
+    def default_kernel(self, x: torch.Tensor) -> str:
+        """grouped_mm where it is a fused kernel (CUDA) and supported; the padded batched matmul elsewhere."""
+        if x.is_cuda and grouped_mm_supported(x.device, x.dtype, self.dim, self.hidden):
+            return "grouped"
+        return "padded"
 
-    def _forward_grouped(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        offs_E = counts_E.cumsum(0).to(torch.int32)  # end row of each expert's group
+    def forward(self, x_SD: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+        if layout.kernel == "grouped":
+            return self._forward_grouped(x_SD.contiguous(), layout.offs_E)
+        return self._forward_padded(x_SD, layout)
 
+    def _forward_grouped(self, x_RD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
         def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             # a [R, in] @ w[e]^T for the rows of expert e; w is [E, out, in]
             return _ContiguousGrad.apply(torch._grouped_mm(a, w.to(a.dtype).transpose(-2, -1), offs=offs_E))
@@ -119,9 +182,15 @@ class GroupedSwiGLU(nn.Module):
         h_RF = F.silu(mm(x_RD, self.w1_EFD)) * mm(x_RD, self.w3_EFD)
         return mm(h_RF, self.w2_EDF)
 
-    def _forward_loop(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        outs = []
-        for e, x_rD in enumerate(torch.split(x_RD, counts_E.tolist())):
-            w1, w3, w2 = (w[e].to(x_RD.dtype) for w in (self.w1_EFD, self.w3_EFD, self.w2_EDF))
-            outs.append(F.linear(F.silu(F.linear(x_rD, w1)) * F.linear(x_rD, w3), w2))
-        return torch.cat(outs, dim=0) if outs else x_RD.new_zeros(0, self.dim)
+    def _forward_padded(self, x_SD: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+        J, C = layout.rows // max(layout.chunk, 1), layout.chunk
+        if J == 0:
+            return x_SD.new_zeros(0, self.dim)
+
+        def weights(w: torch.Tensor) -> torch.Tensor:            # [E, out, in] -> [J, in, out]
+            w = w if layout.one_chunk_per_expert else w.index_select(0, layout.expert_J)
+            return w.to(x_SD.dtype).transpose(1, 2)
+
+        x_JCD = x_SD.view(J, C, self.dim)
+        h_JCF = F.silu(torch.bmm(x_JCD, weights(self.w1_EFD))) * torch.bmm(x_JCD, weights(self.w3_EFD))
+        return torch.bmm(h_JCF, weights(self.w2_EDF)).view(J * C, self.dim)

@@ -60,7 +60,7 @@ class MegaBlocksTokenMoE(TokenMoE):
             output_layer_init_method=lambda w: torch.nn.init.uniform_(w, -bound_f, bound_f),
         )
         self.dmoe = dMoE(args)
-        self.shared = (SwiGLU(dim, self.hidden * cfg.num_shared_experts).to(device=args.device, dtype=dtype)
+        self.shared = (SwiGLU(dim, cfg.shared_hidden_dim(dim)).to(device=args.device, dtype=dtype)
                        if cfg.num_shared_experts > 0 else None)
 
     @property
