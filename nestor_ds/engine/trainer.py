@@ -222,7 +222,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0) and not last:
                 usage.reduce()
                 tracker.log_metrics(usage.metrics("experts"), step=step)
-                _evaluate(engine, cfg, dist_info, tracker, step=step, usage=usage)
+                _evaluate(engine, cfg, dist_info, tracker, step=step, usage=usage, figures=True)
                 usage.reset()
             if stop or last or step % cfg.train.ckpt_every == 0:
                 state = {

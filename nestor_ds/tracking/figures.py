@@ -96,7 +96,7 @@ def expert_usage_heatmap(
     _annotate(ax, shares)
     fig.colorbar(im, ax=ax, label="share of dataset's routings")
     max_mi = np.log2(min(d, e)) if min(d, e) > 1 else 0.0
-    ax.set_title(f"{title + ' - ' if title else ''}specialisation I(dataset;expert) = {mi:.3f} bits "
+    ax.set_title(f"{title + chr(10) if title else ''}specialisation I(dataset;expert) = {mi:.3f} bits "
                  f"(max {max_mi:.2f})", fontsize=9)
     return fig
 
