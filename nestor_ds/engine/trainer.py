@@ -139,6 +139,8 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     optimizer = build_optimizer(build_param_groups(groups), cfg.optim)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     device = engine.device
+    # DeepSpeed casts the weights for bf16/fp16; inputs follow them (the loss is computed in fp32)
+    input_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
 
     resume_dir = ckpt.find_resume_dir(resume, ckpt_root)
     client: dict[str, Any] = {}
@@ -188,7 +190,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
                 batch = next(batches)
                 torch.manual_seed(derive_seed(cfg.train.seed, "step", dist_info.rank, step, micro_i))
                 noise_gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "noise", dist_info.rank, step, micro_i))
-                x = inject_noise(batch["x"], cfg.train.input_noise, noise_gen).to(device)
+                x = inject_noise(batch["x"], cfg.train.input_noise, noise_gen).to(device, dtype=input_dtype)
                 mask = batch["channel_mask"].to(device)
                 out = engine(x, mask)
                 loss, parts = training_loss(out.pred.float(), batch["y"].to(device), mask, out.aux_losses, cfg.loss)
@@ -263,7 +265,7 @@ def _evaluate(engine: Any, cfg: RunConfig, dist_info: DistInfo, tracker: Any, st
     model.eval()
     report = evaluate_model(model, cfg.data, rollout_steps=cfg.train.eval_rollout_steps, batch_size=cfg.train.eval_batch_size,
                             max_trajectories=cfg.train.eval_max_trajectories, device=engine.device,
-                            progress=dist_info.is_main)
+                            progress=dist_info.is_main, dtype=next(model.parameters()).dtype)
     metrics = {}
     for name, ds in report.get("datasets", {}).items():
         metrics[f"{prefix}/{name}/l2re_1step"] = ds["l2re_1step"]

@@ -128,7 +128,7 @@ def _names(spec: Any, i: int) -> tuple[str, list[str]]:
 def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_cfg: Any = None, rollout_steps: int | None = None,
                    batch_size: int = 4, device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
                    *, max_trajectories: int | None = None, spectrum: SpectrumConfig | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Evaluate `model` on the test split of each dataset; every rank returns the same report dict.
 
     datasets: the DatasetSpecs to score (dataset_id = position), or a DataConfig (then its `.datasets`
@@ -162,7 +162,7 @@ def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_c
             stream = _lockstep(batches, world_size, device) if world_size > 1 else ((b, True) for b in batches)
             bar = tqdm(stream, desc=f"eval {name}", unit="batch", disable=not progress or rank != 0, leave=False)
             for batch, real in bar:
-                x = batch["x"].to(device)
+                x = batch["x"].to(device, dtype=dtype)  # dtype: the weights' (bf16 under DeepSpeed bf16)
                 y = batch["y"].to(device)
                 mask = batch["channel_mask"].to(device)
                 k = y.shape[3] if want is None else max(1, min(int(want), y.shape[3]))

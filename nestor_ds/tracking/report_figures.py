@@ -30,7 +30,7 @@ def log_eval_figures(tracker: Any, model: torch.nn.Module, cfg: Any, report: dic
         if batch is None:
             continue
         mask = batch["channel_mask"].to(device)
-        pred = model(batch["x"].to(device), mask).pred.float().cpu()
+        pred = model(batch["x"].to(device, dtype=next(model.parameters()).dtype), mask).pred.float().cpu()
         channels = report.get("datasets", {}).get(spec.name, {}).get("channels") or [f"c{i}" for i in range(int(mask.sum()))]
         n = len(channels)
         fig = figures.prediction_panels(pred[0, :, :, 0, :n], batch["y"][0, :, :, 0, :n], channels,
