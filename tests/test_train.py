@@ -154,6 +154,20 @@ def test_zero_stages_0_and_1_train(tiny_shards, tmp_path, stage):
     assert len(_losses(tmp_path / "runs" / "pretrain-nestor-tiny")) == 3
 
 
+def test_bf16_config_with_gradient_accumulation(tiny_shards, tmp_path):
+    """The GPU configs' bf16 path runs here too: inputs follow the weights' dtype, the loss stays fp32."""
+    root, shards = tiny_shards
+    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "deepspeed"}},
+                      train={"max_steps": 3, "ckpt_every": 3, "eval_every": 0}, tracking={"enabled": False})
+    ds = ds_config(tmp_path, stage=2, micro=2, accum=2, suffix="_bf16")
+    proc = launch([TRAIN, "--ds_config", str(ds), "--config", str(cfg), "--run-name", "bf16"], ranks=1, cwd=tmp_path)
+    _ok(proc)
+    losses = _losses(tmp_path / "runs" / "bf16")
+    assert len(losses) == 3 and all(0 < v < 10 for v in losses)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["perf/samples_per_s"] > 0 and "train/grad_norm" in rows[-1]
+
+
 def test_zero3_refuses_deepspeed_moe_with_a_message(tiny_shards, tmp_path):
     root, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "deepspeed"}}, tracking={"enabled": False})

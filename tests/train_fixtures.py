@@ -66,10 +66,11 @@ def _merge(a: Any, b: Any) -> Any:
     return b
 
 
-def ds_config(root: Path, stage: int = 2, micro: int = 2, accum: int = 1, **extra: Any) -> Path:
-    base = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+def ds_config(root: Path, stage: int = 2, micro: int = 2, accum: int = 1, suffix: str = "", **extra: Any) -> Path:
+    """One of the shipped ds_configs (``zero<stage><suffix>.json``) with a test-sized micro-batch."""
+    base = json.loads((REPO / "ds_configs" / f"zero{stage}{suffix}.json").read_text())
     base.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, **extra)
-    path = root / f"ds_zero{stage}_m{micro}_a{accum}.json"
+    path = root / f"ds_zero{stage}{suffix}_m{micro}_a{accum}.json"
     path.write_text(json.dumps(base))
     return path
 
