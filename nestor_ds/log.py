@@ -18,6 +18,6 @@ def get_logger(name: str) -> logging.Logger:
         root = logging.getLogger("nestor_ds")
         root.addHandler(handler)
         root.setLevel(os.environ.get("NESTOR_LOG_LEVEL", "INFO"))
-        root.propagate = False
+        root.propagate = True  # pytest's caplog and user handlers still see our records
         _CONFIGURED = True
     return logging.getLogger(name if name.startswith("nestor_ds") else f"nestor_ds.{name}")

@@ -1,6 +1,7 @@
 """AFNO (adaptive Fourier neural operator) block, as in DPOT.
 
-Spectral mixing: z = irfft2( S_lambda( MLP_c( rfft2(x) restricted to |k| < modes ) ) ), where MLP_c is a
+Spectral mixing: z = irfft2( S_lambda( MLP_c( rfft2(x) restricted to the first `modes` rows and columns ) ) ),
+as DPOT does (rows k_y = 0..modes-1 of the FFT layout, columns k_x = 0..modes-1 of the half spectrum), where MLP_c is a
 two-layer complex MLP that is block-diagonal over channels (num_blocks blocks of D/num_blocks) and
 S_lambda is soft-shrinkage (sparsity in frequency). Modes outside the kept band are zeroed.
 The complex products run as real matmuls on [Re, Im] with the 2x2 real form [[Wr, Wi], [-Wi, Wr]],
@@ -14,13 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def kept_rows(h: int, modes: int, device: torch.device) -> torch.Tensor | None:
-    """Indices of rfft2 rows with |k_y| < modes (positive and negative); None when all are kept."""
-    if 2 * modes >= h:
-        return None
-    return torch.cat([torch.arange(0, modes, device=device), torch.arange(h - modes, h, device=device)])
 
 
 def complex_block(w_2BIO: torch.Tensor) -> torch.Tensor:
@@ -50,10 +44,8 @@ class SpectralMixing(nn.Module):
         dtype = x_BDHW.dtype
         xf = torch.fft.rfft2(x_BDHW.float(), dim=(2, 3), norm="ortho")        # [B, D, H, Wf]
         Wf = xf.shape[-1]
-        rows = kept_rows(H, self.modes, xf.device)
-        mw = min(self.modes, Wf)
-        xk = xf[:, :, :, :mw] if rows is None else xf[:, :, rows, :mw]
-        Hk = xk.shape[2]
+        Hk, mw = min(self.modes, H), min(self.modes, Wf)                        # DPOT's kept block
+        xk = xf[:, :, :Hk, :mw]
         # [B, nb, bs, Hk, mw] -> [nb, M, bs] with M = B*Hk*mw; [Re, Im] side by side
         xk = xk.reshape(B, self.nb, self.bs, Hk, mw).permute(1, 0, 3, 4, 2).reshape(self.nb, -1, self.bs)
         h = torch.cat([xk.real, xk.imag], dim=-1)                               # [nb, M, 2bs]
@@ -66,14 +58,11 @@ class SpectralMixing(nn.Module):
         h = F.softshrink(h, self.sparsity) if self.sparsity > 0 else h
         yk = torch.complex(h[..., : self.bs], h[..., self.bs:])                  # [nb, M, bs]
         yk = yk.reshape(self.nb, B, Hk, mw, self.bs).permute(1, 0, 4, 2, 3).reshape(B, D, Hk, mw)
-        if rows is None and mw == Wf:
+        if (Hk, mw) == (H, Wf):
             yf = yk
         else:
             yf = xf.new_zeros(B, D, H, Wf)
-            if rows is None:
-                yf[:, :, :, :mw] = yk
-            else:
-                yf[:, :, rows, :mw] = yk
+            yf[:, :, :Hk, :mw] = yk
         return torch.fft.irfft2(yf, s=(H, W), dim=(2, 3), norm="ortho").to(dtype)
 
 

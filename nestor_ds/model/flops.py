@@ -42,8 +42,7 @@ class Accounting:
 def afno_block_flops(cfg: ModelConfig, h: int, w: int) -> tuple[int, int]:
     """(matmul, fft) FLOPs of one AFNO block on an h x w token grid."""
     D, bs = cfg.width, cfg.width // cfg.afno_num_blocks
-    rows = h if 2 * cfg.afno_modes >= h else 2 * cfg.afno_modes
-    modes = rows * min(cfg.afno_modes, w // 2 + 1)
+    modes = min(cfg.afno_modes, h) * min(cfg.afno_modes, w // 2 + 1)     # DPOT's kept block of the rfft2
     spectral = 2 * 2 * 4 * modes * D * bs                  # 2 layers x 2 FLOP/MAC x 4 D bs MACs/mode ([Re,Im] 2x2 blocks)
     mlp = 2 * 2 * h * w * D * int(D * cfg.afno_mlp_ratio)
     n = h * w

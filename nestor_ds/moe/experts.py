@@ -93,9 +93,9 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype, dim: int, hidden
 KERNELS = ("grouped", "padded")
 
 
-def chunk_rows(counts: list[int], overhead_rows: int = 32, max_splits: int = 8) -> int:
+def chunk_rows(counts: list[int], overhead_rows: int = 64, max_splits: int = 8) -> int:
     """Rows per chunk C for the padded kernel: the C = ceil(max_count / j), j = 1..max_splits, rounded up to 8,
-    that minimises padded rows + a fixed per-chunk cost (`overhead_rows`, a chunk's call and weight copy).
+    that minimises padded rows + a fixed per-chunk cost (`overhead_rows`: its weight copy, forward and backward).
     Balanced loads give one chunk per expert; a skewed load splits its big experts instead of padding all."""
     top = max(max(counts), 1)
     best = None
@@ -164,10 +164,8 @@ class GroupedSwiGLU(nn.Module):
         _init_uniform_(self.w2_EDF, self.hidden)
 
     def default_kernel(self, x: torch.Tensor) -> str:
-        """grouped_mm where it is a fused kernel (CUDA) and supported; the padded batched matmul elsewhere."""
-        if x.is_cuda and grouped_mm_supported(x.device, x.dtype, self.dim, self.hidden):
-            return "grouped"
-        return "padded"
+        """grouped_mm wherever it runs for this device/dtype/size (CUDA and CPU), else the padded batched matmul."""
+        return "grouped" if grouped_mm_supported(x.device, x.dtype, self.dim, self.hidden) else "padded"
 
     def forward(self, x_SD: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
         if layout.kernel == "grouped":

@@ -1,0 +1,49 @@
+"""Argument parsing and error reporting shared by the entries (``train.py``, ``finetune.py``).
+
+Entries are run as files by the DeepSpeed launcher (``deepspeed nestor_ds/train.py``), which puts ``nestor_ds/``
+itself first on ``sys.path``; :func:`fix_script_path` swaps it for the repository root so that
+``import nestor_ds`` works and our sub-packages (``data``, ``model`` ...) never shadow third-party modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+DEFAULT_CONFIG = "configs/pretrain_demo.yaml"
+
+
+def fix_script_path(script: str) -> None:
+    here = str(Path(script).resolve().parent)
+    root = str(Path(script).resolve().parent.parent)
+    sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != here]
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def base_parser(description: str, default_config: str = DEFAULT_CONFIG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ds_config", "--ds-config", dest="ds_config", required=True,
+                   help="DeepSpeed JSON (ZeRO stage, precision, micro-batch, accumulation), e.g. ds_configs/zero2.json")
+    p.add_argument("--config", default=default_config, help=f"YAML run configuration (default: {default_config})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=50 --set model.moe.ep_size=2 (repeatable)")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue a run: 'auto' = newest complete checkpoint of this run name, or a checkpoint path")
+    p.add_argument("--run-name", "--run_name", dest="run_name", default=None,
+                   help="run directory name under train.output_dir and the MLflow run name")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
+    return p
+
+
+def run_cli(main: Callable[[], int]) -> None:
+    """Turn expected failures (bad config, missing files) into one clear line and exit status 2."""
+    from nestor_ds.config import ConfigError
+
+    try:
+        sys.exit(main())
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,25 @@
+"""Data: shard datasets (built by tools/build_shards.py) -> training stream and evaluation batches.
+
+Imports are lazy (PEP 562): the shard builder and the PDE generator import ``nestor_ds.data.*`` modules in
+worker processes and must not pay for torch; the training side imports what it uses on first access.
+"""
+
+from .config import DataConfig, DatasetSpec, load_manifest
+
+__all__ = ["DataConfig", "DatasetSpec", "TrainStream", "build_eval_batches", "build_train_stream",
+           "load_manifest", "read_trajectories"]
+
+_LAZY = {
+    "TrainStream": ".stream",
+    "build_train_stream": ".stream",
+    "build_eval_batches": ".evalset",
+    "read_trajectories": ".read",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,481 @@
+"""Build WebDataset shards + manifest from raw PDE files, and verify a built directory.
+
+Why it is shaped this way:
+- One task = one shard. A worker process opens the source files itself, streams the shard's
+  trajectories (never a whole file), writes the tar and returns only small things (count, sha256,
+  per-channel partial statistics). Partial statistics are merged in shard order with Chan's
+  parallel formula in float64, so the manifest does not depend on the number of workers.
+- Shard contents are fixed before any data is read (trajectories per shard from the sample size),
+  so the output is a pure function of the inputs and options: byte-identical on rebuild.
+- The build happens in a temporary directory beside the target and is moved into place with
+  `os.replace` only when everything succeeded; on any error the temporary directory is removed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import io
+import math
+import multiprocessing as mp
+import os
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from nestor_ds.data import schema
+from nestor_ds.data.readers import Entry, SourceInfo, open_reader
+from nestor_ds.data.schema import DataFormatError
+
+SOURCE_SUFFIXES = (".h5", ".hdf5", ".hdf", ".mat")
+META_BYTES_ESTIMATE = 4096  # per-sample tar headers + meta.json, for shard sizing
+
+
+@dataclass(kw_only=True)
+class BuildConfig:
+    """Options of one build (the CLI flags of tools/build_shards.py)."""
+
+    inputs: list[str]
+    out: str
+    layout: str = "auto"
+    name: str | None = None            # default: first input's stem, sanitised
+    test_fraction: float = 0.1         # last fraction of trajectories without a split of their own
+    shard_size_mb: float = 256.0       # target shard size in MiB (at least one trajectory per shard)
+    dtype: str = "float32"
+    workers: int = 1
+    skip_bad: bool = False             # skip NaN/Inf trajectories instead of failing
+    seed: int | None = None            # if set, permute the training trajectories across shards
+    overwrite: bool = False            # replace an existing built directory
+    progress: bool | None = None       # None: tqdm decides (bar only on a terminal)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+@dataclass
+class ChannelStats:
+    """Streaming per-channel count/mean/M2/min/max in float64 (Chan et al. parallel merge)."""
+
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+
+    @classmethod
+    def empty(cls, c: int) -> ChannelStats:
+        return cls(0, np.zeros(c), np.zeros(c), np.full(c, np.inf), np.full(c, -np.inf))
+
+    @classmethod
+    def of(cls, fields: np.ndarray) -> ChannelStats:
+        x_NC = fields.reshape(-1, fields.shape[-1])
+        min_C, max_C = x_NC.min(axis=0).astype(np.float64), x_NC.max(axis=0).astype(np.float64)  # exact
+        x_NC = x_NC.astype(np.float64)
+        mean_C = x_NC.mean(axis=0)
+        d_NC = x_NC - mean_C
+        return cls(x_NC.shape[0], mean_C, np.einsum("nc,nc->c", d_NC, d_NC), min_C, max_C)
+
+    def merge(self, other: ChannelStats) -> ChannelStats:
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / n)
+        return ChannelStats(n, mean, m2, np.minimum(self.min, other.min), np.maximum(self.max, other.max))
+
+    def as_dict(self) -> dict[str, list[float]]:
+        """Population statistics (ddof=0), as numpy's mean/std/min/max over (T, X, Y, samples)."""
+        return {"mean": self.mean.tolist(), "std": np.sqrt(self.m2 / max(self.n, 1)).tolist(),
+                "min": self.min.tolist(), "max": self.max.tolist()}
+
+
+# ----------------------------------------------------------------------------- tasks
+
+@dataclass(frozen=True)
+class Item:
+    """One trajectory to write: where it comes from and its key in the shards."""
+
+    source: str
+    layout: str
+    entry: Entry
+    split: str
+    index: int  # index within the split (before skipping bad trajectories)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Everything a worker needs to write one shard; small and picklable (no arrays, no handles)."""
+
+    path: str
+    name: str
+    dtype: str
+    channels: tuple[str, ...]
+    shape: tuple[int, int, int, int]
+    skip_bad: bool
+    items: tuple[Item, ...]
+
+
+@dataclass
+class ShardResult:
+    """What a worker sends back: no data, only the shard's count, digest and partial statistics."""
+
+    path: str
+    count: int
+    sha256: str
+    skipped: int
+    stats: ChannelStats
+    done: int = 0  # trajectories processed (written + skipped), for the progress bar
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    """Tar header with everything that could vary between runs pinned."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _prepare(item: Item, fields: np.ndarray, task: ShardTask, where: str) -> np.ndarray | None:
+    """Check and cast one trajectory; None if bad and skipping, DataFormatError if bad otherwise."""
+    if tuple(fields.shape) != task.shape:
+        raise DataFormatError(item.source, f"{where} has shape {fields.shape}: "
+                                           f"expected {task.shape} [T, X, Y, C]")
+    with np.errstate(over="ignore"):  # overflow is detected just below and reported per trajectory
+        out = np.ascontiguousarray(fields, dtype=task.dtype)
+    bad = None
+    if not np.isfinite(fields).all():
+        bad = f"{where} contains NaN/Inf"
+    elif not np.isfinite(out).all():
+        bad = f"{where} overflows {task.dtype} (max |x| = {np.abs(fields).max():.4g})"
+    if bad is None:
+        return out
+    if task.skip_bad:
+        return None
+    raise DataFormatError(item.source, bad + " (use --skip-bad to skip such trajectories)")
+
+
+class _HashingWriter:
+    """File wrapper that hashes bytes as tarfile writes them (no second pass over the shard)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.sha, self.pos = fh, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.pos += len(data)
+        return self.fh.write(data)
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def write_shard(task: ShardTask) -> ShardResult:
+    """Write one shard (worker entry point): stream its trajectories into a deterministic tar."""
+    stats = ChannelStats.empty(task.shape[3])
+    count = skipped = 0
+    by_source: dict[str, list[Item]] = {}
+    for item in task.items:
+        by_source.setdefault(item.source, []).append(item)
+    with open(task.path, "wb") as fh:
+        sink = _HashingWriter(fh)
+        tar = tarfile.open(fileobj=sink, mode="w", format=tarfile.GNU_FORMAT)
+        for source, items in by_source.items():
+            with open_reader(source, items[0].layout) as reader:
+                for item, (_, fields, meta) in zip(items, reader.read([it.entry for it in items])):
+                    data = _prepare(item, fields, task, reader.where(item.entry))
+                    if data is None:
+                        skipped += 1
+                        continue
+                    key = schema.sample_key(task.name, item.split, item.index)
+                    meta = {**meta, "channels": list(task.channels), "source_file": Path(source).name,
+                            "source_index": item.entry.index, "layout": item.layout, "split": item.split}
+                    for ext, payload in ((schema.FIELDS_EXT, schema.encode_fields(data)),
+                                         (schema.META_EXT, schema.encode_json(meta))):
+                        tar.addfile(_tarinfo(f"{key}.{ext}", len(payload)), io.BytesIO(payload))
+                    if item.split == "train":
+                        stats = stats.merge(ChannelStats.of(data))
+                    count += 1
+        tar.close()  # writes the end-of-archive blocks through the hashing writer
+    return ShardResult(task.path, count, sink.sha.hexdigest(), skipped, stats, done=len(task.items))
+
+
+# ----------------------------------------------------------------------------- planning
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files given directly, plus source files found recursively under given directories; sorted."""
+    files: set[str] = set()
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            found = [str(q) for q in p.rglob("*") if q.is_file() and q.suffix.lower() in SOURCE_SUFFIXES]
+            if not found:
+                raise DataFormatError(raw, f"directory holds no {'/'.join(SOURCE_SUFFIXES)} files")
+            files.update(found)
+        elif p.is_file():
+            files.add(str(p))
+        else:
+            raise DataFormatError(raw, "no such file or directory")
+    return sorted(files)
+
+
+def scan_sources(files: list[str], layout: str) -> list[SourceInfo]:
+    """Scan every source and check that all agree on layout, shape and channels."""
+    infos = []
+    for path in files:
+        with open_reader(path, layout) as reader:
+            infos.append(reader.scan())
+    first = infos[0]
+    for info in infos[1:]:
+        if info.layout != first.layout:
+            raise DataFormatError(info.path, f"layout {info.layout}: expected {first.layout} like {first.path}")
+        if info.shape != first.shape or info.channels != first.channels:
+            raise DataFormatError(info.path, f"trajectories have shape {info.shape} channels {list(info.channels)}: "
+                                             f"expected {first.shape} {list(first.channels)} like {first.path}")
+    return infos
+
+
+def assign_splits(infos: list[SourceInfo], test_fraction: float, seed: int | None) -> dict[str, list[Item]]:
+    """File-own splits where present; otherwise the last `test_fraction` of the remaining trajectories."""
+    own: dict[str, list[tuple[str, str, Entry]]] = {"train": [], "test": []}
+    free: list[tuple[str, str, Entry]] = []
+    for info in infos:
+        for entry in info.entries:
+            (own[entry.split] if entry.split else free).append((info.path, info.layout, entry))
+    n_test = math.floor(len(free) * test_fraction + 0.5)
+    cut = len(free) - n_test
+    ordered = {"train": own["train"] + free[:cut], "test": own["test"] + free[cut:]}
+    if seed is not None:
+        perm = np.random.default_rng(seed).permutation(len(ordered["train"]))
+        ordered["train"] = [ordered["train"][i] for i in perm]
+    return {split: [Item(src, lay, e, split, i) for i, (src, lay, e) in enumerate(rows)]
+            for split, rows in ordered.items()}
+
+
+def plan_shards(cfg: BuildConfig, infos: list[SourceInfo], name: str, tmp: Path) -> list[ShardTask]:
+    """Fix each shard's trajectories up front from the per-sample size (deterministic output)."""
+    shape = infos[0].shape
+    sample_bytes = int(np.prod(shape)) * np.dtype(cfg.dtype).itemsize + META_BYTES_ESTIMATE
+    per_shard = max(1, int(cfg.shard_size_mb * 2**20 // sample_bytes))
+    tasks = []
+    for split, items in assign_splits(infos, cfg.test_fraction, cfg.seed).items():
+        for k, start in enumerate(range(0, len(items), per_shard)):
+            chunk = items[start:start + per_shard]
+            if cfg.seed is not None:  # read each shard's trajectories in source order
+                chunk = sorted(chunk, key=lambda it: (it.source, it.entry.index))
+            tasks.append(ShardTask(str(tmp / schema.shard_name(split, k)), name, cfg.dtype, infos[0].channels,
+                                   shape, cfg.skip_bad, tuple(chunk)))
+    return tasks
+
+
+def _tqdm_disable(progress: bool | None) -> bool | None:
+    """tqdm's `disable`: None lets tqdm show the bar only on a terminal."""
+    return None if progress is None else not progress
+
+
+def _run_tasks(tasks: list[ShardTask], workers: int, progress: bool | None) -> list[ShardResult]:
+    total = sum(len(t.items) for t in tasks)
+    results: dict[str, ShardResult] = {}
+    with tqdm(total=total, unit="traj", desc="build_shards", disable=_tqdm_disable(progress)) as bar:
+        if workers <= 1:
+            for task in tasks:
+                results[task.path] = write_shard(task)
+                bar.update(len(task.items))
+        else:
+            ctx = mp.get_context("spawn")  # h5py handles must not be inherited through fork
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = [pool.submit(write_shard, t) for t in tasks]
+                try:
+                    for fut in cf.as_completed(futures):
+                        res = fut.result()
+                        results[res.path] = res
+                        bar.update(res.done)
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+    return [results[t.path] for t in tasks]
+
+
+# ----------------------------------------------------------------------------- build
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataFormatError(out, "output exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise DataFormatError(out, "output directory is not empty (pass --overwrite to replace a built dataset)")
+        if not (out / schema.MANIFEST_NAME).is_file():
+            raise DataFormatError(out, "refusing to overwrite: not a built shard directory (no manifest.json)")
+
+
+def build(cfg: BuildConfig) -> dict[str, Any]:
+    """Build shards + manifest into `cfg.out`; returns the manifest. Raises DataFormatError on bad input."""
+    if cfg.dtype not in schema.DTYPES:
+        raise ValueError(f"dtype {cfg.dtype!r}: expected one of {schema.DTYPES}")
+    if not 0.0 <= cfg.test_fraction < 1.0:
+        raise ValueError(f"test fraction {cfg.test_fraction}: expected 0 <= F < 1")
+    if cfg.shard_size_mb <= 0:
+        raise ValueError(f"shard size {cfg.shard_size_mb} MB: expected > 0")
+    out = Path(cfg.out)
+    _prepare_out(out, cfg.overwrite)
+    files = expand_inputs(cfg.inputs)
+    name = schema.check_name(cfg.name) if cfg.name else schema.sanitize_name(Path(files[0]).stem)
+    infos = scan_sources(files, cfg.layout)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tasks = plan_shards(cfg, infos, name, tmp)
+        results = _run_tasks(tasks, cfg.workers, cfg.progress)
+        manifest = _assemble(cfg, infos, name, tasks, results, tmp)
+        schema.write_manifest(tmp, manifest)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _assemble(cfg: BuildConfig, infos: list[SourceInfo], name: str, tasks: list[ShardTask],
+              results: list[ShardResult], tmp: Path) -> dict[str, Any]:
+    """Drop empty shards (all skipped), renumber the rest contiguously, merge stats in shard order."""
+    splits: dict[str, dict[str, Any]] = {s: {"count": 0, "shards": []} for s in schema.SPLITS}
+    stats = ChannelStats.empty(infos[0].shape[3])
+    skipped = 0
+    for task, res in zip(tasks, results):
+        split = task.items[0].split
+        skipped += res.skipped
+        if res.count == 0:
+            os.remove(res.path)
+            continue
+        entry = splits[split]
+        fname = schema.shard_name(split, len(entry["shards"]))
+        if Path(res.path).name != fname:
+            os.replace(res.path, tmp / fname)
+        entry["shards"].append({"file": fname, "count": res.count, "sha256": res.sha256})
+        entry["count"] += res.count
+        if split == "train":
+            stats = stats.merge(res.stats)
+    if splits["train"]["count"] == 0:
+        raise DataFormatError(infos[0].path, "no training trajectories (all skipped or all in the test split)")
+    return {"builder_version": schema.BUILDER_VERSION, "name": name, "layout": infos[0].layout,
+            "dtype": cfg.dtype, "shape": list(infos[0].shape), "channels": list(infos[0].channels),
+            "splits": splits, "stats": stats.as_dict(), "skipped_bad": skipped,
+            "sources": sorted(Path(i.path).name for i in infos)}
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Atomically publish `tmp` as `out` (an existing built `out` is replaced only after success)."""
+    if out.is_dir() and any(out.iterdir()):
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if out.is_dir():
+            out.rmdir()
+        os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------------------- verify
+
+def _iter_samples(path: Path) -> Any:
+    """Yield (key, {ext: bytes}) from a shard tar in stored order; members must pair up by key."""
+    with tarfile.open(path, "r") as tar:
+        current: str | None = None
+        parts: dict[str, bytes] = {}
+        for member in tar:
+            if not member.isfile():
+                raise DataFormatError(path, f"member {member.name!r} is not a regular file")
+            key, _, ext = member.name.partition(".")
+            if key != current:
+                if current is not None:
+                    yield current, parts
+                current, parts = key, {}
+            if ext in parts:
+                raise DataFormatError(path, f"sample {key!r} has member {ext!r} twice")
+            parts[ext] = tar.extractfile(member).read()
+        if current is not None:
+            yield current, parts
+
+
+def verify(shard_dir: str | Path, progress: bool | None = None) -> dict[str, Any]:
+    """Check a built directory against its manifest; raises DataFormatError at the first bad shard.
+
+    Checks: manifest structure, no unlisted shard files, every shard's sha256 and sample count,
+    every sample's members, key, fields dtype/shape/finiteness, meta keys and channels, and the
+    training statistics recomputed from the decoded samples.
+    """
+    shard_dir = Path(shard_dir)
+    manifest = schema.read_manifest(shard_dir)
+    listed = {s["file"] for split in schema.SPLITS for s in manifest["splits"][split]["shards"]}
+    for p in sorted(shard_dir.glob("*.tar")):
+        if p.name not in listed:
+            raise DataFormatError(p, "shard file not listed in manifest.json")
+    shape, dtype = tuple(manifest["shape"]), np.dtype(manifest["dtype"])
+    total = sum(manifest["splits"][s]["count"] for s in schema.SPLITS)
+    stats = ChannelStats.empty(shape[3])
+    with tqdm(total=total, unit="traj", desc="verify", disable=_tqdm_disable(progress)) as bar:
+        for split in schema.SPLITS:
+            pattern = schema.key_pattern(manifest["name"], split)
+            for shard in manifest["splits"][split]["shards"]:
+                path = shard_dir / shard["file"]
+                if not path.is_file():
+                    raise DataFormatError(path, "missing shard file listed in manifest.json")
+                digest = schema.sha256_file(path)
+                if digest != shard["sha256"]:
+                    raise DataFormatError(path, f"sha256 {digest[:12]}...: manifest says {shard['sha256'][:12]}...")
+                count = 0
+                try:
+                    for key, parts in _iter_samples(path):
+                        stats = _verify_sample(path, key, parts, pattern, shape, dtype, manifest, split, stats)
+                        count += 1
+                        bar.update(1)
+                except (tarfile.TarError, OSError, EOFError) as exc:
+                    raise DataFormatError(path, f"unreadable tar ({exc})") from None
+                if count != shard["count"]:
+                    raise DataFormatError(path, f"holds {count} samples: manifest says {shard['count']}")
+    if manifest["splits"]["train"]["count"]:
+        want = stats.as_dict()
+        for key, values in manifest["stats"].items():
+            if not np.allclose(values, want[key], rtol=1e-6, atol=1e-9):
+                raise DataFormatError(shard_dir / schema.MANIFEST_NAME,
+                                      f"key 'stats.{key}' is {values}: recomputed {want[key]}")
+    return {"name": manifest["name"], "train": manifest["splits"]["train"]["count"],
+            "test": manifest["splits"]["test"]["count"],
+            "shards": len(listed), "shape": list(shape), "dtype": str(dtype)}
+
+
+def _verify_sample(path: Path, key: str, parts: dict[str, bytes], pattern: Any, shape: tuple[int, ...],
+                   dtype: np.dtype, manifest: dict[str, Any], split: str, stats: ChannelStats) -> ChannelStats:
+    if not pattern.match(key):
+        raise DataFormatError(path, f"sample key {key!r}: expected {manifest['name']}_{split}_NNNNNNN")
+    if set(parts) != set(schema.SAMPLE_EXTS):
+        raise DataFormatError(path, f"sample {key!r} has members {sorted(parts)}: expected {list(schema.SAMPLE_EXTS)}")
+    try:
+        fields = schema.decode_fields(parts[schema.FIELDS_EXT])
+        meta = schema.decode_meta(parts[schema.META_EXT])
+    except ValueError as exc:
+        raise DataFormatError(path, f"sample {key!r} does not decode ({exc})") from None
+    if fields.shape != shape or fields.dtype != dtype:
+        raise DataFormatError(path, f"key '{key}.{schema.FIELDS_EXT}' has shape {fields.shape} {fields.dtype}: "
+                                    f"expected {shape} {dtype}")
+    if not np.isfinite(fields).all():
+        raise DataFormatError(path, f"key '{key}.{schema.FIELDS_EXT}' contains NaN/Inf")
+    missing = [k for k in schema.META_REQUIRED if k not in meta]
+    if missing:
+        raise DataFormatError(path, f"key '{key}.{schema.META_EXT}' lacks {missing}")
+    if meta["channels"] != manifest["channels"] or len(meta["t"]) != shape[0]:
+        raise DataFormatError(path, f"key '{key}.{schema.META_EXT}' has channels {meta['channels']} and "
+                                    f"{len(meta['t'])} times: expected {manifest['channels']} and T={shape[0]}")
+    return stats.merge(ChannelStats.of(fields)) if split == "train" else stats

@@ -1,0 +1,197 @@
+"""Shard datasets behind URLs: which dataset paths are WebDataset URL specs, their shard lists, their manifest,
+and a sequential reader of one shard URL (the `webdataset` library opens the stream).
+
+A dataset `path` is a URL spec when it starts with `pipe:`, `http://`, `https://`, `s3://`, `gs://`, or
+holds a brace pattern (`{000000..000015}`, `{a,b}`); it may also be a mapping `{train: SPEC, test: SPEC}`
+(the only way to name test shards: the two splits usually have different shard counts, so one pattern
+cannot cover both). A URL's shard is identified by the shard file name it contains (`train-000003.tar`),
+which must match the manifest: the manifest gives each shard's trajectory count, which the sampler needs
+to deal out shards and to resume without reading data.
+
+Kept free of torch and webdataset at import time (config.py imports this module); `iter_url_samples`
+imports webdataset when it first reads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import braceexpand
+import numpy as np
+
+from .schema import FIELDS_EXT, MANIFEST_NAME, META_EXT, SPLITS, DataFormatError, decode_fields, \
+    decode_meta, validate_manifest
+
+URL_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+_BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
+_SHARD_IN_URL = re.compile(r"(train|test)-\d{6}\.tar")
+FETCH_TIMEOUT_S = 60
+
+
+def is_url_spec(path: str | Mapping[str, str]) -> bool:
+    """True if the dataset path is read through webdataset (a URL spec or a {train, test} mapping of them)."""
+    if isinstance(path, Mapping):
+        return True
+    return path.startswith(URL_PREFIXES) or bool(_BRACES.search(path))
+
+
+def split_spec(path: str | Mapping[str, str], split: str) -> str | None:
+    """The URL spec of one split: a plain spec is the training split only; a mapping names each split."""
+    if isinstance(path, Mapping):
+        return path.get(split)
+    return path if split == "train" else None
+
+
+def check_path(path: Any, where: str) -> None:
+    """One-line ValueError for a malformed `path` (wrong type, bad mapping keys, local dir in a mapping)."""
+    if isinstance(path, str):
+        return
+    if not isinstance(path, Mapping):
+        raise ValueError(f"{where}: path must be a string or a mapping {{train: URLSPEC, test: URLSPEC}}, "
+                         f"got {type(path).__name__}")
+    bad = sorted(set(path) - set(SPLITS))
+    if bad or "train" not in path:
+        raise ValueError(f"{where}: path mapping needs key 'train' (and optionally 'test'), got keys {sorted(path)}")
+    for split, spec in path.items():
+        if not isinstance(spec, str) or not is_url_spec(spec):
+            raise ValueError(f"{where}: path.{split} = {spec!r} is not a URL spec (pipe:, http(s)://, s3://, "
+                             f"gs:// or a brace pattern); a local shard directory is given as a plain path")
+
+
+def expand(spec: str) -> list[str]:
+    """The shard URLs of a spec (brace expansion, as webdataset does)."""
+    return list(braceexpand.braceexpand(spec))
+
+
+def default_manifest(path: str | Mapping[str, str]) -> str | None:
+    """`<dirname of the first training URL>/manifest.json` when that can be read without a command
+    (a local file or an http(s) URL); None for pipe:, s3:// and gs:// specs, which must name it."""
+    spec = split_spec(path, "train")
+    if not spec:
+        return None
+    first = expand(spec)[0]
+    if first.startswith(("http://", "https://")):
+        return first.rsplit("/", 1)[0] + "/" + MANIFEST_NAME
+    if urlparse(first).scheme in ("", "file") and not first.startswith("pipe:"):
+        return str(Path(first.removeprefix("file://")).parent / MANIFEST_NAME)
+    return None
+
+
+def read_manifest_at(location: str) -> dict[str, Any]:
+    """Load and validate a manifest from a local file or directory, an http(s) URL (urllib) or a `pipe:`
+    command (its stdout, e.g. `pipe:aws s3 cp s3://bucket/ns/manifest.json -`)."""
+    try:
+        if location.startswith(("http://", "https://")):
+            with urllib.request.urlopen(location, timeout=FETCH_TIMEOUT_S) as response:
+                text = response.read().decode("utf-8")
+        elif location.startswith("pipe:"):
+            done = subprocess.run(location[5:], shell=True, capture_output=True, timeout=FETCH_TIMEOUT_S)
+            if done.returncode != 0:
+                raise OSError(f"command exited {done.returncode}: {done.stderr.decode(errors='replace').strip()[:200]}")
+            text = done.stdout.decode("utf-8")
+        elif urlparse(location).scheme in ("", "file"):
+            p = Path(location.removeprefix("file://"))
+            text = (p / MANIFEST_NAME if p.is_dir() else p).read_text()
+        else:
+            raise OSError("unsupported scheme: give a local path, an http(s):// URL or a pipe: command")
+        manifest = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, subprocess.TimeoutExpired) as exc:
+        raise DataFormatError(location, f"cannot read manifest ({exc})") from None
+    validate_manifest(manifest, location)
+    return manifest
+
+
+def shard_urls(spec: str, manifest: dict[str, Any], split: str, where: str) -> tuple[tuple[str, int], ...]:
+    """(URL, trajectory count) of every shard of `split`, in manifest order.
+
+    Each URL must contain the file name of one manifest shard of that split, and every manifest shard
+    must have exactly one URL (a typo in a brace range fails here instead of silently dropping data).
+    """
+    by_file: dict[str, str] = {}
+    for url in expand(spec):
+        m = _SHARD_IN_URL.search(url)
+        if m is None or m.group(1) != split:
+            raise ValueError(f"{where}: URL {url!r} names no {split} shard (expected {split}-NNNNNN.tar in it)")
+        if m.group(0) in by_file:
+            raise ValueError(f"{where}: shard {m.group(0)} appears twice in {spec!r}")
+        by_file[m.group(0)] = url
+    shards = manifest["splits"][split]["shards"]
+    listed = {s["file"] for s in shards}
+    missing = [s["file"] for s in shards if s["file"] not in by_file]
+    extra = sorted(set(by_file) - listed)
+    if missing or extra:
+        raise ValueError(f"{where}: {split} URLs {spec!r} do not match the manifest's {len(shards)} shards "
+                         f"(missing {missing[:3]}, not in manifest {extra[:3]})")
+    return tuple((by_file[s["file"]], int(s["count"])) for s in shards)
+
+
+def _open(url: str):
+    import webdataset as wds
+
+    if url.startswith("s3://"):  # webdataset has no s3 scheme: stream it with the AWS CLI
+        url = f"pipe:aws s3 cp {url} -"
+    return wds.gopen(url)
+
+
+def iter_url_samples(url: str) -> Iterator[dict[str, Any]]:
+    """The samples of one shard URL in tar order: dicts {"__key__", "fields.npy": bytes, "meta.json": bytes}.
+
+    Read sequentially with webdataset (gopen -> tar_file_expander -> group_by_keys). Closing the generator
+    early closes the stream (a `pipe:` or curl process then ends with SIGPIPE, which webdataset ignores).
+    """
+    import tarfile
+
+    from webdataset import tariterators
+
+    stream, finished = None, False
+    try:
+        stream = _open(url)
+        yield from tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream": stream}]))
+        finished = True
+    except (OSError, tarfile.TarError, ValueError) as exc:
+        if isinstance(exc, DataFormatError):
+            raise
+        reason = _reason(exc)
+        try:  # a failed command or download usually explains the broken tar stream: report its status
+            if stream is not None:
+                stream.close()
+        except OSError as status:
+            reason = _reason(status) if _reason(status) == reason else f"{_reason(status)}; {reason}"
+        raise DataFormatError(url, f"cannot read shard ({reason})") from None
+    finally:
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError as exc:  # a failed command or HTTP error shows up as the exit status
+                if finished:  # (a stream closed early kills its reader with SIGPIPE: not an error)
+                    raise DataFormatError(url, f"cannot read shard ({_reason(exc)})") from None
+
+
+def _reason(exc: Exception) -> str:
+    """One short line for a webdataset error (its Pipe errors carry the argument tuple and exit status)."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    status = re.search(r"\): exit (-?\d+) \(read\)", text)
+    return f"command or download exited with status {status.group(1)}" if status else text.splitlines()[0][:300]
+
+
+def decode_sample(sample: dict[str, Any], url: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """(fields [T, X, Y, C] float32, meta) of one sample: np.load(allow_pickle=False) and json, nothing else."""
+    key = sample.get("__key__")
+    for ext in (FIELDS_EXT, META_EXT):
+        if ext not in sample:
+            raise DataFormatError(url, f"sample '{key}' has no .{ext} member")
+    try:
+        fields = decode_fields(sample[FIELDS_EXT])
+        meta = decode_meta(sample[META_EXT])
+    except ValueError as exc:
+        raise DataFormatError(url, f"sample '{key}': undecodable member ({exc})") from None
+    if fields.dtype not in (np.dtype("<f4"), np.dtype("<f2")):
+        raise DataFormatError(url, f"sample '{key}': fields dtype {fields.dtype} (expected float32 or float16)")
+    return fields.astype(np.float32, copy=False), meta

@@ -1,0 +1,112 @@
+"""Process-group setup, expert-parallel size resolution, threads and seeds.
+
+Why here and not in the model: parallelism is applied from outside (torchtitan's habit). The model sees only an
+integer ``ep_size``; this module decides it from the world size and the expert count, and starts the process group
+the same way whether the run was launched by ``deepspeed``, ``torchrun`` or as a plain single process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Start (or join) the default process group through DeepSpeed.
+
+    A plain ``python nestor_ds/train.py`` has no launcher environment: we fill in a world of one on a free
+    loopback port, so the same DeepSpeed engine path runs everywhere. DeepSpeed picks gloo on CPU, NCCL on GPU.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    accel = get_accelerator()
+    backend = accel.communication_backend_name()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    rank = torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+    if accel.device_name() == "cpu":
+        device = torch.device("cpu")
+    else:
+        accel.set_device(local_rank)
+        device = torch.device(accel.device_name(local_rank))
+    return DistInfo(rank, world, local_rank, local_world, device)
+
+
+def resolve_ep_size(requested: Union[int, str], world_size: int, num_experts: int, backend: str) -> int:
+    """``auto``: the largest size dividing both the world size and the token-expert count (1 for ``local``)."""
+    if backend == "local":
+        if requested not in ("auto", 1):
+            raise ValueError(f"model.moe.ep_size={requested} needs model.moe.backend=deepspeed (the local backend keeps all experts on every rank)")
+        return 1
+    if requested == "auto":
+        return max(d for d in range(1, min(world_size, num_experts) + 1) if world_size % d == 0 and num_experts % d == 0)
+    ep = int(requested)
+    if world_size % ep or num_experts % ep:
+        raise ValueError(
+            f"model.moe.ep_size={ep} must divide both the world size ({world_size}) and "
+            f"model.moe.num_experts ({num_experts}); use 'auto' to pick the largest that does"
+        )
+    return ep
+
+
+def set_threads(threads_per_rank: int | None, local_world_size: int) -> int:
+    """Split the cores between the ranks of one node (oversubscription makes CPU runs crawl)."""
+    n = threads_per_rank or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    torch.set_num_threads(n)
+    return n
+
+
+def derive_seed(*parts: object) -> int:
+    """One seed per purpose from the run seed: ``derive_seed(seed, "noise", rank, step)``. Stable across runs."""
+    h = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Average a small tensor over all ranks (for logging identical numbers on every rank)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+        values /= torch.distributed.get_world_size()
+    return values
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (preemption must be agreed on before a collective save)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)

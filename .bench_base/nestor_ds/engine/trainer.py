@@ -1,0 +1,302 @@
+"""The one training loop, shared by pre-training (``train.py``) and fine-tuning (``finetune.py``).
+
+An entry builds a :class:`RunConfig`, optionally a ``prepare`` hook (fine-tune: load weights, freeze, choose
+learning-rate groups), and calls :func:`run_training`. Everything else is here: process group, expert
+parallelism, the DeepSpeed engine, the data stream, the loss, evaluation, checkpoints, preemption and MLflow.
+
+Determinism: every random draw of step ``s`` on rank ``r`` comes from generators seeded by
+``derive_seed(seed, purpose, r, s)``, the data stream is a function of (seed, rank, worker, step) and the
+learning rate a function of the step, so a run resumed from step ``k`` replays exactly the steps an
+uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from nestor_ds.config import RunConfig, flatten, format_config
+from nestor_ds.engine import checkpoint as ckpt
+from nestor_ds.engine.distributed import (DistInfo, all_reduce_mean, any_rank, derive_seed, init_distributed,
+                                          resolve_ep_size, set_threads)
+from nestor_ds.engine.loss import inject_noise, training_loss
+from nestor_ds.engine.optim import apply_lr, build_optimizer, build_param_groups, lr_at
+from nestor_ds.engine.perf import PerfMeter
+from nestor_ds.log import get_logger
+
+log = get_logger(__name__)
+
+# prepare(model, cfg, dist) -> {"group name": (params, lr multiplier)}; called before the engine is built.
+PrepareHook = Callable[[torch.nn.Module, RunConfig, DistInfo], dict[str, tuple[list[torch.nn.Parameter], float]]]
+# batches(start_micro_step) -> iterator of batch dicts for this rank; default: the shard stream of cfg.data.
+BatchSource = Callable[[int], Iterator[dict[str, torch.Tensor]]]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # all-reduced loss per optimizer step, this process's run
+    final_eval: dict[str, Any] = field(default_factory=dict)
+    run_id: Optional[str] = None
+    preempted: bool = False
+    model: Optional[torch.nn.Module] = None  # the trained module (this rank's experts under expert parallelism)
+
+
+class _Preemption:
+    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Preemption":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if not self.requested:
+            print(f"[nestor-ds] received {signal.Signals(signum).name}: saving a checkpoint at the next step boundary", file=sys.stderr, flush=True)
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--ds_config {p}: file not found")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--ds_config {p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int) -> tuple[int, int]:
+    """Micro-batch and accumulation from the JSON; refuse combinations that cannot work, with the fix named."""
+    micro = int(ds.get("train_micro_batch_size_per_gpu", 0))
+    accum = int(ds.get("gradient_accumulation_steps", 1))
+    if micro <= 0:
+        raise ValueError("ds_config: train_micro_batch_size_per_gpu must be set to a positive integer")
+    if "train_batch_size" in ds and int(ds["train_batch_size"]) != micro * accum * world_size:
+        raise ValueError(
+            f"ds_config: train_batch_size={ds['train_batch_size']} != micro ({micro}) x accumulation ({accum}) x "
+            f"data-parallel size ({world_size}); drop train_batch_size and DeepSpeed derives it")
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if stage == 3 and cfg.model.arch == "nestor" and cfg.model.moe.backend == "deepspeed":
+        raise ValueError(
+            "ZeRO stage 3 does not support DeepSpeed-MoE (DeepSpeed: 'Native DeepSpeed MoE is not supported with ZeRO "
+            "Stage 3'): use ds_configs/zero2.json (ZeRO-2 partitions gradients and optimizer state, experts stay "
+            "expert-parallel), or model.moe.backend=local / the AFNO baseline with ZeRO-3")
+    return micro, accum
+
+
+def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", run_name: Optional[str] = None,
+                 resume: Optional[str] = None, prepare: Optional[PrepareHook] = None,
+                 parent_run_id: Optional[str] = None, evaluate_before: bool = False,
+                 batch_source: Optional[BatchSource] = None) -> TrainResult:
+    """Train ``cfg`` with DeepSpeed; returns what tests and entries need (run dir, losses, final evaluation)."""
+    import deepspeed
+
+    from nestor_ds.data import TrainStream
+    from nestor_ds.model import build_model
+    from nestor_ds.tracking import ExpertUsage, Tracker
+
+    dist_info = init_distributed()
+    threads = set_threads(cfg.train.threads_per_rank, dist_info.local_world_size)
+    ds_config = load_ds_config(ds_config_path)
+    micro, accum = check_ds_config(ds_config, cfg, dist_info.world_size)
+    ep = resolve_ep_size(cfg.ep_size, dist_info.world_size, cfg.model.moe.num_experts,
+                         cfg.model.moe.backend if cfg.model.arch == "nestor" else "local")
+    cfg.model.moe.ep_size = ep
+    run_name = run_name or f"{entry}-{cfg.preset or cfg.model.arch}"
+    run_dir = Path(cfg.train.output_dir) / run_name
+    ckpt_root = run_dir / "checkpoints"
+
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log.info("%s: world size %d, ep_size %d, %d thread(s) per rank, device %s", entry, dist_info.world_size, ep, threads, dist_info.device)
+        log.info("resolved configuration:\n%s", format_config(cfg, ds_config))
+
+    torch.manual_seed(derive_seed(cfg.train.seed, "init"))  # identical initial weights on every rank
+    model = build_model(cfg.model)
+    groups = prepare(model, cfg, dist_info) if prepare else {"model": (list(model.parameters()), 1.0)}
+    optimizer = build_optimizer(build_param_groups(groups), cfg.optim)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    device = engine.device
+
+    resume_dir = ckpt.find_resume_dir(resume, ckpt_root)
+    client: dict[str, Any] = {}
+    if resume_dir is not None:
+        client = ckpt.load_checkpoint(engine, resume_dir)
+        if dist_info.is_main:
+            log.info("resumed from %s (step %d)", resume_dir, client.get("step", 0))
+        if client.get("config_digest") not in (None, cfg.digest()):
+            log.warning("the configuration differs from the checkpoint's (digest %s vs %s): the trajectory will not match an uninterrupted run",
+                        client.get("config_digest"), cfg.digest())
+    start_step = int(client.get("step", 0))
+
+    tracker = Tracker(cfg.tracking, rank=dist_info.rank, entry=entry, run_name=run_name, parent_run_id=parent_run_id,
+                      resume_run_id=client.get("mlflow_run_id"))
+    usage = ExpertUsage(num_datasets=len(cfg.data.datasets))
+    perf = PerfMeter(cfg.model, samples_per_step=micro * accum * dist_info.world_size, device=device)
+    run_params = {
+        "config": cfg.to_dict(), "ds_config": ds_config, "world_size": dist_info.world_size, "ep_size": ep,
+        "preset": cfg.preset, "entry": entry, **perf.model_stats(),
+    }
+    if start_step == 0:
+        tracker.log_params(flatten(run_params))
+    stats = perf.model_stats()
+    tracker.set_tags({"nestor.preset": cfg.preset or cfg.model.arch, "nestor.params_total": stats["total_params"],
+                      "nestor.params_active": stats["active_params"]})
+
+    run_config_json = {**cfg.to_dict(), "world_size": dist_info.world_size, "ep_size": ep, "mlflow_run_id": tracker.run_id or ""}
+    if batch_source is None:
+        stream = TrainStream(cfg.data, micro_batch=micro, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.train.seed)
+        batch_source = stream.batches
+    batches = iter(batch_source(start_step * accum))
+    result = TrainResult(run_dir=run_dir, steps=start_step, run_id=tracker.run_id, model=engine.module)
+
+    if evaluate_before:
+        result.final_eval["before"] = _evaluate(engine, cfg, dist_info, tracker, step=start_step, prefix="eval_before")
+
+    total = cfg.train.max_steps
+    progress = _progress(dist_info.is_main, start_step, total, run_name)
+    step = start_step
+    with _Preemption() as preempt:
+        while step < total:
+            lr = lr_at(step, total, cfg.optim)
+            apply_lr(optimizer, lr)
+            t0 = time.perf_counter()
+            parts_sum: dict[str, torch.Tensor] = {}
+            for micro_i in range(accum):
+                batch = next(batches)
+                torch.manual_seed(derive_seed(cfg.train.seed, "step", dist_info.rank, step, micro_i))
+                noise_gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "noise", dist_info.rank, step, micro_i))
+                x = inject_noise(batch["x"], cfg.train.input_noise, noise_gen).to(device)
+                mask = batch["channel_mask"].to(device)
+                out = engine(x, mask)
+                loss, parts = training_loss(out.pred.float(), batch["y"].to(device), mask, out.aux_losses, cfg.loss)
+                engine.backward(loss)
+                engine.step()
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0) + v / accum
+                usage.update_from_routing(out.routing, batch["dataset_id"])
+            step_time = time.perf_counter() - t0
+            step += 1
+            names = sorted(parts_sum)
+            reduced = all_reduce_mean(torch.stack([parts_sum[k].cpu() for k in names]))
+            metrics = {f"train/{k}": float(v) for k, v in zip(names, reduced)}
+            grad_norm = engine.get_global_grad_norm()
+            metrics["train/lr"] = lr
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            metrics.update(perf.step(step_time))
+            result.losses.append(metrics["train/loss"])
+            if dist_info.is_main:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+            if not math.isfinite(metrics["train/loss"]):
+                raise FloatingPointError(f"step {step}: loss is {metrics['train/loss']} (lr {lr:.3g}); lower optim.lr or check the data")
+            if step % cfg.train.log_every == 0 or step == total or step == start_step + 1:
+                tracker.log_metrics(metrics, step=step)
+            progress.update(metrics)
+
+            stop = any_rank(preempt.requested) or step == cfg.train.stop_at
+            last = step == total
+            if cfg.train.eval_every and (step % cfg.train.eval_every == 0) and not last:
+                usage.reduce()
+                tracker.log_metrics(usage.metrics("experts"), step=step)
+                _evaluate(engine, cfg, dist_info, tracker, step=step, usage=usage)
+                usage.reset()
+            if stop or last or step % cfg.train.ckpt_every == 0:
+                state = {
+                    "step": step, "samples_seen": step * micro * accum * dist_info.world_size,
+                    "data_position": step * accum, "rng": ckpt.rng_state(), "config_digest": cfg.digest(),
+                    "mlflow_run_id": tracker.run_id or "",
+                }
+                tag_dir = ckpt.save_checkpoint(engine, ckpt_root, step, state, run_config_json, cfg.train.keep_last)
+                progress.note(f"checkpoint {tag_dir}")
+            if stop:
+                result.preempted = True
+                progress.note(f"preempted: stopped cleanly at step {step}; resume with --resume auto")
+                break
+    progress.close()
+    result.steps = step
+    if not result.preempted:
+        usage.reduce()
+        tracker.log_metrics(usage.metrics("experts"), step=step)
+        result.final_eval["after"] = _evaluate(engine, cfg, dist_info, tracker, step=step, usage=usage, figures=True)
+    tracker.finish("KILLED" if result.preempted else "FINISHED")
+    if dist_info.is_main:
+        log.info("run directory: %s (checkpoints in %s)", run_dir, ckpt_root)
+    return result
+
+
+def _evaluate(engine: Any, cfg: RunConfig, dist_info: DistInfo, tracker: Any, step: int, prefix: str = "eval",
+              usage: Any = None, figures: bool = False) -> dict[str, Any]:
+    """One-step and short-rollout L2RE per dataset on the test split, logged to MLflow.
+
+    Every rank evaluates the same trajectories: under expert parallelism each forward pass is a collective,
+    so all ranks must run the same number of them (the cost is small: test sets are capped by
+    ``train.eval_max_trajectories``).
+    """
+    from nestor_ds.eval import evaluate_model
+
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    report = evaluate_model(model, cfg.data, rollout_steps=cfg.train.eval_rollout_steps, batch_size=cfg.train.eval_batch_size,
+                            max_trajectories=cfg.train.eval_max_trajectories, device=engine.device)
+    metrics = {}
+    for name, ds in report.get("datasets", {}).items():
+        metrics[f"{prefix}/{name}/l2re_1step"] = ds["l2re_1step"]
+        if ds.get("l2re_rollout") is not None:
+            metrics[f"{prefix}/{name}/l2re_rollout"] = ds["l2re_rollout"]
+    tracker.log_metrics(metrics, step=step)
+    if dist_info.is_main:
+        log.info("step %d %s: %s", step, prefix, "  ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in metrics.items() if k.endswith("l2re_1step")))
+    if figures and cfg.tracking.figure_every_eval:
+        from nestor_ds.tracking.report_figures import log_eval_figures
+
+        log_eval_figures(tracker, model, cfg, report, usage, engine.device, step)
+    tracker.log_dict(report, f"{prefix}_step{step:08d}.json")
+    model.train(was_training)
+    return report
+
+
+class _progress:
+    """Rank-0 progress bar (step, loss, samples/s, ETA); other ranks stay quiet."""
+
+    def __init__(self, enabled: bool, start: int, total: int, name: str) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True, file=sys.stderr,
+                            mininterval=1.0)
+
+    def update(self, metrics: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", l2=f"{metrics['train/rel_l2']:.4f}",
+                                 sps=f"{metrics.get('perf/samples_per_s', 0):.1f}", refresh=False)
+            self.bar.update(1)
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(f"[nestor-ds] {text}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,221 @@
+"""The evaluation pass: one-step and rollout errors of a model on the test split of every dataset.
+
+Why it looks like this:
+- Per-sample, per-channel values are accumulated as float64 sums and counts, then summed over ranks
+  with one all-reduce per dataset: the result does not depend on how trajectories are split over
+  ranks or batches (up to float rounding of the model itself), and padded channels never count.
+- Under expert parallelism every rank must run the model the same number of times (the MoE
+  all-to-all is collective). Ranks can hold different numbers of test batches, so with world_size > 1
+  the ranks agree at every step whether anyone still has a batch; a rank that ran out repeats a
+  dummy batch of the agreed shape and throws its result away.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .metrics import SpectrumConfig, l2re, l2re_per_step, spectrum_band_error
+
+
+class _Sums:
+    """Float64 sums of per-sample-channel metrics and their counts for one dataset (grows to K, C seen)."""
+
+    FIELDS = ("one_step", "rollout", "curve", "spec_one_step", "spec_rollout")
+
+    def __init__(self, n_bands: int) -> None:
+        self.n_bands = n_bands
+        self.k = 0
+        self.c = 0
+        self.n_samples = 0
+        self.parts: dict[str, list[torch.Tensor]] = {f: [] for f in self.FIELDS}
+        self.masks: list[torch.Tensor] = []
+
+    def add(self, one_step: torch.Tensor, rollout: torch.Tensor, curve: torch.Tensor,
+            spec_one: torch.Tensor, spec_roll: torch.Tensor, mask: torch.Tensor) -> None:
+        self.k = max(self.k, curve.shape[1])
+        self.c = max(self.c, mask.shape[1])
+        self.n_samples += mask.shape[0]
+        for name, t in zip(self.FIELDS, (one_step, rollout, curve, spec_one, spec_roll)):
+            self.parts[name].append(t.detach().double().cpu())
+        self.masks.append(mask.detach().cpu())
+
+    def totals(self, k: int, c: int) -> torch.Tensor:
+        """Sums and counts packed in one flat float64 vector (for a single all-reduce)."""
+        sums = {"one_step": torch.zeros(c), "rollout": torch.zeros(c), "curve": torch.zeros(k, c),
+                "spec_one_step": torch.zeros(self.n_bands, c), "spec_rollout": torch.zeros(self.n_bands, c)}
+        sums = {n: t.double() for n, t in sums.items()}
+        count_c = torch.zeros(c, dtype=torch.float64)
+        for i, mask in enumerate(self.masks):
+            w = mask.double()
+            cc = w.shape[1]
+            count_c[:cc] += w.sum(0)
+            sums["one_step"][:cc] += self.parts["one_step"][i].sum(0)
+            sums["rollout"][:cc] += self.parts["rollout"][i].sum(0)
+            curve = self.parts["curve"][i]
+            sums["curve"][:curve.shape[1], :cc] += curve.sum(0)
+            sums["spec_one_step"][:, :cc] += torch.nan_to_num(self.parts["spec_one_step"][i]).sum(0)
+            sums["spec_rollout"][:, :cc] += torch.nan_to_num(self.parts["spec_rollout"][i]).sum(0)
+        flat = [t.reshape(-1) for t in sums.values()]
+        return torch.cat(flat + [count_c, torch.tensor([float(self.n_samples)], dtype=torch.float64)])
+
+
+def _unpack(flat: torch.Tensor, k: int, c: int, n_bands: int) -> dict[str, torch.Tensor]:
+    sizes = {"one_step": (c,), "rollout": (c,), "curve": (k, c), "spec_one_step": (n_bands, c),
+             "spec_rollout": (n_bands, c), "count": (c,), "n_samples": (1,)}
+    out, i = {}, 0
+    for name, shape in sizes.items():
+        n = int(torch.tensor(shape).prod())
+        out[name] = flat[i:i + n].reshape(shape)
+        i += n
+    return out
+
+
+def _all_reduce(t: torch.Tensor, op: Any, world_size: int) -> torch.Tensor:
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def _lockstep(batches: Iterable[dict], world_size: int, device: torch.device) -> Iterator[tuple[dict, bool]]:
+    """Yield (batch, real) until no rank has a batch left; ranks that ran out get a dummy batch.
+
+    Every step all-reduces [has_batch, X, Y, T_in, C, T_rest] with MAX so that a rank which never had
+    a batch still knows the shape to run.
+    """
+    it = iter(batches)
+    last: dict | None = None
+    while True:
+        batch = next(it, None)
+        shape = [0] * 6 if batch is None else [1, *batch["x"].shape[1:], batch["y"].shape[3]]
+        agreed = _all_reduce(torch.tensor(shape, dtype=torch.long), dist.ReduceOp.MAX, world_size).tolist()
+        if agreed[0] == 0:
+            return
+        if batch is not None:
+            last = batch
+            yield batch, True
+            continue
+        if last is None:
+            _, X, Y, T_in, C, T_rest = agreed
+            last = {"x": torch.zeros(1, X, Y, T_in, C), "y": torch.zeros(1, X, Y, T_rest, C),
+                    "channel_mask": torch.ones(1, C, dtype=torch.bool)}
+        yield last, False
+
+
+def _rollout_fn(model: torch.nn.Module):
+    """model.rollout(x, steps), passing channel_mask too when the model accepts it."""
+    fn = model.rollout
+    takes_mask = "channel_mask" in inspect.signature(fn).parameters
+    return (lambda x, k, m: fn(x, k, channel_mask=m)) if takes_mask else (lambda x, k, m: fn(x, k))
+
+
+def _names(spec: Any, i: int) -> tuple[str, list[str]]:
+    """Dataset name and channel names (from the shard manifest; c0, c1, ... when it has none)."""
+    from nestor_ds.data import load_manifest
+
+    name = getattr(spec, "name", None) or f"dataset{i}"
+    channels = getattr(spec, "channels", None)
+    if channels is None and getattr(spec, "path", None):
+        channels = load_manifest(spec.path).get("channels")
+    return str(name), [str(c) for c in channels or []]
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_cfg: Any = None, rollout_steps: int | None = None,
+                   batch_size: int = 4, device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
+                   *, max_trajectories: int | None = None, spectrum: SpectrumConfig | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Evaluate `model` on the test split of each dataset; every rank returns the same report dict.
+
+    datasets: the DatasetSpecs to score (dataset_id = position), or a DataConfig (then its `.datasets`
+    are scored and it is also the data_cfg). rollout_steps: frames to roll out autoregressively;
+    None -> min(available, dataset's rollout_steps). rank/world_size split the test trajectories
+    (the default 1 process scores them all, which is also right when every rank should see the same).
+    Report: {"datasets": {name: {...}}, "mean": {...}, "settings": {...}} with, per dataset, the mean
+    over samples and real channels of the one-step L2RE, the rollout L2RE (over all K frames), the
+    L2RE at each rollout step, and the relative energy-spectrum error per wavenumber band -- each
+    also per channel.
+    """
+    from nestor_ds.data import build_eval_batches  # the data part; imported here to keep metrics light
+
+    if hasattr(datasets, "datasets"):  # a DataConfig
+        data_cfg = datasets if data_cfg is None else data_cfg
+        datasets = datasets.datasets
+    if data_cfg is None:
+        raise ValueError("evaluate_model: data_cfg (DataConfig) is required when datasets is a list of specs")
+    spectrum = spectrum or SpectrumConfig()
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    rollout = _rollout_fn(model)
+    report: dict[str, Any] = {"datasets": {}}
+    try:
+        for ds_id, spec in enumerate(datasets):
+            name, channels = _names(spec, ds_id)
+            want = rollout_steps if rollout_steps is not None else getattr(spec, "rollout_steps", None)
+            sums = _Sums(spectrum.n_bands)
+            batches = build_eval_batches(spec, data_cfg, ds_id, batch_size, max_trajectories, rank, world_size)
+            stream = _lockstep(batches, world_size, device) if world_size > 1 else ((b, True) for b in batches)
+            bar = tqdm(stream, desc=f"eval {name}", unit="batch", disable=not progress or rank != 0, leave=False)
+            for batch, real in bar:
+                x = batch["x"].to(device)
+                y = batch["y"].to(device)
+                mask = batch["channel_mask"].to(device)
+                k = y.shape[3] if want is None else max(1, min(int(want), y.shape[3]))
+                pred1 = model(x, mask).pred[..., :1, :].float()
+                pred_k = rollout(x, k, mask).float()
+                if not real:
+                    continue
+                true1, true_k = y[..., :1, :].float(), y[..., :k, :].float()
+                sums.add(l2re(pred1, true1, mask), l2re(pred_k, true_k, mask), l2re_per_step(pred_k, true_k, mask),
+                         spectrum_band_error(pred1, true1, mask, spectrum),
+                         spectrum_band_error(pred_k, true_k, mask, spectrum), mask)
+            kc = _all_reduce(torch.tensor([sums.k, sums.c], dtype=torch.long), dist.ReduceOp.MAX, world_size).tolist()
+            flat = _all_reduce(sums.totals(*kc), dist.ReduceOp.SUM, world_size)
+            report["datasets"][name] = _summarise(_unpack(flat, *kc, spectrum.n_bands), channels, spectrum)
+    finally:
+        model.train(was_training)
+    report["mean"] = _mean_over_datasets(report["datasets"])
+    report["settings"] = {"rollout_steps": rollout_steps, "batch_size": batch_size,
+                          "max_trajectories": max_trajectories, "world_size": world_size,
+                          "spectrum_bands": spectrum.names(), "spectrum_include_dc": spectrum.include_dc}
+    return report
+
+
+def _summarise(t: dict[str, torch.Tensor], channels: list[str], spectrum: SpectrumConfig) -> dict[str, Any]:
+    """Sums -> means over samples (per channel) and over real channels (overall), as plain floats."""
+    count = t["count"]
+    real = (count > 0).nonzero().squeeze(1).tolist()
+    names = [channels[c] if c < len(channels) else f"c{c}" for c in real]
+    bands = spectrum.names()
+
+    def per_channel(s: torch.Tensor) -> torch.Tensor:  # [..., C] sums -> [..., C_real] means
+        return (s / count.clamp_min(1))[..., real]
+
+    def overall(s: torch.Tensor) -> torch.Tensor:  # mean over (sample, real channel) pairs
+        return s[..., real].sum(-1) / count[real].sum().clamp_min(1)
+
+    out: dict[str, Any] = {"n_samples": int(t["n_samples"].item()), "channels": names,
+                           "rollout_steps": int(t["curve"].shape[0])}
+    for key, src in (("l2re_1step", "one_step"), ("l2re_rollout", "rollout")):
+        out[key] = float(overall(t[src]))
+        out[f"{key}_per_channel"] = dict(zip(names, per_channel(t[src]).tolist()))
+    out["l2re_curve"] = overall(t["curve"]).tolist()
+    out["l2re_curve_per_channel"] = dict(zip(names, per_channel(t["curve"]).T.tolist()))
+    for key, src in (("spectrum_err_1step", "spec_one_step"), ("spectrum_err_rollout", "spec_rollout")):
+        out[key] = dict(zip(bands, overall(t[src]).tolist()))
+        out[f"{key}_per_channel"] = {n: dict(zip(bands, v)) for n, v in zip(names, per_channel(t[src]).T.tolist())}
+    return out
+
+
+def _mean_over_datasets(per_ds: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Unweighted mean over datasets (each dataset counts once, as in the paper's tables)."""
+    out: dict[str, float] = {}
+    for key in ("l2re_1step", "l2re_rollout"):
+        vals = [d[key] for d in per_ds.values() if d["n_samples"] > 0]
+        out[key] = float(sum(vals) / len(vals)) if vals else float("nan")
+    return out

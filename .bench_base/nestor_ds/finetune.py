@@ -1,0 +1,121 @@
+"""Fine-tune a pre-trained NESTOR checkpoint on a downstream dataset, with the same engine as pre-training.
+
+    python nestor_ds/finetune.py --ds_config ds_configs/zero2.json --config configs/finetune_demo.yaml \\
+        --pretrained runs/demo-pretrain/checkpoints
+    deepspeed --num_gpus 2 nestor_ds/finetune.py --ds_config ds_configs/zero2.json --pretrained model.safetensors ...
+
+``--pretrained`` takes a DeepSpeed checkpoint (root or tag directory; ZeRO 0-2, any world size or ep_size) or a
+file exported by ``tools/export_checkpoint.py``. The model architecture comes from the checkpoint; the fields
+that follow the data (channels, T_in, T_ar, resolution) come from this run's data section, and the YAML's
+``model`` section may override the rest. Tensors that no longer fit are re-initialised and reported.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from nestor_ds.cli import fix_script_path
+
+    fix_script_path(__file__)
+
+from typing import Any
+
+from nestor_ds.cli import base_parser, run_cli
+
+# fields of the model config that follow the downstream data rather than the checkpoint
+DATA_BOUND = ("in_channels", "out_channels", "t_in", "t_ar", "resolution")
+
+
+def build_finetune_config(config_path: str | None, overrides: list[str], pretrained_model: dict[str, Any]):
+    """Checkpoint's model config, minus the data-bound fields, under this YAML and its --set overrides."""
+    from pathlib import Path
+
+    import yaml
+
+    from nestor_ds.config import ConfigError, config_from_dict, deep_merge, parse_overrides
+
+    raw: dict[str, Any] = {}
+    if config_path:
+        p = Path(config_path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        raw = yaml.safe_load(p.read_text()) or {}
+    raw = deep_merge(raw, parse_overrides(overrides))
+    base = {k: v for k, v in pretrained_model.items() if k not in DATA_BOUND}
+    base["moe"] = {k: v for k, v in (base.get("moe") or {}).items() if k != "ep_size"}
+    own = dict(raw.get("model") or {})
+    if "preset" in own:  # an explicit preset in the fine-tune YAML wins over the checkpoint's architecture
+        base = {}
+    raw["model"] = deep_merge(base, own)
+    try:
+        return config_from_dict(raw)
+    except (ConfigError, ValueError, TypeError) as e:
+        raise ConfigError(f"{config_path}: {e}") from None
+
+
+def main() -> int:
+    parser = base_parser(__doc__, default_config="configs/finetune_demo.yaml")
+    parser.add_argument("--pretrained", default=None,
+                        help="DeepSpeed checkpoint directory or exported .safetensors (default: finetune.pretrained in the YAML)")
+    parser.add_argument("--load", choices=("all", "embedding+blocks", "blocks"), default=None,
+                        help="which pre-trained parts to load (default: finetune.load)")
+    parser.add_argument("--freeze", default=None, metavar="PART[,PART]",
+                        help="freeze parts: routers, experts, shared_afno, embedding (default: finetune.freeze)")
+    args = parser.parse_args()
+
+    from nestor_ds.checkpoint_io import load_local_state
+    from nestor_ds.engine import run_training
+    from nestor_ds.engine.transfer import freeze, load_pretrained_parts
+    from nestor_ds.log import get_logger
+
+    log = get_logger("nestor_ds.finetune")
+    extra = list(args.overrides)
+    if args.pretrained:
+        extra.append(f"finetune.pretrained={args.pretrained}")
+    if args.load:
+        extra.append(f"finetune.load={args.load}")
+    if args.freeze is not None:
+        extra.append(f"finetune.freeze=[{args.freeze}]")
+    # the pre-trained config first (architecture), then this run's YAML on top
+    import yaml
+
+    pretrained = args.pretrained
+    if pretrained is None and args.config:
+        pretrained = ((yaml.safe_load(open(args.config)) or {}).get("finetune") or {}).get("pretrained")
+    if not pretrained:
+        raise ValueError("no pre-trained checkpoint: pass --pretrained PATH (or set finetune.pretrained)")
+    state, source_cfg, source = load_local_state(pretrained)
+    cfg = build_finetune_config(args.config, extra, source_cfg["model"])
+
+    def prepare(model, cfg, dist_info):
+        report = load_pretrained_parts(model, state, cfg.finetune.load)
+        frozen = freeze(model, cfg.finetune.freeze)
+        if dist_info.is_main:
+            log.info("fine-tuning from %s\n%s%s", source, report.summary(),
+                     f"\n  frozen: {len(frozen)} tensors ({', '.join(cfg.finetune.freeze)})" if frozen else "")
+        loaded = set(report.loaded)
+        params = dict(model.named_parameters())
+        return {
+            "pretrained": ([p for n, p in params.items() if n in loaded], cfg.finetune.pretrained_lr_multiplier),
+            "new": ([p for n, p in params.items() if n not in loaded], cfg.finetune.new_lr_multiplier),
+        }
+
+    result = run_training(cfg, args.ds_config, entry="finetune", run_name=args.run_name or "finetune", resume=args.resume,
+                          prepare=prepare, parent_run_id=source_cfg.get("mlflow_run_id") or None, evaluate_before=True)
+    before = result.final_eval.get("before", {}).get("mean", {})
+    after = result.final_eval.get("after", {}).get("mean", {})
+    import torch.distributed as dist
+
+    is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if before and after and is_main:  # every rank holds the same report; say it once
+        log.info("fine-tuning: mean one-step L2RE %.4f -> %.4f, rollout L2RE %.4f -> %.4f",
+                 before["l2re_1step"], after["l2re_1step"], before["l2re_rollout"], after["l2re_rollout"])
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

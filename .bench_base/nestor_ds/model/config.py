@@ -1,0 +1,125 @@
+"""ModelConfig: every knob of NESTOR and of the AFNO baseline, defaults = the authors' NESTOR-Ti.
+
+The authors hard-coded depth, expert counts and top-k; here each is a field so that presets
+(`presets.py`) and YAML overrides can change them without touching model code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from nestor_ds.moe import MoEConfig
+
+ARCHS = ("nestor", "afno")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one model. Shapes: input [B, X, Y, t_in, in_channels] at `resolution`."""
+
+    arch: str = "nestor"                  # "nestor" | "afno" (DPOT-style AFNO baseline)
+    in_channels: int = 4                  # physical channels (padded to this by the data loader)
+    out_channels: int | None = None       # None -> in_channels
+    resolution: int = 128                 # training grid X = Y; other grids interpolate the pos. embedding
+    patch_size: int = 8
+    t_in: int = 10                        # past frames per sample
+    t_ar: int = 1                         # frames predicted per forward pass
+    width: int = 512                      # token width D
+    depth: int = 2                        # NESTOR blocks (arch=nestor) or AFNO blocks (arch=afno)
+    num_heads: int = 8
+    image_experts: int = 6
+    image_top_k: int = 2
+    image_capacity_factor: float = 0.0    # 0 = dropless; >0: capacity ceil(cf * k * B / E) samples/expert
+    image_router_noise: float = 0.0       # std of Gaussian noise on image-router logits (training only)
+    image_moe_skip: bool = True           # the authors' extra identity term in ImageMoE (see nestor.py)
+    afno_modes: int = 32
+    afno_num_blocks: int = 4
+    afno_mlp_ratio: float = 1.0
+    afno_sparsity: float = 0.01           # softshrink threshold on the spectral output (DPOT)
+    shared_afno_layers: int = 2
+    embed_hidden: int | None = None       # patch-embedding hidden channels; None -> DPOT's C_out*patch+3
+    head_dim: int = 32                    # output head hidden channels (DPOT's out_layer_dim)
+    norm_groups: int = 8                  # GroupNorm groups (DPOT)
+    num_datasets: int = 0                 # DPOT's dataset-classification head (0 = off)
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    attention: str = "auto"               # "auto" | "sdpa" | "flash"
+    moe: MoEConfig = field(default_factory=MoEConfig)   # token-level Sub-MoE inside each image expert
+
+    @property
+    def c_out(self) -> int:
+        return self.in_channels if self.out_channels is None else self.out_channels
+
+    @property
+    def grid(self) -> int:
+        """Tokens per side at the training resolution."""
+        return self.resolution // self.patch_size
+
+    @property
+    def embed_hidden_dim(self) -> int:
+        return self.embed_hidden if self.embed_hidden is not None else self.c_out * self.patch_size + 3
+
+    def image_capacity(self, batch: int) -> int:
+        """Samples per image expert when capacity is fixed (image_capacity_factor > 0)."""
+        return math.ceil(self.image_capacity_factor * self.image_top_k * batch / self.image_experts)
+
+    def validate(self) -> "ModelConfig":
+        """Raise ValueError naming the field for any inconsistent setting; return self."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"model config: {msg}")
+
+        need(self.arch in ARCHS, f"arch={self.arch!r} not in {ARCHS}")
+        need(self.attention in ATTENTION_BACKENDS, f"attention={self.attention!r} not in {ATTENTION_BACKENDS}")
+        for name in ("in_channels", "resolution", "patch_size", "t_in", "t_ar", "width", "depth",
+                     "num_heads", "image_experts", "image_top_k", "afno_modes", "afno_num_blocks",
+                     "head_dim", "norm_groups"):
+            need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be > 0")
+        need(self.c_out > 0, f"out_channels={self.out_channels} must be > 0")
+        need(self.resolution % self.patch_size == 0,
+             f"resolution={self.resolution} not divisible by patch_size={self.patch_size}")
+        need(self.width % self.num_heads == 0, f"width={self.width} not divisible by num_heads={self.num_heads}")
+        need(self.width % self.afno_num_blocks == 0,
+             f"width={self.width} not divisible by afno_num_blocks={self.afno_num_blocks}")
+        need(self.width % self.norm_groups == 0, f"width={self.width} not divisible by norm_groups={self.norm_groups}")
+        need(self.image_top_k <= self.image_experts,
+             f"image_top_k={self.image_top_k} > image_experts={self.image_experts}")
+        need(self.image_capacity_factor >= 0, f"image_capacity_factor={self.image_capacity_factor} must be >= 0")
+        need(self.image_router_noise >= 0, f"image_router_noise={self.image_router_noise} must be >= 0")
+        need(self.shared_afno_layers >= 0, f"shared_afno_layers={self.shared_afno_layers} must be >= 0")
+        need(self.afno_mlp_ratio > 0, f"afno_mlp_ratio={self.afno_mlp_ratio} must be > 0")
+        need(0 <= self.dropout < 1 and 0 <= self.attn_dropout < 1, "dropout and attn_dropout must be in [0, 1)")
+        need(self.num_datasets >= 0, f"num_datasets={self.num_datasets} must be >= 0")
+        if hasattr(self.moe, "validate"):
+            self.moe.validate()
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build from a plain dict (YAML); `moe` may be a nested dict. Unknown keys raise ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"model config: unknown key(s) {unknown}; known: {sorted(names)}")
+        kw = dict(d)
+        moe = kw.get("moe")
+        if isinstance(moe, dict):
+            kw["moe"] = moe_from_dict(moe)
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def moe_from_dict(d: dict[str, Any]) -> MoEConfig:
+    """MoEConfig from a dict, via its own from_dict when it has one."""
+    if hasattr(MoEConfig, "from_dict"):
+        return MoEConfig.from_dict(d)
+    names = {f.name for f in dataclasses.fields(MoEConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"model config: unknown moe key(s) {unknown}; known: {sorted(names)}")
+    return MoEConfig(**d)

@@ -1,0 +1,188 @@
+"""Image-level mixture of experts: each SAMPLE (its whole token field) is routed to k image experts.
+
+Shape legend: B samples, D width, H/W token grid, L = H*W tokens per sample, E image experts,
+K image top-k, A = B*K assignments, G samples in one expert's group (after padding).
+
+    ImageMoE(h) = sum_k w_k * Expert_k(h) + SharedAFNO(h) [+ h when image_moe_skip, as the authors do]
+    Expert(h)   = LN2(a + TokenMoE(a)),  a = LN1(h + MHSA(h))      (post-norm transformer layer)
+
+Routing: global average pool -> Linear(D -> E, bias) -> softmax -> top-k -> renormalise, using the
+token router's `route_from_logits` and `load_balancing_loss` (one implementation in the project).
+
+Dispatch: the A assignments are sorted by expert (argsort) and each expert gets its samples with one
+index_select and returns its outputs with one index_add: no per-expert masks over the whole batch.
+
+Expert parallelism (cfg.moe.ep_size > 1): every rank of the expert-parallel group must call each
+expert's TokenMoE with the same number of rows. Each expert's sample group is padded to
+  - a fixed capacity ceil(cf * K * B / E) when image_capacity_factor > 0 (overflow samples dropped,
+    lowest router weight first; they keep the shared-AFNO path), or
+  - the group-wide maximum of that expert's sample count (one all_reduce MAX of counts_E per block),
+and padded rows are passed as valid_N = False. An expert whose group maximum is 0 is skipped on every
+rank. Without expert parallelism there is no padding and no collective.
+`pad_to` (debug) forces padding of every called expert's group to at least that many samples in a
+single process, so the padding path is testable without a process group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from nestor_ds.moe import MoEOutput, build_token_moe
+from nestor_ds.moe.router import load_balancing_loss, route_from_logits, tokens_per_expert
+
+from .afno import AFNOBlock
+from .attention import SelfAttention
+from .config import ModelConfig
+
+
+@dataclass
+class BlockRouting:
+    """Routing record of one NESTOR block (for logging expert specialisation)."""
+
+    image_topk_idx: torch.Tensor   # [B, K] long, selected image experts per sample, best first
+    image_counts: torch.Tensor     # [E_img] long, samples routed to each image expert (before capacity)
+    token_counts: torch.Tensor     # [E_img, E_tok] long, token assignments inside each image expert
+
+
+@dataclass
+class ImageMoEOutput:
+    out_BDHW: torch.Tensor
+    image_lb: torch.Tensor
+    token_lb: torch.Tensor
+    token_z: torch.Tensor
+    routing: BlockRouting
+
+
+class ImageExpert(nn.Module):
+    """The "FlashAttention expert": MHSA over the sample's tokens, then the token-level Sub-MoE."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        D = cfg.width
+        self.attn = SelfAttention(D, cfg.num_heads, cfg.attn_dropout, cfg.attention)
+        self.norm1 = nn.LayerNorm(D)
+        self.moe = build_token_moe(cfg.moe, D)
+        self.norm2 = nn.LayerNorm(D)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, h_GLD: torch.Tensor, valid_N: torch.Tensor | None) -> tuple[torch.Tensor, MoEOutput]:
+        G, L, D = h_GLD.shape
+        a = self.norm1(h_GLD + self.drop(self.attn(h_GLD)))        # residual adds the block input
+        m = self.moe(a.reshape(G * L, D), valid_N)
+        return self.norm2(a + self.drop(m.out_ND.view(G, L, D))), m
+
+
+def expert_parallel_group(ep_size: int) -> dist.ProcessGroup | None:
+    """DeepSpeed's expert-parallel group for this ep_size (created by the deepspeed MoE backend)."""
+    from deepspeed.utils import groups
+
+    return groups._get_expert_parallel_group(f"ep_size_{ep_size}")
+
+
+class ImageMoE(nn.Module):
+    """sum_k w_k Expert_k(h) + SharedAFNO(h) (+ h), per-sample top-k routing with grouped dispatch."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.E, self.K = cfg.image_experts, cfg.image_top_k
+        self.router = nn.Linear(cfg.width, cfg.image_experts, bias=True)
+        self.experts = nn.ModuleList(ImageExpert(cfg) for _ in range(cfg.image_experts))
+        # the shared global expert; None when shared_afno_layers = 0 (an empty Sequential would be identity)
+        self.shared = nn.Sequential(*(AFNOBlock(cfg.width, cfg.afno_num_blocks, cfg.afno_modes, cfg.afno_mlp_ratio,
+                                                cfg.afno_sparsity, cfg.norm_groups, cfg.dropout)
+                                      for _ in range(cfg.shared_afno_layers))) if cfg.shared_afno_layers else None
+        self.pad_to: int | None = None                   # debug: force padded groups (tests)
+        self.ep_group: dist.ProcessGroup | None = None   # override DeepSpeed's expert-parallel group
+
+    @property
+    def expert_parallel(self) -> bool:
+        return self.cfg.moe.ep_size > 1
+
+    def group_sizes(self, counts_E: torch.Tensor, batch: int) -> list[int]:
+        """Rows (samples) each expert is called with; 0 = skip. Same on every rank under EP."""
+        if self.cfg.image_capacity_factor > 0 and self.expert_parallel:
+            return [self.cfg.image_capacity(batch)] * self.E
+        kept = counts_E
+        if self.cfg.image_capacity_factor > 0:
+            kept = counts_E.clamp(max=self.cfg.image_capacity(batch))
+        if self.expert_parallel:
+            kept = kept.clone()
+            group = self.ep_group if self.ep_group is not None else expert_parallel_group(self.cfg.moe.ep_size)
+            dist.all_reduce(kept, op=dist.ReduceOp.MAX, group=group)
+        sizes = kept.tolist()
+        if self.pad_to is not None:
+            sizes = [max(s, self.pad_to) if s > 0 else 0 for s in sizes]
+        return sizes
+
+    def route(self, h_BDHW: torch.Tensor):
+        """Router on the pooled token field: fp32 logits (+ training noise) -> top-k routing."""
+        pooled_BD = h_BDHW.mean(dim=(2, 3)).float()
+        logits_BE = F.linear(pooled_BD, self.router.weight.float(), self.router.bias.float())
+        if self.training and self.cfg.image_router_noise > 0:
+            logits_BE = logits_BE + self.cfg.image_router_noise * torch.randn_like(logits_BE)
+        return route_from_logits(logits_BE, self.K)
+
+    def forward(self, h_BDHW: torch.Tensor) -> ImageMoEOutput:
+        B, D, H, W = h_BDHW.shape
+        L = H * W
+        r = self.route(h_BDHW)
+        image_lb = load_balancing_loss(r.probs_NE, r.experts_NK)
+        counts_E = tokens_per_expert(r.experts_NK, self.E)
+
+        # group the A = B*K assignments by expert; with a capacity, higher weights first inside a group
+        expert_A = r.experts_NK.reshape(-1)
+        weight_A = r.weights_NK.reshape(-1)
+        if self.cfg.image_capacity_factor > 0:
+            order_A = (expert_A.double() * 2.0 + (1.0 - weight_A.detach().double())).argsort(stable=True)
+        else:
+            order_A = expert_A.argsort(stable=True)
+        sample_A = order_A.div(self.K, rounding_mode="floor")
+        weight_A = weight_A.index_select(0, order_A)
+        sizes = self.group_sizes(counts_E, B)
+
+        x_BLD = h_BDHW.flatten(2).transpose(1, 2).contiguous()         # [B, L, D], rows gathered by memcpy
+        mix_BLD = torch.zeros_like(x_BLD)                               # filled in place, one expert at a time
+        token_counts = torch.zeros(self.E, self.experts[0].moe.num_experts, dtype=torch.long, device=h_BDHW.device)
+        token_lb = token_z = h_BDHW.new_zeros((), dtype=torch.float32)
+        real_total = 0
+        start = 0
+        for e, (n_e, size) in enumerate(zip(counts_E.tolist(), sizes)):
+            seg = slice(start, start + n_e)
+            start += n_e
+            if size == 0:
+                continue
+            real = min(n_e, size)                                      # overflow beyond capacity dropped
+            idx = sample_A[seg][:real]
+            x_GLD = x_BLD.index_select(0, idx)
+            valid_N = None
+            if size > real:
+                x_GLD = torch.cat([x_GLD, x_GLD.new_zeros(size - real, L, D)], dim=0)
+                valid_N = torch.arange(size * L, device=x_GLD.device) < real * L
+            y_GLD, m = self.experts[e](x_GLD, valid_N)
+            if real > 0:
+                w = weight_A[seg][:real].to(y_GLD.dtype).view(real, 1, 1)
+                mix_BLD.index_add_(0, idx, y_GLD[:real] * w)
+            else:
+                # Only padding here, but other ranks of the expert-parallel group have real samples: keep this
+                # call in the autograd graph so its backward all-to-alls run on every rank, in the same order.
+                mix_BLD = mix_BLD + 0.0 * y_GLD.sum()
+            token_counts[e] = m.tokens_per_expert_E.to(token_counts.device)
+            # token losses averaged over the block's real samples (each expert's loss is ~1 when balanced)
+            token_lb = token_lb + m.lb_loss.float() * real
+            token_z = token_z + m.z_loss.float() * real
+            real_total += real
+        if real_total > 0:
+            token_lb, token_z = token_lb / real_total, token_z / real_total
+
+        out = mix_BLD.transpose(1, 2).reshape(B, D, H, W)
+        if self.shared is not None:
+            out = out + self.shared(h_BDHW)
+        if self.cfg.image_moe_skip:
+            out = out + h_BDHW
+        routing = BlockRouting(r.experts_NK.detach(), counts_E.detach(), token_counts)
+        return ImageMoEOutput(out, image_lb, token_lb, token_z, routing)

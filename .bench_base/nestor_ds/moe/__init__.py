@@ -1,0 +1,38 @@
+"""Token-level Sub-MoE of NESTOR: top-k routed SwiGLU experts plus shared SwiGLU experts.
+
+    moe = build_token_moe(MoEConfig(num_experts=6, top_k=2), dim=512)
+    out = moe(x_ND, valid_N)          # MoEOutput(out_ND, lb_loss, z_loss, tokens_per_expert_E)
+
+Backends: "local" (plain PyTorch, dropless, reference), "deepspeed" (deepspeed.moe.layer.MoE, expert
+parallel), "megablocks" (MegaBlocks dMoE, CUDA only).
+"""
+
+from __future__ import annotations
+
+from .base import MoEOutput, TokenMoE
+from .config import MoEConfig
+from .experts import GroupedSwiGLU, SwiGLU, grouped_mm_supported
+from .local import LocalTokenMoE
+from .router import (Routing, TopKRouter, expert_load_stats, load_balancing_loss, route_from_logits,
+                     router_z_loss, tokens_per_expert)
+
+__all__ = [
+    "MoEConfig", "MoEOutput", "TokenMoE", "build_token_moe", "LocalTokenMoE", "GroupedSwiGLU", "SwiGLU",
+    "TopKRouter", "Routing", "route_from_logits", "load_balancing_loss", "router_z_loss", "tokens_per_expert",
+    "expert_load_stats", "grouped_mm_supported",
+]
+
+
+def build_token_moe(cfg: MoEConfig, dim: int) -> TokenMoE:
+    """Build the configured backend. The deepspeed backend needs torch.distributed (and, for
+    ep_size > 1, DeepSpeed's expert groups) initialised first: deepspeed.init_distributed()."""
+    cfg.validate()
+    if cfg.backend == "local":
+        return LocalTokenMoE(cfg, dim)
+    if cfg.backend == "deepspeed":
+        from .deepspeed_backend import DeepSpeedTokenMoE  # imports deepspeed only when asked for
+
+        return DeepSpeedTokenMoE(cfg, dim)
+    from .megablocks_backend import MegaBlocksTokenMoE
+
+    return MegaBlocksTokenMoE(cfg, dim)

@@ -1,0 +1,64 @@
+"""Configuration of the token-level Sub-MoE (one dataclass, defaults next to the code that uses them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BACKENDS = ("local", "deepspeed", "megablocks")
+
+
+@dataclass
+class MoEConfig:
+    """Token-level mixture of SwiGLU experts.
+
+    Defaults are NESTOR's: top-2 of 6 routed experts plus one always-on shared expert, hidden width
+    equal to the model width, no capacity limit (dropless).
+    """
+
+    backend: str = "local"  # "local" (plain PyTorch, reference) | "deepspeed" (expert parallel) | "megablocks" (CUDA)
+    num_experts: int = 6  # routed experts E
+    top_k: int = 2  # experts per token K
+    num_shared_experts: int = 1  # always-on SwiGLU experts, added to every token
+    mlp_ratio: float = 1.0  # expert hidden width F = int(dim * mlp_ratio)
+    ep_size: int = 1  # expert-parallel group size (already resolved to an int by the engine)
+    capacity_factor: float = 0.0  # 0 = dropless; > 0 = DeepSpeed capacity policy (tokens over capacity dropped)
+    router_noise: float = 0.0  # std of Gaussian noise added to router logits, training only
+
+    def hidden_dim(self, dim: int) -> int:
+        """Expert hidden width F for model width `dim`."""
+        return int(dim * self.mlp_ratio)
+
+    def validate(self) -> "MoEConfig":
+        """Raise ValueError with one clear line for an inconsistent configuration; return self."""
+        if self.backend not in BACKENDS:
+            raise ValueError(f"moe.backend={self.backend!r}: expected one of {BACKENDS}")
+        if self.num_experts < 1:
+            raise ValueError(f"moe.num_experts={self.num_experts}: must be >= 1")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"moe.top_k={self.top_k}: must be in [1, num_experts={self.num_experts}]")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"moe.num_shared_experts={self.num_shared_experts}: must be >= 0")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"moe.mlp_ratio={self.mlp_ratio}: must be > 0")
+        if self.ep_size < 1 or self.num_experts % self.ep_size != 0:
+            raise ValueError(f"moe.ep_size={self.ep_size}: must be >= 1 and divide num_experts={self.num_experts}")
+        if self.capacity_factor < 0:
+            raise ValueError(f"moe.capacity_factor={self.capacity_factor}: must be >= 0 (0 = dropless)")
+        if self.router_noise < 0:
+            raise ValueError(f"moe.router_noise={self.router_noise}: must be >= 0")
+        if self.backend != "deepspeed":
+            if self.ep_size != 1:
+                raise ValueError(f"moe.ep_size={self.ep_size} needs moe.backend='deepspeed' (got {self.backend!r})")
+            if self.capacity_factor > 0:
+                raise ValueError(f"moe.capacity_factor={self.capacity_factor} needs moe.backend='deepspeed'; "
+                                 f"{self.backend!r} is dropless")
+        else:
+            # DeepSpeed's top-1 gate uses the raw probability as weight (no renormalisation), unlike
+            # every other backend, and its all-to-all aborts on unequal token counts: refuse it.
+            if self.top_k < 2:
+                raise ValueError("moe.backend='deepspeed' needs moe.top_k >= 2 (DeepSpeed's top-1 gate does not "
+                                 "renormalise its weight, so it would differ from the other backends)")
+            if self.router_noise > 0:
+                raise ValueError("moe.router_noise > 0 is not supported by moe.backend='deepspeed' "
+                                 "(its gate adds no Gaussian logit noise); use 0")
+        return self

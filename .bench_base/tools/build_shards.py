@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Build WebDataset shards from raw PDE files, or verify a built shard directory.
+
+  python tools/build_shards.py --input ns_V1e-3_N5000_T50.mat --out shards/ns2d_fno_1e-3 --test-fraction 0.04
+  python tools/build_shards.py --verify shards/ns2d_fno_1e-3
+
+The format is described in docs/data_format.md. Errors are one line naming file, key and shape,
+with a non-zero exit status; nothing is left in the output directory after a failed build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nestor_ds.data.builder import BuildConfig, build, verify  # noqa: E402
+from nestor_ds.data.schema import DTYPES, LAYOUTS, DataFormatError  # noqa: E402
+
+PROG = "build_shards"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = BuildConfig(inputs=[], out="")
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", metavar="PATH", help="source files or directories (searched recursively)")
+    p.add_argument("--out", metavar="DIR", help="output shard directory (built atomically)")
+    p.add_argument("--verify", metavar="DIR", help="verify a built directory against its manifest and exit")
+    p.add_argument("--format", default=d.layout, choices=("auto", *LAYOUTS), help="raw layout (default: auto-detect)")
+    p.add_argument("--name", default=None, help="dataset name used in sample keys (default: first input's stem)")
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction,
+                   help="last fraction of trajectories put in the test split, for files without their own split "
+                        f"(default {d.test_fraction})")
+    p.add_argument("--shard-size-mb", type=float, default=d.shard_size_mb,
+                   help=f"target shard size in MiB (default {d.shard_size_mb:g})")
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help=f"stored dtype (default {d.dtype})")
+    p.add_argument("--workers", type=int, default=d.workers, help="worker processes, one shard each at a time")
+    p.add_argument("--skip-bad", action="store_true", help="skip NaN/Inf trajectories (counted as skipped_bad)")
+    p.add_argument("--seed", type=int, default=None, help="permute training trajectories across shards with this seed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing built directory at --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.verify is None and (not args.input or not args.out):
+        p.error("either --verify DIR, or --input PATH [PATH ...] and --out DIR")
+    if args.verify is not None and (args.input or args.out):
+        p.error("--verify cannot be combined with --input/--out")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    progress = False if args.no_progress else None
+    try:
+        if args.verify is not None:
+            report = verify(args.verify, progress=progress)
+            print(f"{PROG}: ok: {args.verify}: {json.dumps(report)}")
+            return 0
+        cfg = BuildConfig(inputs=args.input, out=args.out, layout=args.format, name=args.name,
+                          test_fraction=args.test_fraction, shard_size_mb=args.shard_size_mb, dtype=args.dtype,
+                          workers=args.workers, skip_bad=args.skip_bad, seed=args.seed, overwrite=args.overwrite,
+                          progress=progress)
+        m = build(cfg)
+    except (DataFormatError, ValueError, OSError, RuntimeError) as exc:  # RuntimeError: a worker died
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    n_shards = sum(len(m["splits"][s]["shards"]) for s in ("train", "test"))
+    print(f"{PROG}: wrote {args.out}: {m['name']} {m['layout']} shape {m['shape']} channels {m['channels']}: "
+          f"{m['splits']['train']['count']} train, {m['splits']['test']['count']} test in {n_shards} shards"
+          f" ({m['skipped_bad']} skipped)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

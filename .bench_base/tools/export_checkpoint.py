@@ -1,0 +1,45 @@
+"""Export a DeepSpeed checkpoint (any ep_size) to one safetensors file in the single-process layout.
+
+    python tools/export_checkpoint.py --checkpoint runs/x/checkpoints --out nestor.safetensors
+
+Gathers the non-expert weights and every expert-parallel rank's expert files, converts the token MoEs
+to the `local` backend layout, checks that a model built from the saved config loads them, and writes
+FILE.safetensors (run config in the metadata) plus FILE.json (the same config, for humans).
+Load it with `from nestor_ds import load_pretrained; model = load_pretrained("nestor.safetensors")`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint root (its 'latest' tag) or a tag directory")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    args = p.parse_args(argv)
+    if not args.out.endswith(".safetensors"):
+        p.error(f"--out {args.out}: must end with .safetensors")
+
+    from tqdm import tqdm
+
+    from nestor_ds.checkpoint_io import export_checkpoint
+
+    with tqdm(total=1, desc="export", unit="ckpt") as bar:
+        out = export_checkpoint(args.checkpoint, args.out)
+        bar.update()
+    size = out.stat().st_size / 2**20
+    print(f"wrote {out} ({size:.1f} MiB) and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)

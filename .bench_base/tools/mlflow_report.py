@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Side-by-side terminal table of MLflow runs (e.g. NESTOR vs the AFNO baseline).
+
+Runs are columns, quantities are rows, so a dozen per-dataset L2RE rows still fit a terminal.
+Values are the last logged value of each metric. Examples:
+
+    python tools/mlflow_report.py                              # latest 6 runs of experiment nestor-ds
+    python tools/mlflow_report.py --run 3f2a... --run 9c1b...  # chosen runs
+    python tools/mlflow_report.py --metrics train/grad_norm,perf/mfu
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+# Where each header row is looked up, in order: tags, then params, then metrics.
+PRESET_KEYS = ("nestor.preset", "model.preset", "preset")
+PARAM_COUNT_KEYS = ("nestor.params_total", "model/params_total", "model.params_total", "params_total")
+ACTIVE_COUNT_KEYS = ("nestor.params_active", "model/params_active", "model.params_active", "params_active")
+BASE_METRICS = ("train/loss", "train/rel_l2", "perf/samples_per_s", "perf/tflops", "perf/mfu")
+EVAL_RE = re.compile(r"^eval/(?P<ds>.+)/(?P<kind>l2re_1step|l2re_rollout)$")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tracking-uri", default=None, help=f"MLflow store (default $MLFLOW_TRACKING_URI or {DEFAULT_URI})")
+    p.add_argument("--experiment", default="nestor-ds", help="experiment to list when no --run is given")
+    p.add_argument("--run", action="append", default=[], metavar="RUN_ID", help="run id (repeatable); default: latest runs")
+    p.add_argument("--max-runs", type=int, default=6, help="how many latest runs to show without --run")
+    p.add_argument("--metrics", default="", help="extra metric rows, comma-separated (e.g. train/grad_norm,perf/mfu)")
+    p.add_argument("--no-eval", action="store_true", help="hide the per-dataset eval rows")
+    return p.parse_args(argv)
+
+
+def _lookup(run, keys: tuple[str, ...]) -> str:
+    """First of `keys` found in the run's tags, params or metrics; '-' if none."""
+    for source in (run.data.tags, run.data.params, run.data.metrics):
+        for key in keys:
+            if key in source:
+                return _fmt(source[key])
+    return "-"
+
+
+def _fmt(value) -> str:
+    """Compact number formatting: 4 significant digits, parameter counts in M."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    v = float(value)
+    if v != v:
+        return "nan"
+    if abs(v) >= 1e6:
+        return f"{v / 1e6:.2f}M"
+    return f"{v:.4g}"
+
+
+def fetch_runs(client, args) -> list:
+    """The runs named by --run, else the latest --max-runs of --experiment."""
+    if args.run:
+        return [client.get_run(r) for r in args.run]
+    exp = client.get_experiment_by_name(args.experiment)
+    if exp is None:
+        raise LookupError(f"experiment '{args.experiment}' not found in {client.tracking_uri}")
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=args.max_runs)
+
+
+def build_table(runs: list, extra_metrics: list[str], show_eval: bool = True) -> list[list[str]]:
+    """Rows of [label, value per run]."""
+    rows = [
+        ["run id"] + [r.info.run_id[:12] for r in runs],
+        ["name"] + [r.info.run_name or "-" for r in runs],
+        ["entry"] + [r.data.tags.get("nestor.entry", "-") for r in runs],
+        ["status"] + [r.info.status for r in runs],
+        ["preset"] + [_lookup(r, PRESET_KEYS) for r in runs],
+        ["params total"] + [_lookup(r, PARAM_COUNT_KEYS) for r in runs],
+        ["params active"] + [_lookup(r, ACTIVE_COUNT_KEYS) for r in runs],
+        ["last step"] + [str(max((m.step for m in r.data._metric_objs if not m.key.startswith("system/")), default="-"))
+                         for r in runs],
+    ]
+    for key in list(BASE_METRICS) + [m for m in extra_metrics if m not in BASE_METRICS]:
+        rows.append([key] + [_fmt(r.data.metrics[key]) if key in r.data.metrics else "-" for r in runs])
+    if show_eval:
+        eval_keys = sorted({k for r in runs for k in r.data.metrics if EVAL_RE.match(k)},
+                           key=lambda k: (EVAL_RE.match(k)["kind"], EVAL_RE.match(k)["ds"]))
+        for key in eval_keys:
+            rows.append([key] + [_fmt(r.data.metrics[key]) if key in r.data.metrics else "-" for r in runs])
+    return rows
+
+
+def render(rows: list[list[str]]) -> str:
+    """Left-aligned labels, right-aligned values, one header rule under the run ids."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow.tracking import MlflowClient
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+        print(f"mlflow_report: no MLflow database at {uri[len('sqlite:///'):]}", file=sys.stderr)
+        return 2
+    try:
+        runs = fetch_runs(MlflowClient(uri), args)
+    except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback
+        msg = str(exc).strip().splitlines()
+        print(f"mlflow_report: {type(exc).__name__}: {msg[0] if msg else ''}"[:400], file=sys.stderr)
+        return 2
+    if not runs:
+        print(f"mlflow_report: experiment '{args.experiment}' has no runs", file=sys.stderr)
+        return 1
+    extra = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    print(render(build_table(runs, extra, show_eval=not args.no_eval)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
