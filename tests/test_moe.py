@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))
 from nestor_ds.moe import (LocalTokenMoE, MoEConfig, build_token_moe, expert_load_stats,  # noqa: E402
                            grouped_mm_supported)
 from nestor_ds.moe.experts import chunk_rows  # noqa: E402
+from nestor_ds.moe.local import dispatch_rows, gather_rows  # noqa: E402
 
 D, F_HID, E, K = 16, 16, 4, 2  # 16 fp32 = 64 bytes: grouped_mm runs on CPU
 
@@ -84,7 +85,7 @@ def test_padded_kernel_with_several_chunks_per_expert_matches_grouped_in_value_a
         with torch.no_grad():
             moe.router.gate.weight[0] += 3.0 * moe.router.gate.weight[1:].abs().sum(0)   # favour expert 0
         moe.kernel = kernel
-        x = torch.randn(200, D, generator=torch.Generator().manual_seed(0)).abs()
+        x = torch.randn(600, D, generator=torch.Generator().manual_seed(0)).abs()
         out = moe(x)
         (out.out_ND * torch.linspace(-1, 1, D)).sum().backward()
         outs[kernel] = (out.out_ND, {n: p.grad for n, p in moe.named_parameters()}, out.tokens_per_expert_E)
@@ -93,6 +94,29 @@ def test_padded_kernel_with_several_chunks_per_expert_matches_grouped_in_value_a
     torch.testing.assert_close(outs["padded"][0], outs["grouped"][0], atol=1e-5, rtol=1e-5)
     for name, g in outs["grouped"][1].items():
         torch.testing.assert_close(outs["padded"][1][name], g, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_dispatch_and_gather_rows_match_index_select_in_value_and_gradient():
+    """The gather-both-ways helpers compute what index_select / index_add would, gradients included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    slot = torch.randperm(12, generator=g)[:10].view(5, 2)            # 10 of 12 rows used, 2 stay zero
+    buf = dispatch_rows(x, slot, 12)
+    ref = torch.zeros(12, 3, dtype=torch.float64).index_put((slot.reshape(-1),), x.repeat_interleave(2, 0))
+    torch.testing.assert_close(buf, ref)
+    torch.testing.assert_close(gather_rows(buf, slot), x.unsqueeze(1).expand(5, 2, 3))
+    assert torch.autograd.gradcheck(lambda t: dispatch_rows(t, slot, 12), (x,))
+    assert torch.autograd.gradcheck(lambda t: gather_rows(t, slot), (torch.randn(12, 3, dtype=torch.float64,
+                                                                                   requires_grad=True),))
+
+
+def test_default_kernel_per_device_and_padded_fallback_for_float64():
+    moe = make_moe()
+    assert moe.experts.default_kernel(torch.zeros(1, D)) == "grouped"          # CPU fp32, aligned rows
+    assert moe.experts.default_kernel(torch.zeros(1, D, dtype=torch.float64)) == "padded"
+    moe = moe.double()
+    x = torch.randn(13, D, dtype=torch.float64)
+    torch.testing.assert_close(moe(x).out_ND, naive_forward(moe, x))
 
 
 def test_weights_initialised_and_finite():

@@ -76,8 +76,10 @@ def _unpack(flat: torch.Tensor, k: int, c: int, n_bands: int) -> dict[str, torch
 
 
 def _all_reduce(t: torch.Tensor, op: Any, world_size: int) -> torch.Tensor:
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=op)
+    if world_size > 1:
+        from nestor_ds.engine.distributed import all_reduce_host
+
+        all_reduce_host(t, op)
     return t
 
 

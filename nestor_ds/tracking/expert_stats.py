@@ -168,7 +168,9 @@ class ExpertUsage:
         if not parts:
             return
         flat = torch.from_numpy(np.concatenate(parts).astype(np.float64))
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=group)
+        from nestor_ds.engine.distributed import all_reduce_host  # NCCL needs CUDA tensors, gloo CPU ones
+
+        all_reduce_host(flat, torch.distributed.ReduceOp.SUM, group=group)
         flat_np = flat.numpy()
         pos = 0
         for b in blocks:
