@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Check the GPU paths of NESTOR-DS on one CUDA device, in one short run, and write what was measured.
 
-    python tools/gpu_check.py --out gpu_check.json [--skip-train]
+    python tools/gpu_check.py --out gpu_check.json [--parts equivalence,kernels,bench,train]
 
 1. CUDA vs CPU: the same weights give the same fp32 output (local MoE backend, grouped_mm on both).
 2. bf16 autocast forward + backward is finite; which attention kernel SDPA can use (flash / efficient / math),
    and whether flash-attn and MegaBlocks are importable.
 3. Throughput of nestor-ti and afno-ti (forward + backward, bf16 autocast, B=32, 128x128): samples/s,
    achieved TFLOP/s from the analytic FLOPs, MFU against the device's dense bf16 peak; token MoE vs dense SwiGLU.
-4. Unless --skip-train: the real entry on one GPU with NCCL: tiny generated data -> shards -> `nestor_ds/train.py`
+4. train: the real entry on one GPU with NCCL: tiny generated data -> shards -> `nestor_ds/train.py`
    with ds_configs/zero2_bf16.json (DeepSpeed-MoE backend) and zero3_bf16.json (AFNO baseline).
 Without CUDA it says so and exits 0.
 """
@@ -173,20 +173,24 @@ def main() -> int:
     p.add_argument("--out", default="gpu_check.json", help="JSON report path")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--res", type=int, default=128)
-    p.add_argument("--skip-train", action="store_true", help="skip the DeepSpeed entry runs")
+    p.add_argument("--parts", default="equivalence,kernels,bench,train",
+                   help="comma-separated subset of: equivalence, kernels, bench, train (default: all)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to check")
         return 0
     report: dict = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    parts = set(args.parts.split(","))
     for name, fn in (("equivalence", check_equivalence), ("kernels", check_kernels),
                      ("bench", lambda: bench_models(args.batch, args.res))):
+        if name not in parts:
+            continue
         try:
             report[name] = fn()
         except Exception as e:  # noqa: BLE001 - one failing part must not hide the others
             report[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         print(name, json.dumps(report[name]), flush=True)
-    if not args.skip_train:
+    if "train" in parts:
         with tempfile.TemporaryDirectory() as d:
             try:
                 report["train"] = train_entry(Path(d))
