@@ -207,3 +207,35 @@ def test_bad_configs_fail_at_start_with_one_line(tiny_shards, tmp_path):
         assert last.startswith("error:") and message in last, last
     missing = launch([TRAIN, "--ds_config", str(tmp_path / "nope.json"), "--config", str(cfg)], ranks=1, cwd=tmp_path)
     assert missing.returncode == 2 and "nope.json: file not found" in missing.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tiny_shards, tmp_path):
+    """Cluster preemption: SIGTERM to every rank -> checkpoint at the next step boundary, clean stop, resumable."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from train_fixtures import _free_port
+
+    root, shards = tiny_shards
+    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "deepspeed"}},
+                      train={"max_steps": 100000, "ckpt_every": 100000}, tracking={"enabled": False})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           TRAIN, "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg), "--run-name", "pre"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = tmp_path / "runs" / "pre" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole job, as a scheduler does
+    _, err = proc.communicate(timeout=300)
+    assert "received SIGTERM" in err
+    tags = [p for p in (tmp_path / "runs" / "pre" / "checkpoints").iterdir() if p.name.startswith("step_")]
+    assert len(tags) == 1 and (tags[0] / "COMPLETE").is_file(), err[-3000:]
+    stopped_at = int(tags[0].name.split("_")[1])
+    assert f"preempted: stopped cleanly at step {stopped_at}" in err
+    assert len(_losses(tmp_path / "runs" / "pre")) == stopped_at
