@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from nestor_ds.model import build_model, get_preset
 from nestor_ds.model.flops import forward_flops
-from nestor_ds.moe import MoEConfig, SwiGLU, build_token_moe
+from nestor_ds.moe import SwiGLU, build_token_moe
 
 AUTHORS_NESTOR_TI = 3.2       # samples/s, authors' code, B=8, 128^2, 2 threads (docs/REFERENCE)
 

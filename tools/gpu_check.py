@@ -111,7 +111,6 @@ def bench_models(batch: int, res: int) -> dict:
         flops = 3 * account(cfg).flops_per_sample * batch / sec
         out[preset] = {"samples_per_s": batch / sec, "tflops": flops / 1e12, "mfu": flops / peak if peak else None,
                        "finite": bool(torch.isfinite(model(x, mask).pred).all())}
-        del model, opt
         torch.cuda.empty_cache()
     out["flop_rate_ratio"] = out["nestor-ti"]["tflops"] / out["afno-ti"]["tflops"]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from nestor_ds.moe import MoEConfig
 
-from .config import ModelConfig, moe_from_dict
+from .config import ModelConfig
 
 
 def _nestor(**kw: Any) -> ModelConfig:

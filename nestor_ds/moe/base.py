@@ -36,3 +36,46 @@ def check_input(x_ND: torch.Tensor, valid_N: Optional[torch.Tensor], dim: int) -
     if valid_N is not None and (valid_N.dtype != torch.bool or tuple(valid_N.shape) != (x_ND.shape[0],)):
         raise ValueError(f"TokenMoE: valid_N must be a bool tensor [{x_ND.shape[0]}], "
                          f"got {valid_N.dtype} {tuple(valid_N.shape)}")
+
+
+class ExternalRoutedMoE(TokenMoE):
+    """A backend whose routed experts run in another library (DeepSpeed-MoE, MegaBlocks); shared experts, padding
+    handling, losses and counts are ours, so every backend reports the same quantities.
+
+    Subclasses set num_experts, top_k, dim, hidden, shared and implement ``gate_weight`` (the library's router
+    weight [E, D]) and ``routed(x_ND) -> out_ND``.
+    """
+
+    shared: Optional[nn.Module]
+
+    @property
+    def gate_weight(self) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def routed(self, x_ND: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor] = None) -> MoEOutput:
+        from .router import load_balancing_loss, route_from_logits, router_z_loss, tokens_per_expert
+
+        check_input(x_ND, valid_N, self.dim)
+        rows_V = None if valid_N is None else valid_N.nonzero().squeeze(1)
+        # The libraries route padding rows too (DeepSpeed honours a padding mask only for top-1): give them
+        # detached copies of valid rows, so they spread over experts like real tokens instead of all picking
+        # the same two and inflating the dropless buffer; their outputs are zeroed below.
+        x_in_ND = x_ND
+        if rows_V is not None and 0 < rows_V.numel() < x_ND.shape[0]:
+            pad_P = (~valid_N).nonzero().squeeze(1)
+            fill_P = rows_V[torch.arange(pad_P.numel(), device=x_ND.device) % rows_V.numel()]
+            x_in_ND = x_ND.index_copy(0, pad_P, x_ND.index_select(0, fill_P).detach())
+        out_ND = self.routed(x_in_ND)
+        x_VD = x_ND if rows_V is None else x_ND.index_select(0, rows_V)
+        if self.shared is not None:
+            shared_VD = self.shared(x_VD)
+            out_ND = out_ND + (shared_VD if rows_V is None else torch.zeros_like(out_ND).index_copy(0, rows_V, shared_VD))
+        if valid_N is not None:
+            out_ND = torch.where(valid_N.unsqueeze(1), out_ND, torch.zeros_like(out_ND))
+        # losses and counts from the library's own gate weight, valid rows only (it routes identically)
+        routing = route_from_logits(torch.nn.functional.linear(x_VD.float(), self.gate_weight.float()), self.top_k)
+        return MoEOutput(out_ND, load_balancing_loss(routing.probs_NE, routing.experts_NK),
+                         router_z_loss(routing.logits_NE), tokens_per_expert(routing.experts_NK, self.num_experts))

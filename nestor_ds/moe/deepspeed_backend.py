@@ -33,16 +33,14 @@ MoE optimizer param groups and the per-expert checkpoint files).
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from .base import MoEOutput, TokenMoE, check_input
+from .base import ExternalRoutedMoE
 from .config import MoEConfig
 from .experts import SwiGLU
-from .router import load_balancing_loss, route_from_logits, router_z_loss, tokens_per_expert
 
 _DS_GATE = "moe.deepspeed_moe.gate.wg.weight"
 _DS_EXPERT = "moe.deepspeed_moe.experts.deepspeed_experts.{i}.{w}.weight"
@@ -50,7 +48,7 @@ _LOCAL_EXPERT = {"w1": "experts.w1_EFD", "w3": "experts.w3_EFD", "w2": "experts.
 _SHARED_PREFIX = "shared."
 
 
-class DeepSpeedTokenMoE(TokenMoE):
+class DeepSpeedTokenMoE(ExternalRoutedMoE):
     """Token MoE on deepspeed.moe.layer.MoE; this rank holds experts [ep_rank*E_local, (ep_rank+1)*E_local)."""
 
     def __init__(self, cfg: MoEConfig, dim: int) -> None:
@@ -109,36 +107,14 @@ class DeepSpeedTokenMoE(TokenMoE):
         group = self.moe.deepspeed_moe.ep_group
         return dist.get_rank(group=group) if group is not None else 0
 
-    def forward(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor] = None) -> MoEOutput:
-        check_input(x_ND, valid_N, self.dim)
+    def routed(self, x_ND: torch.Tensor) -> torch.Tensor:
         if x_ND.shape[0] == 0:
             raise ValueError("DeepSpeedTokenMoE: got N=0 rows; every EP rank must call with the same N >= 1 "
                              "(pad with valid_N=False rows)")
         if self.ep_size > 1:
             self.init_expert_groups()
-        rows_V = None if valid_N is None else valid_N.nonzero().squeeze(1)
-        x_in_ND = x_ND
-        if rows_V is not None and 0 < rows_V.numel() < x_ND.shape[0]:
-            pad_P = (~valid_N).nonzero().squeeze(1)
-            fill_P = rows_V[torch.arange(pad_P.numel(), device=x_ND.device) % rows_V.numel()]
-            x_in_ND = x_ND.index_copy(0, pad_P, x_ND.index_select(0, fill_P).detach())
-
-        out_ND, _ds_l_aux, _ds_counts = self.moe(x_in_ND)
-        x_VD = x_ND if rows_V is None else x_ND.index_select(0, rows_V)
-        if self.shared is not None:
-            shared_VD = self.shared(x_VD)
-            out_ND = out_ND + (shared_VD if rows_V is None else torch.zeros_like(out_ND).index_copy(0, rows_V, shared_VD))
-        if valid_N is not None:
-            out_ND = torch.where(valid_N.unsqueeze(1), out_ND, torch.zeros_like(out_ND))
-
-        # our losses/counts from the gate's own weight, valid rows only (the gate routes identically)
-        routing = route_from_logits(F.linear(x_VD.float(), self.gate_weight.float()), self.top_k)
-        return MoEOutput(
-            out_ND=out_ND,
-            lb_loss=load_balancing_loss(routing.probs_NE, routing.experts_NK),
-            z_loss=router_z_loss(routing.logits_NE),
-            tokens_per_expert_E=tokens_per_expert(routing.experts_NK, self.num_experts),
-        )
+        out_ND, _ds_l_aux, _ds_counts = self.moe(x_ND)  # DeepSpeed's l_aux/counts include padding: ours are used
+        return out_ND
 
 
 def deepspeed_state_from_local(local_state: Mapping[str, torch.Tensor], ep_rank: int = 0,

@@ -15,15 +15,12 @@ megablocks 0.10 pins torch 2.7 and needs CUDA to build and import: see requireme
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
-from .base import MoEOutput, TokenMoE, check_input
+from .base import ExternalRoutedMoE
 from .config import MoEConfig
 from .experts import SwiGLU
-from .router import load_balancing_loss, route_from_logits, router_z_loss, tokens_per_expert
 
 INSTALL_HINT = "pip install -r requirements-gpu.txt --no-build-isolation"
 
@@ -38,7 +35,7 @@ def _import_megablocks():
     return Arguments, dMoE
 
 
-class MegaBlocksTokenMoE(TokenMoE):
+class MegaBlocksTokenMoE(ExternalRoutedMoE):
     """Token MoE whose routed experts run in MegaBlocks' dMoE; shared experts are ours."""
 
     def __init__(self, cfg: MoEConfig, dim: int, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -67,30 +64,15 @@ class MegaBlocksTokenMoE(TokenMoE):
     def gate_weight(self) -> torch.Tensor:
         return self.dmoe.router.layer.weight
 
-    def forward(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor] = None) -> MoEOutput:
-        check_input(x_ND, valid_N, self.dim)
-        rows_V = None if valid_N is None else valid_N.nonzero().squeeze(1)
-        x_in_ND = x_ND
-        if rows_V is not None and 0 < rows_V.numel() < x_ND.shape[0]:
-            pad_P = (~valid_N).nonzero().squeeze(1)
-            fill_P = rows_V[torch.arange(pad_P.numel(), device=x_ND.device) % rows_V.numel()]
-            x_in_ND = x_ND.index_copy(0, pad_P, x_ND.index_select(0, fill_P).detach())
-        res = self.dmoe(x_in_ND.unsqueeze(1))  # dMoE wants [seq, batch, D]
+    def routed(self, x_ND: torch.Tensor) -> torch.Tensor:
+        res = self.dmoe(x_ND.unsqueeze(1))  # dMoE wants [seq, batch, D]
         out_ND = (res[0] if isinstance(res, tuple) else res).squeeze(1)
-        try:  # MegaBlocks keeps per-call router outputs for its own loss: drop them (ours is below)
+        try:  # MegaBlocks keeps per-call router outputs for its own loss: drop them (ours is computed by the base)
             from megablocks.layers.moe import clear_load_balancing_loss
             clear_load_balancing_loss()
         except ImportError:
             pass
-        x_VD = x_ND if rows_V is None else x_ND.index_select(0, rows_V)
-        if self.shared is not None:
-            shared_VD = self.shared(x_VD)
-            out_ND = out_ND + (shared_VD if rows_V is None else torch.zeros_like(out_ND).index_copy(0, rows_V, shared_VD))
-        if valid_N is not None:
-            out_ND = torch.where(valid_N.unsqueeze(1), out_ND, torch.zeros_like(out_ND))
-        routing = route_from_logits(F.linear(x_VD.float(), self.gate_weight.float()), self.top_k)
-        return MoEOutput(out_ND, load_balancing_loss(routing.probs_NE, routing.experts_NK),
-                         router_z_loss(routing.logits_NE), tokens_per_expert(routing.experts_NK, self.num_experts))
+        return out_ND
 
     @torch.no_grad()
     def load_local_state(self, local_state: dict[str, torch.Tensor]) -> None:
