@@ -223,6 +223,13 @@ def test_capacity_drops_lowest_weight_overflow_to_shared_path():
         if len(members):
             best = members[r.weights_NK[members, 0].argmax()]
             assert kept[best]
+    assert out.routing.dropped_tokens == int((~kept).sum()) * 16     # dropped samples x 4x4 tokens
+
+
+def test_dropless_reports_no_dropped_tokens():
+    cfg = tiny(depth=1)
+    out = build_model(cfg).blocks[0].moe(torch.randn(2, cfg.width, 4, 4))
+    assert out.routing.dropped_tokens is None
 
 
 def _ep_worker(rank: int, world: int, port: int, queue) -> None:

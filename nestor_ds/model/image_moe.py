@@ -49,6 +49,7 @@ class BlockRouting:
     image_topk_idx: torch.Tensor   # [B, K] long, selected image experts per sample, best first
     image_counts: torch.Tensor     # [E_img] long, samples routed to each image expert (before capacity)
     token_counts: torch.Tensor     # [E_img, E_tok] long, token assignments inside each image expert
+    dropped_tokens: int | None = None  # tokens of samples over an image expert's capacity (None: dropless)
 
 
 @dataclass
@@ -154,12 +155,13 @@ class ImageMoE(nn.Module):
         keep_in_graph = h_BDHW.new_zeros(())      # padding-only calls under expert parallelism (see below)
         token_counts = torch.zeros(self.E, self.experts[0].moe.num_experts, dtype=torch.long, device=h_BDHW.device)
         token_lb = token_z = h_BDHW.new_zeros((), dtype=torch.float32)
-        real_total = 0
+        real_total = dropped = 0
         start = 0
         for e, (n_e, size) in enumerate(zip(counts_E.tolist(), sizes)):
             seg = slice(start, start + n_e)
             start += n_e
             real = min(n_e, size)                                      # overflow beyond capacity dropped
+            dropped += n_e - real
             if size == 0:
                 if n_e:
                     y_pieces.append(x_ALD.new_zeros(n_e, L, D))
@@ -195,5 +197,6 @@ class ImageMoE(nn.Module):
             out = out + self.shared(h_BDHW)
         if self.cfg.image_moe_skip:
             out = out + h_BDHW
-        routing = BlockRouting(r.experts_NK.detach(), counts_E.detach(), token_counts)
+        routing = BlockRouting(r.experts_NK.detach(), counts_E.detach(), token_counts,
+                               dropped * L if self.cfg.image_capacity_factor > 0 else None)
         return ImageMoEOutput(out, image_lb, token_lb, token_z, routing)

@@ -115,7 +115,7 @@ class ExpertUsage:
     def update_from_routing(self, routing: list, dataset_id_B: torch.Tensor) -> None:
         """Add a whole model step: `routing` is the model's list of `BlockRouting`, one per block."""
         for block, r in enumerate(routing):
-            self.update(block, dataset_id_B, r.image_topk_idx, r.token_counts)
+            self.update(block, dataset_id_B, r.image_topk_idx, r.token_counts, getattr(r, "dropped_tokens", None))
 
     def counts_matrix(self, block: int) -> np.ndarray:
         """Dataset x image-expert assignment counts `[D, E]` (input of the heat map)."""
