@@ -303,3 +303,20 @@ def test_flops_match_flop_counter_and_reference():
     assert measured_flops(model, x) == acc.matmul_flops     # 2 of 6 image experts, 2+1 of 6+1 token experts
     assert abs(acc.matmul_flops - 10.75e9) / 10.75e9 < 0.001  # the authors' NESTOR-Ti, FlopCounterMode
     assert acc.flops_per_sample > acc.matmul_flops
+
+
+def test_predict_residual_starts_from_persistence():
+    cfg = tiny(predict_residual=True)
+    model = build_model(cfg).eval()
+    last_layer = [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    torch.nn.init.zeros_(last_layer.weight)
+    torch.nn.init.zeros_(last_layer.bias)
+    x = torch.randn(2, cfg.resolution, cfg.resolution, cfg.t_in, cfg.in_channels)
+    mask = torch.ones(2, cfg.in_channels, dtype=torch.bool)
+    mask[1, -1] = False
+    with torch.no_grad():
+        pred = model(x, mask).pred
+    expected = x[..., -1:, :].expand_as(pred) * mask[:, None, None, None, :]
+    assert torch.equal(pred, expected)
+    with pytest.raises(ValueError, match="predict_residual needs out_channels == in_channels"):
+        build_model(tiny(predict_residual=True, out_channels=1))

@@ -23,6 +23,6 @@ class AFNONet(ForecastModel):
     def forward(self, x: torch.Tensor, channel_mask: torch.Tensor | None = None) -> ModelOutput:
         self.check_input(x, channel_mask)
         z = self.blocks(self.encoder(x))
-        pred, cls = self.finish(z, channel_mask)
+        pred, cls = self.finish(z, channel_mask, x)
         aux = {k: pred.new_zeros((), dtype=torch.float32) for k in AUX_KEYS}
         return ModelOutput(pred, aux, [], cls)

@@ -44,6 +44,7 @@ class ModelConfig:
     head_dim: int = 32                    # output head hidden channels (DPOT's out_layer_dim)
     norm_groups: int = 8                  # GroupNorm groups (DPOT)
     num_datasets: int = 0                 # DPOT's dataset-classification head (0 = off)
+    predict_residual: bool = False        # predict x_last + head(z) (not in the authors' code; off by default)
     dropout: float = 0.0
     attn_dropout: float = 0.0
     attention: str = "auto"               # "auto" | "sdpa" | "flash"
@@ -92,6 +93,8 @@ class ModelConfig:
         need(self.shared_afno_layers >= 0, f"shared_afno_layers={self.shared_afno_layers} must be >= 0")
         need(self.afno_mlp_ratio > 0, f"afno_mlp_ratio={self.afno_mlp_ratio} must be > 0")
         need(0 <= self.dropout < 1 and 0 <= self.attn_dropout < 1, "dropout and attn_dropout must be in [0, 1)")
+        need(not self.predict_residual or self.c_out == self.in_channels,
+             f"predict_residual needs out_channels == in_channels, got {self.c_out} != {self.in_channels}")
         need(self.num_datasets >= 0, f"num_datasets={self.num_datasets} must be >= 0")
         if hasattr(self.moe, "validate"):
             self.moe.validate()

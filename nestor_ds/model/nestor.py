@@ -45,9 +45,16 @@ class ForecastModel(nn.Module):
         if channel_mask is not None and tuple(channel_mask.shape) != (x.shape[0], c.c_out):
             raise ValueError(f"channel_mask must be [B={x.shape[0]}, C_out={c.c_out}], got {tuple(channel_mask.shape)}")
 
-    def finish(self, z_BDHW: torch.Tensor, channel_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Head on the token field; padded channels predicted as exactly 0 (they carry no physics)."""
+    def finish(self, z_BDHW: torch.Tensor, channel_mask: torch.Tensor | None,
+               x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Head on the token field; padded channels predicted as exactly 0 (they carry no physics).
+
+        With ``predict_residual`` the head predicts the change from the last input frame (every predicted frame is
+        last frame + head output): the network starts at the persistence forecast instead of at zero.
+        """
         pred = self.head(z_BDHW)
+        if self.cfg.predict_residual:
+            pred = pred + x[..., -1:, :].to(pred.dtype)
         if channel_mask is not None:
             pred = pred * channel_mask.to(pred.dtype)[:, None, None, None, :]
         cls = self.cls_head(z_BDHW.mean(dim=(2, 3))) if self.cls_head is not None else None
@@ -108,5 +115,5 @@ class Nestor(ForecastModel):
             aux["token_lb"] = aux["token_lb"] + o.token_lb
             aux["token_z"] = aux["token_z"] + o.token_z
             routing.append(o.routing)
-        pred, cls = self.finish(z, channel_mask)
+        pred, cls = self.finish(z, channel_mask, x)
         return ModelOutput(pred, aux, routing, cls)
