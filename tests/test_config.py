@@ -1,0 +1,88 @@
+"""Run configuration: YAML + --set overrides -> validated dataclasses, with messages that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from nestor_ds.config import ConfigError, config_from_dict, flatten, load_config, parse_overrides
+from nestor_ds.engine.distributed import resolve_ep_size
+from nestor_ds.engine.optim import lr_at
+from nestor_ds.config import OptimConfig
+
+
+@pytest.fixture
+def tmp_path(tiny_shards):  # the configs below point at real shards (validation reads their manifests)
+    return tiny_shards[1]["dr_tiny"]
+
+
+def _base(shard_dir):
+    return {"data": {"datasets": [{"name": "d", "path": str(shard_dir)}], "t_in": 4, "resolution": 16, "channels": 2},
+            "model": {"preset": "nestor-tiny", "width": 16, "num_heads": 2, "patch_size": 4}}
+
+
+def test_preset_then_fields_then_data_bound_fields(tmp_path):
+    cfg = config_from_dict(_base(tmp_path))
+    assert cfg.preset == "nestor-tiny" and cfg.model.width == 16 and cfg.model.image_experts == 4
+    assert (cfg.model.t_in, cfg.model.resolution, cfg.model.in_channels) == (4, 16, 2)  # follow the data section
+    assert cfg.ep_size == "auto"
+
+
+def test_overrides_parse_yaml_values_and_numbers_like_3e_3(tmp_path):
+    raw = _base(tmp_path)
+    over = parse_overrides(["optim.lr=3e-3", "train.max_steps=7", "model.moe.ep_size=2", "optim.betas=[0.9, 0.99]"])
+    cfg = config_from_dict({**raw, **{k: {**raw.get(k, {}), **v} for k, v in over.items()}})
+    assert cfg.optim.lr == pytest.approx(3e-3) and cfg.train.max_steps == 7 and cfg.ep_size == 2
+    assert cfg.optim.betas == (0.9, 0.99)
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"model": {"widht": 3}}, "unknown key 'model.widht'"),
+    ({"train": {"max_steps": "abc"}}, "train.max_steps must be an integer"),
+    ({"optim": {"schedule": "linear"}}, "optim.schedule must be onecycle, cosine or constant"),
+    ({"model": {"t_in": 5}}, "model.t_in = 5 disagrees with data.t_in = 4"),
+    ({"finetune": {"freeze": ["heads"]}}, "finetune.freeze unknown part(s) ['heads']"),
+    ({"bogus": {}}, "unknown key 'bogus'"),
+])
+def test_bad_values_name_the_key(tmp_path, patch, message):
+    raw = _base(tmp_path)
+    for k, v in patch.items():
+        raw[k] = {**raw.get(k, {}), **v}
+    with pytest.raises((ConfigError, ValueError), match=None) as err:
+        config_from_dict(raw)
+    assert message in str(err.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cfg")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp / "nope.yaml")
+    bad = tmp / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_flatten_names_every_leaf(tmp_path):
+    flat = flatten(config_from_dict(_base(tmp_path)).to_dict())
+    assert flat["data.datasets.0.name"] == "d" and flat["model.moe.num_experts"] == 4 and "optim.lr" in flat
+
+
+def test_ep_size_resolution():
+    assert resolve_ep_size("auto", 2, 4, "deepspeed") == 2
+    assert resolve_ep_size("auto", 6, 4, "deepspeed") == 2
+    assert resolve_ep_size("auto", 8, 6, "deepspeed") == 2
+    assert resolve_ep_size("auto", 4, 4, "local") == 1
+    with pytest.raises(ValueError, match="must divide both the world size"):
+        resolve_ep_size(3, 4, 6, "deepspeed")
+    with pytest.raises(ValueError, match="needs model.moe.backend=deepspeed"):
+        resolve_ep_size(2, 2, 4, "local")
+
+
+def test_schedules_warm_up_and_decay():
+    cfg = OptimConfig(lr=1e-3, warmup_steps=10, schedule="onecycle", final_lr_ratio=0.01)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] < 1e-4 and max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 9
+    assert lrs[-1] == pytest.approx(1e-5, rel=1e-6)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    const = OptimConfig(lr=1e-3, warmup_steps=4, schedule="constant")
+    assert [lr_at(s, 10, const) for s in (0, 3, 9)] == pytest.approx([2.5e-4, 1e-3, 1e-3])
