@@ -185,30 +185,9 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
             lr = lr_at(step, total, cfg.optim)
             apply_lr(optimizer, lr)
             t0 = time.perf_counter()
-            parts_sum: dict[str, torch.Tensor] = {}
-            for micro_i in range(accum):
-                batch = next(batches)
-                torch.manual_seed(derive_seed(cfg.train.seed, "step", dist_info.rank, step, micro_i))
-                noise_gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "noise", dist_info.rank, step, micro_i))
-                x = inject_noise(batch["x"], cfg.train.input_noise, noise_gen).to(device, dtype=input_dtype)
-                mask = batch["channel_mask"].to(device)
-                out = engine(x, mask)
-                loss, parts = training_loss(out.pred.float(), batch["y"].to(device), mask, out.aux_losses, cfg.loss)
-                engine.backward(loss)
-                engine.step()
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0) + v / accum
-                usage.update_from_routing(out.routing, batch["dataset_id"])
-            step_time = time.perf_counter() - t0
+            parts = _optimizer_step(engine, batches, cfg, dist_info.rank, step, accum, input_dtype, usage)
             step += 1
-            names = sorted(parts_sum)
-            reduced = all_reduce_mean(torch.stack([parts_sum[k].cpu() for k in names]))
-            metrics = {f"train/{k}": float(v) for k, v in zip(names, reduced)}
-            grad_norm = engine.get_global_grad_norm()
-            metrics["train/lr"] = lr
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
-            metrics.update(perf.step(step_time))
+            metrics = _step_metrics(parts, lr, engine.get_global_grad_norm(), perf.step(time.perf_counter() - t0))
             result.losses.append(metrics["train/loss"])
             if dist_info.is_main:
                 with open(run_dir / "metrics.jsonl", "a") as f:
@@ -248,6 +227,42 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     if dist_info.is_main:
         log.info("run directory: %s (checkpoints in %s)", run_dir, ckpt_root)
     return result
+
+
+def _optimizer_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], cfg: RunConfig, rank: int, step: int,
+                    accum: int, input_dtype: torch.dtype, usage: Any) -> dict[str, torch.Tensor]:
+    """One optimizer step = ``accum`` micro-batches (DeepSpeed steps the optimizer at the boundary).
+
+    Every random draw is seeded by (seed, purpose, rank, step, micro-batch): a resumed run replays them exactly.
+    Returns this rank's loss parts averaged over the micro-batches.
+    """
+    device = engine.device
+    parts_sum: dict[str, torch.Tensor] = {}
+    for micro_i in range(accum):
+        batch = next(batches)
+        torch.manual_seed(derive_seed(cfg.train.seed, "step", rank, step, micro_i))
+        noise_gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "noise", rank, step, micro_i))
+        x = inject_noise(batch["x"], cfg.train.input_noise, noise_gen).to(device, dtype=input_dtype)
+        mask = batch["channel_mask"].to(device)
+        out = engine(x, mask)
+        loss, parts = training_loss(out.pred.float(), batch["y"].to(device), mask, out.aux_losses, cfg.loss)
+        engine.backward(loss)
+        engine.step()
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0) + v / accum
+        usage.update_from_routing(out.routing, batch["dataset_id"])
+    return parts_sum
+
+
+def _step_metrics(parts: dict[str, torch.Tensor], lr: float, grad_norm: Any, perf: dict[str, float]) -> dict[str, float]:
+    """Loss parts averaged over all ranks (every rank logs the same numbers), lr, gradient norm, throughput."""
+    names = sorted(parts)
+    reduced = all_reduce_mean(torch.stack([parts[k].cpu() for k in names]))
+    metrics = {f"train/{k}": float(v) for k, v in zip(names, reduced)}
+    metrics["train/lr"] = lr
+    if grad_norm is not None:
+        metrics["train/grad_norm"] = float(grad_norm)
+    return {**metrics, **perf}
 
 
 def _evaluate(engine: Any, cfg: RunConfig, dist_info: DistInfo, tracker: Any, step: int, prefix: str = "eval",
