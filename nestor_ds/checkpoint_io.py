@@ -43,10 +43,36 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------- reading DeepSpeed files
 
 
-def safe_torch_load(path: str | Path) -> Any:
-    """torch.load with weights_only=True on CPU; a file that needs arbitrary unpickling is refused."""
+# DeepSpeed's optimizer-state files pickle a few of its own small classes besides tensors and containers.
+# These (plain state holders, no code run on load) are the only globals a checkpoint may contain.
+DEEPSPEED_SAFE_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    import importlib
+
+    found = []
+    for module, name in DEEPSPEED_SAFE_GLOBALS:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return found
+
+
+def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True on CPU; a file that needs arbitrary unpickling is refused.
+
+    Tensors, plain containers and the few DeepSpeed state classes in DEEPSPEED_SAFE_GLOBALS are allowed.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()
         detail = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
@@ -54,6 +80,17 @@ def safe_torch_load(path: str | Path) -> Any:
                               f"containers (weights_only=True); {detail}") from None
     except (OSError, RuntimeError, EOFError) as err:
         raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({str(err).splitlines()[0]})") from None
+
+
+def verify_checkpoint_files(tag_dir: str | Path) -> None:
+    """Refuse a checkpoint directory any of whose .pt files would need arbitrary unpickling.
+
+    DeepSpeed's own loader (used to resume training) calls torch.load(weights_only=False); running this check
+    first means it only ever unpickles what a weights_only load accepts. Files are memory-mapped, so the check
+    reads the pickled metadata, not the tensors.
+    """
+    for f in sorted(Path(tag_dir).glob("*.pt")):
+        safe_torch_load(f, mmap=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

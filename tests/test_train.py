@@ -239,3 +239,25 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tiny_shards, tmp_path):
     stopped_at = int(tags[0].name.split("_")[1])
     assert f"preempted: stopped cleanly at step {stopped_at}" in err
     assert len(_losses(tmp_path / "runs" / "pre")) == stopped_at
+
+
+class _Payload:
+    """Stands for an arbitrary pickled object in a tampered checkpoint."""
+
+
+def test_resume_refuses_a_checkpoint_with_pickled_objects(tiny_shards, tmp_path):
+    root, shards = tiny_shards
+    cfg = tiny_config(tmp_path, shards, train={"max_steps": 2, "ckpt_every": 2}, tracking={"enabled": False})
+    ds = str(ds_config(tmp_path))
+    first = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "t"], ranks=1, cwd=tmp_path)
+    _ok(first)
+    tag = tmp_path / "runs" / "t" / "checkpoints" / "step_00000002"
+    optim = next(tag.glob("*optim_states.pt"))
+    state = torch.load(optim, weights_only=False)
+    state["payload"] = _Payload()
+    torch.save(state, optim)
+    again = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "t", "--resume", "auto",
+                    "--set", "train.max_steps=4"], ranks=1, cwd=tmp_path)
+    assert again.returncode == 2
+    last = again.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and optim.name in last and "refused to load" in last, last

@@ -92,7 +92,13 @@ def find_resume_dir(resume: Optional[str], checkpoint_root: Path) -> Optional[Pa
 
 
 def load_checkpoint(engine: Any, tag_dir: Path) -> dict[str, Any]:
-    """Load weights, optimizer state and our client state into a freshly initialised engine."""
+    """Load weights, optimizer state and our client state into a freshly initialised engine.
+
+    DeepSpeed unpickles with weights_only=False; every file is first checked to load with weights_only=True.
+    """
+    from nestor_ds.checkpoint_io import verify_checkpoint_files
+
+    verify_checkpoint_files(tag_dir)
     path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
