@@ -75,11 +75,16 @@ def ds_config(root: Path, stage: int = 2, micro: int = 2, accum: int = 1, suffix
     return path
 
 
-def launch(args: list[str], ranks: int, cwd: Path, timeout: int = 400, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``nestor_ds/<entry>.py`` on ``ranks`` CPU ranks with torchrun (1 rank: a plain process)."""
+def launch(args: list[str], ranks: int, cwd: Path, timeout: int = 400, env: dict[str, str] | None = None,
+           launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """Run ``nestor_ds/<entry>.py`` on ``ranks`` CPU ranks with torchrun or the DeepSpeed launcher
+    (1 rank with torchrun: a plain process)."""
     full_env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
                 "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    if ranks == 1:
+    if launcher == "deepspeed":
+        deepspeed_cli = str(Path(sys.executable).with_name("deepspeed"))
+        cmd = [deepspeed_cli, "--num_gpus", str(ranks), "--master_port", str(_free_port()), *args]
+    elif ranks == 1:
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(_free_port()), *args]
