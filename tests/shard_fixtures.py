@@ -56,3 +56,21 @@ def build_dataset(root: Path, name: str, n: int, t: int, res: int, c: int, per_s
                       name=name, test_fraction=test_fraction, dtype=dtype, progress=False,
                       shard_size_mb=(per_shard * sample_bytes + 0.5) / 2**20))
     return out
+
+
+def take(stream, n: int, start: int = 0) -> list[dict]:
+    """The first ``n`` batches of ``stream.batches(start)``."""
+    import itertools
+
+    return list(itertools.islice(stream.batches(start), n))
+
+
+def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
+    """Two batch lists are identical, key by key, to the bit."""
+    import torch
+
+    assert len(a) == len(b)
+    for i, (p, q) in enumerate(zip(a, b)):
+        assert p.keys() == q.keys()
+        for k in p:
+            assert torch.equal(p[k], q[k]), f"batch {i} key {k} differs"

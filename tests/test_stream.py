@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from nestor_ds.data import DataConfig, DatasetSpec, TrainStream, build_eval_batches, load_manifest, read_trajectories
 from nestor_ds.data.stream import iter_shard_samples, read_fields, slot_shares
 
-from shard_fixtures import build_dataset
+from shard_fixtures import assert_batches_equal, build_dataset, take
 
 T_IN, T_AR, RES = 3, 2, 16
 
@@ -38,16 +38,6 @@ def make_cfg(dirs, weights=(1.0, 3.0), **kw) -> DataConfig:
     return DataConfig.from_dict(d)
 
 
-def take(stream: TrainStream, n: int, start: int = 0) -> list[dict]:
-    return list(itertools.islice(stream.batches(start), n))
-
-
-def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for i, (p, q) in enumerate(zip(a, b)):
-        assert p.keys() == q.keys()
-        for k in p:
-            assert torch.equal(p[k], q[k]), f"batch {i} key {k} differs"
 
 
 def frame_index(shard_dir: Path) -> tuple[dict[bytes, tuple[int, int]], list[int]]:

@@ -22,6 +22,7 @@ from nestor_ds.data import DataConfig, TrainStream, build_eval_batches, read_tra
 from nestor_ds.data.builder import META_BYTES_ESTIMATE, BuildConfig, build
 from nestor_ds.data.layout_writers import write_dataset
 from nestor_ds.data.schema import DataFormatError
+from shard_fixtures import assert_batches_equal, take
 
 T_IN, T_AR, RES = 3, 2, 16
 
@@ -79,16 +80,6 @@ def make_cfg(datasets: list[dict], **kw) -> DataConfig:
     return DataConfig.from_dict(d)
 
 
-def take(stream: TrainStream, n: int, start: int = 0) -> list[dict]:
-    return list(itertools.islice(stream.batches(start), n))
-
-
-def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for i, (p, q) in enumerate(zip(a, b)):
-        assert p.keys() == q.keys()
-        for k in p:
-            assert torch.equal(p[k], q[k]), f"batch {i} key {k} differs"
 
 
 def trajectory_of_windows(batches: list[dict], d: int, shard_dir: Path) -> list[int]:

@@ -169,6 +169,11 @@ def read_fields(fd: int, offset: int, size: int, where: str) -> np.ndarray:
         if n <= 0:
             raise DataFormatError(where, f"truncated member (read {done} of {size} bytes)")
         done += n
+    return _npy_array(buf, size, where)
+
+
+def _npy_array(buf: np.ndarray, size: int, where: str) -> np.ndarray:
+    """The float32 [T, X, Y, C] array of one `.npy` member held in ``buf`` (a view when already float32)."""
     dtype, shape, start = _parse_npy_header(buf, where)
     count = int(np.prod(shape))
     if start + count * dtype.itemsize > size:
@@ -189,12 +194,7 @@ def map_fields(mm: mmap.mmap, offset: int, size: int, where: str) -> np.ndarray:
     start_page = offset - offset % mmap.PAGESIZE
     mm.madvise(mmap.MADV_WILLNEED, start_page, offset + size - start_page)
     buf = np.frombuffer(mm, dtype=np.uint8, count=size, offset=offset)
-    dtype, shape, start = _parse_npy_header(buf, where)
-    count = int(np.prod(shape))
-    if start + count * dtype.itemsize > size:
-        raise DataFormatError(where, f"member holds {size - start} data bytes, shape {shape} needs more")
-    arr = np.frombuffer(buf, dtype=dtype, count=count, offset=start).reshape(shape)
-    return arr if dtype == np.float32 else arr.astype(np.float32)
+    return _npy_array(buf, size, where)
 
 
 # ----------------------------------------------------------------------------------------------
