@@ -30,6 +30,7 @@ import torch
 
 CONFIG_FILE = "nestor_config.json"
 MODEL_STATES = "mp_rank_00_model_states.pt"
+CONSOLIDATED_STATES = "consolidated_model_states.pt"  # ZeRO-3 only: full weights gathered at save time (engine)
 EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 DS_GATE_SUFFIX = "moe.deepspeed_moe.gate.wg.weight"  # marks a DeepSpeedTokenMoE (see nestor_ds/moe/deepspeed_backend.py)
 FORMAT_NAME = "nestor-ds-local"
@@ -102,13 +103,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     if not p.is_dir():
         raise CheckpointError(f"{p}: no such file or directory")
-    if (p / MODEL_STATES).is_file():
+    def is_tag(d: Path) -> bool:
+        return (d / MODEL_STATES).is_file() or (d / CONSOLIDATED_STATES).is_file()
+
+    if is_tag(p):
         return p
     latest = p / "latest"
     if latest.is_file():
         tag = latest.read_text().strip()
-        if not (p / tag / MODEL_STATES).is_file():
-            raise CheckpointError(f"{latest}: names tag '{tag}' but {p / tag / MODEL_STATES} does not exist")
+        if not is_tag(p / tag):
+            raise CheckpointError(f"{latest}: names tag '{tag}' but {p / tag} holds neither {MODEL_STATES} nor "
+                                  f"{CONSOLIDATED_STATES}")
         return p / tag
     raise CheckpointError(f"{p}: not a checkpoint (no {MODEL_STATES}, no 'latest' file)")
 
@@ -134,6 +139,11 @@ def gather_deepspeed_state(tag_dir: str | Path) -> dict[str, torch.Tensor]:
     experts 0..E-1 (E from the checkpoint's 'num_experts' list when present) and that no key repeats.
     """
     tag_dir = Path(tag_dir)
+    if (tag_dir / CONSOLIDATED_STATES).is_file():  # ZeRO-3 partitions the weights; the engine also saved them whole
+        full = safe_torch_load(tag_dir / CONSOLIDATED_STATES)
+        if not isinstance(full, Mapping):
+            raise CheckpointError(f"{tag_dir / CONSOLIDATED_STATES}: expected a dict of tensors, got {type(full).__name__}")
+        return dict(full)
     states = safe_torch_load(tag_dir / MODEL_STATES)
     if not isinstance(states, dict) or not isinstance(states.get("module"), Mapping):
         raise CheckpointError(f"{tag_dir / MODEL_STATES}: missing key 'module' (not a DeepSpeed model-state file)")

@@ -8,6 +8,7 @@ Layout (``<output_dir>/<run>/checkpoints``)::
         layer_<L>_expert_<E>_mp_rank_00_model_states.pt   token experts, global ids (DeepSpeed-MoE)
         *_optim_states.pt                     ZeRO optimizer partitions (DeepSpeed)
         nestor_config.json                    resolved run config + world/ep sizes (ours, for export/fine-tune)
+        consolidated_model_states.pt          ZeRO-3 only: the full weights, gathered at save time
         COMPLETE                              written last, after every rank finished writing (ours)
 
 A tag without ``COMPLETE`` (a save cut short by preemption) is never resumed from.
@@ -50,6 +51,11 @@ def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, 
     tag = tag_for(step)
     root.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
+    if engine.zero_optimization_stage() == 3:
+        # ZeRO-3 files hold partitions only: also gather the full weights (collective) for export and fine-tuning
+        from nestor_ds.checkpoint_io import CONSOLIDATED_STATES
+
+        engine.save_16bit_model(str(root / tag), CONSOLIDATED_STATES)
     if dist.is_initialized():
         dist.barrier()
     tag_dir = root / tag

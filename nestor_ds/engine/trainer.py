@@ -135,6 +135,10 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
 
     torch.manual_seed(derive_seed(cfg.train.seed, "init"))  # identical initial weights on every rank
     model = build_model(cfg.model)
+    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3 and dist_info.world_size > 1:
+        from nestor_ds.model.image_moe import use_lockstep_dispatch
+
+        use_lockstep_dispatch(model, torch.distributed.group.WORLD)  # ZeRO-3 gathers weights per module call
     groups = prepare(model, cfg, dist_info) if prepare else {"model": (list(model.parameters()), 1.0)}
     optimizer = build_optimizer(build_param_groups(groups), cfg.optim)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)

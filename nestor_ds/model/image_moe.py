@@ -30,12 +30,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from nestor_ds.moe import MoEOutput, build_token_moe
 from nestor_ds.moe.local import dispatch_rows, gather_rows
-from nestor_ds.moe.router import load_balancing_loss, route_from_logits, tokens_per_expert
+from nestor_ds.moe.router import FP32Linear, load_balancing_loss, route_from_logits, tokens_per_expert
 
 from .afno import AFNOBlock
 from .attention import SelfAttention
@@ -94,7 +93,7 @@ class ImageMoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.E, self.K = cfg.image_experts, cfg.image_top_k
-        self.router = nn.Linear(cfg.width, cfg.image_experts, bias=True)
+        self.router = FP32Linear(cfg.width, cfg.image_experts, bias=True)
         self.experts = nn.ModuleList(ImageExpert(cfg) for _ in range(cfg.image_experts))
         # the shared global expert; None when shared_afno_layers = 0 (an empty Sequential would be identity)
         self.shared = nn.Sequential(*(AFNOBlock(cfg.width, cfg.afno_num_blocks, cfg.afno_modes, cfg.afno_mlp_ratio,
@@ -102,21 +101,27 @@ class ImageMoE(nn.Module):
                                       for _ in range(cfg.shared_afno_layers))) if cfg.shared_afno_layers else None
         self.pad_to: int | None = None                   # debug: force padded groups (tests)
         self.ep_group: dist.ProcessGroup | None = None   # override DeepSpeed's expert-parallel group
+        # ZeRO-3 gathers a module's parameters when it is called, collectively: every rank of this group must then
+        # call the same experts, so group sizes are agreed over it (set by the engine; see use_lockstep_dispatch)
+        self.lockstep_group: dist.ProcessGroup | None = None
 
     @property
     def expert_parallel(self) -> bool:
         return self.cfg.moe.ep_size > 1
 
     def group_sizes(self, counts_E: torch.Tensor, batch: int) -> list[int]:
-        """Rows (samples) each expert is called with; 0 = skip. Same on every rank under EP."""
-        if self.cfg.image_capacity_factor > 0 and self.expert_parallel:
+        """Rows (samples) each expert is called with; 0 = skip. Same on every rank under EP (and lockstep)."""
+        synced = self.expert_parallel or self.lockstep_group is not None
+        if self.cfg.image_capacity_factor > 0 and synced:
             return [self.cfg.image_capacity(batch)] * self.E
         kept = counts_E
         if self.cfg.image_capacity_factor > 0:
             kept = counts_E.clamp(max=self.cfg.image_capacity(batch))
-        if self.expert_parallel:
+        if synced:
             kept = kept.clone()
-            group = self.ep_group if self.ep_group is not None else expert_parallel_group(self.cfg.moe.ep_size)
+            group = self.lockstep_group  # the whole data-parallel world contains every expert-parallel group
+            if group is None:
+                group = self.ep_group if self.ep_group is not None else expert_parallel_group(self.cfg.moe.ep_size)
             dist.all_reduce(kept, op=dist.ReduceOp.MAX, group=group)
         sizes = kept.tolist()
         if self.pad_to is not None:
@@ -126,7 +131,7 @@ class ImageMoE(nn.Module):
     def route(self, h_BDHW: torch.Tensor):
         """Router on the pooled token field: fp32 logits (+ training noise) -> top-k routing."""
         pooled_BD = h_BDHW.mean(dim=(2, 3)).float()
-        logits_BE = F.linear(pooled_BD, self.router.weight.float(), self.router.bias.float())
+        logits_BE = self.router(pooled_BD)
         if self.training and self.cfg.image_router_noise > 0:
             logits_BE = logits_BE + self.cfg.image_router_noise * torch.randn_like(logits_BE)
         return route_from_logits(logits_BE, self.K)
@@ -200,3 +205,12 @@ class ImageMoE(nn.Module):
         routing = BlockRouting(r.experts_NK.detach(), counts_E.detach(), token_counts,
                                dropped * L if self.cfg.image_capacity_factor > 0 else None)
         return ImageMoEOutput(out, image_lb, token_lb, token_z, routing)
+
+
+def use_lockstep_dispatch(model: nn.Module, group: dist.ProcessGroup) -> int:
+    """Make every ImageMoE of ``model`` call the same experts on all ranks of ``group`` (needed under ZeRO-3,
+    whose parameter gathering is a collective per module call). Returns how many layers were switched."""
+    layers = [m for m in model.modules() if isinstance(m, ImageMoE)]
+    for m in layers:
+        m.lockstep_group = group
+    return len(layers)

@@ -39,6 +39,15 @@ def route_from_logits(logits_NE: torch.Tensor, top_k: int) -> Routing:
     return Routing(logits_NE, probs_NE, weights_NK, experts_NK)
 
 
+class FP32Linear(nn.Linear):
+    """A Linear computed in fp32 whatever the weights' and inputs' dtype: routing decisions must not flip under
+    bf16. The cast happens inside this module's own forward, so ZeRO-3 gathers (and re-gathers for backward)
+    its partitioned weights as for any module call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
 class TopKRouter(nn.Module):
     """Linear(D -> E, no bias) gate; picks K experts per token."""
 
@@ -47,11 +56,10 @@ class TopKRouter(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.noise_std = noise_std
-        self.gate = nn.Linear(dim, num_experts, bias=False)  # default (Kaiming-uniform) init
+        self.gate = FP32Linear(dim, num_experts, bias=False)  # default (Kaiming-uniform) init
 
     def forward(self, x_ND: torch.Tensor) -> Routing:
-        # fp32 logits whatever the activation dtype: routing decisions must not flip under bf16
-        logits_NE = F.linear(x_ND.float(), self.gate.weight.float())
+        logits_NE = self.gate(x_ND)
         if self.training and self.noise_std > 0:
             logits_NE = logits_NE + self.noise_std * torch.randn_like(logits_NE)
         return route_from_logits(logits_NE, self.top_k)
