@@ -144,13 +144,13 @@ def test_two_ranks_equal_one_rank_and_export_matches_engine(tiny_shards, tmp_pat
     assert torch.allclose(pred, probe["pred"], rtol=0, atol=1e-6), (pred - probe["pred"]).abs().max()
 
 
-@pytest.mark.parametrize("stage, launcher", [(0, "deepspeed"), (1, "torchrun")])
-def test_zero_stages_0_and_1_train(tiny_shards, tmp_path, stage, launcher):
+@pytest.mark.parametrize("stage, suffix, launcher", [(0, "", "deepspeed"), (1, "", "torchrun"), (2, "_offload", "torchrun")])
+def test_other_zero_configs_train(tiny_shards, tmp_path, stage, suffix, launcher):
     root, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "deepspeed"}},
                       train={"max_steps": 3, "ckpt_every": 3}, tracking={"enabled": False})
-    proc = launch([TRAIN, "--ds_config", str(ds_config(tmp_path, stage=stage)), "--config", str(cfg)], ranks=2,
-                  cwd=tmp_path, launcher=launcher)
+    proc = launch([TRAIN, "--ds_config", str(ds_config(tmp_path, stage=stage, suffix=suffix)), "--config", str(cfg)],
+                  ranks=2, cwd=tmp_path, launcher=launcher)
     _ok(proc)
     assert "world size 2, ep_size 2" in proc.stderr + proc.stdout
     assert len(_losses(tmp_path / "runs" / "pretrain-nestor-tiny")) == 3
