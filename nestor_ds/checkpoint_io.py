@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import torch
 
 CONFIG_FILE = "nestor_config.json"
+COMPLETE_MARKER = "COMPLETE"  # written last by the engine, after every rank finished saving
 MODEL_STATES = "mp_rank_00_model_states.pt"
 CONSOLIDATED_STATES = "consolidated_model_states.pt"  # ZeRO-3 only: full weights gathered at save time (engine)
 EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
@@ -108,6 +109,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
     if is_tag(p):
         return p
+    complete = sorted(d for d in p.glob("step_*") if (d / COMPLETE_MARKER).is_file() and is_tag(d))
+    if complete:  # DeepSpeed moves `latest` before our COMPLETE marker: a save cut short must not be used
+        return complete[-1]
     latest = p / "latest"
     if latest.is_file():
         tag = latest.read_text().strip()
@@ -192,6 +196,10 @@ def deepspeed_to_local_state(state: Mapping[str, torch.Tensor]) -> dict[str, tor
     """
     from nestor_ds.moe.deepspeed_backend import local_state_from_deepspeed
 
+    megablocks = next((k for k in state if ".dmoe." in k), None)
+    if megablocks is not None:
+        raise CheckpointError(f"key '{megablocks}': checkpoints of the megablocks backend cannot be converted to the "
+                              f"local layout yet (export, evaluation and fine-tuning need deepspeed or local runs)")
     prefixes = sorted(k[: -len(DS_GATE_SUFFIX)] for k in state if k.endswith(DS_GATE_SUFFIX))
     out = {k: v for k, v in state.items() if not any(k.startswith(p) for p in prefixes)}
     for prefix in prefixes:
@@ -218,6 +226,8 @@ def inference_model_config(run_cfg: Mapping[str, Any], overrides: Mapping[str, A
     moe = dict(model.get("moe") or {})
     moe.update(backend="local", ep_size=1, capacity_factor=0.0)
     model["moe"] = moe
+    if model.get("attention") == "flash":  # inference runs in fp32, where flash-attn has no kernel
+        model["attention"] = "auto"
     try:
         return ModelConfig.from_dict(model).validate()
     except (TypeError, ValueError) as err:

@@ -141,7 +141,9 @@ class RunConfig:
         d = self.to_dict()
         for volatile in ("tracking",):
             d.pop(volatile, None)
-        d["train"] = {k: v for k, v in d["train"].items() if k not in ("max_steps", "output_dir", "eval_every", "ckpt_every", "log_every")}
+        # fields that do not change the training trajectory (max_steps does: it shapes the lr schedule)
+        volatile = ("output_dir", "ckpt_every", "keep_last", "log_every", "stop_at", "threads_per_rank")
+        d["train"] = {k: v for k, v in d["train"].items() if k not in volatile and not k.startswith("eval_")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -297,22 +299,27 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML run config as a plain dict, with one-line errors for a missing file or bad YAML."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections (data, model, optim, ...), got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None, base_dir: Optional[Path] = None) -> RunConfig:
     """Read a YAML run config, apply ``--set`` overrides, build and validate it.
 
     Relative dataset paths are resolved against the current directory (where users run commands), not the
     YAML file's directory, so the same YAML works from the repository root as documented.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
-    raw = deep_merge(raw, parse_overrides(overrides or []))
+    raw = deep_merge(read_yaml(path) if path is not None else {}, parse_overrides(overrides or []))
     try:
         return config_from_dict(raw)
     except ConfigError as e:

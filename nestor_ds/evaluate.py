@@ -66,8 +66,10 @@ def data_config(run_cfg: dict[str, Any], model_cfg: Any) -> Any:
     data = {k: v for k, v in (run_cfg.get("data") or {}).items() if k != "datasets"}
     try:
         cfg = DataConfig.from_dict(data)
-    except (TypeError, ValueError):
-        cfg = DataConfig()
+    except (TypeError, ValueError) as err:
+        from nestor_ds.checkpoint_io import CheckpointError
+
+        raise CheckpointError(f"data section of the checkpoint's config: {err}") from None
     cfg.t_in, cfg.resolution, cfg.channels = model_cfg.t_in, model_cfg.resolution, model_cfg.in_channels
     return cfg
 
@@ -79,6 +81,8 @@ def init_process_group(device: str) -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if device.startswith("cuda"):  # one GPU per rank: NCCL communicators and host-side reductions use it
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size()
 

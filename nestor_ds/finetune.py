@@ -30,21 +30,11 @@ from nestor_ds.cli import base_parser, run_cli
 DATA_BOUND = ("in_channels", "out_channels", "t_in", "t_ar", "resolution")
 
 
-def build_finetune_config(config_path: str | None, overrides: list[str], pretrained_model: dict[str, Any]):
-    """Checkpoint's model config, minus the data-bound fields, under this YAML and its --set overrides."""
-    from pathlib import Path
+def build_finetune_config(raw: dict[str, Any], config_path: str | None, pretrained_model: dict[str, Any]):
+    """Checkpoint's model config, minus the data-bound fields, under this run's YAML (+ --set overrides)."""
+    from nestor_ds.config import ConfigError, config_from_dict, deep_merge
 
-    import yaml
-
-    from nestor_ds.config import ConfigError, config_from_dict, deep_merge, parse_overrides
-
-    raw: dict[str, Any] = {}
-    if config_path:
-        p = Path(config_path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        raw = yaml.safe_load(p.read_text()) or {}
-    raw = deep_merge(raw, parse_overrides(overrides))
+    raw = dict(raw)
     base = {k: v for k, v in pretrained_model.items() if k not in DATA_BOUND}
     base["moe"] = {k: v for k, v in (base.get("moe") or {}).items() if k != "ep_size"}
     own = dict(raw.get("model") or {})
@@ -80,16 +70,15 @@ def main() -> int:
         extra.append(f"finetune.load={args.load}")
     if args.freeze is not None:
         extra.append(f"finetune.freeze=[{args.freeze}]")
-    # the pre-trained config first (architecture), then this run's YAML on top
-    import yaml
+    # this run's YAML and overrides, read once; the pre-trained architecture goes under it
+    from nestor_ds.config import deep_merge, parse_overrides, read_yaml
 
-    pretrained = args.pretrained
-    if pretrained is None and args.config:
-        pretrained = ((yaml.safe_load(open(args.config)) or {}).get("finetune") or {}).get("pretrained")
+    raw = deep_merge(read_yaml(args.config) if args.config else {}, parse_overrides(extra))
+    pretrained = (raw.get("finetune") or {}).get("pretrained")
     if not pretrained:
         raise ValueError("no pre-trained checkpoint: pass --pretrained PATH (or set finetune.pretrained)")
     state, source_cfg, source = load_local_state(pretrained)
-    cfg = build_finetune_config(args.config, extra, source_cfg["model"])
+    cfg = build_finetune_config(raw, args.config, source_cfg["model"])
 
     def prepare(model, cfg, dist_info):
         report = load_pretrained_parts(model, state, cfg.finetune.load)

@@ -74,8 +74,11 @@ def test_ep_size_resolution():
     assert resolve_ep_size("auto", 4, 4, "local") == 1
     with pytest.raises(ValueError, match="must divide both the world size"):
         resolve_ep_size(3, 4, 6, "deepspeed")
-    with pytest.raises(ValueError, match="needs model.moe.backend=deepspeed"):
+    with pytest.raises(ValueError, match="backend=local keeps all token experts on every rank"):
         resolve_ep_size(2, 2, 4, "local")
+    assert resolve_ep_size("auto", 2, 6, "megablocks") == 1  # MegaBlocks experts are not expert-parallel here
+    with pytest.raises(ValueError, match="the AFNO baseline has no experts"):
+        resolve_ep_size(2, 2, 6, "none")
 
 
 def test_schedules_warm_up_and_decay():

@@ -142,6 +142,22 @@ def test_missing_expert_file_is_named(ds_run, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_root_resolves_to_newest_complete_tag_not_latest(ds_run, tmp_path):
+    """A save cut short (DeepSpeed already moved `latest`, our COMPLETE marker missing) is never used."""
+    from nestor_ds.checkpoint_io import resolve_checkpoint
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(ds_run / "ckpt", root)
+    good = root / "step_00000001"
+    if not (good / "COMPLETE").is_file():
+        (good / "COMPLETE").write_text("1\n")
+    cut = root / "step_00000002"
+    shutil.copytree(good, cut)
+    (cut / "COMPLETE").unlink()
+    (root / "latest").write_text("step_00000002")
+    assert resolve_checkpoint(root) == good
+
+
 def test_config_mismatch_names_key_and_both_shapes(ds_run, tmp_path):
     from nestor_ds import load_pretrained
     from nestor_ds.checkpoint_io import CheckpointError, load_local_state, save_safetensors

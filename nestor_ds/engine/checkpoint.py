@@ -24,8 +24,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-COMPLETE_MARKER = "COMPLETE"
-CONFIG_FILE = "nestor_config.json"
+# file names shared with the reader (nestor_ds/checkpoint_io.py)
+from nestor_ds.checkpoint_io import COMPLETE_MARKER, CONFIG_FILE  # noqa: E402
 
 
 def tag_for(step: int) -> str:
@@ -110,9 +110,3 @@ def load_checkpoint(engine: Any, tag_dir: Path) -> dict[str, Any]:
         raise RuntimeError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     return client_state or {}
 
-
-def read_run_config(tag_dir: Path) -> dict[str, Any]:
-    f = tag_dir / CONFIG_FILE
-    if not f.is_file():
-        raise FileNotFoundError(f"{tag_dir}: {CONFIG_FILE} missing (not a NESTOR-DS checkpoint?)")
-    return json.loads(f.read_text())

@@ -65,10 +65,13 @@ def init_distributed() -> DistInfo:
 
 
 def resolve_ep_size(requested: Union[int, str], world_size: int, num_experts: int, backend: str) -> int:
-    """``auto``: the largest size dividing both the world size and the token-expert count (1 for ``local``)."""
-    if backend == "local":
+    """``auto``: the largest size dividing both the world size and the token-expert count; 1 for every backend
+    but ``deepspeed`` (``local`` and ``megablocks`` keep all experts on every rank; ``none``: the AFNO baseline)."""
+    if backend != "deepspeed":
         if requested not in ("auto", 1):
-            raise ValueError(f"model.moe.ep_size={requested} needs model.moe.backend=deepspeed (the local backend keeps all experts on every rank)")
+            why = ("the AFNO baseline has no experts" if backend == "none" else
+                   f"model.moe.backend={backend} keeps all token experts on every rank; use model.moe.backend=deepspeed")
+            raise ValueError(f"model.moe.ep_size={requested}: {why}")
         return 1
     if requested == "auto":
         return max(d for d in range(1, min(world_size, num_experts) + 1) if world_size % d == 0 and num_experts % d == 0)

@@ -94,6 +94,8 @@ def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int) -> tupl
             f"ds_config: train_batch_size={ds['train_batch_size']} != micro ({micro}) x accumulation ({accum}) x "
             f"data-parallel size ({world_size}); drop train_batch_size and DeepSpeed derives it")
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if cfg.model.arch == "nestor" and cfg.model.moe.backend == "megablocks" and not ds.get("bf16", {}).get("enabled"):
+        raise ValueError("model.moe.backend=megablocks runs its experts in bf16: use a *_bf16.json ds_config")
     if stage == 3 and cfg.model.arch == "nestor" and cfg.model.moe.backend == "deepspeed":
         raise ValueError(
             "ZeRO stage 3 does not support DeepSpeed-MoE (DeepSpeed: 'Native DeepSpeed MoE is not supported with ZeRO "
@@ -118,7 +120,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     ds_config = load_ds_config(ds_config_path)
     micro, accum = check_ds_config(ds_config, cfg, dist_info.world_size)
     ep = resolve_ep_size(cfg.ep_size, dist_info.world_size, cfg.model.moe.num_experts,
-                         cfg.model.moe.backend if cfg.model.arch == "nestor" else "local")
+                         cfg.model.moe.backend if cfg.model.arch == "nestor" else "none")
     cfg.model.moe.ep_size = ep
     run_name = run_name or f"{entry}-{cfg.preset or cfg.model.arch}"
     run_dir = Path(cfg.train.output_dir) / run_name
@@ -156,6 +158,8 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
             log.warning("the configuration differs from the checkpoint's (digest %s vs %s): the trajectory will not match an uninterrupted run",
                         client.get("config_digest"), cfg.digest())
     start_step = int(client.get("step", 0))
+    if dist_info.is_main:
+        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
     tracker = Tracker(cfg.tracking, rank=dist_info.rank, entry=entry, run_name=run_name, parent_run_id=parent_run_id,
                       resume_run_id=client.get("mlflow_run_id"))
@@ -231,6 +235,14 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     if dist_info.is_main:
         log.info("run directory: %s (checkpoints in %s)", run_dir, ckpt_root)
     return result
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop the steps a resumed run will redo (logged after its checkpoint), so metrics.jsonl has each step once."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _optimizer_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], cfg: RunConfig, rank: int, step: int,

@@ -19,7 +19,7 @@ from torch import nn
 
 # which parameter-name prefixes each --load choice carries over
 PARTS = {
-    "all": ("encoder.", "blocks.", "head."),
+    "all": ("encoder.", "blocks.", "head.", "cls_head."),
     "embedding+blocks": ("encoder.", "blocks."),
     "blocks": ("blocks.",),
 }
@@ -66,23 +66,18 @@ def to_target_layout(model: nn.Module, local_state: Mapping[str, torch.Tensor]) 
 
     state = dict(local_state)
     for name, module in model.named_modules():
+        if type(module).__name__ == "MegaBlocksTokenMoE":
+            raise ValueError(f"{name}: loading pre-trained weights into the megablocks backend is not supported yet; "
+                             f"fine-tune with model.moe.backend=deepspeed or local")
         if not isinstance(module, DeepSpeedTokenMoE):
             continue
         prefix = name + "."
         sub = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
         if not sub:
             continue
-        converted = deepspeed_state_from_local(sub, ep_rank=_ep_rank(module), ep_size=module.ep_size)
+        converted = deepspeed_state_from_local(sub, ep_rank=module.ep_rank(), ep_size=module.ep_size)
         state.update({prefix + k: v for k, v in converted.items()})
     return state
-
-
-def _ep_rank(module: nn.Module) -> int:
-    """This rank's place in its expert-parallel group, also before ``deepspeed.initialize`` created the group:
-    DeepSpeed groups consecutive ranks (``[0..ep-1], [ep..2ep-1], ...``), so it is ``rank % ep_size``."""
-    if module.moe.deepspeed_moe.ep_group is not None:
-        return module.ep_rank()
-    return torch.distributed.get_rank() % module.ep_size if torch.distributed.is_initialized() else 0
 
 
 def load_pretrained_parts(model: nn.Module, local_state: Mapping[str, torch.Tensor], load: str) -> TransferReport:

@@ -65,8 +65,9 @@ class TemporalAggregation(nn.Module):
         N, T, D = x_NTD.shape
         if T != self.t_in:
             raise ValueError(f"temporal aggregation: input has T={T} frames, the model was built for t_in={self.t_in}")
-        tau_T = torch.linspace(0, 1, T, device=x_NTD.device, dtype=x_NTD.dtype)
-        feat_TD = torch.cos(tau_T[:, None] * self.gamma_D[None, :])
+        # cos(tau * gamma) in fp32: gamma reaches 2^10, where bf16 phases are meaningless
+        tau_T = torch.linspace(0, 1, T, device=x_NTD.device, dtype=torch.float32)
+        feat_TD = torch.cos(tau_T[:, None] * self.gamma_D.float()[None, :]).to(x_NTD.dtype)
         return (x_NTD * feat_TD).reshape(N, T * D) @ self.w_TDD.reshape(T * D, D)
 
 

@@ -112,10 +112,11 @@ class ImageMoE(nn.Module):
     def group_sizes(self, counts_E: torch.Tensor, batch: int) -> list[int]:
         """Rows (samples) each expert is called with; 0 = skip. Same on every rank under EP (and lockstep)."""
         synced = self.expert_parallel or self.lockstep_group is not None
-        if self.cfg.image_capacity_factor > 0 and synced:
+        capped = self.cfg.image_capacity_factor > 0 and self.training  # evaluation is dropless: no batch coupling
+        if capped and synced:
             return [self.cfg.image_capacity(batch)] * self.E
         kept = counts_E
-        if self.cfg.image_capacity_factor > 0:
+        if capped:
             kept = counts_E.clamp(max=self.cfg.image_capacity(batch))
         if synced:
             kept = kept.clone()
@@ -203,7 +204,7 @@ class ImageMoE(nn.Module):
         if self.cfg.image_moe_skip:
             out = out + h_BDHW
         routing = BlockRouting(r.experts_NK.detach(), counts_E.detach(), token_counts,
-                               dropped * L if self.cfg.image_capacity_factor > 0 else None)
+                               dropped * L if self.cfg.image_capacity_factor > 0 and self.training else None)
         return ImageMoEOutput(out, image_lb, token_lb, token_z, routing)
 
 

@@ -68,6 +68,12 @@ class ExternalRoutedMoE(TokenMoE):
             pad_P = (~valid_N).nonzero().squeeze(1)
             fill_P = rows_V[torch.arange(pad_P.numel(), device=x_ND.device) % rows_V.numel()]
             x_in_ND = x_ND.index_copy(0, pad_P, x_ND.index_select(0, fill_P).detach())
+        elif rows_V is not None and rows_V.numel() == 0:
+            # padding only (other ranks of the expert-parallel group have tokens): identical rows would all pick the
+            # same experts and blow up the all-reduced dropless capacity; the router's own rows spread them. The
+            # values change but x_ND stays in the graph, so the backward all-to-alls run here as on the other ranks.
+            spread_ND = self.gate_weight.detach()[torch.arange(x_ND.shape[0], device=x_ND.device) % self.num_experts]
+            x_in_ND = x_ND + (spread_ND.to(x_ND.dtype) - x_ND).detach()
         out_ND = self.routed(x_in_ND)
         x_VD = x_ND if rows_V is None else x_ND.index_select(0, rows_V)
         if self.shared is not None:

@@ -61,6 +61,9 @@ class MoEConfig:
             if self.capacity_factor > 0:
                 raise ValueError(f"moe.capacity_factor={self.capacity_factor} needs moe.backend='deepspeed'; "
                                  f"{self.backend!r} is dropless")
+            if self.backend == "megablocks" and self.router_noise > 0:
+                raise ValueError("moe.router_noise > 0 is not supported by moe.backend='megablocks' "
+                                 "(its router jitter is multiplicative, not Gaussian logit noise); use 0")
         else:
             # DeepSpeed's top-1 gate uses the raw probability as weight (no renormalisation), unlike
             # every other backend, and its all-to-all aborts on unequal token counts: refuse it.

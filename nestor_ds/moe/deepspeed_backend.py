@@ -82,9 +82,7 @@ class DeepSpeedTokenMoE(ExternalRoutedMoE):
                 top2_2nd_expert_sampling=False,
             )
             self.shared = SwiGLU(dim, cfg.shared_hidden_dim(dim)) if cfg.num_shared_experts > 0 else None
-        # DeepSpeed groups consecutive ranks into expert-parallel groups, so this rank's place is rank % ep_size
-        ep_rank = dist.get_rank() % cfg.ep_size if dist.is_available() and dist.is_initialized() else 0
-        self.load_state_dict(deepspeed_state_from_local(reference, ep_rank, cfg.ep_size))
+        self.load_state_dict(deepspeed_state_from_local(reference, self.ep_rank(), cfg.ep_size))
 
     @property
     def gate_weight(self) -> torch.Tensor:
@@ -103,9 +101,13 @@ class DeepSpeedTokenMoE(ExternalRoutedMoE):
             self.moe.set_deepspeed_parallelism()
 
     def ep_rank(self) -> int:
-        """This rank's index in the expert-parallel group (0 without distributed)."""
+        """This rank's index in the expert-parallel group (0 without distributed), also before
+        ``deepspeed.initialize`` created the group: DeepSpeed groups consecutive ranks
+        (``[0..ep-1], [ep..2ep-1], ...``), so it is ``rank % ep_size``."""
         group = self.moe.deepspeed_moe.ep_group
-        return dist.get_rank(group=group) if group is not None else 0
+        if group is not None:
+            return dist.get_rank(group=group)
+        return dist.get_rank() % self.ep_size if dist.is_available() and dist.is_initialized() else 0
 
     def routed(self, x_ND: torch.Tensor) -> torch.Tensor:
         if x_ND.shape[0] == 0:
