@@ -235,3 +235,12 @@ def test_validate_messages(dirs, tmp_path):
         DataConfig.from_dict({"datasets": [], "input_noise": 0.1})
     with pytest.raises(ValueError, match="channels"):
         make_cfg(dirs, channels=2).validate()
+
+
+def test_a_shard_shorter_than_its_manifest_is_an_error_not_a_hang(tmp_path):
+    """A shard replaced after the build (here by an empty tar) must stop the stream with a message naming it."""
+    dirs = {"a": build_dataset(tmp_path, "a", n=4, t=8, res=8, c=1, per_shard=2)}
+    tarfile.open(dirs["a"] / "train-000000.tar", "w").close()
+    stream = TrainStream(make_cfg(dirs, weights=(1.0,)), micro_batch=2, rank=0, world_size=1, seed=0)
+    with pytest.raises(ValueError, match=r"train-000000\.tar: holds 0 samples, the manifest says 2"):
+        take(stream, 3)

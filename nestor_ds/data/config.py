@@ -156,6 +156,12 @@ class DataConfig:
                                  f"(shape {manifest['shape']} in the manifest of {spec.path})")
             if c > self.channels:
                 raise ValueError(f"{where}: {c} channels {manifest['channels']} > data.channels = {self.channels}")
+            if spec.rollout_steps > t - self.t_in:
+                import logging
+
+                logging.getLogger("nestor_ds.data").warning(
+                    "%s: rollout_steps = %d but only T - t_in = %d - %d frames follow the input window: rollouts "
+                    "are scored over %d steps", where, spec.rollout_steps, t, self.t_in, t - self.t_in)
             train = manifest["splits"].get("train", {})
             if not train.get("shards"):
                 raise ValueError(f"{where}: no training shards listed in the manifest of {spec.path}")

@@ -341,7 +341,9 @@ def mapped_trajectories(path: str, count: int, mod: int, res: int, info: Dataset
     fd = os.open(path, os.O_RDONLY)
     try:
         mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # stays valid after close
+        seen = 0
         for pos, (key, members) in enumerate(iter_shard_samples(fd, path)):
+            seen = pos + 1
             if pos % mod != res:
                 continue
             if FIELDS_EXT not in members:
@@ -350,6 +352,9 @@ def mapped_trajectories(path: str, count: int, mod: int, res: int, info: Dataset
             if eager():
                 traj.load(mm)
             yield traj
+        if seen != count:  # a shard replaced or truncated after the build: never spin on a share that yields nothing
+            raise DataFormatError(path, f"holds {seen} samples, the manifest says {count} "
+                                        f"(check it with tools/build_shards.py --verify)")
     finally:
         os.close(fd)
 
