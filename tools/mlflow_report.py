@@ -19,9 +19,10 @@ import sys
 DEFAULT_URI = "sqlite:///mlflow.db"
 
 # Where each header row is looked up, in order: tags, then params, then metrics.
-PRESET_KEYS = ("nestor.preset", "model.preset", "preset")
-PARAM_COUNT_KEYS = ("nestor.params_total", "model/params_total", "model.params_total", "params_total")
-ACTIVE_COUNT_KEYS = ("nestor.params_active", "model/params_active", "model.params_active", "params_active")
+# where the engine puts them (tags first, then the flattened run parameters)
+PRESET_KEYS = ("nestor.preset", "preset", "config.preset")
+PARAM_COUNT_KEYS = ("nestor.params_total", "total_params")
+ACTIVE_COUNT_KEYS = ("nestor.params_active", "active_params")
 BASE_METRICS = ("train/loss", "train/rel_l2", "perf/samples_per_s", "perf/tflops", "perf/mfu")
 EVAL_RE = re.compile(r"^eval/(?P<ds>.+)/(?P<kind>l2re_1step|l2re_rollout)$")
 
