@@ -201,3 +201,13 @@ def test_distributed_reduction_equals_single_process(tiny_shards, tmp_path):
     for key in ("l2re_1step", "l2re_rollout"):
         assert a[key] == pytest.approx(b[key], rel=1e-12)
     assert a["l2re_curve"] == pytest.approx(b["l2re_curve"], rel=1e-12)
+
+
+def test_band_error_stays_finite_where_the_truth_has_no_energy():
+    """Smooth truth (one low mode) + a faint high-k ripple in the prediction: the high band scores the ripple's
+    share of the energy, not ripple / (almost nothing)."""
+    low = single_mode(64, 2, 0)
+    ripple = 1e-2 * single_mode(64, 28, 0)
+    err = spectrum_band_error(low + ripple, low)[0, :, 0].tolist()
+    assert err[0] == pytest.approx(0.0, abs=1e-9) and err[1] == pytest.approx(0.0, abs=1e-9)
+    assert err[2] == pytest.approx(1e-4, rel=1e-6)  # energy ratio (1e-2)^2

@@ -8,7 +8,8 @@ Why it is shaped this way:
 - Shard contents are fixed before any data is read (trajectories per shard from the sample size),
   so the output is a pure function of the inputs and options: byte-identical on rebuild.
 - The build happens in a temporary directory beside the target and is moved into place with
-  `os.replace` only when everything succeeded; on any error the temporary directory is removed.
+  `os.replace` only when everything succeeded; on any error the temporary directory is removed,
+  and so are the parent directories of the target that this build created.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from nestor_ds.data import schema
-from nestor_ds.data.readers import Entry, SourceInfo, open_reader
-from nestor_ds.data.schema import DataFormatError
+from nestor_ds.data.readers import READ_ERRORS, Entry, SourceInfo, open_reader
+from nestor_ds.data.schema import LAYOUTS, DataFormatError
 
 SOURCE_SUFFIXES = (".h5", ".hdf5", ".hdf", ".mat")
 META_BYTES_ESTIMATE = 4096  # per-sample tar headers + meta.json, for shard sizing
@@ -197,8 +198,13 @@ def write_shard(task: ShardTask) -> ShardResult:
                     key = schema.sample_key(task.name, item.split, item.index)
                     meta = {**meta, "channels": list(task.channels), "source_file": Path(source).name,
                             "source_index": item.entry.index, "layout": item.layout, "split": item.split}
+                    try:
+                        meta_json = schema.encode_json(meta)
+                    except (TypeError, ValueError) as exc:  # e.g. an attribute of a type JSON cannot hold
+                        raise DataFormatError(source, f"{reader.where(item.entry)}: metadata (attrs) not "
+                                                      f"storable as JSON ({exc})") from None
                     for ext, payload in ((schema.FIELDS_EXT, schema.encode_fields(data)),
-                                         (schema.META_EXT, schema.encode_json(meta))):
+                                         (schema.META_EXT, meta_json)):
                         tar.addfile(_tarinfo(f"{key}.{ext}", len(payload)), io.BytesIO(payload))
                     if item.split == "train":
                         stats = stats.merge(ChannelStats.of(data))
@@ -230,8 +236,14 @@ def scan_sources(files: list[str], layout: str) -> list[SourceInfo]:
     """Scan every source and check that all agree on layout, shape and channels."""
     infos = []
     for path in files:
-        with open_reader(path, layout) as reader:
-            infos.append(reader.scan())
+        try:
+            with open_reader(path, layout) as reader:
+                infos.append(reader.scan())
+        except DataFormatError:
+            raise
+        except READ_ERRORS as exc:  # a malformation no check anticipated: still name the file
+            text = str(exc).strip().splitlines()
+            raise DataFormatError(path, f"scan failed ({type(exc).__name__}: {text[0] if text else ''})") from None
     first = infos[0]
     for info in infos[1:]:
         if info.layout != first.layout:
@@ -316,24 +328,65 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
             raise DataFormatError(out, "refusing to overwrite: not a built shard directory (no manifest.json)")
 
 
-def build(cfg: BuildConfig) -> dict[str, Any]:
-    """Build shards + manifest into `cfg.out`; returns the manifest. Raises DataFormatError on bad input."""
+def check_config(cfg: BuildConfig) -> None:
+    """Reject option values that cannot describe a build (ValueError, one line)."""
     if cfg.dtype not in schema.DTYPES:
         raise ValueError(f"dtype {cfg.dtype!r}: expected one of {schema.DTYPES}")
+    if cfg.layout != "auto" and cfg.layout not in LAYOUTS:
+        raise ValueError(f"layout {cfg.layout!r}: expected auto or one of {LAYOUTS}")
     if not 0.0 <= cfg.test_fraction < 1.0:
         raise ValueError(f"test fraction {cfg.test_fraction}: expected 0 <= F < 1")
-    if cfg.shard_size_mb <= 0:
-        raise ValueError(f"shard size {cfg.shard_size_mb} MB: expected > 0")
+    if not (math.isfinite(cfg.shard_size_mb) and cfg.shard_size_mb > 0):
+        raise ValueError(f"shard size {cfg.shard_size_mb} MB: expected a finite number > 0")
+    if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 1:
+        raise ValueError(f"workers {cfg.workers!r}: expected an integer >= 1")
+
+
+def _make_parents(d: Path) -> list[Path]:
+    """mkdir -p `d`, returning the directories it created (outermost first), so a failure can undo them."""
+    missing = []
+    while not d.exists():
+        missing.append(d)
+        if d.parent == d:
+            break
+        d = d.parent
+    created: list[Path] = []
+    try:
+        for m in reversed(missing):
+            m.mkdir()
+            created.append(m)
+    except BaseException:
+        _remove_dirs(created)
+        raise
+    return created
+
+
+def _remove_dirs(created: list[Path]) -> None:
+    """Remove directories `_make_parents` created, innermost first; keep any that something else filled."""
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def build(cfg: BuildConfig) -> dict[str, Any]:
+    """Build shards + manifest into `cfg.out`; returns the manifest. Raises DataFormatError on bad input."""
+    check_config(cfg)
     out = Path(cfg.out)
     _prepare_out(out, cfg.overwrite)
     files = expand_inputs(cfg.inputs)
     name = schema.check_name(cfg.name) if cfg.name else schema.sanitize_name(Path(files[0]).stem)
     infos = scan_sources(files, cfg.layout)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(out.parent)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except BaseException:
+        _remove_dirs(created)
+        raise
     try:
         tasks = plan_shards(cfg, infos, name, tmp)
         results = _run_tasks(tasks, cfg.workers, cfg.progress)
@@ -342,6 +395,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_dirs(created)
         raise
     return manifest
 

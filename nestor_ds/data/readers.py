@@ -77,18 +77,53 @@ def _grid(n: int) -> list[float]:
     return (np.arange(n, dtype=np.float64) / n).tolist()
 
 
-def _floats(values: Any) -> list[float]:
-    return np.asarray(values, dtype=np.float64).reshape(-1).tolist()
+def _one_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, for wrapping unexpected library errors into one-line errors."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# Errors h5py/numpy raise on malformed content; read()/scan() turn them into one-line DataFormatErrors.
+READ_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError, IndexError)
+
+
+def _floats(values: Any, path: str, key: str) -> list[float]:
+    """Numeric metadata (times, coordinates) as floats, or an error naming file, key, dtype and shape.
+
+    Metadata keys are optional in most layouts, so a present-but-wrong one (strings, compound types)
+    must not surface as a bare numpy `could not convert string to float`.
+    """
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "fiu":
+        raise _err(path, f"key {key!r} has dtype {arr.dtype} shape {arr.shape}: expected numbers")
+    return arr.astype(np.float64).reshape(-1).tolist()
+
+
+def _first_float(values: Any, path: str, key: str) -> float:
+    """A scalar parameter stored as a scalar or a 1-element array."""
+    floats = _floats(values, path, key)
+    if not floats:
+        raise _err(path, f"key {key!r} is empty: expected a number")
+    return floats[0]
+
+
+def _key(group: h5py.Group, key: str) -> str:
+    """Full key of `key` under `group`, without the leading '/' (for error messages)."""
+    return f"{group.name.rstrip('/')}/{key}".lstrip("/")
 
 
 def _dt(t: list[float]) -> float | None:
     return float(t[1] - t[0]) if len(t) > 1 else None
 
 
-def _attrs(obj: h5py.HLObject) -> dict[str, Any]:
-    """HDF5 attributes as plain values (text decoded)."""
+def _attrs(obj: h5py.HLObject, path: str) -> dict[str, Any]:
+    """HDF5 attributes as plain values (text decoded); an unreadable attribute is an error naming it."""
     out: dict[str, Any] = {}
-    for key, value in obj.attrs.items():
+    for key in obj.attrs:
+        try:
+            value = obj.attrs[key]
+        except READ_ERRORS as exc:  # e.g. a datatype h5py cannot map to numpy
+            raise _err(path, f"attr {key!r} of {obj.name!r} is unreadable ({_one_line(exc)})") from None
         if isinstance(value, bytes):
             value = value.decode("utf-8", errors="replace")
         elif isinstance(value, np.ndarray) and value.dtype.kind in "SO":
@@ -130,8 +165,10 @@ class Reader(ABC):
         for entry in entries:
             try:
                 fields, meta = self.read_one(entry)
-            except (OSError, KeyError, RuntimeError) as exc:  # h5py read failures (truncated file etc.)
-                raise _err(self.path, f"trajectory {entry.index}: read failed ({exc})") from None
+            except DataFormatError:
+                raise
+            except READ_ERRORS as exc:  # h5py read failures (truncated file etc.), malformed metadata
+                raise _err(self.path, f"{self.where(entry)}: read failed ({_one_line(exc)})") from None
             yield entry, fields, meta
 
     def close(self) -> None:
@@ -206,13 +243,14 @@ class FnoMat73Reader(H5Reader):
         u = self.dataset("u")
         self.check_shape(u, 4, "4 dims: logical [N, X, Y, T], stored by MATLAB v7.3 as (T, Y, X, N)")
         t_len, y, x, n = u.shape
+        self._times(t_len)  # validates the optional `t` before anything is built
         return SourceInfo(self.path, self.layout, (t_len, x, y, 1), ("w",),
                           tuple(Entry(i) for i in range(n)))
 
     def _times(self, t_len: int) -> list[float]:
         t = self.f.get("t")
         if isinstance(t, h5py.Dataset) and t.size == t_len:
-            return _floats(t[()])
+            return _floats(t[()], self.path, "t")
         return [float(i) for i in range(t_len)]
 
     def _meta(self, t: list[float], x: int, y: int) -> dict[str, Any]:
@@ -239,8 +277,9 @@ class FnoMat73Reader(H5Reader):
             lo, hi = entries[i].index, entries[j - 1].index + 1
             try:
                 block = u[:, :, :, lo:hi]                       # (T, Y, X, run)
-            except (OSError, RuntimeError) as exc:
-                raise _err(self.path, f"key 'u': read of trajectories {lo}..{hi - 1} failed ({exc})") from None
+            except READ_ERRORS as exc:
+                raise _err(self.path, f"key 'u': read of trajectories {lo}..{hi - 1} failed "
+                                      f"({_one_line(exc)})") from None
             for k in range(hi - lo):
                 fields = np.ascontiguousarray(block[..., k].transpose(0, 2, 1))[..., None]
                 yield entries[i + k], fields, dict(meta)
@@ -279,6 +318,9 @@ class FnoMat5Reader(Reader):
         if u.ndim != 4 or 0 in u.shape or u.dtype.kind != "f":
             raise _err(self.path, f"key 'u' has shape {u.shape} dtype {u.dtype}: expected float [N, X, Y, T]")
         n, x, y, t_len = u.shape
+        t_raw = self.data.get("t")
+        if t_raw is not None and t_raw.size == t_len:
+            _floats(t_raw, self.path, "t")  # validate the optional `t` before anything is built
         return SourceInfo(self.path, self.layout, (t_len, x, y, 1), ("w",),
                           tuple(Entry(i) for i in range(n)))
 
@@ -287,25 +329,27 @@ class FnoMat5Reader(Reader):
         fields = np.ascontiguousarray(u[entry.index].transpose(2, 0, 1))[..., None]
         t_len = u.shape[3]
         t_raw = self.data.get("t")
-        t = _floats(t_raw) if t_raw is not None and t_raw.size == t_len else [float(i) for i in range(t_len)]
+        t = (_floats(t_raw, self.path, "t") if t_raw is not None and t_raw.size == t_len
+             else [float(i) for i in range(t_len)])
         return fields, {"x": _grid(u.shape[1]), "y": _grid(u.shape[2]), "t": t, "dt": _dt(t),
                         "params": _fno_params(self.path)}
 
 
 # ----------------------------------------------------------------------------- PDEBench
 
-def _pdebench_times(f: h5py.Group, key: str, t_len: int) -> list[float]:
+def _pdebench_times(f: h5py.Group, key: str, t_len: int, path: str) -> list[float]:
     """PDEBench `t-coordinate` has T+1 entries (one more than frames): keep the first T."""
     t = f.get(key)
     if isinstance(t, h5py.Dataset) and t.size >= t_len:
-        return _floats(t[()])[:t_len]
+        return _floats(t[()], path, _key(f, key))[:t_len]
     return [float(i) for i in range(t_len)]
 
 
-def _coords(f: h5py.Group, key: str, n: int) -> list[float]:
+def _coords(f: h5py.Group, key: str, n: int, path: str) -> list[float]:
+    """Stored coordinates `key` when present with `n` entries, else a uniform grid."""
     c = f.get(key)
     if isinstance(c, h5py.Dataset) and c.size == n:
-        return _floats(c[()])
+        return _floats(c[()], path, _key(f, key))
     return _grid(n)
 
 
@@ -338,6 +382,7 @@ class PdebenchCfdReader(H5Reader):
                 raise _err(self.path, f"key {key!r} has shape {ds.shape}: expected {ref} like {self.channels[0]!r}")
         n, t_len, x = ref[:3]
         y = 1 if one_d else ref[3]
+        self._meta(t_len, x, y)  # validates the optional coordinates and attrs before anything is built
         return SourceInfo(self.path, self.layout, (t_len, x, y, len(self.channels)), self.channels,
                           tuple(Entry(i) for i in range(n)))
 
@@ -346,12 +391,14 @@ class PdebenchCfdReader(H5Reader):
         fields = np.stack(arrays, axis=-1)
         if fields.ndim == 3:
             fields = fields[:, :, None, :]
-        t_len, x, y, _ = fields.shape
-        t = _pdebench_times(self.f, "t-coordinate", t_len)
-        params = {k: v for k, v in _attrs(self.f).items() if k in ("eta", "zeta", "M")}
-        return fields, {"x": _coords(self.f, "x-coordinate", x),
-                        "y": _coords(self.f, "y-coordinate", y) if y > 1 else [0.0],
-                        "t": t, "dt": _dt(t), "params": params}
+        return fields, self._meta(*fields.shape[:3])
+
+    def _meta(self, t_len: int, x: int, y: int) -> dict[str, Any]:
+        t = _pdebench_times(self.f, "t-coordinate", t_len, self.path)
+        params = {k: v for k, v in _attrs(self.f, self.path).items() if k in ("eta", "zeta", "M")}
+        return {"x": _coords(self.f, "x-coordinate", x, self.path),
+                "y": _coords(self.f, "y-coordinate", y, self.path) if y > 1 else [0.0],
+                "t": t, "dt": _dt(t), "params": params}
 
 
 class Pdebench1dReader(H5Reader):
@@ -368,13 +415,17 @@ class Pdebench1dReader(H5Reader):
         ds = self.dataset("tensor")
         self.check_shape(ds, 3, "3 dims [N, T, X]")
         n, t_len, x = ds.shape
+        self._meta(t_len, x)  # validates the optional coordinates and attrs before anything is built
         return SourceInfo(self.path, self.layout, (t_len, x, 1, 1), ("u",), tuple(Entry(i) for i in range(n)))
 
     def read_one(self, entry: Entry) -> tuple[np.ndarray, dict[str, Any]]:
         fields = self.f["tensor"][entry.index][:, :, None, None]
-        t = _pdebench_times(self.f, "t-coordinate", fields.shape[0])
-        return fields, {"x": _coords(self.f, "x-coordinate", fields.shape[1]), "y": [0.0], "t": t,
-                        "dt": _dt(t), "params": _attrs(self.f)}
+        return fields, self._meta(fields.shape[0], fields.shape[1])
+
+    def _meta(self, t_len: int, x: int) -> dict[str, Any]:
+        t = _pdebench_times(self.f, "t-coordinate", t_len, self.path)
+        return {"x": _coords(self.f, "x-coordinate", x, self.path), "y": [0.0], "t": t, "dt": _dt(t),
+                "params": _attrs(self.f, self.path)}
 
 
 def _group_channels(path: str, c: int) -> tuple[str, ...]:
@@ -428,7 +479,7 @@ class PdebenchGroupsReader(H5Reader):
         params: dict[str, Any] = {}
         config = grp.attrs.get("config")
         if config is not None:
-            text = config.decode() if isinstance(config, bytes) else str(config)
+            text = config.decode("utf-8", "replace") if isinstance(config, bytes) else str(config)
             params["config"] = text
             try:
                 import yaml
@@ -438,8 +489,9 @@ class PdebenchGroupsReader(H5Reader):
                     params.update({k: v for k, v in parsed.items() if k != "config"})
             except Exception:  # config text is informational; keep the raw text
                 pass
-        t = _coords(grp, "grid/t", t_len) if "grid/t" in grp else [float(i) for i in range(t_len)]
-        return fields, {"x": _coords(grp, "grid/x", x), "y": _coords(grp, "grid/y", y), "t": t, "dt": _dt(t),
+        t = _coords(grp, "grid/t", t_len, self.path) if "grid/t" in grp else [float(i) for i in range(t_len)]
+        return fields, {"x": _coords(grp, "grid/x", x, self.path), "y": _coords(grp, "grid/y", y, self.path),
+                        "t": t, "dt": _dt(t),
                         "params": params, "source_group": entry.group}
 
 
@@ -489,17 +541,21 @@ class PdearenaNsReader(H5Reader):
         fields = np.stack([grp[c][entry.local] for c in self.CHANNELS], axis=-1)
         t_len, x, y, _ = fields.shape
         t_raw, x_raw, y_raw = (self._per_sample(grp, k, entry.local) for k in ("t", "x", "y"))
-        t = _floats(t_raw) if t_raw is not None and np.size(t_raw) == t_len else [float(i) for i in range(t_len)]
+        g = entry.group
+        t = (_floats(t_raw, self.path, f"{g}/t") if t_raw is not None and np.size(t_raw) == t_len
+             else [float(i) for i in range(t_len)])
         params = {}
         for k in ("buo_y", "dx", "dy"):
             v = self._per_sample(grp, k, entry.local)
             if v is not None:
-                params[k] = float(np.asarray(v).reshape(-1)[0])
+                params[k] = _first_float(v, self.path, f"{g}/{k}")
         dt_raw = self._per_sample(grp, "dt", entry.local)
-        dt = float(np.asarray(dt_raw).reshape(-1)[0]) if dt_raw is not None else _dt(t)
-        return fields, {"x": _floats(x_raw) if x_raw is not None and np.size(x_raw) == x else _grid(x),
-                        "y": _floats(y_raw) if y_raw is not None and np.size(y_raw) == y else _grid(y),
-                        "t": t, "dt": dt, "params": params, "source_group": entry.group}
+        dt = _first_float(dt_raw, self.path, f"{g}/dt") if dt_raw is not None else _dt(t)
+        return fields, {"x": _floats(x_raw, self.path, f"{g}/x") if x_raw is not None and np.size(x_raw) == x
+                        else _grid(x),
+                        "y": _floats(y_raw, self.path, f"{g}/y") if y_raw is not None and np.size(y_raw) == y
+                        else _grid(y),
+                        "t": t, "dt": dt, "params": params, "source_group": g}
 
 
 # ----------------------------------------------------------------------------- The Well
@@ -524,8 +580,9 @@ class TheWellReader(H5Reader):
                 if order == 0:
                     raise _err(self.path, "missing key 't0_fields'")
                 continue
-            names = _attrs(grp).get("field_names")
-            names = list(names) if names is not None and len(names) else sorted(grp.keys())
+            raw = _attrs(grp, self.path).get("field_names")
+            names = [raw] if isinstance(raw, str) else [] if raw is None else list(np.atleast_1d(raw))
+            names = names or sorted(grp.keys())
             for name in names:
                 ds = self.dataset(str(name), grp)
                 comps = [()] if order == 0 else ([(d,) for d in range(2)] if order == 1
@@ -540,15 +597,25 @@ class TheWellReader(H5Reader):
         tv = bool(ds.attrs.get("time_varying", True))
         return int(sv) + int(tv) + 2 + order, sv, tv
 
+    def _int_attr(self, key: str, default: int) -> int:
+        value = self.f.attrs.get(key, default)
+        try:
+            return int(np.asarray(value).reshape(-1)[0]) if np.size(value) == 1 else int(value)
+        except READ_ERRORS:
+            raise _err(self.path, f"attr {key!r} is {value!r}: expected an integer") from None
+
     def scan(self) -> SourceInfo:
-        ndims = self.f.attrs.get("n_spatial_dims", 2)
-        if int(ndims) != 2:
+        ndims = self._int_attr("n_spatial_dims", 2)
+        if ndims != 2:
             raise _err(self.path, f"attr 'n_spatial_dims' is {ndims}: expected 2")
         time = self.f.get("dimensions/time")
         if not isinstance(time, h5py.Dataset):
             raise _err(self.path, "missing key 'dimensions/time'")
+        if time.ndim not in (1, 2) or 0 in time.shape or time.dtype.kind not in "fiu":
+            raise _err(self.path, f"key 'dimensions/time' has shape {time.shape} dtype {time.dtype}: "
+                                  "expected numbers [T] (or [B, T] when sample-varying)")
         t_len = time.shape[-1]
-        n = int(self.f.attrs.get("n_trajectories", 0))
+        n = self._int_attr("n_trajectories", 0)
         xy = None
         fields = self._fields()
         for ds, order, _, _ in fields:
@@ -573,6 +640,8 @@ class TheWellReader(H5Reader):
                 raise _err(self.path, f"key {ds.name.lstrip('/')!r} has shape {ds.shape}: expected X, Y = {xy}")
         if not fields or n == 0:
             raise _err(self.path, "no sample-varying fields in t0_fields/t1_fields")
+        if time.ndim == 2 and time.shape[0] != n:
+            raise _err(self.path, f"key 'dimensions/time' has shape {time.shape}: expected [B={n}, T]")
         parent = Path(self.path).parent.name.lower()
         split = SPLIT_ALIASES.get(parent)
         channels = tuple(name for _, _, name, _ in fields)
@@ -581,7 +650,7 @@ class TheWellReader(H5Reader):
 
     def read_one(self, entry: Entry) -> tuple[np.ndarray, dict[str, Any]]:
         time = self.f["dimensions/time"]
-        t = _floats(time[entry.index] if time.ndim == 2 else time[()])
+        t = _floats(time[entry.index] if time.ndim == 2 else time[()], self.path, "dimensions/time")
         cache: dict[str, np.ndarray] = {}
         columns = []
         for ds, order, _, comp in self._fields():
@@ -594,7 +663,7 @@ class TheWellReader(H5Reader):
                 arr = np.broadcast_to(arr, (len(t), *arr.shape))
             columns.append(arr)
         fields = np.stack(columns, axis=-1)
-        sim = _attrs(self.f)
+        sim = _attrs(self.f, self.path)
         names = sim.get("simulation_parameters", [])
         names = [names] if isinstance(names, str) else list(names)
         params: dict[str, Any] = {k: sim[k] for k in names if k in sim}
@@ -606,13 +675,14 @@ class TheWellReader(H5Reader):
                     params[k] = np.asarray(v).tolist()
         bcs = self.f.get("boundary_conditions")
         if isinstance(bcs, h5py.Group):
-            params["boundary_conditions"] = {k: _attrs(g).get("bc_type") for k, g in bcs.items()}
+            params["boundary_conditions"] = {k: _attrs(g, self.path).get("bc_type") for k, g in bcs.items()}
         dims = self.f["dimensions"]
         x, y = fields.shape[1], fields.shape[2]
         for k in ("dataset_name", "grid_type"):
             if k in sim:
                 params[k] = sim[k]
-        return fields, {"x": _coords(dims, "x", x), "y": _coords(dims, "y", y), "t": t, "dt": _dt(t),
+        return fields, {"x": _coords(dims, "x", x, self.path), "y": _coords(dims, "y", y, self.path),
+                        "t": t, "dt": _dt(t),
                         "params": params}
 
 

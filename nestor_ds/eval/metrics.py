@@ -133,23 +133,28 @@ def band_edges(k_max: int, cfg: SpectrumConfig) -> list[tuple[int, int]]:
 
 def spectrum_band_error(pred: torch.Tensor, true: torch.Tensor, channel_mask: torch.Tensor | None = None,
                         cfg: SpectrumConfig | None = None) -> torch.Tensor:
-    """Relative energy-spectrum error per wavenumber band: [B, X, Y, T, C] pair -> [B, N, C] (float64).
+    """Energy-spectrum error per wavenumber band: [B, X, Y, T, C] pair -> [B, N, C] (float64).
 
-    err_band = sum_{k in band} |E_pred(k) - E_true(k)| / sum_{k in band} E_true(k): an L1 distance of
-    spectra, so too much energy at one k and too little at another do not cancel. A rollout that
-    smooths out small scales shows a high-band error near 1; one that blows up shows errors >> 1.
+    err_band = sum_{k in band} |E_pred(k) - E_true(k)| / sum_{k in all bands} E_true(k): an L1 distance of
+    spectra (too much energy at one k and too little at another do not cancel), as a fraction of the true
+    field's energy. Normalising by the whole spectrum rather than by the band keeps the number finite where the
+    truth has almost no energy in a band (smooth fields at high k, where a band-relative error explodes); the
+    bands' errors add up to the whole-spectrum error. A rollout that loses a band's energy scores that band's
+    share of the energy; one that blows up scores >> 1.
     """
     _check_pair(pred, true, channel_mask)
     cfg = cfg or SpectrumConfig()
     e_pred, e_true = energy_spectrum(pred), energy_spectrum(true)
     k_max = e_true.shape[1] - 1
+    edges = band_edges(k_max, cfg)
+    first = min((lo for lo, hi in edges if hi >= lo), default=0)
+    den = e_true[:, first:].sum(dim=1)
     errs = []
-    for lo, hi in band_edges(k_max, cfg):
+    for lo, hi in edges:
         if hi < lo:  # grid too coarse for this many bands
             errs.append(torch.full_like(e_true[:, 0], float("nan")))
             continue
         num = (e_pred[:, lo:hi + 1] - e_true[:, lo:hi + 1]).abs().sum(dim=1)
-        den = e_true[:, lo:hi + 1].sum(dim=1)
         errs.append(num / den.clamp_min(EPS))
     err_BNC = torch.stack(errs, dim=1)
     return err_BNC if channel_mask is None else err_BNC * channel_mask[:, None, :].to(err_BNC.dtype)
