@@ -8,8 +8,11 @@ One test also builds files from `nestor_ds.data.layout_writers` (the generator's
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import subprocess
 import sys
+import tarfile
+import textwrap
 from pathlib import Path
 
 import h5py
@@ -352,9 +355,62 @@ def _bad_nan(d: Path) -> tuple[Path, list[str], str]:
     return p, [], "key 'u' trajectory 4 contains NaN/Inf"
 
 
+def _bad_well_scalar_time(d: Path) -> tuple[Path, list[str], str]:
+    p = d / "toy_0.hdf5"
+    _well_file(p, 3)
+    with h5py.File(p, "r+") as f:
+        del f["dimensions/time"]
+        f["dimensions/time"] = np.float32(3.0)  # a scalar: used to crash with IndexError in scan()
+    return p, [], "key 'dimensions/time' has shape () dtype float32: expected numbers"
+
+
+def _bad_well_attr(d: Path) -> tuple[Path, list[str], str]:
+    p = d / "toy_0.hdf5"
+    _well_file(p, 3)
+    with h5py.File(p, "r+") as f:
+        f.attrs["n_trajectories"] = "three"
+    return p, [], "attr 'n_trajectories' is 'three': expected an integer"
+
+
+def _bad_fno_t_strings(d: Path) -> tuple[Path, list[str], str]:
+    p, _, _ = make_fno73(d)
+    with h5py.File(p, "r+") as f:
+        del f["t"]
+        f["t"] = np.array([b"a", b"b", b"c"])  # optional key, present with the wrong dtype
+    return p, [], "key 't' has dtype |S1 shape (3,): expected numbers"
+
+
+def _bad_groups_grid_strings(d: Path) -> tuple[Path, list[str], str]:
+    """Per-sample metadata is only read with the trajectory (in the shard writer), not by scan()."""
+    p, _, _ = make_groups(d)
+    with h5py.File(p, "r+") as f:
+        del f["0003/grid/x"]
+        f["0003/grid/x"] = np.array([b"x"] * X)
+    return p, ["--shard-size-mb", "1e-6"], "key '0003/grid/x' has dtype |S1 shape (6,): expected numbers"
+
+
+def _bad_pdearena_short_param(d: Path) -> tuple[Path, list[str], str]:
+    """A per-sample key with fewer rows than trajectories: h5py's IndexError becomes a one-line error."""
+    p, _, _ = make_pdearena(d)
+    with h5py.File(p, "r+") as f:
+        del f["train/dt"]
+        f["train/dt"] = np.full(1, 1.5)
+    return p, [], "key 'train/u', 'train/vx', 'train/vy' trajectory 1: read failed (IndexError: "
+
+
+def _bad_cfd_coord_compound(d: Path) -> tuple[Path, list[str], str]:
+    p, _, _ = make_cfd(d)
+    with h5py.File(p, "r+") as f:
+        del f["t-coordinate"]
+        f["t-coordinate"] = np.zeros(T + 1, dtype=[("a", "f4"), ("b", "f4")])
+    return p, [], "key 't-coordinate' has dtype [('a', '<f4'), ('b', '<f4')] shape (4,): expected numbers"
+
+
 BAD_CASES = {"unknown": _bad_unknown, "missing": _bad_missing_key, "rank": _bad_rank, "shape": _bad_shape,
              "unreadable": _bad_unreadable, "truncated": _bad_truncated, "truncated-mat5": _bad_truncated_mat5,
-             "nan": _bad_nan}
+             "nan": _bad_nan, "well-scalar-time": _bad_well_scalar_time, "well-attr": _bad_well_attr,
+             "fno-t-strings": _bad_fno_t_strings, "groups-grid-strings": _bad_groups_grid_strings,
+             "pdearena-short-param": _bad_pdearena_short_param, "cfd-coord-compound": _bad_cfd_coord_compound}
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))
@@ -362,7 +418,7 @@ def test_bad_input_is_one_line_error_and_leaves_nothing(tmp_path: Path, capsys, 
     src_dir = tmp_path / "src"
     src_dir.mkdir()
     src, extra, needle = BAD_CASES[case](src_dir)
-    out = tmp_path / "out"
+    out = tmp_path / "new" / "deeper" / "out"  # parents a failed build must not leave behind
     code, _, err = _cli(capsys, "--input", str(src), "--out", str(out), *extra)
     assert code != 0
     lines = err.strip().splitlines()
@@ -370,7 +426,62 @@ def test_bad_input_is_one_line_error_and_leaves_nothing(tmp_path: Path, capsys, 
     assert lines[0].startswith(f"build_shards: error: {src}: "), lines[0]
     assert needle in lines[0], lines[0]
     assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no temp directory either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no temp or parent directory either
+
+
+def test_failed_build_keeps_parents_that_existed(tmp_path: Path) -> None:
+    """Only the parent directories this build created are removed; a successful build keeps its parents."""
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    src, _, needle = _bad_nan(src_dir)
+    (tmp_path / "have").mkdir()
+    with pytest.raises(schema.DataFormatError, match=needle):
+        _build(src, tmp_path / "have" / "a" / "b" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["have", "src"]
+    assert list((tmp_path / "have").iterdir()) == []
+    good, _, _ = make_1d(src_dir)
+    _build(good, tmp_path / "have" / "a" / "b" / "out")
+    assert (tmp_path / "have" / "a" / "b" / "out" / schema.MANIFEST_NAME).is_file()
+
+
+@pytest.mark.parametrize("argv", [["--shard-size-mb", "inf"], ["--shard-size-mb", "nan"], ["--shard-size-mb", "0"],
+                                  ["--shard-size-mb", "-1"], ["--workers", "-2"], ["--workers", "0"]])
+def test_bad_numeric_options_are_usage_errors(tmp_path: Path, capsys, argv: list[str]) -> None:
+    src, _, _ = make_1d(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        build_shards.main(["--input", str(src), "--out", str(out), "--no-progress", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert f"argument {argv[0]}: '{argv[1]}': expected" in err.strip().splitlines()[-1], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kw,needle", [({"shard_size_mb": float("inf")}, "shard size inf MB"),
+                                       ({"shard_size_mb": float("nan")}, "shard size nan MB"),
+                                       ({"workers": -2}, "workers -2"), ({"layout": "npz"}, "layout 'npz'")])
+def test_build_config_rejects_bad_options(tmp_path: Path, kw: dict, needle: str) -> None:
+    src, _, _ = make_1d(tmp_path)
+    with pytest.raises(ValueError, match=needle):
+        _build(src, tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unexpected_error_is_one_line_and_leaves_nothing(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Last resort: an exception no handler anticipated (here raised by the stdlib tar writer) still gives
+    one line, a non-zero exit, and no output, temp or parent directory."""
+    (tmp_path / "src").mkdir()
+    src, _, _ = make_1d(tmp_path / "src")
+
+    def broken_addfile(self, tarinfo, fileobj=None):
+        raise ZeroDivisionError("boom\nsecond line")
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", broken_addfile)
+    out = tmp_path / "new" / "out"
+    code, _, err = _cli(capsys, "--input", str(src), "--out", str(out))
+    assert code == 1
+    assert err.strip().splitlines() == ["build_shards: error: ZeroDivisionError: boom (please report)"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_bad_input_keeps_existing_output_and_cli_exit_code(tmp_path: Path) -> None:
@@ -426,6 +537,86 @@ def test_cli_help_and_usage_errors() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--out", "x"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
+
+
+def test_build_streams_with_bounded_memory(tmp_path: Path) -> None:
+    """A 210 MiB PDEBench-CFD file builds with peak RSS far below its size (< 25% of it): trajectories are streamed.
+
+    The build runs in a fresh interpreter that reports its own peak RSS (ru_maxrss of RUSAGE_SELF); the
+    baseline is the same script on a tiny file, so imports (torch is not among them) are not counted.
+    """
+    n, t, xy = 40, 21, 128
+    big = tmp_path / "2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_128_Train.hdf5"
+    rng = np.random.default_rng(0)
+    with h5py.File(big, "w") as f:  # written one trajectory at a time: the test itself stays small
+        dsets = {k: f.create_dataset(k, (n, t, xy, xy), dtype=np.float32)
+                 for k in ("Vx", "Vy", "density", "pressure")}
+        for i in range(n):
+            for ds in dsets.values():
+                ds[i] = rng.random((t, xy, xy), dtype=np.float32)
+        f["x-coordinate"] = np.linspace(0, 1, xy, dtype=np.float32)
+        f["y-coordinate"] = np.linspace(0, 1, xy, dtype=np.float32)
+        f["t-coordinate"] = np.linspace(0, 1, t + 1, dtype=np.float32)
+    size = big.stat().st_size
+    assert size > 200 * 2**20
+    small, _, _ = make_cfd(tmp_path)
+    script = textwrap.dedent("""
+        import resource, sys
+        sys.path.insert(0, sys.argv[3])
+        from nestor_ds.data.builder import BuildConfig, build
+        m = build(BuildConfig(inputs=[sys.argv[1]], out=sys.argv[2], progress=False, test_fraction=0.1))
+        print(m["splits"]["train"]["count"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    """)
+
+    def peak_rss(src: Path, out: Path) -> tuple[int, int]:
+        r = subprocess.run([sys.executable, "-c", script, str(src), str(out), str(ROOT)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        count, rss = map(int, r.stdout.split())
+        return count, rss
+
+    try:
+        _, base = peak_rss(small, tmp_path / "small")
+        count, peak = peak_rss(big, tmp_path / "big")
+        assert count == 36
+        shards = list((tmp_path / "big").glob("*.tar"))
+        assert sum(p.stat().st_size for p in shards) > size  # everything was written (float32, + headers)
+        assert peak - base < 0.25 * size, f"peak RSS {peak / 2**20:.0f} MiB vs baseline {base / 2**20:.0f} MiB"
+        # Measured: ~6 MiB above the baseline (a few trajectories of ~5.5 MiB), vs 210 MiB of input.
+    finally:
+        big.unlink()
+        for p in (tmp_path / "big").glob("*"):
+            p.unlink()
+
+
+# ----------------------------------------------------------------------------- export_checkpoint CLI
+
+def _load_export_cli():
+    spec = importlib.util.spec_from_file_location("export_checkpoint_cli", ROOT / "tools" / "export_checkpoint.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_export_cli_bad_checkpoint_is_one_line_without_progress_bar(tmp_path: Path, capsys) -> None:
+    """The checkpoint is resolved before the progress bar opens: no stray `export: 0%|` line before the error.
+
+    (Kept here with the other data-tool CLI checks; tests/test_export.py covers the export itself.)
+    """
+    pytest.importorskip("torch")
+    cli = _load_export_cli()
+    (tmp_path / "step_1").mkdir()
+    (tmp_path / "step_1" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    cases = [(tmp_path / "nope", "no such file"), (tmp_path / "empty", "not a checkpoint"),
+             (tmp_path / "step_1", "nestor_config.json: missing")]
+    (tmp_path / "empty").mkdir()
+    for ckpt, needle in cases:
+        code = cli.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "x.safetensors")])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert err.strip().splitlines() == [err.strip()] and err.startswith("export_checkpoint: error: "), err
+        assert needle in err and "%|" not in err, err
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_worker_error_crosses_process_pool_and_cleans_up(tmp_path: Path) -> None:

@@ -281,3 +281,33 @@ def test_cli_help_errors_and_options(tmp_path: Path, capsys: pytest.CaptureFixtu
     with h5py.File(tmp_path / "pda.h5", "r") as f:
         assert f["valid/u"].shape == (1, 3, 16, 16)
         np.testing.assert_allclose(f["valid/t"][0], [0.0, 0.1, 0.2])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--record-interval", "-1"], "--record-interval -1.0: expected a finite number > 0"),
+    (["--record-interval", "0"], "--record-interval 0.0: expected a finite number > 0"),
+    (["--record-interval", "nan"], "--record-interval nan: expected a finite number > 0"),
+    (["--visc=-1e-3"], "--visc -0.001: expected a finite number > 0"),
+    (["--n", "0"], "--n 0: expected an integer >= 1"),
+    (["--res", "-16"], "--res -16: expected an integer >= 1"),
+    (["--steps", "0"], "--steps 0: expected an integer >= 1"),
+    (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
+    (["--param", "record_interval=-1"], "ns: record_interval -1.0: expected a finite number > 0"),
+])
+def test_cli_rejects_nonpositive_numbers(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str],
+                                          needle: str) -> None:
+    """--record-interval -1 used to exit 0 and write identical frames at t = 0, -1, -2, ..."""
+    cli = _load_cli()
+    out = tmp_path / "x.h5"
+    rc = cli.main(["--pde", "ns", "--layout", "pdearena-ns", "--n", "1", "--res", "16", "--steps", "3", *argv,
+                   "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert err.strip().splitlines() == [f"gen_pde: error: {needle}"], err
+    assert not out.exists()
+
+
+def test_record_interval_must_be_positive_in_the_api() -> None:
+    for bad in (0.0, -0.5, float("inf")):
+        with pytest.raises(ValueError, match="record_interval .*expected a finite number > 0"):
+            simulate("dr", 1, 8, 2, 0, record_interval=bad)

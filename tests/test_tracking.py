@@ -277,7 +277,7 @@ def _two_runs(store: str, experiment: str) -> list[str]:
     ids = []
     for name, preset, l2re, sps in (("nestor", "nestor-ti", 0.031, 3.2), ("afno", "afno-ti", 0.048, 8.3)):
         t = Tracker(_cfg(store, experiment, system_metrics=False), rank=0, entry="pretrain", run_name=name)
-        t.log_params({"model": {"preset": preset}})
+        t.log_params({"preset": preset, "config": {"preset": preset}})  # as the engine logs it
         t.log_metrics({"train/loss": 0.1, "eval/dr_pdb/l2re_1step": l2re, "perf/samples_per_s": sps}, 100)
         ids.append(t.run_id)
         t.finish()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,6 +22,34 @@ from nestor_ds.data.builder import BuildConfig, build, verify  # noqa: E402
 from nestor_ds.data.schema import DTYPES, LAYOUTS, DataFormatError  # noqa: E402
 
 PROG = "build_shards"
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (inf/nan would only fail later, deep inside planning)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number > 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
+
+
+def _line(exc: BaseException) -> str:
+    """First line of an exception's message: the CLI contract is one line per error."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,10 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-fraction", type=float, default=d.test_fraction,
                    help="last fraction of trajectories put in the test split, for files without their own split "
                         f"(default {d.test_fraction})")
-    p.add_argument("--shard-size-mb", type=float, default=d.shard_size_mb,
+    p.add_argument("--shard-size-mb", type=positive_float, default=d.shard_size_mb,
                    help=f"target shard size in MiB (default {d.shard_size_mb:g})")
     p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help=f"stored dtype (default {d.dtype})")
-    p.add_argument("--workers", type=int, default=d.workers, help="worker processes, one shard each at a time")
+    p.add_argument("--workers", type=positive_int, default=d.workers,
+                   help="worker processes, one shard each at a time (>= 1)")
     p.add_argument("--skip-bad", action="store_true", help="skip NaN/Inf trajectories (counted as skipped_bad)")
     p.add_argument("--seed", type=int, default=None, help="permute training trajectories across shards with this seed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing built directory at --out")
@@ -64,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                           progress=progress)
         m = build(cfg)
     except (DataFormatError, ValueError, OSError, RuntimeError) as exc:  # RuntimeError: a worker died
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug, not bad input; build() has already removed what it wrote
+        print(f"{PROG}: error: {type(exc).__name__}: {_line(exc)} (please report)", file=sys.stderr)
         return 1
     n_shards = sum(len(m["splits"][s]["shards"]) for s in ("train", "test"))
     print(f"{PROG}: wrote {args.out}: {m['name']} {m['layout']} shape {m['shape']} channels {m['channels']}: "

@@ -11,6 +11,7 @@ downloading hundreds of gigabytes. See docs/gen_pde.md.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,31 @@ def write_demo(out_dir: Path, tiny: bool = False, seed: int = 0, progress: bool 
             print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         paths.append(p)
     return paths
+
+
+# Numeric options that must be > 0 (or >= 0): a bad value would otherwise run and write nonsense, e.g.
+# --record-interval -1 gave identical frames at t = 0, -1, -2, ...
+POSITIVE_INTS = ("n", "res", "steps", "batch_size")
+POSITIVE_FLOATS = ("record_interval", "visc", "M")
+NON_NEGATIVE_FLOATS = ("eta", "zeta")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One-line ValueError naming the option for values no simulation can use."""
+    def flag(key: str) -> str:
+        return "--" + key.replace("_", "-")
+
+    for key in POSITIVE_INTS:
+        v = getattr(args, key)
+        if v is not None and v < 1:
+            raise ValueError(f"{flag(key)} {v}: expected an integer >= 1")
+    for key in POSITIVE_FLOATS + NON_NEGATIVE_FLOATS:
+        v = getattr(args, key)
+        if v is None:
+            continue
+        ok = math.isfinite(v) and (v > 0 if key in POSITIVE_FLOATS else v >= 0)
+        if not ok:
+            raise ValueError(f"{flag(key)} {v}: expected a finite number {'> 0' if key in POSITIVE_FLOATS else '>= 0'}")
 
 
 def parse_params(args: argparse.Namespace) -> dict:
@@ -124,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         if args.demo is not None:
             write_demo(args.demo, args.tiny, args.seed, progress=not args.quiet)
             return 0

@@ -150,6 +150,14 @@ def make_config(pde: str, **overrides) -> NSConfig | DRConfig | SWEConfig | CFDC
     bad = sorted(set(overrides) - known)
     if bad:
         raise ValueError(f"{pde}: unknown parameter(s) {bad}; known: {sorted(known)}")
+    ri = overrides.get("record_interval", 1.0)
+    try:
+        ri_ok = not isinstance(ri, (bool, str)) and math.isfinite(float(ri)) and float(ri) > 0
+    except (TypeError, ValueError):
+        ri_ok = False
+    if not ri_ok:
+        # record times are k * record_interval: a value <= 0 would store identical frames at t <= 0
+        raise ValueError(f"{pde}: record_interval {ri!r}: expected a finite number > 0")
     return cls(**overrides)
 
 
