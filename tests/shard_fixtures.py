@@ -74,3 +74,33 @@ def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
         assert p.keys() == q.keys()
         for k in p:
             assert torch.equal(p[k], q[k]), f"batch {i} key {k} differs"
+
+
+def frame_table(shard_dir) -> dict:
+    """Each stored frame's bytes of the train split -> (trajectory position, t) (`read_trajectories` order)."""
+    import numpy as np
+
+    from nestor_ds.data import read_trajectories
+
+    table = {}
+    for p, (fields, _) in enumerate(read_trajectories(shard_dir, "train")):
+        for t in range(fields.shape[0]):
+            table[np.ascontiguousarray(fields[t]).tobytes()] = (p, t)
+    return table
+
+
+def window_positions(batch: dict, d: int, table: dict, length: int, channels: int | None = None) -> list[int]:
+    """Trajectory positions of dataset d's batch elements; asserts each window is ``length`` consecutive stored
+    frames of one trajectory (real channels only: ``channels``, or the element's channel mask)."""
+    import numpy as np
+    import torch
+
+    found = []
+    for b in torch.nonzero(batch["dataset_id"] == d).flatten().tolist():
+        c = channels if channels is not None else int(batch["channel_mask"][b].sum())
+        frames = torch.cat([batch["x"][b], batch["y"][b]], dim=2)[..., :c].permute(2, 0, 1, 3).numpy()
+        hits = [table[np.ascontiguousarray(f).tobytes()] for f in frames]
+        p, t0 = hits[0]
+        assert hits == [(p, t0 + k) for k in range(length)]
+        found.append(p)
+    return found

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from nestor_ds.data import DataConfig, DatasetSpec, TrainStream, build_eval_batches, load_manifest, read_trajectories
 from nestor_ds.data.stream import iter_shard_samples, read_fields, slot_shares
 
-from shard_fixtures import assert_batches_equal, build_dataset, take
+from shard_fixtures import assert_batches_equal, build_dataset, frame_table, take, window_positions
 
 T_IN, T_AR, RES = 3, 2, 16
 
@@ -42,25 +42,14 @@ def make_cfg(dirs, weights=(1.0, 3.0), **kw) -> DataConfig:
 
 def frame_index(shard_dir: Path) -> tuple[dict[bytes, tuple[int, int]], list[int]]:
     """Map each stored frame's bytes to (trajectory position in the train split, t); and position -> shard."""
-    table, shard_of = {}, []
+    shard_of = []
     for s, shard in enumerate(load_manifest(shard_dir)["splits"]["train"]["shards"]):
         shard_of += [s] * shard["count"]
-    for p, (fields, _) in enumerate(read_trajectories(shard_dir, "train")):
-        for t in range(fields.shape[0]):
-            table[np.ascontiguousarray(fields[t]).tobytes()] = (p, t)
-    return table, shard_of
+    return frame_table(shard_dir), shard_of
 
 
 def windows_of(batch: dict, d: int, c: int, table: dict) -> list[int]:
-    """Trajectory positions of dataset d's elements; asserts x, y are consecutive frames of one trajectory."""
-    found = []
-    for b in torch.nonzero(batch["dataset_id"] == d).flatten().tolist():
-        frames = torch.cat([batch["x"][b], batch["y"][b]], dim=2)[..., :c].permute(2, 0, 1, 3).numpy()
-        hits = [table[np.ascontiguousarray(f).tobytes()] for f in frames]
-        p, t0 = hits[0]
-        assert hits == [(p, t0 + k) for k in range(T_IN + T_AR)]
-        found.append(p)
-    return found
+    return window_positions(batch, d, table, T_IN + T_AR, channels=c)
 
 
 def test_shapes_dtypes_mask_and_padding(dirs):

@@ -14,15 +14,14 @@ import os
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from nestor_ds.data import DataConfig, TrainStream, build_eval_batches, read_trajectories
+from nestor_ds.data import DataConfig, TrainStream, build_eval_batches
 from nestor_ds.data.builder import META_BYTES_ESTIMATE, BuildConfig, build
 from nestor_ds.data.layout_writers import write_dataset
 from nestor_ds.data.schema import DataFormatError
-from shard_fixtures import assert_batches_equal, take
+from shard_fixtures import assert_batches_equal, frame_table, take, window_positions
 
 T_IN, T_AR, RES = 3, 2, 16
 
@@ -83,22 +82,9 @@ def make_cfg(datasets: list[dict], **kw) -> DataConfig:
 
 
 def trajectory_of_windows(batches: list[dict], d: int, shard_dir: Path) -> list[int]:
-    """Train-split positions of the windows of dataset d (stored at the run resolution): each window must be
-    t_in + t_ar consecutive stored frames of one trajectory as `read_trajectories` returns it."""
-    table = {}
-    for p, (fields, _) in enumerate(read_trajectories(shard_dir, "train")):
-        for t in range(fields.shape[0]):
-            table[np.ascontiguousarray(fields[t]).tobytes()] = (p, t)
-    found = []
-    for batch in batches:
-        for b in torch.nonzero(batch["dataset_id"] == d).flatten().tolist():
-            c = int(batch["channel_mask"][b].sum())
-            frames = torch.cat([batch["x"][b], batch["y"][b]], dim=2)[..., :c].permute(2, 0, 1, 3).numpy()
-            hits = [table[np.ascontiguousarray(f).tobytes()] for f in frames]
-            p, t0 = hits[0]
-            assert hits == [(p, t0 + k) for k in range(T_IN + T_AR)]
-            found.append(p)
-    return found
+    """Train-split positions of the windows of dataset d (stored at the run resolution)."""
+    table = frame_table(shard_dir)
+    return [p for batch in batches for p in window_positions(batch, d, table, T_IN + T_AR)]
 
 
 def test_pipe_urls_give_the_local_batches(data):
