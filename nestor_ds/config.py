@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -26,10 +24,7 @@ from nestor_ds.data.config import DataConfig
 from nestor_ds.model.config import ModelConfig
 from nestor_ds.model.presets import get_preset
 from nestor_ds.tracking.tracker import TrackingConfig
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the file and dotted key in the message."""
+from nestor_ds.typed_config import ConfigError, build_dataclass, flatten  # noqa: F401  (flatten: re-exported)
 
 
 @dataclass
@@ -153,86 +148,6 @@ def _check(ok: bool, key: str, msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# dict -> dataclass
-
-
-def build_dataclass(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a plain dict, recursively, rejecting unknown keys and wrong types."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown key '{_join(where, unknown[0])}' (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        return build_dataclass(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{where} must have {len(args)} entries, got {len(value)}")
-            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        seq = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(seq) if origin is tuple else seq
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where} must be a string, got {value!r}")
-    return value
-
-
-# ----------------------------------------------------------------------------------------------------------
 # YAML + overrides
 
 
@@ -313,7 +228,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None, base_dir: Optional[Path] = None) -> RunConfig:
+def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> RunConfig:
     """Read a YAML run config, apply ``--set`` overrides, build and validate it.
 
     Relative dataset paths are resolved against the current directory (where users run commands), not the
@@ -326,21 +241,6 @@ def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = Non
         raise ConfigError(f"{path or '<defaults>'}: {e}") from None
     except (TypeError, ValueError) as e:  # a component's own validate()
         raise ConfigError(f"{path or '<defaults>'}: {e}") from None
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a.b.c": value} (lists of dicts indexed: data.datasets.0.name)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            for i, x in enumerate(v):
-                out.update(flatten(x, f"{key}.{i}."))
-        else:
-            out[key] = v
-    return out
 
 
 def format_config(cfg: RunConfig, ds_config: Optional[dict[str, Any]] = None) -> str:

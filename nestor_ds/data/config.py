@@ -86,28 +86,10 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
-        """Build from plain dicts (YAML); unknown keys are errors so typos do not pass silently."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"data: unknown key(s) {unknown}; known: {sorted(known)}")
-        spec_keys = {f.name for f in dataclasses.fields(DatasetSpec)}
-        specs = []
-        for i, item in enumerate(d.get("datasets", [])):
-            if isinstance(item, DatasetSpec):
-                specs.append(item)
-                continue
-            if not isinstance(item, dict):
-                raise ValueError(f"data.datasets[{i}]: expected a mapping, got {type(item).__name__}")
-            bad = sorted(set(item) - spec_keys)
-            if bad:
-                raise ValueError(f"data.datasets[{i}]: unknown key(s) {bad}; known: {sorted(spec_keys)}")
-            for req in ("name", "path"):
-                if req not in item:
-                    raise ValueError(f"data.datasets[{i}]: missing key '{req}'")
-            specs.append(DatasetSpec(**item))
-        rest = {k: v for k, v in d.items() if k != "datasets"}
-        return cls(datasets=specs, **rest)
+        """Build from plain dicts (YAML); unknown keys and wrong types are errors so typos do not pass silently."""
+        from nestor_ds.typed_config import build_dataclass
+
+        return build_dataclass(cls, d, "data")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from nestor_ds.config import RunConfig, flatten, format_config
+from nestor_ds.config import RunConfig, format_config
 from nestor_ds.engine import checkpoint as ckpt
 from nestor_ds.engine.distributed import (DistInfo, all_reduce_mean, any_rank, derive_seed, init_distributed,
                                           resolve_ep_size, set_threads)
@@ -165,13 +165,10 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
                       resume_run_id=client.get("mlflow_run_id"))
     usage = ExpertUsage(num_datasets=len(cfg.data.datasets))
     perf = PerfMeter(cfg.model, samples_per_step=micro * accum * dist_info.world_size, device=device)
-    run_params = {
-        "config": cfg.to_dict(), "ds_config": ds_config, "world_size": dist_info.world_size, "ep_size": ep,
-        "preset": cfg.preset, "entry": entry, **perf.model_stats(),
-    }
-    if start_step == 0:
-        tracker.log_params(flatten(run_params))
     stats = perf.model_stats()
+    if start_step == 0:
+        tracker.log_params({"config": cfg.to_dict(), "ds_config": ds_config, "world_size": dist_info.world_size,
+                            "ep_size": ep, "preset": cfg.preset, "entry": entry, **stats})  # flattened by the tracker
     tracker.set_tags({"nestor.preset": cfg.preset or cfg.model.arch, "nestor.params_total": stats["total_params"],
                       "nestor.params_active": stats["active_params"]})
 

@@ -102,27 +102,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Build from a plain dict (YAML); `moe` may be a nested dict. Unknown keys raise ValueError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"model config: unknown key(s) {unknown}; known: {sorted(names)}")
-        kw = dict(d)
-        moe = kw.get("moe")
-        if isinstance(moe, dict):
-            kw["moe"] = moe_from_dict(moe)
-        return cls(**kw)
+        """Build from a plain dict (YAML); `moe` may be a nested dict. Unknown keys and wrong types raise ValueError."""
+        from nestor_ds.typed_config import build_dataclass
+
+        return build_dataclass(cls, d, "model")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def moe_from_dict(d: dict[str, Any]) -> MoEConfig:
-    """MoEConfig from a dict, via its own from_dict when it has one."""
-    if hasattr(MoEConfig, "from_dict"):
-        return MoEConfig.from_dict(d)
-    names = {f.name for f in dataclasses.fields(MoEConfig)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"model config: unknown moe key(s) {unknown}; known: {sorted(names)}")
-    return MoEConfig(**d)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nestor_ds.tracking.system import run_environment, system_metrics_available
+from nestor_ds.typed_config import flatten  # noqa: F401  (re-exported: nestor_ds.tracking.flatten)
 
 log = logging.getLogger("nestor_ds.tracking")
 
@@ -52,24 +53,6 @@ class TrackingConfig:
 def resolve_tracking_uri(uri: str | None) -> str:
     """Explicit URI, else the MLFLOW_TRACKING_URI environment variable, else a local SQLite file."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def flatten(d: dict, prefix: str = "", sep: str = ".") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; dataclasses are turned into dicts first."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(d) and not isinstance(d, type):
-        d = dataclasses.asdict(d)
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{sep}{key}" if prefix else str(key)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            value = dataclasses.asdict(value)
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name, sep))
-        else:
-            out[name] = value
-    return out
 
 
 def _clip(text: str, limit: int) -> str:
