@@ -33,7 +33,10 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    """RNG states as tensors/lists only, so the checkpoint loads with ``weights_only=True``."""
+    """RNG states as tensors/lists only, so the checkpoint loads with ``weights_only=True``.
+
+    Recorded for inspection; a resume does not need them: every draw of a step is seeded from
+    (seed, purpose, rank, step) by the trainer, so the resumed steps draw the same numbers anyway."""
     import random
 
     import numpy as np

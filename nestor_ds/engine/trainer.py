@@ -83,8 +83,8 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"--ds_config {p}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int) -> tuple[int, int]:
-    """Micro-batch and accumulation from the JSON; refuse combinations that cannot work, with the fix named."""
+def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int) -> tuple[int, int, int]:
+    """(micro-batch, accumulation, ZeRO stage) from the JSON; refuse combinations that cannot work, naming the fix."""
     micro = int(ds.get("train_micro_batch_size_per_gpu", 0))
     accum = int(ds.get("gradient_accumulation_steps", 1))
     if micro <= 0:
@@ -101,7 +101,7 @@ def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int) -> tupl
             "ZeRO stage 3 does not support DeepSpeed-MoE (DeepSpeed: 'Native DeepSpeed MoE is not supported with ZeRO "
             "Stage 3'): use ds_configs/zero2.json (ZeRO-2 partitions gradients and optimizer state, experts stay "
             "expert-parallel), or model.moe.backend=local / the AFNO baseline with ZeRO-3")
-    return micro, accum
+    return micro, accum, stage
 
 
 def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", run_name: Optional[str] = None,
@@ -118,7 +118,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     dist_info = init_distributed()
     threads = set_threads(cfg.train.threads_per_rank, dist_info.local_world_size)
     ds_config = load_ds_config(ds_config_path)
-    micro, accum = check_ds_config(ds_config, cfg, dist_info.world_size)
+    micro, accum, zero_stage = check_ds_config(ds_config, cfg, dist_info.world_size)
     ep = resolve_ep_size(cfg.ep_size, dist_info.world_size, cfg.model.moe.num_experts,
                          cfg.model.moe.backend if cfg.model.arch == "nestor" else "none")
     cfg.model.moe.ep_size = ep
@@ -137,7 +137,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
 
     torch.manual_seed(derive_seed(cfg.train.seed, "init"))  # identical initial weights on every rank
     model = build_model(cfg.model)
-    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3 and dist_info.world_size > 1:
+    if zero_stage == 3 and dist_info.world_size > 1:
         from nestor_ds.model.image_moe import use_lockstep_dispatch
 
         use_lockstep_dispatch(model, torch.distributed.group.WORLD)  # ZeRO-3 gathers weights per module call
