@@ -5,7 +5,9 @@ as DPOT does (rows k_y = 0..modes-1 of the FFT layout, columns k_x = 0..modes-1 
 two-layer complex MLP that is block-diagonal over channels (num_blocks blocks of D/num_blocks) and
 S_lambda is soft-shrinkage (sparsity in frequency). Modes outside the kept band are zeroed.
 The complex products run as real matmuls on [Re, Im] with the 2x2 real form [[Wr, Wi], [-Wi, Wr]],
-one batched matmul per layer instead of DPOT's four einsums (same FLOPs, fewer kernel calls).
+one batched matmul per layer instead of DPOT's four einsums (same FLOPs, fewer kernel calls). The Fourier
+transforms are complex-free (nestor_ds.model.spectral): real DFT matmuls ("dft") or fp32 FFT islands ("fft"),
+so the block compiles with torch.compile and runs in bf16 (ModelConfig.afno_spectral).
 
 Block: x = x + Spectral(GN(x)); x = x + MLP(GN(x)) with a 1x1-conv MLP.
 (DPOT also adds GN(x) inside its filter; here the block keeps one residual per sub-layer.)
@@ -16,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .spectral import SPECTRAL_MODES, dft_forward_modes, dft_inverse_modes, dft_matrices, kept_modes
+
 
 def complex_block(w_2BIO: torch.Tensor) -> torch.Tensor:
     """[2, nb, I, O] (real, imag) -> real block matrix [nb, 2I, 2O] acting on [Re, Im] rows."""
@@ -23,11 +27,25 @@ def complex_block(w_2BIO: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cat([wr, wi], dim=-1), torch.cat([-wi, wr], dim=-1)], dim=-2)
 
 
+def interleaved_left(w_2BIO: torch.Tensor) -> torch.Tensor:
+    """complex_block as a left factor [nb, 2O, 2I] on channels ordered (channel, re/im), i.e. interleaved."""
+    nb, i, o = w_2BIO.shape[1:]
+    blk = complex_block(w_2BIO).view(nb, 2, i, 2, o).permute(0, 2, 1, 4, 3).reshape(nb, 2 * i, 2 * o)
+    return blk.transpose(1, 2)
+
+
 class SpectralMixing(nn.Module):
-    """Block-diagonal complex MLP on the lowest `modes` Fourier modes of a [B, D, H, W] field."""
+    """Block-diagonal complex MLP on the lowest `modes` Fourier modes of a [B, D, H, W] field.
+
+    The transforms come from nestor_ds.model.spectral (``spectral = "dft" | "fft"``, no complex tensors either
+    way); the MLP runs channels-first on the [B, nb, bs * 2, K * M] layout they produce, so there is no permute
+    between the transforms and the MLP. "fft" keeps the whole spectral path in fp32 (cuFFT has no bf16);
+    "dft" runs it in the input dtype. ``set_grid`` precomputes the DFT matrices of the training token grid as
+    non-persistent buffers (not in the state_dict: checkpoints are the same for both modes).
+    """
 
     def __init__(self, dim: int, num_blocks: int = 4, modes: int = 32, sparsity: float = 0.01,
-                 hidden_factor: int = 1, scale: float = 0.02) -> None:
+                 hidden_factor: int = 1, scale: float = 0.02, spectral: str = "dft") -> None:
         super().__init__()
         if dim % num_blocks:
             raise ValueError(f"AFNO: width {dim} not divisible by num_blocks={num_blocks}")
@@ -38,32 +56,53 @@ class SpectralMixing(nn.Module):
         self.b1 = nn.Parameter(scale * torch.randn(2, num_blocks, hid))
         self.w2 = nn.Parameter(scale * torch.randn(2, num_blocks, hid, self.bs))
         self.b2 = nn.Parameter(scale * torch.randn(2, num_blocks, self.bs))
+        self.spectral = spectral
+        self.grid: tuple[int, int] | None = None
+
+    def set_mode(self, spectral: str, grid: int | None) -> None:
+        """Choose the transform and precompute the DFT matrices for a grid x grid token field."""
+        if spectral not in SPECTRAL_MODES:
+            raise ValueError(f"AFNO: spectral={spectral!r} not in {SPECTRAL_MODES}")
+        self.spectral = spectral
+        for name in ("fw_W2M", "fh_2K2H", "gh_2H2K", "gw_2MW"):
+            self._buffers.pop(name, None)
+        self.grid = None
+        if spectral == "dft" and grid:
+            k, m = kept_modes(grid, grid, self.modes)
+            for name, t in dft_matrices(grid, grid, k, m, device=self.w1.device).items():
+                self.register_buffer(name, t, persistent=False)
+            self.grid = (grid, grid)
+
+    def _dft_mats(self, h: int, w: int, device: torch.device) -> dict[str, torch.Tensor]:
+        if self.grid == (h, w):
+            return {name: getattr(self, name) for name in ("fw_W2M", "fh_2K2H", "gh_2H2K", "gw_2MW")}
+        return dft_matrices(h, w, *kept_modes(h, w, self.modes), device=device)   # another grid (evaluation)
+
+    @staticmethod
+    def _bias(b_2BO: torch.Tensor) -> torch.Tensor:
+        """[2, nb, O] -> [nb, 2O, 1], channels interleaved (o, re/im)."""
+        return b_2BO.permute(1, 2, 0).reshape(b_2BO.shape[1], -1, 1)
 
     def forward(self, x_BDHW: torch.Tensor) -> torch.Tensor:
         B, D, H, W = x_BDHW.shape
-        dtype = x_BDHW.dtype
-        xf = torch.fft.rfft2(x_BDHW.float(), dim=(2, 3), norm="ortho")        # [B, D, H, Wf]
-        Wf = xf.shape[-1]
-        Hk, mw = min(self.modes, H), min(self.modes, Wf)                        # DPOT's kept block
-        xk = xf[:, :, :Hk, :mw]
-        # [B, nb, bs, Hk, mw] -> [nb, M, bs] with M = B*Hk*mw; [Re, Im] side by side
-        xk = xk.reshape(B, self.nb, self.bs, Hk, mw).permute(1, 0, 3, 4, 2).reshape(self.nb, -1, self.bs)
-        h = torch.cat([xk.real, xk.imag], dim=-1)                               # [nb, M, 2bs]
-        # spectral weights in fp32 whatever the module dtype: FFTs run in fp32 (no bf16 FFT)
-        b1 = self.b1.float().permute(1, 0, 2).reshape(self.nb, 1, -1)
-        b2 = self.b2.float().permute(1, 0, 2).reshape(self.nb, 1, -1)
-        h = F.gelu(torch.bmm(h, complex_block(self.w1.float())) + b1)
-        h = torch.bmm(h, complex_block(self.w2.float())) + b2
-        h = h.float()                                                           # autocast may give bf16
-        h = F.softshrink(h, self.sparsity) if self.sparsity > 0 else h
-        yk = torch.complex(h[..., : self.bs], h[..., self.bs:])                  # [nb, M, bs]
-        yk = yk.reshape(self.nb, B, Hk, mw, self.bs).permute(1, 0, 4, 2, 3).reshape(B, D, Hk, mw)
-        if (Hk, mw) == (H, Wf):
-            yf = yk
+        K, M = kept_modes(H, W, self.modes)
+        x_NHW = x_BDHW.reshape(B * D, H, W)
+        if self.spectral == "fft":
+            xk_N2KM = torch.ops.nestor.rfft2_modes(x_NHW, K, M)            # fp32
         else:
-            yf = xf.new_zeros(B, D, H, Wf)
-            yf[:, :, :Hk, :mw] = yk
-        return torch.fft.irfft2(yf, s=(H, W), dim=(2, 3), norm="ortho").to(dtype)
+            mats = self._dft_mats(H, W, x_BDHW.device)
+            xk_N2KM = dft_forward_modes(x_NHW, mats)
+        dt = xk_N2KM.dtype
+        h = xk_N2KM.view(B, self.nb, self.bs * 2, K * M)                   # channels (c, re/im) interleaved
+        h = F.gelu(interleaved_left(self.w1.to(dt)) @ h + self._bias(self.b1.to(dt)))
+        h = interleaved_left(self.w2.to(dt)) @ h + self._bias(self.b2.to(dt))
+        h = F.softshrink(h, self.sparsity) if self.sparsity > 0 else h
+        yk_N2KM = h.reshape(B * D, 2, K, M)
+        if self.spectral == "fft":
+            y_NHW = torch.ops.nestor.irfft2_modes(yk_N2KM, H, W)
+        else:
+            y_NHW = dft_inverse_modes(yk_N2KM, mats)
+        return y_NHW.view(B, D, H, W).to(x_BDHW.dtype)
 
 
 class ConvMLP(nn.Module):

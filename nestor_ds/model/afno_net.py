@@ -19,6 +19,7 @@ class AFNONet(ForecastModel):
         self.blocks = nn.Sequential(*(AFNOBlock(cfg.width, cfg.afno_num_blocks, cfg.afno_modes, cfg.afno_mlp_ratio,
                                                 cfg.afno_sparsity, cfg.norm_groups, cfg.dropout)
                                       for _ in range(cfg.depth)))
+        self.configure_spectral()
 
     def forward(self, x: torch.Tensor, channel_mask: torch.Tensor | None = None) -> ModelOutput:
         self.check_input(x, channel_mask)

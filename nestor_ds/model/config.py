@@ -40,6 +40,7 @@ class ModelConfig:
     afno_mlp_ratio: float = 1.0
     afno_sparsity: float = 0.01           # softshrink threshold on the spectral output (DPOT)
     shared_afno_layers: int = 2
+    afno_spectral: str = "dft"            # AFNO transforms: "dft" (real DFT matmuls) | "fft" (fp32 FFT islands)
     embed_hidden: int | None = None       # patch-embedding hidden channels; None -> DPOT's C_out*patch+3
     head_dim: int = 32                    # output head hidden channels (DPOT's out_layer_dim)
     norm_groups: int = 8                  # GroupNorm groups (DPOT)
@@ -74,6 +75,7 @@ class ModelConfig:
                 raise ValueError(f"model config: {msg}")
 
         need(self.arch in ARCHS, f"arch={self.arch!r} not in {ARCHS}")
+        need(self.afno_spectral in ("dft", "fft"), f"afno_spectral={self.afno_spectral!r} not in ('dft', 'fft')")
         need(self.attention in ATTENTION_BACKENDS, f"attention={self.attention!r} not in {ATTENTION_BACKENDS}")
         for name in ("in_channels", "resolution", "patch_size", "t_in", "t_ar", "width", "depth",
                      "num_heads", "image_experts", "image_top_k", "afno_modes", "afno_num_blocks",

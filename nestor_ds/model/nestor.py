@@ -38,6 +38,15 @@ class ForecastModel(nn.Module):
         self.cls_head = (nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D), nn.GELU(),
                                        nn.Linear(D, cfg.num_datasets)) if cfg.num_datasets else None)
 
+    def configure_spectral(self) -> None:
+        """Every AFNO block (baseline blocks and NESTOR's shared ones) gets cfg.afno_spectral and the DFT matrices
+        of the training token grid; called at the end of each model's __init__, after all blocks exist."""
+        from .afno import SpectralMixing
+
+        for m in self.modules():
+            if isinstance(m, SpectralMixing):
+                m.set_mode(self.cfg.afno_spectral, self.cfg.grid)
+
     def check_input(self, x: torch.Tensor, channel_mask: torch.Tensor | None) -> None:
         c = self.cfg
         if x.dim() != 5 or x.shape[3] != c.t_in or x.shape[4] != c.in_channels:
@@ -100,6 +109,7 @@ class Nestor(ForecastModel):
         self.cfg = cfg.validate()
         self._init_common(cfg)
         self.blocks = nn.ModuleList(NestorBlock(cfg) for _ in range(cfg.depth))
+        self.configure_spectral()
 
     def image_moes(self) -> list[ImageMoE]:
         return [b.moe for b in self.blocks]
