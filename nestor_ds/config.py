@@ -75,12 +75,16 @@ class TrainConfig:
     output_dir: str = "runs"
     threads_per_rank: Optional[int] = None  # torch intra-op threads; None -> cores / local ranks
     stop_at: Optional[int] = None  # stop cleanly after this step, as a preemption would (staged runs, tests)
+    compile: bool = False  # regional torch.compile of the model's blocks (nestor_ds/engine/compile.py)
+    cuda_graphs: bool = False  # CUDA graphs for the compiled regions (needs compile, CUDA and static routing)
 
     def validate(self) -> None:
         _check(self.max_steps > 0, "train.max_steps", "must be > 0")
         _check(self.ckpt_every > 0, "train.ckpt_every", "must be > 0")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.log_every > 0, "train.log_every", "must be > 0")
+        _check(not self.cuda_graphs or self.compile, "train.cuda_graphs",
+               "needs train.compile: true (the graphs are captured from the compiled regions)")
 
 
 @dataclass

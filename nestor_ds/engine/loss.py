@@ -31,10 +31,18 @@ def training_loss(pred: torch.Tensor, target: torch.Tensor, channel_mask: torch.
 def inject_noise(x: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
     """DPOT's input-noise injection: ``x + scale * ||x||_2 * N(0, 1)``, the norm per sample and channel.
 
-    ``x`` is ``[B, X, Y, T, C]``; the generator is seeded per step so a resumed run draws the same noise.
+    ``x`` is ``[B, X, Y, T, C]``; the generator is seeded per step so a resumed run draws the same noise. The noise
+    is drawn where the generator lives: pass a generator on ``x``'s device (:func:`noise_generator`) and nothing
+    crosses the host-device link.
     """
     if scale <= 0:
         return x
     norm = x.pow(2).sum(dim=(1, 2, 3), keepdim=True).sqrt()
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
     return x + scale * norm * noise
+
+
+def noise_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (one per step and micro-batch: resume replays the draws;
+    seeding is a host-side operation, no device sync)."""
+    return torch.Generator(device=device).manual_seed(seed)

@@ -16,6 +16,14 @@ from nestor_ds.model.config import ModelConfig
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of a CUDA device (FLOP/s), None for CPUs and unknown devices."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
 class PerfMeter:
     def __init__(self, cfg: ModelConfig, samples_per_step: int, device: torch.device) -> None:
         from nestor_ds.model.flops import account
@@ -23,16 +31,15 @@ class PerfMeter:
         self.stats = account(cfg).as_dict()
         self.samples_per_step = samples_per_step
         self.tokens_per_sample = (cfg.resolution // cfg.patch_size) ** 2
-        self.peak = None
-        if device.type == "cuda":
-            name = torch.cuda.get_device_name(device)
-            self.peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        self.peak = peak_flops(device)
 
     def model_stats(self) -> dict[str, Any]:
         """Analytic counts of the whole model (under expert parallelism a rank holds only its experts)."""
         return {k: self.stats[k] for k in ("total_params", "active_params", "flops_per_sample")}
 
     def step(self, seconds: float) -> dict[str, float]:
+        """Throughput of one optimizer step taking ``seconds`` (the trainer passes the mean over a logging interval:
+        it times on the host only when it reads the device anyway)."""
         sps = self.samples_per_step / max(seconds, 1e-9)
         flops = 3.0 * self.stats["flops_per_sample"] * sps
         out = {"perf/samples_per_s": sps, "perf/tokens_per_s": sps * self.tokens_per_sample,

@@ -25,9 +25,10 @@ import torch
 
 from nestor_ds.config import RunConfig, format_config
 from nestor_ds.engine import checkpoint as ckpt
-from nestor_ds.engine.distributed import (DistInfo, all_reduce_mean, any_rank, derive_seed, init_distributed,
-                                          resolve_ep_size, set_threads)
-from nestor_ds.engine.loss import inject_noise, training_loss
+from nestor_ds.engine.compile import CompilePlan, apply_compile
+from nestor_ds.engine.distributed import DistInfo, any_rank, derive_seed, init_distributed, resolve_ep_size, set_threads
+from nestor_ds.engine.hot_loop import PART_NAMES, DeviceFeed, DeviceLog
+from nestor_ds.engine.loss import inject_noise, noise_generator, training_loss
 from nestor_ds.engine.optim import apply_lr, build_optimizer, build_param_groups, lr_at
 from nestor_ds.engine.perf import PerfMeter
 from nestor_ds.log import get_logger
@@ -142,6 +143,8 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
 
         use_lockstep_dispatch(model, torch.distributed.group.WORLD)  # ZeRO-3 gathers weights per module call
     groups = prepare(model, cfg, dist_info) if prepare else {"model": (list(model.parameters()), 1.0)}
+    # in place and lazy: state_dict keys unchanged, traced at the first step with the weights DeepSpeed cast
+    compiled = apply_compile(model, cfg.train.compile, cfg.train.cuda_graphs, dist_info.device)
     optimizer = build_optimizer(build_param_groups(groups), cfg.optim)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     device = engine.device
@@ -176,7 +179,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     if batch_source is None:
         stream = TrainStream(cfg.data, micro_batch=micro, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.train.seed)
         batch_source = stream.batches
-    batches = iter(batch_source(start_step * accum))
+    batches = DeviceFeed(iter(batch_source(start_step * accum)), device)
     result = TrainResult(run_dir=run_dir, steps=start_step, run_id=tracker.run_id, model=engine.module)
 
     if evaluate_before and start_step == 0:
@@ -185,32 +188,47 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     total = cfg.train.max_steps
     progress = _progress(dist_info.is_main, start_step, total, run_name)
     step = start_step
+    # the hot loop reads nothing from the device: loss parts, grad norms and routing wait in `pending` until a
+    # logging step (every log_every steps, the first and last step, before evaluations and checkpoints)
+    pending = DeviceLog(usage)
+    interval_start, interval_steps = time.perf_counter(), 0
     with _Preemption() as preempt:
         while step < total:
             lr = lr_at(step, total, cfg.optim)
             apply_lr(optimizer, lr)
-            t0 = time.perf_counter()
-            parts = _optimizer_step(engine, batches, cfg, dist_info.rank, step, accum, input_dtype, usage)
+            parts_P = _optimizer_step(engine, batches, cfg, dist_info.rank, step, accum, input_dtype, pending, compiled)
             step += 1
-            metrics = _step_metrics(parts, lr, engine.get_global_grad_norm(), perf.step(time.perf_counter() - t0))
-            result.losses.append(metrics["train/loss"])
-            if dist_info.is_main:
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, **metrics}) + "\n")
-            if not math.isfinite(metrics["train/loss"]):
-                raise FloatingPointError(f"step {step}: loss is {metrics['train/loss']} (lr {lr:.3g}); lower optim.lr or check the data")
-            if step % cfg.train.log_every == 0 or step == total or step == start_step + 1:
-                tracker.log_metrics(metrics, step=step)
-            progress.update(metrics)
+            pending.add_step(step, lr, parts_P, engine.get_global_grad_norm())
+            interval_steps += 1
+
+            last = step == total
+            evaluate = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and not last
+            checkpoint = last or step % cfg.train.ckpt_every == 0 or step == cfg.train.stop_at
+            if not (step % cfg.train.log_every == 0 or last or step == start_step + 1 or evaluate or checkpoint):
+                continue
+            # logging step: one read of everything since the last one; preemption agreed on here (a collective)
+            now = time.perf_counter()
+            timing = perf.step((now - interval_start) / interval_steps)
+            interval_start, interval_steps = now, 0
+            for logged_step, m in pending.flush():
+                metrics = {**m, **timing}
+                result.losses.append(metrics["train/loss"])
+                if dist_info.is_main:
+                    with open(run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps({"step": logged_step, **metrics}) + "\n")
+                if not math.isfinite(metrics["train/loss"]):
+                    raise FloatingPointError(f"step {logged_step}: loss is {metrics['train/loss']} (lr {metrics['train/lr']:.3g}); "
+                                             "lower optim.lr or check the data")
+                progress.update(metrics)
+            tracker.log_metrics(metrics, step=step)
 
             stop = any_rank(preempt.requested) or step == cfg.train.stop_at
-            last = step == total
-            if cfg.train.eval_every and (step % cfg.train.eval_every == 0) and not last:
+            if evaluate:
                 usage.reduce()
                 tracker.log_metrics(usage.metrics("experts"), step=step)
                 _evaluate(engine, cfg, dist_info, tracker, step=step, usage=usage, figures=True)
                 usage.reset()
-            if stop or last or step % cfg.train.ckpt_every == 0:
+            if stop or checkpoint:
                 state = {
                     "step": step, "samples_seen": step * micro * accum * dist_info.world_size,
                     "data_position": step * accum, "rng": ckpt.rng_state(), "config_digest": cfg.digest(),
@@ -222,9 +240,11 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
                 result.preempted = True
                 progress.note(f"preempted: stopped cleanly at step {step}; resume with --resume auto")
                 break
+            interval_start = time.perf_counter()   # evaluation and checkpoint time is not step time
     progress.close()
     result.steps = step
     if not result.preempted:
+        pending.flush_usage()
         usage.reduce()
         tracker.log_metrics(usage.metrics("experts"), step=step)
         result.final_eval["after"] = _evaluate(engine, cfg, dist_info, tracker, step=step, usage=usage, figures=True)
@@ -243,39 +263,33 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def _optimizer_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], cfg: RunConfig, rank: int, step: int,
-                    accum: int, input_dtype: torch.dtype, usage: Any) -> dict[str, torch.Tensor]:
+                    accum: int, input_dtype: torch.dtype, pending: DeviceLog,
+                    compiled: Optional[CompilePlan] = None) -> torch.Tensor:
     """One optimizer step = ``accum`` micro-batches (DeepSpeed steps the optimizer at the boundary).
 
-    Every random draw is seeded by (seed, purpose, rank, step, micro-batch): a resumed run replays them exactly.
-    Returns this rank's loss parts averaged over the micro-batches.
+    Every random draw is seeded by (seed, purpose, rank, step, micro-batch): a resumed run replays them exactly;
+    the input noise is drawn on the device. Returns this rank's loss parts averaged over the micro-batches as a
+    [P] device tensor (order PART_NAMES); reads nothing back to the host.
     """
     device = engine.device
-    parts_sum: dict[str, torch.Tensor] = {}
+    parts_P: Optional[torch.Tensor] = None
     for micro_i in range(accum):
+        if compiled is not None:
+            compiled.step_begin()
         batch = next(batches)
         torch.manual_seed(derive_seed(cfg.train.seed, "step", rank, step, micro_i))
-        noise_gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "noise", rank, step, micro_i))
-        x = inject_noise(batch["x"], cfg.train.input_noise, noise_gen).to(device, dtype=input_dtype)
-        mask = batch["channel_mask"].to(device)
+        noise_gen = noise_generator(device, derive_seed(cfg.train.seed, "noise", rank, step, micro_i))
+        x = inject_noise(batch["x"].to(device, non_blocking=True), cfg.train.input_noise, noise_gen).to(dtype=input_dtype)
+        mask = batch["channel_mask"].to(device, non_blocking=True)
         out = engine(x, mask)
-        loss, parts = training_loss(out.pred.float(), batch["y"].to(device), mask, out.aux_losses, cfg.loss)
+        loss, parts = training_loss(out.pred.float(), batch["y"].to(device, non_blocking=True), mask, out.aux_losses, cfg.loss)
         engine.backward(loss)
         engine.step()
-        for k, v in parts.items():
-            parts_sum[k] = parts_sum.get(k, 0) + v / accum
-        usage.update_from_routing(out.routing, batch["dataset_id"])
-    return parts_sum
-
-
-def _step_metrics(parts: dict[str, torch.Tensor], lr: float, grad_norm: Any, perf: dict[str, float]) -> dict[str, float]:
-    """Loss parts averaged over all ranks (every rank logs the same numbers), lr, gradient norm, throughput."""
-    names = sorted(parts)
-    reduced = all_reduce_mean(torch.stack([parts[k].cpu() for k in names]))
-    metrics = {f"train/{k}": float(v) for k, v in zip(names, reduced)}
-    metrics["train/lr"] = lr
-    if grad_norm is not None:
-        metrics["train/grad_norm"] = float(grad_norm)
-    return {**metrics, **perf}
+        micro_P = torch.stack([parts[k] for k in PART_NAMES]) / accum
+        parts_P = micro_P if parts_P is None else parts_P + micro_P
+        pending.add_micro(out.routing, batch["dataset_id"])
+    assert parts_P is not None
+    return parts_P
 
 
 def _evaluate(engine: Any, cfg: RunConfig, dist_info: DistInfo, tracker: Any, step: int, prefix: str = "eval",
