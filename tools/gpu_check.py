@@ -6,8 +6,11 @@
 1. CUDA vs CPU: the same weights give the same fp32 output (local MoE backend, grouped_mm on both).
 2. bf16 autocast forward + backward is finite; which attention kernel SDPA can use (flash / efficient / math),
    and whether flash-attn and MegaBlocks are importable.
-3. Throughput of nestor-ti and afno-ti (forward + backward, bf16 autocast, B=32, 128x128): samples/s,
-   achieved TFLOP/s from the analytic FLOPs, MFU against the device's dense bf16 peak; token MoE vs dense SwiGLU.
+3. bench: the bf16 training step of nestor-ti (static routing) and afno-ti, eager at the first micro-batch, then
+   compiled (regional) with CUDA graphs over a micro-batch sweep (--batches, stops at OOM or --bench-budget):
+   samples/s, TFLOP/s, MFU against the dense bf16 peak, kernels and host syncs per step, best micro-batch
+   (the value for ds_configs/*_bf16.json); token MoE (static and dropless) vs a dense SwiGLU of equal FLOPs.
+   `python tools/gpu_check.py --parts bench --out docs/gpu_bench_h200.json` runs in about 6 minutes on an H200.
 4. train: the real entry on one GPU with NCCL: tiny generated data -> shards -> `nestor_ds/train.py`
    with ds_configs/zero2_bf16.json (DeepSpeed-MoE backend) and zero3_bf16.json (AFNO baseline).
 Without CUDA it says so and exits 0.
@@ -26,10 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import torch  # noqa: E402
-
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def timed(fn, reps: int = 10, warmup: int = 3) -> float:
@@ -83,56 +85,89 @@ def check_kernels() -> dict:
     return out
 
 
-def bench_models(batch: int, res: int) -> dict:
-    from nestor_ds.model import build_model, get_preset
-    from nestor_ds.model.flops import account
+def bench_models(batches: list[int], res: int, budget_s: float) -> dict:
+    """Micro-batch sweep of the bf16 training step, eager vs compiled (+ CUDA graphs), nestor-ti and afno-ti.
 
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    out: dict = {"device": name, "batch": batch, "resolution": res}
+    The step is tools/bench_model.py's (forward + loss + backward, parameters in bf16 as DeepSpeed casts them;
+    nestor-ti with static routing, which compile and CUDA graphs need). For each model: eager at the first batch
+    (the "before"), then the compiled model at every batch until memory runs out or the time budget is spent; the
+    best micro-batch (samples/s) is the one for ds_configs/*_bf16.json. Kernels per step from torch.profiler.
+    """
+    from bench_model import ModelBench, host_syncs, kernels_per_step, synced  # tools/ is on sys.path
+    from nestor_ds.engine.perf import peak_flops
+
+    t_start = time.perf_counter()
+    dev = torch.device("cuda")
+    torch._dynamo.config.automatic_dynamic_shapes = False   # one static graph per micro-batch (CUDA graphs)
+    peak = peak_flops(dev)
+    out: dict = {"device": torch.cuda.get_device_name(), "resolution": res, "peak_bf16_flops": peak, "models": {}}
+
+    def measure(bench: "ModelBench", batch: int) -> dict:
+        step = synced(bench.step, dev)
+        step()
+        sec = timed(step, reps=10, warmup=3)
+        rate = bench.train_flops_per_sample * batch / sec
+        return {"samples_per_s": round(batch / sec, 2), "tflop_per_s": round(rate / 1e12, 2),
+                "mfu": round(rate / peak, 4) if peak else None, "kernels_per_step": kernels_per_step(bench.step, dev),
+                "host_syncs_per_step": host_syncs(step, dev),
+                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
     for preset in ("nestor-ti", "afno-ti"):
-        cfg = get_preset(preset, {"resolution": res})
-        torch.manual_seed(0)
-        model = build_model(cfg).cuda().train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x = torch.randn(batch, res, res, cfg.t_in, cfg.in_channels, device="cuda")
-        y = torch.randn(batch, res, res, cfg.t_ar, cfg.in_channels, device="cuda")
-        mask = torch.ones(batch, cfg.in_channels, dtype=torch.bool, device="cuda")
+        rows: dict = {"eager": {}, "compiled": {}}
+        torch.cuda.reset_peak_memory_stats()
+        eager = ModelBench(preset, batches[0], res, dev, torch.bfloat16, "static", compile_=False)
+        rows["eager"][batches[0]] = measure(eager, batches[0])
+        del eager
+        for batch in batches:
+            if time.perf_counter() - t_start > budget_s:
+                rows["stopped"] = f"time budget {budget_s:.0f} s spent before batch {batch}"
+                break
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            torch._dynamo.reset()                                  # fresh code cache per (model, batch)
+            try:
+                bench = ModelBench(preset, batch, res, dev, torch.bfloat16, "static", compile_=True, cuda_graphs=True)
+                rows["compiled"][batch] = measure(bench, batch)
+            except torch.cuda.OutOfMemoryError:
+                rows["stopped"] = f"out of memory at batch {batch}"
+                break
+            finally:
+                bench = None
+            print(preset, batch, json.dumps(rows["compiled"].get(batch)), flush=True)
+        done = rows["compiled"]
+        if done:
+            best = max(done, key=lambda b: done[b]["samples_per_s"])
+            rows["best_micro_batch"] = best
+            rows["best"] = done[best]
+            e = rows["eager"][batches[0]]
+            same = done.get(batches[0])
+            if same:
+                rows["compile_speedup_at_first_batch"] = round(same["samples_per_s"] / e["samples_per_s"], 3)
+                rows["kernels_reduction_at_first_batch"] = round(e["kernels_per_step"] / max(1, same["kernels_per_step"]), 2)
+        out["models"][preset] = rows
+    m = out["models"]
+    if m.get("nestor-ti", {}).get("best") and m.get("afno-ti", {}).get("best"):
+        out["flop_rate_ratio_best"] = round(m["nestor-ti"]["best"]["tflop_per_s"] / m["afno-ti"]["best"]["tflop_per_s"], 3)
 
-        def step() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                o = model(x, mask)
-                loss = (o.pred.float() - y).square().mean() + sum(o.aux_losses.values())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        sec = timed(step)
-        flops = 3 * account(cfg).flops_per_sample * batch / sec
-        out[preset] = {"samples_per_s": batch / sec, "tflops": flops / 1e12, "mfu": flops / peak if peak else None,
-                       "finite": bool(torch.isfinite(model(x, mask).pred).all())}
-        torch.cuda.empty_cache()
-    out["flop_rate_ratio"] = out["nestor-ti"]["tflops"] / out["afno-ti"]["tflops"]
-
-    from nestor_ds.moe import MoEConfig, build_token_moe
+    from nestor_ds.moe import MoEConfig, SwiGLU, build_token_moe
 
     D, N = 512, 16384
-    moe = build_token_moe(MoEConfig(num_experts=6, top_k=2, num_shared_experts=1), D).cuda()
-    hidden = D * 3  # 2 routed + 1 shared expert of width D activated per token
-    dense = torch.nn.Sequential(torch.nn.Linear(D, 2 * hidden, bias=False), torch.nn.Linear(hidden, D, bias=False)).cuda()
-    xt = torch.randn(N, D, device="cuda", requires_grad=True)
+    for routing in ("static", "dropless"):
+        mcfg = MoEConfig(num_experts=6, top_k=2, num_shared_experts=1, routing=routing)
+        moe = build_token_moe(mcfg, D).to(dev, torch.bfloat16).train()
+        dense = SwiGLU(D, mcfg.hidden_dim(D) * mcfg.top_k + mcfg.shared_hidden_dim(D)).to(dev, torch.bfloat16)
+        xt = torch.randn(N, D, device=dev, dtype=torch.bfloat16)
+        moe_c = torch.compile(moe, fullgraph=routing == "static") if routing == "static" else moe
+        dense_c = torch.compile(dense)
 
-    def moe_step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            moe(xt).out_ND.float().sum().backward()
+        def moe_step() -> None:
+            moe_c(xt).out_ND.float().square().mean().backward()
 
-    def dense_step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            h = dense[0](xt)
-            a, b = h.chunk(2, dim=-1)
-            dense[1](torch.nn.functional.silu(a) * b).float().sum().backward()
+        def dense_step() -> None:
+            dense_c(xt).float().square().mean().backward()
 
-    out["moe_vs_dense"] = timed(dense_step) / timed(moe_step)
+        out[f"moe_vs_dense_{routing}"] = round(timed(dense_step) / timed(moe_step), 3)
+    out["seconds"] = round(time.perf_counter() - t_start, 1)
     return out
 
 
@@ -170,7 +205,8 @@ def train_entry(workdir: Path) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_check.json", help="JSON report path")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batches", default="16,32,64,128,256", help="bench: micro-batches swept (compiled, bf16)")
+    p.add_argument("--bench-budget", type=float, default=330.0, help="bench: seconds after which the sweep stops")
     p.add_argument("--res", type=int, default=128)
     p.add_argument("--parts", default="equivalence,kernels,bench,train",
                    help="comma-separated subset of: equivalence, kernels, bench, train (default: all)")
@@ -181,7 +217,7 @@ def main() -> int:
     report: dict = {"torch": torch.__version__, "cuda": torch.version.cuda}
     parts = set(args.parts.split(","))
     for name, fn in (("equivalence", check_equivalence), ("kernels", check_kernels),
-                     ("bench", lambda: bench_models(args.batch, args.res))):
+                     ("bench", lambda: bench_models([int(b) for b in args.batches.split(",")], args.res, args.bench_budget))):
         if name not in parts:
             continue
         try:
