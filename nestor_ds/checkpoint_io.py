@@ -224,7 +224,7 @@ def inference_model_config(run_cfg: Mapping[str, Any], overrides: Mapping[str, A
     model = copy.deepcopy(dict(run_cfg["model"]))
     model.update(overrides or {})
     moe = dict(model.get("moe") or {})
-    moe.update(backend="local", ep_size=1, capacity_factor=0.0)
+    moe.update(backend="local", ep_size=1, routing="dropless", capacity_factor=None)
     model["moe"] = moe
     if model.get("attention") == "flash":  # inference runs in fp32, where flash-attn has no kernel
         model["attention"] = "auto"
