@@ -250,7 +250,7 @@ def test_bad_input_and_config_errors():
         moe(torch.randn(3, D + 1))
     with pytest.raises(ValueError, match="valid_N must be a bool tensor"):
         moe(torch.randn(3, D), torch.ones(3))
-    for bad in [dict(backend="tutel"), dict(top_k=7), dict(ep_size=2), dict(capacity_factor=1.0),
+    for bad in [dict(backend="tutel"), dict(top_k=7), dict(backend="megablocks", ep_size=2), dict(capacity_factor=1.0),
                 dict(routing="bucketed"), dict(routing="static", capacity_factor=0.0),
                 dict(backend="deepspeed", top_k=1), dict(num_experts=6, ep_size=4, backend="deepspeed"),
                 dict(mlp_ratio=0.0), dict(backend="deepspeed", router_noise=0.1)]:

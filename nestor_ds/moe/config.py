@@ -84,8 +84,9 @@ class MoEConfig:
         if self.router_noise < 0:
             raise ValueError(f"moe.router_noise={self.router_noise}: must be >= 0")
         if self.backend != "deepspeed":
-            if self.ep_size != 1:
-                raise ValueError(f"moe.ep_size={self.ep_size} needs moe.backend='deepspeed' (got {self.backend!r})")
+            if self.backend == "megablocks" and self.ep_size != 1:
+                raise ValueError(f"moe.ep_size={self.ep_size}: moe.backend='megablocks' has no expert parallelism; "
+                                 "use moe.backend='local'")
             if self.backend == "megablocks" and self.static:
                 raise ValueError("moe.routing='static' is not supported by moe.backend='megablocks' (dropless only)")
             if self.backend == "megablocks" and self.router_noise > 0:
