@@ -26,7 +26,7 @@ import torch
 from nestor_ds.config import RunConfig, format_config
 from nestor_ds.engine import checkpoint as ckpt
 from nestor_ds.engine.distributed import (DistInfo, all_reduce_mean, any_rank, derive_seed, init_distributed,
-                                          resolve_ep_size, set_threads)
+                                          resolve_ep_size, set_threads, setup_expert_parallel)
 from nestor_ds.engine.loss import inject_noise, training_loss
 from nestor_ds.engine.optim import apply_lr, build_optimizer, build_param_groups, lr_at
 from nestor_ds.engine.perf import PerfMeter
@@ -120,7 +120,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     ds_config = load_ds_config(ds_config_path)
     micro, accum, zero_stage = check_ds_config(ds_config, cfg, dist_info.world_size)
     ep = resolve_ep_size(cfg.ep_size, dist_info.world_size, cfg.model.moe.num_experts,
-                         cfg.model.moe.backend if cfg.model.arch == "nestor" else "none")
+                         cfg.model.moe.backend if cfg.model.arch == "nestor" else "none", zero_stage)
     cfg.model.moe.ep_size = ep
     run_name = run_name or f"{entry}-{cfg.preset or cfg.model.arch}"
     run_dir = Path(cfg.train.output_dir) / run_name
@@ -137,6 +137,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
 
     torch.manual_seed(derive_seed(cfg.train.seed, "init"))  # identical initial weights on every rank
     model = build_model(cfg.model)
+    setup_expert_parallel(model, ep)  # expert-parallel groups given to the model from outside
     if zero_stage == 3 and dist_info.world_size > 1:
         from nestor_ds.model.image_moe import use_lockstep_dispatch
 

@@ -85,13 +85,6 @@ class ImageExpert(nn.Module):
         return self.norm2(a + self.drop(m.out_ND.view(G, L, D))), m
 
 
-def expert_parallel_group(ep_size: int) -> dist.ProcessGroup | None:
-    """DeepSpeed's expert-parallel group for this ep_size (created by the deepspeed MoE backend)."""
-    from deepspeed.utils import groups
-
-    return groups._get_expert_parallel_group(f"ep_size_{ep_size}")
-
-
 class ImageMoE(nn.Module):
     """sum_k w_k Expert_k(h) + SharedAFNO(h) (+ h), per-sample top-k routing with grouped dispatch."""
 
@@ -106,7 +99,7 @@ class ImageMoE(nn.Module):
                                                 cfg.afno_sparsity, cfg.norm_groups, cfg.dropout)
                                       for _ in range(cfg.shared_afno_layers))) if cfg.shared_afno_layers else None
         self.pad_to: int | None = None                   # debug: force padded groups (tests)
-        self.ep_group: dist.ProcessGroup | None = None   # override DeepSpeed's expert-parallel group
+        self.ep_group: dist.ProcessGroup | None = None   # expert-parallel group (set_image_expert_parallel_group)
         # ZeRO-3 gathers a module's parameters when it is called, collectively: every rank of this group must then
         # call the same experts, so group sizes are agreed over it (set by the engine; see use_lockstep_dispatch)
         self.lockstep_group: dist.ProcessGroup | None = None
@@ -129,7 +122,10 @@ class ImageMoE(nn.Module):
             kept = kept.clone()
             group = self.lockstep_group  # the whole data-parallel world contains every expert-parallel group
             if group is None:
-                group = self.ep_group if self.ep_group is not None else expert_parallel_group(self.cfg.moe.ep_size)
+                group = self.ep_group
+            if group is None:
+                raise RuntimeError("ImageMoE: moe.ep_size > 1 but no expert-parallel group was given; call "
+                                   "nestor_ds.engine.distributed.setup_expert_parallel(model, ep_size)")
             dist.all_reduce(kept, op=dist.ReduceOp.MAX, group=group)
         sizes = kept.tolist()
         if self.pad_to is not None:
@@ -253,4 +249,12 @@ def use_lockstep_dispatch(model: nn.Module, group: dist.ProcessGroup) -> int:
     layers = [m for m in model.modules() if isinstance(m, ImageMoE)]
     for m in layers:
         m.lockstep_group = group
+    return len(layers)
+
+
+def set_image_expert_parallel_group(model: nn.Module, group: dist.ProcessGroup) -> int:
+    """Give every ImageMoE of ``model`` the expert-parallel group its dropless dispatch agrees group sizes over."""
+    layers = [m for m in model.modules() if isinstance(m, ImageMoE)]
+    for m in layers:
+        m.ep_group = group
     return len(layers)
