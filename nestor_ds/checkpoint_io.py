@@ -33,7 +33,7 @@ COMPLETE_MARKER = "COMPLETE"  # written last by the engine, after every rank fin
 MODEL_STATES = "mp_rank_00_model_states.pt"
 CONSOLIDATED_STATES = "consolidated_model_states.pt"  # ZeRO-3 only: full weights gathered at save time (engine)
 EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-DS_GATE_SUFFIX = "moe.deepspeed_moe.gate.wg.weight"  # marks a DeepSpeedTokenMoE (see nestor_ds/moe/deepspeed_backend.py)
+DS_GATE_SUFFIX = "moe.deepspeed_moe.gate.wg.weight"  # marks an expert-parallel token MoE (nestor_ds/moe/expert_parallel.py)
 FORMAT_NAME = "nestor-ds-local"
 FORMAT_VERSION = "1"
 
@@ -188,13 +188,13 @@ def gather_deepspeed_state(tag_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def deepspeed_to_local_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every DeepSpeedTokenMoE sub-state (found by its gate key) -> the LocalTokenMoE layout.
+    """Every expert-parallel token-MoE sub-state (found by its gate key) -> the LocalTokenMoE layout.
 
-    The name mapping is the MoE part's (`nestor_ds.moe.deepspeed_backend.local_state_from_deepspeed`);
+    The name mapping is the MoE part's (`nestor_ds.moe.expert_parallel.local_state_from_expert_parallel`);
     the checkpoint's expert keys already carry global ids, so each layer's sub-state is one
     "ep_size 1" DeepSpeed state. Keys outside token MoEs pass through unchanged.
     """
-    from nestor_ds.moe.deepspeed_backend import local_state_from_deepspeed
+    from nestor_ds.moe.expert_parallel import local_state_from_expert_parallel
 
     megablocks = next((k for k in state if ".dmoe." in k), None)
     if megablocks is not None:
@@ -204,7 +204,7 @@ def deepspeed_to_local_state(state: Mapping[str, torch.Tensor]) -> dict[str, tor
     out = {k: v for k, v in state.items() if not any(k.startswith(p) for p in prefixes)}
     for prefix in prefixes:
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        local = local_state_from_deepspeed(sub)
+        local = local_state_from_expert_parallel(sub)
         n_experts = local["experts.w1_EFD"].shape[0]
         consumed = {DS_GATE_SUFFIX} | {k for k in sub if k.startswith("shared.")} | {
             k for k in sub if re.match(r"^moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.w[123]\.weight$", k)
@@ -224,7 +224,7 @@ def inference_model_config(run_cfg: Mapping[str, Any], overrides: Mapping[str, A
     model = copy.deepcopy(dict(run_cfg["model"]))
     model.update(overrides or {})
     moe = dict(model.get("moe") or {})
-    moe.update(backend="local", ep_size=1, capacity_factor=0.0)
+    moe.update(backend="local", ep_size=1, routing="dropless", capacity_factor=None)
     model["moe"] = moe
     if model.get("attention") == "flash":  # inference runs in fp32, where flash-attn has no kernel
         model["attention"] = "auto"

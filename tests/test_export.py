@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_OVERRIDES = {"in_channels": 2, "t_in": 3, "resolution": 16, "patch_size": 4, "width": 16, "num_heads": 2,
                    "image_experts": 2, "image_top_k": 1, "afno_num_blocks": 2, "norm_groups": 4, "head_dim": 8,
-                   "depth": 1, "moe": {"backend": "deepspeed", "ep_size": 2, "num_experts": 4, "top_k": 2}}
+                   "depth": 1, "moe": {"backend": "local", "ep_size": 2, "num_experts": 4, "top_k": 2}}
 
 
 def tiny_config():
@@ -112,7 +112,7 @@ def test_export_then_load_pretrained_matches_engine_model(ds_run, tmp_path):
         meta = f.metadata()
         keys = list(f.keys())
     assert json.loads(meta["nestor_config"])["ep_size"] == 2
-    assert json.loads((tmp_path / "tiny.json").read_text())["model"]["moe"]["backend"] == "deepspeed"
+    assert json.loads((tmp_path / "tiny.json").read_text())["model"]["moe"]["backend"] == "local"
     assert any(k.endswith("experts.w1_EFD") for k in keys) and not any("deepspeed" in k for k in keys)
 
     ref = torch.load(ds_run / "reference.pt", weights_only=True)

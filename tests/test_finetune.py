@@ -81,7 +81,7 @@ def pretrained(tiny_shards, tmp_path_factory) -> Pretrained:
     """20 steps on dr_tiny (2 channels), DeepSpeed MoE ep_size 2 over 2 ranks, ZeRO-2, MLflow on."""
     _, shards = tiny_shards
     work = tmp_path_factory.mktemp("finetune")
-    cfg = tiny_config(work, {"dr_tiny": shards["dr_tiny"]}, model={"moe": {"backend": "deepspeed", "ep_size": 2}},
+    cfg = tiny_config(work, {"dr_tiny": shards["dr_tiny"]}, model={"moe": {"backend": "local", "ep_size": 2}},
                       train={"max_steps": 20, "ckpt_every": 20, "log_every": 5}, optim={"lr": 3e-3, "warmup_steps": 3})
     ds = ds_config(work)
     proc = launch([TRAIN, "--ds_config", str(ds), "--config", str(cfg), "--run-name", "pre"], ranks=2, cwd=work)
@@ -115,10 +115,10 @@ def exported(pretrained) -> Path:
 
 @pytest.fixture(scope="module")
 def ft_export(pretrained, exported):
-    """Fine-tune from the safetensors export on 2 ranks, DeepSpeed MoE ep_size 2, loading only the blocks and
+    """Fine-tune from the safetensors export on 2 ranks, expert-parallel token MoE ep_size 2, loading only the blocks and
     freezing routers + embedding; checkpoints at steps 10 and 20 to compare the frozen tensors."""
     p = pretrained
-    cfg = finetune_config(p, "export", "deepspeed", train={"max_steps": 20, "ckpt_every": 10, "keep_last": 3})
+    cfg = finetune_config(p, "export", "local", train={"max_steps": 20, "ckpt_every": 10, "keep_last": 3})
     proc = launch([FINETUNE, "--ds_config", str(p.ds), "--config", str(cfg), "--pretrained", str(exported),
                    "--run-name", "ft-export", "--set", "model.moe.ep_size=2",
                    "--load", "blocks", "--freeze", "routers,embedding"], ranks=2, cwd=p.work)
@@ -195,7 +195,7 @@ def test_finetune_from_export_on_two_ranks_ep2(pretrained, exported, ft_export):
     assert re.search(r"frozen: \d+ tensors \(routers, embedding\)", err), err[-3000:]
     assert err.count("fine-tuning: mean one-step L2RE") == 1
     saved = json.loads((pretrained.work / "runs" / "ft-export" / "checkpoints" / "step_00000020" / "nestor_config.json").read_text())
-    assert saved["ep_size"] == 2 and saved["world_size"] == 2 and saved["model"]["moe"]["backend"] == "deepspeed"
+    assert saved["ep_size"] == 2 and saved["world_size"] == 2 and saved["model"]["moe"]["backend"] == "local"
     run = _run_by_name(pretrained.uri, "ft-export")
     assert run.data.tags["nestor.entry"] == "finetune"
     assert run.data.tags["nestor.pretrain_run_id"] == pretrained.run_id  # carried in the export's metadata

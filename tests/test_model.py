@@ -207,27 +207,7 @@ def test_forced_padding_changes_nothing():
         assert torch.equal(a.token_counts, b.token_counts)
 
 
-def test_capacity_drops_lowest_weight_overflow_to_shared_path():
-    torch.manual_seed(0)
-    cfg = tiny(image_experts=2, image_top_k=1, image_capacity_factor=0.5, depth=1)   # capacity ceil(.5*1*4/2)=1
-    moe = build_model(cfg).blocks[0].moe.train()  # capacity applies in training (no dropout/noise in tiny())
-    h = torch.randn(4, cfg.width, 4, 4)
-    with torch.no_grad():
-        out = moe(h)
-        base = moe.shared(h) + h
-        r = moe.route(h)
-    kept = (out.out_BDHW - base).flatten(1).abs().amax(1) > 0
-    assert int(kept.sum()) == sum(min(int(c), 1) for c in out.routing.image_counts)
-    for e in range(2):                                # inside each expert the highest weight was kept
-        members = (r.experts_NK[:, 0] == e).nonzero().squeeze(1)
-        if len(members):
-            best = members[r.weights_NK[members, 0].argmax()]
-            assert kept[best]
-    assert out.routing.dropped_tokens == int((~kept).sum()) * 16     # dropped samples x 4x4 tokens
-    with torch.no_grad():
-        dropless = moe.eval()(h)                      # evaluation never drops: a sample's output is its own
-    assert dropless.routing.dropped_tokens is None
-    assert bool(((dropless.out_BDHW - base).flatten(1).abs().amax(1) > 0).all())
+# static routing's capacity (overflow, drop order, counts) is tested in tests/test_moe.py
 
 
 def test_dropless_reports_no_dropped_tokens():

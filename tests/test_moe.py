@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 from nestor_ds.moe import (LocalTokenMoE, MoEConfig, build_token_moe, expert_load_stats,  # noqa: E402
                            grouped_mm_supported)
 from nestor_ds.moe.experts import chunk_rows  # noqa: E402
-from nestor_ds.moe.local import dispatch_rows, gather_rows  # noqa: E402
+from nestor_ds.moe.dispatch import dispatch_rows, gather_rows, plan_capacity  # noqa: E402
 
 D, F_HID, E, K = 16, 16, 4, 2  # 16 fp32 = 64 bytes: grouped_mm runs on CPU
 
@@ -250,11 +250,87 @@ def test_bad_input_and_config_errors():
         moe(torch.randn(3, D + 1))
     with pytest.raises(ValueError, match="valid_N must be a bool tensor"):
         moe(torch.randn(3, D), torch.ones(3))
-    for bad in [dict(backend="tutel"), dict(top_k=7), dict(ep_size=2), dict(capacity_factor=1.0),
+    for bad in [dict(backend="tutel"), dict(top_k=7), dict(backend="megablocks", ep_size=2), dict(capacity_factor=1.0),
+                dict(routing="bucketed"), dict(routing="static", capacity_factor=0.0),
                 dict(backend="deepspeed", top_k=1), dict(num_experts=6, ep_size=4, backend="deepspeed"),
                 dict(mlp_ratio=0.0), dict(backend="deepspeed", router_noise=0.1)]:
         with pytest.raises(ValueError, match="moe"):
             MoEConfig(**bad).validate()
+
+
+# ---- static routing (fixed capacity per expert, no data-dependent shapes) ----
+
+def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient; an unused one (None: dropless never called that expert) counts as zero, as in
+    the optimizer step (static routing calls every expert, so it gets an exact zero there)."""
+    return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_static_equals_dropless_without_overflow_including_padding(top_k):
+    x = torch.randn(24, D)
+    valid = torch.rand(24, generator=torch.Generator().manual_seed(1)) > 0.3
+    x[~valid] = 1e3                                            # garbage in padding rows must not leak
+    results = []
+    for routing in ("dropless", "static"):
+        moe = make_moe(seed=2, top_k=top_k, routing=routing, capacity_factor=E / top_k if routing == "static" else None)
+        moe.train()                                            # static routing applies in training
+        xi = x.clone().requires_grad_(True)
+        out = moe(xi, valid)
+        (out.out_ND.square().sum() + out.lb_loss + out.z_loss).backward()
+        results.append((out, xi.grad, _grads(moe)))
+    (a, gxa, ga), (b, gxb, gb) = results
+    assert b.dropped is not None and int(b.dropped) == 0 and a.dropped is None
+    torch.testing.assert_close(b.out_ND, a.out_ND, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.lb_loss, a.lb_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(b.z_loss, a.z_loss, atol=1e-6, rtol=1e-5)
+    assert b.tokens_per_expert_E.tolist() == a.tokens_per_expert_E.tolist()
+    torch.testing.assert_close(gxb, gxa, atol=1e-5, rtol=1e-5)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_static_overflow_drops_lowest_weight_first_and_counts():
+    moe = make_moe(seed=4, top_k=1, num_shared_experts=0, routing="static", capacity_factor=0.5).train()
+    x = torch.randn(40, D)
+    valid = torch.ones(40, dtype=torch.bool)
+    valid[-4:] = False                                         # padding never takes a row
+    C = moe.cfg.capacity(40)
+    assert C == 8                                              # ceil(0.5 * 40 * 1 / 4) = 5, rounded up to 8
+    with torch.no_grad():
+        out = moe(x, valid)
+        r = moe.router(x)
+    e_N = r.experts_NK[:, 0]
+    probs_N = torch.softmax(x @ moe.router.gate.weight.T, -1).max(-1).values.detach()
+    kept_N = out.out_ND.abs().amax(1) > 0
+    expected_kept = torch.zeros(40, dtype=torch.bool)
+    for e in range(E):
+        members = [n for n in range(36) if int(e_N[n]) == e]
+        members.sort(key=lambda n: -float(probs_N[n]))         # priority: the router probability
+        expected_kept[members[:C]] = True
+    assert int(expected_kept.sum()) < 36                       # some expert overflowed
+    assert kept_N.tolist() == expected_kept.tolist()
+    assert int(out.dropped) == 36 - int(kept_N.sum())
+    assert out.tokens_per_expert_E.tolist() == [int((e_N[:36] == e).sum()) for e in range(E)]
+
+
+def test_plan_capacity_keeps_highest_weights_and_ignores_padding():
+    expert_A = torch.tensor([0, 0, 1, 0, 1, 0, 0])
+    weight_A = torch.tensor([0.2, 0.9, 0.5, 0.7, 0.6, 0.95, 0.1])
+    valid_A = torch.tensor([True, True, True, True, True, False, True])
+    plan = plan_capacity(expert_A, weight_A, valid_A, num_experts=3, cap=2)
+    # expert 0 valid: weights 0.2, 0.9, 0.7, 0.1 -> keeps 0.9 (row 0), 0.7 (row 1); the 0.95 is padding
+    assert plan.keep_A.tolist() == [False, True, True, True, True, False, False]
+    assert plan.slot_A.tolist() == [6, 0, 3, 1, 2, 6, 6]     # expert*C + position; 6 = E*C = the drop row
+    assert plan.kept_E.tolist() == [2, 2, 0] and plan.routed_E.tolist() == [4, 2, 0]
+    assert int(plan.dropped) == 2 and plan.rows == 7
+
+
+def test_capacity_is_rounded_to_eight_and_bounded_by_rows():
+    cfg = MoEConfig(num_experts=6, top_k=2, routing="static", capacity_factor=1.25)
+    assert cfg.capacity(256) == 112                            # ceil(1.25 * 256 * 2 / 6) = 107 -> 112
+    assert cfg.capacity(5) == 5 and cfg.capacity(0) == 0      # never more rows than the call has
 
 
 def test_expert_load_stats():
@@ -340,3 +416,102 @@ def test_local_and_deepspeed_agree_ep1(tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:] == ["ds-compare"]:
     print(json.dumps(ds_compare()))
+
+
+# ---- static routing inside NESTOR (both MoE levels) ----
+
+def _tiny_nestor(image_routing: str = "dropless", routing: str = "dropless", image_cf=None, token_cf=None,
+                 **over):
+    from nestor_ds.model import build_model, get_preset
+
+    moe = {"routing": routing, "capacity_factor": token_cf}
+    cfg = get_preset("nestor-tiny", {"image_routing": image_routing, "image_capacity_factor": image_cf,
+                                     "moe": moe, **over})
+    torch.manual_seed(0)
+    return build_model(cfg).train(), cfg
+
+
+def _nestor_inputs(cfg, batch: int = 5):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, cfg.resolution, cfg.resolution, cfg.t_in, cfg.in_channels, generator=g)
+    y = torch.randn(batch, cfg.resolution, cfg.resolution, cfg.t_ar, cfg.c_out, generator=g)
+    return x, y, torch.ones(batch, cfg.c_out, dtype=torch.bool)
+
+
+def _nestor_loss(model, x, y, mask):
+    from nestor_ds.config import LossConfig
+    from nestor_ds.engine.loss import training_loss
+
+    out = model(x)
+    loss, _ = training_loss(out.pred, y, mask, out.aux_losses, LossConfig(token_z_weight=1e-3))
+    return loss, out
+
+
+def test_nestor_static_equals_dropless_at_both_levels_without_overflow():
+    runs = []
+    for level in ("dropless", "static"):
+        cf = 10.0 if level == "static" else None                   # capacities = all rows: nothing overflows
+        model, cfg = _tiny_nestor(level, level, image_cf=cf, token_cf=cf)
+        x, y, mask = _nestor_inputs(cfg)
+        loss, out = _nestor_loss(model, x, y, mask)
+        loss.backward()
+        runs.append((loss, out, _grads(model)))
+    (la, oa, ga), (lb, ob, gb) = runs
+    torch.testing.assert_close(ob.pred, oa.pred, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lb, la, atol=1e-6, rtol=1e-5)
+    for k in oa.aux_losses:
+        torch.testing.assert_close(ob.aux_losses[k], oa.aux_losses[k], atol=1e-6, rtol=1e-5, msg=k)
+    for ra, rb in zip(oa.routing, ob.routing):
+        assert torch.equal(ra.token_counts, rb.token_counts) and torch.equal(ra.image_counts, rb.image_counts)
+        assert ra.dropped_tokens is None and int(rb.dropped_tokens) == 0
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_nestor_static_forward_and_loss_trace_without_graph_breaks():
+    model, cfg = _tiny_nestor("static", "static")
+    x, y, mask = _nestor_inputs(cfg, batch=4)
+    explain = torch._dynamo.explain(lambda a, b, c: _nestor_loss(model, a, b, c)[0])(x, y, mask)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert explain.graph_count == 1
+    torch._dynamo.reset()
+
+
+def test_nestor_static_compiles_fullgraph_forward_and_backward():
+    """aot_eager traces the backward too (custom autograd functions, capacity plan): one graph, same gradients."""
+    model, cfg = _tiny_nestor("static", "static", depth=1)
+    x, y, mask = _nestor_inputs(cfg, batch=4)
+    loss_eager, _ = _nestor_loss(model, x, y, mask)
+    loss_eager.backward()
+    eager = _grads(model)
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(lambda a, b, c: _nestor_loss(model, a, b, c)[0], fullgraph=True, backend="aot_eager")
+    loss = compiled(x, y, mask)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_eager, atol=1e-6, rtol=1e-5)
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, eager[n], atol=1e-5, rtol=1e-5, msg=n)
+    torch._dynamo.reset()
+
+
+def test_image_static_overflow_drops_lowest_probability_samples_and_counts_them():
+    model, cfg = _tiny_nestor("static", "dropless", image_cf=0.5, depth=1, image_experts=2, image_top_k=1)
+    moe = model.blocks[0].moe                                   # capacity ceil(0.5 * 1 * 6 / 2) = 2 samples
+    h = torch.randn(6, cfg.width, 4, 4)
+    with torch.no_grad():
+        out = moe(h)
+        r = moe.route(h)
+    base = (moe.shared(h) if moe.shared is not None else 0) + h
+    kept = ((out.out_BDHW - base).flatten(1).abs().amax(1) > 0).tolist()
+    p = r.probs_NE.max(-1).values
+    expected = [False] * 6
+    for e in range(2):
+        members = sorted((n for n in range(6) if int(r.experts_NK[n, 0]) == e), key=lambda n: -float(p[n]))
+        for n in members[:2]:
+            expected[n] = True
+    assert kept == expected and sum(expected) < 6
+    assert int(out.routing.dropped_tokens) == (6 - sum(expected)) * 16          # dropped samples x 4x4 tokens
+    moe.eval()                                                   # evaluation never drops
+    with torch.no_grad():
+        assert moe(h).routing.dropped_tokens is None

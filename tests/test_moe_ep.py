@@ -1,6 +1,7 @@
-"""Expert parallelism of the deepspeed token-MoE backend: 2 gloo ranks with ep_size=2 must equal the
-single-process local backend on the same global batch (outputs and gradients), including a batch where
-one expert gets no token on one rank and a rank whose rows are all padding.
+"""Expert parallelism of the local token-MoE backend (all-to-all-v, nestor_ds.moe.expert_parallel): 2 gloo ranks
+with ep_size=2 must equal the single-process local backend on the same global batch (outputs, losses, gradients),
+for top-1 and top-2, dropless and static routing, including a batch where one expert gets no token on one rank
+and a rank whose rows are all padding.
 
 One launch of `python -m torch.distributed.run --nproc_per_node 2 tests/test_moe_ep.py` runs every case;
 rank 0 prints one JSON line of maximum errors that the pytest test checks.
@@ -24,22 +25,30 @@ sys.path.insert(0, str(REPO))
 D, E, N_RANK = 16, 4, 10  # width, experts, rows per rank
 
 
-def run_case(name: str, k: int, x_global: torch.Tensor, valid_global: torch.Tensor, gate=None) -> dict:
-    """Forward + backward on both ranks and on the 1-process reference; returns this rank's errors."""
+def run_case(name: str, k: int, x_global: torch.Tensor, valid_global: torch.Tensor, gate=None,
+             routing: str = "dropless") -> dict:
+    """Forward + backward on both ranks (training mode) and on the 1-process reference; returns this rank's errors."""
     import torch.distributed as dist
 
-    from nestor_ds.moe import MoEConfig, build_token_moe
-    from nestor_ds.moe.deepspeed_backend import deepspeed_state_from_local, local_state_from_deepspeed
+    from nestor_ds.moe import MoEConfig, build_token_moe, set_expert_parallel_group
+    from nestor_ds.moe.expert_parallel import local_state_from_expert_parallel
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    cf = 2.0 * E / k if routing == "static" else None          # capacity = all rows: static must equal dropless
     torch.manual_seed(1234)  # identical reference weights on every rank
-    ref = build_token_moe(MoEConfig(num_experts=E, top_k=k), D)
+    ref = build_token_moe(MoEConfig(num_experts=E, top_k=k, routing=routing, capacity_factor=cf), D).train()
     if gate is not None:
         with torch.no_grad():
             ref.router.gate.weight.copy_(gate)
-    ds = build_token_moe(MoEConfig(backend="deepspeed", num_experts=E, top_k=k, ep_size=world), D)
-    ds.init_expert_groups()
-    ds.load_state_dict(deepspeed_state_from_local(ref.state_dict(), ep_rank=ds.ep_rank(), ep_size=world))
+    torch.manual_seed(1234)  # same seed: the expert-parallel model starts from the same weights
+    ep = build_token_moe(MoEConfig(num_experts=E, top_k=k, ep_size=world, routing=routing, capacity_factor=cf),
+                         D).train()
+    assert set_expert_parallel_group(ep, dist.group.WORLD) == 1
+    if gate is not None:
+        with torch.no_grad():
+            ep.gate_weight.copy_(gate)
+    init_same = all(torch.equal(ep.state_dict()[n], v) for n, v in
+                    _ep_state(ref.state_dict(), ep.ep_rank, world).items())
 
     g_global = torch.randn(x_global.shape, generator=torch.Generator().manual_seed(7))
     rows = slice(rank * N_RANK, (rank + 1) * N_RANK)
@@ -47,29 +56,30 @@ def run_case(name: str, k: int, x_global: torch.Tensor, valid_global: torch.Tens
 
     out_ref = ref(x_global, valid_global)
     (out_ref.out_ND * g_global).sum().backward()
-    out = ds(x, valid)
-    (out.out_ND * g).sum().backward()
+    out = ep(x, valid)
+    (out.out_ND * g + out.lb_loss * 0.0).sum().backward()
 
     # expert weights live on one rank each: gather every rank's expert grads and rebuild [E, ...]
-    grads = {n: p.grad.detach() for n, p in ds.named_parameters()}
+    grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad).detach() for n, p in ep.named_parameters()}
     every = [None] * world
     dist.all_gather_object(every, grads)
-    ds_grads = local_state_from_deepspeed(every)
+    ep_grads = local_state_from_expert_parallel(every)
     # router and shared expert are replicated (data parallel): the reference grad is the sum over ranks
-    for n in ("router.gate.weight", *[n for n in ds_grads if n.startswith("shared.")]):
-        ds_name = "moe.deepspeed_moe.gate.wg.weight" if n.startswith("router.") else n
-        ds_grads[n] = sum(state[ds_name] for state in every)
-    grad_errs = {n: (p.grad - ds_grads[n]).abs().max().item() for n, p in ref.named_parameters()}
-    grad_err = max(grad_errs.values())
+    for n in ("router.gate.weight", *[n for n in ep_grads if n.startswith("shared.")]):
+        ep_name = "moe.deepspeed_moe.gate.wg.weight" if n.startswith("router.") else n
+        ep_grads[n] = sum(state[ep_name] for state in every)
+    grad_errs = {n: (p.grad - ep_grads[n]).abs().max().item() for n, p in ref.named_parameters()}
 
     per_rank_ref = ref(x, valid)  # statistics are per rank
     return {
         "case": name,
         "rank": rank,
+        "init_same": init_same,
         "valid_rows": int(valid.sum()),
         "counts": out.tokens_per_expert_E.tolist(),
+        "dropped": None if out.dropped is None else int(out.dropped),
         "out_err": (out.out_ND - out_ref.out_ND[rows]).abs().max().item(),
-        "grad_err": grad_err,
+        "grad_err": max(grad_errs.values()),
         "lb_err": abs(out.lb_loss.item() - per_rank_ref.lb_loss.item()),
         "z_err": abs(out.z_loss.item() - per_rank_ref.z_loss.item()),
         "counts_equal": out.tokens_per_expert_E.tolist() == per_rank_ref.tokens_per_expert_E.tolist(),
@@ -77,37 +87,43 @@ def run_case(name: str, k: int, x_global: torch.Tensor, valid_global: torch.Tens
     }
 
 
+def _ep_state(local_state, ep_rank, ep_size):
+    from nestor_ds.moe.expert_parallel import expert_parallel_state_from_local
+
+    return expert_parallel_state_from_local(local_state, ep_rank, ep_size)
+
+
+CASES = ("random", "empty_expert_on_rank1", "padding_rank1_empty")
+
+
 def worker() -> None:
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     torch.set_num_threads(1)
-    import deepspeed
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    dist.init_process_group("gloo")
     n_global = N_RANK * dist.get_world_size()
     gen = torch.Generator().manual_seed(0)
     all_valid = torch.ones(n_global, dtype=torch.bool)
-    results = []
-
-    x = torch.randn(n_global, D, generator=gen)
-    results.append(run_case("random_k2", 2, x, all_valid))
-    results.append(run_case("random_k3", 3, x, all_valid))
-
+    x_random = torch.randn(n_global, D, generator=gen)
     # gate = identity on the first E dims; rank 1's rows have a large negative dim 0: expert 0 is
     # never chosen there, so rank 1 sends no token to expert 0 (held by rank 0)
     gate = torch.zeros(E, D)
     gate[:, :E] = 3 * torch.eye(E)
-    x = torch.randn(n_global, D, generator=gen)
-    x[N_RANK:, 0] = -5.0
-    results.append(run_case("empty_expert_on_rank1", 2, x, all_valid, gate=gate))
-
+    x_empty = torch.randn(n_global, D, generator=gen)
+    x_empty[N_RANK:, 0] = -5.0
     # unequal valid rows at equal N: rank 0 keeps 7 of 10, rank 1 is all padding
     valid = all_valid.clone()
     valid[7:N_RANK] = False
     valid[N_RANK:] = False
-    x = torch.randn(n_global, D, generator=gen)
-    x[~valid] = 0.0
-    results.append(run_case("padding_rank1_empty", 2, x, valid))
+    x_pad = torch.randn(n_global, D, generator=gen)
+    x_pad[~valid] = 0.0
+    results = []
+    for routing in ("dropless", "static"):
+        for k in (1, 2):
+            results.append(run_case(f"random/k{k}/{routing}", k, x_random, all_valid, routing=routing))
+            results.append(run_case(f"empty_expert_on_rank1/k{k}/{routing}", k, x_empty, all_valid, gate=gate,
+                                    routing=routing))
+            results.append(run_case(f"padding_rank1_empty/k{k}/{routing}", k, x_pad, valid, routing=routing))
 
     everything = [None] * dist.get_world_size()
     dist.all_gather_object(everything, results)
@@ -133,15 +149,19 @@ def test_ep2_equals_single_process(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("EP_RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout[-2000:], proc.stderr[-4000:])
     results = json.loads(lines[-1][len("EP_RESULT "):])
-    assert len(results) == 8
+    assert len(results) == 2 * 2 * 2 * len(CASES)
     for r in results:
+        assert r["init_same"], r                                   # ep 2 starts from the ep 1 weights
         assert r["out_err"] < 1e-5 and r["grad_err"] < 1e-5, r
         assert r["lb_err"] < 1e-5 and r["z_err"] < 1e-5 and r["counts_equal"] and r["finite"], r
+        assert r["dropped"] == (0 if r["case"].endswith("static") else None), r
     by = {(r["case"], r["rank"]): r for r in results}
-    assert by[("empty_expert_on_rank1", 1)]["counts"][0] == 0  # the case really has an empty expert
-    assert by[("empty_expert_on_rank1", 0)]["counts"][0] > 0
-    assert by[("padding_rank1_empty", 1)]["valid_rows"] == 0
-    assert by[("padding_rank1_empty", 1)]["counts"] == [0] * E
+    for k in (1, 2):
+        for routing in ("dropless", "static"):
+            case = f"empty_expert_on_rank1/k{k}/{routing}"
+            assert by[(case, 1)]["counts"][0] == 0 and by[(case, 0)]["counts"][0] > 0   # really an empty expert
+            case = f"padding_rank1_empty/k{k}/{routing}"
+            assert by[(case, 1)]["valid_rows"] == 0 and by[(case, 1)]["counts"] == [0] * E
 
 
 if __name__ == "__main__":

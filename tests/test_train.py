@@ -29,7 +29,7 @@ def zero2_ep2_run(tiny_shards, tmp_path_factory):
     """~30 steps of a tiny NESTOR, ZeRO-2, token experts expert-parallel over 2 ranks, evaluation and MLflow on."""
     root, shards = tiny_shards
     work = tmp_path_factory.mktemp("zero2_ep2")
-    cfg = tiny_config(work, shards, model={"moe": {"backend": "deepspeed", "ep_size": 2}},
+    cfg = tiny_config(work, shards, model={"moe": {"backend": "local", "ep_size": 2}},
                       train={"max_steps": 30, "eval_every": 15, "ckpt_every": 15, "log_every": 5},
                       optim={"lr": 3e-3, "warmup_steps": 3})
     proc = launch([TRAIN, "--ds_config", str(ds_config(work)), "--config", str(cfg), "--run-name", "ep2"], ranks=2, cwd=work)
@@ -94,7 +94,7 @@ def test_one_mlflow_run_with_params_metrics_and_figures(zero2_ep2_run):
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_shards, tmp_path):
     root, shards = tiny_shards
-    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "deepspeed"}},
+    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
                       train={"max_steps": 8, "ckpt_every": 100, "input_noise": 5e-4},
                       tracking={"enabled": False})
     ds = str(ds_config(tmp_path))
@@ -119,7 +119,7 @@ def test_two_ranks_equal_one_rank_and_export_matches_engine(tiny_shards, tmp_pat
     from nestor_ds.checkpoint_io import export_checkpoint, load_local_state
 
     root, shards = tiny_shards
-    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "deepspeed"}},
+    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
                       loss={"image_lb_weight": 0.0, "token_lb_weight": 0.0},
                       train={"max_steps": 3, "ckpt_every": 3}, tracking={"enabled": False})
     ds = str(ds_config(tmp_path))
@@ -147,7 +147,7 @@ def test_two_ranks_equal_one_rank_and_export_matches_engine(tiny_shards, tmp_pat
 @pytest.mark.parametrize("stage, suffix, launcher", [(0, "", "deepspeed"), (1, "", "torchrun"), (2, "_offload", "torchrun")])
 def test_other_zero_configs_train(tiny_shards, tmp_path, stage, suffix, launcher):
     root, shards = tiny_shards
-    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "deepspeed"}},
+    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
                       train={"max_steps": 3, "ckpt_every": 3}, tracking={"enabled": False})
     proc = launch([TRAIN, "--ds_config", str(ds_config(tmp_path, stage=stage, suffix=suffix)), "--config", str(cfg)],
                   ranks=2, cwd=tmp_path, launcher=launcher)
@@ -159,7 +159,7 @@ def test_other_zero_configs_train(tiny_shards, tmp_path, stage, suffix, launcher
 def test_bf16_config_with_gradient_accumulation(tiny_shards, tmp_path):
     """The GPU configs' bf16 path runs here too: inputs follow the weights' dtype, the loss stays fp32."""
     root, shards = tiny_shards
-    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "deepspeed"}},
+    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
                       train={"max_steps": 3, "ckpt_every": 3, "eval_every": 0}, tracking={"enabled": False})
     ds = ds_config(tmp_path, stage=2, micro=2, accum=2, suffix="_bf16")
     proc = launch([TRAIN, "--ds_config", str(ds), "--config", str(cfg), "--run-name", "bf16"], ranks=1, cwd=tmp_path)
@@ -170,13 +170,13 @@ def test_bf16_config_with_gradient_accumulation(tiny_shards, tmp_path):
     assert rows[-1]["perf/samples_per_s"] > 0 and "train/grad_norm" in rows[-1]
 
 
-def test_zero3_refuses_deepspeed_moe_with_a_message(tiny_shards, tmp_path):
+def test_zero3_refuses_expert_parallelism_with_a_message(tiny_shards, tmp_path):
     root, shards = tiny_shards
-    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "deepspeed"}}, tracking={"enabled": False})
+    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local", "ep_size": 2}}, tracking={"enabled": False})
     proc = launch([TRAIN, "--ds_config", str(ds_config(tmp_path, stage=3)), "--config", str(cfg)], ranks=1, cwd=tmp_path)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ZeRO stage 3 does not support DeepSpeed-MoE") and "zero2.json" in last
+    assert last.startswith("error: model.moe.ep_size=2: ZeRO stage 3") and "zero2.json" in last
 
 
 @pytest.mark.parametrize("model", [
@@ -209,7 +209,7 @@ def test_bad_configs_fail_at_start_with_one_line(tiny_shards, tmp_path):
     cases = [
         (["--set", "model.widht=3"], "unknown key 'model.widht'"),
         (["--set", "train.max_steps=abc"], "train.max_steps must be an integer"),
-        (["--set", "model.moe.backend=deepspeed", "--set", "model.moe.ep_size=3"], "must divide both the world size"),
+        (["--set", "model.moe.backend=local", "--set", "model.moe.ep_size=3"], "must divide both the world size"),
         (["--set", "model.t_in=7"], "model.t_in = 7 disagrees with data.t_in = 4"),
     ]
     for extra, message in cases:
@@ -232,7 +232,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tiny_shards, tmp_path):
     from train_fixtures import _free_port
 
     root, shards = tiny_shards
-    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "deepspeed"}},
+    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
                       train={"max_steps": 100000, "ckpt_every": 100000}, tracking={"enabled": False})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),

@@ -12,6 +12,7 @@ Regions:
 - NESTOR with static routing: the encoder, each NESTOR block (``fullgraph=True``), the head.
 - NESTOR with dropless routing: the group sizes are read on the host and shapes depend on the data, so the
   NESTOR blocks stay eager; the encoder, the head and the shared AFNO blocks inside them are compiled.
+Evaluation runs the regions eagerly (:func:`eager_for_evaluation`): it routes dropless and uses other batch sizes.
 
 CUDA graphs (``train.cuda_graphs``): the regions are compiled with ``mode="reduce-overhead"`` (CUDA graph trees:
 each region's forward and backward replayed as graphs). They need a CUDA device and static shapes (static routing
@@ -49,13 +50,11 @@ class CompilePlan:
 
 
 def static_routing(model: nn.Module) -> bool:
-    """True when the model's shapes do not depend on the data (no host reads of routing counts)."""
-    from nestor_ds.model.afno_net import AFNONet
-
-    if isinstance(model, AFNONet):
-        return True
-    flag = getattr(model, "static_routing", None)
-    return bool(flag() if callable(flag) else flag)
+    """True when the model's training shapes do not depend on the data: the AFNO baseline, or NESTOR with static
+    routing at both levels (model.image_routing and model.moe.routing; evaluation routes dropless, see
+    :func:`eager_for_evaluation`)."""
+    cfg = model.cfg
+    return cfg.arch == "afno" or (cfg.image_routing == "static" and cfg.moe.routing == "static")
 
 
 def compile_regions(model: nn.Module, static: bool) -> list[tuple[str, nn.Module]]:
@@ -73,6 +72,16 @@ def compile_regions(model: nn.Module, static: bool) -> list[tuple[str, nn.Module
     if named.get("cls_head") is not None:
         out.append(("cls_head", named["cls_head"]))
     return out
+
+
+def eager_for_evaluation(plan: CompilePlan):
+    """Context for evaluation passes: the compiled regions run eagerly (``torch.compiler.set_stance``).
+
+    Evaluation routes dropless (a sample's prediction must not depend on its batch), which a fullgraph region
+    cannot trace, and its batch sizes differ from training's (each would be a recompile)."""
+    import contextlib
+
+    return torch.compiler.set_stance("force_eager") if plan.regions else contextlib.nullcontext()
 
 
 def cuda_graphs_blocker(device: torch.device, static: bool) -> Optional[str]:

@@ -11,7 +11,7 @@ import hashlib
 import os
 import socket
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -64,13 +64,17 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local_rank, local_world, device)
 
 
-def resolve_ep_size(requested: Union[int, str], world_size: int, num_experts: int, backend: str) -> int:
-    """``auto``: the largest size dividing both the world size and the token-expert count; 1 for every backend
-    but ``deepspeed`` (``local`` and ``megablocks`` keep all experts on every rank; ``none``: the AFNO baseline)."""
-    if backend != "deepspeed":
+def resolve_ep_size(requested: Union[int, str], world_size: int, num_experts: int, backend: str,
+                    zero_stage: int = 0) -> int:
+    """``auto``: the largest size dividing both the world size and the token-expert count (``local`` and the
+    legacy ``deepspeed`` backend); 1 under ZeRO-3 (DeepSpeed partitions MoE parameters only up to stage 2), for
+    ``megablocks`` (all experts on every rank) and for ``none`` (the AFNO baseline)."""
+    if backend in ("megablocks", "none") or zero_stage == 3:
         if requested not in ("auto", 1):
             why = ("the AFNO baseline has no experts" if backend == "none" else
-                   f"model.moe.backend={backend} keeps all token experts on every rank; use model.moe.backend=deepspeed")
+                   "ZeRO stage 3 does not partition MoE parameters (DeepSpeed: MoE up to stage 2); use "
+                   "ds_configs/zero2.json" if zero_stage == 3 else
+                   f"model.moe.backend={backend} keeps all token experts on every rank; use model.moe.backend=local")
             raise ValueError(f"model.moe.ep_size={requested}: {why}")
         return 1
     if requested == "auto":
@@ -82,6 +86,30 @@ def resolve_ep_size(requested: Union[int, str], world_size: int, num_experts: in
             f"model.moe.num_experts ({num_experts}); use 'auto' to pick the largest that does"
         )
     return ep
+
+
+def setup_expert_parallel(model: torch.nn.Module, ep_size: int) -> Optional["torch.distributed.ProcessGroup"]:
+    """Create the expert-parallel groups (consecutive ranks) and give them to the model, before deepspeed.initialize.
+
+    DeepSpeed's group registry (``deepspeed.utils.groups``, name ``ep_size_<P>``) is where its engine and ZeRO-1/2
+    look up the expert-data-parallel group over which expert gradients are averaged, so the groups are created
+    there; the model receives its group here, from outside, instead of looking it up in forward. Returns the
+    group (None for ep_size 1).
+    """
+    if ep_size <= 1:
+        return None
+    from deepspeed.utils import groups
+
+    from nestor_ds.model.image_moe import set_image_expert_parallel_group
+    from nestor_ds.moe import set_expert_parallel_group
+
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    group = groups._get_expert_parallel_group(name)
+    set_expert_parallel_group(model, group)
+    set_image_expert_parallel_group(model, group)
+    return group
 
 
 def set_threads(threads_per_rank: int | None, local_world_size: int) -> int:

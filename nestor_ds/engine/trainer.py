@@ -25,8 +25,9 @@ import torch
 
 from nestor_ds.config import RunConfig, format_config
 from nestor_ds.engine import checkpoint as ckpt
-from nestor_ds.engine.compile import CompilePlan, apply_compile
-from nestor_ds.engine.distributed import DistInfo, any_rank, derive_seed, init_distributed, resolve_ep_size, set_threads
+from nestor_ds.engine.compile import CompilePlan, apply_compile, eager_for_evaluation
+from nestor_ds.engine.distributed import (DistInfo, any_rank, derive_seed, init_distributed, resolve_ep_size,
+                                          set_threads, setup_expert_parallel)
 from nestor_ds.engine.hot_loop import PART_NAMES, DeviceFeed, DeviceLog
 from nestor_ds.engine.loss import inject_noise, noise_generator, training_loss
 from nestor_ds.engine.optim import apply_lr, build_optimizer, build_param_groups, lr_at
@@ -121,7 +122,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     ds_config = load_ds_config(ds_config_path)
     micro, accum, zero_stage = check_ds_config(ds_config, cfg, dist_info.world_size)
     ep = resolve_ep_size(cfg.ep_size, dist_info.world_size, cfg.model.moe.num_experts,
-                         cfg.model.moe.backend if cfg.model.arch == "nestor" else "none")
+                         cfg.model.moe.backend if cfg.model.arch == "nestor" else "none", zero_stage)
     cfg.model.moe.ep_size = ep
     run_name = run_name or f"{entry}-{cfg.preset or cfg.model.arch}"
     run_dir = Path(cfg.train.output_dir) / run_name
@@ -138,6 +139,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
 
     torch.manual_seed(derive_seed(cfg.train.seed, "init"))  # identical initial weights on every rank
     model = build_model(cfg.model)
+    setup_expert_parallel(model, ep)  # expert-parallel groups given to the model from outside
     if zero_stage == 3 and dist_info.world_size > 1:
         from nestor_ds.model.image_moe import use_lockstep_dispatch
 
@@ -183,7 +185,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     result = TrainResult(run_dir=run_dir, steps=start_step, run_id=tracker.run_id, model=engine.module)
 
     if evaluate_before and start_step == 0:
-        result.final_eval["before"] = _evaluate(engine, cfg, dist_info, tracker, step=start_step, prefix="eval_before")
+        result.final_eval["before"] = _evaluate_eager(compiled, engine, cfg, dist_info, tracker, step=start_step, prefix="eval_before")
 
     total = cfg.train.max_steps
     progress = _progress(dist_info.is_main, start_step, total, run_name)
@@ -226,7 +228,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
             if evaluate:
                 usage.reduce()
                 tracker.log_metrics(usage.metrics("experts"), step=step)
-                _evaluate(engine, cfg, dist_info, tracker, step=step, usage=usage, figures=True)
+                _evaluate_eager(compiled, engine, cfg, dist_info, tracker, step=step, usage=usage, figures=True)
                 usage.reset()
             if stop or checkpoint:
                 state = {
@@ -247,7 +249,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
         pending.flush_usage()
         usage.reduce()
         tracker.log_metrics(usage.metrics("experts"), step=step)
-        result.final_eval["after"] = _evaluate(engine, cfg, dist_info, tracker, step=step, usage=usage, figures=True)
+        result.final_eval["after"] = _evaluate_eager(compiled, engine, cfg, dist_info, tracker, step=step, usage=usage, figures=True)
     tracker.finish("KILLED" if result.preempted else "FINISHED")
     if dist_info.is_main:
         log.info("run directory: %s (checkpoints in %s)", run_dir, ckpt_root)
@@ -323,6 +325,12 @@ def _evaluate(engine: Any, cfg: RunConfig, dist_info: DistInfo, tracker: Any, st
     tracker.log_dict(report, f"{prefix}_step{step:08d}.json")
     model.train(was_training)
     return report
+
+
+def _evaluate_eager(plan: CompilePlan, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """:func:`_evaluate` with compiled regions run eagerly (evaluation routes dropless, other batch sizes)."""
+    with eager_for_evaluation(plan):
+        return _evaluate(*args, **kwargs)
 
 
 class _progress:

@@ -62,20 +62,24 @@ def _compress(names: list[str], limit: int = 12) -> list[str]:
 
 def to_target_layout(model: nn.Module, local_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert token-MoE weights of the local layout to the layout of ``model``'s MoE modules (this rank's experts)."""
-    from nestor_ds.moe.deepspeed_backend import DeepSpeedTokenMoE, deepspeed_state_from_local
+    from nestor_ds.moe.expert_parallel import ExpertParallelTokenMoE, expert_parallel_state_from_local
 
     state = dict(local_state)
     for name, module in model.named_modules():
         if type(module).__name__ == "MegaBlocksTokenMoE":
             raise ValueError(f"{name}: loading pre-trained weights into the megablocks backend is not supported yet; "
-                             f"fine-tune with model.moe.backend=deepspeed or local")
-        if not isinstance(module, DeepSpeedTokenMoE):
+                             f"fine-tune with model.moe.backend=local")
+        if isinstance(module, ExpertParallelTokenMoE):
+            ep_rank, ep_size = module.ep_rank, module.ep_size
+        elif type(module).__name__ == "DeepSpeedTokenMoE":   # legacy backend, same parameter layout
+            ep_rank, ep_size = module.ep_rank(), module.ep_size
+        else:
             continue
         prefix = name + "."
         sub = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
         if not sub:
             continue
-        converted = deepspeed_state_from_local(sub, ep_rank=module.ep_rank(), ep_size=module.ep_size)
+        converted = expert_parallel_state_from_local(sub, ep_rank=ep_rank, ep_size=ep_size)
         state.update({prefix + k: v for k, v in converted.items()})
     return state
 

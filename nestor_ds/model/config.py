@@ -6,7 +6,6 @@ The authors hard-coded depth, expert counts and top-k; here each is a field so t
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +13,10 @@ from nestor_ds.moe import MoEConfig
 
 ARCHS = ("nestor", "afno")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
+IMAGE_ROUTINGS = ("dropless", "static")
+# Samples per image expert under static routing: ceil(cf * K * B / E). Default: the smallest factor that cost
+# nothing in L2RE against dropless on the demo mixture (docs/benchmarks.md, "Static routing").
+DEFAULT_IMAGE_CAPACITY_FACTOR = 1.5
 
 
 @dataclass
@@ -32,7 +35,8 @@ class ModelConfig:
     num_heads: int = 8
     image_experts: int = 6
     image_top_k: int = 2
-    image_capacity_factor: float = 0.0    # 0 = dropless; >0: capacity ceil(cf * k * B / E) samples/expert
+    image_routing: str = "dropless"       # "dropless" | "static" (fixed samples per image expert, training only)
+    image_capacity_factor: float | None = None  # static: ceil(cf * k * B / E) samples/expert; None = default
     image_router_noise: float = 0.0       # std of Gaussian noise on image-router logits (training only)
     image_moe_skip: bool = True           # the authors' extra identity term in ImageMoE (see nestor.py)
     afno_modes: int = 32
@@ -65,8 +69,12 @@ class ModelConfig:
         return self.embed_hidden if self.embed_hidden is not None else self.c_out * self.patch_size + 3
 
     def image_capacity(self, batch: int) -> int:
-        """Samples per image expert when capacity is fixed (image_capacity_factor > 0)."""
-        return math.ceil(self.image_capacity_factor * self.image_top_k * batch / self.image_experts)
+        """Samples per image expert under static routing: ceil(cf * K * B / E), at most B, at least 1 (B > 0).
+        Not rounded to 8 like the token capacity: a sample is a whole token field, already a large matmul."""
+        from nestor_ds.moe.dispatch import capacity
+
+        cf = DEFAULT_IMAGE_CAPACITY_FACTOR if self.image_capacity_factor is None else self.image_capacity_factor
+        return capacity(cf, batch, self.image_top_k, self.image_experts)
 
     def validate(self) -> "ModelConfig":
         """Raise ValueError naming the field for any inconsistent setting; return self."""
@@ -90,7 +98,14 @@ class ModelConfig:
         need(self.width % self.norm_groups == 0, f"width={self.width} not divisible by norm_groups={self.norm_groups}")
         need(self.image_top_k <= self.image_experts,
              f"image_top_k={self.image_top_k} > image_experts={self.image_experts}")
-        need(self.image_capacity_factor >= 0, f"image_capacity_factor={self.image_capacity_factor} must be >= 0")
+        need(self.image_routing in IMAGE_ROUTINGS, f"image_routing={self.image_routing!r} not in {IMAGE_ROUTINGS}")
+        if self.image_routing == "static":
+            need(self.image_capacity_factor is None or self.image_capacity_factor > 0,
+                 f"image_capacity_factor={self.image_capacity_factor} must be > 0 with image_routing='static'")
+        else:   # older configs meant "image_capacity_factor > 0 = capacity"; the switch is explicit now
+            need(self.image_capacity_factor in (None, 0, 0.0),
+                 f"image_capacity_factor={self.image_capacity_factor} is used only by image_routing='static' "
+                 "(set image_routing: static, or remove image_capacity_factor for dropless)")
         need(self.image_router_noise >= 0, f"image_router_noise={self.image_router_noise} must be >= 0")
         need(self.shared_afno_layers >= 0, f"shared_afno_layers={self.shared_afno_layers} must be >= 0")
         need(self.afno_mlp_ratio > 0, f"afno_mlp_ratio={self.afno_mlp_ratio} must be > 0")

@@ -89,7 +89,8 @@ def param_counts(cfg: ModelConfig) -> tuple[int, int]:
     """(total, active per sample), counted on a model built on the meta device (no memory)."""
     from . import build_model
 
-    local = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, backend="local", ep_size=1, capacity_factor=0.0))
+    local = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, backend="local", ep_size=1, routing="dropless",
+                                                             capacity_factor=None))
     with torch.device("meta"):
         model = build_model(local)
     total = _count(model)

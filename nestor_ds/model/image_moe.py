@@ -14,13 +14,17 @@ in its K rows of an expert-sorted buffer, each expert runs on its contiguous sli
 the outputs back to (sample, k) order for the weighted sum (gathers both ways, also in backward: see
 nestor_ds.moe.local). No per-expert masks over the whole batch.
 
-Expert parallelism (cfg.moe.ep_size > 1): every rank of the expert-parallel group must call each
-expert's TokenMoE with the same number of rows. Each expert's sample group is padded to
-  - a fixed capacity ceil(cf * K * B / E) when image_capacity_factor > 0 (overflow samples dropped,
-    lowest router weight first; they keep the shared-AFNO path), or
-  - the group-wide maximum of that expert's sample count (one all_reduce MAX of counts_E per block),
-and padded rows are passed as valid_N = False. An expert whose group maximum is 0 is skipped on every
-rank. Without expert parallelism there is no padding and no collective.
+Static routing (cfg.image_routing="static", training): every image expert gets a fixed buffer of
+C = ceil(cf * K * B / E) samples (nestor_ds.moe.dispatch.plan_capacity: overflow samples dropped lowest
+router weight first and counted; they keep the shared-AFNO path and the skip). All E experts are called
+with C samples each, unused rows passed as valid_N = False: no host sync, shapes fixed by B, and every
+rank of an expert-parallel group calls every expert with the same N without any collective.
+
+Dropless (default, and always in evaluation) under expert parallelism (cfg.moe.ep_size > 1): every rank of
+the expert-parallel group must call each expert's TokenMoE with the same number of rows. Each expert's
+sample group is padded to the group-wide maximum of that expert's sample count (one all_reduce MAX of
+counts_E per block), and padded rows are passed as valid_N = False. An expert whose group maximum is 0 is
+skipped on every rank. Without expert parallelism there is no padding and no collective.
 `pad_to` (debug) forces padding of every called expert's group to at least that many samples in a
 single process, so the padding path is testable without a process group.
 """
@@ -33,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nestor_ds.moe import MoEOutput, build_token_moe
-from nestor_ds.moe.local import dispatch_rows, gather_rows
+from nestor_ds.moe.dispatch import dispatch_rows, gather_rows, plan_capacity
 from nestor_ds.moe.router import FP32Linear, load_balancing_loss, route_from_logits, tokens_per_expert
 
 from .afno import AFNOBlock
@@ -48,7 +52,9 @@ class BlockRouting:
     image_topk_idx: torch.Tensor   # [B, K] long, selected image experts per sample, best first
     image_counts: torch.Tensor     # [E_img] long, samples routed to each image expert (before capacity)
     token_counts: torch.Tensor     # [E_img, E_tok] long, token assignments inside each image expert
-    dropped_tokens: int | None = None  # tokens of samples over an image expert's capacity (None: dropless)
+    # static routing: tokens of samples over an image expert's capacity + token assignments over a token expert's
+    # capacity, a device tensor (read it only when logging); None when both levels are dropless
+    dropped_tokens: torch.Tensor | None = None
 
 
 @dataclass
@@ -79,13 +85,6 @@ class ImageExpert(nn.Module):
         return self.norm2(a + self.drop(m.out_ND.view(G, L, D))), m
 
 
-def expert_parallel_group(ep_size: int) -> dist.ProcessGroup | None:
-    """DeepSpeed's expert-parallel group for this ep_size (created by the deepspeed MoE backend)."""
-    from deepspeed.utils import groups
-
-    return groups._get_expert_parallel_group(f"ep_size_{ep_size}")
-
-
 class ImageMoE(nn.Module):
     """sum_k w_k Expert_k(h) + SharedAFNO(h) (+ h), per-sample top-k routing with grouped dispatch."""
 
@@ -100,7 +99,7 @@ class ImageMoE(nn.Module):
                                                 cfg.afno_sparsity, cfg.norm_groups, cfg.dropout)
                                       for _ in range(cfg.shared_afno_layers))) if cfg.shared_afno_layers else None
         self.pad_to: int | None = None                   # debug: force padded groups (tests)
-        self.ep_group: dist.ProcessGroup | None = None   # override DeepSpeed's expert-parallel group
+        self.ep_group: dist.ProcessGroup | None = None   # expert-parallel group (set_image_expert_parallel_group)
         # ZeRO-3 gathers a module's parameters when it is called, collectively: every rank of this group must then
         # call the same experts, so group sizes are agreed over it (set by the engine; see use_lockstep_dispatch)
         self.lockstep_group: dist.ProcessGroup | None = None
@@ -109,20 +108,24 @@ class ImageMoE(nn.Module):
     def expert_parallel(self) -> bool:
         return self.cfg.moe.ep_size > 1
 
-    def group_sizes(self, counts_E: torch.Tensor, batch: int) -> list[int]:
-        """Rows (samples) each expert is called with; 0 = skip. Same on every rank under EP (and lockstep)."""
+    @property
+    def static(self) -> bool:
+        """Static image routing applies in training; evaluation is dropless (no coupling between samples)."""
+        return self.cfg.image_routing == "static" and self.training
+
+    def group_sizes(self, counts_E: torch.Tensor) -> list[int]:
+        """Dropless: rows (samples) each expert is called with; 0 = skip. Same on every rank under EP (and
+        lockstep)."""
         synced = self.expert_parallel or self.lockstep_group is not None
-        capped = self.cfg.image_capacity_factor > 0 and self.training  # evaluation is dropless: no batch coupling
-        if capped and synced:
-            return [self.cfg.image_capacity(batch)] * self.E
         kept = counts_E
-        if capped:
-            kept = counts_E.clamp(max=self.cfg.image_capacity(batch))
         if synced:
             kept = kept.clone()
             group = self.lockstep_group  # the whole data-parallel world contains every expert-parallel group
             if group is None:
-                group = self.ep_group if self.ep_group is not None else expert_parallel_group(self.cfg.moe.ep_size)
+                group = self.ep_group
+            if group is None:
+                raise RuntimeError("ImageMoE: moe.ep_size > 1 but no expert-parallel group was given; call "
+                                   "nestor_ds.engine.distributed.setup_expert_parallel(model, ep_size)")
             dist.all_reduce(kept, op=dist.ReduceOp.MAX, group=group)
         sizes = kept.tolist()
         if self.pad_to is not None:
@@ -138,41 +141,80 @@ class ImageMoE(nn.Module):
         return route_from_logits(logits_BE, self.K)
 
     def forward(self, h_BDHW: torch.Tensor) -> ImageMoEOutput:
-        B, D, H, W = h_BDHW.shape
-        L = H * W
         r = self.route(h_BDHW)
         image_lb = load_balancing_loss(r.probs_NE, r.experts_NK)
         counts_E = tokens_per_expert(r.experts_NK, self.E)
-
-        # group the A = B*K assignments by expert; with a capacity, higher weights first inside a group
-        expert_A = r.experts_NK.reshape(-1)
-        if self.cfg.image_capacity_factor > 0:
-            order_A = (expert_A.double() * 2.0 + (1.0 - r.weights_NK.detach().reshape(-1).double())).argsort(stable=True)
+        if self.static:
+            mix_BLD, token_lb, token_z, token_counts, dropped = self._experts_static(h_BDHW, r)
         else:
-            order_A = expert_A.argsort(stable=True)
+            mix_BLD, token_lb, token_z, token_counts, dropped = self._experts_dropless(h_BDHW, r, counts_E)
+        B, D, H, W = h_BDHW.shape
+        out = mix_BLD.transpose(1, 2).reshape(B, D, H, W)
+        if self.shared is not None:
+            out = out + self.shared(h_BDHW)
+        if self.cfg.image_moe_skip:
+            out = out + h_BDHW
+        routing = BlockRouting(r.experts_NK.detach(), counts_E.detach(), token_counts, dropped)
+        return ImageMoEOutput(out, image_lb, token_lb, token_z, routing)
+
+    def _experts_static(self, h_BDHW: torch.Tensor, r):
+        """sum_k w_k Expert_k(h) with C samples per expert: fixed shapes, no host sync (see module docstring)."""
+        B, D, H, W = h_BDHW.shape
+        L, E, K = H * W, self.E, self.K
+        C = self.cfg.image_capacity(B)
+        prob_BK = r.probs_NE.gather(-1, r.experts_NK)                          # drop priority (lowest first)
+        plan = plan_capacity(r.experts_NK.reshape(-1), prob_BK.reshape(-1), None, E, C)
+        slot_BK = plan.slot_A.view(B, K)
+        x_BLD = h_BDHW.flatten(2).transpose(1, 2)
+        x_SX = dispatch_rows(x_BLD.reshape(B, L * D), slot_BK, plan.rows)     # [E*C + drop row, L*D]
+        row_CL = torch.arange(C * L, device=h_BDHW.device) // L                 # sample of each token row
+        y_pieces, lb, z, counts, dropped = [], [], [], [], plan.dropped * L
+        for e in range(E):
+            valid_N = row_CL < plan.kept_E[e]
+            y_GLD, m = self.experts[e](x_SX[e * C:(e + 1) * C].view(C, L, D), valid_N)
+            y_pieces.append(y_GLD.reshape(C, L * D))
+            lb.append(m.lb_loss.float())
+            z.append(m.z_loss.float())
+            counts.append(m.tokens_per_expert_E)
+            if m.dropped is not None:
+                dropped = dropped + m.dropped
+        y_pieces.append(x_SX.new_zeros(1, L * D))                             # the drop row's output
+        # token losses averaged over the block's real samples (each expert's loss is ~1 when balanced)
+        real_E = plan.kept_E.float()
+        real_total = real_E.sum().clamp(min=1.0)
+        token_lb = (torch.stack(lb) * real_E).sum() / real_total
+        token_z = (torch.stack(z) * real_E).sum() / real_total
+        y_BKLD = gather_rows(torch.cat(y_pieces, dim=0), slot_BK).view(B, K, L, D)
+        w_BK = torch.where(plan.keep_A.view(B, K), r.weights_NK, torch.zeros_like(r.weights_NK))
+        mix_BLD = (w_BK.to(y_BKLD.dtype)[:, :, None, None] * y_BKLD).sum(dim=1)
+        return mix_BLD, token_lb, token_z, torch.stack(counts), dropped
+
+    def _experts_dropless(self, h_BDHW: torch.Tensor, r, counts_E: torch.Tensor):
+        """sum_k w_k Expert_k(h), each expert called on exactly its samples (padded under expert parallelism)."""
+        B, D, H, W = h_BDHW.shape
+        L = H * W
+        # group the A = B*K assignments by expert
+        order_A = r.experts_NK.reshape(-1).argsort(stable=True)
         slot_BK = torch.empty_like(order_A)
         slot_BK[order_A] = torch.arange(order_A.numel(), device=order_A.device)   # sorted row of assignment (b, k)
         slot_BK = slot_BK.view(B, self.K)
-        sizes = self.group_sizes(counts_E, B)
+        sizes = self.group_sizes(counts_E)
 
         x_BLD = h_BDHW.flatten(2).transpose(1, 2)
         x_ALD = dispatch_rows(x_BLD.reshape(B, L * D), slot_BK, B * self.K).view(-1, L, D)   # sorted by expert
-        y_pieces: list[torch.Tensor] = []          # expert outputs in sorted order (zeros for dropped samples)
+        y_pieces: list[torch.Tensor] = []          # expert outputs in sorted order
         keep_in_graph = h_BDHW.new_zeros(())      # padding-only calls under expert parallelism (see below)
         token_counts = torch.zeros(self.E, self.experts[0].moe.num_experts, dtype=torch.long, device=h_BDHW.device)
         token_lb = token_z = h_BDHW.new_zeros((), dtype=torch.float32)
-        real_total = dropped = 0
+        dropped = None                             # token-level drops, when the token MoE routes statically
+        real_total = 0
         start = 0
-        for e, (n_e, size) in enumerate(zip(counts_E.tolist(), sizes)):
-            seg = slice(start, start + n_e)
-            start += n_e
-            real = min(n_e, size)                                      # overflow beyond capacity dropped
-            dropped += n_e - real
+        for e, (real, size) in enumerate(zip(counts_E.tolist(), sizes)):
+            seg = slice(start, start + real)
+            start += real
             if size == 0:
-                if n_e:
-                    y_pieces.append(x_ALD.new_zeros(n_e, L, D))
                 continue
-            x_GLD = x_ALD[seg][:real]
+            x_GLD = x_ALD[seg]
             valid_N = None
             if size > real:
                 x_GLD = torch.cat([x_GLD, x_GLD.new_zeros(size - real, L, D)], dim=0)
@@ -184,8 +226,8 @@ class ImageMoE(nn.Module):
                 # Only padding here, but other ranks of the expert-parallel group have real samples: keep this
                 # call in the autograd graph so its backward all-to-alls run on every rank, in the same order.
                 keep_in_graph = keep_in_graph + 0.0 * y_GLD.sum()
-            if n_e > real:
-                y_pieces.append(y_GLD.new_zeros(n_e - real, L, D))
+            if m.dropped is not None:
+                dropped = m.dropped if dropped is None else dropped + m.dropped
             token_counts[e] = m.tokens_per_expert_E.to(token_counts.device)
             # token losses averaged over the block's real samples (each expert's loss is ~1 when balanced)
             token_lb = token_lb + m.lb_loss.float() * real
@@ -198,14 +240,7 @@ class ImageMoE(nn.Module):
         y_BKLD = gather_rows(torch.cat(y_pieces, dim=0), slot_BK)
         w_BK11 = r.weights_NK.to(y_BKLD.dtype)[:, :, None, None]
         mix_BLD = (w_BK11 * y_BKLD).sum(dim=1) + keep_in_graph
-        out = mix_BLD.transpose(1, 2).reshape(B, D, H, W)
-        if self.shared is not None:
-            out = out + self.shared(h_BDHW)
-        if self.cfg.image_moe_skip:
-            out = out + h_BDHW
-        routing = BlockRouting(r.experts_NK.detach(), counts_E.detach(), token_counts,
-                               dropped * L if self.cfg.image_capacity_factor > 0 and self.training else None)
-        return ImageMoEOutput(out, image_lb, token_lb, token_z, routing)
+        return mix_BLD, token_lb, token_z, token_counts, dropped
 
 
 def use_lockstep_dispatch(model: nn.Module, group: dist.ProcessGroup) -> int:
@@ -214,4 +249,12 @@ def use_lockstep_dispatch(model: nn.Module, group: dist.ProcessGroup) -> int:
     layers = [m for m in model.modules() if isinstance(m, ImageMoE)]
     for m in layers:
         m.lockstep_group = group
+    return len(layers)
+
+
+def set_image_expert_parallel_group(model: nn.Module, group: dist.ProcessGroup) -> int:
+    """Give every ImageMoE of ``model`` the expert-parallel group its dropless dispatch agrees group sizes over."""
+    layers = [m for m in model.modules() if isinstance(m, ImageMoE)]
+    for m in layers:
+        m.ep_group = group
     return len(layers)

@@ -3,8 +3,9 @@
     moe = build_token_moe(MoEConfig(num_experts=6, top_k=2), dim=512)
     out = moe(x_ND, valid_N)          # MoEOutput(out_ND, lb_loss, z_loss, tokens_per_expert_E)
 
-Backends: "local" (plain PyTorch, dropless, reference), "deepspeed" (deepspeed.moe.layer.MoE, expert
-parallel), "megablocks" (MegaBlocks dMoE, CUDA only).
+Backends: "local" (plain PyTorch, dropless or static routing; expert parallel with all-to-all-v when
+ep_size > 1, see expert_parallel.py), "deepspeed" (legacy deepspeed.moe.layer.MoE), "megablocks" (MegaBlocks
+dMoE, CUDA only).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .router import (Routing, TopKRouter, expert_load_stats, load_balancing_loss
                      router_z_loss, tokens_per_expert)
 
 __all__ = [
+    "set_expert_parallel_group",
     "MoEConfig", "MoEOutput", "TokenMoE", "build_token_moe", "LocalTokenMoE", "GroupedSwiGLU", "SwiGLU",
     "TopKRouter", "Routing", "route_from_logits", "load_balancing_loss", "router_z_loss", "tokens_per_expert",
     "expert_load_stats", "grouped_mm_supported",
@@ -28,6 +30,10 @@ def build_token_moe(cfg: MoEConfig, dim: int) -> TokenMoE:
     ep_size > 1, DeepSpeed's expert groups) initialised first: deepspeed.init_distributed()."""
     cfg.validate()
     if cfg.backend == "local":
+        if cfg.ep_size > 1:
+            from .expert_parallel import ExpertParallelTokenMoE  # imports deepspeed only when asked for
+
+            return ExpertParallelTokenMoE(cfg, dim)
         return LocalTokenMoE(cfg, dim)
     if cfg.backend == "deepspeed":
         from .deepspeed_backend import DeepSpeedTokenMoE  # imports deepspeed only when asked for
@@ -36,3 +42,11 @@ def build_token_moe(cfg: MoEConfig, dim: int) -> TokenMoE:
     from .megablocks_backend import MegaBlocksTokenMoE
 
     return MegaBlocksTokenMoE(cfg, dim)
+
+
+def set_expert_parallel_group(model, group) -> int:
+    """Give every expert-parallel token MoE of ``model`` its process group (the engine calls this); returns how
+    many layers were set."""
+    from .expert_parallel import set_expert_parallel_group as _set
+
+    return _set(model, group)

@@ -13,6 +13,7 @@ class MoEOutput(NamedTuple):
     lb_loss: torch.Tensor  # scalar, E * sum_i f_i P_i over valid rows (0 when there are none)
     z_loss: torch.Tensor  # scalar, mean logsumexp(logits)^2 over valid rows (0 when there are none)
     tokens_per_expert_E: torch.Tensor  # long [E], routed assignments per expert, valid rows of this rank
+    dropped: Optional[torch.Tensor] = None  # long scalar: assignments over capacity (static routing; None: dropless)
 
 
 class TokenMoE(nn.Module):

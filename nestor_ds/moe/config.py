@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BACKENDS = ("local", "deepspeed", "megablocks")
+ROUTINGS = ("dropless", "static")
+# Rows per expert under static routing: C = ceil(cf * N * K / E), N rows of the call. The default is the smallest
+# factor that cost nothing in L2RE against dropless on the demo mixture (docs/benchmarks.md, "Static routing").
+DEFAULT_CAPACITY_FACTOR = 1.25
+# C is rounded up to a multiple of 8 rows: tensor-core tiles (bf16 mma works on 8/16-row tiles) and 32-byte
+# aligned buffers; the extra rows cost at most 7 per expert.
+CAPACITY_MULTIPLE = 8
 
 
 @dataclass
@@ -12,7 +19,10 @@ class MoEConfig:
     """Token-level mixture of SwiGLU experts.
 
     Defaults are NESTOR's: top-2 of 6 routed experts plus one always-on shared expert, hidden width
-    equal to the model width, no capacity limit (dropless).
+    equal to the model width, no capacity limit (dropless). routing="static" gives each expert a fixed buffer
+    of C = ceil(capacity_factor * N * K / E) rows (rounded up to 8) during training: no host sync and static
+    shapes (torch.compile fullgraph, CUDA graphs); overflow is dropped lowest router weight first and counted.
+    Evaluation always routes dropless (a sample's prediction must not depend on the rest of its batch).
     """
 
     backend: str = "local"  # "local" (plain PyTorch, reference) | "deepspeed" (expert parallel) | "megablocks" (CUDA)
@@ -22,12 +32,24 @@ class MoEConfig:
     mlp_ratio: float = 1.0  # expert hidden width F = int(dim * mlp_ratio)
     shared_hidden_ratio: float | None = None  # shared-expert hidden per shared expert / dim; None = mlp_ratio
     ep_size: int = 1  # expert-parallel group size (already resolved to an int by the engine)
-    capacity_factor: float = 0.0  # 0 = dropless; > 0 = DeepSpeed capacity policy (tokens over capacity dropped)
+    routing: str = "dropless"  # "dropless" (every assignment computed) | "static" (fixed per-expert capacity)
+    capacity_factor: float | None = None  # static only: C = ceil(cf*N*K/E) rows per expert; None = default
     router_noise: float = 0.0  # std of Gaussian noise added to router logits, training only
 
     def hidden_dim(self, dim: int) -> int:
         """Expert hidden width F for model width `dim`."""
         return int(dim * self.mlp_ratio)
+
+    @property
+    def static(self) -> bool:
+        return self.routing == "static"
+
+    def capacity(self, rows: int) -> int:
+        """Rows per expert C for a call with `rows` rows under static routing (rounded to CAPACITY_MULTIPLE)."""
+        from .dispatch import capacity
+
+        factor = DEFAULT_CAPACITY_FACTOR if self.capacity_factor is None else self.capacity_factor
+        return capacity(factor, rows, self.top_k, self.num_experts, CAPACITY_MULTIPLE)
 
     def shared_hidden_dim(self, dim: int) -> int:
         """Hidden width of the always-on SwiGLU: S shared experts run as one SwiGLU of S times the width.
@@ -51,16 +73,22 @@ class MoEConfig:
             raise ValueError(f"moe.shared_hidden_ratio={self.shared_hidden_ratio}: must be > 0 (or None = mlp_ratio)")
         if self.ep_size < 1 or self.num_experts % self.ep_size != 0:
             raise ValueError(f"moe.ep_size={self.ep_size}: must be >= 1 and divide num_experts={self.num_experts}")
-        if self.capacity_factor < 0:
-            raise ValueError(f"moe.capacity_factor={self.capacity_factor}: must be >= 0 (0 = dropless)")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"moe.routing={self.routing!r}: expected one of {ROUTINGS}")
+        if self.static and self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"moe.capacity_factor={self.capacity_factor}: must be > 0 with moe.routing='static'")
+        if not self.static and self.capacity_factor not in (None, 0, 0.0):
+            # older configs meant "capacity_factor > 0 = drop tokens"; the switch is explicit now
+            raise ValueError(f"moe.capacity_factor={self.capacity_factor} is used only by moe.routing='static' "
+                             f"(set moe.routing: static, or remove capacity_factor for dropless)")
         if self.router_noise < 0:
             raise ValueError(f"moe.router_noise={self.router_noise}: must be >= 0")
         if self.backend != "deepspeed":
-            if self.ep_size != 1:
-                raise ValueError(f"moe.ep_size={self.ep_size} needs moe.backend='deepspeed' (got {self.backend!r})")
-            if self.capacity_factor > 0:
-                raise ValueError(f"moe.capacity_factor={self.capacity_factor} needs moe.backend='deepspeed'; "
-                                 f"{self.backend!r} is dropless")
+            if self.backend == "megablocks" and self.ep_size != 1:
+                raise ValueError(f"moe.ep_size={self.ep_size}: moe.backend='megablocks' has no expert parallelism; "
+                                 "use moe.backend='local'")
+            if self.backend == "megablocks" and self.static:
+                raise ValueError("moe.routing='static' is not supported by moe.backend='megablocks' (dropless only)")
             if self.backend == "megablocks" and self.router_noise > 0:
                 raise ValueError("moe.router_noise > 0 is not supported by moe.backend='megablocks' "
                                  "(its router jitter is multiplicative, not Gaussian logit noise); use 0")

@@ -13,7 +13,7 @@ Facts about DeepSpeed 0.19.8's gate (deepspeed/moe/sharded_moe.py) this wrapper 
   computed. We overwrite each padding row with a (detached) copy of a valid row so padding spreads over
   experts like real tokens (all-zero rows would all pick the same 2 experts and inflate the dropless
   capacity, i.e. the dense [E, C, D] buffer), and zero the padding rows of the output, which also
-  stops any gradient through them. With capacity_factor > 0 padding rows do compete for capacity.
+  stops any gradient through them. With routing='static' (DeepSpeed's capacity policy) padding rows do compete for capacity.
 - DeepSpeed's l_aux and exp_counts include padding rows (and l_aux is NaN at 0 rows), so we ignore
   them and recompute lb loss, z-loss and counts from the gate's own `wg` on the valid rows.
 - Dropless capacity C is the max expert count all-reduced over the EP group; the all-to-all then moves
@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .base import ExternalRoutedMoE
-from .config import MoEConfig
+from .config import DEFAULT_CAPACITY_FACTOR, MoEConfig
 from .experts import SwiGLU
 
 _DS_GATE = "moe.deepspeed_moe.gate.wg.weight"
@@ -58,7 +58,8 @@ class DeepSpeedTokenMoE(ExternalRoutedMoE):
         cfg.validate()
         self.num_experts, self.top_k, self.ep_size = cfg.num_experts, cfg.top_k, cfg.ep_size
         self.dim, self.hidden = dim, cfg.hidden_dim(dim)
-        dropless = cfg.capacity_factor <= 0
+        dropless = not cfg.static
+        factor = None if dropless else (cfg.capacity_factor or DEFAULT_CAPACITY_FACTOR)
         # Initial weights are a function of the seed, not of the parallel layout: draw every expert exactly as
         # the local backend does (same RNG stream), build DeepSpeed's layer without touching the global RNG,
         # then keep this rank's slice. So ep_size 1 and 2, and the local backend, start from the same model.
@@ -72,8 +73,8 @@ class DeepSpeedTokenMoE(ExternalRoutedMoE):
                 num_experts=cfg.num_experts,
                 ep_size=cfg.ep_size,
                 k=cfg.top_k,
-                capacity_factor=1.0 if dropless else cfg.capacity_factor,
-                eval_capacity_factor=1.0 if dropless else cfg.capacity_factor,
+                capacity_factor=1.0 if dropless else factor,
+                eval_capacity_factor=1.0 if dropless else factor,
                 min_capacity=0 if dropless else 4,
                 use_residual=False,
                 noisy_gate_policy=None,

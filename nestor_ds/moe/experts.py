@@ -168,27 +168,39 @@ class GroupedSwiGLU(nn.Module):
         return "grouped" if grouped_mm_supported(x.device, x.dtype, self.dim, self.hidden) else "padded"
 
     def forward(self, x_SD: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
-        if layout.kernel == "grouped":
-            return self._forward_grouped(x_SD.contiguous(), layout.offs_E)
-        return self._forward_padded(x_SD, layout)
+        return run_experts(x_SD, layout, self.w1_EFD, self.w3_EFD, self.w2_EDF)
 
-    def _forward_grouped(self, x_RD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-        def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            # a [R, in] @ w[e]^T for the rows of expert e; w is [E, out, in]
-            return _ContiguousGrad.apply(torch._grouped_mm(a, w.to(a.dtype).transpose(-2, -1), offs=offs_E))
 
-        h_RF = F.silu(mm(x_RD, self.w1_EFD)) * mm(x_RD, self.w3_EFD)
-        return mm(h_RF, self.w2_EDF)
+def run_experts(x_SD: torch.Tensor, layout: ExpertLayout, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
+                w2_EDF: torch.Tensor) -> torch.Tensor:
+    """E SwiGLU experts with weights [E, F, D], [E, F, D], [E, D, F] over the expert-major buffer x_SD (see
+    ExpertLayout). A function of the weights, so the expert-parallel backend runs it on its local experts."""
+    if layout.kernel == "grouped":
+        return _forward_grouped(x_SD.contiguous(), layout.offs_E, w1_EFD, w3_EFD, w2_EDF)
+    return _forward_padded(x_SD, layout, w1_EFD, w3_EFD, w2_EDF)
 
-    def _forward_padded(self, x_SD: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
-        J, C = layout.rows // max(layout.chunk, 1), layout.chunk
-        if J == 0:
-            return x_SD.new_zeros(0, self.dim)
 
-        def weights(w: torch.Tensor) -> torch.Tensor:            # [E, out, in] -> [J, in, out]
-            w = w if layout.one_chunk_per_expert else w.index_select(0, layout.expert_J)
-            return w.to(x_SD.dtype).transpose(1, 2)
+def _forward_grouped(x_RD: torch.Tensor, offs_E: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
+                     w2_EDF: torch.Tensor) -> torch.Tensor:
+    def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # a [R, in] @ w[e]^T for the rows of expert e; w is [E, out, in]
+        return _ContiguousGrad.apply(torch._grouped_mm(a, w.to(a.dtype).transpose(-2, -1), offs=offs_E))
 
-        x_JCD = x_SD.view(J, C, self.dim)
-        h_JCF = F.silu(torch.bmm(x_JCD, weights(self.w1_EFD))) * torch.bmm(x_JCD, weights(self.w3_EFD))
-        return torch.bmm(h_JCF, weights(self.w2_EDF)).view(J * C, self.dim)
+    h_RF = F.silu(mm(x_RD, w1_EFD)) * mm(x_RD, w3_EFD)
+    return mm(h_RF, w2_EDF)
+
+
+def _forward_padded(x_SD: torch.Tensor, layout: ExpertLayout, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
+                    w2_EDF: torch.Tensor) -> torch.Tensor:
+    J, C = layout.rows // max(layout.chunk, 1), layout.chunk
+    dim = w2_EDF.shape[1]
+    if J == 0:
+        return x_SD.new_zeros(0, dim)
+
+    def weights(w: torch.Tensor) -> torch.Tensor:            # [E, out, in] -> [J, in, out]
+        w = w if layout.one_chunk_per_expert else w.index_select(0, layout.expert_J)
+        return w.to(x_SD.dtype).transpose(1, 2)
+
+    x_JCD = x_SD.view(J, C, dim)
+    h_JCF = F.silu(torch.bmm(x_JCD, weights(w1_EFD))) * torch.bmm(x_JCD, weights(w3_EFD))
+    return torch.bmm(h_JCF, weights(w2_EDF)).view(J * C, dim)

@@ -1,13 +1,18 @@
-"""Plain-PyTorch dropless token MoE: the reference backend and the single-process default.
+"""Plain-PyTorch token MoE: the reference backend and the single-process default.
 
 Shape legend: N rows in, V valid rows, D width, E experts, K top-k, A = V*K routed assignments,
-S rows of the expert-major buffer (A plus padding for the padded kernel).
-Steps: drop padding rows -> route -> give each assignment a row (slot) in an expert-major buffer ->
-run the grouped SwiGLU experts on the buffer -> gather each token's K outputs back and sum them with the
-renormalised router weights -> add the shared expert -> put the V rows back among the N (padding rows stay zero).
+S rows of the expert-major buffer (A plus padding for the padded kernel), C rows per expert (static).
 
-Dispatch and combine are written as gathers in both directions (`dispatch_rows`, `gather_rows`): the
-backward of a plain index_select is a scatter-add, which on CPU runs several times slower than a gather.
+Dropless (cfg.routing="dropless", and always in evaluation): drop padding rows -> route -> give each
+assignment a row (slot) in an expert-major buffer -> run the grouped SwiGLU experts on the buffer ->
+gather each token's K outputs back and sum them with the renormalised router weights -> add the shared
+expert -> put the V rows back among the N (padding rows stay zero).
+
+Static (cfg.routing="static", training): route all N rows; every expert gets a fixed buffer of C rows
+(`nestor_ds.moe.dispatch.plan_capacity`: padding rows absent, overflow dropped lowest weight first and
+counted); the experts run as one batched matmul per projection on [E, C, D]; losses and counts use masks
+over valid rows. Shapes depend only on N, so there is no host sync and torch.compile needs no graph break.
+The dispatch/combine helpers live in nestor_ds.moe.dispatch (shared with the image-level MoE).
 """
 
 from __future__ import annotations
@@ -18,53 +23,9 @@ import torch
 
 from .base import MoEOutput, TokenMoE, check_input
 from .config import MoEConfig
-from .experts import KERNELS, GroupedSwiGLU, SwiGLU, plan_layout
+from .dispatch import dispatch_rows, gather_rows, plan_capacity
+from .experts import KERNELS, ExpertLayout, GroupedSwiGLU, SwiGLU, plan_layout
 from .router import TopKRouter, load_balancing_loss, router_z_loss, tokens_per_expert
-
-
-class _Dispatch(torch.autograd.Function):
-    """x_SD[slot_VK[v, k]] = x_VD[v], other rows 0. Backward: grad_v = sum_k grad_S[slot_vk] (a gather)."""
-
-    @staticmethod
-    def forward(ctx, x_VD: torch.Tensor, slot_VK: torch.Tensor, rows: int) -> torch.Tensor:  # type: ignore[override]
-        V, K = slot_VK.shape
-        x_SD = x_VD.new_zeros(rows, x_VD.shape[1])
-        x_SD[slot_VK] = x_VD.unsqueeze(1).expand(V, K, x_VD.shape[1])
-        ctx.save_for_backward(slot_VK)
-        return x_SD
-
-    @staticmethod
-    def backward(ctx, grad_SD: torch.Tensor):  # type: ignore[override]
-        (slot_VK,) = ctx.saved_tensors
-        return grad_SD[slot_VK].sum(dim=1), None, None
-
-
-class _GatherRows(torch.autograd.Function):
-    """y_I = x_S[index_I] with distinct indices (a partial permutation). Backward puts the gradient back
-    row by row (rows not gathered get 0): a copy, not a scatter-add."""
-
-    @staticmethod
-    def forward(ctx, x_S: torch.Tensor, index_I: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(index_I)
-        ctx.rows = x_S.shape[0]
-        return x_S[index_I]
-
-    @staticmethod
-    def backward(ctx, grad_I: torch.Tensor):  # type: ignore[override]
-        (index_I,) = ctx.saved_tensors
-        grad_S = grad_I.new_zeros(ctx.rows, *grad_I.shape[index_I.dim():])
-        grad_S[index_I] = grad_I
-        return grad_S, None
-
-
-def dispatch_rows(x_VD: torch.Tensor, slot_VK: torch.Tensor, rows: int) -> torch.Tensor:
-    """[V, D] -> [rows, D]: row v copied to its K slots, every other row zero."""
-    return _Dispatch.apply(x_VD, slot_VK, rows)
-
-
-def gather_rows(x_S: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x_S[index] for distinct indices (any index shape); the backward copies rows instead of adding."""
-    return _GatherRows.apply(x_S, index)
 
 
 class LocalTokenMoE(TokenMoE):
@@ -78,6 +39,7 @@ class LocalTokenMoE(TokenMoE):
         super().__init__()
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.dim, self.hidden = dim, cfg.hidden_dim(dim)
+        self.cfg = cfg
         self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, noise_std=cfg.router_noise)
         self.experts = GroupedSwiGLU(cfg.num_experts, dim, self.hidden)
         self.shared = SwiGLU(dim, cfg.shared_hidden_dim(dim)) if cfg.num_shared_experts > 0 else None
@@ -85,6 +47,8 @@ class LocalTokenMoE(TokenMoE):
 
     def forward(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor] = None) -> MoEOutput:
         check_input(x_ND, valid_N, self.dim)
+        if self.cfg.static and self.training:
+            return self._forward_static(x_ND, valid_N)
         rows_V = None if valid_N is None else valid_N.nonzero().squeeze(1)
         x_VD = x_ND if rows_V is None else x_ND.index_select(0, rows_V)
         V = x_VD.shape[0]
@@ -110,4 +74,32 @@ class LocalTokenMoE(TokenMoE):
             lb_loss=load_balancing_loss(routing.probs_NE, routing.experts_NK),
             z_loss=router_z_loss(routing.logits_NE),
             tokens_per_expert_E=counts_E,
+        )
+
+    def _forward_static(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor]) -> MoEOutput:
+        """Fixed capacity C per expert; shapes depend on N only (see the module docstring)."""
+        N, E, K = x_ND.shape[0], self.num_experts, self.top_k
+        C = self.cfg.capacity(N)
+        routing = self.router(x_ND)
+        valid_A = None if valid_N is None else valid_N.unsqueeze(1).expand(N, K).reshape(-1)
+        prob_NK = routing.probs_NE.gather(-1, routing.experts_NK)              # drop priority (lowest first)
+        plan = plan_capacity(routing.experts_NK.reshape(-1), prob_NK.reshape(-1), valid_A, E, C)
+        slot_NK = plan.slot_A.view(N, K)
+
+        x_SD = dispatch_rows(x_ND, slot_NK, plan.rows)
+        layout = ExpertLayout("padded", E * C, chunk=C, one_chunk_per_expert=True)   # [E, C, D] batched matmul
+        y_SD = torch.cat([self.experts(x_SD[:E * C], layout), x_SD.new_zeros(1, self.dim)])  # + the drop row
+        y_NKD = gather_rows(y_SD, slot_NK)
+        w_NK = torch.where(plan.keep_A.view(N, K), routing.weights_NK, torch.zeros_like(routing.weights_NK))
+        out_ND = (w_NK.unsqueeze(-1) * y_NKD.float()).sum(dim=1).to(x_ND.dtype)
+        if self.shared is not None:
+            out_ND = out_ND + self.shared(x_ND)
+        if valid_N is not None:
+            out_ND = torch.where(valid_N.unsqueeze(1), out_ND, torch.zeros_like(out_ND))
+        return MoEOutput(
+            out_ND=out_ND,
+            lb_loss=load_balancing_loss(routing.probs_NE, routing.experts_NK, valid_N),
+            z_loss=router_z_loss(routing.logits_NE, valid_N),
+            tokens_per_expert_E=plan.routed_E,
+            dropped=plan.dropped,
         )

@@ -4,7 +4,8 @@ Shape legend: N tokens (rows), D model width, E routed experts, K experts per to
 
 Semantics match DeepSpeed's top-2 / top-k gate so that every backend routes identically:
 logits = x W_g^T in fp32 (no bias), p = softmax(logits), the K largest p are kept and renormalised
-to sum to one. Losses are computed over valid rows only; callers pass rows already filtered.
+to sum to one. Losses are computed over valid rows only: callers pass rows already filtered (dropless)
+or a valid_N mask (static routing, fixed shapes).
 """
 
 from __future__ import annotations
@@ -65,30 +66,44 @@ class TopKRouter(nn.Module):
         return route_from_logits(logits_NE, self.top_k)
 
 
-def tokens_per_expert(experts_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """counts_E (long): how many of the K*N assignments went to each expert."""
-    return torch.bincount(experts_NK.reshape(-1), minlength=num_experts)
+def tokens_per_expert(experts_NK: torch.Tensor, num_experts: int,
+                      valid_N: torch.Tensor | None = None) -> torch.Tensor:
+    """counts_E (long): how many of the K*N assignments (of valid rows, when valid_N is given) went to each expert."""
+    from .dispatch import count_per_expert
+
+    valid_A = None if valid_N is None else valid_N.unsqueeze(1).expand_as(experts_NK).reshape(-1)
+    return count_per_expert(experts_NK.reshape(-1), num_experts, valid_A)
 
 
-def load_balancing_loss(probs_NE: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(probs_NE: torch.Tensor, experts_NK: torch.Tensor,
+                        valid_N: torch.Tensor | None = None) -> torch.Tensor:
     """Switch/GShard balance loss lb = E * sum_i f_i * P_i.
 
     f_i: share of the K*N assignments routed to expert i (no gradient); P_i: mean router probability
-    of expert i (carries the gradient). Equals 1 for perfectly uniform routing. Zero for N = 0.
+    of expert i (carries the gradient). Equals 1 for perfectly uniform routing. Zero for no (valid) row.
+    valid_N (bool [N]) restricts both means to valid rows with masks instead of indexing (static shapes).
     """
     num_tokens, num_experts = probs_NE.shape
-    if num_tokens == 0:
-        return probs_NE.sum() * 0.0  # keeps the graph connected, no NaN from 0/0
-    f_E = tokens_per_expert(experts_NK, num_experts).to(probs_NE.dtype) / experts_NK.numel()
-    P_E = probs_NE.mean(dim=0)
+    if valid_N is None:
+        if num_tokens == 0:
+            return probs_NE.sum() * 0.0  # keeps the graph connected, no NaN from 0/0
+        f_E = tokens_per_expert(experts_NK, num_experts).to(probs_NE.dtype) / experts_NK.numel()
+        P_E = probs_NE.mean(dim=0)
+        return num_experts * (f_E * P_E).sum()
+    rows = valid_N.sum().to(probs_NE.dtype).clamp(min=1.0)
+    f_E = tokens_per_expert(experts_NK, num_experts, valid_N).to(probs_NE.dtype) / (rows * experts_NK.shape[1])
+    P_E = torch.where(valid_N.unsqueeze(1), probs_NE, torch.zeros_like(probs_NE)).sum(dim=0) / rows
     return num_experts * (f_E * P_E).sum()
 
 
-def router_z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss mean_n logsumexp(logits_n)^2: keeps logits small. Zero for N = 0."""
-    if logits_NE.shape[0] == 0:
-        return logits_NE.sum() * 0.0
-    return logits_NE.float().logsumexp(dim=-1).square().mean()
+def router_z_loss(logits_NE: torch.Tensor, valid_N: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss mean_n logsumexp(logits_n)^2: keeps logits small. Zero for no (valid) row."""
+    if valid_N is None:
+        if logits_NE.shape[0] == 0:
+            return logits_NE.sum() * 0.0
+        return logits_NE.float().logsumexp(dim=-1).square().mean()
+    z_N = logits_NE.float().logsumexp(dim=-1).square()
+    return torch.where(valid_N, z_N, torch.zeros_like(z_N)).sum() / valid_N.sum().float().clamp(min=1.0)
 
 
 def expert_load_stats(counts_E: torch.Tensor) -> dict[str, float]:

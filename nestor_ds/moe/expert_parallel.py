@@ -1,0 +1,318 @@
+"""Expert-parallel token MoE of the `local` backend (moe.ep_size > 1): all-to-all-v token exchange, grouped
+experts per rank, our router and losses.
+
+Shape legend: N rows in, V valid rows, D width, F hidden, E experts (global), P = ep_size ranks of the
+expert-parallel group, E_l = E / P experts on this rank, K top-k, A = V*K assignments this rank sends,
+R rows this rank receives, C rows per expert (static routing).
+
+Rank p holds experts [p*E_l, (p+1)*E_l). Both routings exchange only routed rows:
+
+- dropless: the A assignments of the valid rows are sorted by expert (= by destination rank); the [E] counts
+  go through one all_to_all (each rank learns how many rows of each of its experts every source sends), one
+  host read gives the split sizes, then `all_to_all_single` with exact split sizes (all-to-all-v) moves the
+  rows, the local experts run with the grouped kernels of `experts.py` on an expert-major buffer, and the
+  inverse all-to-all-v brings the outputs home. Padding rows are never routed, sent or counted; a rank with
+  no valid row, or an expert with no row, still joins every collective (forward and backward).
+- static (training): `plan_capacity` gives every expert C rows on every rank (overflow dropped lowest router
+  probability first, padding absent), so the exchange has equal, fixed splits: no count exchange, no host
+  sync. The received [P, E_l, C, D] buffer is one batched matmul per projection on [E_l, P*C, D]. Needs the
+  same N on every rank of the group (the image MoE calls every expert with C samples on every rank).
+
+Losses (load balancing, z-loss) and counts are this rank's valid rows, exactly as `LocalTokenMoE` on this
+rank's rows; gradients of replicated parameters (router, shared expert) are averaged by the engine.
+
+Parameters are stored under DeepSpeed-MoE's names (`moe.deepspeed_moe.gate.wg.weight`,
+`moe.deepspeed_moe.experts.deepspeed_experts.<i>.w{1,3,2}.weight`, i local; `shared.*`) in a module that is a
+`deepspeed.moe.layer.MoE` to DeepSpeed's engine (its forward is never called): the engine then treats the
+expert weights as MoE parameters (gradients averaged over the expert-data-parallel group only, ZeRO-1/2
+partitions per that group) and writes one checkpoint file per expert with global ids, which
+`nestor_ds.checkpoint_io` exports to the single-file local layout. The helpers at the bottom convert
+between this layout and LocalTokenMoE's.
+
+The process group is given from outside (`set_expert_parallel_group`, called by the engine), never looked
+up inside forward.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .base import MoEOutput, TokenMoE, check_input
+from .config import MoEConfig
+from .dispatch import dispatch_rows, gather_rows, plan_capacity
+from .experts import KERNELS, ExpertLayout, SwiGLU, grouped_mm_supported, plan_layout, run_experts
+from .router import FP32Linear, load_balancing_loss, route_from_logits, router_z_loss, tokens_per_expert
+
+_DS_GATE = "moe.deepspeed_moe.gate.wg.weight"
+_DS_EXPERT = "moe.deepspeed_moe.experts.deepspeed_experts.{i}.{w}.weight"
+_LOCAL_EXPERT = {"w1": "experts.w1_EFD", "w3": "experts.w3_EFD", "w2": "experts.w2_EDF"}
+_SHARED_PREFIX = "shared."
+
+
+class _AllToAllV(torch.autograd.Function):
+    """all_to_all_single with split sizes (None = equal); the backward is the inverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x_SD: torch.Tensor, out_splits: Optional[list[int]], in_splits: Optional[list[int]],
+                group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        rows = x_SD.shape[0] if out_splits is None else sum(out_splits)
+        out_RD = x_SD.new_empty(rows, *x_SD.shape[1:])
+        dist.all_to_all_single(out_RD, x_SD.contiguous(), out_splits, in_splits, group=group)
+        return out_RD
+
+    @staticmethod
+    def backward(ctx, grad_RD: torch.Tensor):  # type: ignore[override]
+        rows = grad_RD.shape[0] if ctx.in_splits is None else sum(ctx.in_splits)
+        grad_SD = grad_RD.new_empty(rows, *grad_RD.shape[1:])
+        dist.all_to_all_single(grad_SD, grad_RD.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return grad_SD, None, None, None
+
+
+def all_to_all_v(x_SD: torch.Tensor, out_splits: Optional[list[int]], in_splits: Optional[list[int]],
+                 group: dist.ProcessGroup) -> torch.Tensor:
+    """Send in_splits[p] rows of x_SD to rank p, receive out_splits[p] rows from rank p (None: equal splits)."""
+    return _AllToAllV.apply(x_SD, out_splits, in_splits, group)
+
+
+def _deepspeed_layout_class():
+    """`DeepSpeedMoELayout`, built on first use so that importing nestor_ds.moe does not import DeepSpeed."""
+    global _LAYOUT_CLASS
+    if _LAYOUT_CLASS is not None:
+        return _LAYOUT_CLASS
+    from deepspeed.moe.layer import MoE
+
+    class DeepSpeedMoELayout(MoE):
+        """Router weight and this rank's experts under DeepSpeed-MoE's parameter names and tags, so that
+        DeepSpeed's engine sees an MoE layer (see the module docstring). Holds parameters only."""
+
+        def __init__(self, num_experts: int, ep_size: int, dim: int, hidden: int) -> None:
+            nn.Module.__init__(self)  # not MoE.__init__: no DeepSpeed gate or dispatch is built
+            self.num_experts, self.ep_size = num_experts, ep_size
+            self.num_local_experts = num_experts // ep_size
+            self.expert_group_name = f"ep_size_{ep_size}"
+            self.deepspeed_moe = nn.Module()
+            self.deepspeed_moe.gate = nn.Module()
+            self.deepspeed_moe.gate.wg = FP32Linear(dim, num_experts, bias=False)
+            self.deepspeed_moe.experts = nn.Module()
+            self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList(
+                SwiGLU(dim, hidden) for _ in range(self.num_local_experts))
+            for p in self.deepspeed_moe.experts.parameters():   # DeepSpeed's tags for expert parameters
+                p.allreduce = False
+                p.group_name = self.expert_group_name
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            """Called by deepspeed.initialize: the groups were created by the engine already (set_expert_parallel_group)."""
+            from deepspeed.utils import groups
+
+            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+                raise RuntimeError(f"expert-parallel group {self.expert_group_name} does not exist: call "
+                                   "nestor_ds.engine.distributed.setup_expert_parallel(model, ep_size) before "
+                                   "deepspeed.initialize")
+
+        def forward(self, *args, **kwargs):  # pragma: no cover - the math is ExpertParallelTokenMoE's
+            raise RuntimeError("DeepSpeedMoELayout holds parameters only; call ExpertParallelTokenMoE")
+
+    _LAYOUT_CLASS = DeepSpeedMoELayout
+    return DeepSpeedMoELayout
+
+
+_LAYOUT_CLASS = None
+
+
+def default_ep_rank(ep_size: int) -> int:
+    """This rank's index in its expert-parallel group before the group exists: groups are consecutive ranks
+    ([0..P-1], [P..2P-1], ...), as DeepSpeed builds them, so it is rank % P (0 without distributed)."""
+    return dist.get_rank() % ep_size if dist.is_available() and dist.is_initialized() else 0
+
+
+class ExpertParallelTokenMoE(TokenMoE):
+    """Top-k MoE of SwiGLU experts sharded over an expert-parallel group, plus replicated shared experts."""
+
+    def __init__(self, cfg: MoEConfig, dim: int) -> None:
+        super().__init__()
+        from .local import LocalTokenMoE
+
+        cfg.validate()
+        self.cfg = cfg
+        self.num_experts, self.top_k, self.ep_size = cfg.num_experts, cfg.top_k, cfg.ep_size
+        self.local_experts = cfg.num_experts // cfg.ep_size
+        self.dim, self.hidden = dim, cfg.hidden_dim(dim)
+        self.ep_rank = default_ep_rank(cfg.ep_size)
+        self.ep_group: Optional[dist.ProcessGroup] = None   # set_expert_parallel_group
+        self.kernel: Optional[str] = None                   # None = per device, as LocalTokenMoE
+        # Initial weights are a function of the seed, not of the parallel layout: draw every expert as the local
+        # backend does (same RNG stream), then keep this rank's slice. ep 1 and ep P start from the same model.
+        import dataclasses
+
+        reference = LocalTokenMoE(dataclasses.replace(cfg, ep_size=1), dim)
+        with torch.random.fork_rng(devices=[]):
+            self.moe = _deepspeed_layout_class()(cfg.num_experts, cfg.ep_size, dim, self.hidden)
+        self.shared = reference.shared
+        self.load_state_dict({k: v for k, v in expert_parallel_state_from_local(
+            reference.state_dict(), self.ep_rank, self.ep_size).items()})
+
+    # -- parameters -------------------------------------------------------------------------------------------
+    @property
+    def gate_weight(self) -> torch.Tensor:
+        """Router weight [E, D] (all experts: every rank routes its own rows)."""
+        return self.moe.deepspeed_moe.gate.wg.weight
+
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's expert weights stacked as [E_l, F, D], [E_l, F, D], [E_l, D, F] (one copy per call; the
+        per-expert parameters are what DeepSpeed's per-expert checkpoint files need)."""
+        experts = self.moe.deepspeed_moe.experts.deepspeed_experts
+        return (torch.stack([e.w1.weight for e in experts]), torch.stack([e.w3.weight for e in experts]),
+                torch.stack([e.w2.weight for e in experts]))
+
+    def set_group(self, group: dist.ProcessGroup) -> None:
+        """The expert-parallel group this module exchanges tokens over (see set_expert_parallel_group)."""
+        if dist.get_world_size(group) != self.ep_size:
+            raise ValueError(f"expert-parallel group has {dist.get_world_size(group)} ranks, moe.ep_size={self.ep_size}")
+        if dist.get_rank(group) != self.ep_rank:
+            raise ValueError(f"rank {dist.get_rank()} is rank {dist.get_rank(group)} of its expert-parallel group but "
+                             f"holds experts of group rank {self.ep_rank}: groups must be consecutive ranks")
+        self.ep_group = group
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def route(self, x_ND: torch.Tensor):
+        logits_NE = self.moe.deepspeed_moe.gate.wg(x_ND)
+        if self.training and self.cfg.router_noise > 0:
+            logits_NE = logits_NE + self.cfg.router_noise * torch.randn_like(logits_NE)
+        return route_from_logits(logits_NE, self.top_k)
+
+    def forward(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor] = None) -> MoEOutput:
+        check_input(x_ND, valid_N, self.dim)
+        if self.ep_group is None:
+            raise RuntimeError("ExpertParallelTokenMoE: no expert-parallel group; call "
+                               "nestor_ds.moe.set_expert_parallel_group(model, group) first")
+        if self.cfg.static and self.training:
+            return self._forward_static(x_ND, valid_N)
+        return self._forward_dropless(x_ND, valid_N)
+
+    def _forward_dropless(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor]) -> MoEOutput:
+        P, E_l, K = self.ep_size, self.local_experts, self.top_k
+        rows_V = None if valid_N is None else valid_N.nonzero().squeeze(1)
+        x_VD = x_ND if rows_V is None else x_ND.index_select(0, rows_V)
+        V = x_VD.shape[0]
+        routing = self.route(x_VD)
+        counts_E = tokens_per_expert(routing.experts_NK, self.num_experts)
+
+        # assignments sorted by expert = by destination rank; one row each in the send buffer
+        expert_A = routing.experts_NK.reshape(-1)
+        order_A = expert_A.argsort(stable=True)
+        sorted_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(V * K, device=x_ND.device))
+        send_AD = dispatch_rows(x_VD, sorted_A.view(V, K), V * K)
+
+        # counts per (source rank, local expert), then one host read of every split size
+        recv_PE = torch.empty_like(counts_E)
+        dist.all_to_all_single(recv_PE, counts_E.contiguous(), group=self.ep_group)
+        sizes = torch.cat([counts_E.view(P, E_l).sum(1), recv_PE.view(P, E_l).sum(1)]).tolist()
+        send_splits, recv_splits = sizes[:P], sizes[P:]
+        recv_RD = all_to_all_v(send_AD, recv_splits, send_splits, self.ep_group)
+
+        # received rows come grouped by source rank, then by local expert: give them expert-major slots
+        R = recv_RD.shape[0]
+        expert_R = torch.repeat_interleave(torch.arange(E_l, device=x_ND.device).repeat(P), recv_PE)
+        counts_local = recv_PE.view(P, E_l).sum(0)
+        w1, w3, w2 = self.local_weights()
+        if R == 0:   # nothing to compute here; stay in the graph so the backward exchanges run on this rank too
+            y_RD = recv_RD * 0.0 + 0.0 * (w1.sum() + w3.sum() + w2.sum()).to(recv_RD.dtype)
+        else:
+            kernel = self.kernel or ("grouped" if grouped_mm_supported(x_ND.device, x_ND.dtype, self.dim, self.hidden)
+                                     else "padded")
+            if kernel not in KERNELS:
+                raise ValueError(f"ExpertParallelTokenMoE.kernel={kernel!r}: expected one of {KERNELS}")
+            slot_R, layout = plan_layout(expert_R, counts_local, kernel)
+            y_SD = run_experts(dispatch_rows(recv_RD, slot_R.view(R, 1), layout.rows), layout, w1, w3, w2)
+            y_RD = gather_rows(y_SD, slot_R)
+        back_AD = all_to_all_v(y_RD, send_splits, recv_splits, self.ep_group)
+
+        y_VKD = gather_rows(back_AD, sorted_A.view(V, K))
+        y_VD = (routing.weights_NK.unsqueeze(-1) * y_VKD.float()).sum(dim=1).to(x_VD.dtype)
+        if self.shared is not None:
+            y_VD = y_VD + self.shared(x_VD)
+        out_ND = y_VD if rows_V is None else torch.zeros_like(x_ND).index_copy(0, rows_V, y_VD)
+        return MoEOutput(out_ND, load_balancing_loss(routing.probs_NE, routing.experts_NK),
+                         router_z_loss(routing.logits_NE), counts_E)
+
+    def _forward_static(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor]) -> MoEOutput:
+        N, E, P, E_l, K, D = x_ND.shape[0], self.num_experts, self.ep_size, self.local_experts, self.top_k, self.dim
+        C = self.cfg.capacity(N)
+        routing = self.route(x_ND)
+        valid_A = None if valid_N is None else valid_N.unsqueeze(1).expand(N, K).reshape(-1)
+        prob_NK = routing.probs_NE.gather(-1, routing.experts_NK)              # drop priority (lowest first)
+        plan = plan_capacity(routing.experts_NK.reshape(-1), prob_NK.reshape(-1), valid_A, E, C)
+        slot_NK = plan.slot_A.view(N, K)
+
+        x_SD = dispatch_rows(x_ND, slot_NK, plan.rows)
+        recv_SD = all_to_all_v(x_SD[:E * C], None, None, self.ep_group)        # [P sources, E_l, C, D]
+        x_LRD = recv_SD.view(P, E_l, C, D).transpose(0, 1).reshape(E_l * P * C, D)
+        layout = ExpertLayout("padded", E_l * P * C, chunk=P * C, one_chunk_per_expert=True)
+        y_LRD = run_experts(x_LRD, layout, *self.local_weights())
+        back_SD = y_LRD.view(E_l, P, C, D).transpose(0, 1).reshape(E * C, D)
+        y_SD = torch.cat([all_to_all_v(back_SD, None, None, self.ep_group), x_SD.new_zeros(1, D)])  # + drop row
+
+        y_NKD = gather_rows(y_SD, slot_NK)
+        w_NK = torch.where(plan.keep_A.view(N, K), routing.weights_NK, torch.zeros_like(routing.weights_NK))
+        out_ND = (w_NK.unsqueeze(-1) * y_NKD.float()).sum(dim=1).to(x_ND.dtype)
+        if self.shared is not None:
+            out_ND = out_ND + self.shared(x_ND)
+        if valid_N is not None:
+            out_ND = torch.where(valid_N.unsqueeze(1), out_ND, torch.zeros_like(out_ND))
+        return MoEOutput(out_ND, load_balancing_loss(routing.probs_NE, routing.experts_NK, valid_N),
+                         router_z_loss(routing.logits_NE, valid_N), plan.routed_E, plan.dropped)
+
+
+def set_expert_parallel_group(model: nn.Module, group: dist.ProcessGroup) -> int:
+    """Give every expert-parallel token MoE of ``model`` its process group; returns how many were set."""
+    layers = [m for m in model.modules() if isinstance(m, ExpertParallelTokenMoE)]
+    for m in layers:
+        m.set_group(group)
+    return len(layers)
+
+
+# ----------------------------------------------------------------------------------- layout conversion
+
+def expert_parallel_state_from_local(local_state: Mapping[str, torch.Tensor], ep_rank: int = 0,
+                                     ep_size: int = 1) -> dict[str, torch.Tensor]:
+    """State dict of the ExpertParallelTokenMoE on EP rank `ep_rank` from a LocalTokenMoE state dict."""
+    w1_EFD = local_state[_LOCAL_EXPERT["w1"]]
+    num_experts = w1_EFD.shape[0]
+    if num_experts % ep_size:
+        raise ValueError(f"expert_parallel_state_from_local: E={num_experts} not divisible by ep_size={ep_size}")
+    per_rank = num_experts // ep_size
+    out = {_DS_GATE: local_state["router.gate.weight"].clone()}
+    for i in range(per_rank):
+        g = ep_rank * per_rank + i
+        for w, name in _LOCAL_EXPERT.items():
+            out[_DS_EXPERT.format(i=i, w=w)] = local_state[name][g].clone()
+    out.update({k: v.clone() for k, v in local_state.items() if k.startswith(_SHARED_PREFIX)})
+    return out
+
+
+def local_state_from_expert_parallel(
+        states: Union[Mapping[str, torch.Tensor], Sequence[Mapping[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """LocalTokenMoE state dict from ExpertParallelTokenMoE state dicts, one per EP rank in EP-rank order, or one
+    mapping holding every expert under its global id (DeepSpeed's per-expert checkpoint files). The gate and
+    shared weights are replicated: taken from the first."""
+    states = [states] if isinstance(states, Mapping) else list(states)
+    if not states:
+        raise ValueError("local_state_from_expert_parallel: no state dicts given")
+    experts: dict[str, list[torch.Tensor]] = {w: [] for w in _LOCAL_EXPERT}
+    for rank, state in enumerate(states):
+        i = 0
+        while _DS_EXPERT.format(i=i, w="w1") in state:
+            for w in _LOCAL_EXPERT:
+                experts[w].append(state[_DS_EXPERT.format(i=i, w=w)])
+            i += 1
+        if i == 0:
+            raise ValueError(f"local_state_from_expert_parallel: state {rank} has no key {_DS_EXPERT.format(i=0, w='w1')}")
+    out = {"router.gate.weight": states[0][_DS_GATE].clone()}
+    out.update({_LOCAL_EXPERT[w]: torch.stack(ws) for w, ws in experts.items()})
+    out.update({k: v.clone() for k, v in states[0].items() if k.startswith(_SHARED_PREFIX)})
+    return out

@@ -1,0 +1,163 @@
+"""Expert-parallel token MoE, side by side on 2 gloo ranks: our all-to-all-v path vs DeepSpeed's legacy layer.
+
+    python tools/bench_moe_ep.py --json                 # launches 2 ranks itself (torch.distributed.run)
+    python tools/bench_moe_ep.py --tokens 4096 --reps 3
+
+nestor-ti's token MoE (D 512, 6 experts top-2, F 512, one shared expert of hidden 341), forward + backward of
+sum(out * g), per-rank batches of T tokens. Three contenders, each timed on both ranks at once:
+  - new:    build_token_moe(backend local, ep_size 2): all-to-all-v of routed rows, grouped experts (dropless;
+            `--routing static` for the fixed-capacity path);
+  - legacy: deepspeed.moe.layer.MoE called directly (GShard einsum dispatch, dropless: capacity = largest expert
+            load all-reduced over the group), plus the same shared SwiGLU;
+  - local:  LocalTokenMoE with all 6 experts on each rank (ep 1), the single-process reference.
+A step's time is the slower rank's (max all-reduce). Bytes: every all_to_all_single call is counted (input
+bytes, this rank's own chunk included) forward + backward, per rank. Reported: tokens/s per rank,
+`speedup_vs_legacy` (new / legacy) and `ratio_vs_local_ep1` (new / local), per token count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+D, E, K, SHARED_HIDDEN = 512, 6, 2, 341
+
+
+def _count_all_to_all():
+    """Wrap torch.distributed.all_to_all_single to add up the bytes each call sends (DeepSpeed's comm calls it too)."""
+    import torch.distributed as dist
+
+    counter = {"bytes": 0}
+    original = dist.all_to_all_single
+
+    def counted(output, input, *args, **kwargs):
+        counter["bytes"] += input.numel() * input.element_size()
+        return original(output, input, *args, **kwargs)
+
+    dist.all_to_all_single = counted
+    return counter
+
+
+def _legacy_layer():
+    """DeepSpeed 0.19.8's deepspeed.moe.layer.MoE configured as the removed `deepspeed` backend did (dropless)."""
+    from deepspeed.moe.layer import MoE
+
+    from nestor_ds.moe import SwiGLU
+
+    layer = MoE(hidden_size=D, expert=SwiGLU(D, D), num_experts=E, ep_size=2, k=K, capacity_factor=1.0,
+                eval_capacity_factor=1.0, min_capacity=0, use_residual=False, noisy_gate_policy=None,
+                drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
+    layer.set_deepspeed_parallelism()
+    shared = SwiGLU(D, SHARED_HIDDEN)
+
+    def run(x):
+        out, _, _ = layer(x)
+        return out + shared(x)
+
+    return run, list(layer.parameters()) + list(shared.parameters())
+
+
+def worker(args: argparse.Namespace) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from nestor_ds.moe import MoEConfig, build_token_moe, set_expert_parallel_group
+
+    torch.set_num_threads(args.threads)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    counter = _count_all_to_all()
+    torch.manual_seed(0)
+    cfg = dict(num_experts=E, top_k=K, shared_hidden_ratio=SHARED_HIDDEN / D, routing=args.routing)
+    new = build_token_moe(MoEConfig(**cfg, ep_size=2), D).train()
+    set_expert_parallel_group(new, dist.group.WORLD)
+    local = build_token_moe(MoEConfig(**cfg), D).train()
+    legacy_run, _ = _legacy_layer()
+    contenders = {"new": lambda x: new(x).out_ND, "local": lambda x: local(x).out_ND, "legacy": legacy_run}
+
+    results = {}
+    for tokens in args.tokens:
+        gen = torch.Generator().manual_seed(100 + rank)
+        x = torch.randn(tokens, D, generator=gen)
+        g = torch.randn(tokens, D, generator=gen)
+        row = {}
+        for name in args.contenders:
+            fn = contenders[name]
+            times, sent = [], []
+            for rep in range(args.reps + 1):                        # the first is a warm-up
+                xi = x.clone().requires_grad_(True)
+                dist.barrier()
+                counter["bytes"] = 0
+                t0 = time.perf_counter()
+                (fn(xi) * g).sum().backward()
+                elapsed = torch.tensor([time.perf_counter() - t0])
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)      # the step ends when the slower rank ends
+                if rep:
+                    times.append(float(elapsed))
+                    sent.append(counter["bytes"])
+            best = min(times)
+            row[name] = {"tokens_per_s_per_rank": tokens / best, "step_s": best, "step_s_all": times,
+                         "all_to_all_bytes_per_rank": max(sent)}
+        for key, den in (("speedup_vs_legacy", "legacy"), ("ratio_vs_local_ep1", "local")):
+            if "new" in row and den in row:
+                row[key] = row["new"]["tokens_per_s_per_rank"] / row[den]["tokens_per_s_per_rank"]
+        results[str(tokens)] = row
+    if rank == 0:
+        print("BENCH_RESULT " + json.dumps({"world": dist.get_world_size(), "threads_per_rank": args.threads,
+                                            "routing": args.routing, "D": D, "experts": E, "top_k": K,
+                                            "tokens": results}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384], help="tokens per rank (default 4096 16384)")
+    ap.add_argument("--reps", type=int, default=2, help="timed repetitions after one warm-up (best is reported)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    ap.add_argument("--routing", choices=("dropless", "static"), default="dropless", help="routing of the new path")
+    ap.add_argument("--contenders", nargs="+", default=["new", "legacy", "local"], choices=("new", "legacy", "local"))
+    args = ap.parse_args()
+    if any(t <= 0 for t in args.tokens) or args.reps < 1 or args.threads < 1:
+        ap.error("--tokens, --reps and --threads must be positive")
+    if "RANK" in os.environ:
+        worker(args)
+        return
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), __file__, *sys.argv[1:]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"bench_moe_ep: the 2-rank run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1][len("BENCH_RESULT "):])
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    for tokens, row in result["tokens"].items():
+        parts = [f"{n} {row[n]['tokens_per_s_per_rank']:.0f} tok/s ({row[n]['all_to_all_bytes_per_rank'] / 1e6:.1f} MB a2a)"
+                 for n in args.contenders]
+        ratios = [f"{k} {row[k]:.2f}" for k in ("speedup_vs_legacy", "ratio_vs_local_ep1") if k in row]
+        print(f"T={tokens}/rank: " + ", ".join(parts) + ("; " + ", ".join(ratios) if ratios else ""))
+
+
+if __name__ == "__main__":
+    main()
