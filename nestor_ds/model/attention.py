@@ -56,7 +56,8 @@ class SelfAttention(nn.Module):
         p = self.attn_dropout if self.training else 0.0
         qkv = self.qkv(x_NLD).view(N, L, 3, self.h, self.dh)
         path = attention_path(self.backend, x_NLD)
-        _log_once(path)
+        if not torch.compiler.is_compiling():   # logging inside a compiled region would break the graph
+            _log_once(path)
         if path == "flash":
             q, k, v = qkv.unbind(2)                                          # [N, L, h, dh]
             o = flash_attn_func(q, k, v, dropout_p=p)
