@@ -55,17 +55,25 @@ def test_counter_sees_reads_and_names_their_file():
     assert torch.Tensor.item.__name__ == "item"        # restored on exit
 
 
-@pytest.mark.parametrize("ds", [{"zero_optimization": {"stage": 0}}, {"zero_optimization": {"stage": 2}}],
-                         ids=["zero0", "zero2"])
-def test_trainer_step_makes_no_host_reads_except_on_logging_steps(tiny_shards, ds):
-    """afno-tiny (static shapes), real batches, real DeepSpeed engine: the step itself reads nothing; the logging
-    step reads everything once. ZeRO-1/2's optimizer step makes its own reads (DeepSpeed checks the gradient norm and
-    overflow on the host); they are reported separately and none of ours is among them."""
+STATIC = {"image_routing": "static", "moe": {"routing": "static"}}
+
+
+@pytest.mark.parametrize("model,ds", [({"preset": "afno-tiny"}, {"zero_optimization": {"stage": 0}}),
+                                      ({"preset": "afno-tiny"}, {"zero_optimization": {"stage": 2}}),
+                                      (STATIC, {"zero_optimization": {"stage": 0}})],
+                         ids=["afno-zero0", "afno-zero2", "nestor-static-zero0"])
+def test_trainer_step_makes_no_host_reads_except_on_logging_steps(tiny_shards, model, ds):
+    """AFNO and NESTOR with static routing, real batches, real DeepSpeed engine: the step itself reads nothing; the
+    logging step reads everything once. ZeRO-1/2's optimizer step makes its own reads (DeepSpeed checks the gradient
+    norm and overflow on the host); they are reported separately and none of ours is among them."""
     from nestor_ds.engine.trainer import _optimizer_step
 
-    cfg, engine, batches = _engine_and_batches(tiny_shards, {"preset": "afno-tiny"}, ds)
+    from nestor_ds.tracking import ExpertUsage
+
+    cfg, engine, batches = _engine_and_batches(tiny_shards, model, ds)
     feed = iter(batches)
-    log = DeviceLog()
+    usage = ExpertUsage(num_datasets=len(cfg.data.datasets))
+    log = DeviceLog(usage)
     parts = _optimizer_step(engine, feed, cfg, 0, 0, 1, torch.float32, log)    # warm-up (lazy init in DeepSpeed)
     log.add_step(1, 1e-3, parts, engine.get_global_grad_norm())
     with count_host_reads() as reads:
@@ -81,7 +89,11 @@ def test_trainer_step_makes_no_host_reads_except_on_logging_steps(tiny_shards, d
     with count_host_reads() as flush_reads:
         rows = log.flush()
     assert [s for s, _ in rows] == [1, 2, 3] and all(torch.isfinite(torch.tensor(m["train/loss"])) for _, m in rows)
-    assert flush_reads.from_files("/nestor_ds/") == 2   # one .cpu() of the stacked rows, one .tolist() after reduce
+    # one .cpu() of the stacked rows and one .tolist() after the reduce (+ the routing counts for NESTOR's statistics)
+    assert flush_reads.from_files("/nestor_ds/engine/") == 2
+    if cfg.model.arch == "nestor":   # the routing of the 3 steps reached the statistics at the flush, not before
+        assert flush_reads.from_files("/nestor_ds/tracking/") > 0
+        assert usage.counts_matrix(0).sum() == 3 * 2 * cfg.model.image_top_k      # 3 steps x 2 samples x top-k
 
 
 def test_device_log_flush_equals_direct_reads():
