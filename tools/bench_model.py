@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = b.train_flops_per_sample * sps
         entry = {"samples_per_s": round(sps, 3),
                  "samples_per_s_spread": [round(args.batch / max(t), 3), round(args.batch / min(t), 3)],
-                 "tflop_per_s": round(rate / 1e12, 4),
+                 "tflop_per_s": float(f"{rate / 1e12:.4g}"),
                  "host_syncs_per_step": host_syncs(synced(b.step, device), device),
                  "kernels_per_step": kernels_per_step(b.step, device)}
         if peak:
