@@ -81,7 +81,7 @@ class DataConfig:
     windows_per_trajectory: int = 4  # random windows cut from each decoded trajectory
     shuffle_buffer: int = 64       # windows held per dataset per worker for shuffling
     normalize: bool = False        # (v - mean) / std with the manifest's training-split stats
-    num_workers: int = 0           # DataLoader worker processes per rank (0: in the main process)
+    num_workers: int = 0           # DataLoader workers per rank (0: main process; 2 with pinned memory on GPUs, stream.py)
     steps_per_epoch: int = 100     # batches per rank per epoch
 
     @classmethod

@@ -16,7 +16,10 @@ Shards behind URLs (a dataset `path` that is a WebDataset URL spec, see urls.py)
 sampler, windows, shuffle, mixture and assembly; only the trajectory source differs (a `ShardReader`:
 `mapped_trajectories` for local files, `url_trajectories` reading each shard sequentially with webdataset).
 
-Determinism: batch `s` of rank `r` comes from logical worker `w = s mod W` (W = max(1, num_workers)),
+Workers: `num_workers = 0` (the default) means the main process on a CPU machine, and GPU_DEFAULT_WORKERS
+DataLoader workers with pinned memory when a GPU is present (the GPU would otherwise wait for batch assembly);
+set data.num_workers >= 1 to choose. Determinism: batch `s` of rank `r` comes from logical worker `w = s mod W`
+(W = max(1, effective workers)),
 whose epoch `e = s // steps_per_epoch` stream is seeded by (seed, e, r, w). Resuming at `s` rebuilds
 that epoch stream and fast-forwards it without reading trajectory data. The shard positions come from
 the manifest, so a URL dataset gives the same batches as the same shards in a local directory.
@@ -519,6 +522,14 @@ class _RankDataset(IterableDataset):
         return self.stream.steps(self.start_step, j, n)
 
 
+GPU_DEFAULT_WORKERS = 2   # DataLoader workers per rank when data.num_workers = 0 and a GPU is present
+
+
+def effective_workers(num_workers: int) -> int:
+    """DataLoader workers actually used: the configured count, or GPU_DEFAULT_WORKERS for 0 on a GPU machine."""
+    return num_workers if num_workers > 0 or not torch.cuda.is_available() else GPU_DEFAULT_WORKERS
+
+
 class TrainStream:
     """The endless training batches of one rank (see the module docstring for the guarantees)."""
 
@@ -535,17 +546,19 @@ class TrainStream:
 
     @property
     def n_workers(self) -> int:
-        return max(1, self.cfg.num_workers)
+        return max(1, effective_workers(self.cfg.num_workers))
 
     def batches(self, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Yield batches start_step, start_step + 1, ... forever (identical to an uninterrupted run)."""
         if start_step < 0:
             raise ValueError(f"TrainStream.batches: start_step must be >= 0, got {start_step}")
-        if self.cfg.num_workers == 0:
+        workers = effective_workers(self.cfg.num_workers)
+        if workers == 0:
             yield from self.steps(start_step, 0, 1)
             return
-        loader = DataLoader(_RankDataset(self, start_step), batch_size=None,
-                            num_workers=self.cfg.num_workers, persistent_workers=False)
+        # pinned batches: the trainer copies them to the GPU with non_blocking=True (engine/hot_loop.py)
+        loader = DataLoader(_RankDataset(self, start_step), batch_size=None, num_workers=workers,
+                            persistent_workers=False, pin_memory=torch.cuda.is_available())
         yield from loader
 
     def steps(self, start_step: int, j: int, n_workers: int) -> Iterator[dict[str, torch.Tensor]]:
