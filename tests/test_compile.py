@@ -95,7 +95,7 @@ def test_forward_and_backward_compile_fullgraph_and_match_eager(case):
 
 def test_regions_and_state_dict_keys():
     """Regional compile: blocks (static) or the AFNO blocks inside them (dropless); state_dict keys unchanged."""
-    afno = build_model(get_preset("afno-tiny"))
+    afno = build_model(get_preset("afno-tiny", {"num_datasets": 3}))   # with the dataset head (stays eager)
     static = build_model(get_preset("nestor-tiny", STATIC))
     dropless = build_model(get_preset("nestor-tiny"))
     assert static_routing(afno) and static_routing(static) and not static_routing(dropless)
