@@ -109,3 +109,19 @@ def test_device_log_flush_equals_direct_reads():
     assert rows[1][1]["train/rel_l2"] == pytest.approx(1.1) and rows[1][1]["train/grad_norm"] == 0.75
     assert "train/grad_norm" not in rows[2][1] and rows[2][1]["train/loss"] == pytest.approx(2.8)
     assert rows[2][1]["train/lr"] == 3e-3 and log.flush() == []
+
+
+def test_routing_records_can_be_copied_out_of_graph_memory():
+    """Under CUDA graphs the routing records are cloned (a replay would overwrite them before the flush)."""
+    from nestor_ds.model.image_moe import BlockRouting
+    from nestor_ds.tracking import ExpertUsage
+
+    usage = ExpertUsage(num_datasets=2)
+    log = DeviceLog(usage)
+    r = BlockRouting(torch.tensor([[0, 1], [1, 0]]), torch.tensor([2, 2]), torch.ones(2, 3, dtype=torch.long))
+    log.add_micro([r], torch.tensor([0, 1]), copy=True)
+    r.image_topk_idx.fill_(0)                      # what a replay does to graph-owned memory
+    r.token_counts.fill_(100)
+    log.flush_usage()
+    assert usage.counts_matrix(0).tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    assert usage.token_counts(0).sum() == 6

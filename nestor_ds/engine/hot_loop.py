@@ -12,6 +12,7 @@ last flush in one transfer (one host-side all-reduce for the loss parts), every 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterator, Optional
 
 import torch
@@ -31,8 +32,15 @@ class DeviceLog:
         self._steps: list[tuple[int, float]] = []  # (step, lr)
         self._routing: list[tuple[list, torch.Tensor]] = []
 
-    def add_micro(self, routing: list, dataset_id_B: torch.Tensor) -> None:
-        """Routing of one micro-batch (device tensors; counted into the expert statistics at flush)."""
+    def add_micro(self, routing: list, dataset_id_B: torch.Tensor, copy: bool = False) -> None:
+        """Routing of one micro-batch (device tensors; counted into the expert statistics at flush).
+
+        ``copy``: clone the tensors first. Needed under CUDA graphs, whose outputs live in memory that the next
+        replay overwrites, while these records wait until the next logging step.
+        """
+        if routing and copy:
+            routing = [dataclasses.replace(r, **{f.name: getattr(r, f.name).clone() for f in dataclasses.fields(r)
+                                                 if torch.is_tensor(getattr(r, f.name))}) for r in routing]
         if routing:
             self._routing.append((routing, dataset_id_B))
 

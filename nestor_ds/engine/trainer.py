@@ -289,7 +289,7 @@ def _optimizer_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], cfg
         engine.step()
         micro_P = torch.stack([parts[k] for k in PART_NAMES]) / accum
         parts_P = micro_P if parts_P is None else parts_P + micro_P
-        pending.add_micro(out.routing, batch["dataset_id"])
+        pending.add_micro(out.routing, batch["dataset_id"], copy=compiled is not None and compiled.cuda_graphs)
     assert parts_P is not None
     return parts_P
 
