@@ -8,6 +8,7 @@ One test also builds files from `nestor_ds.data.layout_writers` (the generator's
 from __future__ import annotations
 
 import hashlib
+import os
 import importlib.util
 import subprocess
 import sys
@@ -627,3 +628,107 @@ def test_worker_error_crosses_process_pool_and_cleans_up(tmp_path: Path) -> None
         _build(src, tmp_path / "out", shard_size_mb=1e-6, workers=2)
     assert err.value.file == str(src)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# ----------------------------------------------------------------------------- concurrent and repeated builds (issue 11 §3)
+
+def test_second_build_into_a_locked_output_stops_with_a_line(tmp_path: Path, capsys) -> None:
+    """The lock is a real flock held by this process, as a running build holds it."""
+    import fcntl
+
+    src, _, _ = make_cfd(tmp_path)
+    out = tmp_path / "out"
+    with open(tmp_path / ".out.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, _, err = _cli(capsys, "--input", str(src), "--out", str(out))
+    assert code == 1 and "another build into this output is running" in err and not out.exists(), err
+    assert _cli(capsys, "--input", str(src), "--out", str(out))[0] == 0  # released: builds
+
+
+def test_two_concurrent_builds_never_both_succeed(tmp_path: Path) -> None:
+    """Two real build processes into one --out at once: exactly one wins, the other says why, the result
+    is the winner's dataset (on main both reported success and one dataset was lost)."""
+    srcs = []
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        srcs.append(make_cfd(d)[0])
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--input", str(s), "--out",
+                               str(out), "--name", n, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for s, n in zip(srcs, ("a", "b"))]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    winners = [n for n, (rc, _) in zip("ab", results) if rc == 0]
+    assert len(winners) == 1, results
+    loser_err = next(err for rc, err in results if rc != 0)
+    assert "another build into this output is running" in loser_err or "is not empty" in loser_err, loser_err
+    assert verify(out)["name"] == winners[0]
+
+
+def test_final_rename_rechecks_the_output(tmp_path: Path) -> None:
+    from nestor_ds.data.builder import _swap_into_place
+
+    tmp, out = tmp_path / ".out.building-1", tmp_path / "out"
+    tmp.mkdir()
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")  # published by someone else meanwhile
+    with pytest.raises(schema.DataFormatError, match="output appeared while this build ran"):
+        _swap_into_place(tmp, out, overwrite=False)
+    assert (out / "manifest.json").read_text() == "{}"
+
+
+def test_one_file_by_two_paths_is_read_once(tmp_path: Path, caplog) -> None:
+    src_dir = tmp_path / "raw"
+    src_dir.mkdir()
+    src, arrays, _ = make_cfd(src_dir)
+    (tmp_path / "link.hdf5").symlink_to(src)
+    m = _build([src, src_dir / ".." / "raw" / src.name, tmp_path / "link.hdf5"], tmp_path / "out", test_fraction=0.4)
+    assert m["splits"]["train"]["count"] + m["splits"]["test"]["count"] == len(arrays)
+    assert "is the same file as" in caplog.text
+
+
+def test_plan_refuses_a_trajectory_in_both_splits(tmp_path: Path) -> None:
+    from nestor_ds.data.builder import assign_splits, check_disjoint, scan_sources
+
+    src, _, _ = make_cfd(tmp_path)
+    infos = scan_sources([str(src), str(tmp_path / "." / src.name)], "auto")  # bypassing the input de-duplication
+    with pytest.raises(schema.DataFormatError, match="is in both the train and the test split"):
+        check_disjoint(assign_splits(infos, 0.5, None))
+
+
+def test_stale_temporary_dirs_of_dead_builds_are_removed(tmp_path: Path, capsys, caplog) -> None:
+    src, _, _ = make_cfd(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    stale = tmp_path / f".out.building-{pid}"
+    stale.mkdir()
+    (stale / "train-000000.tar").write_bytes(b"half")
+    code, _, err = _cli(capsys, "--input", str(src), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    assert not stale.exists() and f"removed {stale}" in caplog.text
+
+
+def _fno_partial(path: Path, declared: int, written: int) -> None:
+    """A v7.3 FNO file whose writer declared `declared` trajectories and stopped after `written`."""
+    with h5py.File(path, "w", userblock_size=512) as f:
+        u = f.create_dataset("u", shape=(T, Y, X, declared), dtype="f4", chunks=(T, Y, X, 1), maxshape=(T, Y, X, None))
+        if written:
+            u[..., :written] = RNG.standard_normal((T, Y, X, written)).astype(np.float32)
+
+
+@pytest.mark.parametrize("declared, written", [(8, 3), (10**9, 2)], ids=["interrupted", "huge-declared"])
+def test_unwritten_hdf5_storage_is_refused(tmp_path: Path, capsys, declared: int, written: int) -> None:
+    src = tmp_path / "ns_V1e-3_partial.mat"
+    _fno_partial(src, declared, written)
+    code, _, err = _cli(capsys, "--input", str(src), "--out", str(tmp_path / "out"), "--format", "fno-mat")
+    assert code == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"build_shards: error: {src}: key 'u'") and \
+        f"{declared - written} of its {declared} trajectories were never written" in line, line
+
+
+def test_zero_trajectories_says_so(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "ns_V1e-3_empty.mat"
+    _fno_partial(src, 0, 0)
+    code, _, err = _cli(capsys, "--input", str(src), "--out", str(tmp_path / "out"), "--format", "fno-mat")
+    assert code == 1 and "0 trajectories" in err, err
