@@ -646,21 +646,35 @@ def test_second_build_into_a_locked_output_stops_with_a_line(tmp_path: Path, cap
 
 
 def test_two_concurrent_builds_never_both_succeed(tmp_path: Path) -> None:
-    """Two real build processes into one --out at once: exactly one wins, the other says why, the result
-    is the winner's dataset (on main both reported success and one dataset was lost)."""
-    srcs = []
-    for name in ("a", "b"):
-        d = tmp_path / name
-        d.mkdir()
-        srcs.append(make_cfd(d)[0])
+    """Two real build processes into one --out: A is frozen (SIGSTOP) in the middle of its build while B runs,
+    then resumed. Exactly one may succeed and the output must be the winner's dataset (before the lock both
+    reported success and B's dataset was silently replaced)."""
+    import signal
+    import time
+
+    n = 48
+    src_a = tmp_path / "a.hdf5"
+    with h5py.File(src_a, "w") as f:  # ~12 MB: the build takes long enough to be caught in the middle
+        for k in ("density", "pressure", "Vx", "Vy"):
+            f[k] = np.full((n, 8, 48, 32), 1.0, dtype=np.float32) + np.arange(n, dtype=np.float32)[:, None, None, None]
+    src_b = make_cfd(tmp_path)[0]
     out = tmp_path / "out"
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--input", str(s), "--out",
-                               str(out), "--name", n, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for s, n in zip(srcs, ("a", "b"))]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-    winners = [n for n, (rc, _) in zip("ab", results) if rc == 0]
+    tool = [sys.executable, str(ROOT / "tools" / "build_shards.py"), "--no-progress", "--out", str(out)]
+    a = subprocess.Popen([*tool, "--input", str(src_a), "--name", "a", "--shard-size-mb", "0.5"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 120  # a bound against hanging, not a timing assertion
+        while a.poll() is None and not list(tmp_path.glob(".out.building-*")) and time.monotonic() < end:
+            time.sleep(0.005)
+        a.send_signal(signal.SIGSTOP)
+        b = subprocess.run([*tool, "--input", str(src_b), "--name", "b"], capture_output=True, text=True, timeout=300)
+    finally:
+        a.send_signal(signal.SIGCONT)
+    a_err = a.communicate(timeout=300)[1]
+    results = {"a": (a.returncode, a_err), "b": (b.returncode, b.stderr)}
+    winners = [k for k, (rc, _) in results.items() if rc == 0]
     assert len(winners) == 1, results
-    loser_err = next(err for rc, err in results if rc != 0)
+    loser_err = next(err for rc, err in results.values() if rc != 0)
     assert "another build into this output is running" in loser_err or "is not empty" in loser_err, loser_err
     assert verify(out)["name"] == winners[0]
 
