@@ -227,6 +227,8 @@ def _optimizer_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], cfg
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0) + v / accum
         usage.update_from_routing(out.routing, batch["dataset_id"])
+        if "skipped" in batch:  # data.on_bad_sample=skip: windows with NaN/Inf, masked out (logged as a count)
+            parts_sum["skipped_samples"] = parts_sum.get("skipped_samples", 0) + batch["skipped"].sum().float()
     return parts_sum
 
 
