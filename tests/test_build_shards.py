@@ -494,7 +494,7 @@ def test_bad_input_keeps_existing_output_and_cli_exit_code(tmp_path: Path) -> No
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"garbage")
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--input", str(bad), "--out",
-                        str(out), "--overwrite"], capture_output=True, text=True, timeout=60)
+                        str(out), "--overwrite"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and r.stderr.startswith(f"build_shards: error: {bad}: unreadable"), r.stderr
     assert _tree_bytes(out) == before
 
@@ -533,10 +533,10 @@ def test_verify_catches_wrong_count_and_unlisted_shard(tmp_path: Path) -> None:
 
 def test_cli_help_and_usage_errors() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--help"],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "--verify" in r.stdout and "--skip-bad" in r.stdout
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--out", "x"],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 2
 
 
@@ -571,7 +571,7 @@ def test_build_streams_with_bounded_memory(tmp_path: Path) -> None:
 
     def peak_rss(src: Path, out: Path) -> tuple[int, int]:
         r = subprocess.run([sys.executable, "-c", script, str(src), str(out), str(ROOT)],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
         count, rss = map(int, r.stdout.split())
         return count, rss
