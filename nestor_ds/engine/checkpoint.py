@@ -221,12 +221,6 @@ def resume_candidates(resume: Optional[str], checkpoint_root: Path) -> tuple[lis
     return tags, True
 
 
-def find_resume_dir(resume: Optional[str], checkpoint_root: Path) -> Optional[Path]:
-    """The tag a resume would try first (None: start fresh)."""
-    tags, _ = resume_candidates(resume, checkpoint_root)
-    return tags[0] if tags else None
-
-
 def check_tag(tag_dir: Path) -> Optional[str]:
     """Why this tag cannot be loaded (a file listed in COMPLETE is missing or has another size, or a .pt file
     does not read), or None. Pickled objects are not a reason to fall back: they raise (refused, never loaded)."""
