@@ -222,22 +222,25 @@ def resume_candidates(resume: Optional[str], checkpoint_root: Path) -> tuple[lis
 
 
 def check_tag(tag_dir: Path) -> Optional[str]:
-    """Why this tag cannot be loaded (a file listed in COMPLETE is missing or has another size, or a .pt file
-    does not read), or None. Pickled objects are not a reason to fall back: they raise (refused, never loaded)."""
+    """Why this tag cannot be loaded (a file listed in COMPLETE is missing, a .pt file does not read, or a file
+    has another size than when saved), or None. Pickled objects are not a reason to fall back: they raise
+    (refused, never loaded), checked before the sizes since a tampered file also changes size."""
     from nestor_ds.checkpoint_io import verify_checkpoint_files
 
-    for name, size in marker(tag_dir).get("files", {}).items():
-        f = tag_dir / name
-        if not f.is_file():
-            return f"{f} is missing"
-        if f.stat().st_size != size:
-            return f"{f} has {f.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
+    files = marker(tag_dir).get("files", {})
+    for name in files:
+        if not (tag_dir / name).is_file():
+            return f"{tag_dir / name} is missing"
     try:
         verify_checkpoint_files(tag_dir)
     except CheckpointError as err:
         if "refused to load" in str(err):
             raise
         return str(err)
+    for name, size in files.items():
+        f = tag_dir / name
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
     return None
 
 
