@@ -40,10 +40,17 @@ def base_parser(description: str, default_config: str = DEFAULT_CONFIG) -> argpa
 
 def run_cli(main: Callable[[], int]) -> None:
     """Turn expected failures (bad config, missing files) into one clear line and exit status 2."""
+    import errno
+
     from nestor_ds.config import ConfigError
 
     try:
         sys.exit(main())
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except OSError as e:  # a full disk is the user's to fix: one line (the checkpoint code names the path)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {e.strerror}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -8,6 +8,7 @@ One test also builds files from `nestor_ds.data.layout_writers` (the generator's
 from __future__ import annotations
 
 import hashlib
+import os
 import importlib.util
 import subprocess
 import sys
@@ -493,7 +494,7 @@ def test_bad_input_keeps_existing_output_and_cli_exit_code(tmp_path: Path) -> No
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"garbage")
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--input", str(bad), "--out",
-                        str(out), "--overwrite"], capture_output=True, text=True, timeout=60)
+                        str(out), "--overwrite"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and r.stderr.startswith(f"build_shards: error: {bad}: unreadable"), r.stderr
     assert _tree_bytes(out) == before
 
@@ -532,10 +533,10 @@ def test_verify_catches_wrong_count_and_unlisted_shard(tmp_path: Path) -> None:
 
 def test_cli_help_and_usage_errors() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--help"],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "--verify" in r.stdout and "--skip-bad" in r.stdout
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--out", "x"],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 2
 
 
@@ -570,7 +571,7 @@ def test_build_streams_with_bounded_memory(tmp_path: Path) -> None:
 
     def peak_rss(src: Path, out: Path) -> tuple[int, int]:
         r = subprocess.run([sys.executable, "-c", script, str(src), str(out), str(ROOT)],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
         count, rss = map(int, r.stdout.split())
         return count, rss
@@ -627,3 +628,121 @@ def test_worker_error_crosses_process_pool_and_cleans_up(tmp_path: Path) -> None
         _build(src, tmp_path / "out", shard_size_mb=1e-6, workers=2)
     assert err.value.file == str(src)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# ----------------------------------------------------------------------------- concurrent and repeated builds (issue 11 §3)
+
+def test_second_build_into_a_locked_output_stops_with_a_line(tmp_path: Path, capsys) -> None:
+    """The lock is a real flock held by this process, as a running build holds it."""
+    import fcntl
+
+    src, _, _ = make_cfd(tmp_path)
+    out = tmp_path / "out"
+    with open(tmp_path / ".out.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, _, err = _cli(capsys, "--input", str(src), "--out", str(out))
+    assert code == 1 and "another build into this output is running" in err and not out.exists(), err
+    assert _cli(capsys, "--input", str(src), "--out", str(out))[0] == 0  # released: builds
+
+
+def test_two_concurrent_builds_never_both_succeed(tmp_path: Path) -> None:
+    """Two real build processes into one --out: A is frozen (SIGSTOP) in the middle of its build while B runs,
+    then resumed. Exactly one may succeed and the output must be the winner's dataset (before the lock both
+    reported success and B's dataset was silently replaced)."""
+    import signal
+    import time
+
+    n = 48
+    src_a = tmp_path / "a.hdf5"
+    with h5py.File(src_a, "w") as f:  # ~12 MB: the build takes long enough to be caught in the middle
+        for k in ("density", "pressure", "Vx", "Vy"):
+            f[k] = np.full((n, 8, 48, 32), 1.0, dtype=np.float32) + np.arange(n, dtype=np.float32)[:, None, None, None]
+    src_b = make_cfd(tmp_path)[0]
+    out = tmp_path / "out"
+    tool = [sys.executable, str(ROOT / "tools" / "build_shards.py"), "--no-progress", "--out", str(out)]
+    a = subprocess.Popen([*tool, "--input", str(src_a), "--name", "a", "--shard-size-mb", "0.5"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 120  # a bound against hanging, not a timing assertion
+        while a.poll() is None and not list(tmp_path.glob(".out.building-*")) and time.monotonic() < end:
+            time.sleep(0.005)
+        a.send_signal(signal.SIGSTOP)
+        b = subprocess.run([*tool, "--input", str(src_b), "--name", "b"], capture_output=True, text=True, timeout=300)
+    finally:
+        a.send_signal(signal.SIGCONT)
+    a_err = a.communicate(timeout=300)[1]
+    results = {"a": (a.returncode, a_err), "b": (b.returncode, b.stderr)}
+    winners = [k for k, (rc, _) in results.items() if rc == 0]
+    assert len(winners) == 1, results
+    loser_err = next(err for rc, err in results.values() if rc != 0)
+    assert "another build into this output is running" in loser_err or "is not empty" in loser_err, loser_err
+    assert verify(out)["name"] == winners[0]
+
+
+def test_final_rename_rechecks_the_output(tmp_path: Path) -> None:
+    from nestor_ds.data.builder import _swap_into_place
+
+    tmp, out = tmp_path / ".out.building-1", tmp_path / "out"
+    tmp.mkdir()
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")  # published by someone else meanwhile
+    with pytest.raises(schema.DataFormatError, match="output appeared while this build ran"):
+        _swap_into_place(tmp, out, overwrite=False)
+    assert (out / "manifest.json").read_text() == "{}"
+
+
+def test_one_file_by_two_paths_is_read_once(tmp_path: Path, caplog) -> None:
+    src_dir = tmp_path / "raw"
+    src_dir.mkdir()
+    src, arrays, _ = make_cfd(src_dir)
+    (tmp_path / "link.hdf5").symlink_to(src)
+    m = _build([src, src_dir / ".." / "raw" / src.name, tmp_path / "link.hdf5"], tmp_path / "out", test_fraction=0.4)
+    assert m["splits"]["train"]["count"] + m["splits"]["test"]["count"] == len(arrays)
+    assert "is the same file as" in caplog.text
+
+
+def test_plan_refuses_a_trajectory_in_both_splits(tmp_path: Path) -> None:
+    from nestor_ds.data.builder import assign_splits, check_disjoint, scan_sources
+
+    src, _, _ = make_cfd(tmp_path)
+    infos = scan_sources([str(src), str(tmp_path / "." / src.name)], "auto")  # bypassing the input de-duplication
+    with pytest.raises(schema.DataFormatError, match="is in both the train and the test split"):
+        check_disjoint(assign_splits(infos, 0.5, None))
+
+
+def test_stale_temporary_dirs_of_dead_builds_are_removed(tmp_path: Path, capsys, caplog) -> None:
+    src, _, _ = make_cfd(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    stale = tmp_path / f".out.building-{pid}"
+    stale.mkdir()
+    (stale / "train-000000.tar").write_bytes(b"half")
+    code, _, err = _cli(capsys, "--input", str(src), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    assert not stale.exists() and f"removed {stale}" in caplog.text
+
+
+def _fno_partial(path: Path, declared: int, written: int) -> None:
+    """A v7.3 FNO file whose writer declared `declared` trajectories and stopped after `written`."""
+    with h5py.File(path, "w", userblock_size=512) as f:
+        u = f.create_dataset("u", shape=(T, Y, X, declared), dtype="f4", chunks=(T, Y, X, 1), maxshape=(T, Y, X, None))
+        if written:
+            u[..., :written] = RNG.standard_normal((T, Y, X, written)).astype(np.float32)
+
+
+@pytest.mark.parametrize("declared, written", [(8, 3), (10**9, 2)], ids=["interrupted", "huge-declared"])
+def test_unwritten_hdf5_storage_is_refused(tmp_path: Path, capsys, declared: int, written: int) -> None:
+    src = tmp_path / "ns_V1e-3_partial.mat"
+    _fno_partial(src, declared, written)
+    code, _, err = _cli(capsys, "--input", str(src), "--out", str(tmp_path / "out"), "--format", "fno-mat")
+    assert code == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"build_shards: error: {src}: key 'u'") and \
+        f"{declared - written} of its {declared} trajectories were never written" in line, line
+
+
+def test_zero_trajectories_says_so(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "ns_V1e-3_empty.mat"
+    _fno_partial(src, 0, 0)
+    code, _, err = _cli(capsys, "--input", str(src), "--out", str(tmp_path / "out"), "--format", "fno-mat")
+    assert code == 1 and "0 trajectories" in err, err

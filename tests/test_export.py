@@ -79,7 +79,7 @@ def ds_run(tmp_path_factory) -> Path:
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(Path(__file__).resolve()), "--worker", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     if proc.returncode != 0:
         pytest.fail(f"2-rank DeepSpeed worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return out
@@ -180,7 +180,7 @@ def test_evaluate_cli_on_exported_checkpoint(ds_run, tmp_path):
     report_file = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "nestor_ds.evaluate", "--checkpoint", str(model_file), "--data", str(shards),
            "--rollout-steps", "2", "--batch-size", "2", "--out", str(report_file), "--no-mlflow"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(report_file.read_text())
     r = report["datasets"]["tiny2"]
@@ -189,7 +189,7 @@ def test_evaluate_cli_on_exported_checkpoint(ds_run, tmp_path):
     assert "tiny2" in proc.stdout
 
     bad = subprocess.run(cmd[:5] + ["--data", str(tmp_path / "missing"), "--no-mlflow"], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
+                         timeout=600, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "manifest" in bad.stderr, bad.stderr
 
 

@@ -25,7 +25,7 @@ from train_fixtures import REPO, ds_config, launch, tiny_config
 TRAIN = str(REPO / "nestor_ds" / "train.py")
 FINETUNE = str(REPO / "nestor_ds" / "finetune.py")
 EXPORT = str(REPO / "tools" / "export_checkpoint.py")
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(1200)
 
 LOADED_RE = re.compile(r"pre-trained weights: (\d+) tensors loaded, (\d+) re-initialised \(shape changed\), "
                        r"(\d+) freshly initialised \(not selected\), (\d+) unused")
@@ -107,7 +107,7 @@ def ft_local(pretrained):
 def exported(pretrained) -> Path:
     out = pretrained.work / "pre.safetensors"
     proc = subprocess.run([sys.executable, EXPORT, "--checkpoint", str(pretrained.ckpt_root), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=pretrained.work)
+                          capture_output=True, text=True, timeout=600, cwd=pretrained.work)
     _ok(proc)
     assert out.is_file() and out.with_suffix(".json").is_file()
     return out
@@ -265,7 +265,7 @@ def test_evaluate_cli_reports_and_logs_to_mlflow(pretrained, exported, tmp_path)
     data = [str(pretrained.shards["dr_tiny"]), str(pretrained.shards["ns_tiny"])]
     proc = subprocess.run([sys.executable, "-m", "nestor_ds.evaluate", "--checkpoint", str(exported), "--data", *data,
                            "--rollout-steps", "2", "--out", str(out)],
-                          capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env)
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     _ok(proc)
     report = json.loads(out.read_text())
     bands = report["settings"]["spectrum_bands"]

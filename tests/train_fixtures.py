@@ -75,7 +75,7 @@ def ds_config(root: Path, stage: int = 2, micro: int = 2, accum: int = 1, suffix
     return path
 
 
-def launch(args: list[str], ranks: int, cwd: Path, timeout: int = 400, env: dict[str, str] | None = None,
+def launch(args: list[str], ranks: int, cwd: Path, timeout: int = 880, env: dict[str, str] | None = None,
            launcher: str = "torchrun") -> subprocess.CompletedProcess:
     """Run ``nestor_ds/<entry>.py`` on ``ranks`` CPU ranks with torchrun or the DeepSpeed launcher
     (1 rank with torchrun: a plain process)."""

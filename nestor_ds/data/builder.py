@@ -10,11 +10,19 @@ Why it is shaped this way:
 - The build happens in a temporary directory beside the target and is moved into place with
   `os.replace` only when everything succeeded; on any error the temporary directory is removed,
   and so are the parent directories of the target that this build created.
+- Concurrent builds into one output cannot both "succeed": an exclusive `flock` on `.<name>.lock`
+  beside the output is held for the whole build, and the output is re-checked just before the
+  final rename. Temporary directories of builds killed with `kill -9` (dead pid) are removed by the
+  next build into the same output.
+- The same file reached through two paths (`raw/x.h5`, `raw/../raw/x.h5`, a symlink) is read once
+  (inputs are de-duplicated by device and inode), and no (source file, index) may be in both splits.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import fcntl
 import hashlib
 import io
 import math
@@ -32,6 +40,9 @@ from tqdm import tqdm
 from nestor_ds.data import schema
 from nestor_ds.data.readers import READ_ERRORS, Entry, SourceInfo, open_reader
 from nestor_ds.data.schema import LAYOUTS, DataFormatError
+from nestor_ds.log import get_logger
+
+log = get_logger(__name__)
 
 SOURCE_SUFFIXES = (".h5", ".hdf5", ".hdf", ".mat")
 META_BYTES_ESTIMATE = 4096  # per-sample tar headers + meta.json, for shard sizing
@@ -216,7 +227,10 @@ def write_shard(task: ShardTask) -> ShardResult:
 # ----------------------------------------------------------------------------- planning
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files given directly, plus source files found recursively under given directories; sorted."""
+    """Files given directly, plus source files found recursively under given directories; sorted.
+
+    One file reached by several paths (`..`, symlinks, hard links) is kept once (by device and inode), so its
+    trajectories cannot be read twice or land in both splits."""
     files: set[str] = set()
     for raw in inputs:
         p = Path(raw)
@@ -229,7 +243,13 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             files.add(str(p))
         else:
             raise DataFormatError(raw, "no such file or directory")
-    return sorted(files)
+    seen: dict[tuple[int, int], str] = {}
+    for f in sorted(files, key=lambda f: (os.path.realpath(f), f)):
+        st = os.stat(f)
+        first = seen.setdefault((st.st_dev, st.st_ino), f)
+        if first != f:
+            log.warning("build_shards: %s is the same file as %s: read once", f, first)
+    return sorted(seen.values())
 
 
 def scan_sources(files: list[str], layout: str) -> list[SourceInfo]:
@@ -271,13 +291,27 @@ def assign_splits(infos: list[SourceInfo], test_fraction: float, seed: int | Non
             for split, rows in ordered.items()}
 
 
+def check_disjoint(splits: dict[str, list[Item]]) -> None:
+    """Refuse a plan in which one (source file, trajectory index) is in both splits (test data in training)."""
+    def ident(it: Item) -> tuple[str, str | None, int]:
+        return os.path.realpath(it.source), it.entry.group, it.entry.index
+
+    test = {ident(it) for it in splits.get("test", [])}
+    for it in splits.get("train", []):
+        if ident(it) in test:
+            raise DataFormatError(it.source, f"trajectory {it.entry.index} is in both the train and the test split "
+                                             f"(the same file given twice, or overlapping split groups): refusing")
+
+
 def plan_shards(cfg: BuildConfig, infos: list[SourceInfo], name: str, tmp: Path) -> list[ShardTask]:
     """Fix each shard's trajectories up front from the per-sample size (deterministic output)."""
     shape = infos[0].shape
     sample_bytes = int(np.prod(shape)) * np.dtype(cfg.dtype).itemsize + META_BYTES_ESTIMATE
     per_shard = max(1, int(cfg.shard_size_mb * 2**20 // sample_bytes))
     tasks = []
-    for split, items in assign_splits(infos, cfg.test_fraction, cfg.seed).items():
+    splits = assign_splits(infos, cfg.test_fraction, cfg.seed)
+    check_disjoint(splits)
+    for split, items in splits.items():
         for k, start in enumerate(range(0, len(items), per_shard)):
             chunk = items[start:start + per_shard]
             if cfg.seed is not None:  # read each shard's trajectories in source order
@@ -380,22 +414,79 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     infos = scan_sources(files, cfg.layout)
 
     created = _make_parents(out.parent)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        with _output_lock(out, cfg.overwrite):
+            return _build_locked(cfg, out, name, infos)
     except BaseException:
         _remove_dirs(created)
         raise
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path, wait: bool) -> Any:
+    """Exclusive flock on `.<name>.lock` beside `out` for the whole build. Without --overwrite a second build
+    stops at once with a clear line; with it, it waits its turn and then replaces the first one's output.
+
+    The lock file is removed on release (nothing is left beside the output); a waiter that then holds a lock on
+    the removed file notices (its inode is no longer the path's) and locks the new file instead."""
+    lock_path = out.parent / f".{out.name}.lock"
+    while True:
+        fh = open(lock_path, "a")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.close()
+            raise DataFormatError(out, f"another build into this output is running (lock {lock_path} is held): "
+                                       f"wait for it, or pass --overwrite to replace its result after it ends") from None
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+        fh.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Temporary directories of builds into `out` whose process is gone (kill -9, node crash)."""
+    for pattern in (f".{out.name}.building-*", f".{out.name}.old-*"):
+        for d in sorted(out.parent.glob(pattern)):
+            pid = d.name.rsplit("-", 1)[-1]
+            if d.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
+                log.warning("build_shards: removed %s left by a build that did not finish (pid %s is gone)", d, pid)
+
+
+def _build_locked(cfg: BuildConfig, out: Path, name: str, infos: list[SourceInfo]) -> dict[str, Any]:
+    _prepare_out(out, cfg.overwrite)  # again, under the lock: a build that finished while we scanned
+    _remove_stale(out)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         tasks = plan_shards(cfg, infos, name, tmp)
         results = _run_tasks(tasks, cfg.workers, cfg.progress)
         manifest = _assemble(cfg, infos, name, tasks, results, tmp)
         schema.write_manifest(tmp, manifest)
-        _swap_into_place(tmp, out)
+        _swap_into_place(tmp, out, cfg.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        _remove_dirs(created)
         raise
     return manifest
 
@@ -428,9 +519,13 @@ def _assemble(cfg: BuildConfig, infos: list[SourceInfo], name: str, tasks: list[
             "sources": sorted(Path(i.path).name for i in infos)}
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Atomically publish `tmp` as `out` (an existing built `out` is replaced only after success)."""
+def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Atomically publish `tmp` as `out` (an existing built `out` is replaced only after success, and only with
+    --overwrite: re-checked here, at the last moment, against writers that do not take the lock)."""
     if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise DataFormatError(out, "output appeared while this build ran (another build?): not replaced; "
+                                       "pass --overwrite to replace it")
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
         os.replace(tmp, out)

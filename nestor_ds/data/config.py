@@ -83,6 +83,8 @@ class DataConfig:
     normalize: bool = False        # (v - mean) / std with the manifest's training-split stats
     num_workers: int = 0           # DataLoader workers per rank (0: main process; 2 with pinned memory on GPUs, stream.py)
     steps_per_epoch: int = 100     # batches per rank per epoch
+    on_bad_sample: str = "error"   # a window with NaN/Inf: "error" (stop, naming dataset/shard/key) or "skip"
+                                   # (zeroed and masked out of the loss, logged, counted as train/skipped_samples)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
@@ -110,6 +112,8 @@ class DataConfig:
                 raise ValueError(f"data.{name}: must be an integer >= 1, got {value!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"data.num_workers: must be an integer >= 0, got {self.num_workers!r}")
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_sample: must be 'error' or 'skip', got {self.on_bad_sample!r}")
         names = [s.name for s in self.datasets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -202,13 +202,63 @@ class H5Reader(Reader):
             raise _err(self.path, f"key {full!r} is a group: expected a dataset")
         return obj
 
-    def check_shape(self, ds: h5py.Dataset, ndim: int | tuple[int, ...], expected: str) -> None:
-        """Raise the standard `key 'k' has shape (..): expected ...` error unless ranks match."""
+    def check_shape(self, ds: h5py.Dataset, ndim: int | tuple[int, ...], expected: str,
+                    traj_axis: int | None = 0) -> None:
+        """Raise the standard `key 'k' has shape (..): expected ...` error unless ranks match; refuse a dataset
+        with 0 trajectories (along `traj_axis`; None: the dataset is one trajectory) or with storage never
+        written (see `unwritten_trajectories`)."""
         ranks = (ndim,) if isinstance(ndim, int) else ndim
+        key = ds.name.lstrip("/")
+        if ds.ndim in ranks and traj_axis is not None and ds.shape[traj_axis] == 0:
+            raise _err(self.path, f"key {key!r} has shape {ds.shape}: 0 trajectories (expected {expected})")
         if ds.ndim not in ranks or 0 in ds.shape:
-            raise _err(self.path, f"key {ds.name.lstrip('/')!r} has shape {ds.shape}: expected {expected}")
+            raise _err(self.path, f"key {key!r} has shape {ds.shape}: expected {expected}")
         if ds.dtype.kind != "f":
-            raise _err(self.path, f"key {ds.name.lstrip('/')!r} has dtype {ds.dtype}: expected float32/float64")
+            raise _err(self.path, f"key {key!r} has dtype {ds.dtype}: expected float32/float64")
+        missing = unwritten_trajectories(ds, traj_axis)
+        if missing:
+            total = 1 if traj_axis is None else ds.shape[traj_axis]
+            raise _err(self.path, f"key {key!r} declares shape {ds.shape} but {missing} of its {total} trajectories "
+                                  f"were never written (unallocated HDF5 storage, e.g. an interrupted writer; they "
+                                  f"would read as zeros): refusing; regenerate the file or cut it to what was written")
+
+
+def unwritten_trajectories(ds: h5py.Dataset, traj_axis: int | None) -> int:
+    """How many trajectories along `traj_axis` (None: the whole dataset is one) lack allocated storage.
+
+    HDF5 allocates chunked storage lazily: a file whose writer stopped early declares its full shape while the
+    missing chunks read as the fill value (zeros). Counted from the allocated chunks' offsets, so time and
+    memory scale with what was written, never with the declared shape. Contiguous storage is allocated whole
+    on first write (0 bytes: nothing written); compact and virtual datasets are taken as written.
+    """
+    if ds.is_virtual or ds.size == 0:
+        return 0
+    if ds.chunks is None:
+        if ds.id.get_storage_size() > 0 or ds.id.get_create_plist().get_layout() == h5py.h5d.COMPACT:
+            return 0
+        return 1 if traj_axis is None else ds.shape[traj_axis]
+    grid = [-(-n // c) for n, c in zip(ds.shape, ds.chunks)]  # chunks per axis
+    expected = int(np.prod(grid, dtype=object))
+    allocated = ds.id.get_num_chunks()
+    if allocated >= expected:
+        return 0
+    if traj_axis is None:
+        return 1
+    per_slab = expected // grid[traj_axis]  # chunks covering one chunk-row of trajectories
+    counts: dict[int, int] = {}
+
+    def visit(info: Any) -> None:
+        off = info.chunk_offset[traj_axis]
+        counts[off] = counts.get(off, 0) + 1
+
+    if hasattr(ds.id, "chunk_iter"):
+        ds.id.chunk_iter(visit)
+    else:  # older HDF5: one index lookup per allocated chunk
+        for i in range(allocated):
+            visit(ds.id.get_chunk_info(i))
+    n, c = ds.shape[traj_axis], ds.chunks[traj_axis]
+    written = sum(min(c, n - off) for off, k in counts.items() if k >= per_slab)
+    return n - written
 
 
 def open_h5(path: str) -> h5py.File:
@@ -241,7 +291,7 @@ class FnoMat73Reader(H5Reader):
 
     def scan(self) -> SourceInfo:
         u = self.dataset("u")
-        self.check_shape(u, 4, "4 dims: logical [N, X, Y, T], stored by MATLAB v7.3 as (T, Y, X, N)")
+        self.check_shape(u, 4, "4 dims: logical [N, X, Y, T], stored by MATLAB v7.3 as (T, Y, X, N)", traj_axis=3)
         t_len, y, x, n = u.shape
         self._times(t_len)  # validates the optional `t` before anything is built
         return SourceInfo(self.path, self.layout, (t_len, x, y, 1), ("w",),
@@ -459,7 +509,7 @@ class PdebenchGroupsReader(H5Reader):
             if not isinstance(self.f[g], h5py.Group):
                 raise _err(self.path, f"key {g!r} is a dataset: expected a sample group with 'data'")
             ds = self.dataset("data", self.f[g])
-            self.check_shape(ds, (3, 4), "[T, X, Y, C] (or [T, X, Y])")
+            self.check_shape(ds, (3, 4), "[T, X, Y, C] (or [T, X, Y])", traj_axis=None)
             shape = ds.shape if ds.ndim == 4 else (*ds.shape, 1)
             if ref is None:
                 ref = shape
@@ -621,7 +671,7 @@ class TheWellReader(H5Reader):
         for ds, order, _, _ in fields:
             rank, sv, tv = self._expected_rank(ds, order)
             want = (*(["B"] if sv else []), *(["T"] if tv else []), "X", "Y", *(["D"] * order))
-            self.check_shape(ds, rank, f"{rank} dims [{', '.join(want)}] (D=2)")
+            self.check_shape(ds, rank, f"{rank} dims [{', '.join(want)}] (D=2)", traj_axis=0 if sv else None)
             spatial = ds.shape[int(sv) + int(tv): int(sv) + int(tv) + 2]
             if order and ds.shape[-order:] != (2,) * order:
                 raise _err(self.path, f"key {ds.name.lstrip('/')!r} has shape {ds.shape}: "

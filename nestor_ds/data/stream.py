@@ -30,7 +30,8 @@ from __future__ import annotations
 import ast
 import mmap
 import os
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig, DatasetSpec, spec_manifest
-from .schema import FIELDS_EXT, DataFormatError
+from .schema import FIELDS_EXT, DataFormatError, sha256_file
 from .urls import decode_sample, is_url_spec, iter_url_samples, shard_urls, split_spec
 
 # Seed-sequence tags: keep the random streams of different purposes independent.
@@ -49,6 +50,8 @@ _TAG_WINDOWS = 0x57A1  # per-(epoch, rank, worker, dataset) shard order, window 
 _TAG_MIX = 0x313C      # per-(epoch, rank, worker) dataset choice of each batch element
 
 _BLOCK = 512
+_log = logging.getLogger("nestor_ds.data.stream")
+_VERIFIED: set[tuple[str, str]] = set()  # (shard path, sha256) checked by this process
 _NPY_MAGIC = b"\x93NUMPY"
 
 # ----------------------------------------------------------------------------------------------
@@ -216,6 +219,7 @@ class DatasetInfo:
     test: tuple[tuple[str, int], ...]         # empty for a URL spec without test URLs
     mean: np.ndarray                          # [C] training-split statistics
     std: np.ndarray                           # [C], zeros replaced by 1 (constant channels)
+    digests: dict[str, str] = field(default_factory=dict, hash=False, compare=False)  # local shard path -> sha256
 
     @classmethod
     def from_spec(cls, index: int, spec: DatasetSpec) -> "DatasetInfo":
@@ -231,8 +235,10 @@ class DatasetInfo:
                          for s in splits.get(split, {}).get("shards", []))
 
         std = np.asarray(manifest["stats"]["std"], dtype=np.float32)
+        digests = {} if remote else {str(Path(spec.path) / s["file"]): s["sha256"] for split in splits.values()
+                                     for s in split.get("shards", []) if s.get("sha256")}
         return cls(index=index, spec=spec, remote=remote, shape=tuple(manifest["shape"]),
-                   train=shards("train"), test=shards("test"),
+                   train=shards("train"), test=shards("test"), digests=digests,
                    mean=np.asarray(manifest["stats"]["mean"], dtype=np.float32),
                    std=np.where(std > 0, std, np.float32(1.0)).astype(np.float32))
 
@@ -306,9 +312,12 @@ def padded_stats(info: DatasetInfo, channels: int) -> tuple[np.ndarray, np.ndarr
 # ----------------------------------------------------------------------------------------------
 
 class Trajectory(Protocol):
-    """One trajectory of a training shard; `load()` returns its [T, X, Y, C] float32 array."""
+    """One trajectory of a training shard; `load()` returns its [T, X, Y, C] float32 array; `where()` names
+    its shard and sample key for error messages."""
 
     def load(self) -> np.ndarray: ...
+
+    def where(self) -> str: ...
 
 
 # A trajectory source: (shard location, trajectory count, modulus, residue, info, eager) -> the shard's
@@ -327,6 +336,9 @@ class _MappedTrajectory:
         self.path, self.key, self.offset, self.size, self.info = path, key, offset, size, info
         self._arr: np.ndarray | None = None
 
+    def where(self) -> str:
+        return f"shard {self.path} sample {self.key}"
+
     def load(self, mm: mmap.mmap | None = None) -> np.ndarray:
         """Map the trajectory (the shard's mmap while streaming; a fresh one for a lazy load)."""
         if self._arr is None:
@@ -338,9 +350,26 @@ class _MappedTrajectory:
         return self._arr
 
 
+def check_shard_once(path: str, sha256: str | None) -> None:
+    """Compare a local shard with its manifest sha256, once per process, before its first use.
+
+    A flipped byte in a float32 payload trains silently (values of 1e28 were seen): the whole file is hashed
+    (cost measured in docs/reliability.md: well under 2% of a demo run). Each DataLoader worker process checks
+    the shards it reads."""
+    if not sha256 or (path, sha256) in _VERIFIED:
+        return
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise DataFormatError(path, f"sha256 {digest[:12]}... but the manifest says {sha256[:12]}...: the shard "
+                                    f"changed after the build (corrupted copy?); rebuild it or check it with "
+                                    f"tools/build_shards.py --verify")
+    _VERIFIED.add((path, sha256))
+
+
 def mapped_trajectories(path: str, count: int, mod: int, res: int, info: DatasetInfo,
                         eager: Callable[[], bool]) -> Iterator[_MappedTrajectory]:
     """ShardReader of a local shard file: memory-mapped, tar headers walked by `iter_shard_samples`."""
+    check_shard_once(path, info.digests.get(path))
     fd = os.open(path, os.O_RDONLY)
     try:
         mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # stays valid after close
@@ -366,18 +395,23 @@ class _UrlTrajectory:
     """One trajectory of a shard URL. Streamed trajectories arrive decoded; one created during a resume
     fast-forward is fetched on first use by re-reading its shard from the start up to its position."""
 
-    __slots__ = ("url", "pos", "info", "meta", "_arr")
+    __slots__ = ("url", "pos", "info", "meta", "key", "_arr")
 
     def __init__(self, url: str, pos: int, info: DatasetInfo, sample: dict | None = None):
         self.url, self.pos, self.info = url, pos, info
         self.meta: dict | None = None
+        self.key: str | None = None
         self._arr: np.ndarray | None = None
         if sample is not None:
             self._decode(sample)
 
     def _decode(self, sample: dict) -> None:
         fields, self.meta = decode_sample(sample, self.url)
+        self.key = str(sample["__key__"])
         self._arr = self.info.check(fields, f"{self.url} key {sample['__key__']}")
+
+    def where(self) -> str:
+        return f"shard {self.url} sample {self.key or f'#{self.pos}'}"
 
     def load(self) -> np.ndarray:
         if self._arr is None:
@@ -591,18 +625,37 @@ class TrainStream:
         xa, ya = x.numpy(), y.numpy()
         mask = torch.zeros(B, C, dtype=torch.bool)
         dataset_id = torch.empty(B, dtype=torch.long)
+        skipped = torch.zeros(B, dtype=torch.bool)
         for b, (d, traj, t0) in enumerate(windows):
-            frames = resize_frames(traj.load()[t0:t0 + cfg.t_in + cfg.t_ar], R)
+            dataset_id[b] = d
+            window = traj.load()[t0:t0 + cfg.t_in + cfg.t_ar]
+            if not np.isfinite(window).all():
+                skipped[b] = self._bad_window(d, traj, t0, window)
+                x[b], y[b] = 0.0, 0.0  # channel mask stays False: out of the relative-L2 loss
+                continue
+            frames = resize_frames(window, R)
             write_frames(xa[b], frames[:cfg.t_in])
             write_frames(ya[b], frames[cfg.t_in:])
             mask[b, :frames.shape[3]] = True
-            dataset_id[b] = d
         if cfg.normalize:
             mean = np.stack([self._stats[d][0] for d, _, _ in windows])
             std = np.stack([self._stats[d][1] for d, _, _ in windows])
             normalize_(x, mean, std)
             normalize_(y, mean, std)
-        return {"x": x, "y": y, "channel_mask": mask, "dataset_id": dataset_id}
+        return {"x": x, "y": y, "channel_mask": mask, "dataset_id": dataset_id, "skipped": skipped}
+
+    def _bad_window(self, d: int, traj: Trajectory, t0: int, window: np.ndarray) -> bool:
+        """A window with NaN/Inf: raise naming dataset, shard and sample key, or (on_bad_sample=skip) log it.
+
+        Skipping keeps the batch's composition (the element is zeroed and masked out), so the stream, and a
+        resumed run, stay exactly the same whatever the data holds."""
+        bad = int((~np.isfinite(window)).sum())
+        what = (f"dataset {self.infos[d].spec.name}: {traj.where()}: {bad} NaN/Inf value(s) in frames "
+                f"{t0}..{t0 + window.shape[0] - 1}")
+        if self.cfg.on_bad_sample != "skip":
+            raise DataFormatError(self.infos[d].spec.path, f"{what} (set data.on_bad_sample: skip to train past it)")
+        _log.warning("%s: skipped (data.on_bad_sample: skip)", what)
+        return True
 
 
 def build_train_stream(cfg: DataConfig, micro_batch: int, rank: int = 0, world_size: int = 1,

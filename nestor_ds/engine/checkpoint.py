@@ -1,22 +1,34 @@
-"""Checkpoints in DeepSpeed's layout, with our client state, completion markers and pruning.
+"""Checkpoints in DeepSpeed's layout, with our client state, completion markers, a run pointer and pruning.
 
 Layout (``<output_dir>/<run>/checkpoints``)::
 
-    latest                         DeepSpeed's pointer to the newest tag
+    latest                         DeepSpeed's pointer to the newest tag (moved before our marker: not trusted)
+    nestor_latest                  OUR pointer: the tag this run continues from, rewritten atomically after COMPLETE
+                                   and after every resume (so a rollback moves it back)
     step_00000100/                 one tag per save
         mp_rank_00_model_states.pt            non-expert weights + client state (DeepSpeed)
         layer_<L>_expert_<E>_mp_rank_00_model_states.pt   token experts, global ids (DeepSpeed-MoE)
         *_optim_states.pt                     ZeRO optimizer partitions (DeepSpeed)
         nestor_config.json                    resolved run config + world/ep sizes (ours, for export/fine-tune)
         consolidated_model_states.pt          ZeRO-3 only: the full weights, gathered at save time
-        COMPLETE                              written last, after every rank finished writing (ours)
+        COMPLETE                              written last, after every rank finished writing (ours): JSON
+                                              {"step", "seq" (save order), "files" {name: bytes}}
+    set_aside/                     tags moved out of the way, never deleted by us:
+        step_00000060.abandoned               a branch given up by resuming from an older tag
+        step_00000065.partial                 a save cut short (kill, disk full): no COMPLETE
 
-A tag without ``COMPLETE`` (a save cut short by preemption) is never resumed from.
+Why a pointer and a save sequence rather than the highest step number: after a rollback
+(``--resume .../step_00000050``) the newest save has a *lower* step than the abandoned branch's tags.
+``--resume auto`` follows ``nestor_latest``, pruning keeps the last ``keep_last`` tags in save order, and a
+tag whose files no longer match its COMPLETE listing (missing or truncated) is skipped with a warning for the
+previous complete one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -25,7 +37,13 @@ import torch
 import torch.distributed as dist
 
 # file names shared with the reader (nestor_ds/checkpoint_io.py)
-from nestor_ds.checkpoint_io import COMPLETE_MARKER, CONFIG_FILE  # noqa: E402
+from nestor_ds.checkpoint_io import COMPLETE_MARKER, CONFIG_FILE, CheckpointError  # noqa: E402
+from nestor_ds.log import get_logger
+
+log = get_logger(__name__)
+
+POINTER = "nestor_latest"
+SET_ASIDE = "set_aside"
 
 
 def tag_for(step: int) -> str:
@@ -49,55 +67,181 @@ def rng_state() -> dict[str, Any]:
     }
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write-then-rename: a reader sees the old or the new content, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _no_space(err: BaseException, root: Path) -> bool:
+    """Whether a failed save ran out of space. torch.save reports ENOSPC as ``RuntimeError: basic_ios::clear``
+    (then often replaced by ``unexpected pos`` from its zip writer's cleanup), Python writes as OSError(ENOSPC):
+    look through the exception chain, then at the filesystem itself."""
+    e: Optional[BaseException] = err
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "basic_ios" in str(e) or "No space left" in str(e):
+            return True
+        e = e.__context__
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 2**20
+
+
 def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, Any], run_config: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank calls it. Rank 0 writes our files and prunes old tags afterwards."""
+    """Collective: every rank calls it. Rank 0 writes our files, the pointer, and prunes old tags afterwards."""
     tag = tag_for(step)
     root.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
-    if engine.zero_optimization_stage() == 3:
-        # ZeRO-3 files hold partitions only: also gather the full weights (collective) for export and fine-tuning
-        from nestor_ds.checkpoint_io import CONSOLIDATED_STATES
-
-        engine.save_16bit_model(str(root / tag), CONSOLIDATED_STATES)
-    if dist.is_initialized():
-        dist.barrier()
     tag_dir = root / tag
-    if dist.get_rank() == 0:
-        (tag_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
-        (tag_dir / COMPLETE_MARKER).write_text(f"{step}\n")
-        prune(root, keep_last)
-    if dist.is_initialized():
-        dist.barrier()
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
+        if engine.zero_optimization_stage() == 3:
+            # ZeRO-3 files hold partitions only: also gather the full weights (collective) for export and fine-tuning
+            from nestor_ds.checkpoint_io import CONSOLIDATED_STATES
+
+            engine.save_16bit_model(str(tag_dir), CONSOLIDATED_STATES)
+        _barrier()
+        if _rank() == 0:
+            (tag_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
+            files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != COMPLETE_MARKER}
+            seq = 1 + max((marker(t).get("seq", 0) for t in complete_tags(root)), default=0)
+            _write_atomic(tag_dir / COMPLETE_MARKER, json.dumps({"step": step, "seq": seq, "files": files}) + "\n")
+            _write_atomic(root / POINTER, tag + "\n")
+            prune(root, keep_last)
+    except (OSError, RuntimeError) as err:
+        if _no_space(err, root):
+            free = shutil.disk_usage(root).free if root.exists() else 0
+            raise OSError(errno.ENOSPC, f"no space left on {root} while saving {tag} ({free / 2**20:.1f} MiB free); "
+                                        f"the partial {tag} is set aside at the next start, which resumes from the "
+                                        f"previous complete checkpoint") from None
+        raise
+    _barrier()
     return tag_dir
 
 
+def marker(tag_dir: Path) -> dict[str, Any]:
+    """The COMPLETE marker as a dict (``{"step": N}`` for markers written before the JSON form)."""
+    try:
+        data = json.loads((tag_dir / COMPLETE_MARKER).read_text() or "null")
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {"step": int(data)} if isinstance(data, int) else {}
+
+
+def _step_of(tag_dir: Path) -> int:
+    try:
+        return int(tag_dir.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
 def complete_tags(root: Path) -> list[Path]:
+    """Complete tags in save order (oldest first); markers without a sequence sort first, by step."""
     if not root.is_dir():
         return []
     tags = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / COMPLETE_MARKER).is_file()]
-    return sorted(tags, key=lambda p: p.name)
+    return sorted(tags, key=lambda p: (marker(p).get("seq", 0), _step_of(p)))
 
 
 def prune(root: Path, keep_last: int) -> None:
+    """Keep the ``keep_last`` most recently *saved* tags (not the highest steps) and the one the pointer names."""
+    pointed = _pointer(root)
     for old in complete_tags(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != pointed:
+            shutil.rmtree(old, ignore_errors=True)
 
 
-def find_resume_dir(resume: Optional[str], checkpoint_root: Path) -> Optional[Path]:
-    """``auto`` -> newest complete tag under this run's checkpoints (None if there is none); else a path:
-    a checkpoint root (its newest complete tag) or a tag directory."""
-    if resume is None:
+def _pointer(root: Path) -> Optional[Path]:
+    try:
+        tag = (root / POINTER).read_text().strip()
+    except OSError:
         return None
+    return root / tag if tag else None
+
+
+def set_aside(tag_dir: Path, why: str) -> Path:
+    """Move a tag to ``<root>/set_aside/<tag>.<why>[.n]`` (never deleted: a user may still want it)."""
+    dest_dir = tag_dir.parent / SET_ASIDE
+    dest_dir.mkdir(exist_ok=True)
+    dest = dest_dir / f"{tag_dir.name}.{why}"
+    n = 1
+    while dest.exists():
+        dest, n = dest_dir / f"{tag_dir.name}.{why}.{n}", n + 1
+    os.replace(tag_dir, dest)
+    return dest
+
+
+def set_aside_partial_tags(root: Path) -> None:
+    """Rank 0 at start: tags without COMPLETE (a save killed or out of space) go to set_aside/, so neither a
+    resume nor the next save of that step trips over their files."""
+    if _rank() == 0 and root.is_dir():
+        for p in sorted(root.iterdir()):
+            if p.is_dir() and p.name.startswith("step_") and not (p / COMPLETE_MARKER).is_file():
+                dest = set_aside(p, "partial")
+                log.warning("%s has no %s marker (a save cut short): moved aside to %s", p, COMPLETE_MARKER, dest)
+    _barrier()
+
+
+def resume_candidates(resume: Optional[str], checkpoint_root: Path) -> tuple[list[Path], bool]:
+    """(tags to try in order, may fall back). ``auto``: this run's pointer, then the other complete tags newest
+    saved first. A root path: the same on that root. A tag path: that tag only (the user chose it)."""
+    if resume is None:
+        return [], False
     if resume == "auto":
-        tags = complete_tags(checkpoint_root)
-        return tags[-1] if tags else None
-    p = Path(resume)
-    if (p / COMPLETE_MARKER).is_file():
-        return p
-    tags = complete_tags(p)
-    if tags:
-        return tags[-1]
-    raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (expected a tag directory with {COMPLETE_MARKER} or a directory of step_* tags)")
+        root = checkpoint_root
+    else:
+        p = Path(resume)
+        if (p / COMPLETE_MARKER).is_file():
+            return [p], False
+        if not complete_tags(p):
+            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (expected a tag directory with "
+                                    f"{COMPLETE_MARKER} or a directory of step_* tags)")
+        root = p
+    tags = complete_tags(root)[::-1]
+    pointed = _pointer(root)
+    if pointed is not None and pointed in tags:
+        tags.remove(pointed)
+        tags.insert(0, pointed)
+    return tags, True
+
+
+def check_tag(tag_dir: Path) -> Optional[str]:
+    """Why this tag cannot be loaded (a file listed in COMPLETE is missing, a .pt file does not read, or a file
+    has another size than when saved), or None. Pickled objects are not a reason to fall back: they raise
+    (refused, never loaded), checked before the sizes since a tampered file also changes size."""
+    from nestor_ds.checkpoint_io import verify_checkpoint_files
+
+    files = marker(tag_dir).get("files", {})
+    for name in files:
+        if not (tag_dir / name).is_file():
+            return f"{tag_dir / name} is missing"
+    try:
+        verify_checkpoint_files(tag_dir)
+    except CheckpointError as err:
+        if "refused to load" in str(err):
+            raise
+        return str(err)
+    for name, size in files.items():
+        f = tag_dir / name
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
+    return None
 
 
 def load_checkpoint(engine: Any, tag_dir: Path) -> dict[str, Any]:
@@ -113,3 +257,77 @@ def load_checkpoint(engine: Any, tag_dir: Path) -> dict[str, Any]:
         raise RuntimeError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     return client_state or {}
 
+
+def resume(engine: Any, resume_arg: Optional[str], checkpoint_root: Path, metrics_path: Path) -> dict[str, Any]:
+    """Collective resume: choose a tag, fall back past broken ones, load, then tidy this run's directory.
+
+    Order matters for a crash at any point: nothing is moved, truncated or announced before a load succeeded.
+    Afterwards (rank 0): complete tags of this run with a higher step than the loaded one are an abandoned
+    branch and are set aside; the pointer names the loaded tag; ``metrics.jsonl`` drops the steps to be redone.
+    Returns the client state ({} for a fresh start, which also drops metrics.jsonl rows of a run killed before
+    its first save).
+    """
+    from nestor_ds.engine.distributed import any_rank
+
+    set_aside_partial_tags(checkpoint_root)
+    candidates, may_fall_back = resume_candidates(resume_arg, checkpoint_root)
+    if not candidates:
+        if _rank() == 0:
+            truncate_metrics(metrics_path, 0)  # steps logged by a run killed before its first save are redone
+        if _rank() == 0 and resume_arg is not None:
+            log.warning("--resume auto: no complete checkpoint under %s: starting fresh from step 0 (check --run-name "
+                        "if you meant to continue a run)", checkpoint_root)
+        return {}
+    client: Optional[dict[str, Any]] = None
+    loaded: Optional[Path] = None
+    for i, tag_dir in enumerate(candidates):
+        problem = check_tag(tag_dir)
+        if any_rank(problem is not None):  # every rank must take the same tag
+            problem = problem or "another rank could not read it"
+            if not may_fall_back:
+                raise FileNotFoundError(f"--resume {tag_dir}: cannot load: {problem}")
+            if _rank() == 0:
+                nxt = candidates[i + 1] if i + 1 < len(candidates) else None
+                log.warning("checkpoint %s cannot be loaded (%s): %s", tag_dir.name, problem,
+                            f"falling back to {nxt.name}" if nxt else "no older complete checkpoint")
+            continue
+        client, loaded = load_checkpoint(engine, tag_dir), tag_dir
+        break
+    if loaded is None:
+        raise FileNotFoundError(f"--resume {resume_arg}: no loadable checkpoint under {candidates[0].parent} "
+                                f"(tried {', '.join(t.name for t in candidates)})")
+    step = int(client.get("step", marker(loaded).get("step", 0)))
+    _barrier()  # every rank has read its files before rank 0 moves anything
+    if _rank() == 0:
+        log.info("resumed from %s (step %d)", loaded, step)
+        _after_resume(checkpoint_root, loaded, step)
+        truncate_metrics(metrics_path, step)
+    _barrier()
+    return client
+
+
+def _after_resume(root: Path, loaded: Path, step: int) -> None:
+    """Set aside this run's tags past the resumed step (the abandoned branch) and point at the loaded tag."""
+    for tag_dir in complete_tags(root):
+        if _step_of(tag_dir) > step and tag_dir.resolve() != loaded.resolve():
+            dest = set_aside(tag_dir, "abandoned")
+            log.warning("resumed from step %d: %s belongs to an abandoned branch, moved aside to %s", step, tag_dir.name, dest)
+    root.mkdir(parents=True, exist_ok=True)
+    if loaded.parent.resolve() == root.resolve():
+        _write_atomic(root / POINTER, loaded.name + "\n")
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop the steps a resumed run will redo (logged after its checkpoint), so metrics.jsonl has each step once.
+    Atomic (write-then-rename): a kill here leaves the old file, never a truncated one."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and _row_step(line) <= last_step]
+    _write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn last line (killed mid-write) is dropped

@@ -19,7 +19,8 @@ import torch
 
 from nestor_ds.engine.distributed import all_reduce_mean
 
-PART_NAMES = ("image_lb", "loss", "rel_l2", "token_lb", "token_z")   # training_loss's parts, sorted
+# training_loss's parts and the skipped-window count (data.on_bad_sample: skip), sorted
+PART_NAMES = ("image_lb", "loss", "rel_l2", "skipped_samples", "token_lb", "token_z")
 
 
 class DeviceLog:

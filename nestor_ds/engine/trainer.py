@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from nestor_ds.engine.hot_loop import PART_NAMES, DeviceFeed, DeviceLog
 from nestor_ds.engine.loss import inject_noise, noise_generator, training_loss
 from nestor_ds.engine.optim import apply_lr, build_optimizer, build_param_groups, lr_at
 from nestor_ds.engine.perf import PerfMeter
+from nestor_ds.engine.preemption import Preemption as _Preemption
 from nestor_ds.log import get_logger
 
 log = get_logger(__name__)
@@ -51,28 +51,6 @@ class TrainResult:
     run_id: Optional[str] = None
     preempted: bool = False
     model: Optional[torch.nn.Module] = None  # the trained module (this rank's experts under expert parallelism)
-
-
-class _Preemption:
-    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_Preemption":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if not self.requested:
-            print(f"[nestor-ds] received {signal.Signals(signum).name}: saving a checkpoint at the next step boundary", file=sys.stderr, flush=True)
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
@@ -153,18 +131,11 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     # DeepSpeed casts the weights for bf16/fp16; inputs follow them (the loss is computed in fp32)
     input_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
 
-    resume_dir = ckpt.find_resume_dir(resume, ckpt_root)
-    client: dict[str, Any] = {}
-    if resume_dir is not None:
-        client = ckpt.load_checkpoint(engine, resume_dir)
-        if dist_info.is_main:
-            log.info("resumed from %s (step %d)", resume_dir, client.get("step", 0))
-        if client.get("config_digest") not in (None, cfg.digest()):
-            log.warning("the configuration differs from the checkpoint's (digest %s vs %s): the trajectory will not match an uninterrupted run",
-                        client.get("config_digest"), cfg.digest())
+    client = ckpt.resume(engine, resume, ckpt_root, run_dir / "metrics.jsonl")  # load, fall back, tidy (checkpoint.py)
+    if client.get("config_digest") not in (None, cfg.digest()) and dist_info.is_main:
+        log.warning("the configuration differs from the checkpoint's (digest %s vs %s): the trajectory will not match an uninterrupted run",
+                    client.get("config_digest"), cfg.digest())
     start_step = int(client.get("step", 0))
-    if dist_info.is_main:
-        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
     tracker = Tracker(cfg.tracking, rank=dist_info.rank, entry=entry, run_name=run_name, parent_run_id=parent_run_id,
                       resume_run_id=client.get("mlflow_run_id"))
@@ -256,14 +227,6 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     return result
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop the steps a resumed run will redo (logged after its checkpoint), so metrics.jsonl has each step once."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def _optimizer_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], cfg: RunConfig, rank: int, step: int,
                     accum: int, input_dtype: torch.dtype, pending: DeviceLog,
                     compiled: Optional[CompilePlan] = None) -> torch.Tensor:
@@ -287,11 +250,20 @@ def _optimizer_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], cfg
         loss, parts = training_loss(out.pred.float(), batch["y"].to(device, non_blocking=True), mask, out.aux_losses, cfg.loss)
         engine.backward(loss)
         engine.step()
-        micro_P = torch.stack([parts[k] for k in PART_NAMES]) / accum
+        # the skipped-window count (data.on_bad_sample: skip) is summed over the micro-batches, the loss parts averaged
+        counts = {"skipped_samples": _skipped_count(batch, device)}
+        micro_P = torch.stack([parts[k] / accum if k in parts else counts[k] for k in PART_NAMES])
         parts_P = micro_P if parts_P is None else parts_P + micro_P
         pending.add_micro(out.routing, batch["dataset_id"], copy=compiled is not None and compiled.cuda_graphs)
     assert parts_P is not None
     return parts_P
+
+
+def _skipped_count(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Windows of this micro-batch skipped as bad data (zeroed and masked out by the stream), as a device scalar."""
+    if "skipped" not in batch:  # batch sources other than the shard stream
+        return torch.zeros((), device=device)
+    return batch["skipped"].to(device, non_blocking=True).sum().float()
 
 
 def _evaluate(engine: Any, cfg: RunConfig, dist_info: DistInfo, tracker: Any, step: int, prefix: str = "eval",
