@@ -125,6 +125,8 @@ class Tracker:
         # Must be set before the first request: MLflow reads them per request.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.http_timeout_s))
+        if mask_secrets(self.tracking_uri) != self.tracking_uri:  # MLflow prints "View run at <uri>" unmasked
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         try:
             self._start(run_name, parent_run_id, resume_run_id)
         except Exception as exc:  # noqa: BLE001 - any failure means "no tracking", never "no training"
