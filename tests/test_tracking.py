@@ -282,6 +282,10 @@ def _two_runs(store: str, experiment: str) -> list[str]:
         t = Tracker(_cfg(store, experiment, system_metrics=False), rank=0, entry="pretrain", run_name=name)
         t.log_params({"preset": preset, "config": {"preset": preset}})  # as the engine logs it
         t.log_metrics({"train/loss": 0.1, "eval/dr_pdb/l2re_1step": l2re, "perf/samples_per_s": sps}, 100)
+        if name == "nestor":  # lineage of a dataset whose manifest is not at hand: digest from path and weight
+            from nestor_ds.tracking.datasets import describe
+
+            t.log_inputs([describe({"name": "dr_pdb", "path": "/nowhere/dr_pdb", "weight": 1.0}, "training")])
         ids.append(t.run_id)
         t.finish()
     return ids
@@ -301,6 +305,20 @@ def test_mlflow_report_prints_runs_side_by_side(store, capsys):
         assert expected in out, out
     assert mlflow_report.main(["--tracking-uri", store, "--experiment", "no-such"]) == 2
     assert "no-such" in capsys.readouterr().err
+    # by run name (newest of that name) and by id, in the order given; the dataset block names the data used
+    from nestor_ds.tracking.datasets import digest
+
+    assert mlflow_report.main(["--tracking-uri", store, "--experiment", "report", "--run", "afno", "--run", ids[0]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[2:] == [ids[1][:12], ids[0][:12]]
+    data_row = next(line for line in lines if line.startswith("data/dr_pdb"))
+    assert data_row.split()[1:] == ["-", "train", digest(None, 1.0, "/nowhere/dr_pdb")[:8]]
+    assert mlflow_report.main(["--tracking-uri", store, "--experiment", "report", "--filter",
+                               "params.preset = 'afno-ti'"]) == 0
+    out = capsys.readouterr().out
+    assert ids[1][:12] in out and ids[0][:12] not in out
+    assert mlflow_report.main(["--tracking-uri", store, "--experiment", "report", "--run", "no-such-run"]) == 2
+    assert "no-such-run" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian chromium")

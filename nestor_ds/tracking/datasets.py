@@ -113,4 +113,17 @@ def log_run_inputs(tracker: Any, cfg: Any, entry: str) -> None:
     if entry == "finetune" and cfg.finetune.pretrained:
         parent = parent_run_config(cfg.finetune.pretrained) or {}
         described += describe_all((parent.get("data") or {}).get("datasets", []), "pretraining")
-    tracker.log_inputs(described)
+    tracker.log_inputs(merge_contexts(described))
+
+
+def merge_contexts(described: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (name, digest), contexts joined with "+": MLflow keeps one input per dataset and run, so
+    a fine-tune on (exactly) a dataset of its parent shows it once as `training+pretraining`."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for d in described:
+        key = (d["name"], d["digest"])
+        if key in merged:
+            merged[key]["context"] += f"+{d['context']}"
+        else:
+            merged[key] = dict(d)
+    return list(merged.values())
