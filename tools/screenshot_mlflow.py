@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window-size", default="1600,1200", help="browser window WIDTH,HEIGHT")
     p.add_argument("--render-ms", type=int, default=15000, help="virtual time the page gets to load and draw")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for the MLflow server")
+    p.add_argument("--browser-timeout", type=float, default=300.0,
+                   help="seconds Chromium may take beyond --render-ms (a loaded machine needs minutes)")
     p.add_argument("--chromium", default=None, help="browser binary (default: chromium / chromium-browser)")
     return p.parse_args(argv)
 
@@ -80,7 +82,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def screenshot(browser: str, url: str, out: Path, window: str, render_ms: int) -> None:
+def screenshot(browser: str, url: str, out: Path, window: str, render_ms: int, timeout_s: float = 300.0) -> None:
     """Headless Chromium screenshot with networking, sync and updates switched off."""
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         cmd = [
@@ -89,7 +91,7 @@ def screenshot(browser: str, url: str, out: Path, window: str, render_ms: int) -
             "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={out.resolve()}",
             f"--window-size={window}", f"--virtual-time-budget={render_ms}", url,
         ]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120 + render_ms / 1000)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s + render_ms / 1000)
     if res.returncode != 0 or not out.exists():
         tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [""]
         raise RuntimeError(f"chromium failed (exit {res.returncode}): {tail[0][:300]}")
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_for_server(base, proc, args.start_timeout)
         url = page_url(base, runs, args.model, args.page)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        screenshot(browser, url, args.out, args.window_size, args.render_ms)
+        screenshot(browser, url, args.out, args.window_size, args.render_ms, args.browser_timeout)
     except Exception as exc:  # noqa: BLE001 - one line; the server log has the details
         print(f"screenshot_mlflow: {exc} (server log: {log.name})", file=sys.stderr)
         return 1
