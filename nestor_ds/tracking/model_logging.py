@@ -24,7 +24,7 @@ PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # nestor_ds/, shipped as the model's code
 MODEL_NAME = "model"  # the logged model's name within the run
 # what loading the model imports; pinned to the versions this process runs (and the test suite tested)
-REQUIREMENTS = ("mlflow", "torch", "numpy", "safetensors", "pyyaml")
+REQUIREMENTS = ("mlflow", "torch", "numpy", "safetensors", "pyyaml", "tqdm")
 
 
 def pinned_requirements() -> list[str]:
