@@ -336,3 +336,17 @@ def test_screenshot_of_a_run_page(store, tmp_path, view):
     assert ("compare-runs" in res.stdout) == (view == "compare")
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert matplotlib.image.imread(out).shape[:2] == (1200, 1600)
+
+
+def test_resume_with_unreachable_store_keeps_the_run_id(caplog):
+    """Checkpoints written while the store is down at a resume must still name the run, or the next resume
+    would open a new MLflow run."""
+    caplog.set_level(logging.WARNING, logger="nestor_ds.tracking")
+    t = Tracker(TrackingConfig(tracking_uri="http://127.0.0.1:9", system_metrics=False), rank=0, entry="pretrain",
+                resume_run_id="0123456789abcdef0123456789abcdef")
+    assert t.run_id == "0123456789abcdef0123456789abcdef" and not t.active
+    t.log_metrics({"train/loss": 1.0}, 5)  # no-op, no request
+    t.finish()
+    assert t.run_id == "0123456789abcdef0123456789abcdef"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nestor_ds.tracking"]
+    assert len(warnings) == 1 and "re-opens it" in warnings[0]

@@ -130,8 +130,11 @@ class Tracker:
         try:
             self._start(run_name, parent_run_id, resume_run_id)
         except Exception as exc:  # noqa: BLE001 - any failure means "no tracking", never "no training"
-            log.warning("MLflow tracking disabled: cannot use %s (%s)", mask_secrets(self.tracking_uri), one_line(exc))
+            kept = f"; checkpoints keep MLflow run {resume_run_id}, a later resume re-opens it" if resume_run_id else ""
+            log.warning("MLflow tracking disabled: cannot use %s (%s)%s", mask_secrets(self.tracking_uri),
+                        one_line(exc), kept)
             self._disable_quietly()
+            self.run_id = resume_run_id  # not active, but the run this training belongs to stays named
             return
         client = self._client
         self._outbox = Outbox(lambda e: deliver(client, e), buffer_dir, max_bytes=cfg.buffer_max_mb * 2**20,
@@ -224,7 +227,7 @@ class Tracker:
         Waits at most `finish_timeout_s` for a server that is down; what could not be sent stays in the
         buffer directory and is sent by the next process that opens this run (a resume).
         """
-        if self.run_id is None:
+        if not self.active:
             return
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
@@ -244,7 +247,7 @@ class Tracker:
 
     def _finish_at_exit(self) -> None:
         """A run still open at interpreter exit did not end through `finish`: record it as failed."""
-        if self.run_id is not None:
+        if self.active:
             self.finish("FAILED")
 
     def __enter__(self) -> Tracker:
@@ -256,8 +259,12 @@ class Tracker:
     # ------------------------------------------------------------------ logging
     @property
     def active(self) -> bool:
-        """True on rank 0 while a run is open (also during a server outage: writes are buffered)."""
-        return self.run_id is not None
+        """True on rank 0 while a run is open (also during a server outage: writes are buffered).
+
+        `run_id` alone may be set on an inactive tracker: a resume whose store was unreachable at start keeps
+        the id of the run it belongs to, so the checkpoints it writes still name it.
+        """
+        return self.run_id is not None and self._outbox is not None
 
     @property
     def client(self):
