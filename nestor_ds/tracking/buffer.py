@@ -101,6 +101,7 @@ class Outbox:
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._load_journal()
+        self._inherited = list(self._journal)  # copied before the thread starts sending them
         self._thread = threading.Thread(target=self._run, name="nestor-mlflow-outbox", daemon=True)
         self._thread.start()
 
@@ -111,8 +112,8 @@ class Outbox:
         return None if self.directory is None else self.directory / FILES
 
     def leftover(self) -> list[Entry]:
-        """Entries inherited from an earlier process (read before any new entry is put)."""
-        return list(self._journal)
+        """Entries inherited from an earlier process (as loaded, whether or not sent since)."""
+        return list(self._inherited)
 
     def put(self, entry: Entry) -> None:
         """Queue one entry; never blocks, never raises."""
