@@ -249,7 +249,9 @@ def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = Non
 
 def format_config(cfg: RunConfig, ds_config: Optional[dict[str, Any]] = None) -> str:
     """Human-readable resolved configuration, printed at start."""
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=110)
+    from nestor_ds.tracking.redact import redact
+
+    text = yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False, default_flow_style=None, width=110)
     if ds_config is not None:
         text += "ds_config:\n" + "".join(f"  {line}\n" for line in json.dumps(ds_config, indent=2).splitlines())
     return text

@@ -105,6 +105,9 @@ def log_to_mlflow(report: dict[str, Any], args: argparse.Namespace, run_cfg: dic
     try:
         if run_cfg.get("mlflow_run_id"):  # the training run that wrote the checkpoint
             tracker.set_tags({"nestor.checkpoint_run_id": run_cfg["mlflow_run_id"]})
+        from nestor_ds.tracking.datasets import describe_all
+
+        tracker.log_inputs(describe_all(dataset_specs(args.data, run_cfg), "evaluation"))  # dataset lineage
         tracker.log_params({"checkpoint": str(args.checkpoint), "data": ",".join(args.data),
                             **flatten(report["settings"], "eval")})
         metrics = {}

@@ -37,21 +37,24 @@ build ns2d_pda_demo demo/raw/NavierStokes2D_train_7_0.5.h5 demo/raw/NavierStokes
 
 step "3/6 pre-train NESTOR on $RANKS ranks (ZeRO-2, expert parallel)"
 deepspeed --num_gpus "$RANKS" nestor_ds/train.py --ds_config ds_configs/zero2.json \
-  --config configs/pretrain_demo.yaml --run-name demo-pretrain --resume auto ${STEPS_ARGS[@]+"${STEPS_ARGS[@]}"}
+  --config configs/pretrain_demo.yaml --run-name demo-pretrain --resume auto --set tracking.register_model=nestor-demo \
+  ${STEPS_ARGS[@]+"${STEPS_ARGS[@]}"}
 
 step "4/6 export the expert-parallel checkpoint to one safetensors file"
 python tools/export_checkpoint.py --checkpoint runs/demo-pretrain/checkpoints --out runs/demo-pretrain/nestor-demo.safetensors
 
 step "5/6 fine-tune on an unseen 3-channel dataset (1 rank, another ep_size)"
 python nestor_ds/finetune.py --ds_config ds_configs/zero2.json --config configs/finetune_demo.yaml \
-  --pretrained runs/demo-pretrain/checkpoints --run-name demo-finetune --resume auto
+  --pretrained runs/demo-pretrain/checkpoints --run-name demo-finetune --resume auto \
+  --set tracking.register_model=nestor-demo-finetune
 
 step "6/6 evaluate (one-step and rollout L2RE, energy spectra)"
 python -m nestor_ds.evaluate --checkpoint runs/demo-pretrain/nestor-demo.safetensors \
   --data shards/ns2d_fno_demo shards/dr_pdb_demo shards/swe_pdb_demo shards/cfd_pdb_demo \
   --rollout-steps 8 --out runs/demo-pretrain/eval_report.json
-python tools/mlflow_report.py --experiment nestor-ds-demo || true
+python tools/mlflow_report.py --experiment nestor-ds-demo --run demo-pretrain --run demo-finetune || true
 
 printf '\nDone in %d s.\n' $((SECONDS - start))
 echo "Runs and checkpoints:  runs/demo-pretrain, runs/demo-finetune (report: runs/demo-pretrain/eval_report.json)"
+echo "Registered models:     models:/nestor-demo/latest, models:/nestor-demo-finetune/latest (docs/review_runs.md)"
 echo "Open MLflow:           mlflow ui --backend-store-uri ${MLFLOW_TRACKING_URI} --host 127.0.0.1  -> http://127.0.0.1:5000"

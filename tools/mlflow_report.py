@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Side-by-side terminal table of MLflow runs (e.g. NESTOR vs the AFNO baseline).
+"""Side-by-side terminal table of MLflow runs (pre-train vs fine-tune vs scratch, NESTOR vs the AFNO baseline).
 
-Runs are columns, quantities are rows, so a dozen per-dataset L2RE rows still fit a terminal.
-Values are the last logged value of each metric. Examples:
+Runs are columns, quantities are rows, so a dozen per-dataset rows still fit a terminal. Values are the last
+logged value of each metric. Per dataset: which data the run used (`data/<name>`: the context -- train,
+pretrain (a fine-tune's parent data), eval -- and the first 8 characters of the MLflow dataset digest, equal
+digests meaning the same shards mixed with the same weight), then its L2RE rows. Examples:
 
-    python tools/mlflow_report.py                              # latest 6 runs of experiment nestor-ds
-    python tools/mlflow_report.py --run 3f2a... --run 9c1b...  # chosen runs
+    python tools/mlflow_report.py                                    # latest 6 runs of experiment nestor-ds
+    python tools/mlflow_report.py --run demo-pretrain --run demo-finetune --run 9c1b...   # run names or ids
+    python tools/mlflow_report.py --filter "tags.nestor.entry = 'finetune'"              # MLflow search filter
     python tools/mlflow_report.py --metrics train/grad_norm,perf/mfu
 """
 
@@ -24,14 +27,18 @@ PRESET_KEYS = ("nestor.preset", "preset", "config.preset")
 PARAM_COUNT_KEYS = ("nestor.params_total", "total_params")
 ACTIVE_COUNT_KEYS = ("nestor.params_active", "active_params")
 BASE_METRICS = ("train/loss", "train/rel_l2", "perf/samples_per_s", "perf/tflops", "perf/mfu")
-EVAL_RE = re.compile(r"^eval/(?P<ds>.+)/(?P<kind>l2re_1step|l2re_rollout)$")
+EVAL_RE = re.compile(r"^(?P<prefix>eval|eval_before)/(?P<ds>.+)/(?P<kind>l2re_1step|l2re_rollout)$")
+CONTEXT_SHORT = {"training": "train", "pretraining": "pretrain", "evaluation": "eval"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tracking-uri", default=None, help=f"MLflow store (default $MLFLOW_TRACKING_URI or {DEFAULT_URI})")
     p.add_argument("--experiment", default="nestor-ds", help="experiment to list when no --run is given")
-    p.add_argument("--run", action="append", default=[], metavar="RUN_ID", help="run id (repeatable); default: latest runs")
+    p.add_argument("--run", action="append", default=[], metavar="NAME_OR_ID",
+                   help="run name (newest run of that name in --experiment) or run id; repeatable; default: latest runs")
+    p.add_argument("--filter", default="", metavar="EXPR",
+                   help="MLflow search filter for --experiment, e.g. \"tags.nestor.entry = 'finetune'\"")
     p.add_argument("--max-runs", type=int, default=6, help="how many latest runs to show without --run")
     p.add_argument("--metrics", default="", help="extra metric rows, comma-separated (e.g. train/grad_norm,perf/mfu)")
     p.add_argument("--no-eval", action="store_true", help="hide the per-dataset eval rows")
@@ -63,13 +70,39 @@ def _fmt(value) -> str:
 
 
 def fetch_runs(client, args) -> list:
-    """The runs named by --run, else the latest --max-runs of --experiment."""
-    if args.run:
-        return [client.get_run(r) for r in args.run]
+    """The runs named by --run (names or ids, in that order), else the latest --max-runs of --experiment matching --filter."""
     exp = client.get_experiment_by_name(args.experiment)
+    if args.run:
+        return [_find_run(client, exp, r) for r in args.run]
     if exp is None:
-        raise LookupError(f"experiment '{args.experiment}' not found in {client.tracking_uri}")
-    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=args.max_runs)
+        raise LookupError(f"experiment '{args.experiment}' not found")
+    return client.search_runs([exp.experiment_id], filter_string=args.filter, order_by=["attributes.start_time DESC"],
+                              max_results=args.max_runs)
+
+
+def _find_run(client, exp, name_or_id: str):
+    """Newest run called `name_or_id` in the experiment, else the run with that id."""
+    if exp is not None:
+        quoted = name_or_id.replace("'", "\\'")
+        named = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{quoted}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if named:
+            return named[0]
+    try:
+        return client.get_run(name_or_id)
+    except Exception:  # noqa: BLE001
+        where = f"experiment '{exp.name}'" if exp is not None else "the store"
+        raise LookupError(f"no run named or with id '{name_or_id}' in {where}") from None
+
+
+def dataset_cells(run) -> dict[str, str]:
+    """{dataset name: "train 9b191e04, eval 9b191e04"} from the run's MLflow dataset inputs."""
+    cells: dict[str, list[str]] = {}
+    for d in run.inputs.dataset_inputs if run.inputs else []:
+        context = next((t.value for t in d.tags if t.key == "mlflow.data.context"), "-")
+        short = "+".join(CONTEXT_SHORT.get(c, c) for c in context.split("+"))
+        cells.setdefault(d.dataset.name, []).append(f"{short} {d.dataset.digest[:8]}")
+    return {k: ", ".join(sorted(v)) for k, v in cells.items()}
 
 
 def build_table(runs: list, extra_metrics: list[str], show_eval: bool = True) -> list[list[str]]:
@@ -88,10 +121,15 @@ def build_table(runs: list, extra_metrics: list[str], show_eval: bool = True) ->
     for key in list(BASE_METRICS) + [m for m in extra_metrics if m not in BASE_METRICS]:
         rows.append([key] + [_fmt(r.data.metrics[key]) if key in r.data.metrics else "-" for r in runs])
     if show_eval:
-        eval_keys = sorted({k for r in runs for k in r.data.metrics if EVAL_RE.match(k)},
-                           key=lambda k: (EVAL_RE.match(k)["kind"], EVAL_RE.match(k)["ds"]))
-        for key in eval_keys:
-            rows.append([key] + [_fmt(r.data.metrics[key]) if key in r.data.metrics else "-" for r in runs])
+        data = [dataset_cells(r) for r in runs]
+        eval_keys = {k for r in runs for k in r.data.metrics if EVAL_RE.match(k)}
+        datasets = sorted({EVAL_RE.match(k)["ds"] for k in eval_keys} | {ds for cells in data for ds in cells})
+        for ds in datasets:  # one block per dataset: the data each run used, then its errors
+            if any(ds in cells for cells in data):
+                rows.append([f"data/{ds}"] + [cells.get(ds, "-") for cells in data])
+            for key in sorted((k for k in eval_keys if EVAL_RE.match(k)["ds"] == ds),
+                              key=lambda k: (EVAL_RE.match(k)["prefix"] != "eval_before", EVAL_RE.match(k)["kind"])):
+                rows.append([key] + [_fmt(r.data.metrics[key]) if key in r.data.metrics else "-" for r in runs])
     return rows
 
 

@@ -7,6 +7,8 @@ package (`apt-get update && apt-get install -y chromium`).
 
     python tools/screenshot_mlflow.py --run RUN_ID --out docs/mlflow_run.png
     python tools/screenshot_mlflow.py --run RUN_ID --out docs/mlflow_metrics.png --page model-metrics
+    python tools/screenshot_mlflow.py --run ID_A --run ID_B --out docs/mlflow_compare.png    # compare view
+    python tools/screenshot_mlflow.py --model nestor-demo/1 --out docs/mlflow_model.png       # registry page
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, metavar="RUN_ID", help="MLflow run id to show")
+    p.add_argument("--run", action="append", default=[], metavar="RUN_ID",
+                   help="MLflow run id to show; give it twice or more for the compare view")
+    p.add_argument("--model", default=None, metavar="NAME/VERSION", help="show a Model Registry version instead")
     p.add_argument("--out", required=True, type=Path, help="PNG file to write")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="backend store of the run")
     p.add_argument("--page", default="", help="run sub-page: '' (overview), model-metrics, system-metrics, artifacts")
     p.add_argument("--window-size", default="1600,1200", help="browser window WIDTH,HEIGHT")
     p.add_argument("--render-ms", type=int, default=15000, help="virtual time the page gets to load and draw")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for the MLflow server")
+    p.add_argument("--browser-timeout", type=float, default=300.0,
+                   help="seconds Chromium may take beyond --render-ms (a loaded machine needs minutes)")
     p.add_argument("--chromium", default=None, help="browser binary (default: chromium / chromium-browser)")
     return p.parse_args(argv)
 
@@ -76,7 +82,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def screenshot(browser: str, url: str, out: Path, window: str, render_ms: int) -> None:
+def screenshot(browser: str, url: str, out: Path, window: str, render_ms: int, timeout_s: float = 300.0) -> None:
     """Headless Chromium screenshot with networking, sync and updates switched off."""
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         cmd = [
@@ -85,14 +91,34 @@ def screenshot(browser: str, url: str, out: Path, window: str, render_ms: int) -
             "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={out.resolve()}",
             f"--window-size={window}", f"--virtual-time-budget={render_ms}", url,
         ]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120 + render_ms / 1000)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s + render_ms / 1000)
     if res.returncode != 0 or not out.exists():
         tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [""]
         raise RuntimeError(f"chromium failed (exit {res.returncode}): {tail[0][:300]}")
 
 
+def page_url(base: str, runs: list, model: str | None, page: str) -> str:
+    """Run page, compare view (2+ runs) or registry version page; the classic model-training view, not GenAI."""
+    import json
+    from urllib.parse import quote
+
+    if model:
+        name, _, version = model.partition("/")
+        return f"{base}/#/models/{quote(name)}/versions/{version or 1}"
+    if len(runs) > 1:
+        ids = quote(json.dumps([r.info.run_id for r in runs]))
+        exps = quote(json.dumps(sorted({r.info.experiment_id for r in runs})))
+        return f"{base}/#/compare-runs?runs={ids}&experiments={exps}"
+    run = runs[0]
+    suffix = f"/{page}" if page else ""
+    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}{suffix}?workflowType=machine_learning"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.run and not args.model:
+        print("screenshot_mlflow: give --run RUN_ID (twice or more to compare) or --model NAME/VERSION", file=sys.stderr)
+        return 2
     browser = args.chromium or shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         print("screenshot_mlflow: chromium not found (apt-get update && apt-get install -y chromium)", file=sys.stderr)
@@ -102,12 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mlflow.tracking import MlflowClient
 
-    try:
-        run = MlflowClient(args.tracking_uri).get_run(args.run)
-    except Exception as exc:  # noqa: BLE001
-        print(f"screenshot_mlflow: run {args.run} not found in {args.tracking_uri}: {str(exc).splitlines()[0]}",
-              file=sys.stderr)
-        return 2
+    runs = []
+    for run_id in args.run:
+        try:
+            runs.append(MlflowClient(args.tracking_uri).get_run(run_id))
+        except Exception as exc:  # noqa: BLE001
+            print(f"screenshot_mlflow: run {run_id} not found in {args.tracking_uri}: {str(exc).splitlines()[0]}",
+                  file=sys.stderr)
+            return 2
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -119,12 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         wait_for_server(base, proc, args.start_timeout)
-        page = f"/{args.page}" if args.page else ""
-        # MLflow 3 defaults to its GenAI view; ask for the classic model-training one.
-        url = (f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}{page}"
-               "?workflowType=machine_learning")
+        url = page_url(base, runs, args.model, args.page)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        screenshot(browser, url, args.out, args.window_size, args.render_ms)
+        screenshot(browser, url, args.out, args.window_size, args.render_ms, args.browser_timeout)
     except Exception as exc:  # noqa: BLE001 - one line; the server log has the details
         print(f"screenshot_mlflow: {exc} (server log: {log.name})", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ imports webdataset when it first reads.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import urllib.request
@@ -33,6 +34,18 @@ URL_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 _BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
 _SHARD_IN_URL = re.compile(r"(train|test)-\d{6}\.tar")
 FETCH_TIMEOUT_S = 60
+_PIPES_NOTED: set[str] = set()
+
+
+def note_pipe(command: str) -> None:
+    """A `pipe:` URL runs a shell command (code execution, with this process's rights): say which, once per process."""
+    if command in _PIPES_NOTED:
+        return
+    _PIPES_NOTED.add(command)
+    from nestor_ds.tracking.redact import mask_secrets
+
+    logging.getLogger("nestor_ds.data").warning("data: a pipe: URL runs this shell command: %s",
+                                                mask_secrets(command.removeprefix("pipe:"))[:300])
 
 
 def is_url_spec(path: str | Mapping[str, str]) -> bool:
@@ -92,6 +105,7 @@ def read_manifest_at(location: str) -> dict[str, Any]:
             with urllib.request.urlopen(location, timeout=FETCH_TIMEOUT_S) as response:
                 text = response.read().decode("utf-8")
         elif location.startswith("pipe:"):
+            note_pipe(location)
             done = subprocess.run(location[5:], shell=True, capture_output=True, timeout=FETCH_TIMEOUT_S)
             if done.returncode != 0:
                 raise OSError(f"command exited {done.returncode}: {done.stderr.decode(errors='replace').strip()[:200]}")
@@ -115,6 +129,8 @@ def shard_urls(spec: str, manifest: dict[str, Any], split: str, where: str) -> t
     must have exactly one URL (a typo in a brace range fails here instead of silently dropping data).
     """
     by_file: dict[str, str] = {}
+    if spec.startswith("pipe:"):
+        note_pipe(spec)
     for url in expand(spec):
         m = _SHARD_IN_URL.search(url)
         if m is None or m.group(1) != split:

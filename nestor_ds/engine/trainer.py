@@ -94,6 +94,9 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     from nestor_ds.data import TrainStream
     from nestor_ds.model import build_model
     from nestor_ds.tracking import ExpertUsage, Tracker
+    from nestor_ds.tracking.datasets import log_run_inputs
+    from nestor_ds.tracking.model_logging import log_trained_model
+    from nestor_ds.tracking.redact import redact
 
     dist_info = init_distributed()
     threads = set_threads(cfg.train.threads_per_rank, dist_info.local_world_size)
@@ -138,7 +141,8 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     start_step = int(client.get("step", 0))
 
     tracker = Tracker(cfg.tracking, rank=dist_info.rank, entry=entry, run_name=run_name, parent_run_id=parent_run_id,
-                      resume_run_id=client.get("mlflow_run_id"))
+                      resume_run_id=client.get("mlflow_run_id"), buffer_dir=run_dir / "mlflow_buffer")
+    log_run_inputs(tracker, cfg, entry)  # dataset lineage (start of run only)
     usage = ExpertUsage(num_datasets=len(cfg.data.datasets))
     perf = PerfMeter(cfg.model, samples_per_step=micro * accum * dist_info.world_size, device=device)
     stats = perf.model_stats()
@@ -148,7 +152,8 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     tracker.set_tags({"nestor.preset": cfg.preset or cfg.model.arch, "nestor.params_total": stats["total_params"],
                       "nestor.params_active": stats["active_params"]})
 
-    run_config_json = {**cfg.to_dict(), "world_size": dist_info.world_size, "ep_size": ep, "mlflow_run_id": tracker.run_id or ""}
+    run_config_json = redact({**cfg.to_dict(), "world_size": dist_info.world_size, "ep_size": ep,
+                              "mlflow_run_id": tracker.run_id or ""})  # no credentials beside the weights
     if batch_source is None:
         stream = TrainStream(cfg.data, micro_batch=micro, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.train.seed)
         batch_source = stream.batches
@@ -221,6 +226,9 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
         usage.reduce()
         tracker.log_metrics(usage.metrics("experts"), step=step)
         result.final_eval["after"] = _evaluate_eager(compiled, engine, cfg, dist_info, tracker, step=step, usage=usage, figures=True)
+        if dist_info.is_main:  # end of run only: export, log (and register) the model in MLflow
+            log_trained_model(tracker, ckpt_root / ckpt.tag_for(step), run_dir / "model.safetensors",
+                              result.final_eval["after"])
     tracker.finish("KILLED" if result.preempted else "FINISHED")
     if dist_info.is_main:
         log.info("run directory: %s (checkpoints in %s)", run_dir, ckpt_root)

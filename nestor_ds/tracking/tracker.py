@@ -3,9 +3,15 @@
 Why this shape:
 - One MLflow run per training, owned by rank 0; the engine calls the same API on every rank so it
   needs no `if rank == 0` of its own.
-- Tracking must never take training down: an unreachable server costs one warning line at start,
-  and any later MLflow error disables tracking with one warning. HTTP retries are turned off and
-  timeouts shortened before the first request, otherwise MLflow retries for minutes.
+- Tracking must never take training down or slow it: an unreachable server at start costs one warning
+  line and the run trains untracked. Once the run is open, every write goes through an `Outbox`
+  (`buffer.py`): a background thread delivers it, and during an outage it is kept on disk (the run
+  directory's `mlflow_buffer/`) and sent, in order, when the server is back -- so the MLflow history
+  ends equal to `metrics.jsonl`. MLflow's own HTTP retries are turned off and timeouts shortened before
+  the first request (the outbox does the retrying, off the training thread).
+- A resumed run re-opens its MLflow run (id kept in every checkpoint) and does not log a (metric, step)
+  that the run already holds, so steps redone after a resume appear once.
+- Credentials in the tracking URI are masked in everything logged (`redact.py`).
 - Everything goes through an `MlflowClient` bound to this run's URI (no fluent global run stack),
   and system metrics use MLflow's own `SystemMetricsMonitor` -- the same sampler that
   `mlflow.start_run(log_system_metrics=True)` starts -- bound to the same URI and stopped in `finish`.
@@ -23,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nestor_ds.tracking.buffer import Outbox, deliver, one_line, stage_dir
+from nestor_ds.tracking.redact import mask_secrets, redact
 from nestor_ds.tracking.system import run_environment, system_metrics_available
 from nestor_ds.typed_config import flatten  # noqa: F401  (re-exported: nestor_ds.tracking.flatten)
 
@@ -48,6 +56,11 @@ class TrackingConfig:
     figure_every_eval: bool = True
     system_metrics_interval_s: float = 10.0  # sampling period of CPU / memory / GPU metrics
     http_timeout_s: int = 5  # per request; an unreachable server must not stall start-up
+    buffer_max_mb: int = 256  # on-disk outage buffer of one run (metrics beyond it are dropped, counted)
+    retry_max_s: float = 30.0  # longest wait between two delivery attempts during an outage
+    finish_timeout_s: float = 60.0  # at the end, how long to wait for a server that is down before leaving the buffer
+    log_model: bool = True  # log the final weights as an MLflow pyfunc model (docs/review_runs.md)
+    register_model: str | None = None  # also register that model under this name in the Model Registry
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -90,6 +103,7 @@ class Tracker:
         run_name: str | None = None,
         parent_run_id: str | None = None,
         resume_run_id: str | None = None,
+        buffer_dir: str | Path | None = None,
     ) -> None:
         self.cfg = cfg
         self.rank = rank
@@ -99,20 +113,38 @@ class Tracker:
         self.tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
         self._client = None
         self._monitor = None
+        self._outbox: Outbox | None = None
         self._warned_values = False
         self._existing_params: dict[str, str] = {}  # already on the run (resume) or logged here
         self._all_params: dict[str, Any] = {}  # unclipped, for params.json
+        self._logged_upto: dict[str, int] = {}  # resume: highest step per metric the run already holds
+        self._artifact_seq = 0
+        self._pending_tags: dict[str, str] = {}  # resume: the environment tags, sent once the outbox runs
         if rank != 0 or not cfg.enabled:
             return
         # Must be set before the first request: MLflow reads them per request.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.http_timeout_s))
+        if mask_secrets(self.tracking_uri) != self.tracking_uri:  # MLflow prints "View run at <uri>" unmasked
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         try:
             self._start(run_name, parent_run_id, resume_run_id)
         except Exception as exc:  # noqa: BLE001 - any failure means "no tracking", never "no training"
-            log.warning("MLflow tracking disabled: cannot use %s (%s)", self.tracking_uri, _one_line(exc))
+            kept = f"; checkpoints keep MLflow run {resume_run_id}, a later resume re-opens it" if resume_run_id else ""
+            log.warning("MLflow tracking disabled: cannot use %s (%s)%s", mask_secrets(self.tracking_uri),
+                        one_line(exc), kept)
             self._disable_quietly()
+            self.run_id = resume_run_id  # not active, but the run this training belongs to stays named
             return
+        client = self._client
+        self._outbox = Outbox(lambda e: deliver(client, e), buffer_dir, max_bytes=cfg.buffer_max_mb * 2**20,
+                              retry_max_s=cfg.retry_max_s)
+        for left in self._outbox.leftover():  # sent before anything new: they count as "already logged"
+            if left["op"] == "metrics" and left["run"] == self.run_id:
+                for key, _value, _ts, step in left["rows"]:
+                    self._logged_upto[key] = max(self._logged_upto.get(key, -1), int(step))
+        if self._pending_tags:
+            self._put({"op": "tags", "tags": self._pending_tags})
         atexit.register(self._finish_at_exit)
 
     # ------------------------------------------------------------------ start / stop
@@ -131,6 +163,10 @@ class Tracker:
             self.run_id = resume_run_id
             client.update_run(resume_run_id, status="RUNNING", name=run_name)
             self._existing_params.update(run.data.params)
+            # MLflow's latest value of a metric is the one with the highest step: that is how far it got
+            self._logged_upto = {m.key: int(m.step) for m in run.data._metric_objs}
+            self._pending_tags = {_clip(k, KEY_LIMIT): _clip(mask_secrets(str(v)), TAG_VALUE_LIMIT)
+                                  for k, v in env_tags.items()}
         else:
             self.experiment_id = self._experiment_id(client)
             if parent_run_id and self._same_experiment(client, parent_run_id):
@@ -141,10 +177,8 @@ class Tracker:
                 env_tags = resolve_tags(env_tags)  # adds user, source name, ... like mlflow.start_run
             except Exception:  # noqa: BLE001 - the context tags are a nicety
                 pass
-            run = client.create_run(self.experiment_id, tags=env_tags, run_name=run_name)
+            run = client.create_run(self.experiment_id, tags=redact(env_tags), run_name=run_name)
             self.run_id = run.info.run_id
-        if resume_run_id:
-            self.set_tags(env_tags)
         if self.cfg.system_metrics:
             self._start_system_metrics(resume=bool(resume_run_id))
 
@@ -181,23 +215,39 @@ class Tracker:
         )
         self._monitor.start()
 
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait (at most `timeout_s`, default `finish_timeout_s`) until everything logged so far reached MLflow."""
+        if self._outbox is None:
+            return True
+        return self._outbox.flush(self.cfg.finish_timeout_s if timeout_s is None else timeout_s)
+
     def finish(self, status: str = "FINISHED") -> None:
-        """Stop system metrics and mark the run FINISHED / FAILED / KILLED; idempotent."""
-        if self.run_id is None:
+        """Stop system metrics, deliver what is buffered and mark the run FINISHED / FAILED / KILLED; idempotent.
+
+        Waits at most `finish_timeout_s` for a server that is down; what could not be sent stays in the
+        buffer directory and is sent by the next process that opens this run (a resume).
+        """
+        if not self.active:
             return
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             try:
                 monitor.finish()  # joins the sampler thread and flushes what it holds
             except Exception as exc:  # noqa: BLE001
-                log.warning("MLflow system metrics did not stop cleanly: %s", _one_line(exc))
-        self._call(self._client.set_terminated, self.run_id, status)
+                log.warning("MLflow system metrics did not stop cleanly: %s", one_line(exc))
+        self._put({"op": "terminate", "status": status})
+        outbox, self._outbox = self._outbox, None
+        left = outbox.close(self.cfg.finish_timeout_s) if outbox is not None else 0
+        if left:
+            where = outbox.directory or "memory (lost at exit: no buffer directory)"
+            log.warning("MLflow still unreachable after %.0f s: %d entries of run %s kept in %s; they are sent when "
+                        "this run is resumed", self.cfg.finish_timeout_s, left, self.run_id, where)
         self.run_id = None
         self._client = None
 
     def _finish_at_exit(self) -> None:
         """A run still open at interpreter exit did not end through `finish`: record it as failed."""
-        if self.run_id is not None:
+        if self.active:
             self.finish("FAILED")
 
     def __enter__(self) -> Tracker:
@@ -209,22 +259,33 @@ class Tracker:
     # ------------------------------------------------------------------ logging
     @property
     def active(self) -> bool:
-        """True on rank 0 while a run is open and MLflow has not failed."""
-        return self.run_id is not None
+        """True on rank 0 while a run is open (also during a server outage: writes are buffered).
+
+        `run_id` alone may be set on an inactive tracker: a resume whose store was unreachable at start keeps
+        the id of the run it belongs to, so the checkpoints it writes still name it.
+        """
+        return self.run_id is not None and self._outbox is not None
+
+    @property
+    def client(self):
+        """The run's `MlflowClient` (None when inactive); for start/end-of-run extras such as model logging."""
+        return self._client
+
+    def _put(self, entry: dict) -> None:
+        if self._outbox is not None:
+            self._outbox.put({**entry, "run": self.run_id})
 
     def log_params(self, params: dict) -> None:
-        """Nested dicts flattened to "a.b.c"; values stringified and clipped to 500 characters.
+        """Nested dicts flattened to "a.b.c"; values stringified, credentials masked, clipped to 500 characters.
 
         The full, unclipped set also goes to the artifact `params.json` (merged across calls).
         On a resumed run, parameters already present are skipped (MLflow params are immutable).
         """
         if not self.active:
             return
-        flat = {_clip(k, KEY_LIMIT): v for k, v in flatten(params).items()}
+        flat = {_clip(k, KEY_LIMIT): redact(v) for k, v in flatten(params).items()}
         self._all_params.update(flat)
-        from mlflow.entities import Param
-
-        items, changed = [], []
+        items, changed = {}, []
         for key, value in flat.items():
             text = _clip(str(value), PARAM_VALUE_LIMIT)
             old = self._existing_params.get(key)
@@ -232,35 +293,35 @@ class Tracker:
                 if old != text:
                     changed.append(key)
                 continue
-            items.append(Param(key, text))
+            items[key] = text
             self._existing_params[key] = text
         if changed:
             log.warning("MLflow: %d params differ from the resumed run and were not re-logged: %s",
                         len(changed), ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
-        for i in range(0, len(items), PARAMS_PER_BATCH):
-            if not self._call(self._client.log_batch, self.run_id, params=items[i : i + PARAMS_PER_BATCH]):
-                return
+        keys = list(items)
+        for i in range(0, len(keys), PARAMS_PER_BATCH):
+            self._put({"op": "params", "params": {k: items[k] for k in keys[i : i + PARAMS_PER_BATCH]}})
         self.log_dict(self._all_params, "params.json")
 
     def set_tags(self, tags: dict) -> None:
-        """String tags (values clipped), batched."""
+        """String tags (values clipped, credentials masked), batched."""
         if not self.active:
             return
-        from mlflow.entities import RunTag
-
-        items = [RunTag(_clip(str(k), KEY_LIMIT), _clip(str(v), TAG_VALUE_LIMIT)) for k, v in tags.items()]
-        for i in range(0, len(items), PARAMS_PER_BATCH):
-            if not self._call(self._client.log_batch, self.run_id, tags=items[i : i + PARAMS_PER_BATCH]):
-                return
+        items = {_clip(str(k), KEY_LIMIT): _clip(mask_secrets(str(v)), TAG_VALUE_LIMIT) for k, v in tags.items()}
+        keys = list(items)
+        for i in range(0, len(keys), PARAMS_PER_BATCH):
+            self._put({"op": "tags", "tags": {k: items[k] for k in keys[i : i + PARAMS_PER_BATCH]}})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """One batched request per call; tensors and numpy scalars accepted; never raises."""
+        """One batched request per call, sent off the calling thread; tensors and numpy scalars accepted.
+
+        A (metric, step) the run already holds from before a resume is skipped: MLflow keeps every value
+        logged, so a redone step would otherwise appear twice in the history.
+        """
         if not self.active:
             return
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        items = []
+        rows = []
         for key, value in metrics.items():
             try:
                 number = float(value.item() if hasattr(value, "item") else value)
@@ -272,17 +333,21 @@ class Tracker:
             if math.isnan(number) and not self._warned_values:
                 log.warning("MLflow: metric %s is NaN at step %d", key, step)
                 self._warned_values = True
-            items.append(Metric(_clip(key, KEY_LIMIT), number, now, int(step)))
-        for i in range(0, len(items), METRICS_PER_BATCH):
-            if not self._call(self._client.log_batch, self.run_id, metrics=items[i : i + METRICS_PER_BATCH]):
-                return
+            key = _clip(key, KEY_LIMIT)
+            if int(step) <= self._logged_upto.get(key, -1):
+                continue
+            rows.append([key, number, now, int(step)])
+        for i in range(0, len(rows), METRICS_PER_BATCH):
+            self._put({"op": "metrics", "rows": rows[i : i + METRICS_PER_BATCH]})
 
     def log_figure(self, fig, name: str) -> None:
-        """Matplotlib Figure -> `figures/<name>.png` artifact."""
+        """Matplotlib Figure -> `figures/<name>.png` artifact (rendered here, uploaded in the background)."""
         if not self.active:
             return
         name = name if name.endswith(".png") else f"{name}.png"
-        self._call(self._client.log_figure, self.run_id, fig, f"figures/{name}", save_kwargs={"dpi": 110})
+        path = self._stage(Path(name).name)
+        fig.savefig(path, dpi=110)
+        self._put_artifact(path, str(Path("figures", name).parent))
 
     def log_dict(self, d: dict, name: str) -> None:
         """Dict -> JSON artifact `<name>.json` (numpy / torch values converted)."""
@@ -292,20 +357,27 @@ class Tracker:
         try:
             text = json.dumps(d, indent=2, default=_json_default, allow_nan=True)
         except (TypeError, ValueError) as exc:
-            log.warning("MLflow: %s not JSON-serialisable (%s); skipped", name, _one_line(exc))
+            log.warning("MLflow: %s not JSON-serialisable (%s); skipped", name, one_line(exc))
             return
-        self._call(self._client.log_text, self.run_id, text, name)
+        path = self._stage(Path(name).name)
+        path.write_text(text)
+        self._put_artifact(path, str(Path(name).parent))
 
-    # ------------------------------------------------------------------ failure handling
-    def _call(self, fn, *args, **kwargs) -> bool:
-        """Run one MLflow call; on any error warn once, disable tracking and return False."""
-        try:
-            fn(*args, **kwargs)
-            return True
-        except Exception as exc:  # noqa: BLE001 - tracking must never crash training
-            log.warning("MLflow tracking disabled after error in %s: %s", getattr(fn, "__name__", fn), _one_line(exc))
-            self._disable_quietly()
-            return False
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """Dataset inputs (dicts from `nestor_ds.tracking.datasets.describe_*`) for the run's Datasets panel."""
+        if self.active and datasets:
+            self._put({"op": "inputs", "datasets": datasets})
+
+    def _stage(self, filename: str) -> Path:
+        """A fresh staging path that keeps `filename` (the artifact's name in MLflow)."""
+        self._artifact_seq += 1
+        d = stage_dir(self._outbox) / f"{os.getpid()}-{self._artifact_seq:06d}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d / filename
+
+    def _put_artifact(self, path: Path, artifact_dir: str) -> None:
+        self._put({"op": "artifact", "file": str(path), "dir": "" if artifact_dir == "." else artifact_dir,
+                   "staged": True})
 
     def _disable_quietly(self) -> None:
         """Stop the sampler thread and forget the run without further requests."""
@@ -317,9 +389,3 @@ class Tracker:
                 pass
         self.run_id = None
         self._client = None
-
-
-def _one_line(exc: BaseException) -> str:
-    """First line of an exception message, prefixed with its type, for one-line warnings."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

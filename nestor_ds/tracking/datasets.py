@@ -1,0 +1,129 @@
+"""Dataset lineage: the shard datasets of a run as MLflow dataset inputs (the run page's Datasets panel).
+
+Why: a reviewer must see which data a model was trained or evaluated on, and whether two runs used the
+same data. Each shard dataset becomes one MLflow dataset whose
+
+- digest is built from its manifest -- the sha256 of every shard of every split, the source file names --
+  and its mixture weight, so equal digests mean equal bytes mixed the same way (`digest`);
+- source is the shard directory or URL spec (credentials masked);
+- profile lists the mixture weight, source files, trajectory counts, frame shape and channel names.
+
+The context tag (`mlflow.data.context`) says what the run did with it: `training` (its own mixture; its
+test split is also what in-training evaluation scores), `evaluation` (`nestor_ds/evaluate.py`), or
+`pretraining` (a fine-tune's parent data, so a fine-tune shows both). Nothing here reads shard contents:
+the manifest already holds the hashes the builder computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from nestor_ds.tracking.redact import mask_secrets
+
+DIGEST_CHARS = 32  # MLflow stores dataset digests in a 36-character column
+CONTEXT_TAG = "mlflow.data.context"
+
+
+def _spec_field(spec: Any, key: str, default: Any = None) -> Any:
+    return spec.get(key, default) if isinstance(spec, dict) else getattr(spec, key, default)
+
+
+def _read_manifest(spec: Any) -> dict[str, Any] | None:
+    """The dataset's manifest, or None when it cannot be read (lineage is best effort, never an error)."""
+    from nestor_ds.data.config import DatasetSpec, spec_manifest
+
+    try:
+        if isinstance(spec, dict):
+            spec = DatasetSpec(**{k: v for k, v in spec.items() if k in DatasetSpec.__dataclass_fields__})
+        return spec_manifest(spec)
+    except Exception:  # noqa: BLE001 - a moved parent dataset, an offline URL: log what the config says
+        return None
+
+
+def digest(manifest: dict[str, Any] | None, weight: float, path: str) -> str:
+    """Hex digest of (every shard's sha256 per split, source files, mixture weight); path only without a manifest."""
+    if manifest is not None:
+        shards = {split: [[s["file"], s["sha256"]] for s in entry.get("shards", [])]
+                  for split, entry in sorted(manifest.get("splits", {}).items())}
+        key = {"shards": shards, "sources": manifest.get("sources", []), "weight": float(weight)}
+    else:
+        key = {"path": path, "weight": float(weight)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:DIGEST_CHARS]
+
+
+def describe(spec: Any, context: str) -> dict[str, Any]:
+    """One JSON-able dataset description (DatasetSpec or its dict form) for `Tracker.log_inputs`."""
+    name = str(_spec_field(spec, "name"))
+    path = _spec_field(spec, "path")
+    weight = float(_spec_field(spec, "weight", 1.0))
+    where = mask_secrets(json.dumps(path) if isinstance(path, dict) else str(path))
+    manifest = _read_manifest(spec)
+    profile: dict[str, Any] = {"weight": weight}
+    if manifest is not None:
+        profile.update(
+            sources=manifest.get("sources", []),
+            trajectories={s: e.get("count", 0) for s, e in manifest.get("splits", {}).items()},
+            shards={s: len(e.get("shards", [])) for s, e in manifest.get("splits", {}).items()},
+            frame_shape=manifest.get("shape"), channels=manifest.get("channels"), dtype=manifest.get("dtype"))
+    else:
+        profile["manifest"] = "unavailable when this run was logged"
+    is_local = isinstance(path, str) and "://" not in path and not path.startswith("pipe:")
+    source = {"uri": str(Path(path).resolve())} if is_local else {"url": where}
+    return {"name": name, "digest": digest(manifest, weight, where), "source_type": "local" if is_local else "url",
+            "source": json.dumps(source), "profile": json.dumps(profile), "context": context}
+
+
+def describe_all(specs: Iterable[Any], context: str) -> list[dict[str, Any]]:
+    return [describe(s, context) for s in specs]
+
+
+def dataset_inputs(described: list[dict[str, Any]]) -> list[Any]:
+    """MLflow `DatasetInput` entities for `MlflowClient.log_inputs`."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"],
+                                 profile=d.get("profile")),
+                         tags=[InputTag(CONTEXT_TAG, d["context"])]) for d in described]
+
+
+def parent_run_config(pretrained: str) -> dict[str, Any] | None:
+    """The run config saved with a pre-trained checkpoint or export (None if it cannot be read)."""
+    from nestor_ds.checkpoint_io import read_run_config, resolve_checkpoint
+
+    try:
+        p = resolve_checkpoint(pretrained)
+        if p.is_dir():
+            return read_run_config(p)
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:  # metadata only, no tensors read
+            return json.loads((f.metadata() or {})["nestor_config"])
+    except Exception:  # noqa: BLE001 - lineage is best effort
+        return None
+
+
+def log_run_inputs(tracker: Any, cfg: Any, entry: str) -> None:
+    """Start of a training run: its mixture (`training`); a fine-tune also its parent's data (`pretraining`)."""
+    if not tracker.active:
+        return
+    described = describe_all(cfg.data.datasets, "training")
+    if entry == "finetune" and cfg.finetune.pretrained:
+        parent = parent_run_config(cfg.finetune.pretrained) or {}
+        described += describe_all((parent.get("data") or {}).get("datasets", []), "pretraining")
+    tracker.log_inputs(merge_contexts(described))
+
+
+def merge_contexts(described: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (name, digest), contexts joined with "+": MLflow keeps one input per dataset and run, so
+    a fine-tune on (exactly) a dataset of its parent shows it once as `training+pretraining`."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for d in described:
+        key = (d["name"], d["digest"])
+        if key in merged:
+            merged[key]["context"] += f"+{d['context']}"
+        else:
+            merged[key] = dict(d)
+    return list(merged.values())
