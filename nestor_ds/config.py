@@ -39,6 +39,7 @@ class OptimConfig:
     schedule: str = "onecycle"  # onecycle | cosine | constant
     warmup_steps: int = 20
     final_lr_ratio: float = 0.01  # lr at the last step, relative to lr
+    div_factor: float = 25.0  # onecycle starts at lr / div_factor (torch's OneCycleLR default 25; DPOT and NESTOR use 1e4)
 
     def validate(self) -> None:
         _check(self.name in ("adam", "adamw"), "optim.name", f"must be adam or adamw, got {self.name!r}")
@@ -46,6 +47,7 @@ class OptimConfig:
                f"must be onecycle, cosine or constant, got {self.schedule!r}")
         _check(self.lr > 0, "optim.lr", "must be > 0")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.div_factor >= 1, "optim.div_factor", f"must be >= 1 (start lr = lr / div_factor), got {self.div_factor}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "must be two numbers in [0, 1)")
 
 
@@ -70,6 +72,7 @@ class TrainConfig:
     eval_batch_size: int = 4
     eval_max_trajectories: Optional[int] = 8
     eval_rollout_steps: Optional[int] = 5  # None -> every dataset's rollout_steps
+    eval_windows: str = "all"  # all: every start frame with t_in frames before it (DPOT-style) | first: one per trajectory
     ckpt_every: int = 100
     keep_last: int = 3
     output_dir: str = "runs"
@@ -85,6 +88,8 @@ class TrainConfig:
         _check(self.log_every > 0, "train.log_every", "must be > 0")
         _check(not self.cuda_graphs or self.compile, "train.cuda_graphs",
                "needs train.compile: true (the graphs are captured from the compiled regions)")
+        _check(self.eval_windows in ("all", "first"), "train.eval_windows",
+               f"must be all or first, got {self.eval_windows!r}")
 
 
 @dataclass

@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", nargs="+", required=True, metavar="SHARD_DIR", help="built shard directories to score")
     p.add_argument("--rollout-steps", type=int, default=None,
                    help="autoregressive steps; default min(available, the dataset's rollout_steps)")
+    p.add_argument("--windows", choices=("all", "first"), default="all",
+                   help="all: every start frame with t_in frames before it (DPOT-style, default); "
+                        "first: only the first window of each trajectory")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-trajectories", type=int, default=None, help="score only the first N test trajectories")
     p.add_argument("--out", default=None, help="write the JSON report here")
@@ -130,6 +133,7 @@ def log_to_mlflow(report: dict[str, Any], args: argparse.Namespace, run_cfg: dic
 
 def print_summary(report: dict[str, Any]) -> None:
     bands = report["settings"]["spectrum_bands"]
+    print(f"windows: {report['settings']['windows']} (n = scored one-step windows; rollout over windows with K frames left)")
     print(f"{'dataset':24s} {'n':>5s} {'K':>4s} {'L2RE 1-step':>12s} {'L2RE rollout':>13s}  "
           + " ".join(f"spec-{b:>5s}" for b in bands))
     for ds, r in report["datasets"].items():
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = dataset_specs(args.data, run_cfg)
     report = evaluate_model(model, specs, data_config(run_cfg, model.cfg), rollout_steps=args.rollout_steps,
                             batch_size=args.batch_size, device=device, rank=rank, world_size=world,
-                            max_trajectories=args.max_trajectories)
+                            max_trajectories=args.max_trajectories, windows=args.windows)
     report["checkpoint"] = str(args.checkpoint)
     if rank == 0:
         if args.out:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from nestor_ds.config import ConfigError, config_from_dict, flatten, load_config, parse_overrides
@@ -42,6 +44,8 @@ def test_overrides_parse_yaml_values_and_numbers_like_3e_3(tmp_path):
     ({"model": {"t_in": 5}}, "model.t_in = 5 disagrees with data.t_in = 4"),
     ({"finetune": {"freeze": ["heads"]}}, "finetune.freeze unknown part(s) ['heads']"),
     ({"bogus": {}}, "unknown key 'bogus'"),
+    ({"optim": {"div_factor": 0.5}}, "optim.div_factor must be >= 1"),
+    ({"train": {"eval_windows": "last"}}, "train.eval_windows must be all or first"),
 ])
 def test_bad_values_name_the_key(tmp_path, patch, message):
     raw = _base(tmp_path)
@@ -87,5 +91,12 @@ def test_schedules_warm_up_and_decay():
     assert lrs[0] < 1e-4 and max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 9
     assert lrs[-1] == pytest.approx(1e-5, rel=1e-6)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    # the one-cycle start is lr / div_factor (25 by default, as torch's OneCycleLR; DPOT uses 1e4); the first
+    # step is one warm-up increment above it
+    w = 10
+    for div in (25.0, 1e4):
+        start = 1e-3 / div
+        first = start + (1e-3 - start) * (1 - math.cos(math.pi / w)) / 2
+        assert lr_at(0, 100, OptimConfig(lr=1e-3, warmup_steps=w, div_factor=div)) == pytest.approx(first, rel=1e-12)
     const = OptimConfig(lr=1e-3, warmup_steps=4, schedule="constant")
     assert [lr_at(s, 10, const) for s in (0, 3, 9)] == pytest.approx([2.5e-4, 1e-3, 1e-3])

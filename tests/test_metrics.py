@@ -126,43 +126,72 @@ def tiny_shards(tmp_path_factory):
     return cfg
 
 
-def hand_persistence(cfg, K):
-    """Expected one-step and rollout L2RE of persistence, written out with numpy over the eval batches."""
+def hand_persistence(cfg, K, windows):
+    """Expected one-step and rollout L2RE of persistence, written out with numpy from the stored trajectories
+    (read with plain tarfile, not through the evaluation batches): windows "first" = start frame t_in only,
+    "all" = every start frame s >= t_in; rollout scores the windows with K frames left."""
     import numpy as np
 
-    from nestor_ds.data import build_eval_batches
+    from nestor_ds.data import read_trajectories
 
+    t_in = cfg.t_in
     one, roll, curve = [], [], []
-    for b in build_eval_batches(cfg.datasets[0], cfg, 0, 100):
-        x, y = b["x"].numpy().astype(np.float64), b["y"].numpy().astype(np.float64)
-        last = x[..., -1, :]
-        for s in range(x.shape[0]):
-            for c in range(2):  # the real channels; 2 and 3 are padding
-                t = y[s, :, :, :K, c]
-                e = t - last[s, :, :, c][..., None]
-                one.append(np.linalg.norm(e[..., 0]) / np.linalg.norm(t[..., 0]))
-                roll.append(np.linalg.norm(e) / np.linalg.norm(t))
-                curve.append([np.linalg.norm(e[..., k]) / np.linalg.norm(t[..., k]) for k in range(K)])
-    return np.mean(one), np.mean(roll), np.mean(curve, axis=0), len(one) // 2
+    for fields, _ in read_trajectories(cfg.datasets[0].path, "test"):
+        f = fields.astype(np.float64)  # [T, X, Y, c]; stored at the evaluation resolution, no normalisation
+        T = f.shape[0]
+        for s in ([t_in] if windows == "first" else range(t_in, T)):
+            last = f[s - 1]
+            for c in range(f.shape[3]):
+                one.append(np.linalg.norm(f[s, ..., c] - last[..., c]) / np.linalg.norm(f[s, ..., c]))
+                if s + K <= T:
+                    t = f[s:s + K, ..., c]
+                    e = t - last[None, ..., c]
+                    roll.append(np.linalg.norm(e) / np.linalg.norm(t))
+                    curve.append([np.linalg.norm(e[k]) / np.linalg.norm(t[k]) for k in range(K)])
+    c = fields.shape[3]
+    return np.mean(one), np.mean(roll), np.mean(curve, axis=0), len(one) // c, len(roll) // c
 
 
-def test_evaluate_model_persistence_matches_hand_computation(tiny_shards):
+@pytest.mark.parametrize("windows", ["first", "all"])
+def test_evaluate_model_persistence_matches_hand_computation(tiny_shards, windows):
     from nestor_ds.eval import evaluate_model
 
     report = evaluate_model(Persistence(), tiny_shards.datasets, tiny_shards, rollout_steps=None, batch_size=2,
-                            progress=False)
+                            progress=False, windows=windows)
     r = report["datasets"]["pers"]
-    one, roll, curve, n = hand_persistence(tiny_shards, K=3)  # K = the dataset's rollout_steps (5 available)
-    assert r["n_samples"] == n == 5 and r["rollout_steps"] == 3
+    one, roll, curve, n, n_roll = hand_persistence(tiny_shards, K=3, windows=windows)  # K = the dataset's rollout_steps
+    # 5 test trajectories of T = 7 frames, t_in = 2: first -> 5 windows; all -> 5 start frames each, 3 with K frames left
+    assert (n, n_roll) == ((5, 5) if windows == "first" else (25, 15))
+    assert r["n_samples"] == n and r["n_rollout_windows"] == n_roll and r["rollout_steps"] == 3
+    assert r["windows"] == report["settings"]["windows"] == windows
     assert len(r["channels"]) == 2  # padding channels are not reported
     assert r["l2re_1step"] == pytest.approx(one, rel=1e-6)
     assert r["l2re_rollout"] == pytest.approx(roll, rel=1e-6)
     assert r["l2re_curve"] == pytest.approx(list(curve), rel=1e-6)
     assert set(r["spectrum_err_rollout"]) == {"low", "mid", "high"}
     assert report["mean"]["l2re_1step"] == pytest.approx(one, rel=1e-6)
-    # a DataConfig works as `datasets` too (the engine's call), and the result is deterministic
-    again = evaluate_model(Persistence(), tiny_shards, rollout_steps=None, batch_size=3, progress=False)
+    # a DataConfig works as `datasets` too (the engine's call), and the result does not depend on the batch size
+    again = evaluate_model(Persistence(), tiny_shards, rollout_steps=None, batch_size=3, progress=False, windows=windows)
     assert again["datasets"]["pers"]["l2re_rollout"] == pytest.approx(r["l2re_rollout"], rel=1e-12)
+
+
+def test_all_windows_batches_hold_every_start_frame(tiny_shards):
+    """windows='all': one sample per (trajectory, start frame), targets cut at the trajectory's end with zeros."""
+    import numpy as np
+
+    from nestor_ds.data import build_eval_batches, read_trajectories
+
+    batches = list(build_eval_batches(tiny_shards.datasets[0], tiny_shards, 0, 4, windows="all", horizon=3))
+    starts = [(i, s) for b in batches for i, s in zip(b["traj_index"].tolist(), b["start_frame"].tolist())]
+    assert starts == [(i, s) for i in range(5) for s in range(2, 7)]
+    steps = [n for b in batches for n in b["y_steps"].tolist()]
+    assert steps == [3, 3, 3, 2, 1] * 5
+    fields = next(read_trajectories(tiny_shards.datasets[0].path, "test"))[0]  # trajectory 0: [T, X, Y, c]
+    first = batches[1]  # samples 4..7: (0, 6), (1, 2), (1, 3), (1, 4)
+    assert first["start_frame"][0] == 6 and first["y_steps"][0] == 1
+    np.testing.assert_array_equal(first["x"][0, ..., :2].numpy(), fields[4:6].transpose(1, 2, 0, 3))
+    np.testing.assert_array_equal(first["y"][0, :, :, 0, :2].numpy(), fields[6])
+    assert not first["y"][0, :, :, 1:].any()
 
 
 def _dist_worker(rank: int, port: int, cfg, out: str) -> None:
@@ -197,7 +226,8 @@ def test_distributed_reduction_equals_single_process(tiny_shards, tmp_path):
                             progress=False)
     assert r0["datasets"] == r1["datasets"]  # every rank returns the full report
     a, b = r0["datasets"]["pers"], single["datasets"]["pers"]
-    assert a["n_samples"] == b["n_samples"] == 5  # 3 + 2 trajectories: uneven ranks (lock-step padding)
+    # 3 + 2 trajectories of 5 windows each: uneven ranks (lock-step padding); 4 windows each with 2 frames left
+    assert a["n_samples"] == b["n_samples"] == 25 and a["n_rollout_windows"] == b["n_rollout_windows"] == 20
     for key in ("l2re_1step", "l2re_rollout"):
         assert a[key] == pytest.approx(b[key], rel=1e-12)
     assert a["l2re_curve"] == pytest.approx(b["l2re_curve"], rel=1e-12)

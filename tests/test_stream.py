@@ -158,7 +158,7 @@ def test_eval_pass_complete_disjoint_and_resized(dirs):
     cfg = make_cfg(dirs)
     spec = cfg.datasets[1]  # 8x8 -> 16, 2 -> 4 channels
     stored = [f for f, _ in read_trajectories(spec.path, "test")]
-    batches = list(build_eval_batches(spec, cfg, dataset_id=1, batch_size=3))
+    batches = list(build_eval_batches(spec, cfg, dataset_id=1, batch_size=3, windows="first"))
     assert [b["traj_index"].tolist() for b in batches] == [[0, 1]]
     b = batches[0]
     assert b["x"].shape == (2, RES, RES, T_IN, 4) and b["y"].shape == (2, RES, RES, 12 - T_IN, 4)
@@ -171,14 +171,14 @@ def test_eval_pass_complete_disjoint_and_resized(dirs):
         assert (b["x"][i, ..., 2:] == 0).all()
     # ranks: disjoint, complete, and deterministic
     spec = cfg.datasets[0]
-    per_rank = [[i for bt in build_eval_batches(spec, cfg, 0, 1, rank=r, world_size=3) for i in bt["traj_index"].tolist()]
+    per_rank = [[i for bt in build_eval_batches(spec, cfg, 0, 1, rank=r, world_size=3, windows="first") for i in bt["traj_index"].tolist()]
                 for r in range(3)]
     assert sorted(sum(per_rank, [])) == list(range(4)) and len(set(sum(per_rank, []))) == 4
-    one = list(build_eval_batches(spec, cfg, 0, 2))
-    assert_batches_equal(one, list(build_eval_batches(spec, cfg, 0, 2)))
+    one = list(build_eval_batches(spec, cfg, 0, 2, windows="first"))
+    assert_batches_equal(one, list(build_eval_batches(spec, cfg, 0, 2, windows="first")))
     stored = [f for f, _ in read_trajectories(spec.path, "test")]
     assert torch.equal(one[1]["x"][0], torch.from_numpy(stored[2][:T_IN]).permute(1, 2, 0, 3))
-    assert len(list(build_eval_batches(spec, cfg, 0, 2, max_trajectories=3))) == 2
+    assert len(list(build_eval_batches(spec, cfg, 0, 2, max_trajectories=3, windows="first"))) == 2
 
 
 def test_eval_normalisation(dirs):

@@ -1,9 +1,16 @@
-"""Evaluation pass: every test trajectory once, in a fixed order, as (first t_in frames, all later frames).
+"""Evaluation pass over the test split, in a fixed order, as (t_in input frames, the frames that follow).
 
-The order is the manifest's test shards in order and the samples of each shard in tar order (shards behind
-URLs are read sequentially in that order with webdataset);
-`traj_index` is a trajectory's position in that order, so results of different ranks or runs can be
-joined per trajectory. Frames are resized, padded and normalised exactly like training batches.
+Two window sets (``windows``):
+- ``"all"`` (default, as DPOT-style evaluation does): every start frame s with t_in frames before it,
+  s = t_in .. T-1, input frames [s - t_in, s), targets [s, s + horizon) cut at the trajectory's end
+  (``y_steps`` says how many target frames are real; the rest are zeros).
+- ``"first"``: one window per trajectory, input = the first t_in frames, targets = all later frames.
+
+The order is the manifest's test shards in order, the samples of each shard in tar order (shards behind
+URLs are read sequentially in that order with webdataset), then the start frames in order;
+`traj_index` is a trajectory's position in that order and `start_frame` the window's s, so results of
+different ranks or runs can be joined per window. Frames are resized, padded and normalised exactly like
+training batches.
 """
 
 from __future__ import annotations
@@ -59,19 +66,29 @@ def _test_trajectories(info: DatasetInfo, limit: int | None, rank: int,
             index += 1
 
 
+WINDOWS = ("all", "first")
+
+
 def build_eval_batches(spec: DatasetSpec, cfg: DataConfig, dataset_id: int, batch_size: int,
-                       max_trajectories: int | None = None, rank: int = 0,
-                       world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+                       max_trajectories: int | None = None, rank: int = 0, world_size: int = 1,
+                       windows: str = "all", horizon: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Deterministic batches over the test split of one dataset.
 
-    Each batch: x [B, R, R, t_in, C], y [B, R, R, T - t_in, C] (all frames after the input; the
-    evaluator truncates to spec.rollout_steps), channel_mask [B, C], dataset_id [B], traj_index [B].
+    Each batch: x [B, R, R, t_in, C], y [B, R, R, H, C], y_steps [B] (real target frames in y),
+    channel_mask [B, C], dataset_id [B], traj_index [B], start_frame [B].
+    windows="first": one window per trajectory, H = T - t_in (all later frames; the evaluator truncates to
+    its rollout length). windows="all": every start frame, H = min(horizon, T - t_in) (horizon None = T - t_in),
+    windows near the end carry fewer real frames (y_steps < H).
     Trajectories are split across ranks by traj_index % world_size (disjoint, together complete);
     the last batch of a rank may be smaller, and ranks may differ by one trajectory.
     """
     if batch_size < 1 or not (0 <= rank < world_size):
         raise ValueError(f"build_eval_batches: need batch_size >= 1 and 0 <= rank < world_size, "
                          f"got batch_size={batch_size} rank={rank} world_size={world_size}")
+    if windows not in WINDOWS:
+        raise ValueError(f"build_eval_batches: windows={windows!r}, expected one of {WINDOWS}")
+    if horizon is not None and horizon < 1:
+        raise ValueError(f"build_eval_batches: horizon={horizon} must be >= 1 (or None)")
     info = DatasetInfo.from_spec(dataset_id, spec)
     T, _, _, c = info.shape
     if T <= cfg.t_in:
@@ -85,29 +102,44 @@ def build_eval_batches(spec: DatasetSpec, cfg: DataConfig, dataset_id: int, batc
         raise ValueError(f"{spec.path}: manifest lists no test shards")
     R, C = cfg.resolution, cfg.channels
     mean, std = padded_stats(info, C)
+    H = T - cfg.t_in if windows == "first" or horizon is None else min(horizon, T - cfg.t_in)
 
-    def make(items: list[tuple[int, np.ndarray]]) -> dict[str, torch.Tensor]:
+    def make(items: list[tuple[int, int, np.ndarray]]) -> dict[str, torch.Tensor]:
+        """items: (traj_index, start frame s, resized frames [T, R, R, c]) -> one batch."""
         B = len(items)
         x = torch.zeros(B, R, R, cfg.t_in, C)
-        y = torch.zeros(B, R, R, T - cfg.t_in, C)
-        for b, (_, fields) in enumerate(items):
-            frames = resize_frames(fields, R)
-            write_frames(x.numpy()[b], frames[:cfg.t_in])
-            write_frames(y.numpy()[b], frames[cfg.t_in:])
+        y = torch.zeros(B, R, R, H, C)
+        steps = []
+        for b, (_, s, frames) in enumerate(items):
+            target = frames[s:s + H]
+            write_frames(x.numpy()[b], frames[s - cfg.t_in:s])
+            if len(target) == H:
+                write_frames(y.numpy()[b], target)
+            else:  # write_frames needs a contiguous destination: stage the short window
+                part = np.zeros((R, R, len(target), C), np.float32)
+                write_frames(part, target)
+                y[b, :, :, :len(target)] = torch.from_numpy(part)
+            steps.append(len(target))
         if cfg.normalize:
             normalize_(x, np.tile(mean, (B, 1)), np.tile(std, (B, 1)))
             normalize_(y, np.tile(mean, (B, 1)), np.tile(std, (B, 1)))
+            for b, n in enumerate(steps):  # frames past the trajectory's end stay exactly zero
+                y[b, :, :, n:] = 0
         mask = torch.zeros(B, C, dtype=torch.bool)
         mask[:, :c] = True
-        return {"x": x, "y": y, "channel_mask": mask,
+        return {"x": x, "y": y, "y_steps": torch.tensor(steps, dtype=torch.long), "channel_mask": mask,
                 "dataset_id": torch.full((B,), dataset_id, dtype=torch.long),
-                "traj_index": torch.tensor([i for i, _ in items], dtype=torch.long)}
+                "traj_index": torch.tensor([i for i, _, _ in items], dtype=torch.long),
+                "start_frame": torch.tensor([s for _, s, _ in items], dtype=torch.long)}
 
-    items: list[tuple[int, np.ndarray]] = []
-    for item in _test_trajectories(info, max_trajectories, rank, world_size):
-        items.append(item)
-        if len(items) == batch_size:
-            yield make(items)
-            items = []
+    starts = range(cfg.t_in, cfg.t_in + 1) if windows == "first" else range(cfg.t_in, T)
+    items: list[tuple[int, int, np.ndarray]] = []
+    for index, fields in _test_trajectories(info, max_trajectories, rank, world_size):
+        frames = resize_frames(fields, R)
+        for s in starts:
+            items.append((index, s, frames))
+            if len(items) == batch_size:
+                yield make(items)
+                items = []
     if items:
         yield make(items)

@@ -43,7 +43,7 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.O
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``.
 
-    - ``onecycle``: cosine rise from lr/25 to lr over ``warmup_steps``, cosine fall to ``final_lr_ratio * lr``
+    - ``onecycle``: cosine rise from lr / ``div_factor`` to lr over ``warmup_steps``, cosine fall to ``final_lr_ratio * lr``
       (the shape of torch's OneCycleLR, as DPOT and NESTOR train).
     - ``cosine``: linear warm-up from 0, then cosine decay to ``final_lr_ratio * lr``.
     - ``constant``: linear warm-up, then flat.
@@ -51,7 +51,7 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     lr, w = cfg.lr, cfg.warmup_steps
     final = cfg.final_lr_ratio * lr
     if cfg.schedule == "onecycle":
-        start = lr / 25.0
+        start = lr / cfg.div_factor
         if step < w:
             return start + (lr - start) * (1 - math.cos(math.pi * (step + 1) / w)) / 2
     elif step < w:

@@ -289,7 +289,8 @@ def _evaluate(engine: Any, cfg: RunConfig, dist_info: DistInfo, tracker: Any, st
     model.eval()
     report = evaluate_model(model, cfg.data, rollout_steps=cfg.train.eval_rollout_steps, batch_size=cfg.train.eval_batch_size,
                             max_trajectories=cfg.train.eval_max_trajectories, device=engine.device,
-                            progress=dist_info.is_main, dtype=next(model.parameters()).dtype)
+                            progress=dist_info.is_main, dtype=next(model.parameters()).dtype,
+                            windows=cfg.train.eval_windows)
     metrics = {}
     for name, ds in report.get("datasets", {}).items():
         metrics[f"{prefix}/{name}/l2re_1step"] = ds["l2re_1step"]

@@ -12,7 +12,6 @@ Why it looks like this:
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -23,26 +22,31 @@ from .metrics import SpectrumConfig, l2re, l2re_per_step, spectrum_band_error
 
 
 class _Sums:
-    """Float64 sums of per-sample-channel metrics and their counts for one dataset (grows to K, C seen)."""
+    """Float64 sums of per-window, per-channel metrics and their counts for one dataset (grows to K, C seen).
 
-    FIELDS = ("one_step", "rollout", "curve", "spec_one_step", "spec_rollout")
+    One-step metrics count every scored window; rollout metrics (rollout L2RE, per-step curve, rollout
+    spectrum) count only the windows whose horizon lies inside the trajectory (``full``)."""
+
+    ONE_STEP = ("one_step", "spec_one_step")
+    ROLLOUT = ("rollout", "curve", "spec_rollout")
 
     def __init__(self, n_bands: int) -> None:
         self.n_bands = n_bands
         self.k = 0
         self.c = 0
-        self.n_samples = 0
-        self.parts: dict[str, list[torch.Tensor]] = {f: [] for f in self.FIELDS}
+        self.parts: dict[str, list[torch.Tensor]] = {f: [] for f in self.ONE_STEP + self.ROLLOUT}
         self.masks: list[torch.Tensor] = []
+        self.full: list[torch.Tensor] = []
 
     def add(self, one_step: torch.Tensor, rollout: torch.Tensor, curve: torch.Tensor,
-            spec_one: torch.Tensor, spec_roll: torch.Tensor, mask: torch.Tensor) -> None:
+            spec_one: torch.Tensor, spec_roll: torch.Tensor, mask: torch.Tensor, full: torch.Tensor) -> None:
         self.k = max(self.k, curve.shape[1])
         self.c = max(self.c, mask.shape[1])
-        self.n_samples += mask.shape[0]
-        for name, t in zip(self.FIELDS, (one_step, rollout, curve, spec_one, spec_roll)):
+        for name, t in zip(("one_step", "rollout", "curve", "spec_one_step", "spec_rollout"),
+                           (one_step, rollout, curve, spec_one, spec_roll)):
             self.parts[name].append(t.detach().double().cpu())
         self.masks.append(mask.detach().cpu())
+        self.full.append(full.detach().cpu())
 
     def totals(self, k: int, c: int) -> torch.Tensor:
         """Sums and counts packed in one flat float64 vector (for a single all-reduce)."""
@@ -50,23 +54,27 @@ class _Sums:
                 "spec_one_step": torch.zeros(self.n_bands, c), "spec_rollout": torch.zeros(self.n_bands, c)}
         sums = {n: t.double() for n, t in sums.items()}
         count_c = torch.zeros(c, dtype=torch.float64)
-        for i, mask in enumerate(self.masks):
+        count_roll_c = torch.zeros(c, dtype=torch.float64)
+        windows = torch.zeros(2, dtype=torch.float64)  # [scored one-step, scored rollout]
+        for i, (mask, full_B) in enumerate(zip(self.masks, self.full)):
             w = mask.double()
             cc = w.shape[1]
             count_c[:cc] += w.sum(0)
+            count_roll_c[:cc] += w[full_B].sum(0)
+            windows += torch.tensor([float(mask.shape[0]), float(full_B.sum())], dtype=torch.float64)
             sums["one_step"][:cc] += self.parts["one_step"][i].sum(0)
-            sums["rollout"][:cc] += self.parts["rollout"][i].sum(0)
-            curve = self.parts["curve"][i]
-            sums["curve"][:curve.shape[1], :cc] += curve.sum(0)
             sums["spec_one_step"][:, :cc] += torch.nan_to_num(self.parts["spec_one_step"][i]).sum(0)
-            sums["spec_rollout"][:, :cc] += torch.nan_to_num(self.parts["spec_rollout"][i]).sum(0)
+            sums["rollout"][:cc] += self.parts["rollout"][i][full_B].sum(0)
+            curve = self.parts["curve"][i][full_B]
+            sums["curve"][:curve.shape[1], :cc] += curve.sum(0)
+            sums["spec_rollout"][:, :cc] += torch.nan_to_num(self.parts["spec_rollout"][i][full_B]).sum(0)
         flat = [t.reshape(-1) for t in sums.values()]
-        return torch.cat(flat + [count_c, torch.tensor([float(self.n_samples)], dtype=torch.float64)])
+        return torch.cat(flat + [count_c, count_roll_c, windows])
 
 
 def _unpack(flat: torch.Tensor, k: int, c: int, n_bands: int) -> dict[str, torch.Tensor]:
     sizes = {"one_step": (c,), "rollout": (c,), "curve": (k, c), "spec_one_step": (n_bands, c),
-             "spec_rollout": (n_bands, c), "count": (c,), "n_samples": (1,)}
+             "spec_rollout": (n_bands, c), "count": (c,), "count_rollout": (c,), "windows": (2,)}
     out, i = {}, 0
     for name, shape in sizes.items():
         n = int(torch.tensor(shape).prod())
@@ -104,15 +112,9 @@ def _lockstep(batches: Iterable[dict], world_size: int, device: torch.device) ->
         if last is None:
             _, X, Y, T_in, C, T_rest = agreed
             last = {"x": torch.zeros(1, X, Y, T_in, C), "y": torch.zeros(1, X, Y, T_rest, C),
+                    "y_steps": torch.full((1,), T_rest, dtype=torch.long),
                     "channel_mask": torch.ones(1, C, dtype=torch.bool)}
         yield last, False
-
-
-def _rollout_fn(model: torch.nn.Module):
-    """model.rollout(x, steps), passing channel_mask too when the model accepts it."""
-    fn = model.rollout
-    takes_mask = "channel_mask" in inspect.signature(fn).parameters
-    return (lambda x, k, m: fn(x, k, channel_mask=m)) if takes_mask else (lambda x, k, m: fn(x, k))
 
 
 def _names(spec: Any, i: int) -> tuple[str, list[str]]:
@@ -130,8 +132,12 @@ def _names(spec: Any, i: int) -> tuple[str, list[str]]:
 def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_cfg: Any = None, rollout_steps: int | None = None,
                    batch_size: int = 4, device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
                    *, max_trajectories: int | None = None, spectrum: SpectrumConfig | None = None,
-                   progress: bool = True, dtype: torch.dtype | None = None) -> dict[str, Any]:
+                   progress: bool = True, dtype: torch.dtype | None = None, windows: str = "all") -> dict[str, Any]:
     """Evaluate `model` on the test split of each dataset; every rank returns the same report dict.
+
+    windows: "all" (default) scores every start frame that has t_in frames before it (DPOT-style);
+    "first" scores only the first window of each trajectory. One-step metrics average over every scored
+    window, rollout metrics over the windows whose rollout horizon lies inside the trajectory.
 
     datasets: the DatasetSpecs to score (dataset_id = position), or a DataConfig (then its `.datasets`
     are scored and it is also the data_cfg). rollout_steps: frames to roll out autoregressively;
@@ -153,36 +159,39 @@ def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_c
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    rollout = _rollout_fn(model)
     report: dict[str, Any] = {"datasets": {}}
     try:
         for ds_id, spec in enumerate(datasets):
             name, channels = _names(spec, ds_id)
             want = rollout_steps if rollout_steps is not None else getattr(spec, "rollout_steps", None)
             sums = _Sums(spectrum.n_bands)
-            batches = build_eval_batches(spec, data_cfg, ds_id, batch_size, max_trajectories, rank, world_size)
+            horizon = None if want is None else max(1, int(want))
+            batches = build_eval_batches(spec, data_cfg, ds_id, batch_size, max_trajectories, rank, world_size,
+                                         windows=windows, horizon=horizon)
             stream = _lockstep(batches, world_size, device) if world_size > 1 else ((b, True) for b in batches)
             bar = tqdm(stream, desc=f"eval {name}", unit="batch", disable=not progress or rank != 0, leave=False)
             for batch, real in bar:
                 x = batch["x"].to(device, dtype=dtype)  # dtype: the weights' (bf16 under DeepSpeed bf16)
                 y = batch["y"].to(device)
                 mask = batch["channel_mask"].to(device)
-                k = y.shape[3] if want is None else max(1, min(int(want), y.shape[3]))
-                pred1 = model(x, mask).pred[..., :1, :].float()
-                pred_k = rollout(x, k, mask).float()
+                k = y.shape[3] if horizon is None else min(horizon, y.shape[3])
+                # the rollout's first frame is the one-step forecast (eval mode: deterministic), one pass serves both
+                pred_k = model.rollout(x, k, mask).float()
                 if not real:
                     continue
-                true1, true_k = y[..., :1, :].float(), y[..., :k, :].float()
+                full_B = batch["y_steps"] >= k
+                pred1, true1, true_k = pred_k[..., :1, :], y[..., :1, :].float(), y[..., :k, :].float()
                 sums.add(l2re(pred1, true1, mask), l2re(pred_k, true_k, mask), l2re_per_step(pred_k, true_k, mask),
                          spectrum_band_error(pred1, true1, mask, spectrum),
-                         spectrum_band_error(pred_k, true_k, mask, spectrum), mask)
+                         spectrum_band_error(pred_k, true_k, mask, spectrum), mask, full_B)
             kc = _all_reduce(torch.tensor([sums.k, sums.c], dtype=torch.long), dist.ReduceOp.MAX, world_size).tolist()
             flat = _all_reduce(sums.totals(*kc), dist.ReduceOp.SUM, world_size)
-            report["datasets"][name] = _summarise(_unpack(flat, *kc, spectrum.n_bands), channels, spectrum)
+            report["datasets"][name] = {**_summarise(_unpack(flat, *kc, spectrum.n_bands), channels, spectrum),
+                                        "windows": windows}
     finally:
         model.train(was_training)
     report["mean"] = _mean_over_datasets(report["datasets"])
-    report["settings"] = {"rollout_steps": rollout_steps, "batch_size": batch_size,
+    report["settings"] = {"windows": windows, "rollout_steps": rollout_steps, "batch_size": batch_size,
                           "max_trajectories": max_trajectories, "world_size": world_size,
                           "spectrum_bands": spectrum.names(), "spectrum_include_dc": spectrum.include_dc}
     return report
@@ -190,27 +199,29 @@ def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_c
 
 def _summarise(t: dict[str, torch.Tensor], channels: list[str], spectrum: SpectrumConfig) -> dict[str, Any]:
     """Sums -> means over samples (per channel) and over real channels (overall), as plain floats."""
-    count = t["count"]
-    real = (count > 0).nonzero().squeeze(1).tolist()
+    real = (t["count"] > 0).nonzero().squeeze(1).tolist()
     names = [channels[c] if c < len(channels) else f"c{c}" for c in real]
     bands = spectrum.names()
 
-    def per_channel(s: torch.Tensor) -> torch.Tensor:  # [..., C] sums -> [..., C_real] means
+    def per_channel(s: torch.Tensor, count: torch.Tensor) -> torch.Tensor:  # [..., C] sums -> [..., C_real] means
         return (s / count.clamp_min(1))[..., real]
 
-    def overall(s: torch.Tensor) -> torch.Tensor:  # mean over (sample, real channel) pairs
+    def overall(s: torch.Tensor, count: torch.Tensor) -> torch.Tensor:  # mean over (window, real channel) pairs
         return s[..., real].sum(-1) / count[real].sum().clamp_min(1)
 
-    out: dict[str, Any] = {"n_samples": int(t["n_samples"].item()), "channels": names,
+    n_one, n_roll = (int(v) for v in t["windows"].tolist())
+    out: dict[str, Any] = {"n_samples": n_one, "n_rollout_windows": n_roll, "channels": names,
                            "rollout_steps": int(t["curve"].shape[0])}
-    for key, src in (("l2re_1step", "one_step"), ("l2re_rollout", "rollout")):
-        out[key] = float(overall(t[src]))
-        out[f"{key}_per_channel"] = dict(zip(names, per_channel(t[src]).tolist()))
-    out["l2re_curve"] = overall(t["curve"]).tolist()
-    out["l2re_curve_per_channel"] = dict(zip(names, per_channel(t["curve"]).T.tolist()))
-    for key, src in (("spectrum_err_1step", "spec_one_step"), ("spectrum_err_rollout", "spec_rollout")):
-        out[key] = dict(zip(bands, overall(t[src]).tolist()))
-        out[f"{key}_per_channel"] = {n: dict(zip(bands, v)) for n, v in zip(names, per_channel(t[src]).T.tolist())}
+    for key, src, count in (("l2re_1step", "one_step", t["count"]), ("l2re_rollout", "rollout", t["count_rollout"]),
+                            ("l2re_curve", "curve", t["count_rollout"])):
+        out[key] = overall(t[src], count).tolist()
+        out[f"{key}_per_channel"] = dict(zip(names, per_channel(t[src], count).t().tolist()))
+    for key, src, count in (("spectrum_err_1step", "spec_one_step", t["count"]),
+                            ("spectrum_err_rollout", "spec_rollout", t["count_rollout"])):
+        out[key] = dict(zip(bands, overall(t[src], count).tolist()))
+        out[f"{key}_per_channel"] = {n: dict(zip(bands, v)) for n, v in zip(names, per_channel(t[src], count).t().tolist())}
+    if n_roll == 0:  # no window long enough for this horizon: say so instead of reporting 0
+        out["l2re_rollout"] = float("nan")
     return out
 
 

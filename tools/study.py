@@ -1,0 +1,268 @@
+"""Equal-compute study: a matrix {model} x {seed} x {budget} trained and scored through the real pipeline.
+
+    python tools/study.py --spec configs/study_cpu32.yaml            # docs/study/cpu32/ (resumable)
+    python tools/study.py --quick --out /tmp/study_quick              # two tiny trials, a few minutes
+    python tools/study.py --spec configs/study_cpu32.yaml --report-only
+
+Every trial runs the commands a user runs: ``tools/gen_pde.py`` -> ``tools/build_shards.py`` ->
+``nestor_ds/train.py`` (one process, ZeRO-0, a wall-clock budget ``train.time_budget_s`` that the learning-rate
+schedule follows) -> ``python -m nestor_ds.evaluate`` on the test split. Trials run one at a time (so they do
+not share the CPU); a trial whose JSON exists is skipped, so an interrupted study continues where it stopped.
+
+Splits: each family's data comes from two seeded raw files. The first holds train + validation trajectories and
+is built with the validation share as its `test` split (the validation split is cut from the training file);
+the second holds the test trajectories. Training reads the first's train split, the trainer's final evaluation
+scores the validation split (what hyper-parameters may be chosen on), and only ``evaluate`` reads the test split.
+
+The report (``report.md`` + PNG figures, written by ``tools/study_report.py``) is rebuilt from the trial JSONs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+QUICK_SPEC = ROOT / "configs" / "study_quick.yaml"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python tools/study.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", default=None, help="study YAML (see configs/study_cpu32.yaml); default with --quick: "
+                                                "configs/study_quick.yaml")
+    p.add_argument("--quick", action="store_true", help="the two-trial tiny study (CI); implies --spec study_quick")
+    p.add_argument("--out", default=None, help="report directory (default docs/study/<name>)")
+    p.add_argument("--work", default=None, help="data and run directory (default .cache/study/<name>)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from the trial JSONs and exit")
+    p.add_argument("--only", default=None, metavar="SUBSTRING", help="run only trials whose id contains this")
+    args = p.parse_args(argv)
+    if args.spec is None:
+        if not args.quick:
+            p.error("give --spec FILE or --quick")
+        args.spec = str(QUICK_SPEC)
+    return args
+
+
+def load_spec(path: str) -> dict[str, Any]:
+    """The study YAML with its required keys checked (one line naming the key on error)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--spec {p}: file not found")
+    spec = yaml.safe_load(p.read_text()) or {}
+    for key in ("name", "data", "models", "seeds", "budgets_s"):
+        if key not in spec:
+            raise ValueError(f"{p}: missing key '{key}'")
+    data = spec["data"]
+    for key in ("families", "resolution", "frames", "t_in", "train", "val", "test"):
+        if key not in data:
+            raise ValueError(f"{p}: missing key 'data.{key}'")
+    if not isinstance(spec["models"], dict) or not spec["models"]:
+        raise ValueError(f"{p}: 'models' must map names to config sections")
+    transfer = spec.get("transfer")
+    if transfer and transfer.get("held_out") not in data["families"]:
+        raise ValueError(f"{p}: transfer.held_out={transfer.get('held_out')!r} is not one of data.families")
+    return spec
+
+
+def run(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    """Run one pipeline command, its output in log_path; a failure names the command and the log."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = log_path.read_text().splitlines()[-5:]
+        raise RuntimeError(f"study: `{' '.join(cmd[:3])} ...` failed (exit {proc.returncode}); log {log_path}:\n"
+                           + "\n".join(tail))
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def build_data(spec: dict[str, Any], work: Path) -> dict[str, dict[str, Path]]:
+    """Raw files and shards of every family: {family: {"dev": dir (train + validation), "test": dir}}."""
+    d = spec["data"]
+    out: dict[str, dict[str, Path]] = {}
+    py = sys.executable
+    for i, fam in enumerate(d["families"]):
+        dev, test = work / "shards" / f"{fam}_dev", work / "shards" / f"{fam}_test"
+        out[fam] = {"dev": dev, "test": test}
+        if (dev / "manifest.json").is_file() and (test / "manifest.json").is_file():
+            continue
+        raw = work / "raw" / fam
+        if raw.exists():
+            shutil.rmtree(raw)
+        raw.mkdir(parents=True)
+        seed = int(d.get("seed", 1000)) + 10 * i
+        common = ["--pde", fam, "--res", str(d["resolution"]), "--steps", str(d["frames"]), "--quiet"]
+        n_dev = int(d["train"]) + int(d["val"])
+        run([py, "tools/gen_pde.py", *common, "--n", str(n_dev), "--seed", str(seed),
+             "--out", str(raw / f"{fam}_dev.h5")], work / "logs" / "data.log")
+        # the test file holds the test trajectories plus one that lands in its (unused) train split
+        run([py, "tools/gen_pde.py", *common, "--n", str(int(d["test"]) + 1), "--seed", str(seed + 1),
+             "--out", str(raw / f"{fam}_test.h5")], work / "logs" / "data.log")
+        for name, src, frac in ((dev, raw / f"{fam}_dev.h5", int(d["val"]) / n_dev),
+                                (test, raw / f"{fam}_test.h5", int(d["test"]) / (int(d["test"]) + 1))):
+            run([py, "tools/build_shards.py", "--input", str(src), "--out", str(name), "--name", name.name,
+                 "--test-fraction", f"{frac:.6f}", "--overwrite", "--no-progress"], work / "logs" / "data.log")
+    return out
+
+
+def data_section(spec: dict[str, Any], data: dict[str, dict[str, Path]], families: list[str]) -> dict[str, Any]:
+    """The run config's `data:` for training on `families` (validation = the dev dirs' test split)."""
+    d = spec["data"]
+    return {
+        "datasets": [{"name": f"{fam}_dev", "path": str(data[fam]["dev"]), "weight": 1.0,
+                      "rollout_steps": int(d.get("rollout_steps", 5))} for fam in families],
+        "t_in": int(d["t_in"]), "t_ar": 1, "resolution": int(d["resolution"]), "channels": int(d.get("channels", 4)),
+        **(d.get("loader") or {}),
+    }
+
+
+# -------------------------------------------------------------------------------------------- trials
+
+
+def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in (b or {}).items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def trial_config(spec: dict[str, Any], model: str, seed: int, budget_s: float, data: dict[str, Any],
+                 run_dir: Path) -> dict[str, Any]:
+    """Run config YAML of one trial: common sections <- the model's sections <- seed, budget, data, output."""
+    cfg = deep_merge(spec.get("common") or {}, spec["models"][model])
+    cfg = deep_merge(cfg, {
+        "data": data,
+        "train": {"seed": seed, "time_budget_s": float(budget_s), "max_steps": 10 ** 9, "eval_every": 0,
+                  "ckpt_every": 10 ** 9, "keep_last": 1, "output_dir": str(run_dir)},
+        "tracking": {"experiment": f"study-{spec['name']}"},
+    })
+    return cfg
+
+
+def train_and_score(spec: dict[str, Any], trial_id: str, cfg: dict[str, Any], test_dirs: list[Path], work: Path,
+                    entry: str = "nestor_ds/train.py", extra: list[str] | None = None) -> dict[str, Any]:
+    """train.py (or finetune.py) with `cfg`, then evaluate on `test_dirs`; returns the trial record."""
+    run_root = Path(cfg["train"]["output_dir"])
+    if (run_root / trial_id).exists():
+        shutil.rmtree(run_root / trial_id)  # a trial interrupted before its JSON was written starts over
+    cfg_path = work / "configs" / f"{trial_id}.yaml"
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = work / "logs" / f"{trial_id}.log"
+    if log.exists():
+        log.unlink()
+    t0 = time.time()
+    run([sys.executable, entry, "--ds_config", "ds_configs/zero0.json", "--config", str(cfg_path),
+         "--run-name", trial_id, *(extra or [])], log, env)
+    wall = time.time() - t0
+    run_dir = run_root / trial_id
+    report = work / "reports" / f"{trial_id}.json"
+    run([sys.executable, "-m", "nestor_ds.evaluate", "--checkpoint", str(run_dir / "checkpoints"), "--data",
+         *map(str, test_dirs), "--rollout-steps", str(int(spec["data"].get("rollout_steps", 5))),
+         "--out", str(report), "--run-name", f"{trial_id}-test",
+         "--tracking-uri", os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")], log, env)
+    return {"test": json.loads(report.read_text()), **read_run(run_dir), "wall_s": wall}
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """What the trainer wrote: steps, budget spent, throughput, model size, validation scores, expert MI."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    cfg = json.loads(next((run_dir / "checkpoints").glob("*/nestor_config.json")).read_text())
+    final = json.loads((run_dir / "final_eval.json").read_text()) if (run_dir / "final_eval.json").is_file() else {}
+    usage_file = run_dir / "expert_usage.json"
+    usage = json.loads(usage_file.read_text()) if usage_file.is_file() else {}
+    last = rows[-1]
+    sps = [r["perf/samples_per_s"] for r in rows[len(rows) // 10:] if "perf/samples_per_s" in r]
+    return {
+        "steps": last["step"], "train_seconds": last.get("budget/seconds"), "train_flops": last.get("budget/flops"),
+        "samples_per_s": sum(sps) / max(1, len(sps)), "final_loss": last["train/loss"],
+        "loss_curve": [(r["step"], r.get("budget/seconds"), r["train/loss"]) for r in rows],
+        "stats": cfg.get("model_stats", {}), "validation": final, "expert_usage": usage,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import study_report
+
+    args = parse_args(argv)
+    spec = load_spec(args.spec)
+    name = spec["name"]
+    out = Path(args.out or ROOT / "docs" / "study" / name)
+    work = Path(args.work or ROOT / ".cache" / "study" / name).resolve()
+    trials_dir = out / "trials"
+    trials_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    work.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        print(f"study {name}: data -> {work / 'shards'}", flush=True)
+        data = build_data(spec, work)
+        fams = spec["data"]["families"]
+        matrix = [(m, s, b) for b in spec["budgets_s"] for s in spec["seeds"] for m in spec["models"]]
+        plan = [(f"{m}-s{s}-b{int(b)}", "matrix", m, s, b) for m, s, b in matrix]
+        tr = spec.get("transfer")
+        if tr:
+            held, rest = tr["held_out"], [f for f in fams if f != tr["held_out"]]
+            for s in spec["seeds"]:
+                for m in tr.get("models", list(spec["models"])):
+                    plan.append((f"transfer-{m}-s{s}", "transfer", m, s, tr["finetune_budget_s"]))
+        todo = [p for p in plan if not (trials_dir / f"{p[0]}.json").is_file() and (args.only or "") in p[0]]
+        print(f"study {name}: {len(plan)} trials, {len(plan) - len(todo)} done, {len(todo)} to run", flush=True)
+        for n, (trial_id, kind, model, seed, budget) in enumerate(todo, 1):
+            t0 = time.time()
+            print(f"[{n}/{len(todo)}] {trial_id} ...", flush=True)
+            runs = work / "runs"
+            if kind == "matrix":
+                cfg = trial_config(spec, model, seed, budget, data_section(spec, data, fams), runs)
+                record = train_and_score(spec, trial_id, cfg, [data[f]["test"] for f in fams], work)
+            else:
+                record = run_transfer(spec, trial_id, model, seed, data, held, rest, runs, work)
+            record.update({"id": trial_id, "kind": kind, "model": model, "seed": seed, "budget_s": budget})
+            (trials_dir / f"{trial_id}.json").write_text(json.dumps(record, indent=1))
+            print(f"[{n}/{len(todo)}] {trial_id}: test one-step {record['test']['mean']['l2re_1step']:.4f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+    study_report.write_report(spec, out)
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def run_transfer(spec: dict[str, Any], trial_id: str, model: str, seed: int, data: dict[str, dict[str, Path]],
+                 held: str, rest: list[str], runs: Path, work: Path) -> dict[str, Any]:
+    """Pre-train on the other families, then fine-tune on the held-out one, against the same model trained from
+    scratch on the held-out family with the fine-tune budget (the paper's transfer claim)."""
+    tr = spec["transfer"]
+    pre_id, scratch_id = f"{trial_id}-pretrain", f"{trial_id}-scratch"
+    pre_cfg = trial_config(spec, model, seed, tr["pretrain_budget_s"], data_section(spec, data, rest), runs)
+    pre = train_and_score(spec, pre_id, pre_cfg, [data[f]["test"] for f in rest], work)
+    held_data = data_section(spec, data, [held])
+    ft_cfg = trial_config(spec, model, seed, tr["finetune_budget_s"], held_data, runs)
+    ft_cfg["finetune"] = {"load": "all"}
+    ft = train_and_score(spec, trial_id, ft_cfg, [data[held]["test"]], work, entry="nestor_ds/finetune.py",
+                         extra=["--pretrained", str(runs / pre_id / "checkpoints")])
+    scratch_cfg = trial_config(spec, model, seed, tr["finetune_budget_s"], held_data, runs)
+    scratch = train_and_score(spec, scratch_id, scratch_cfg, [data[held]["test"]], work)
+    return {**ft, "pretrain": pre, "scratch": scratch, "held_out": held}
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,204 @@
+"""The study's report: tables and PNG figures from the trial JSONs that ``tools/study.py`` writes.
+
+    python tools/study_report.py docs/study/cpu32 --spec configs/study_cpu32.yaml
+
+Numbers are means over seeds with their standard deviation (n = number of seeds). Test numbers come from
+``nestor_ds.evaluate`` on the test split; validation numbers (the only ones hyper-parameters may be chosen on)
+from the trainer's final evaluation of the validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def fmt(values: list[float], digits: int = 4) -> str:
+    m, s = mean_std(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if math.isfinite(m) else "n/a"
+
+
+def load_trials(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((out / "trials").glob("*.json"))]
+
+
+def _groups(trials: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    g: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for t in trials:
+        if t["kind"] == "matrix":
+            g[(t["model"], float(t["budget_s"]))].append(t)
+    return dict(sorted(g.items()))
+
+
+def _val(t: dict[str, Any], key: str) -> float | None:
+    return (t.get("validation") or {}).get("mean", {}).get(key)
+
+
+def _flops(t: dict[str, Any]) -> float | None:
+    return t.get("train_flops")
+
+
+def figure_vs_cost(groups, path: Path, x_of: str) -> None:
+    """Mean test one-step and rollout L2RE against wall-clock budget or training FLOPs, one line per model."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    models = sorted({m for m, _ in groups})
+    for m in models:
+        pts = [(b, ts) for (mm, b), ts in groups.items() if mm == m]
+        for ax, key in zip(axes, ("l2re_1step", "l2re_rollout")):
+            xs = [b if x_of == "budget" else statistics.fmean(_flops(t) or 0 for t in ts) for b, ts in pts]
+            ms = [mean_std([t["test"]["mean"][key] for t in ts]) for _, ts in pts]
+            ax.errorbar(xs, [v for v, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3, label=m)
+            ax.set_xlabel("training wall-clock budget (s)" if x_of == "budget" else "training FLOPs")
+            ax.set_ylabel(f"test {key} (mean over datasets)")
+            if x_of == "flops":
+                ax.set_xscale("log")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure_rollout_growth(groups, path: Path) -> None:
+    """L2RE at each rollout step at the largest budget (mean over datasets and seeds)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    top = max(b for _, b in groups)
+    for (m, b), ts in groups.items():
+        if b != top:
+            continue
+        curves = [[statistics.fmean(ds["l2re_curve"][k] for ds in t["test"]["datasets"].values())
+                   for k in range(len(next(iter(t["test"]["datasets"].values()))["l2re_curve"]))] for t in ts]
+        mean = [statistics.fmean(c[k] for c in curves) for k in range(len(curves[0]))]
+        ax.plot(range(1, len(mean) + 1), mean, marker="o", label=m)
+    ax.set_xlabel("rollout step")
+    ax.set_ylabel("test L2RE at the step")
+    ax.set_title(f"error growth, budget {top:.0f} s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure_heatmap(trial: dict[str, Any], path: Path) -> bool:
+    """Dataset x image-expert shares of block 0 at the end of training (one NESTOR trial)."""
+    usage = trial.get("expert_usage") or {}
+    if not usage:
+        return False
+    block = sorted(usage)[0]
+    counts = usage[block]["dataset_expert"]
+    names = usage[block].get("datasets") or [str(i) for i in range(len(counts))]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    rows = [[c / max(1, sum(r)) for c in r] for r in counts]
+    im = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("image expert")
+    ax.set_title(f"{trial['id']}: block {block}, MI {usage[block].get('mi', float('nan')):.3f} nats")
+    fig.colorbar(im, ax=ax, label="share of the dataset's samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(spec: dict[str, Any], out: Path) -> Path:
+    """report.md + figures in `out` from `out/trials/*.json`."""
+    trials = load_trials(out)
+    groups = _groups(trials)
+    lines = [f"# Study `{spec['name']}`", "",
+             f"Generated by `python tools/study.py --spec <spec>` from {len(trials)} trial JSONs in `trials/`. "
+             "Mean ± std over seeds. Test = `nestor_ds.evaluate` on the test split (windows: every start frame; "
+             "rollout over the windows with the horizon inside the trajectory); validation = the trainer's final "
+             "evaluation of the validation split cut from the training files.", ""]
+    d = spec["data"]
+    lines += [f"Data: {', '.join(d['families'])} at {d['resolution']}², {d['frames']} frames, t_in {d['t_in']}, "
+              f"{d['train']} train / {d['val']} validation / {d['test']} test trajectories per family; "
+              f"seeds {spec['seeds']}; budgets {spec['budgets_s']} s of training time (evaluation excluded).", ""]
+    if not groups:
+        lines.append("No finished matrix trial yet.")
+    else:
+        lines += ["## Accuracy and cost at equal wall-clock", "",
+                  "| model | budget s | n | test 1-step | test rollout | val 1-step | steps | samples/s | "
+                  "train TFLOPs | active params | GFLOPs/sample |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for (m, b), ts in groups.items():
+            st = ts[0].get("stats") or {}
+            lines.append(
+                f"| {m} | {b:.0f} | {len(ts)} | {fmt([t['test']['mean']['l2re_1step'] for t in ts])} | "
+                f"{fmt([t['test']['mean']['l2re_rollout'] for t in ts])} | {fmt([_val(t, 'l2re_1step') for t in ts])} | "
+                f"{statistics.fmean(t['steps'] for t in ts):.0f} | {statistics.fmean(t['samples_per_s'] for t in ts):.1f} | "
+                f"{statistics.fmean((_flops(t) or 0) for t in ts) / 1e12:.2f} | "
+                f"{st.get('active_params', 0) / 1e6:.3f}M | {st.get('flops_per_sample', 0) / 1e9:.3f} |")
+        top = max(b for _, b in groups)
+        datasets = sorted({ds for ts in groups.values() for t in ts for ds in t["test"]["datasets"]})
+        lines += ["", f"## Per dataset at the largest budget ({top:.0f} s), test one-step / rollout", "",
+                  "| model | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+        for (m, b), ts in groups.items():
+            if b == top:
+                cells = [f"{fmt([t['test']['datasets'][ds]['l2re_1step'] for t in ts], 3)} / "
+                         f"{fmt([t['test']['datasets'][ds]['l2re_rollout'] for t in ts], 3)}" for ds in datasets]
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        figure_vs_cost(groups, out / "l2re_vs_time.png", "budget")
+        figure_vs_cost(groups, out / "l2re_vs_flops.png", "flops")
+        figure_rollout_growth(groups, out / "rollout_growth.png")
+        lines += ["", "![L2RE vs wall-clock](l2re_vs_time.png)", "", "![L2RE vs FLOPs](l2re_vs_flops.png)", "",
+                  "![rollout error growth](rollout_growth.png)", ""]
+        nestor = [t for (m, b), ts in groups.items() if b == top for t in ts if t.get("expert_usage")]
+        if nestor and figure_heatmap(nestor[0], out / "expert_heatmap.png"):
+            mis = defaultdict(list)
+            for t in nestor:
+                for block, u in t["expert_usage"].items():
+                    mis[block].append(u.get("mi"))
+            lines += ["## Expert specialisation", "",
+                      "Mutual information between dataset and image expert at the end of training (nats; "
+                      "0 = no specialisation, ln(min(#datasets, #experts)) = full): "
+                      + ", ".join(f"block {b}: {fmt(v, 3)}" for b, v in sorted(mis.items())), "",
+                      "![dataset x image expert](expert_heatmap.png)", ""]
+    transfer = [t for t in trials if t["kind"] == "transfer"]
+    if transfer:
+        lines += ["## Transfer: pre-train on the other families, fine-tune on the held-out one", "",
+                  f"Held out: {transfer[0]['held_out']}; fine-tune budget {transfer[0]['budget_s']} s, the same "
+                  "budget for training from scratch.", "",
+                  "| model | n | fine-tuned test 1-step | scratch test 1-step | fine-tuned rollout | scratch rollout |",
+                  "|---|---|---|---|---|---|"]
+        by_model = defaultdict(list)
+        for t in transfer:
+            by_model[t["model"]].append(t)
+        for m, ts in sorted(by_model.items()):
+            lines.append(f"| {m} | {len(ts)} | {fmt([t['test']['mean']['l2re_1step'] for t in ts])} | "
+                         f"{fmt([t['scratch']['test']['mean']['l2re_1step'] for t in ts])} | "
+                         f"{fmt([t['test']['mean']['l2re_rollout'] for t in ts])} | "
+                         f"{fmt([t['scratch']['test']['mean']['l2re_rollout'] for t in ts])} |")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    (out / "study.json").write_text(json.dumps({"spec": spec, "trials": trials}, indent=1))
+    return path
+
+
+def main() -> None:
+    import yaml
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="study directory holding trials/")
+    p.add_argument("--spec", required=True, help="the study YAML")
+    a = p.parse_args()
+    print(write_report(yaml.safe_load(Path(a.spec).read_text()), Path(a.out)))
+
+
+if __name__ == "__main__":
+    main()
