@@ -16,7 +16,7 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
 IMAGE_ROUTINGS = ("dropless", "static")
 # Samples per image expert under static routing: ceil(cf * K * B / E). Default: the smallest factor that cost
 # nothing in L2RE against dropless on the demo mixture (docs/benchmarks.md, "Static routing").
-DEFAULT_IMAGE_CAPACITY_FACTOR = 1.5
+DEFAULT_IMAGE_CAPACITY_FACTOR = 1.25
 
 
 @dataclass
