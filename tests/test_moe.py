@@ -328,6 +328,12 @@ def test_capacity_is_rounded_to_eight_and_bounded_by_rows():
     assert cfg.capacity(5) == 5 and cfg.capacity(0) == 0      # never more rows than the call has
 
 
+def test_removed_deepspeed_backend_name_runs_local():
+    """Configs and checkpoints of the removed deepspeed backend keep working: same parameter layout as local's
+    expert-parallel path."""
+    assert MoEConfig(backend="deepspeed", ep_size=2).validate().backend == "local"
+
+
 def test_expert_load_stats():
     uniform = expert_load_stats(torch.tensor([5, 5, 5, 5]))
     assert uniform["entropy_norm"] == pytest.approx(1.0) and uniform["max_share"] == uniform["min_share"] == 0.25
