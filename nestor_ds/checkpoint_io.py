@@ -3,8 +3,8 @@
 Why this module exists: a DeepSpeed-MoE checkpoint is spread over files (non-expert weights in
 `mp_rank_00_model_states.pt`, each token expert in its own `layer_<L>_expert_<E>_mp_rank_00_model_states.pt`
 written by whichever expert-parallel rank held it, keys already renamed to the global expert id) and
-its MoE weights are in the deepspeed backend's per-expert layout. Inference wants one file in the
-single-process `local` layout (grouped [E, F, D] weights), ep_size 1, loadable without DeepSpeed.
+its MoE weights are in the expert-parallel per-expert layout (DeepSpeed-MoE names). Inference wants one file in
+the single-process `local` layout (grouped [E, F, D] weights), ep_size 1, loadable without DeepSpeed.
 
 Safety: nothing here unpickles arbitrary objects. DeepSpeed's `.pt` files are read with
 `torch.load(weights_only=True)`, which DeepSpeed 0.19.8's model-state files pass as they are (plain

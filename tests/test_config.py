@@ -72,14 +72,18 @@ def test_flatten_names_every_leaf(tmp_path):
 
 
 def test_ep_size_resolution():
-    assert resolve_ep_size("auto", 2, 4, "deepspeed") == 2
-    assert resolve_ep_size("auto", 6, 4, "deepspeed") == 2
-    assert resolve_ep_size("auto", 8, 6, "deepspeed") == 2
-    assert resolve_ep_size("auto", 4, 4, "local") == 1
+    assert resolve_ep_size("auto", 2, 4, "local") == 2
+    assert resolve_ep_size("auto", 6, 4, "local") == 2
+    assert resolve_ep_size("auto", 8, 6, "local") == 2
+    assert resolve_ep_size("auto", 4, 4, "local") == 4
+    assert resolve_ep_size(2, 2, 4, "local") == 2
     with pytest.raises(ValueError, match="must divide both the world size"):
-        resolve_ep_size(3, 4, 6, "deepspeed")
-    with pytest.raises(ValueError, match="backend=local keeps all token experts on every rank"):
-        resolve_ep_size(2, 2, 4, "local")
+        resolve_ep_size(3, 4, 6, "local")
+    assert resolve_ep_size("auto", 4, 4, "local", zero_stage=3) == 1     # DeepSpeed: MoE params up to ZeRO-2
+    with pytest.raises(ValueError, match="ZeRO stage 3 does not partition MoE parameters"):
+        resolve_ep_size(2, 2, 4, "local", zero_stage=3)
+    with pytest.raises(ValueError, match="backend=megablocks keeps all token experts on every rank"):
+        resolve_ep_size(2, 2, 4, "megablocks")
     assert resolve_ep_size("auto", 2, 6, "megablocks") == 1  # MegaBlocks experts are not expert-parallel here
     with pytest.raises(ValueError, match="the AFNO baseline has no experts"):
         resolve_ep_size(2, 2, 6, "none")

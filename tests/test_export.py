@@ -1,6 +1,6 @@
 """Export of a real 2-rank, ep_size-2 DeepSpeed checkpoint -> safetensors -> load_pretrained.
 
-The module fixture trains a tiny NESTOR (deepspeed token-MoE backend, ep_size 2, ZeRO-2, gloo) for one
+The module fixture trains a tiny NESTOR (expert-parallel local token MoE, ep_size 2, ZeRO-2, gloo) for one
 step under torchrun, saves it with the engine's own checkpoint writer, and records the DeepSpeed
 engine model's eval output on a fixed input. This file is also that worker (`--worker OUT_DIR`).
 """
@@ -42,6 +42,7 @@ def worker(out: Path) -> None:
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     from nestor_ds.engine.checkpoint import rng_state, save_checkpoint
+    from nestor_ds.engine.distributed import setup_expert_parallel
     from nestor_ds.model import build_model
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -49,6 +50,7 @@ def worker(out: Path) -> None:
     cfg = tiny_config()
     torch.manual_seed(1000 + rank)  # experts differ per rank (DeepSpeed broadcasts the non-expert weights)
     model = build_model(cfg)
+    setup_expert_parallel(model, cfg.moe.ep_size)  # the engine gives the model its expert-parallel group
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "all"})
     ds_cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=ds_cfg)

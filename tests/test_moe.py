@@ -1,15 +1,10 @@
-"""Token-level Sub-MoE (nestor_ds.moe), single process.
-
-The DeepSpeed comparison runs this file as a script in a subprocess (`python tests/test_moe.py
-ds-compare`) so that torch.distributed state never leaks into the pytest process.
-"""
+"""Token-level Sub-MoE (nestor_ds.moe), single process: kernels, routing, losses, padding, static routing (also
+inside NESTOR: equality with dropless, overflow, graph breaks), the expert-parallel layout. Two ranks:
+tests/test_moe_ep.py."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -252,8 +247,8 @@ def test_bad_input_and_config_errors():
         moe(torch.randn(3, D), torch.ones(3))
     for bad in [dict(backend="tutel"), dict(top_k=7), dict(backend="megablocks", ep_size=2), dict(capacity_factor=1.0),
                 dict(routing="bucketed"), dict(routing="static", capacity_factor=0.0),
-                dict(backend="deepspeed", top_k=1), dict(num_experts=6, ep_size=4, backend="deepspeed"),
-                dict(mlp_ratio=0.0), dict(backend="deepspeed", router_noise=0.1)]:
+                dict(num_experts=6, ep_size=4), dict(mlp_ratio=0.0), dict(backend="megablocks", router_noise=0.1),
+                dict(backend="megablocks", routing="static")]:
         with pytest.raises(ValueError, match="moe"):
             MoEConfig(**bad).validate()
 
@@ -333,6 +328,12 @@ def test_capacity_is_rounded_to_eight_and_bounded_by_rows():
     assert cfg.capacity(5) == 5 and cfg.capacity(0) == 0      # never more rows than the call has
 
 
+def test_removed_deepspeed_backend_name_runs_local():
+    """Configs and checkpoints of the removed deepspeed backend keep working: same parameter layout as local's
+    expert-parallel path."""
+    assert MoEConfig(backend="deepspeed", ep_size=2).validate().backend == "local"
+
+
 def test_expert_load_stats():
     uniform = expert_load_stats(torch.tensor([5, 5, 5, 5]))
     assert uniform["entropy_norm"] == pytest.approx(1.0) and uniform["max_share"] == uniform["min_share"] == 0.25
@@ -350,72 +351,31 @@ def test_megablocks_backend_missing_names_requirements_file():
         build_token_moe(MoEConfig(backend="megablocks"), D)
 
 
-# ---------------------------------------------------------------- local vs deepspeed (one process)
+# ---------------------------------------------------------------- expert-parallel layout (one process)
 
-def ds_compare() -> dict:
-    """Runs in a fresh process: local and deepspeed (ep_size=1) on the same weights, same rows."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MOE_TEST_PORT", "29517"),
-                      RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    import deepspeed
-    from nestor_ds.moe.deepspeed_backend import deepspeed_state_from_local, local_state_from_deepspeed
+def test_expert_parallel_layout_tags_roundtrip_and_group_required():
+    """The ep 2 module on each rank holds its slice of the ep 1 weights under DeepSpeed-MoE's names and tags (what
+    DeepSpeed's engine needs for MoE gradient groups and per-expert checkpoint files); the layout converts back."""
+    from nestor_ds.moe.expert_parallel import ExpertParallelTokenMoE, expert_parallel_state_from_local, \
+        local_state_from_expert_parallel
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    report: dict = {}
-    for k in (2, 3):
-        local = make_moe(seed=k, top_k=k)
-        torch.manual_seed(100 + k)
-        ds = build_token_moe(MoEConfig(backend="deepspeed", num_experts=E, top_k=k), D)
-        ds.load_state_dict(deepspeed_state_from_local(local.state_dict()))
-        x = torch.randn(24, D)
-        valid = torch.rand(24) > 0.3
-        x[~valid] = 7.0  # padding content must not matter
-        a, b = local(x, valid), ds(x, valid)
-        g = torch.randn(24, D)
-        ((a.out_ND * g).sum() + a.lb_loss + a.z_loss).backward()
-        ((b.out_ND * g).sum() + b.lb_loss + b.z_loss).backward()
-        ds_grads = local_state_from_deepspeed({n: p.grad for n, p in ds.named_parameters()})
-        grad_err = max((p.grad - ds_grads[n]).abs().max().item() for n, p in local.named_parameters())
-        only = ds(x[valid])  # deepspeed with padding == deepspeed on the valid rows
-        report[f"k{k}"] = {
-            "out_err": (a.out_ND - b.out_ND).abs().max().item(),
-            "lb_err": abs(a.lb_loss.item() - b.lb_loss.item()),
-            "z_err": abs(a.z_loss.item() - b.z_loss.item()),
-            "counts_equal": a.tokens_per_expert_E.tolist() == b.tokens_per_expert_E.tolist(),
-            "grad_err": grad_err,
-            "pad_err": (b.out_ND[valid] - only.out_ND).abs().max().item(),
-            "pad_rows_zero": bool(torch.count_nonzero(b.out_ND[~valid]) == 0),
-            "roundtrip": all(torch.equal(v, local.state_dict()[n])
-                             for n, v in local_state_from_deepspeed(ds.state_dict()).items()),
-        }
-    expert_params = [p for n, p in ds.named_parameters() if "deepspeed_experts" in n]
-    report["tags"] = all(p.allreduce is False and p.group_name == "ep_size_1" for p in expert_params)
-    try:
-        ds(torch.zeros(0, D))
-        report["n0_error"] = ""
-    except ValueError as err:
-        report["n0_error"] = str(err)
-    return report
-
-
-@pytest.mark.timeout(900)
-def test_local_and_deepspeed_agree_ep1(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MOE_TEST_PORT": str(29500 + os.getpid() % 400)}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    proc = subprocess.run([sys.executable, __file__, "ds-compare"], env=env, capture_output=True, text=True,
-                          timeout=880, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    for k in ("k2", "k3"):
-        r = report[k]
-        assert r["out_err"] < 1e-5 and r["lb_err"] < 1e-5 and r["z_err"] < 1e-5 and r["counts_equal"], r
-        assert r["grad_err"] < 1e-5 and r["pad_err"] < 1e-5 and r["pad_rows_zero"] and r["roundtrip"], r
-    assert report["tags"]
-    assert "N=0" in report["n0_error"]
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["ds-compare"]:
-    print(json.dumps(ds_compare()))
+    local = make_moe(seed=5)
+    torch.manual_seed(5)
+    ep = build_token_moe(MoEConfig(num_experts=E, top_k=K, num_shared_experts=1, ep_size=2), D)
+    assert isinstance(ep, ExpertParallelTokenMoE) and ep.ep_rank == 0 and ep.local_experts == E // 2
+    assert all(torch.equal(ep.state_dict()[k], v) for k, v in expert_parallel_state_from_local(
+        local.state_dict(), 0, 2).items())                      # same seed: the ep 1 weights, rank 0's slice
+    experts = [p for n, p in ep.named_parameters() if "deepspeed_experts" in n]
+    assert len(experts) == 3 * E // 2 and all(p.allreduce is False and p.group_name == "ep_size_2" for p in experts)
+    assert all(not hasattr(p, "allreduce") for n, p in ep.named_parameters() if "deepspeed_experts" not in n)
+    from deepspeed.moe.layer import MoE
+    assert isinstance(ep.moe, MoE)                              # what DeepSpeed's engine looks for
+    states = [expert_parallel_state_from_local(local.state_dict(), r, 2) for r in range(2)]
+    back = local_state_from_expert_parallel(states)
+    assert back.keys() == local.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in local.state_dict().items())
+    with pytest.raises(RuntimeError, match="set_expert_parallel_group"):
+        ep(torch.randn(3, D))
 
 
 # ---- static routing inside NESTOR (both MoE levels) ----

@@ -12,7 +12,12 @@ sum(out * g), per-rank batches of T tokens. Three contenders, each timed on both
   - local:  LocalTokenMoE with all 6 experts on each rank (ep 1), the single-process reference.
 A step's time is the slower rank's (max all-reduce). Bytes: every all_to_all_single call is counted (input
 bytes, this rank's own chunk included) forward + backward, per rank. Reported: tokens/s per rank,
-`speedup_vs_legacy` (new / legacy) and `ratio_vs_local_ep1` (new / local), per token count.
+`speedup_vs_legacy` (new / legacy) and `ratio_vs_local_ep1` (new / local), per token count, for two inputs:
+  - `tokens`: random rows, balanced router (the best case for the legacy layer's [E, C, D] buffers);
+  - `skewed_padded`: what NESTOR's image experts feed the token MoE under expert parallelism: 25% padding rows
+    (valid_N False: the legacy layer routes, sends and computes them, as the removed backend did) and a router
+    skewed towards expert 0 (rows shifted along its gate row; the dropless capacity of the legacy layer is the
+    largest expert load, so every expert's buffer grows to it).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 D, E, K, SHARED_HIDDEN = 512, 6, 2, 341
+SKEW = 0.5 / 8     # shift along expert 0's gate row (x sqrt(D)): expert 0 gets ~1/3 of the assignments
 
 
 def _count_all_to_all():
@@ -63,7 +69,7 @@ def _legacy_layer():
         out, _, _ = layer(x)
         return out + shared(x)
 
-    return run, list(layer.parameters()) + list(shared.parameters())
+    return run, list(layer.modules())
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -82,15 +88,26 @@ def worker(args: argparse.Namespace) -> None:
     new = build_token_moe(MoEConfig(**cfg, ep_size=2), D).train()
     set_expert_parallel_group(new, dist.group.WORLD)
     local = build_token_moe(MoEConfig(**cfg), D).train()
-    legacy_run, _ = _legacy_layer()
-    contenders = {"new": lambda x: new(x).out_ND, "local": lambda x: local(x).out_ND, "legacy": legacy_run}
+    legacy_run, legacy_modules = _legacy_layer()
 
-    results = {}
-    for tokens in args.tokens:
+    legacy_gate = next(m for m in legacy_modules if hasattr(m, "wg")).wg.weight
+    with torch.no_grad():                                           # same routing in the new and legacy layers
+        legacy_gate.copy_(new.gate_weight)
+    direction = new.gate_weight.detach()[0] / new.gate_weight.detach()[0].norm()
+    results = {"tokens": {}, "skewed_padded": {}}
+    for scenario, tokens in [(s, t) for s in args.scenarios for t in args.tokens]:
         gen = torch.Generator().manual_seed(100 + rank)
         x = torch.randn(tokens, D, generator=gen)
         g = torch.randn(tokens, D, generator=gen)
-        row = {}
+        valid = None
+        if scenario == "skewed_padded":
+            x = x + SKEW * direction * D ** 0.5
+            valid = torch.arange(tokens) < tokens - tokens // 4
+        contenders = {"new": lambda x: new(x, valid).out_ND, "local": lambda x: local(x, valid).out_ND,
+                      "legacy": legacy_run}
+        with torch.no_grad():
+            counts = local(x, valid).tokens_per_expert_E.float()
+        row = {"max_expert_share": float(counts.max() / counts.sum())}
         for name in args.contenders:
             fn = contenders[name]
             times, sent = [], []
@@ -111,11 +128,11 @@ def worker(args: argparse.Namespace) -> None:
         for key, den in (("speedup_vs_legacy", "legacy"), ("ratio_vs_local_ep1", "local")):
             if "new" in row and den in row:
                 row[key] = row["new"]["tokens_per_s_per_rank"] / row[den]["tokens_per_s_per_rank"]
-        results[str(tokens)] = row
+        results[scenario][str(tokens)] = row
     if rank == 0:
         print("BENCH_RESULT " + json.dumps({"world": dist.get_world_size(), "threads_per_rank": args.threads,
                                             "routing": args.routing, "D": D, "experts": E, "top_k": K,
-                                            "tokens": results}), flush=True)
+                                            **results}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -135,6 +152,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     ap.add_argument("--routing", choices=("dropless", "static"), default="dropless", help="routing of the new path")
     ap.add_argument("--contenders", nargs="+", default=["new", "legacy", "local"], choices=("new", "legacy", "local"))
+    ap.add_argument("--scenarios", nargs="+", default=["tokens", "skewed_padded"], choices=("tokens", "skewed_padded"),
+                    help="inputs (see above; default both)")
     args = ap.parse_args()
     if any(t <= 0 for t in args.tokens) or args.reps < 1 or args.threads < 1:
         ap.error("--tokens, --reps and --threads must be positive")
@@ -152,11 +171,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    for tokens, row in result["tokens"].items():
-        parts = [f"{n} {row[n]['tokens_per_s_per_rank']:.0f} tok/s ({row[n]['all_to_all_bytes_per_rank'] / 1e6:.1f} MB a2a)"
-                 for n in args.contenders]
-        ratios = [f"{k} {row[k]:.2f}" for k in ("speedup_vs_legacy", "ratio_vs_local_ep1") if k in row]
-        print(f"T={tokens}/rank: " + ", ".join(parts) + ("; " + ", ".join(ratios) if ratios else ""))
+    for scenario in args.scenarios:
+        for tokens, row in result[scenario].items():
+            parts = [f"{n} {row[n]['tokens_per_s_per_rank']:.0f} tok/s "
+                     f"({row[n]['all_to_all_bytes_per_rank'] / 1e6:.1f} MB a2a)" for n in args.contenders]
+            ratios = [f"{k} {row[k]:.2f}" for k in ("speedup_vs_legacy", "ratio_vs_local_ep1") if k in row]
+            print(f"{scenario} T={tokens}/rank: " + ", ".join(parts) + ("; " + ", ".join(ratios) if ratios else ""))
 
 
 if __name__ == "__main__":

@@ -76,11 +76,6 @@ def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int) -> tupl
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     if cfg.model.arch == "nestor" and cfg.model.moe.backend == "megablocks" and not ds.get("bf16", {}).get("enabled"):
         raise ValueError("model.moe.backend=megablocks runs its experts in bf16: use a *_bf16.json ds_config")
-    if stage == 3 and cfg.model.arch == "nestor" and cfg.model.moe.backend == "deepspeed":
-        raise ValueError(
-            "ZeRO stage 3 does not support DeepSpeed-MoE (DeepSpeed: 'Native DeepSpeed MoE is not supported with ZeRO "
-            "Stage 3'): use ds_configs/zero2.json (ZeRO-2 partitions gradients and optimizer state, experts stay "
-            "expert-parallel), or model.moe.backend=local / the AFNO baseline with ZeRO-3")
     return micro, accum, stage
 
 

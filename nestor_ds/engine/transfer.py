@@ -1,9 +1,9 @@
 """Carry pre-trained weights into a model built for another problem (fine-tuning).
 
 The source is always the single-process ``local`` layout (``checkpoint_io.load_local_state`` gathers a DeepSpeed
-checkpoint of any world size / ``ep_size``, or reads an export). When the target runs the ``deepspeed`` MoE
-backend, each token-MoE's weights are cut to this rank's experts, so reloading with another world size or
-``ep_size`` works. Tensors whose shape no longer fits (another channel count, ``T_in``, resolution) are
+checkpoint of any world size / ``ep_size``, or reads an export). When the target's token MoE is expert parallel
+(``ep_size > 1``), each token-MoE's weights are cut to this rank's experts, so reloading with another world size
+or ``ep_size`` works. Tensors whose shape no longer fits (another channel count, ``T_in``, resolution) are
 re-initialised and reported; the caller gives them their own learning rate.
 """
 
@@ -69,17 +69,13 @@ def to_target_layout(model: nn.Module, local_state: Mapping[str, torch.Tensor]) 
         if type(module).__name__ == "MegaBlocksTokenMoE":
             raise ValueError(f"{name}: loading pre-trained weights into the megablocks backend is not supported yet; "
                              f"fine-tune with model.moe.backend=local")
-        if isinstance(module, ExpertParallelTokenMoE):
-            ep_rank, ep_size = module.ep_rank, module.ep_size
-        elif type(module).__name__ == "DeepSpeedTokenMoE":   # legacy backend, same parameter layout
-            ep_rank, ep_size = module.ep_rank(), module.ep_size
-        else:
+        if not isinstance(module, ExpertParallelTokenMoE):
             continue
         prefix = name + "."
         sub = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
         if not sub:
             continue
-        converted = expert_parallel_state_from_local(sub, ep_rank=ep_rank, ep_size=ep_size)
+        converted = expert_parallel_state_from_local(sub, ep_rank=module.ep_rank, ep_size=module.ep_size)
         state.update({prefix + k: v for k, v in converted.items()})
     return state
 

@@ -4,8 +4,9 @@
     out = moe(x_ND, valid_N)          # MoEOutput(out_ND, lb_loss, z_loss, tokens_per_expert_E)
 
 Backends: "local" (plain PyTorch, dropless or static routing; expert parallel with all-to-all-v when
-ep_size > 1, see expert_parallel.py), "deepspeed" (legacy deepspeed.moe.layer.MoE), "megablocks" (MegaBlocks
-dMoE, CUDA only).
+ep_size > 1, see expert_parallel.py) and "megablocks" (MegaBlocks dMoE, CUDA only). DeepSpeed's legacy
+deepspeed.moe.layer.MoE backend was removed (slower at every measured size, docs/benchmarks.md);
+tools/bench_moe_ep.py still runs it for comparison.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ __all__ = [
 
 
 def build_token_moe(cfg: MoEConfig, dim: int) -> TokenMoE:
-    """Build the configured backend. The deepspeed backend needs torch.distributed (and, for
-    ep_size > 1, DeepSpeed's expert groups) initialised first: deepspeed.init_distributed()."""
+    """Build the configured backend. With ep_size > 1 the module holds this rank's experts (rank % ep_size of
+    torch.distributed, 0 without it) and needs its group before the first forward: set_expert_parallel_group."""
     cfg.validate()
     if cfg.backend == "local":
         if cfg.ep_size > 1:
@@ -35,10 +36,6 @@ def build_token_moe(cfg: MoEConfig, dim: int) -> TokenMoE:
 
             return ExpertParallelTokenMoE(cfg, dim)
         return LocalTokenMoE(cfg, dim)
-    if cfg.backend == "deepspeed":
-        from .deepspeed_backend import DeepSpeedTokenMoE  # imports deepspeed only when asked for
-
-        return DeepSpeedTokenMoE(cfg, dim)
     from .megablocks_backend import MegaBlocksTokenMoE
 
     return MegaBlocksTokenMoE(cfg, dim)

@@ -40,7 +40,7 @@ def check_input(x_ND: torch.Tensor, valid_N: Optional[torch.Tensor], dim: int) -
 
 
 class ExternalRoutedMoE(TokenMoE):
-    """A backend whose routed experts run in another library (DeepSpeed-MoE, MegaBlocks); shared experts, padding
+    """A backend whose routed experts run in another library (MegaBlocks); shared experts, padding
     handling, losses and counts are ours, so every backend reports the same quantities.
 
     Subclasses set num_experts, top_k, dim, hidden, shared and implement ``gate_weight`` (the library's router
