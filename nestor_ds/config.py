@@ -80,6 +80,8 @@ class TrainConfig:
     stop_at: Optional[int] = None  # stop cleanly after this step, as a preemption would (staged runs, tests)
     compile: bool = False  # regional torch.compile of the model's blocks (nestor_ds/engine/compile.py)
     cuda_graphs: bool = False  # CUDA graphs for the compiled regions (needs compile, CUDA and static routing)
+    time_budget_s: Optional[float] = None  # stop after this many seconds of training (evaluation/saves excluded)
+    flop_budget: Optional[float] = None  # stop after this many training FLOPs (3 x forward, analytic)
 
     def validate(self) -> None:
         _check(self.max_steps > 0, "train.max_steps", "must be > 0")
@@ -90,6 +92,10 @@ class TrainConfig:
                "needs train.compile: true (the graphs are captured from the compiled regions)")
         _check(self.eval_windows in ("all", "first"), "train.eval_windows",
                f"must be all or first, got {self.eval_windows!r}")
+        for key in ("time_budget_s", "flop_budget"):
+            value = getattr(self, key)
+            _check(value is None or (isinstance(value, (int, float)) and value > 0), f"train.{key}",
+                   f"must be a positive number or null, got {value!r}")
 
 
 @dataclass

@@ -182,19 +182,18 @@ def train_and_score(spec: dict[str, Any], trial_id: str, cfg: dict[str, Any], te
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    """What the trainer wrote: steps, budget spent, throughput, model size, validation scores, expert MI."""
+    """What the trainer wrote (metrics.jsonl, run_summary.json): steps, budget spent, throughput, model size,
+    validation scores, expert usage."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    cfg = json.loads(next((run_dir / "checkpoints").glob("*/nestor_config.json")).read_text())
-    final = json.loads((run_dir / "final_eval.json").read_text()) if (run_dir / "final_eval.json").is_file() else {}
-    usage_file = run_dir / "expert_usage.json"
-    usage = json.loads(usage_file.read_text()) if usage_file.is_file() else {}
-    last = rows[-1]
+    summary = json.loads((run_dir / "run_summary.json").read_text())
     sps = [r["perf/samples_per_s"] for r in rows[len(rows) // 10:] if "perf/samples_per_s" in r]
     return {
-        "steps": last["step"], "train_seconds": last.get("budget/seconds"), "train_flops": last.get("budget/flops"),
-        "samples_per_s": sum(sps) / max(1, len(sps)), "final_loss": last["train/loss"],
+        "steps": summary["steps"], "train_seconds": summary.get("budget/seconds"),
+        "train_flops": summary.get("budget/flops"), "samples_per_s": sum(sps) / max(1, len(sps)),
+        "final_loss": rows[-1]["train/loss"],
         "loss_curve": [(r["step"], r.get("budget/seconds"), r["train/loss"]) for r in rows],
-        "stats": cfg.get("model_stats", {}), "validation": final, "expert_usage": usage,
+        "stats": summary.get("model_stats", {}), "validation": summary.get("final_eval", {}),
+        "expert_usage": summary.get("expert_usage", {}),
     }
 
 

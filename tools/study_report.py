@@ -108,7 +108,7 @@ def figure_heatmap(trial: dict[str, Any], path: Path) -> bool:
     im = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1)
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("image expert")
-    ax.set_title(f"{trial['id']}: block {block}, MI {usage[block].get('mi', float('nan')):.3f} nats")
+    ax.set_title(f"{trial['id']}: block {block}, MI {usage[block].get('mi_bits', float('nan')):.3f} bits")
     fig.colorbar(im, ax=ax, label="share of the dataset's samples")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -163,10 +163,10 @@ def write_report(spec: dict[str, Any], out: Path) -> Path:
             mis = defaultdict(list)
             for t in nestor:
                 for block, u in t["expert_usage"].items():
-                    mis[block].append(u.get("mi"))
+                    mis[block].append(u.get("mi_bits"))
             lines += ["## Expert specialisation", "",
-                      "Mutual information between dataset and image expert at the end of training (nats; "
-                      "0 = no specialisation, ln(min(#datasets, #experts)) = full): "
+                      "Mutual information between dataset and image expert at the end of training (bits; "
+                      "0 = no specialisation, log2(min(#datasets, #experts)) = full): "
                       + ", ".join(f"block {b}: {fmt(v, 3)}" for b, v in sorted(mis.items())), "",
                       "![dataset x image expert](expert_heatmap.png)", ""]
     transfer = [t for t in trials if t["kind"] == "transfer"]

@@ -11,7 +11,7 @@ scheduler state to continue the same trajectory.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -40,13 +40,15 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.O
     return cls(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
+def lr_at(step: int, total_steps: int, cfg: OptimConfig, fraction: Optional[float] = None) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``.
 
-    - ``onecycle``: cosine rise from lr / ``div_factor`` to lr over ``warmup_steps``, cosine fall to ``final_lr_ratio * lr``
-      (the shape of torch's OneCycleLR, as DPOT and NESTOR train).
+    - ``onecycle``: cosine rise from lr / ``div_factor`` to lr over ``warmup_steps``, cosine fall to
+      ``final_lr_ratio * lr`` (the shape of torch's OneCycleLR, as DPOT and NESTOR train).
     - ``cosine``: linear warm-up from 0, then cosine decay to ``final_lr_ratio * lr``.
     - ``constant``: linear warm-up, then flat.
+    ``fraction``: share of a time/FLOP budget spent (``engine/budget.py``); the decay then follows whichever of
+    budget and steps is further along, so a budgeted run reaches the final lr when its budget runs out.
     """
     lr, w = cfg.lr, cfg.warmup_steps
     final = cfg.final_lr_ratio * lr
@@ -60,6 +62,8 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
         return lr
     span = max(1, total_steps - w - 1)
     progress = min(1.0, (step - w) / span)
+    if fraction is not None:
+        progress = max(progress, min(1.0, fraction))
     return final + (lr - final) * (1 + math.cos(math.pi * progress)) / 2
 
 

@@ -24,6 +24,7 @@ import torch
 
 from nestor_ds.config import RunConfig, format_config
 from nestor_ds.engine import checkpoint as ckpt
+from nestor_ds.engine.budget import Budget
 from nestor_ds.engine.compile import CompilePlan, apply_compile, eager_for_evaluation
 from nestor_ds.engine.distributed import (DistInfo, any_rank, derive_seed, init_distributed, resolve_ep_size,
                                           set_threads, setup_expert_parallel)
@@ -159,7 +160,11 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
         result.final_eval["before"] = _evaluate_eager(compiled, engine, cfg, dist_info, tracker, step=start_step, prefix="eval_before")
 
     total = cfg.train.max_steps
-    progress = _progress(dist_info.is_main, start_step, total, run_name)
+    # a time/FLOP budget (engine/budget.py): the schedule follows the share spent, the loop stops when it is spent
+    budget = Budget(cfg.train.time_budget_s, cfg.train.flop_budget,
+                    flops_per_step=3.0 * stats["flops_per_sample"] * micro * accum * dist_info.world_size)
+    budget.load(client.get("budget"), start_step)
+    progress = _progress(dist_info.is_main, start_step, None if budget.active else total, run_name)
     step = start_step
     # the hot loop reads nothing from the device: loss parts, grad norms and routing wait in `pending` until a
     # logging step (every log_every steps, the first and last step, before evaluations and checkpoints)
@@ -167,24 +172,31 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     interval_start, interval_steps = time.perf_counter(), 0
     with _Preemption() as preempt:
         while step < total:
-            lr = lr_at(step, total, cfg.optim)
+            lr = lr_at(step, total, cfg.optim, fraction=budget.fraction(step))
             apply_lr(optimizer, lr)
             parts_P = _optimizer_step(engine, batches, cfg, dist_info.rank, step, accum, input_dtype, pending, compiled)
             step += 1
             pending.add_step(step, lr, parts_P, engine.get_global_grad_norm())
             interval_steps += 1
 
-            last = step == total
-            evaluate = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and not last
+            last = step == total or budget.exhausted(step)
             checkpoint = last or step % cfg.train.ckpt_every == 0 or step == cfg.train.stop_at
-            if not (step % cfg.train.log_every == 0 or last or step == start_step + 1 or evaluate or checkpoint):
+            evaluate = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0
+            if not (step % cfg.train.log_every == 0 or last or step == start_step + 1 or evaluate or checkpoint
+                    or budget.needs_check(step)):
                 continue
-            # logging step: one read of everything since the last one; preemption agreed on here (a collective)
+            # logging step: one read of everything since the last one; preemption (and the seconds spent, under a
+            # time budget) agreed on here (collectives)
             now = time.perf_counter()
             timing = perf.step((now - interval_start) / interval_steps)
+            if budget.time_s is not None:
+                budget.agree(step, now - interval_start, interval_steps)
+                if budget.exhausted(step):
+                    last = checkpoint = True
+            evaluate = evaluate and not last  # the final evaluation runs after the loop
             interval_start, interval_steps = now, 0
             for logged_step, m in pending.flush():
-                metrics = {**m, **timing}
+                metrics = {**m, **timing, **(budget.metrics(logged_step) if budget.active else {})}
                 result.losses.append(metrics["train/loss"])
                 if dist_info.is_main:
                     with open(run_dir / "metrics.jsonl", "a") as f:
@@ -205,13 +217,17 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
                 state = {
                     "step": step, "samples_seen": step * micro * accum * dist_info.world_size,
                     "data_position": step * accum, "rng": ckpt.rng_state(), "config_digest": cfg.digest(),
-                    "mlflow_run_id": tracker.run_id or "",
+                    "mlflow_run_id": tracker.run_id or "", "budget": budget.state(step),
                 }
                 tag_dir = ckpt.save_checkpoint(engine, ckpt_root, step, state, run_config_json, cfg.train.keep_last)
                 progress.note(f"checkpoint {tag_dir}")
-            if stop:
+            if stop and not last:
                 result.preempted = True
                 progress.note(f"preempted: stopped cleanly at step {step}; resume with --resume auto")
+                break
+            if last:
+                if step < total:
+                    progress.note(f"budget spent at step {step}: {budget.metrics(step)}")
                 break
             interval_start = time.perf_counter()   # evaluation and checkpoint time is not step time
     progress.close()
@@ -221,6 +237,8 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
         usage.reduce()
         tracker.log_metrics(usage.metrics("experts"), step=step)
         result.final_eval["after"] = _evaluate_eager(compiled, engine, cfg, dist_info, tracker, step=step, usage=usage, figures=True)
+        if dist_info.is_main:
+            _write_summary(run_dir / "run_summary.json", cfg, step, stats, budget, result.final_eval["after"], usage)
         if dist_info.is_main:  # end of run only: export, log (and register) the model in MLflow
             log_trained_model(tracker, ckpt_root / ckpt.tag_for(step), run_dir / "model.safetensors",
                               result.final_eval["after"])
@@ -228,6 +246,17 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     if dist_info.is_main:
         log.info("run directory: %s (checkpoints in %s)", run_dir, ckpt_root)
     return result
+
+
+def _write_summary(path: Path, cfg: RunConfig, step: int, stats: dict[str, Any], budget: Budget,
+                   final_eval: dict[str, Any], usage: Any) -> None:
+    """run_summary.json beside metrics.jsonl: what a finished run reached and cost (read by tools/study.py)."""
+    names = [d.name for d in cfg.data.datasets]
+    experts = {str(b): {"dataset_expert": usage.counts_matrix(b).tolist(), "mi_bits": usage.specialisation(b),
+                        "datasets": names} for b in sorted(usage.blocks)}
+    summary = {"steps": step, "model_stats": stats, **budget.metrics(step), "final_eval": final_eval,
+               "expert_usage": experts}
+    path.write_text(json.dumps(summary, indent=1))
 
 
 def _optimizer_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], cfg: RunConfig, rank: int, step: int,
@@ -312,7 +341,7 @@ def _evaluate_eager(plan: CompilePlan, *args: Any, **kwargs: Any) -> dict[str, A
 class _progress:
     """Rank-0 progress bar (step, loss, samples/s, ETA); other ranks stay quiet."""
 
-    def __init__(self, enabled: bool, start: int, total: int, name: str) -> None:
+    def __init__(self, enabled: bool, start: int, total: Optional[int], name: str) -> None:
         self.bar = None
         if enabled:
             from tqdm import tqdm
