@@ -5,8 +5,9 @@
 #   tools/soak.sh [--cycles 20] [--steps 60] [--work DIR] [--launcher torchrun|deepspeed] [--seed S]
 #
 # Each cycle starts `train.py --resume auto`, waits until a random number of new steps are in metrics.jsonl,
-# then does one of: kill -9 of one rank, kill -9 of the whole process group, SIGTERM to the process group
-# (preemption: checkpoint at the next step boundary), SIGTERM to the launcher only. Checkpoints every 3 steps
+# then does one of: kill -9 of one rank, kill -9 of the launcher and every rank, SIGTERM to the launcher and every
+# rank (preemption: checkpoint at the next step boundary), SIGTERM to the launcher only. The run ends early when
+# it reaches --steps (1-3 new steps per cycle: keep --steps >= 3 x --cycles). Checkpoints every 3 steps
 # so that kills land before, during and after saves. After the cycles, the run is resumed to the end and
 # compared with an uninterrupted reference run of the same config: the same steps in metrics.jsonl with
 # values within 1e-6 relative (loss, lr, grad norm; timing columns excluded; the bar of
@@ -19,7 +20,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --cycles) CYCLES=$2; shift 2;; --steps) STEPS=$2; shift 2;; --work) WORK=$2; shift 2;;
     --launcher) LAUNCHER=$2; shift 2;; --seed) SEED=$2; shift 2;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0;;
     *) echo "soak.sh: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -57,8 +58,11 @@ launch() {  # launch RUN_NAME [extra args...] -> background job, pid in $JOB
   fi
 }
 steps_done() { [ -f "$WORK/runs/$1/metrics.jsonl" ] && wc -l <"$WORK/runs/$1/metrics.jsonl" || echo 0; }
-ranks_of() { pgrep -g "$1" -f "nestor_ds/train.py" | while read -r p; do
-  if tr '\0' ' ' </proc/$p/cmdline 2>/dev/null | grep -qv "torch.distributed.run\|deepspeed.launcher\|bin/deepspeed"; then echo "$p"; fi; done; }
+descendants() {  # all processes below $1 (torchrun starts its workers in their own sessions: not in our group)
+  local c; for c in $(pgrep -P "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done; }
+ranks_of() { local p; for p in $(descendants "$1"); do
+  tr '\0' ' ' </proc/$p/cmdline 2>/dev/null | grep -q "nestor_ds/train.py" &&
+    ! tr '\0' ' ' </proc/$p/cmdline | grep -q "torch.distributed.run\|deepspeed.launcher\|bin/deepspeed" && echo "$p"; done; }
 
 rm -rf "$WORK/runs/soak" "$WORK/runs/ref" "$WORK/soak.log" "$WORK/ref.log"
 echo "soak.sh: reference run ($STEPS steps, $LAUNCHER, seed $SEED)"
@@ -67,23 +71,26 @@ launch ref; wait "$JOB"
 for i in $(seq 1 "$CYCLES"); do
   before=$(steps_done soak)
   [ "$before" -ge "$STEPS" ] && break
-  target=$((before + 1 + RANDOM % 5))
+  target=$((before + 1 + RANDOM % 3))
   action=$((RANDOM % 4))
   launch soak --resume auto
-  pgid=$JOB
   for _ in $(seq 1 1200); do  # bounded: 10 min
-    [ "$(steps_done soak)" -ge "$target" ] || ! kill -0 "$pgid" 2>/dev/null && break
+    [ "$(steps_done soak)" -ge "$target" ] || ! kill -0 "$JOB" 2>/dev/null && break
     sleep 0.5
   done
+  job=("$JOB" $(descendants "$JOB"))
   case $action in
-    0) what="kill -9 one rank"; victim=$(ranks_of "$pgid" | head -1); [ -n "$victim" ] && kill -9 "$victim" || true;;
-    1) what="kill -9 the process group"; kill -9 -- -"$pgid" 2>/dev/null || true;;
-    2) what="SIGTERM to the process group"; kill -TERM -- -"$pgid" 2>/dev/null || true;;
-    3) what="SIGTERM to the launcher only"; kill -TERM "$pgid" 2>/dev/null || true;;
+    0) what="kill -9 one rank"; victim=$(ranks_of "$JOB" | head -1); [ -n "$victim" ] && kill -9 "$victim" || what="$what (none left)";;
+    1) what="kill -9 the launcher and every rank"; kill -9 "${job[@]}" 2>/dev/null || true;;
+    2) what="SIGTERM to the launcher and every rank"; kill -TERM "${job[@]}" 2>/dev/null || true;;
+    3) what="SIGTERM to the launcher only"; kill -TERM "$JOB" 2>/dev/null || true;;
   esac
-  for _ in $(seq 1 600); do [ -z "$(pgrep -g "$pgid" 2>/dev/null)" ] && break; sleep 0.5; done  # bounded
-  kill -9 -- -"$pgid" 2>/dev/null || true  # anything left (orphans after a launcher kill are a failure below)
-  wait "$pgid" 2>/dev/null || true
+  for _ in $(seq 1 600); do  # bounded: 5 min for a checkpoint and a clean stop
+    alive=0; for p in "${job[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break; sleep 0.5
+  done
+  [ $alive = 1 ] && echo "soak.sh: cycle $i: processes still alive 5 min after '$what': killed" && { kill -9 "${job[@]}" 2>/dev/null || true; }
+  wait "$JOB" 2>/dev/null || true
   echo "soak.sh: cycle $i: $what at step >= $target (metrics rows now $(steps_done soak))"
 done
 echo "soak.sh: final resume to step $STEPS"
