@@ -141,7 +141,7 @@ def test_compiled_training_resumes_exactly(tiny_shards, tmp_path):
                        train={"max_steps": 4, "ckpt_every": 100, "input_noise": 5e-4, "compile": True,
                               "log_every": 3}, tracking={"enabled": False})
     ds = str(ds_config(tmp_path, stage=2))
-    full = run_training(load_config(path), ds, run_name="full")
+    run_training(load_config(path), ds, run_name="full")
     run_training(load_config(path, ["train.stop_at=2"]), ds, run_name="cut")
     cut = run_training(load_config(path), ds, run_name="cut", resume="auto")
     assert cut.steps == 4
