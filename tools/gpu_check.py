@@ -186,7 +186,7 @@ def train_entry(workdir: Path) -> dict:
               "train.max_steps=20", "train.eval_every=0", "train.ckpt_every=20", "tracking.enabled=false",
               f"train.output_dir={workdir / 'runs'}"]
     results = {}
-    for label, ds, extra in (("zero2_bf16_deepspeed_moe", "zero2_bf16.json", ["model.preset=nestor-tiny", "model.moe.backend=deepspeed"]),
+    for label, ds, extra in (("zero2_bf16_nestor_local_moe", "zero2_bf16.json", ["model.preset=nestor-tiny", "model.moe.backend=local"]),
                              ("zero3_bf16_afno", "zero3_bf16.json", ["model.preset=afno-tiny"])):
         cmd = [sys.executable, str(ROOT / "nestor_ds" / "train.py"), "--ds_config", str(ROOT / "ds_configs" / ds),
                "--config", str(ROOT / "configs" / "pretrain_demo.yaml"), "--run-name", label]
