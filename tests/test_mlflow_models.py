@@ -54,12 +54,13 @@ def trained(tiny_shards, tmp_path_factory) -> Trained:
     work = tmp_path_factory.mktemp("models")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     ds = ds_config(work, stage=2)
-    cfg = tiny_config(work, shards, tracking={"tracking_uri": uri, "register_model": PRETRAIN_NAME},
+    cfg = tiny_config(work, shards, tracking={"tracking_uri": uri, "log_model": True, "register_model": PRETRAIN_NAME},
                       train={"max_steps": 4, "ckpt_every": 4})
     _ok(launch([str(REPO / "nestor_ds" / "train.py"), "--ds_config", str(ds), "--config", str(cfg),
                 "--run-name", "pre"], 1, cwd=work))
     ft = yaml.safe_load(tiny_config(work, {"ns_tiny": shards["ns_tiny"]}, data={"channels": 1},
-                                    tracking={"tracking_uri": uri, "register_model": FINETUNE_NAME},
+                                    tracking={"tracking_uri": uri, "log_model": True,
+                                              "register_model": FINETUNE_NAME},
                                     train={"max_steps": 2, "ckpt_every": 2}).read_text())
     ft["model"] = {"moe": {"backend": "local"}}  # architecture from the checkpoint
     (work / "ft.yaml").write_text(yaml.safe_dump(ft))

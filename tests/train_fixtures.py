@@ -51,7 +51,10 @@ def tiny_config(root: Path, shards: dict[str, Path], **sections: Any) -> Path:
         "optim": {"lr": 3e-3, "warmup_steps": 2},
         "train": {"max_steps": 6, "log_every": 1, "eval_every": 0, "ckpt_every": 3, "eval_max_trajectories": 2,
                   "eval_rollout_steps": 2, "eval_batch_size": 2, "output_dir": str(root / "runs"), "input_noise": 0.0},
-        "tracking": {"enabled": True, "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "system_metrics": False},
+        # log_model off: exporting + logging the model at the end costs every test run seconds; test_mlflow_models.py
+        # turns it on
+        "tracking": {"enabled": True, "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "system_metrics": False,
+                     "log_model": False},
     }
     for key, value in sections.items():
         cfg[key] = _merge(cfg.get(key, {}), value)

@@ -83,18 +83,31 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def screenshot(browser: str, url: str, out: Path, window: str, render_ms: int, timeout_s: float = 300.0) -> None:
-    """Headless Chromium screenshot with networking, sync and updates switched off."""
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+    """Headless Chromium screenshot with networking, sync and updates switched off.
+
+    Chromium runs in its own process group, ended after the screenshot: helpers it forks (crash handler,
+    zygotes) may outlive the browser and keep writing to the profile directory.
+    """
+    # the profile is removed best effort: a helper still exiting must not fail a written screenshot
+    with tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True) as profile:
         cmd = [
             browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={out.resolve()}",
             f"--window-size={window}", f"--virtual-time-budget={render_ms}", url,
         ]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s + render_ms / 1000)
-    if res.returncode != 0 or not out.exists():
-        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [""]
-        raise RuntimeError(f"chromium failed (exit {res.returncode}): {tail[0][:300]}")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout_s + render_ms / 1000)
+        finally:
+            stop(proc)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group, if any
+            except ProcessLookupError:
+                pass
+    if proc.returncode != 0 or not out.exists():
+        tail = (stderr or stdout).strip().splitlines()[-1:] or [""]
+        raise RuntimeError(f"chromium failed (exit {proc.returncode}): {tail[0][:300]}")
 
 
 def page_url(base: str, runs: list, model: str | None, page: str) -> str:
