@@ -18,3 +18,21 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
 
     root = tmp_path_factory.mktemp("tiny_data")
     return root, build_tiny_shards(root)
+
+
+_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_env_leaks():
+    """Tests that build a DeepSpeed engine in the pytest process (a world of one) set the launcher variables; they
+    must not outlive the test: a later subprocess or spawned worker would inherit MASTER_PORT, whose port this
+    process still holds, and RANK/WORLD_SIZE of a world it is not part of. (The process group itself stays up:
+    DeepSpeed keeps its groups in module state for the rest of the session.)"""
+    saved = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

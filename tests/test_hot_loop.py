@@ -99,7 +99,8 @@ def test_trainer_step_makes_no_host_reads_except_on_logging_steps(tiny_shards, m
 def test_device_log_flush_equals_direct_reads():
     """What the logging step reports equals reading each step at once (parts, grad norm as tensor or float)."""
     log = DeviceLog()
-    parts = [torch.tensor([0.1, 1.5, 1.2, 0.3, 0.0]), torch.tensor([0.2, 1.4, 1.1, 0.1, 0.0])]
+    # PART_NAMES: image_lb, loss, rel_l2, skipped_samples, token_lb, token_z
+    parts = [torch.tensor([0.1, 1.5, 1.2, 0.0, 0.3, 0.0]), torch.tensor([0.2, 1.4, 1.1, 1.0, 0.1, 0.0])]
     log.add_step(1, 1e-3, parts[0], torch.tensor(2.5))
     log.add_step(2, 2e-3, parts[1], 0.75)
     log.add_step(3, 3e-3, parts[1] * 2, None)
@@ -107,6 +108,7 @@ def test_device_log_flush_equals_direct_reads():
     assert [s for s, _ in rows] == [1, 2, 3]
     assert rows[0][1]["train/loss"] == pytest.approx(1.5) and rows[0][1]["train/grad_norm"] == pytest.approx(2.5)
     assert rows[1][1]["train/rel_l2"] == pytest.approx(1.1) and rows[1][1]["train/grad_norm"] == 0.75
+    assert rows[1][1]["train/skipped_samples"] == 1.0
     assert "train/grad_norm" not in rows[2][1] and rows[2][1]["train/loss"] == pytest.approx(2.8)
     assert rows[2][1]["train/lr"] == 3e-3 and log.flush() == []
 

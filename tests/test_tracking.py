@@ -240,9 +240,10 @@ def _reduce_worker(rank: int, world: int, init_file: str, out_file: str) -> None
 
 def test_reduce_sums_counts_across_ranks(tmp_path):
     out = tmp_path / "reduced.npy"
-    # fork: spawn would re-import this module (mlflow, matplotlib) in each child, ~10 s on 2 cores
+    # spawn, not fork: a forked child would inherit the process group that in-process engine tests of this session
+    # started (re-importing this module costs ~10 s on 2 cores)
     torch.multiprocessing.start_processes(
-        _reduce_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, start_method="fork"
+        _reduce_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, start_method="spawn"
     )
     reduced = np.load(out, allow_pickle=False)
     np.testing.assert_array_equal(reduced[:4], [1, 0, 0, 1])  # dataset r -> expert r on rank r
