@@ -186,7 +186,9 @@ def test_evaluate_cli_on_exported_checkpoint(ds_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(report_file.read_text())
     r = report["datasets"]["tiny2"]
-    assert r["n_samples"] == 3 and r["rollout_steps"] == 2 and len(r["l2re_curve"]) == 2
+    # 3 test trajectories of 6 frames, t_in 3: every start frame 3, 4, 5 scored one-step; 3 and 4 have 2 frames left
+    assert r["n_samples"] == 9 and r["n_rollout_windows"] == 6 and report["settings"]["windows"] == "all"
+    assert r["rollout_steps"] == 2 and len(r["l2re_curve"]) == 2
     assert 0 < r["l2re_1step"] < float("inf") and len(r["channels"]) == 2
     assert "tiny2" in proc.stdout
 

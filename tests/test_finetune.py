@@ -263,8 +263,9 @@ def test_evaluate_cli_reports_and_logs_to_mlflow(pretrained, exported, tmp_path)
     out = tmp_path / "r.json"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     data = [str(pretrained.shards["dr_tiny"]), str(pretrained.shards["ns_tiny"])]
+    # --windows first: one-step and rollout then score the same windows, so the curve's first step is the one-step
     proc = subprocess.run([sys.executable, "-m", "nestor_ds.evaluate", "--checkpoint", str(exported), "--data", *data,
-                           "--rollout-steps", "2", "--out", str(out)],
+                           "--rollout-steps", "2", "--windows", "first", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     _ok(proc)
     report = json.loads(out.read_text())

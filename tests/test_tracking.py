@@ -126,15 +126,13 @@ def test_disabled_config_is_a_no_op(store):
 
 def test_unreachable_server_costs_one_warning(caplog):
     caplog.set_level(logging.WARNING, logger="nestor_ds.tracking")
-    start = time.monotonic()
     t = Tracker(TrackingConfig(tracking_uri="http://127.0.0.1:9"), rank=0, entry="pretrain")
     t.log_params({"a": 1})
     t.log_metrics({"train/loss": 1.0}, 0)
     t.log_figure(rollout_error_curve({"a": [1.0]}), "x")
     t.log_dict({"a": 1}, "r")
     t.finish()
-    assert t.run_id is None
-    assert time.monotonic() - start < 30
+    assert t.run_id is None  # gave up at the start: no retries later (a hang would hit the test's time limit)
     warnings = [r for r in caplog.records if r.name == "nestor_ds.tracking"]
     assert len(warnings) == 1 and "127.0.0.1:9" in warnings[0].getMessage()
     assert "\n" not in warnings[0].getMessage()
