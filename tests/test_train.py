@@ -154,6 +154,9 @@ def test_other_zero_configs_train(tiny_shards, tmp_path, stage, suffix, launcher
     _ok(proc)
     assert "world size 2, ep_size 2" in proc.stderr + proc.stdout
     assert len(_losses(tmp_path / "runs" / "pretrain-nestor-tiny")) == 3
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "pretrain-nestor-tiny" / "metrics.jsonl").read_text().splitlines()]
+    # every stage logs the gradient norm (ZeRO-0 keeps none in DeepSpeed: the trainer takes it itself)
+    assert all(r["train/grad_norm"] > 0 for r in rows), rows
 
 
 def test_bf16_config_with_gradient_accumulation(tiny_shards, tmp_path):

@@ -32,6 +32,7 @@ class DeviceLog:
         self._norms: list[Any] = []              # grad norm of that step: tensor, float or None (DeepSpeed's choice)
         self._steps: list[tuple[int, float]] = []  # (step, lr)
         self._routing: list[tuple[list, torch.Tensor]] = []
+        self._local_norm: Optional[torch.Tensor] = None  # see note_local_grad_norm
 
     def add_micro(self, routing: list, dataset_id_B: torch.Tensor, copy: bool = False) -> None:
         """Routing of one micro-batch (device tensors; counted into the expert statistics at flush).
@@ -50,6 +51,14 @@ class DeviceLog:
         self._steps.append((step, lr))
         self._rows.append(parts_P.detach())
         self._norms.append(grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm)
+
+    def note_local_grad_norm(self, norm: torch.Tensor) -> None:
+        """A gradient norm the step computed itself (when DeepSpeed reports none), picked up by add_step's caller."""
+        self._local_norm = norm.detach()
+
+    def take_local_grad_norm(self) -> Optional[torch.Tensor]:
+        norm, self._local_norm = self._local_norm, None
+        return norm
 
     @property
     def pending(self) -> int:

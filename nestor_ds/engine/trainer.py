@@ -169,14 +169,18 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
     # the hot loop reads nothing from the device: loss parts, grad norms and routing wait in `pending` until a
     # logging step (every log_every steps, the first and last step, before evaluations and checkpoints)
     pending = DeviceLog(usage)
+    # DeepSpeed's ZeRO-0 fp32 path clips without keeping the norm: take it ourselves so train/grad_norm is always logged
+    own_grad_norm = zero_stage == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
     interval_start, interval_steps = time.perf_counter(), 0
     with _Preemption() as preempt:
         while step < total:
             lr = lr_at(step, total, cfg.optim, fraction=budget.fraction(step))
             apply_lr(optimizer, lr)
-            parts_P = _optimizer_step(engine, batches, cfg, dist_info.rank, step, accum, input_dtype, pending, compiled)
+            parts_P = _optimizer_step(engine, batches, cfg, dist_info.rank, step, accum, input_dtype, pending, compiled,
+                                      local_norm=own_grad_norm)
             step += 1
-            pending.add_step(step, lr, parts_P, engine.get_global_grad_norm())
+            grad_norm = engine.get_global_grad_norm()
+            pending.add_step(step, lr, parts_P, pending.take_local_grad_norm() if grad_norm is None else grad_norm)
             interval_steps += 1
 
             last = step == total or budget.exhausted(step)
@@ -261,12 +265,13 @@ def _write_summary(path: Path, cfg: RunConfig, step: int, stats: dict[str, Any],
 
 def _optimizer_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], cfg: RunConfig, rank: int, step: int,
                     accum: int, input_dtype: torch.dtype, pending: DeviceLog,
-                    compiled: Optional[CompilePlan] = None) -> torch.Tensor:
+                    compiled: Optional[CompilePlan] = None, local_norm: bool = False) -> torch.Tensor:
     """One optimizer step = ``accum`` micro-batches (DeepSpeed steps the optimizer at the boundary).
 
     Every random draw is seeded by (seed, purpose, rank, step, micro-batch): a resumed run replays them exactly;
     the input noise is drawn on the device. Returns this rank's loss parts averaged over the micro-batches as a
-    [P] device tensor (order PART_NAMES); reads nothing back to the host.
+    [P] device tensor (order PART_NAMES); reads nothing back to the host. ``local_norm``: DeepSpeed reports no
+    gradient norm (ZeRO-0 in fp32), so the norm of the gradients about to be applied is taken here, on the device.
     """
     device = engine.device
     parts_P: Optional[torch.Tensor] = None
@@ -281,6 +286,8 @@ def _optimizer_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], cfg
         out = engine(x, mask)
         loss, parts = training_loss(out.pred.float(), batch["y"].to(device, non_blocking=True), mask, out.aux_losses, cfg.loss)
         engine.backward(loss)
+        if local_norm and micro_i == accum - 1:  # after the boundary's gradient all-reduce, before the step
+            pending.note_local_grad_norm(_grad_norm(engine.module))
         engine.step()
         # the skipped-window count (data.on_bad_sample: skip) is summed over the micro-batches, the loss parts averaged
         counts = {"skipped_samples": _skipped_count(batch, device)}
@@ -289,6 +296,12 @@ def _optimizer_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], cfg
         pending.add_micro(out.routing, batch["dataset_id"], copy=compiled is not None and compiled.cuda_graphs)
     assert parts_P is not None
     return parts_P
+
+
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of this rank's gradients as a device scalar (under expert parallelism: the experts this rank holds)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 def _skipped_count(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
