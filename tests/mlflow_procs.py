@@ -7,21 +7,15 @@ whole group (the server forks workers), so a failing test leaves nothing behind.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from nestor_ds.procs import free_port, stop_group as stop  # noqa: F401  (re-exported for the tests)
+
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -44,21 +38,6 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> 
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen | None) -> None:
-    """SIGTERM to the process group, SIGKILL after 20 s; always reaps."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=20)
 
 
 def start_tracking_server(root: Path, port: int, timeout_s: float = 240) -> subprocess.Popen:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from nestor_ds.procs import free_port  # noqa: E402
 
 D, E, N_RANK = 16, 4, 10  # width, experts, rows per rank
 
@@ -133,18 +133,12 @@ def worker() -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(900)
 def test_ep2_equals_single_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), __file__]
+           "--master_port", str(free_port()), __file__]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=880, cwd=tmp_path)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("EP_RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout[-2000:], proc.stderr[-4000:])

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from nestor_ds.procs import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {  # name: (pde, layout, trajectories, frames)
     "ns_tiny": ("ns", "fno-mat", 6, 14),
@@ -95,8 +97,4 @@ def launch(args: list[str], ranks: int, cwd: Path, timeout: int = 880, env: dict
 
 
 def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()

@@ -17,13 +17,15 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nestor_ds.procs import free_port, stop_group as stop  # noqa: E402  (standard library only)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -45,12 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for_server(url: str, proc: subprocess.Popen, timeout: float) -> None:
     """Poll `<url>/health` until it answers 200; raise if the server dies or the time runs out."""
     deadline = time.monotonic() + timeout
@@ -65,21 +61,6 @@ def wait_for_server(url: str, proc: subprocess.Popen, timeout: float) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"mlflow ui did not answer at {url} within {timeout:.0f} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Terminate the server's own process group (it may have forked workers)."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
 
 
 def screenshot(browser: str, url: str, out: Path, window: str, render_ms: int, timeout_s: float = 300.0) -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+
+from nestor_ds.procs import free_port
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> DistInfo:
     """Start (or join) the default process group through DeepSpeed.
 
@@ -47,7 +42,7 @@ def init_distributed() -> DistInfo:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     accel = get_accelerator()
     backend = accel.communication_backend_name()
     if not torch.distributed.is_initialized():

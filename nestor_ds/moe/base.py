@@ -86,3 +86,22 @@ class ExternalRoutedMoE(TokenMoE):
         routing = route_from_logits(torch.nn.functional.linear(x_VD.float(), self.gate_weight.float()), self.top_k)
         return MoEOutput(out_ND, load_balancing_loss(routing.probs_NE, routing.experts_NK),
                          router_z_loss(routing.logits_NE), tokens_per_expert(routing.experts_NK, self.num_experts))
+
+
+def static_output(y_SD: torch.Tensor, plan, routing, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor],
+                  shared: Optional[nn.Module]) -> MoEOutput:
+    """Combine of a static-routing call: each row's K expert outputs (the drop row for dropped assignments, weight 0)
+    summed in fp32 with the router weights, + the shared expert, padding rows zeroed, losses on valid rows."""
+    from .dispatch import gather_rows
+    from .router import load_balancing_loss, router_z_loss
+
+    N, K = routing.experts_NK.shape
+    y_NKD = gather_rows(y_SD, plan.slot_A.view(N, K))
+    w_NK = torch.where(plan.keep_A.view(N, K), routing.weights_NK, torch.zeros_like(routing.weights_NK))
+    out_ND = (w_NK.unsqueeze(-1) * y_NKD.float()).sum(dim=1).to(x_ND.dtype)
+    if shared is not None:
+        out_ND = out_ND + shared(x_ND)
+    if valid_N is not None:
+        out_ND = torch.where(valid_N.unsqueeze(1), out_ND, torch.zeros_like(out_ND))
+    return MoEOutput(out_ND, load_balancing_loss(routing.probs_NE, routing.experts_NK, valid_N),
+                     router_z_loss(routing.logits_NE, valid_N), plan.routed_E, plan.dropped)

@@ -122,3 +122,13 @@ def plan_capacity(expert_A: torch.Tensor, weight_A: torch.Tensor, valid_A: torch
     routed_E = counts_E1[:E]
     kept_E = routed_E.clamp(max=cap)
     return CapacityPlan(slot_A, keep_A, kept_E, routed_E, routed_E.sum() - kept_E.sum(), cap, E * cap + 1)
+
+
+def plan_static(experts_NK: torch.Tensor, probs_NE: torch.Tensor, valid_N: torch.Tensor | None, num_experts: int,
+                capacity_rows: int) -> CapacityPlan:
+    """The capacity plan of one static-routing call (both the local and the expert-parallel backend): the N*K
+    assignments of the valid rows, each expert keeping its `capacity_rows` highest router probabilities."""
+    N, K = experts_NK.shape
+    valid_A = None if valid_N is None else valid_N.unsqueeze(1).expand(N, K).reshape(-1)
+    prob_NK = probs_NE.gather(-1, experts_NK)              # drop priority (lowest first)
+    return plan_capacity(experts_NK.reshape(-1), prob_NK.reshape(-1), valid_A, num_experts, capacity_rows)

@@ -41,9 +41,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .base import MoEOutput, TokenMoE, check_input
+from .base import MoEOutput, TokenMoE, check_input, static_output
 from .config import MoEConfig
-from .dispatch import dispatch_rows, gather_rows, plan_capacity
+from .dispatch import dispatch_rows, gather_rows, plan_static
 from .experts import KERNELS, ExpertLayout, SwiGLU, grouped_mm_supported, plan_layout, run_experts
 from .router import FP32Linear, load_balancing_loss, route_from_logits, router_z_loss, tokens_per_expert
 
@@ -244,12 +244,9 @@ class ExpertParallelTokenMoE(TokenMoE):
         N, E, P, E_l, K, D = x_ND.shape[0], self.num_experts, self.ep_size, self.local_experts, self.top_k, self.dim
         C = self.cfg.capacity(N)
         routing = self.route(x_ND)
-        valid_A = None if valid_N is None else valid_N.unsqueeze(1).expand(N, K).reshape(-1)
-        prob_NK = routing.probs_NE.gather(-1, routing.experts_NK)              # drop priority (lowest first)
-        plan = plan_capacity(routing.experts_NK.reshape(-1), prob_NK.reshape(-1), valid_A, E, C)
-        slot_NK = plan.slot_A.view(N, K)
+        plan = plan_static(routing.experts_NK, routing.probs_NE, valid_N, E, C)
 
-        x_SD = dispatch_rows(x_ND, slot_NK, plan.rows)
+        x_SD = dispatch_rows(x_ND, plan.slot_A.view(N, K), plan.rows)
         recv_SD = all_to_all_v(x_SD[:E * C], None, None, self.ep_group)        # [P sources, E_l, C, D]
         x_LRD = recv_SD.view(P, E_l, C, D).transpose(0, 1).reshape(E_l * P * C, D)
         layout = ExpertLayout("padded", E_l * P * C, chunk=P * C, one_chunk_per_expert=True)
@@ -257,15 +254,7 @@ class ExpertParallelTokenMoE(TokenMoE):
         back_SD = y_LRD.view(E_l, P, C, D).transpose(0, 1).reshape(E * C, D)
         y_SD = torch.cat([all_to_all_v(back_SD, None, None, self.ep_group), x_SD.new_zeros(1, D)])  # + drop row
 
-        y_NKD = gather_rows(y_SD, slot_NK)
-        w_NK = torch.where(plan.keep_A.view(N, K), routing.weights_NK, torch.zeros_like(routing.weights_NK))
-        out_ND = (w_NK.unsqueeze(-1) * y_NKD.float()).sum(dim=1).to(x_ND.dtype)
-        if self.shared is not None:
-            out_ND = out_ND + self.shared(x_ND)
-        if valid_N is not None:
-            out_ND = torch.where(valid_N.unsqueeze(1), out_ND, torch.zeros_like(out_ND))
-        return MoEOutput(out_ND, load_balancing_loss(routing.probs_NE, routing.experts_NK, valid_N),
-                         router_z_loss(routing.logits_NE, valid_N), plan.routed_E, plan.dropped)
+        return static_output(y_SD, plan, routing, x_ND, valid_N, self.shared)
 
 
 def set_expert_parallel_group(model: nn.Module, group: dist.ProcessGroup) -> int:

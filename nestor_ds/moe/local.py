@@ -21,9 +21,9 @@ from typing import Optional
 
 import torch
 
-from .base import MoEOutput, TokenMoE, check_input
+from .base import MoEOutput, TokenMoE, check_input, static_output
 from .config import MoEConfig
-from .dispatch import dispatch_rows, gather_rows, plan_capacity
+from .dispatch import dispatch_rows, gather_rows, plan_static
 from .experts import KERNELS, ExpertLayout, GroupedSwiGLU, SwiGLU, plan_layout
 from .router import TopKRouter, load_balancing_loss, router_z_loss, tokens_per_expert
 
@@ -81,25 +81,9 @@ class LocalTokenMoE(TokenMoE):
         N, E, K = x_ND.shape[0], self.num_experts, self.top_k
         C = self.cfg.capacity(N)
         routing = self.router(x_ND)
-        valid_A = None if valid_N is None else valid_N.unsqueeze(1).expand(N, K).reshape(-1)
-        prob_NK = routing.probs_NE.gather(-1, routing.experts_NK)              # drop priority (lowest first)
-        plan = plan_capacity(routing.experts_NK.reshape(-1), prob_NK.reshape(-1), valid_A, E, C)
-        slot_NK = plan.slot_A.view(N, K)
+        plan = plan_static(routing.experts_NK, routing.probs_NE, valid_N, E, C)
 
-        x_SD = dispatch_rows(x_ND, slot_NK, plan.rows)
+        x_SD = dispatch_rows(x_ND, plan.slot_A.view(N, K), plan.rows)
         layout = ExpertLayout("padded", E * C, chunk=C, one_chunk_per_expert=True)   # [E, C, D] batched matmul
         y_SD = torch.cat([self.experts(x_SD[:E * C], layout), x_SD.new_zeros(1, self.dim)])  # + the drop row
-        y_NKD = gather_rows(y_SD, slot_NK)
-        w_NK = torch.where(plan.keep_A.view(N, K), routing.weights_NK, torch.zeros_like(routing.weights_NK))
-        out_ND = (w_NK.unsqueeze(-1) * y_NKD.float()).sum(dim=1).to(x_ND.dtype)
-        if self.shared is not None:
-            out_ND = out_ND + self.shared(x_ND)
-        if valid_N is not None:
-            out_ND = torch.where(valid_N.unsqueeze(1), out_ND, torch.zeros_like(out_ND))
-        return MoEOutput(
-            out_ND=out_ND,
-            lb_loss=load_balancing_loss(routing.probs_NE, routing.experts_NK, valid_N),
-            z_loss=router_z_loss(routing.logits_NE, valid_N),
-            tokens_per_expert_E=plan.routed_E,
-            dropped=plan.dropped,
-        )
+        return static_output(y_SD, plan, routing, x_ND, valid_N, self.shared)
