@@ -1,6 +1,6 @@
 """Tiny shard datasets for data-pipeline tests, built with the real builder from raw HDF5 files.
 
-Raw files follow the public layouts (REFERENCE.md section 4) so the shards go through the same code
+Raw files follow the public layouts (docs/data_format.md) so the shards go through the same code
 path as real data: h5py file -> nestor_ds.data.builder.build -> shard directory + manifest.json.
 """
 

@@ -1,7 +1,7 @@
 """Shard builder: round trip per layout, statistics, determinism, bad input, --verify, --skip-bad, float16.
 
 Fixtures are tiny h5py/scipy files written here with known arrays in every raw layout of
-REFERENCE.md section 4, on non-square grids (X != Y) so that any axis swap fails the round trip.
+docs/data_format.md, on non-square grids (X != Y) so that any axis swap fails the round trip.
 One test also builds files from `nestor_ds.data.layout_writers` (the generator's own writers).
 """
 

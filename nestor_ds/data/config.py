@@ -47,7 +47,7 @@ class DatasetSpec:
 
     `weight` is the relative probability that a batch element is drawn from this dataset;
     `rollout_steps` is how many autoregressive steps the evaluator scores on its test split
-    (REFERENCE.md section 2; the evaluation pass itself yields all frames after T_in).
+    (DPOT, arXiv:2403.03542; the evaluation pass itself yields all frames after T_in).
 
     `path` is a built shard directory, or a WebDataset URL spec of the training shards
     (`pipe:...`, `http(s)://...`, `s3://...`, `gs://...`, or a brace pattern of local files), or a

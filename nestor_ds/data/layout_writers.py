@@ -1,7 +1,7 @@
 """Writers that store a :class:`Simulation` in the public raw layouts the shard builder reads.
 
 Why: the readers in ``nestor_ds.data.readers`` must be tested against files that look exactly like the public
-datasets (REFERENCE.md section 4) without downloading them. Every writer is deterministic: no timestamps
+datasets (docs/data_format.md) without downloading them. Every writer is deterministic: no timestamps
 (``track_times=False``, fixed MATLAB header text), so the same simulation gives the same bytes.
 
 Layouts and the PDEs that fit them (``COMPATIBLE``):

@@ -9,7 +9,7 @@ Readers are cheap to construct from a path, so a worker process opens its own co
 not cross process boundaries). `scan()` validates keys and shapes without reading data; `read()`
 streams the selected trajectories.
 
-Layouts (see /work/shared/REFERENCE.md section 4 and docs/data_format.md):
+Layouts (docs/data_format.md):
   fno-mat          `u` logical [N, X, Y, T] (v7.3 HDF5: h5py sees (T, Y, X, N); v5: scipy loadmat)
   pdebench-cfd     `Vx`, `Vy`, `density`, `pressure` each [N, T, X, Y] (1D files: [N, T, X])
   pdebench-groups  one group per sample with `data` [T, X, Y, C] and `grid/{x,y,t}`
