@@ -1,6 +1,7 @@
 """Local processes and ports, shared by the engine, the tools and the tests (standard library only).
 
 - :func:`free_port`: a TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous or a local server).
+- :func:`wait_http`: poll a local URL until it answers 200, failing early when the process serving it dies.
 - :func:`stop_group`: end a child started with ``start_new_session=True`` and everything it forked (MLflow servers
   fork workers), SIGTERM first, SIGKILL after a bounded wait; always reaps.
 """
@@ -11,6 +12,9 @@ import os
 import signal
 import socket
 import subprocess
+import time
+import urllib.request
+from pathlib import Path
 from typing import Optional
 
 
@@ -33,3 +37,21 @@ def stop_group(proc: Optional[subprocess.Popen], timeout_s: float = 20.0) -> Non
         except ProcessLookupError:
             pass
         proc.wait(timeout=timeout_s)
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Optional[Path] = None) -> None:
+    """Poll `url` until it answers 200; raise (with the tail of the process's `log`, if given) when the process exits
+    first or `timeout_s` runs out."""
+    tail = (lambda: "\n" + log.read_text()[-3000:]) if log is not None else (lambda: "")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with code {proc.returncode} before answering{tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s{tail()}")

@@ -9,11 +9,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-from nestor_ds.procs import free_port, stop_group as stop  # noqa: F401  (re-exported for the tests)
+from nestor_ds.procs import free_port, stop_group as stop, wait_http  # noqa: F401  (re-exported for the tests)
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
@@ -22,22 +20,6 @@ def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subpr
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})})
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
-    """Poll `url` until it answers 200; fail (with the process log's tail) if the process dies or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited {proc.returncode}\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s\n{log.read_text()[-3000:]}")
 
 
 def start_tracking_server(root: Path, port: int, timeout_s: float = 240) -> subprocess.Popen:

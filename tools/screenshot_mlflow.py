@@ -20,12 +20,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nestor_ds.procs import free_port, stop_group as stop  # noqa: E402  (standard library only)
+from nestor_ds.procs import free_port, stop_group as stop, wait_http  # noqa: E402  (standard library only)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -45,22 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds Chromium may take beyond --render-ms (a loaded machine needs minutes)")
     p.add_argument("--chromium", default=None, help="browser binary (default: chromium / chromium-browser)")
     return p.parse_args(argv)
-
-
-def wait_for_server(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    """Poll `<url>/health` until it answers 200; raise if the server dies or the time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow ui exited with code {proc.returncode} before answering")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"mlflow ui did not answer at {url} within {timeout:.0f} s")
 
 
 def screenshot(browser: str, url: str, out: Path, window: str, render_ms: int, timeout_s: float = 300.0) -> None:
@@ -140,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        wait_for_server(base, proc, args.start_timeout)
+        wait_http(f"{base}/health", proc, args.start_timeout)
         url = page_url(base, runs, args.model, args.page)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         screenshot(browser, url, args.out, args.window_size, args.render_ms, args.browser_timeout)
