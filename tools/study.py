@@ -33,6 +33,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
+
+from nestor_ds.config import deep_merge  # noqa: E402  (one merge for run configs)
 
 QUICK_SPEC = ROOT / "configs" / "study_quick.yaml"
 
@@ -135,17 +138,10 @@ def data_section(spec: dict[str, Any], data: dict[str, dict[str, Path]], familie
 # -------------------------------------------------------------------------------------------- trials
 
 
-def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in (b or {}).items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def trial_config(spec: dict[str, Any], model: str, seed: int, budget_s: float, data: dict[str, Any],
                  run_dir: Path) -> dict[str, Any]:
     """Run config YAML of one trial: common sections <- the model's sections <- seed, budget, data, output."""
-    cfg = deep_merge(spec.get("common") or {}, spec["models"][model])
+    cfg = deep_merge(spec.get("common") or {}, spec["models"][model] or {})
     cfg = deep_merge(cfg, {
         "data": data,
         "train": {"seed": seed, "time_budget_s": float(budget_s), "max_steps": 10 ** 9, "eval_every": 0,
