@@ -1,8 +1,7 @@
 """Argument parsing and error reporting shared by the entries (``train.py``, ``finetune.py``).
 
-Entries are run as files by the DeepSpeed launcher (``deepspeed nestor_ds/train.py``), which puts ``nestor_ds/``
-itself first on ``sys.path``; :func:`fix_script_path` swaps it for the repository root so that
-``import nestor_ds`` works and our sub-packages (``data``, ``model`` ...) never shadow third-party modules.
+Entries run as modules from the repository root (``python -m nestor_ds.train``, ``deepspeed --module
+nestor_ds.train``, ``torchrun -m nestor_ds.train``), so ``import nestor_ds`` needs no path patching.
 """
 
 from __future__ import annotations
@@ -13,14 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 DEFAULT_CONFIG = "configs/pretrain_demo.yaml"
-
-
-def fix_script_path(script: str) -> None:
-    here = str(Path(script).resolve().parent)
-    root = str(Path(script).resolve().parent.parent)
-    sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != here]
-    if root not in sys.path:
-        sys.path.insert(0, root)
 
 
 def base_parser(description: str, default_config: str = DEFAULT_CONFIG) -> argparse.ArgumentParser:

@@ -1,26 +1,17 @@
 """Fine-tune a pre-trained NESTOR checkpoint on a downstream dataset, with the same engine as pre-training.
 
-    python nestor_ds/finetune.py --ds_config ds_configs/zero2.json --config configs/finetune_demo.yaml \\
+    python -m nestor_ds.finetune --ds_config ds_configs/zero2.json --config configs/finetune_demo.yaml \\
         --pretrained runs/demo-pretrain/checkpoints
-    deepspeed --num_gpus 2 nestor_ds/finetune.py --ds_config ds_configs/zero2.json --pretrained model.safetensors ...
+    deepspeed --num_gpus 2 --module nestor_ds.finetune --ds_config ds_configs/zero2.json --pretrained model.safetensors ...
 
 ``--pretrained`` takes a DeepSpeed checkpoint (root or tag directory; ZeRO 0-2, any world size or ep_size) or a
-file exported by ``tools/export_checkpoint.py``. The model architecture comes from the checkpoint; the fields
+file exported by ``python -m nestor_ds.checkpoint``. The model architecture comes from the checkpoint; the fields
 that follow the data (channels, T_in, T_ar, resolution) come from this run's data section, and the YAML's
 ``model`` section may override the rest. Tensors that no longer fit are re-initialised and reported.
 """
 
 from __future__ import annotations
 
-import sys
-
-if __name__ == "__main__" and __package__ in (None, ""):
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from nestor_ds.cli import fix_script_path
-
-    fix_script_path(__file__)
 
 from typing import Any
 
@@ -57,7 +48,7 @@ def main() -> int:
                         help="freeze parts: routers, experts, shared_afno, embedding (default: finetune.freeze)")
     args = parser.parse_args()
 
-    from nestor_ds.checkpoint_io import load_local_state
+    from nestor_ds.checkpoint.files import load_local_state
     from nestor_ds.engine import run_training
     from nestor_ds.engine.transfer import freeze, load_pretrained_parts
     from nestor_ds.log import get_logger

@@ -1,23 +1,14 @@
 """Pre-train NESTOR (or the AFNO baseline) with DeepSpeed.
 
-    deepspeed --num_gpus 2 nestor_ds/train.py --ds_config ds_configs/zero2.json [--config configs/pretrain_demo.yaml]
-    torchrun --nproc_per_node 2 nestor_ds/train.py --ds_config ds_configs/zero2.json
-    python nestor_ds/train.py --ds_config ds_configs/zero2.json          # one process
+    deepspeed --num_gpus 2 --module nestor_ds.train --ds_config ds_configs/zero2.json [--config configs/pretrain_demo.yaml]
+    torchrun --nproc_per_node 2 -m nestor_ds.train --ds_config ds_configs/zero2.json
+    python -m nestor_ds.train --ds_config ds_configs/zero2.json          # one process
 
 The loop lives in ``nestor_ds.engine`` (shared with ``finetune.py``); this file only parses arguments.
 """
 
 from __future__ import annotations
 
-import sys
-
-if __name__ == "__main__" and __package__ in (None, ""):
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from nestor_ds.cli import fix_script_path
-
-    fix_script_path(__file__)
 
 from nestor_ds.cli import base_parser, run_cli
 

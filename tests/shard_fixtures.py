@@ -1,7 +1,7 @@
 """Tiny shard datasets for data-pipeline tests, built with the real builder from raw HDF5 files.
 
 Raw files follow the public layouts (docs/data_format.md) so the shards go through the same code
-path as real data: h5py file -> nestor_ds.data.builder.build -> shard directory + manifest.json.
+path as real data: h5py file -> nestor_ds.shards.build.build -> shard directory + manifest.json.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from nestor_ds.data.builder import META_BYTES_ESTIMATE, BuildConfig, build
+from nestor_ds.shards.build import META_BYTES_ESTIMATE, BuildConfig, build
 
 
 def random_fields(n: int, t: int, res: int, c: int, seed: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from nestor_ds.engine.budget import Budget
 from nestor_ds.engine.optim import lr_at
 from train_fixtures import REPO, ds_config, launch, tiny_config
 
-TRAIN = str(REPO / "nestor_ds" / "train.py")
+TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
 pytestmark = pytest.mark.timeout(900)
 
 

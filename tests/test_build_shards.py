@@ -2,7 +2,7 @@
 
 Fixtures are tiny h5py/scipy files written here with known arrays in every raw layout of
 docs/data_format.md, on non-square grids (X != Y) so that any axis swap fails the round trip.
-One test also builds files from `nestor_ds.data.layout_writers` (the generator's own writers).
+One test also builds files from `nestor_ds.synth.layouts` (the generator's own writers).
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ import numpy as np
 import pytest
 import scipy.io
 
-from nestor_ds.data import schema
-from nestor_ds.data.builder import BuildConfig, build, verify
-from nestor_ds.data.read import read_trajectories
-from nestor_ds.data.readers import detect_layout
+from nestor_ds.shards import schema
+from nestor_ds.shards.build import BuildConfig, build, verify
+from nestor_ds.shards.read import read_trajectories
+from nestor_ds.shards.ingest import detect_layout
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import build_shards  # noqa: E402
+from nestor_ds.shards import cli as build_shards
 
 N, T, X, Y = 5, 3, 6, 4
 RNG = np.random.default_rng(0)
@@ -224,7 +223,7 @@ def test_round_trip_every_layout(tmp_path: Path, case: str) -> None:
 
 def test_layout_writers_files_build_and_verify(tmp_path: Path) -> None:
     """Files from the generator's writers (gen_pde) build, verify and keep their values."""
-    lw = pytest.importorskip("nestor_ds.data.layout_writers")
+    lw = pytest.importorskip("nestor_ds.synth.layouts")
     for layout, pde in (("fno-mat", "ns"), ("fno-mat-v5", "ns"), ("pdebench-groups", "dr"),
                         ("pdebench-cfd", "cfd"), ("pdearena-ns", "ns"), ("the-well", "dr")):
         src = lw.write_dataset(pde, layout, tmp_path / f"{layout}.h5", n=2, res=8, steps=3, seed=1)
@@ -493,7 +492,7 @@ def test_bad_input_keeps_existing_output_and_cli_exit_code(tmp_path: Path) -> No
     before = _tree_bytes(out)
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"garbage")
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--input", str(bad), "--out",
+    r = subprocess.run([sys.executable, "-m", "nestor_ds.shards", "--input", str(bad), "--out",
                         str(out), "--overwrite"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and r.stderr.startswith(f"build_shards: error: {bad}: unreadable"), r.stderr
     assert _tree_bytes(out) == before
@@ -532,10 +531,10 @@ def test_verify_catches_wrong_count_and_unlisted_shard(tmp_path: Path) -> None:
 
 
 def test_cli_help_and_usage_errors() -> None:
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--help"],
+    r = subprocess.run([sys.executable, "-m", "nestor_ds.shards", "--help"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "--verify" in r.stdout and "--skip-bad" in r.stdout
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--out", "x"],
+    r = subprocess.run([sys.executable, "-m", "nestor_ds.shards", "--out", "x"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 2
 
@@ -563,8 +562,7 @@ def test_build_streams_with_bounded_memory(tmp_path: Path) -> None:
     small, _, _ = make_cfd(tmp_path)
     script = textwrap.dedent("""
         import resource, sys
-        sys.path.insert(0, sys.argv[3])
-        from nestor_ds.data.builder import BuildConfig, build
+        from nestor_ds.shards.build import BuildConfig, build
         m = build(BuildConfig(inputs=[sys.argv[1]], out=sys.argv[2], progress=False, test_fraction=0.1))
         print(m["splits"]["train"]["count"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     """)
@@ -593,10 +591,9 @@ def test_build_streams_with_bounded_memory(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- export_checkpoint CLI
 
 def _load_export_cli():
-    spec = importlib.util.spec_from_file_location("export_checkpoint_cli", ROOT / "tools" / "export_checkpoint.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from nestor_ds.checkpoint import cli
+
+    return cli
 
 
 def test_export_cli_bad_checkpoint_is_one_line_without_progress_bar(tmp_path: Path, capsys) -> None:
@@ -659,7 +656,7 @@ def test_two_concurrent_builds_never_both_succeed(tmp_path: Path) -> None:
             f[k] = np.full((n, 8, 48, 32), 1.0, dtype=np.float32) + np.arange(n, dtype=np.float32)[:, None, None, None]
     src_b = make_cfd(tmp_path)[0]
     out = tmp_path / "out"
-    tool = [sys.executable, str(ROOT / "tools" / "build_shards.py"), "--no-progress", "--out", str(out)]
+    tool = [sys.executable, "-m", "nestor_ds.shards", "--no-progress", "--out", str(out)]
     a = subprocess.Popen([*tool, "--input", str(src_a), "--name", "a", "--shard-size-mb", "0.5"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -680,7 +677,7 @@ def test_two_concurrent_builds_never_both_succeed(tmp_path: Path) -> None:
 
 
 def test_final_rename_rechecks_the_output(tmp_path: Path) -> None:
-    from nestor_ds.data.builder import _swap_into_place
+    from nestor_ds.shards.build import _swap_into_place
 
     tmp, out = tmp_path / ".out.building-1", tmp_path / "out"
     tmp.mkdir()
@@ -702,7 +699,7 @@ def test_one_file_by_two_paths_is_read_once(tmp_path: Path, caplog) -> None:
 
 
 def test_plan_refuses_a_trajectory_in_both_splits(tmp_path: Path) -> None:
-    from nestor_ds.data.builder import assign_splits, check_disjoint, scan_sources
+    from nestor_ds.shards.build import assign_splits, check_disjoint, scan_sources
 
     src, _, _ = make_cfd(tmp_path)
     infos = scan_sources([str(src), str(tmp_path / "." / src.name)], "auto")  # bypassing the input de-duplication

@@ -41,7 +41,7 @@ def worker(out: Path) -> None:
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    from nestor_ds.engine.checkpoint import rng_state, save_checkpoint
+    from nestor_ds.checkpoint.save_resume import rng_state, save_checkpoint
     from nestor_ds.engine.distributed import setup_expert_parallel
     from nestor_ds.model import build_model
 
@@ -88,7 +88,7 @@ def ds_run(tmp_path_factory) -> Path:
 
 
 def test_deepspeed_files_are_what_we_expect(ds_run):
-    from nestor_ds.checkpoint_io import gather_deepspeed_state, resolve_checkpoint
+    from nestor_ds.checkpoint.files import gather_deepspeed_state, resolve_checkpoint
 
     tag = resolve_checkpoint(ds_run / "ckpt")
     assert tag.name == "step_00000001"
@@ -107,7 +107,7 @@ def test_export_then_load_pretrained_matches_engine_model(ds_run, tmp_path):
     from safetensors import safe_open
 
     from nestor_ds import load_pretrained
-    from nestor_ds.checkpoint_io import export_checkpoint
+    from nestor_ds.checkpoint.files import export_checkpoint
 
     out = export_checkpoint(ds_run / "ckpt", tmp_path / "tiny.safetensors")
     with safe_open(str(out), framework="pt") as f:
@@ -134,7 +134,7 @@ def test_export_then_load_pretrained_matches_engine_model(ds_run, tmp_path):
 
 
 def test_missing_expert_file_is_named(ds_run, tmp_path):
-    from nestor_ds.checkpoint_io import CheckpointError, export_checkpoint
+    from nestor_ds.checkpoint.files import CheckpointError, export_checkpoint
 
     tag = tmp_path / "step_00000001"
     shutil.copytree(ds_run / "ckpt" / "step_00000001", tag)
@@ -146,7 +146,7 @@ def test_missing_expert_file_is_named(ds_run, tmp_path):
 
 def test_root_resolves_to_newest_complete_tag_not_latest(ds_run, tmp_path):
     """A save cut short (DeepSpeed already moved `latest`, our COMPLETE marker missing) is never used."""
-    from nestor_ds.checkpoint_io import resolve_checkpoint
+    from nestor_ds.checkpoint.files import resolve_checkpoint
 
     root = tmp_path / "ckpt"
     shutil.copytree(ds_run / "ckpt", root)
@@ -162,7 +162,7 @@ def test_root_resolves_to_newest_complete_tag_not_latest(ds_run, tmp_path):
 
 def test_config_mismatch_names_key_and_both_shapes(ds_run, tmp_path):
     from nestor_ds import load_pretrained
-    from nestor_ds.checkpoint_io import CheckpointError, load_local_state, save_safetensors
+    from nestor_ds.checkpoint.files import CheckpointError, load_local_state, save_safetensors
 
     state, run_cfg, _ = load_local_state(ds_run / "ckpt")
     run_cfg["model"]["head_dim"] = 12  # the weights were trained with head_dim 8
@@ -175,7 +175,7 @@ def test_config_mismatch_names_key_and_both_shapes(ds_run, tmp_path):
 def test_evaluate_cli_on_exported_checkpoint(ds_run, tmp_path):
     from shard_fixtures import build_dataset
 
-    from nestor_ds.checkpoint_io import export_checkpoint
+    from nestor_ds.checkpoint.files import export_checkpoint
 
     shards = build_dataset(tmp_path, "tiny2", n=6, t=6, res=16, c=2, per_shard=2, test_fraction=0.5)
     model_file = export_checkpoint(ds_run / "ckpt", tmp_path / "m.safetensors")
@@ -206,7 +206,7 @@ class Payload:
 
 def test_pickled_object_is_refused(tmp_path):
     from nestor_ds import load_pretrained
-    from nestor_ds.checkpoint_io import CheckpointError
+    from nestor_ds.checkpoint.files import CheckpointError
 
     tag = tmp_path / "step_00000001"
     tag.mkdir()
@@ -218,7 +218,7 @@ def test_pickled_object_is_refused(tmp_path):
 
 
 def test_bad_paths_are_one_line_errors(tmp_path):
-    from nestor_ds.checkpoint_io import CheckpointError, resolve_checkpoint
+    from nestor_ds.checkpoint.files import CheckpointError, resolve_checkpoint
 
     with pytest.raises(CheckpointError, match="no such file"):
         resolve_checkpoint(tmp_path / "nope")
@@ -230,5 +230,4 @@ def test_bad_paths_are_one_line_errors(tmp_path):
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
-    sys.path.insert(0, str(ROOT))
     worker(Path(sys.argv[2]))

@@ -22,9 +22,9 @@ import yaml
 
 from train_fixtures import REPO, ds_config, launch, tiny_config
 
-TRAIN = str(REPO / "nestor_ds" / "train.py")
-FINETUNE = str(REPO / "nestor_ds" / "finetune.py")
-EXPORT = str(REPO / "tools" / "export_checkpoint.py")
+TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
+FINETUNE = "nestor_ds.finetune"
+EXPORT = "nestor_ds.checkpoint"
 pytestmark = pytest.mark.timeout(1200)
 
 LOADED_RE = re.compile(r"pre-trained weights: (\d+) tensors loaded, (\d+) re-initialised \(shape changed\), "
@@ -106,7 +106,7 @@ def ft_local(pretrained):
 @pytest.fixture(scope="module")
 def exported(pretrained) -> Path:
     out = pretrained.work / "pre.safetensors"
-    proc = subprocess.run([sys.executable, EXPORT, "--checkpoint", str(pretrained.ckpt_root), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", EXPORT, "--checkpoint", str(pretrained.ckpt_root), "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=pretrained.work)
     _ok(proc)
     assert out.is_file() and out.with_suffix(".json").is_file()
@@ -207,7 +207,7 @@ def test_frozen_parts_do_not_move(pretrained, exported, ft_export):
     _ok(ft_export)
     from safetensors.torch import load_file
 
-    from nestor_ds.checkpoint_io import export_checkpoint
+    from nestor_ds.checkpoint.files import export_checkpoint
 
     ckpts = pretrained.work / "runs" / "ft-export" / "checkpoints"
     pre = load_file(str(exported))
@@ -232,7 +232,7 @@ def test_frozen_parts_do_not_move(pretrained, exported, ft_export):
 def test_freeze_parts_match_only_their_parameters(exported):
     """Each --freeze part names exactly its parameters; `shared_afno` is the block-level AFNO expert, not the
     token MoE's shared SwiGLU expert."""
-    from nestor_ds.checkpoint_io import inference_model_config, read_safetensors
+    from nestor_ds.checkpoint.files import inference_model_config, read_safetensors
     from nestor_ds.engine.transfer import freeze
     from nestor_ds.model import build_model
 

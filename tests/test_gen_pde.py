@@ -1,4 +1,4 @@
-"""PDE generators (nestor_ds.data.pde_solvers), raw-layout writers (layout_writers) and tools/gen_pde.py.
+"""PDE generators (nestor_ds.synth.solvers), raw-layout writers (layout_writers) and nestor_ds.synth.
 
 Physics checks use cases with known answers (a decaying shear mode of Navier-Stokes, conservation laws of
 the finite-volume schemes); layout checks read the files back with h5py / scipy and with the project's
@@ -20,10 +20,9 @@ import scipy.io
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from nestor_ds.data.layout_writers import COMPATIBLE, LAYOUTS, write_dataset  # noqa: E402
-from nestor_ds.data.pde_solvers import (PDES, CFDConfig, NSConfig, SWEConfig, cfd_initial, sample_rngs,  # noqa: E402
+from nestor_ds.synth.layouts import COMPATIBLE, LAYOUTS, write_dataset
+from nestor_ds.synth.solvers import (PDES, CFDConfig, NSConfig, SWEConfig, cfd_initial, sample_rngs,
                                         simulate, solve_cfd, solve_ns, solve_swe, swe_initial)
 
 N, RES, STEPS = 2, 16, 4
@@ -132,8 +131,8 @@ def test_deterministic_bytes(tmp_path: Path, layout: str) -> None:
 
 @pytest.mark.parametrize("pde,layout", COMBOS)
 def test_project_reader_reads_back(tmp_path: Path, pde: str, layout: str) -> None:
-    """The project's own reader (nestor_ds.data.readers) recovers the solver's fields from each layout."""
-    readers = pytest.importorskip("nestor_ds.data.readers")
+    """The project's own reader (nestor_ds.shards.ingest) recovers the solver's fields from each layout."""
+    readers = pytest.importorskip("nestor_ds.shards.ingest")
     path = _write(tmp_path, pde, layout)
     sim = simulate(pde, N, RES, STEPS + 1 if layout.startswith("fno") else STEPS, 0)
     with readers.open_reader(path) as r:
@@ -249,16 +248,14 @@ def test_tiny_sizes_stay_tiny(tmp_path: Path) -> None:
 
 
 def _load_cli():
-    """tools/gen_pde.py as a module, so most CLI checks run in-process (a fresh interpreter costs seconds)."""
-    spec = importlib.util.spec_from_file_location("gen_pde_cli", REPO / "tools" / "gen_pde.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    """`python -m nestor_ds.synth` imported, so most CLI checks run in-process (a fresh interpreter costs seconds)."""
+    from nestor_ds.synth import cli
+
+    return cli
 
 
 def test_cli_script_demo_tiny(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, str(REPO / "tools" / "gen_pde.py"), "--demo", str(tmp_path / "demo"),
+    r = subprocess.run([sys.executable, "-m", "nestor_ds.synth", "--demo", str(tmp_path / "demo"),
                         "--tiny", "--quiet"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     names = sorted(p.name for p in (tmp_path / "demo").iterdir())

@@ -56,7 +56,7 @@ def trained(tiny_shards, tmp_path_factory) -> Trained:
     ds = ds_config(work, stage=2)
     cfg = tiny_config(work, shards, tracking={"tracking_uri": uri, "log_model": True, "register_model": PRETRAIN_NAME},
                       train={"max_steps": 4, "ckpt_every": 4})
-    _ok(launch([str(REPO / "nestor_ds" / "train.py"), "--ds_config", str(ds), "--config", str(cfg),
+    _ok(launch(["nestor_ds.train", "--ds_config", str(ds), "--config", str(cfg),
                 "--run-name", "pre"], 1, cwd=work))
     ft = yaml.safe_load(tiny_config(work, {"ns_tiny": shards["ns_tiny"]}, data={"channels": 1},
                                     tracking={"tracking_uri": uri, "log_model": True,
@@ -132,7 +132,7 @@ def _example(seed: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
 def test_registered_pyfunc_predicts_the_rollout(trained, name, weights):
     import mlflow
 
-    from nestor_ds.checkpoint_io import load_pretrained
+    from nestor_ds.checkpoint.files import load_pretrained
 
     mlflow.set_tracking_uri(trained.uri)
     model = load_pretrained(trained.work / "runs" / weights / "model.safetensors")
@@ -144,7 +144,7 @@ def test_registered_pyfunc_predicts_the_rollout(trained, name, weights):
 
 
 def test_mlflow_models_serve_answers_with_the_rollout(trained):
-    from nestor_ds.checkpoint_io import load_pretrained
+    from nestor_ds.checkpoint.files import load_pretrained
 
     model = load_pretrained(trained.work / "runs" / "pre" / "model.safetensors")
     x, mask = _example(1, model.cfg.in_channels)
@@ -168,7 +168,7 @@ def test_mlflow_models_serve_answers_with_the_rollout(trained):
 
 def test_export_register_attaches_to_the_training_run(trained):
     out = trained.work / "cli.safetensors"
-    res = subprocess.run([sys.executable, str(REPO / "tools" / "export_checkpoint.py"), "--checkpoint",
+    res = subprocess.run([sys.executable, "-m", "nestor_ds.checkpoint", "--checkpoint",
                           str(trained.work / "runs" / "pre" / "checkpoints"), "--out", str(out), "--no-progress",
                           "--register", "nestor-cli", "--tracking-uri", trained.uri],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -13,12 +13,11 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from nestor_ds.moe import (LocalTokenMoE, MoEConfig, build_token_moe, expert_load_stats,  # noqa: E402
+from nestor_ds.moe import (LocalTokenMoE, MoEConfig, build_token_moe, expert_load_stats,
                            grouped_mm_supported)
-from nestor_ds.moe.experts import chunk_rows  # noqa: E402
-from nestor_ds.moe.dispatch import dispatch_rows, gather_rows, plan_capacity  # noqa: E402
+from nestor_ds.moe.experts import chunk_rows
+from nestor_ds.moe.dispatch import dispatch_rows, gather_rows, plan_capacity
 
 D, F_HID, E, K = 16, 16, 4, 2  # 16 fp32 = 64 bytes: grouped_mm runs on CPU
 

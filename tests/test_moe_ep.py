@@ -19,8 +19,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from nestor_ds.procs import free_port  # noqa: E402
+from nestor_ds.procs import free_port
 
 D, E, N_RANK = 16, 4, 10  # width, experts, rows per rank
 

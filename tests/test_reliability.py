@@ -14,7 +14,7 @@ import pytest
 
 from train_fixtures import REPO, ds_config, launch, tiny_config
 
-TRAIN = str(REPO / "nestor_ds" / "train.py")
+TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -133,7 +133,7 @@ def test_disk_full_during_a_save_names_the_path_and_resume_recovers(small_cfg, t
     runs = tmp_path / "runs"
     runs.mkdir()
     ds = ds_config(tmp_path)
-    train = f"{sys.executable} {TRAIN} --ds_config {ds} --config {small_cfg} --run-name d"
+    train = f"{sys.executable} -m {TRAIN} --ds_config {ds} --config {small_cfg} --run-name d"
     script = f"""
 set -u
 mount -t tmpfs -o size=64m tmpfs {runs}
@@ -161,7 +161,7 @@ ls {runs}/d/checkpoints/set_aside > {tmp_path}/aside.txt
 
 
 def _pids_running(needle: str) -> list[int]:
-    """Live rank processes of this test: their command line runs train.py (not via a launcher module or the
+    """Live rank processes of this test: their command line runs the nestor_ds.train module (not via a launcher module or the
     `deepspeed` runner script) with ``needle`` (the test's config path) among the arguments."""
     pids = []
     for d in Path("/proc").iterdir():
@@ -207,7 +207,8 @@ def test_sigterm_to_the_launcher_checkpoints_and_ends_the_run_killed(tiny_shards
         cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port())]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
-    cmd += [TRAIN, "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg), "--run-name", "pre"]
+    cmd += ["--module" if launcher == "deepspeed" else "-m", TRAIN, "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg),
+            "--run-name", "pre"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "launcher.log"
     metrics = tmp_path / "runs" / "pre" / "metrics.jsonl"
@@ -262,7 +263,7 @@ def _poison(shard_dir: Path, value: float, fix_digest: bool) -> tuple[str, str]:
     corruption after the build. Returns (shard path, first sample key)."""
     import numpy as np
 
-    from nestor_ds.data import schema
+    from nestor_ds.shards import schema
     from nestor_ds.data.stream import _parse_npy_header, iter_shard_samples
 
     manifest = json.loads((shard_dir / "manifest.json").read_text())
@@ -284,7 +285,7 @@ def _poison(shard_dir: Path, value: float, fix_digest: bool) -> tuple[str, str]:
 
 
 def test_a_changed_byte_in_a_shard_is_refused_before_use(tiny_shards, tmp_path):
-    from nestor_ds.data.schema import DataFormatError
+    from nestor_ds.shards.schema import DataFormatError
 
     root, shards = tiny_shards
     d = _copy_shards(shards["ns_tiny"], tmp_path / "ns")
@@ -295,7 +296,7 @@ def test_a_changed_byte_in_a_shard_is_refused_before_use(tiny_shards, tmp_path):
 
 
 def test_a_nan_in_a_batch_names_dataset_shard_and_key(tiny_shards, tmp_path):
-    from nestor_ds.data.schema import DataFormatError
+    from nestor_ds.shards.schema import DataFormatError
 
     root, shards = tiny_shards
     d = _copy_shards(shards["ns_tiny"], tmp_path / "ns")

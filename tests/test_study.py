@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(900)
 def test_quick_study_runs_reports_and_resumes(tmp_path):
     out, work = tmp_path / "report", tmp_path / "work"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    cmd = [sys.executable, str(REPO / "tools" / "study.py"), "--quick", "--out", str(out), "--work", str(work)]
+    cmd = [sys.executable, "-m", "tools.study", "--quick", "--out", str(out), "--work", str(work)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=880, env=env, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "2 trials, 0 done, 2 to run" in first.stdout

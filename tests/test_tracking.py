@@ -291,11 +291,7 @@ def _two_runs(store: str, experiment: str) -> list[str]:
 
 
 def test_mlflow_report_prints_runs_side_by_side(store, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import mlflow_report
-    finally:
-        sys.path.pop(0)
+    from tools import mlflow_report
     ids = _two_runs(store, "report")
     assert mlflow_report.main(["--tracking-uri", store, "--experiment", "report", "--metrics", "train/lr"]) == 0
     out = capsys.readouterr().out
@@ -327,7 +323,7 @@ def test_screenshot_of_a_run_page(store, tmp_path, view):
     out = tmp_path / "run.png"
     runs = [a for r in (run_ids if view == "compare" else run_ids[:1]) for a in ("--run", r)]
     res = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "screenshot_mlflow.py"), *runs, "--out", str(out),
+        [sys.executable, "-m", "tools.screenshot_mlflow", *runs, "--out", str(out),
          "--tracking-uri", store, "--render-ms", "3000", "--browser-timeout", "600"],
         capture_output=True, text=True, timeout=900,
     )

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_procs import free_port, start_tracking_server, stop
 from train_fixtures import REPO, ds_config, launch, tiny_config
 
-TRAIN = str(REPO / "nestor_ds" / "train.py")
+TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
 SECRET = "s3cretPW42"
 pytestmark = pytest.mark.timeout(900)
 
@@ -67,7 +67,7 @@ def test_server_restart_mid_run_loses_nothing_and_masks_credentials(tiny_shards,
     server = start_tracking_server(tmp_path, port)
     train = None
     try:
-        train = subprocess.Popen([sys.executable, TRAIN, "--ds_config", str(ds), "--config", str(cfg),
+        train = subprocess.Popen([sys.executable, "-m", TRAIN, "--ds_config", str(ds), "--config", str(cfg),
                                   "--run-name", "outage"], cwd=tmp_path, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True,
                                  env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})

@@ -11,8 +11,8 @@ import torch
 
 from train_fixtures import REPO, ds_config, launch, tiny_config
 
-TRAIN = str(REPO / "nestor_ds" / "train.py")
-PROBE = str(REPO / "tests" / "scripts" / "probe_train.py")
+TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
+PROBE = "tests.scripts.probe_train"
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -116,7 +116,7 @@ def test_two_ranks_equal_one_rank_and_export_matches_engine(tiny_shards, tmp_pat
     """Same global batch: loss at step 1 to 1e-5, parameters after 3 steps to 1e-4; then the 2-rank (ep 2)
     checkpoint exported to one safetensors file gives the engine model's outputs."""
     from nestor_ds import load_pretrained
-    from nestor_ds.checkpoint_io import export_checkpoint, load_local_state
+    from nestor_ds.checkpoint.files import export_checkpoint, load_local_state
 
     root, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
@@ -188,7 +188,7 @@ def test_zero3_refuses_expert_parallelism_with_a_message(tiny_shards, tmp_path):
 ], ids=["afno", "nestor-local"])
 def test_zero3_trains_exports_and_survives_unreachable_tracking(tiny_shards, tmp_path, model):
     from nestor_ds import load_pretrained
-    from nestor_ds.checkpoint_io import export_checkpoint
+    from nestor_ds.checkpoint.files import export_checkpoint
 
     root, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, model=model, train={"max_steps": 3, "ckpt_every": 3},
@@ -239,7 +239,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tiny_shards, tmp_path):
                       train={"max_steps": 100000, "ckpt_every": 100000}, tracking={"enabled": False})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           TRAIN, "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg), "--run-name", "pre"]
+           "-m", TRAIN, "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg), "--run-name", "pre"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     metrics = tmp_path / "runs" / "pre" / "metrics.jsonl"

@@ -1,6 +1,6 @@
 """Small real training data and configs for the engine, fine-tune and tracking tests.
 
-Real PDE solutions from ``nestor_ds.data.layout_writers`` in their public layouts, built into real shards by
+Real PDE solutions from ``nestor_ds.synth.layouts`` in their public layouts, built into real shards by
 the real builder: the tests exercise exactly what users run, only smaller.
 """
 
@@ -26,8 +26,8 @@ DATASETS = {  # name: (pde, layout, trajectories, frames)
 
 def build_tiny_shards(root: Path, names: tuple[str, ...] = ("ns_tiny", "dr_tiny"), res: int = 16) -> dict[str, Path]:
     """Generate and shard each dataset once under ``root`` (reused when already there)."""
-    from nestor_ds.data.builder import BuildConfig, build
-    from nestor_ds.data.layout_writers import write_dataset
+    from nestor_ds.shards.build import BuildConfig, build
+    from nestor_ds.synth.layouts import write_dataset
 
     out = {}
     for i, name in enumerate(names):
@@ -82,17 +82,19 @@ def ds_config(root: Path, stage: int = 2, micro: int = 2, accum: int = 1, suffix
 
 def launch(args: list[str], ranks: int, cwd: Path, timeout: int = 880, env: dict[str, str] | None = None,
            launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    """Run ``nestor_ds/<entry>.py`` on ``ranks`` CPU ranks with torchrun or the DeepSpeed launcher
+    """Run the entry module ``args[0]`` (e.g. ``nestor_ds.train``) on ``ranks`` CPU ranks with torchrun or the DeepSpeed launcher
     (1 rank with torchrun: a plain process)."""
     full_env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
                 "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    module, rest = args[0], args[1:]
     if launcher == "deepspeed":
         deepspeed_cli = str(Path(sys.executable).with_name("deepspeed"))
-        cmd = [deepspeed_cli, "--num_gpus", str(ranks), "--master_port", str(_free_port()), *args]
+        cmd = [deepspeed_cli, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "--module", module, *rest]
     elif ranks == 1:
-        cmd = [sys.executable, *args]
+        cmd = [sys.executable, "-m", module, *rest]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(_free_port()), *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+               str(_free_port()), "-m", module, *rest]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -11,7 +11,7 @@ Writes its own temporary data: a PDEBench-CFD-like HDF5 file (Vx, Vy, density, p
 Both loaders run with the same --workers (torch DataLoader processes) and produce identical batch
 tensors [B, X, Y, T, C]. With --json the last output line is one JSON object.
 
-    python tools/bench_data.py --json
+    python -m tools.bench_data --json
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nestor_ds.data import DataConfig, DatasetSpec, TrainStream  # noqa: E402
-from nestor_ds.data.builder import META_BYTES_ESTIMATE, BuildConfig, build  # noqa: E402
-from nestor_ds.data.stream import new_batch_tensor, write_frames  # noqa: E402
+from nestor_ds.data import DataConfig, DatasetSpec, TrainStream
+from nestor_ds.shards.build import META_BYTES_ESTIMATE, BuildConfig, build
+from nestor_ds.data.stream import new_batch_tensor, write_frames
 
 CHANNELS = ("Vx", "Vy", "density", "pressure")
 

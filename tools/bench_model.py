@@ -1,6 +1,6 @@
 """Training-step throughput of nestor-ti vs afno-ti, eager vs compiled, token MoE vs dense, DFT vs FFT.
 
-    python tools/bench_model.py [--json] [--device cpu|cuda] [--dtype fp32|bf16] [--compile]
+    python -m tools.bench_model [--json] [--device cpu|cuda] [--dtype fp32|bf16] [--compile]
                                 [--routing static|dropless] [--batch 8] [--res 128] [--threads 2] [--reps 5]
 
 Everything is measured side by side in one process (repetitions interleaved A B A B ..., median taken), because
@@ -32,7 +32,6 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch
 from tqdm import tqdm

@@ -1,7 +1,7 @@
 """Expert-parallel token MoE, side by side on 2 gloo ranks: our all-to-all-v path vs DeepSpeed's legacy layer.
 
-    python tools/bench_moe_ep.py --json                 # launches 2 ranks itself (torch.distributed.run)
-    python tools/bench_moe_ep.py --tokens 4096 --reps 3
+    python -m tools.bench_moe_ep --json                 # launches 2 ranks itself (torch.distributed.run)
+    python -m tools.bench_moe_ep --tokens 4096 --reps 3
 
 nestor-ti's token MoE (D 512, 6 experts top-2, F 512, one shared expert of hidden 341), forward + backward of
 sum(out * g), per-rank batches of T tokens. Three contenders, each timed on both ranks at once:
@@ -31,8 +31,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from nestor_ds.procs import free_port  # noqa: E402
+from nestor_ds.procs import free_port
 
 D, E, K, SHARED_HIDDEN = 512, 6, 2, 341
 SKEW = 0.5 / 8     # shift along expert 0's gate row (x sqrt(D)): expert 0 gets ~1/3 of the assignments
@@ -156,7 +155,7 @@ def main() -> None:
         return
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), __file__, *sys.argv[1:]]
+           "--master_port", str(free_port()), "-m", "tools.bench_moe_ep", *sys.argv[1:]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
     if proc.returncode != 0 or not lines:

@@ -6,7 +6,7 @@ Both write the same per-step metric batch (20 metrics) to the same kind of store
 is `Tracker.log_metrics` (queue put; a background thread sends). Reports the median time per call on the
 calling thread and the ratio. A fresh SQLite store in a temp dir, or --tracking-uri for a server.
 
-    python tools/bench_tracking.py --json
+    python -m tools.bench_tracking --json
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:

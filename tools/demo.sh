@@ -15,10 +15,10 @@ start=$SECONDS
 
 step "1/6 generate demo PDE data (demo/raw)"
 if [[ ! -f demo/raw/.complete ]]; then
-  python tools/gen_pde.py --demo demo/raw
-  python tools/gen_pde.py --pde ns --layout pdearena-ns --n 16 --res 64 --steps 16 --seed 7 --split train \
+  python -m nestor_ds.synth --demo demo/raw
+  python -m nestor_ds.synth --pde ns --layout pdearena-ns --n 16 --res 64 --steps 16 --seed 7 --split train \
     --out demo/raw/NavierStokes2D_train_7_0.5.h5
-  python tools/gen_pde.py --pde ns --layout pdearena-ns --n 4 --res 64 --steps 16 --seed 8 --split test \
+  python -m nestor_ds.synth --pde ns --layout pdearena-ns --n 4 --res 64 --steps 16 --seed 8 --split test \
     --out demo/raw/NavierStokes2D_test_8_0.5.h5
   touch demo/raw/.complete
 else echo "demo/raw already generated"; fi
@@ -27,7 +27,7 @@ step "2/6 build WebDataset shards (shards/)"
 build() { # name input [input ...]
   local name=$1; shift
   if [[ -f "shards/$name/manifest.json" ]]; then echo "shards/$name already built"; return; fi
-  python tools/build_shards.py --input "$@" --out "shards/$name" --name "$name" --test-fraction 0.2
+  python -m nestor_ds.shards --input "$@" --out "shards/$name" --name "$name" --test-fraction 0.2
 }
 build ns2d_fno_demo demo/raw/ns_V1e-3_N24_T20.mat
 build dr_pdb_demo demo/raw/2D_diff-react_NA_NA.h5
@@ -36,15 +36,15 @@ build cfd_pdb_demo demo/raw/2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_64_Train.
 build ns2d_pda_demo demo/raw/NavierStokes2D_train_7_0.5.h5 demo/raw/NavierStokes2D_test_8_0.5.h5
 
 step "3/6 pre-train NESTOR on $RANKS ranks (ZeRO-2, expert parallel)"
-deepspeed --num_gpus "$RANKS" nestor_ds/train.py --ds_config ds_configs/zero2.json \
+deepspeed --num_gpus "$RANKS" --module nestor_ds.train --ds_config ds_configs/zero2.json \
   --config configs/pretrain_demo.yaml --run-name demo-pretrain --resume auto --set tracking.register_model=nestor-demo \
   ${STEPS_ARGS[@]+"${STEPS_ARGS[@]}"}
 
 step "4/6 export the expert-parallel checkpoint to one safetensors file"
-python tools/export_checkpoint.py --checkpoint runs/demo-pretrain/checkpoints --out runs/demo-pretrain/nestor-demo.safetensors
+python -m nestor_ds.checkpoint --checkpoint runs/demo-pretrain/checkpoints --out runs/demo-pretrain/nestor-demo.safetensors
 
 step "5/6 fine-tune on an unseen 3-channel dataset (1 rank, another ep_size)"
-python nestor_ds/finetune.py --ds_config ds_configs/zero2.json --config configs/finetune_demo.yaml \
+python -m nestor_ds.finetune --ds_config ds_configs/zero2.json --config configs/finetune_demo.yaml \
   --pretrained runs/demo-pretrain/checkpoints --run-name demo-finetune --resume auto \
   --set tracking.register_model=nestor-demo-finetune
 
@@ -52,7 +52,7 @@ step "6/6 evaluate (one-step and rollout L2RE, energy spectra)"
 python -m nestor_ds.evaluate --checkpoint runs/demo-pretrain/nestor-demo.safetensors \
   --data shards/ns2d_fno_demo shards/dr_pdb_demo shards/swe_pdb_demo shards/cfd_pdb_demo \
   --rollout-steps 8 --out runs/demo-pretrain/eval_report.json
-python tools/mlflow_report.py --experiment nestor-ds-demo --run demo-pretrain --run demo-finetune || true
+python -m tools.mlflow_report --experiment nestor-ds-demo --run demo-pretrain --run demo-finetune || true
 
 printf '\nDone in %d s.\n' $((SECONDS - start))
 echo "Runs and checkpoints:  runs/demo-pretrain, runs/demo-finetune (report: runs/demo-pretrain/eval_report.json)"

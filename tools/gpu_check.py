@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check the GPU paths of NESTOR-DS on one CUDA device, in one short run, and write what was measured.
 
-    python tools/gpu_check.py --out gpu_check.json [--parts equivalence,kernels,bench,train]
+    python -m tools.gpu_check --out gpu_check.json [--parts equivalence,kernels,bench,train]
 
 1. CUDA vs CPU: the same weights give the same fp32 output (local MoE backend, grouped_mm on both).
 2. bf16 autocast forward + backward is finite; which attention kernel SDPA can use (flash / efficient / math),
@@ -10,8 +10,8 @@
    compiled (regional) with CUDA graphs over a micro-batch sweep (--batches, stops at OOM or --bench-budget):
    samples/s, TFLOP/s, MFU against the dense bf16 peak, kernels and host syncs per step, best micro-batch
    (the value for ds_configs/*_bf16.json); token MoE (static and dropless) vs a dense SwiGLU of equal FLOPs.
-   `python tools/gpu_check.py --parts bench --out docs/gpu_bench_h200.json` runs in about 6 minutes on an H200.
-4. train: the real entry on one GPU with NCCL: tiny generated data -> shards -> `nestor_ds/train.py`
+   `python -m tools.gpu_check --parts bench --out docs/gpu_bench_h200.json` runs in about 6 minutes on an H200.
+4. train: the real entry on one GPU with NCCL: tiny generated data -> shards -> `python -m nestor_ds.train`
    with ds_configs/zero2_bf16.json (DeepSpeed-MoE backend) and zero3_bf16.json (AFNO baseline).
 Without CUDA it says so and exits 0.
 """
@@ -28,10 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
-import torch  # noqa: E402
+import torch
 
 
 def timed(fn, reps: int = 10, warmup: int = 3) -> float:
@@ -93,7 +91,7 @@ def bench_models(batches: list[int], res: int, budget_s: float) -> dict:
     (the "before"), then the compiled model at every batch until memory runs out or the time budget is spent; the
     best micro-batch (samples/s) is the one for ds_configs/*_bf16.json. Kernels per step from torch.profiler.
     """
-    from bench_model import ModelBench, host_syncs, kernels_per_step, synced  # tools/ is on sys.path
+    from tools.bench_model import ModelBench, host_syncs, kernels_per_step, synced
     from nestor_ds.engine.perf import peak_flops
 
     t_start = time.perf_counter()
@@ -172,10 +170,10 @@ def bench_models(batches: list[int], res: int, budget_s: float) -> dict:
 
 
 def train_entry(workdir: Path) -> dict:
-    from nestor_ds.data.builder import BuildConfig, build
-    from nestor_ds.data.layout_writers import write_dataset
+    from nestor_ds.shards.build import BuildConfig, build
+    from nestor_ds.synth.layouts import write_dataset
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}  # `-m nestor_ds.train` from any cwd
     shards = {}
     for i, (name, pde, layout) in enumerate((("ns", "ns", "fno-mat"), ("dr", "dr", "pdebench-groups"))):
         raw = write_dataset(pde, layout, workdir / f"{name}.h5", n=8, res=32, steps=16, seed=i)
@@ -188,7 +186,7 @@ def train_entry(workdir: Path) -> dict:
     results = {}
     for label, ds, extra in (("zero2_bf16_nestor_local_moe", "zero2_bf16.json", ["model.preset=nestor-tiny", "model.moe.backend=local"]),
                              ("zero3_bf16_afno", "zero3_bf16.json", ["model.preset=afno-tiny"])):
-        cmd = [sys.executable, str(ROOT / "nestor_ds" / "train.py"), "--ds_config", str(ROOT / "ds_configs" / ds),
+        cmd = [sys.executable, "-m", "nestor_ds.train", "--ds_config", str(ROOT / "ds_configs" / ds),
                "--config", str(ROOT / "configs" / "pretrain_demo.yaml"), "--run-name", label]
         for s in common + extra:
             cmd += ["--set", s]

@@ -4,7 +4,7 @@ On CUDA: checks that the backends agree (outputs, lb loss, counts) and prints fo
 timings; with no CUDA it says so and exits 0. MegaBlocks is compared only when `import megablocks`
 works (pip install -r requirements-gpu.txt --no-build-isolation).
 
-    python tools/gpu_check_moe.py [--tokens 16384 --dim 512 --experts 6 --top-k 2 --iters 20 --json out.json]
+    python -m tools.gpu_check_moe [--tokens 16384 --dim 512 --experts 6 --top-k 2 --iters 20 --json out.json]
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nestor_ds.moe import MoEConfig, build_token_moe, grouped_mm_supported  # noqa: E402
+from nestor_ds.moe import MoEConfig, build_token_moe, grouped_mm_supported
 
 
 def time_fwd_bwd(moe, x, valid, iters: int) -> float:

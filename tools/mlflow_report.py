@@ -6,10 +6,10 @@ logged value of each metric. Per dataset: which data the run used (`data/<name>`
 pretrain (a fine-tune's parent data), eval -- and the first 8 characters of the MLflow dataset digest, equal
 digests meaning the same shards mixed with the same weight), then its L2RE rows. Examples:
 
-    python tools/mlflow_report.py                                    # latest 6 runs of experiment nestor-ds
-    python tools/mlflow_report.py --run demo-pretrain --run demo-finetune --run 9c1b...   # run names or ids
-    python tools/mlflow_report.py --filter "tags.nestor.entry = 'finetune'"              # MLflow search filter
-    python tools/mlflow_report.py --metrics train/grad_norm,perf/mfu
+    python -m tools.mlflow_report                                    # latest 6 runs of experiment nestor-ds
+    python -m tools.mlflow_report --run demo-pretrain --run demo-finetune --run 9c1b...   # run names or ids
+    python -m tools.mlflow_report --filter "tags.nestor.entry = 'finetune'"              # MLflow search filter
+    python -m tools.mlflow_report --metrics train/grad_norm,perf/mfu
 """
 
 from __future__ import annotations

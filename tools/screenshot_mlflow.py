@@ -5,10 +5,10 @@ Starts a private `mlflow ui` (one process, job execution off) on a free local po
 answers, lets Chromium render the run page, and stops the server again. Needs the Debian `chromium`
 package (`apt-get update && apt-get install -y chromium`).
 
-    python tools/screenshot_mlflow.py --run RUN_ID --out docs/mlflow_run.png
-    python tools/screenshot_mlflow.py --run RUN_ID --out docs/mlflow_metrics.png --page model-metrics
-    python tools/screenshot_mlflow.py --run ID_A --run ID_B --out docs/mlflow_compare.png    # compare view
-    python tools/screenshot_mlflow.py --model nestor-demo/1 --out docs/mlflow_model.png       # registry page
+    python -m tools.screenshot_mlflow --run RUN_ID --out docs/mlflow_run.png
+    python -m tools.screenshot_mlflow --run RUN_ID --out docs/mlflow_metrics.png --page model-metrics
+    python -m tools.screenshot_mlflow --run ID_A --run ID_B --out docs/mlflow_compare.png    # compare view
+    python -m tools.screenshot_mlflow --model nestor-demo/1 --out docs/mlflow_model.png       # registry page
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nestor_ds.procs import free_port, stop_group as stop, wait_http  # noqa: E402  (standard library only)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -50,10 +50,10 @@ launch() {  # launch RUN_NAME [extra args...] -> background job, pid in $JOB
   local name=$1; shift
   local port=$((20000 + RANDOM % 20000))
   if [ "$LAUNCHER" = deepspeed ]; then
-    set -m; deepspeed --num_gpus 2 --master_port $port nestor_ds/train.py --ds_config "$DS" --config "$CONFIG" \
+    set -m; deepspeed --num_gpus 2 --master_port $port --module nestor_ds.train --ds_config "$DS" --config "$CONFIG" \
       --run-name "$name" "$@" >>"$WORK/$name.log" 2>&1 & JOB=$!; set +m
   else
-    set -m; $PY -m torch.distributed.run --nproc_per_node 2 --master_port $port nestor_ds/train.py --ds_config "$DS" \
+    set -m; $PY -m torch.distributed.run --nproc_per_node 2 --master_port $port -m nestor_ds.train --ds_config "$DS" \
       --config "$CONFIG" --run-name "$name" "$@" >>"$WORK/$name.log" 2>&1 & JOB=$!; set +m
   fi
 }
@@ -61,7 +61,7 @@ steps_done() { [ -f "$WORK/runs/$1/metrics.jsonl" ] && wc -l <"$WORK/runs/$1/met
 descendants() {  # all processes below $1 (torchrun starts its workers in their own sessions: not in our group)
   local c; for c in $(pgrep -P "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done; }
 ranks_of() { local p; for p in $(descendants "$1"); do
-  tr '\0' ' ' </proc/$p/cmdline 2>/dev/null | grep -q "nestor_ds/train.py" &&
+  tr '\0' ' ' </proc/$p/cmdline 2>/dev/null | grep -q "nestor_ds.train" &&
     ! tr '\0' ' ' </proc/$p/cmdline | grep -q "torch.distributed.run\|deepspeed.launcher\|bin/deepspeed" && echo "$p"; done; }
 
 rm -rf "$WORK/runs/soak" "$WORK/runs/ref" "$WORK/soak.log" "$WORK/ref.log"
@@ -100,7 +100,7 @@ $PY - "$WORK/runs/ref" "$WORK/runs/soak" <<'PYEOF'
 import json, sys
 from pathlib import Path
 sys.path.insert(0, ".")
-from nestor_ds.checkpoint_io import load_local_state
+from nestor_ds.checkpoint.files import load_local_state
 ref, soak = (Path(p) for p in sys.argv[1:3])
 def rows(run):
     return [{k: v for k, v in json.loads(l).items() if not k.startswith("perf/")}

@@ -1,11 +1,11 @@
 """Equal-compute study: a matrix {model} x {seed} x {budget} trained and scored through the real pipeline.
 
-    python tools/study.py --spec configs/study_cpu32.yaml            # docs/study/cpu32/ (resumable)
-    python tools/study.py --quick --out /tmp/study_quick              # two tiny trials, a few minutes
-    python tools/study.py --spec configs/study_cpu32.yaml --report-only
+    python -m tools.study --spec configs/study_cpu32.yaml            # docs/study/cpu32/ (resumable)
+    python -m tools.study --quick --out /tmp/study_quick              # two tiny trials, a few minutes
+    python -m tools.study --spec configs/study_cpu32.yaml --report-only
 
-Every trial runs the commands a user runs: ``tools/gen_pde.py`` -> ``tools/build_shards.py`` ->
-``nestor_ds/train.py`` (one process, ZeRO-0, a wall-clock budget ``train.time_budget_s`` that the learning-rate
+Every trial runs the commands a user runs: ``python -m nestor_ds.synth`` -> ``python -m nestor_ds.shards`` ->
+``python -m nestor_ds.train`` (one process, ZeRO-0, a wall-clock budget ``train.time_budget_s`` that the learning-rate
 schedule follows) -> ``python -m nestor_ds.evaluate`` on the test split. Trials run one at a time (so they do
 not share the CPU); a trial whose JSON exists is skipped, so an interrupted study continues where it stopped.
 
@@ -32,16 +32,14 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(ROOT))
 
-from nestor_ds.config import deep_merge  # noqa: E402  (one merge for run configs)
+from nestor_ds.config import deep_merge  # one merge for run configs
 
 QUICK_SPEC = ROOT / "configs" / "study_quick.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python tools/study.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spec", default=None, help="study YAML (see configs/study_cpu32.yaml); default with --quick: "
                                                 "configs/study_quick.yaml")
@@ -112,14 +110,14 @@ def build_data(spec: dict[str, Any], work: Path) -> dict[str, dict[str, Path]]:
         seed = int(d.get("seed", 1000)) + 10 * i
         common = ["--pde", fam, "--res", str(d["resolution"]), "--steps", str(d["frames"]), "--quiet"]
         n_dev = int(d["train"]) + int(d["val"])
-        run([py, "tools/gen_pde.py", *common, "--n", str(n_dev), "--seed", str(seed),
+        run([py, "-m", "nestor_ds.synth", *common, "--n", str(n_dev), "--seed", str(seed),
              "--out", str(raw / f"{fam}_dev.h5")], work / "logs" / "data.log")
         # the test file holds the test trajectories plus one that lands in its (unused) train split
-        run([py, "tools/gen_pde.py", *common, "--n", str(int(d["test"]) + 1), "--seed", str(seed + 1),
+        run([py, "-m", "nestor_ds.synth", *common, "--n", str(int(d["test"]) + 1), "--seed", str(seed + 1),
              "--out", str(raw / f"{fam}_test.h5")], work / "logs" / "data.log")
         for name, src, frac in ((dev, raw / f"{fam}_dev.h5", int(d["val"]) / n_dev),
                                 (test, raw / f"{fam}_test.h5", int(d["test"]) / (int(d["test"]) + 1))):
-            run([py, "tools/build_shards.py", "--input", str(src), "--out", str(name), "--name", name.name,
+            run([py, "-m", "nestor_ds.shards", "--input", str(src), "--out", str(name), "--name", name.name,
                  "--test-fraction", f"{frac:.6f}", "--overwrite", "--no-progress"], work / "logs" / "data.log")
     return out
 
@@ -152,8 +150,8 @@ def trial_config(spec: dict[str, Any], model: str, seed: int, budget_s: float, d
 
 
 def train_and_score(spec: dict[str, Any], trial_id: str, cfg: dict[str, Any], test_dirs: list[Path], work: Path,
-                    entry: str = "nestor_ds/train.py", extra: list[str] | None = None) -> dict[str, Any]:
-    """train.py (or finetune.py) with `cfg`, then evaluate on `test_dirs`; returns the trial record."""
+                    entry: str = "nestor_ds.train", extra: list[str] | None = None) -> dict[str, Any]:
+    """`python -m nestor_ds.train` (or `nestor_ds.finetune`) with `cfg`, then evaluate on `test_dirs`; returns the trial record."""
     run_root = Path(cfg["train"]["output_dir"])
     if (run_root / trial_id).exists():
         shutil.rmtree(run_root / trial_id)  # a trial interrupted before its JSON was written starts over
@@ -165,7 +163,7 @@ def train_and_score(spec: dict[str, Any], trial_id: str, cfg: dict[str, Any], te
     if log.exists():
         log.unlink()
     t0 = time.time()
-    run([sys.executable, entry, "--ds_config", "ds_configs/zero0.json", "--config", str(cfg_path),
+    run([sys.executable, "-m", entry, "--ds_config", "ds_configs/zero0.json", "--config", str(cfg_path),
          "--run-name", trial_id, *(extra or [])], log, env)
     wall = time.time() - t0
     run_dir = run_root / trial_id
@@ -194,7 +192,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import study_report
+    from tools import study_report
 
     args = parse_args(argv)
     spec = load_spec(args.spec)
@@ -248,7 +246,7 @@ def run_transfer(spec: dict[str, Any], trial_id: str, model: str, seed: int, dat
     held_data = data_section(spec, data, [held])
     ft_cfg = trial_config(spec, model, seed, tr["finetune_budget_s"], held_data, runs)
     ft_cfg["finetune"] = {"load": "all"}
-    ft = train_and_score(spec, trial_id, ft_cfg, [data[held]["test"]], work, entry="nestor_ds/finetune.py",
+    ft = train_and_score(spec, trial_id, ft_cfg, [data[held]["test"]], work, entry="nestor_ds.finetune",
                          extra=["--pretrained", str(runs / pre_id / "checkpoints")])
     scratch_cfg = trial_config(spec, model, seed, tr["finetune_budget_s"], held_data, runs)
     scratch = train_and_score(spec, scratch_id, scratch_cfg, [data[held]["test"]], work)

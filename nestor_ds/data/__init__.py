@@ -1,4 +1,4 @@
-"""Data: shard datasets (built by tools/build_shards.py) -> training stream and evaluation batches.
+"""Data: shard datasets (built by nestor_ds.shards) -> training stream and evaluation batches.
 
 Imports are lazy (PEP 562): the shard builder and the PDE generator import ``nestor_ds.data.*`` modules in
 worker processes and must not pay for torch; the training side imports what it uses on first access.
@@ -13,7 +13,7 @@ _LAZY = {
     "TrainStream": ".stream",
     "build_train_stream": ".stream",
     "build_eval_batches": ".evalset",
-    "read_trajectories": ".read",
+    "read_trajectories": "nestor_ds.shards.read",
 }
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .schema import MANIFEST_NAME, read_manifest
-from .urls import check_path, default_manifest, is_url_spec, read_manifest_at, shard_urls, split_spec
+from nestor_ds.shards.schema import MANIFEST_NAME, read_manifest
+from nestor_ds.shards.urls import check_path, default_manifest, is_url_spec, read_manifest_at, shard_urls, split_spec
 
 
 def load_manifest(path: str | Path) -> dict:
@@ -131,7 +131,7 @@ class DataConfig:
                 continue
             remote = is_url_spec(spec.path)
             if not remote and not Path(spec.path).is_dir():
-                raise ValueError(f"{where}: path {spec.path} does not exist (build it with tools/build_shards.py)")
+                raise ValueError(f"{where}: path {spec.path} does not exist (build it with nestor_ds.shards)")
             try:
                 manifest = spec_manifest(spec)
             except ValueError as err:

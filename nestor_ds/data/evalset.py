@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from .config import DataConfig, DatasetSpec
-from .schema import FIELDS_EXT, DataFormatError
+from nestor_ds.shards.schema import FIELDS_EXT, DataFormatError
 from .stream import (DatasetInfo, iter_shard_samples, normalize_, padded_stats,
                      read_fields, resize_frames, write_frames)
-from .urls import decode_sample, iter_url_samples
+from nestor_ds.shards.urls import decode_sample, iter_url_samples
 
 
 def _local_samples(path: str) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig, DatasetSpec, spec_manifest
-from .schema import FIELDS_EXT, DataFormatError, sha256_file
-from .urls import decode_sample, is_url_spec, iter_url_samples, shard_urls, split_spec
+from nestor_ds.shards.schema import FIELDS_EXT, DataFormatError, sha256_file
+from nestor_ds.shards.urls import decode_sample, is_url_spec, iter_url_samples, shard_urls, split_spec
 
 # Seed-sequence tags: keep the random streams of different purposes independent.
 _TAG_SHARDS = 0x5A4D   # per-epoch shard permutation, shared by all ranks and workers
@@ -362,7 +362,7 @@ def check_shard_once(path: str, sha256: str | None) -> None:
     if digest != sha256:
         raise DataFormatError(path, f"sha256 {digest[:12]}... but the manifest says {sha256[:12]}...: the shard "
                                     f"changed after the build (corrupted copy?); rebuild it or check it with "
-                                    f"tools/build_shards.py --verify")
+                                    f"nestor_ds.shards --verify")
     _VERIFIED.add((path, sha256))
 
 
@@ -386,7 +386,7 @@ def mapped_trajectories(path: str, count: int, mod: int, res: int, info: Dataset
             yield traj
         if seen != count:  # a shard replaced or truncated after the build: never spin on a share that yields nothing
             raise DataFormatError(path, f"holds {seen} samples, the manifest says {count} "
-                                        f"(check it with tools/build_shards.py --verify)")
+                                        f"(check it with nestor_ds.shards --verify)")
     finally:
         os.close(fd)
 

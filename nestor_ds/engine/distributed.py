@@ -33,7 +33,7 @@ class DistInfo:
 def init_distributed() -> DistInfo:
     """Start (or join) the default process group through DeepSpeed.
 
-    A plain ``python nestor_ds/train.py`` has no launcher environment: we fill in a world of one on a free
+    A plain ``python -m nestor_ds.train`` has no launcher environment: we fill in a world of one on a free
     loopback port, so the same DeepSpeed engine path runs everywhere. DeepSpeed picks gloo on CPU, NCCL on GPU.
     """
     import deepspeed

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from nestor_ds.config import RunConfig, format_config
-from nestor_ds.engine import checkpoint as ckpt
+from nestor_ds.checkpoint import save_resume as ckpt
 from nestor_ds.engine.budget import Budget
 from nestor_ds.engine.compile import CompilePlan, apply_compile, eager_for_evaluation
 from nestor_ds.engine.distributed import (DistInfo, any_rank, derive_seed, init_distributed, resolve_ep_size,

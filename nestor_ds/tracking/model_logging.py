@@ -3,10 +3,10 @@
 Why: reviewers find a run's model under "Logged models" and in the Model Registry, and load or serve it with
 MLflow alone (`mlflow.pyfunc.load_model("models:/<name>/<version>")`, `mlflow models serve`). The pyfunc is
 "models from code" (`pyfunc_model.py`, given as a file path), so MLflow pickles nothing of ours; the weights
-travel as the safetensors file written by `nestor_ds/checkpoint_io.py` and are read by `load_pretrained`.
+travel as the safetensors file written by `nestor_ds/checkpoint/files.py` and are read by `load_pretrained`.
 
 Called at the end of pre-training and fine-tuning (rank 0, after the last checkpoint; `tracking.log_model`,
-`tracking.register_model`) and by `tools/export_checkpoint.py --register NAME`.
+`tracking.register_model`) and by `nestor_ds.checkpoint --register NAME`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def model_signature(run_config: Mapping[str, Any]) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-    from nestor_ds.checkpoint_io import inference_model_config
+    from nestor_ds.checkpoint.files import inference_model_config
 
     m = inference_model_config(run_config)
     return ModelSignature(
@@ -110,12 +110,12 @@ def log_trained_model(tracker: Any, checkpoint_tag: Path, out: Path, final_eval:
     """End of a training run (rank 0): export the last checkpoint to `out`, log it, register it if configured.
 
     Best effort: the training result is on disk whatever happens here; a failure is one warning line
-    naming the command that does it later (`tools/export_checkpoint.py --register`).
+    naming the command that does it later (`nestor_ds.checkpoint --register`).
     """
     cfg = tracker.cfg
     if not tracker.active or not cfg.log_model:
         return
-    from nestor_ds.checkpoint_io import export_checkpoint, read_safetensors
+    from nestor_ds.checkpoint.files import export_checkpoint, read_safetensors
     from nestor_ds.tracking.buffer import one_line
 
     try:
@@ -125,5 +125,5 @@ def log_trained_model(tracker: Any, checkpoint_tag: Path, out: Path, final_eval:
         log_pyfunc_model(tracker.tracking_uri, tracker.run_id, weights, run_config, cfg.register_model,
                          eval_tags(final_eval))
     except Exception as exc:  # noqa: BLE001 - never fail a finished training over its MLflow model
-        log.warning("MLflow: model not logged (%s); later: python tools/export_checkpoint.py --checkpoint %s --out %s "
+        log.warning("MLflow: model not logged (%s); later: python -m nestor_ds.checkpoint --checkpoint %s --out %s "
                     "--register NAME", one_line(exc), checkpoint_tag, out)

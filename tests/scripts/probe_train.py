@@ -4,7 +4,7 @@ The global batch of each step is drawn by the real shard stream as if there were
 its contiguous slice: 1 rank x micro G and 2 ranks x micro G/2 see exactly the same samples per step.
 Writes ``<out>/losses.json`` and (rank 0) ``<out>/probe.pt``: the probe input and the trained model's output on it.
 
-    torchrun --nproc_per_node 2 tests/scripts/probe_train.py --config C.yaml --ds_config D.json --global-batch 4 --out DIR
+    torchrun --nproc_per_node 2 -m tests.scripts.probe_train --config C.yaml --ds_config D.json --global-batch 4 --out DIR
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from nestor_ds.config import load_config  # noqa: E402
-from nestor_ds.data import TrainStream  # noqa: E402
-from nestor_ds.engine import run_training  # noqa: E402
+from nestor_ds.config import load_config
+from nestor_ds.data import TrainStream
+from nestor_ds.engine import run_training
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Build WebDataset shards from raw PDE files, or verify a built shard directory.
 
-  python tools/build_shards.py --input ns_V1e-3_N5000_T50.mat --out shards/ns2d_fno_1e-3 --test-fraction 0.04
-  python tools/build_shards.py --verify shards/ns2d_fno_1e-3
+  python -m nestor_ds.shards --input ns_V1e-3_N5000_T50.mat --out shards/ns2d_fno_1e-3 --test-fraction 0.04
+  python -m nestor_ds.shards --verify shards/ns2d_fno_1e-3
 
 The format is described in docs/data_format.md. Errors are one line naming file, key and shape,
 with a non-zero exit status; nothing is left in the output directory after a failed build.
@@ -16,10 +16,9 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nestor_ds.data.builder import BuildConfig, build, verify  # noqa: E402
-from nestor_ds.data.schema import DTYPES, LAYOUTS, DataFormatError  # noqa: E402
+from nestor_ds.shards.build import BuildConfig, build, verify
+from nestor_ds.shards.schema import DTYPES, LAYOUTS, DataFormatError
 
 PROG = "build_shards"
 

@@ -36,8 +36,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-# file names shared with the reader (nestor_ds/checkpoint_io.py)
-from nestor_ds.checkpoint_io import COMPLETE_MARKER, CONFIG_FILE, CheckpointError  # noqa: E402
+# file names shared with the reader (nestor_ds/checkpoint/files.py)
+from nestor_ds.checkpoint.files import COMPLETE_MARKER, CONFIG_FILE, CheckpointError  # noqa: E402
 from nestor_ds.log import get_logger
 
 log = get_logger(__name__)
@@ -113,7 +113,7 @@ def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, 
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
         if engine.zero_optimization_stage() == 3:
             # ZeRO-3 files hold partitions only: also gather the full weights (collective) for export and fine-tuning
-            from nestor_ds.checkpoint_io import CONSOLIDATED_STATES
+            from nestor_ds.checkpoint.files import CONSOLIDATED_STATES
 
             engine.save_16bit_model(str(tag_dir), CONSOLIDATED_STATES)
         _barrier()
@@ -225,7 +225,7 @@ def check_tag(tag_dir: Path) -> Optional[str]:
     """Why this tag cannot be loaded (a file listed in COMPLETE is missing, a .pt file does not read, or a file
     has another size than when saved), or None. Pickled objects are not a reason to fall back: they raise
     (refused, never loaded), checked before the sizes since a tampered file also changes size."""
-    from nestor_ds.checkpoint_io import verify_checkpoint_files
+    from nestor_ds.checkpoint.files import verify_checkpoint_files
 
     files = marker(tag_dir).get("files", {})
     for name in files:
@@ -249,7 +249,7 @@ def load_checkpoint(engine: Any, tag_dir: Path) -> dict[str, Any]:
 
     DeepSpeed unpickles with weights_only=False; every file is first checked to load with weights_only=True.
     """
-    from nestor_ds.checkpoint_io import verify_checkpoint_files
+    from nestor_ds.checkpoint.files import verify_checkpoint_files
 
     verify_checkpoint_files(tag_dir)
     path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False)

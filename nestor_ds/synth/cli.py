@@ -3,9 +3,9 @@
 Why: tests, demos and CI need real PDE trajectories in exactly the layouts of the public datasets, without
 downloading hundreds of gigabytes. See docs/gen_pde.md.
 
-    python tools/gen_pde.py --pde ns --layout fno-mat --n 16 --res 64 --steps 20 --visc 1e-3 --out ns.mat
-    python tools/gen_pde.py --demo data/demo            # four PDE families at 64x64, ~2 minutes
-    python tools/gen_pde.py --demo /tmp/tiny --tiny     # the same files at test sizes, < 1 s
+    python -m nestor_ds.synth --pde ns --layout fno-mat --n 16 --res 64 --steps 20 --visc 1e-3 --out ns.mat
+    python -m nestor_ds.synth --demo data/demo            # four PDE families at 64x64, ~2 minutes
+    python -m nestor_ds.synth --demo /tmp/tiny --tiny     # the same files at test sizes, < 1 s
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nestor_ds.data.layout_writers import COMPATIBLE, DEFAULT_LAYOUT, DEFAULT_STEPS, LAYOUTS, write_dataset  # noqa: E402
-from nestor_ds.data.pde_solvers import PDES, STABILITY  # noqa: E402
+from nestor_ds.synth.layouts import COMPATIBLE, DEFAULT_LAYOUT, DEFAULT_STEPS, LAYOUTS, write_dataset
+from nestor_ds.synth.solvers import PDES, STABILITY
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 This module is the single source of truth shared by the builder (`builder.py`, which writes shards)
 and every reader (`read.py`, `stream.py`, `evalset.py`). The format is documented for humans in
-`docs/data_format.md`; `python tools/build_shards.py --verify DIR` checks a directory against it.
+`docs/data_format.md`; `python -m nestor_ds.shards --verify DIR` checks a directory against it.
 
 A built dataset directory holds `train-NNNNNN.tar`, `test-NNNNNN.tar` (WebDataset tar shards; one
 sample = one trajectory) and `manifest.json`.

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from nestor_ds.data import schema
-from nestor_ds.data.readers import READ_ERRORS, Entry, SourceInfo, open_reader
-from nestor_ds.data.schema import LAYOUTS, DataFormatError
+from nestor_ds.shards import schema
+from nestor_ds.shards.ingest import READ_ERRORS, Entry, SourceInfo, open_reader
+from nestor_ds.shards.schema import LAYOUTS, DataFormatError
 from nestor_ds.log import get_logger
 
 log = get_logger(__name__)
@@ -50,7 +50,7 @@ META_BYTES_ESTIMATE = 4096  # per-sample tar headers + meta.json, for shard sizi
 
 @dataclass(kw_only=True)
 class BuildConfig:
-    """Options of one build (the CLI flags of tools/build_shards.py)."""
+    """Options of one build (the CLI flags of nestor_ds.shards)."""
 
     inputs: list[str]
     out: str

@@ -1,6 +1,6 @@
 """Writers that store a :class:`Simulation` in the public raw layouts the shard builder reads.
 
-Why: the readers in ``nestor_ds.data.readers`` must be tested against files that look exactly like the public
+Why: the readers in ``nestor_ds.shards.ingest`` must be tested against files that look exactly like the public
 datasets (docs/data_format.md) without downloading them. Every writer is deterministic: no timestamps
 (``track_times=False``, fixed MATLAB header text), so the same simulation gives the same bytes.
 
@@ -12,7 +12,7 @@ Layouts and the PDEs that fit them (``COMPATIBLE``):
                    frames after it. Scalar PDEs only (ns vorticity, swe height).
 - ``fno-mat-v5``   the same arrays through ``scipy.io.savemat`` (logical order, as in NavierStokes_V1e-5).
 - ``pdebench-groups``  groups ``'0000'``..; ``data`` [T, X, Y, C] float32 (axis 1 runs along ``grid/x``, as
-                   ``nestor_ds.data.readers`` reads it; grids are square and the fields isotropic, so PDEBench's
+                   ``nestor_ds.shards.ingest`` reads it; grids are square and the fields isotropic, so PDEBench's
                    own (t, y, x, c) naming changes nothing), ``grid/x``, ``grid/y``, ``grid/t``; group attr
                    ``config`` (YAML text).
 - ``pdebench-cfd`` ``density``, ``pressure``, ``Vx``, ``Vy`` [N, T, X, Y] float32, ``x-coordinate`` [X],
@@ -33,7 +33,7 @@ import numpy as np
 import scipy.io
 import yaml
 
-from nestor_ds.data.pde_solvers import Simulation, simulate
+from nestor_ds.synth.solvers import Simulation, simulate
 
 LAYOUTS = ("fno-mat", "fno-mat-v5", "pdebench-groups", "pdebench-cfd", "pdearena-ns", "the-well")
 

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import h5py
 import numpy as np
 
-from nestor_ds.data.schema import LAYOUTS, DataFormatError
+from nestor_ds.shards.schema import LAYOUTS, DataFormatError
 
 # FNO trajectories are interleaved on disk (trajectory is the fastest axis), so they are read in
 # blocks of consecutive trajectories no larger than this many bytes.

@@ -11,7 +11,7 @@ Safety: nothing here unpickles arbitrary objects. DeepSpeed's `.pt` files are re
 dicts, lists, OrderedDicts, tensors, ints, strings; no `add_safe_globals` needed). Optimizer-state
 files are never read. Exported files are safetensors with the run config as JSON in the metadata.
 
-Layout of a checkpoint root (written by `nestor_ds/engine/checkpoint.py`): `latest` (text: newest tag),
+Layout of a checkpoint root (written by `nestor_ds/checkpoint/save_resume.py`): `latest` (text: newest tag),
 `<tag>/mp_rank_00_model_states.pt`, `<tag>/layer_*_expert_*_mp_rank_00_model_states.pt`,
 `<tag>/*optim_states.pt`, `<tag>/nestor_config.json` (resolved run config + world_size, ep_size),
 `<tag>/COMPLETE`.
@@ -286,7 +286,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     except Exception as err:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
     if meta.get("format") != FORMAT_NAME or "nestor_config" not in meta:
-        raise CheckpointError(f"{path}: metadata key 'nestor_config' missing (not exported by tools/export_checkpoint.py)")
+        raise CheckpointError(f"{path}: metadata key 'nestor_config' missing (not exported by nestor_ds.checkpoint)")
     return state, json.loads(meta["nestor_config"])
 
 

@@ -1,6 +1,6 @@
 """Export a DeepSpeed checkpoint (any ep_size) to one safetensors file in the single-process layout.
 
-    python tools/export_checkpoint.py --checkpoint runs/x/checkpoints --out nestor.safetensors
+    python -m nestor_ds.checkpoint --checkpoint runs/x/checkpoints --out nestor.safetensors
 
 Gathers the non-expert weights and every expert-parallel rank's expert files, converts the token MoEs
 to the `local` backend layout, checks that a model built from the saved config loads them, and writes
@@ -11,7 +11,7 @@ With `--register NAME` the file is also logged as an MLflow pyfunc model -- to t
 the checkpoint when the store holds it, else to a new run `export-<NAME>` -- and registered as a new version
 of NAME, tagged with that run's last evaluation metrics (docs/review_runs.md, "Registered models").
 
-    python tools/export_checkpoint.py --checkpoint runs/x/checkpoints --out nestor.safetensors --register nestor-x
+    python -m nestor_ds.checkpoint --checkpoint runs/x/checkpoints --out nestor.safetensors --register nestor-x
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 PROG = "export_checkpoint"
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from nestor_ds.checkpoint_io import export_checkpoint, read_run_config, resolve_checkpoint
+    from nestor_ds.checkpoint.files import export_checkpoint, read_run_config, resolve_checkpoint
 
     try:
         # Resolve and check what can be checked cheaply before any progress output, so that a bad path
@@ -84,7 +83,7 @@ def register(weights: Path, name: str, tracking_uri: str | None) -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow.tracking import MlflowClient
 
-    from nestor_ds.checkpoint_io import read_safetensors
+    from nestor_ds.checkpoint.files import read_safetensors
     from nestor_ds.tracking import Tracker, TrackingConfig
     from nestor_ds.tracking.model_logging import log_pyfunc_model
     from nestor_ds.tracking.tracker import resolve_tracking_uri

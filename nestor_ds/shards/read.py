@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from nestor_ds.data import schema
-from nestor_ds.data.schema import DataFormatError
+from nestor_ds.shards import schema
+from nestor_ds.shards.schema import DataFormatError
 
 
 def read_trajectories(shard_dir: str | Path, split: str) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
