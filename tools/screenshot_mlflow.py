@@ -6,7 +6,7 @@ answers, lets Chromium render the run page, and stops the server again. Needs th
 package (`apt-get update && apt-get install -y chromium`).
 
     python -m tools.screenshot_mlflow --run RUN_ID --out docs/mlflow_run.png
-    python -m tools.screenshot_mlflow --run RUN_ID --out docs/mlflow_metrics.png --page model-metrics
+    python -m tools.screenshot_mlflow --run RUN_ID --out /tmp/mlflow_metrics.png --page model-metrics
     python -m tools.screenshot_mlflow --run ID_A --run ID_B --out docs/mlflow_compare.png    # compare view
     python -m tools.screenshot_mlflow --model nestor-demo/1 --out docs/mlflow_model.png       # registry page
 """
