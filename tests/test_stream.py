@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from nestor_ds.data import DataConfig, DatasetSpec, TrainStream, build_eval_batches, load_manifest, read_trajectories
-from nestor_ds.data.stream import iter_shard_samples, read_fields, slot_shares
+from nestor_ds.data.stream import slot_shares
+from nestor_ds.shards.tar import iter_shard_samples, read_fields
 
 from shard_fixtures import assert_batches_equal, build_dataset, frame_table, take, window_positions
 

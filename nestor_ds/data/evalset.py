@@ -23,9 +23,9 @@ import torch
 
 from .config import DataConfig, DatasetSpec
 from nestor_ds.shards.schema import FIELDS_EXT, DataFormatError
-from .stream import (DatasetInfo, iter_shard_samples, normalize_, padded_stats,
-                     read_fields, resize_frames, write_frames)
-from nestor_ds.shards.urls import decode_sample, iter_url_samples
+from .stream import DatasetInfo, normalize_, padded_stats, resize_frames, write_frames
+from nestor_ds.shards.tar import decode_sample, iter_shard_samples, read_fields
+from nestor_ds.shards.urls import iter_url_samples
 
 
 def _local_samples(path: str) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
@@ -45,8 +45,8 @@ def _url_samples(url: str) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     downloaded with the stream but not decoded)."""
     samples = iter_url_samples(url)
     try:
-        for sample in samples:
-            yield sample["__key__"], lambda s=sample: decode_sample(s, url)[0]
+        for key, members in samples:
+            yield key, lambda k=key, m=members: decode_sample(k, m, url)[0].astype(np.float32, copy=False)
     finally:
         samples.close()
 

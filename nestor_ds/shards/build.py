@@ -40,6 +40,7 @@ from tqdm import tqdm
 from nestor_ds.shards import schema
 from nestor_ds.shards.ingest import READ_ERRORS, Entry, SourceInfo, open_reader
 from nestor_ds.shards.schema import LAYOUTS, DataFormatError
+from nestor_ds.shards.tar import decode_sample, read_shard
 from nestor_ds.log import get_logger
 
 log = get_logger(__name__)
@@ -538,26 +539,6 @@ def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
 
 # ----------------------------------------------------------------------------- verify
 
-def _iter_samples(path: Path) -> Any:
-    """Yield (key, {ext: bytes}) from a shard tar in stored order; members must pair up by key."""
-    with tarfile.open(path, "r") as tar:
-        current: str | None = None
-        parts: dict[str, bytes] = {}
-        for member in tar:
-            if not member.isfile():
-                raise DataFormatError(path, f"member {member.name!r} is not a regular file")
-            key, _, ext = member.name.partition(".")
-            if key != current:
-                if current is not None:
-                    yield current, parts
-                current, parts = key, {}
-            if ext in parts:
-                raise DataFormatError(path, f"sample {key!r} has member {ext!r} twice")
-            parts[ext] = tar.extractfile(member).read()
-        if current is not None:
-            yield current, parts
-
-
 def verify(shard_dir: str | Path, progress: bool | None = None) -> dict[str, Any]:
     """Check a built directory against its manifest; raises DataFormatError at the first bad shard.
 
@@ -586,11 +567,11 @@ def verify(shard_dir: str | Path, progress: bool | None = None) -> dict[str, Any
                     raise DataFormatError(path, f"sha256 {digest[:12]}...: manifest says {shard['sha256'][:12]}...")
                 count = 0
                 try:
-                    for key, parts in _iter_samples(path):
+                    for key, parts in read_shard(path, strict=True):
                         stats = _verify_sample(path, key, parts, pattern, shape, dtype, manifest, split, stats)
                         count += 1
                         bar.update(1)
-                except (tarfile.TarError, OSError, EOFError) as exc:
+                except (OSError, UnicodeDecodeError) as exc:
                     raise DataFormatError(path, f"unreadable tar ({exc})") from None
                 if count != shard["count"]:
                     raise DataFormatError(path, f"holds {count} samples: manifest says {shard['count']}")
@@ -605,17 +586,13 @@ def verify(shard_dir: str | Path, progress: bool | None = None) -> dict[str, Any
             "shards": len(listed), "shape": list(shape), "dtype": str(dtype)}
 
 
-def _verify_sample(path: Path, key: str, parts: dict[str, bytes], pattern: Any, shape: tuple[int, ...],
+def _verify_sample(path: Path, key: str, parts: dict[str, np.ndarray], pattern: Any, shape: tuple[int, ...],
                    dtype: np.dtype, manifest: dict[str, Any], split: str, stats: ChannelStats) -> ChannelStats:
     if not pattern.match(key):
         raise DataFormatError(path, f"sample key {key!r}: expected {manifest['name']}_{split}_NNNNNNN")
     if set(parts) != set(schema.SAMPLE_EXTS):
         raise DataFormatError(path, f"sample {key!r} has members {sorted(parts)}: expected {list(schema.SAMPLE_EXTS)}")
-    try:
-        fields = schema.decode_fields(parts[schema.FIELDS_EXT])
-        meta = schema.decode_meta(parts[schema.META_EXT])
-    except ValueError as exc:
-        raise DataFormatError(path, f"sample {key!r} does not decode ({exc})") from None
+    fields, meta = decode_sample(key, parts, str(path))
     if fields.shape != shape or fields.dtype != dtype:
         raise DataFormatError(path, f"key '{key}.{schema.FIELDS_EXT}' has shape {fields.shape} {fields.dtype}: "
                                     f"expected {shape} {dtype}")
