@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from nestor_ds.data import DataConfig, DatasetSpec, TrainStream
 from nestor_ds.shards.build import META_BYTES_ESTIMATE, BuildConfig, build
-from nestor_ds.data.stream import new_batch_tensor, write_frames
+from nestor_ds.data.frames import new_batch_tensor, write_frames
 
 CHANNELS = ("Vx", "Vy", "density", "pressure")
 

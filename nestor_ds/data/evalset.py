@@ -21,9 +21,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .config import DataConfig, DatasetSpec
+from nestor_ds.data.config import DataConfig, DatasetSpec
+from nestor_ds.data.frames import normalize_, padded_stats, resize_frames, write_frames
+from nestor_ds.data.trajectories import DatasetInfo
 from nestor_ds.shards.schema import FIELDS_EXT, DataFormatError
-from .stream import DatasetInfo, normalize_, padded_stats, resize_frames, write_frames
 from nestor_ds.shards.tar import decode_sample, iter_shard_samples, read_fields
 from nestor_ds.shards.urls import iter_url_samples
 
