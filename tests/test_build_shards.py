@@ -22,9 +22,10 @@ import pytest
 import scipy.io
 
 from nestor_ds.shards import schema
-from nestor_ds.shards.build import BuildConfig, build, verify
+from nestor_ds.shards.build import BuildConfig, build
 from nestor_ds.shards.read import read_trajectories
 from nestor_ds.shards.ingest import detect_layout
+from nestor_ds.shards.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 from nestor_ds.shards import cli as build_shards
@@ -677,14 +678,14 @@ def test_two_concurrent_builds_never_both_succeed(tmp_path: Path) -> None:
 
 
 def test_final_rename_rechecks_the_output(tmp_path: Path) -> None:
-    from nestor_ds.shards.build import _swap_into_place
+    from nestor_ds.shards.output import swap_into_place
 
     tmp, out = tmp_path / ".out.building-1", tmp_path / "out"
     tmp.mkdir()
     out.mkdir()
     (out / "manifest.json").write_text("{}")  # published by someone else meanwhile
     with pytest.raises(schema.DataFormatError, match="output appeared while this build ran"):
-        _swap_into_place(tmp, out, overwrite=False)
+        swap_into_place(tmp, out, overwrite=False)
     assert (out / "manifest.json").read_text() == "{}"
 
 

@@ -107,7 +107,8 @@ def iter_tar_members(fd: int, path: str, strict: bool = False) -> Iterator[tuple
         offset = data_offset + (size + _BLOCK - 1) // _BLOCK * _BLOCK
 
 
-def group_members(members: Iterable[tuple[str, V]], path: str, strict: bool = False) -> Iterator[tuple[str, dict[str, V]]]:
+def group_members(members: Iterable[tuple[str, V]], path: str,
+                  strict: bool = False) -> Iterator[tuple[str, dict[str, V]]]:
     """Group consecutive members by WebDataset key (the base name up to its first dot): yield (key, {ext: value}).
 
     ``value`` is whatever the member source gives (an (offset, size) pair for a local shard, bytes for a stream).
