@@ -22,8 +22,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 from nestor_ds.synth.layouts import COMPATIBLE, LAYOUTS, write_dataset
-from nestor_ds.synth.solvers import (PDES, CFDConfig, NSConfig, SWEConfig, cfd_initial, sample_rngs,
-                                        simulate, solve_cfd, solve_ns, solve_swe, swe_initial)
+from nestor_ds.synth.cfd import CFDConfig, cfd_initial, solve_cfd
+from nestor_ds.synth.common import sample_rngs
+from nestor_ds.synth.ns import NSConfig, solve_ns
+from nestor_ds.synth.solvers import PDES, simulate
+from nestor_ds.synth.swe import SWEConfig, solve_swe, swe_initial
 
 N, RES, STEPS = 2, 16, 4
 COMBOS = [(pde, layout) for layout in LAYOUTS for pde in COMPATIBLE[layout]]
@@ -117,7 +120,7 @@ def test_fno_mat_header_and_orientation(tmp_path: Path) -> None:
     sim = simulate("ns", N, RES, STEPS + 1, 0)
     np.testing.assert_array_equal(a, sim.channel("vorticity")[:, 0])
     np.testing.assert_array_equal(u, np.moveaxis(sim.channel("vorticity")[:, 1:], 1, -1))
-    np.testing.assert_allclose(t[0], sim.t_F[1:])
+    np.testing.assert_allclose(t[0], sim.t_T[1:])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -142,7 +145,7 @@ def test_project_reader_reads_back(tmp_path: Path, pde: str, layout: str) -> Non
     if layout.startswith("fno"):
         want = sim.channel(sim.primary[0])[1, 1:, :, :, None]
     elif layout == "pdebench-groups":
-        want = sim.fields_NFXYC[1][..., [sim.channels.index(c) for c in sim.primary]]
+        want = sim.fields_RTXYC[1][..., [sim.channels.index(c) for c in sim.primary]]
     else:
         names = {"pdebench-cfd": ["vx", "vy", "density", "pressure"],
                  "pdearena-ns": [{"ns": "vorticity", "swe": "h", "cfd": "density"}.get(pde), "vx", "vy"],
@@ -180,7 +183,7 @@ def test_ns_mean_vorticity_and_energy() -> None:
     energies = {}
     for visc in (1e-3, 1e-2):
         sim = simulate("ns", 2, 32, 6, 3, visc=visc, forcing=False, record_interval=0.5)
-        e = 0.5 * (sim.channel("vx") ** 2 + sim.channel("vy") ** 2).mean(axis=(2, 3))  # [N, F]
+        e = 0.5 * (sim.channel("vx") ** 2 + sim.channel("vy") ** 2).mean(axis=(2, 3))  # [R, T]
         assert (np.diff(e, axis=1) < 0).all()
         energies[visc] = e[:, -1] / e[:, 0]
     assert (energies[1e-2] < energies[1e-3]).all()
@@ -215,7 +218,7 @@ def test_dr_stays_bounded_and_relaxes() -> None:
     """FitzHugh-Nagumo from N(0, 1) noise: the cubic term pulls u into [-1.5, 1.5] and diffusion smooths it."""
     sim = simulate("dr", 2, 32, 21, 0)  # t in [0, 1]
     u = sim.channel("u")
-    assert np.isfinite(sim.fields_NFXYC).all()
+    assert np.isfinite(sim.fields_RTXYC).all()
     assert np.abs(u[:, -1]).max() < 1.5 < np.abs(u[:, 0]).max()
     rough = lambda a: np.abs(np.diff(a, axis=-1)).mean()  # noqa: E731
     assert rough(u[:, -1]) < 0.5 * rough(u[:, 0])
@@ -232,7 +235,7 @@ def test_trajectory_depends_only_on_seed_and_index() -> None:
     """Initial conditions come from per-trajectory generators, so n=1 gives the first trajectory of n=3."""
     one = simulate("swe", 1, 16, 3, 7)
     three = simulate("swe", 3, 16, 3, 7, batch_size=1)
-    np.testing.assert_array_equal(one.fields_NFXYC[0], three.fields_NFXYC[0])
+    np.testing.assert_array_equal(one.fields_RTXYC[0], three.fields_RTXYC[0])
 
 
 # ------------------------------------------------------------------------------------------ CLI
