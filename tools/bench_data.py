@@ -2,7 +2,7 @@
 """Benchmark the streaming loader against random-access HDF5 reads (how DPOT reads) and raw disk speed.
 
 Writes its own temporary data: a PDEBench-CFD-like HDF5 file (Vx, Vy, density, pressure, each
-[N, T, X, Y] float32) and the same trajectories as shards built by the real builder. Then, cold
+[R, T, X, Y] float32) and the same trajectories as shards built by the real builder. Then, cold
 (files evicted from the page cache before each pass) and warm:
   sequential  read every tar file front to back in 8 MiB chunks: the disk ceiling
   stream      TrainStream batches (t_in past + t_ar next frames, --windows windows per trajectory)

@@ -41,7 +41,7 @@ def _fno_params(path: str) -> dict[str, Any]:
 
 
 class FnoMat73Reader(H5Reader):
-    """FNO NS `.mat` v7.3: h5py sees `u` as (T, Y, X, N) (MATLAB column-major reversed)."""
+    """FNO NS `.mat` v7.3: h5py sees `u` as (T, Y, X, R) (MATLAB column-major reversed)."""
 
     layout = "fno-mat"
     data_keys = ("u",)
@@ -111,7 +111,7 @@ def _loadmat_v5(path: str, mtime: float) -> dict[str, np.ndarray]:
 
 
 class FnoMat5Reader(Reader):
-    """FNO NS `.mat` v5 (NavierStokes_V1e-5_N1200_T20.mat): `u` [N, X, Y, T] via scipy.io.loadmat."""
+    """FNO NS `.mat` v5 (NavierStokes_V1e-5_N1200_T20.mat): `u` [R, X, Y, T] via scipy.io.loadmat."""
 
     layout = "fno-mat"
     data_keys = ("u",)

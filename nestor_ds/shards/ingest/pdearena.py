@@ -24,7 +24,7 @@ from nestor_ds.shards.schema import DataFormatError
 
 
 class PdearenaNsReader(H5Reader):
-    """PDEArena NS: split groups (`train`/`valid`/`test`) with `u`, `vx`, `vy` [N, T, X, Y]."""
+    """PDEArena NS: split groups (`train`/`valid`/`test`) with `u`, `vx`, `vy` [R, T, X, Y]."""
 
     layout = "pdearena-ns"
     CHANNELS = ("u", "vx", "vy")

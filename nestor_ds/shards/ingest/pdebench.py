@@ -34,7 +34,7 @@ def _times(f: h5py.Group, key: str, t_len: int, path: str) -> list[float]:
 
 
 class PdebenchCfdReader(H5Reader):
-    """PDEBench compressible NS: `Vx`, `Vy`, `density`, `pressure` each [N, T, X, Y]."""
+    """PDEBench compressible NS: `Vx`, `Vy`, `density`, `pressure` each [R, T, X, Y]."""
 
     layout = "pdebench-cfd"
     ORDER = ("Vx", "Vy", "density", "pressure")
@@ -83,7 +83,7 @@ class PdebenchCfdReader(H5Reader):
 
 
 class Pdebench1dReader(H5Reader):
-    """PDEBench 1D (Burgers, advection, ...): `tensor` [N, T, X] -> [T, X, 1, 1]."""
+    """PDEBench 1D (Burgers, advection, ...): `tensor` [R, T, X] -> [T, X, 1, 1]."""
 
     layout = "pdebench-1d"
     data_keys = ("tensor",)
