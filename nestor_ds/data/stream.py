@@ -40,8 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nestor_ds.data.config import DataConfig
 from nestor_ds.data.frames import new_batch_tensor, normalize_, padded_stats, resize_frames, write_frames
-from nestor_ds.data.trajectories import (DatasetInfo, ShardReader, Trajectory, mapped_trajectories,
-                                         url_trajectories)
+from nestor_ds.data.trajectories import DatasetInfo, ShardReader, Trajectory, mapped_trajectories, url_trajectories
 from nestor_ds.shards.schema import DataFormatError
 
 # Seed-sequence tags: keep the random streams of different purposes independent.
@@ -118,7 +117,7 @@ class _WindowSource:
 class _EpochStream:
     """Batches of one (epoch, rank, logical worker): a weighted mixture of the dataset window sources."""
 
-    def __init__(self, owner: "TrainStream", epoch: int, worker: int, n_workers: int):
+    def __init__(self, owner: TrainStream, epoch: int, worker: int, n_workers: int):
         self.owner, self.epoch, self.worker, self.n_workers = owner, epoch, worker, n_workers
         self.rng = np.random.default_rng([owner.seed, _TAG_MIX, epoch, owner.rank, worker])
         self.sources: dict[int, _WindowSource] = {}
@@ -144,7 +143,7 @@ class _EpochStream:
 class _RankDataset(IterableDataset):
     """IterableDataset whose DataLoader workers each produce whole batches (batch_size=None)."""
 
-    def __init__(self, stream: "TrainStream", start_step: int):
+    def __init__(self, stream: TrainStream, start_step: int):
         super().__init__()
         self.stream, self.start_step = stream, start_step
 

@@ -43,7 +43,7 @@ class DatasetInfo:
     digests: dict[str, str] = field(default_factory=dict, hash=False, compare=False)  # local shard path -> sha256
 
     @classmethod
-    def from_spec(cls, index: int, spec: DatasetSpec) -> "DatasetInfo":
+    def from_spec(cls, index: int, spec: DatasetSpec) -> DatasetInfo:
         manifest = spec_manifest(spec)
         splits = manifest["splits"]
         remote = is_url_spec(spec.path)
