@@ -70,7 +70,7 @@ def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
     import torch
 
     assert len(a) == len(b)
-    for i, (p, q) in enumerate(zip(a, b)):
+    for i, (p, q) in enumerate(zip(a, b, strict=True)):
         assert p.keys() == q.keys()
         for k in p:
             assert torch.equal(p[k], q[k]), f"batch {i} key {k} differs"
