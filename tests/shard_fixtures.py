@@ -15,29 +15,29 @@ from nestor_ds.shards.build import META_BYTES_ESTIMATE, BuildConfig, build
 
 
 def random_fields(n: int, t: int, res: int, c: int, seed: int) -> np.ndarray:
-    """[N, T, X, Y, C] float32 with distinct per-channel scales (so normalisation is visible)."""
+    """[R, T, X, Y, C] float32 with distinct per-channel scales (so normalisation is visible)."""
     rng = np.random.default_rng(seed)
     scale = np.arange(1, c + 1, dtype=np.float32)
     return (rng.standard_normal((n, t, res, res, c)).astype(np.float32) * scale + 3.0 * scale).astype(np.float32)
 
 
-def write_pdebench_cfd(path: Path, fields_NTXYC: np.ndarray) -> None:
-    """PDEBench 2D CFD layout: Vx, Vy, density, pressure each [N, T, X, Y]; t-coordinate has T + 1 entries."""
-    n, t, x, y, c = fields_NTXYC.shape
+def write_pdebench_cfd(path: Path, fields_RTXYC: np.ndarray) -> None:
+    """PDEBench 2D CFD layout: Vx, Vy, density, pressure each [R, T, X, Y]; t-coordinate has T + 1 entries."""
+    n, t, x, y, c = fields_RTXYC.shape
     assert c == 4
     with h5py.File(path, "w") as f:
         for k, name in enumerate(("Vx", "Vy", "density", "pressure")):
-            f.create_dataset(name, data=fields_NTXYC[..., k])
+            f.create_dataset(name, data=fields_RTXYC[..., k])
         f.create_dataset("x-coordinate", data=np.linspace(0, 1, x, dtype=np.float32))
         f.create_dataset("y-coordinate", data=np.linspace(0, 1, y, dtype=np.float32))
         f.create_dataset("t-coordinate", data=np.linspace(0, 1, t + 1, dtype=np.float32))
         f.attrs.update({"eta": 0.1, "zeta": 0.1, "M": 1.0})
 
 
-def write_pdebench_groups(path: Path, fields_NTXYC: np.ndarray) -> None:
+def write_pdebench_groups(path: Path, fields_RTXYC: np.ndarray) -> None:
     """PDEBench groups layout: one group per trajectory with `data` [T, X, Y, C]."""
     with h5py.File(path, "w") as f:
-        for i, traj in enumerate(fields_NTXYC):
+        for i, traj in enumerate(fields_RTXYC):
             g = f.create_group(f"{i:04d}")
             g.create_dataset("data", data=traj)
 
@@ -70,7 +70,7 @@ def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
     import torch
 
     assert len(a) == len(b)
-    for i, (p, q) in enumerate(zip(a, b)):
+    for i, (p, q) in enumerate(zip(a, b, strict=True)):
         assert p.keys() == q.keys()
         for k in p:
             assert torch.equal(p[k], q[k]), f"batch {i} key {k} differs"

@@ -8,8 +8,6 @@ One test also builds files from `nestor_ds.synth.layouts` (the generator's own w
 from __future__ import annotations
 
 import hashlib
-import os
-import importlib.util
 import subprocess
 import sys
 import tarfile
@@ -21,15 +19,16 @@ import numpy as np
 import pytest
 import scipy.io
 
+from nestor_ds.shards import cli as build_shards
 from nestor_ds.shards import schema
-from nestor_ds.shards.build import BuildConfig, build, verify
-from nestor_ds.shards.read import read_trajectories
+from nestor_ds.shards.build import BuildConfig, build
 from nestor_ds.shards.ingest import detect_layout
+from nestor_ds.shards.read import read_trajectories
+from nestor_ds.shards.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
-from nestor_ds.shards import cli as build_shards
 
-N, T, X, Y = 5, 3, 6, 4
+R, T, X, Y = 5, 3, 6, 4
 RNG = np.random.default_rng(0)
 
 
@@ -46,21 +45,21 @@ def _mat73(path: Path, u_logical: np.ndarray, t: np.ndarray) -> None:
 
 
 def make_fno73(d: Path) -> tuple[Path, list[np.ndarray], list[str]]:
-    u = RNG.standard_normal((N, X, Y, T))  # float64 input
+    u = RNG.standard_normal((R, X, Y, T))  # float64 input
     path = d / "ns_V1e-3_N5_T3.mat"
     _mat73(path, u, np.arange(1, T + 1, dtype=np.float64))
-    return path, [u[n].transpose(2, 0, 1)[..., None] for n in range(N)], ["w"]
+    return path, [u[n].transpose(2, 0, 1)[..., None] for n in range(R)], ["w"]
 
 
 def make_fno5(d: Path) -> tuple[Path, list[np.ndarray], list[str]]:
-    u = RNG.standard_normal((N, X, Y, T)).astype(np.float32)
+    u = RNG.standard_normal((R, X, Y, T)).astype(np.float32)
     path = d / "NavierStokes_V1e-5_N5_T3.mat"
     scipy.io.savemat(str(path), {"u": u, "a": u[..., 0], "t": np.arange(T, dtype=np.float32)[None]}, format="5")
-    return path, [u[n].transpose(2, 0, 1)[..., None] for n in range(N)], ["w"]
+    return path, [u[n].transpose(2, 0, 1)[..., None] for n in range(R)], ["w"]
 
 
 def make_cfd(d: Path) -> tuple[Path, list[np.ndarray], list[str]]:
-    data = {k: RNG.standard_normal((N, T, X, Y)).astype(np.float32) for k in ("density", "pressure", "Vx", "Vy")}
+    data = {k: RNG.standard_normal((R, T, X, Y)).astype(np.float32) for k in ("density", "pressure", "Vx", "Vy")}
     path = d / "2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_6_Train.hdf5"
     with h5py.File(path, "w") as f:
         for k, v in data.items():
@@ -70,11 +69,11 @@ def make_cfd(d: Path) -> tuple[Path, list[np.ndarray], list[str]]:
         f["t-coordinate"] = np.linspace(0, 1, T + 1, dtype=np.float32)
         f.attrs.update({"eta": 0.01, "zeta": 0.01, "M": 0.1})
     order = ("Vx", "Vy", "density", "pressure")
-    return path, [np.stack([data[k][n] for k in order], -1) for n in range(N)], list(order)
+    return path, [np.stack([data[k][n] for k in order], -1) for n in range(R)], list(order)
 
 
 def make_groups(d: Path) -> tuple[Path, list[np.ndarray], list[str]]:
-    arrays = [RNG.standard_normal((T, X, Y, 2)).astype(np.float32) for _ in range(N)]
+    arrays = [RNG.standard_normal((T, X, Y, 2)).astype(np.float32) for _ in range(R)]
     path = d / "2D_diff-react_NA_NA.h5"
     with h5py.File(path, "w") as f:
         for n, a in enumerate(arrays):
@@ -88,13 +87,13 @@ def make_groups(d: Path) -> tuple[Path, list[np.ndarray], list[str]]:
 
 
 def make_1d(d: Path) -> tuple[Path, list[np.ndarray], list[str]]:
-    tensor = RNG.standard_normal((N, T, X)).astype(np.float32)
+    tensor = RNG.standard_normal((R, T, X)).astype(np.float32)
     path = d / "1D_Burgers_Sols_Nu0.01.hdf5"
     with h5py.File(path, "w") as f:
         f["tensor"] = tensor
         f["x-coordinate"] = np.linspace(0, 1, X, dtype=np.float32)
         f["t-coordinate"] = np.linspace(0, 1, T + 1, dtype=np.float32)
-    return path, [tensor[n][:, :, None, None] for n in range(N)], ["u"]
+    return path, [tensor[n][:, :, None, None] for n in range(R)], ["u"]
 
 
 def make_pdearena(d: Path) -> tuple[Path, list[np.ndarray], list[str]]:
@@ -185,13 +184,13 @@ def test_round_trip_every_layout(tmp_path: Path, case: str) -> None:
     m = _build(src, out, test_fraction=0.4, shard_size_mb=1e-6, name="toy")
     assert m["layout"] == layout and m["channels"] == channels
     assert m["shape"] == [T, X, Y if case != "pdebench-1d" else 1, len(channels)]
-    assert m["splits"]["train"]["count"] == n_train and m["splits"]["test"]["count"] == N - n_train
+    assert m["splits"]["train"]["count"] == n_train and m["splits"]["test"]["count"] == R - n_train
     assert len(m["splits"]["train"]["shards"]) == n_train
     train = list(read_trajectories(out, "train"))
     test = list(read_trajectories(out, "test"))
     got = [f for f, _ in train + test]
-    assert len(got) == N
-    for g, want in zip(got, arrays):
+    assert len(got) == R
+    for g, want in zip(got, arrays, strict=True):
         assert g.dtype == np.float32 and g.flags.c_contiguous
         np.testing.assert_array_equal(g, want.astype(np.float32))
     for split, items in (("train", train), ("test", test)):
@@ -200,7 +199,7 @@ def test_round_trip_every_layout(tmp_path: Path, case: str) -> None:
             assert len(meta["t"]) == T and len(meta["x"]) == m["shape"][1] and len(meta["y"]) == m["shape"][2]
             assert isinstance(meta["params"], dict) and "source_file" in meta
     if case in ("fno-mat", "pdebench-cfd", "pdebench-groups", "pdebench-1d"):
-        assert [meta["source_index"] for _, meta in train + test] == list(range(N))
+        assert [meta["source_index"] for _, meta in train + test] == list(range(R))
         assert train[0][1]["source_file"] == src.name
     if case == "fno-mat":
         assert train[0][1]["params"] == {"nu": 1e-3} and train[0][1]["t"] == [1.0, 2.0, 3.0]
@@ -264,7 +263,7 @@ def test_float16_option(tmp_path: Path) -> None:
     assert m["dtype"] == "float16"
     got = [f for f, _ in read_trajectories(tmp_path / "h", "train")]
     assert all(g.dtype == np.float16 for g in got)
-    for g, want in zip(got, arrays):
+    for g, want in zip(got, arrays, strict=False):
         np.testing.assert_array_equal(g, want.astype(np.float16))
     stack = np.stack(got).astype(np.float64).reshape(-1, 4)
     np.testing.assert_allclose(m["stats"]["mean"], stack.mean(0), rtol=1e-12, atol=1e-15)
@@ -324,8 +323,8 @@ def _bad_shape(d: Path) -> tuple[Path, list[str], str]:
     p, _, _ = make_cfd(d)
     with h5py.File(p, "r+") as f:
         del f["Vy"]
-        f["Vy"] = np.zeros((N, T, X, Y + 1), np.float32)
-    return p, [], f"key 'Vy' has shape ({N}, {T}, {X}, {Y + 1}): expected"
+        f["Vy"] = np.zeros((R, T, X, Y + 1), np.float32)
+    return p, [], f"key 'Vy' has shape ({R}, {T}, {X}, {Y + 1}): expected"
 
 
 def _bad_unreadable(d: Path) -> tuple[Path, list[str], str]:
@@ -351,7 +350,7 @@ def _bad_truncated_mat5(d: Path) -> tuple[Path, list[str], str]:
 def _bad_nan(d: Path) -> tuple[Path, list[str], str]:
     p, _, _ = make_fno73(d)
     with h5py.File(p, "r+") as f:
-        f["u"][1, 2, 3, 4] = np.nan  # (T, Y, X, N): trajectory 4
+        f["u"][1, 2, 3, 4] = np.nan  # (T, Y, X, R): trajectory 4
     return p, [], "key 'u' trajectory 4 contains NaN/Inf"
 
 
@@ -627,7 +626,8 @@ def test_worker_error_crosses_process_pool_and_cleans_up(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-# ----------------------------------------------------------------------------- concurrent and repeated builds (issue 11 §3)
+# ----------------------------------------------------------------------------- concurrent and repeated builds
+# (issue 11 §3)
 
 def test_second_build_into_a_locked_output_stops_with_a_line(tmp_path: Path, capsys) -> None:
     """The lock is a real flock held by this process, as a running build holds it."""
@@ -677,14 +677,14 @@ def test_two_concurrent_builds_never_both_succeed(tmp_path: Path) -> None:
 
 
 def test_final_rename_rechecks_the_output(tmp_path: Path) -> None:
-    from nestor_ds.shards.build import _swap_into_place
+    from nestor_ds.shards.output import swap_into_place
 
     tmp, out = tmp_path / ".out.building-1", tmp_path / "out"
     tmp.mkdir()
     out.mkdir()
     (out / "manifest.json").write_text("{}")  # published by someone else meanwhile
     with pytest.raises(schema.DataFormatError, match="output appeared while this build ran"):
-        _swap_into_place(tmp, out, overwrite=False)
+        swap_into_place(tmp, out, overwrite=False)
     assert (out / "manifest.json").read_text() == "{}"
 
 

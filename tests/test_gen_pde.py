@@ -7,7 +7,6 @@ readers, so writer and reader agree on the contract.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -19,18 +18,21 @@ import pytest
 import scipy.io
 import yaml
 
+from nestor_ds.synth.cfd import CFDConfig, cfd_initial, solve_cfd
+from nestor_ds.synth.common import sample_rngs
+from nestor_ds.synth.layouts import COMPATIBLE, LAYOUTS, write_dataset
+from nestor_ds.synth.ns import NSConfig, solve_ns
+from nestor_ds.synth.solvers import PDES, simulate
+from nestor_ds.synth.swe import SWEConfig, solve_swe, swe_initial
+
 REPO = Path(__file__).resolve().parents[1]
 
-from nestor_ds.synth.layouts import COMPATIBLE, LAYOUTS, write_dataset
-from nestor_ds.synth.solvers import (PDES, CFDConfig, NSConfig, SWEConfig, cfd_initial, sample_rngs,
-                                        simulate, solve_cfd, solve_ns, solve_swe, swe_initial)
-
-N, RES, STEPS = 2, 16, 4
+R, RES, STEPS = 2, 16, 4
 COMBOS = [(pde, layout) for layout in LAYOUTS for pde in COMPATIBLE[layout]]
 
 
 def _write(tmp_path: Path, pde: str, layout: str, seed: int = 0, name: str = "f", **kw) -> Path:
-    return write_dataset(pde, layout, tmp_path / f"{name}_{pde}_{layout}.h5", N, RES, STEPS, seed, **kw)
+    return write_dataset(pde, layout, tmp_path / f"{name}_{pde}_{layout}.h5", R, RES, STEPS, seed, **kw)
 
 
 # ------------------------------------------------------------------------------------------ layouts
@@ -41,12 +43,12 @@ def test_layout_keys_shapes_finite(tmp_path: Path, pde: str, layout: str) -> Non
     path = _write(tmp_path, pde, layout)
     if layout == "fno-mat-v5":
         m = scipy.io.loadmat(path)
-        assert m["u"].shape == (N, RES, RES, STEPS) and m["a"].shape == (N, RES, RES) and m["t"].shape == (1, STEPS)
+        assert m["u"].shape == (R, RES, RES, STEPS) and m["a"].shape == (R, RES, RES) and m["t"].shape == (1, STEPS)
         assert m["u"].dtype == np.float32 and np.isfinite(m["u"]).all()
         return
     with h5py.File(path, "r") as f:
         if layout == "fno-mat":
-            assert f["u"].shape == (STEPS, RES, RES, N) and f["a"].shape == (RES, RES, N) and f["t"].shape == (STEPS, 1)
+            assert f["u"].shape == (STEPS, RES, RES, R) and f["a"].shape == (RES, RES, R) and f["t"].shape == (STEPS, 1)
             assert f["u"].attrs["MATLAB_class"] == b"single"
             assert f.userblock_size == 512
             arrays = [f["u"][()], f["a"][()]]
@@ -61,7 +63,7 @@ def test_layout_keys_shapes_finite(tmp_path: Path, pde: str, layout: str) -> Non
             arrays = [g["data"][()]]
         elif layout == "pdebench-cfd":
             for k in ("density", "pressure", "Vx", "Vy"):
-                assert f[k].shape == (N, STEPS, RES, RES) and f[k].dtype == np.float32
+                assert f[k].shape == (R, STEPS, RES, RES) and f[k].dtype == np.float32
             assert f["x-coordinate"].shape == (RES,) and f["y-coordinate"].shape == (RES,)
             assert f["t-coordinate"].shape == (STEPS + 1,)
             assert {"eta", "zeta", "M"} <= set(f.attrs)
@@ -70,23 +72,23 @@ def test_layout_keys_shapes_finite(tmp_path: Path, pde: str, layout: str) -> Non
         elif layout == "pdearena-ns":
             g = f["train"]
             for k in ("u", "vx", "vy"):
-                assert g[k].shape == (N, STEPS, RES, RES) and g[k].dtype == np.float64
-            assert g["t"].shape == (N, STEPS) and g["x"].shape == (N, RES) and g["y"].shape == (N, RES)
+                assert g[k].shape == (R, STEPS, RES, RES) and g[k].dtype == np.float64
+            assert g["t"].shape == (R, STEPS) and g["x"].shape == (R, RES) and g["y"].shape == (R, RES)
             for k in ("dt", "dx", "dy", "buo_y"):
-                assert g[k].shape == (N,)
+                assert g[k].shape == (R,)
             arrays = [g[k][()] for k in ("u", "vx", "vy")]
         else:
             assert f.attrs["grid_type"] == "cartesian" and f.attrs["n_spatial_dims"] == 2
-            assert f.attrs["n_trajectories"] == N and "dataset_name" in f.attrs
+            assert f.attrs["n_trajectories"] == R and "dataset_name" in f.attrs
             assert f["dimensions/time"].shape == (STEPS,)
             assert f["dimensions/x"].shape == (RES,) and f["dimensions/y"].shape == (RES,)
             t0, t1 = f["t0_fields"], f["t1_fields"]
             names0 = list(t0.attrs["field_names"])
-            assert names0 and all(t0[n].shape == (N, STEPS, RES, RES) for n in names0)
+            assert names0 and all(t0[n].shape == (R, STEPS, RES, RES) for n in names0)
             assert all({"time_varying", "sample_varying", "dim_varying"} <= set(t0[n].attrs) for n in names0)
             names1 = list(t1.attrs["field_names"])
             assert names1 == ([] if pde == "dr" else ["velocity"])
-            assert all(t1[n].shape == (N, STEPS, RES, RES, 2) for n in names1)
+            assert all(t1[n].shape == (R, STEPS, RES, RES, 2) for n in names1)
             assert list(f["t2_fields"].attrs["field_names"]) == []
             assert len(f["boundary_conditions"]) == 2
             arrays = [t0[n][()] for n in names0] + [t1[n][()] for n in names1]
@@ -94,7 +96,7 @@ def test_layout_keys_shapes_finite(tmp_path: Path, pde: str, layout: str) -> Non
         assert all(a.std() > 0 for a in arrays)
 
 
-@pytest.mark.parametrize("pde,layout", [(p, l) for l in LAYOUTS for p in PDES if p not in COMPATIBLE[l]])
+@pytest.mark.parametrize("pde,layout", [(p, lay) for lay in LAYOUTS for p in PDES if p not in COMPATIBLE[lay]])
 def test_incompatible_layout_refused(tmp_path: Path, pde: str, layout: str) -> None:
     with pytest.raises(ValueError, match="cannot hold"):
         _write(tmp_path, pde, layout)
@@ -114,10 +116,10 @@ def test_fno_mat_header_and_orientation(tmp_path: Path) -> None:
     np.testing.assert_array_equal(u, m["u"])
     np.testing.assert_array_equal(a, m["a"])
     np.testing.assert_allclose(t, m["t"])
-    sim = simulate("ns", N, RES, STEPS + 1, 0)
+    sim = simulate("ns", R, RES, STEPS + 1, 0)
     np.testing.assert_array_equal(a, sim.channel("vorticity")[:, 0])
     np.testing.assert_array_equal(u, np.moveaxis(sim.channel("vorticity")[:, 1:], 1, -1))
-    np.testing.assert_allclose(t[0], sim.t_F[1:])
+    np.testing.assert_allclose(t[0], sim.t_T[1:])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -134,7 +136,7 @@ def test_project_reader_reads_back(tmp_path: Path, pde: str, layout: str) -> Non
     """The project's own reader (nestor_ds.shards.ingest) recovers the solver's fields from each layout."""
     readers = pytest.importorskip("nestor_ds.shards.ingest")
     path = _write(tmp_path, pde, layout)
-    sim = simulate(pde, N, RES, STEPS + 1 if layout.startswith("fno") else STEPS, 0)
+    sim = simulate(pde, R, RES, STEPS + 1 if layout.startswith("fno") else STEPS, 0)
     with readers.open_reader(path) as r:
         info = r.scan()
         assert info.layout == ("fno-mat" if layout.startswith("fno") else layout)
@@ -142,7 +144,7 @@ def test_project_reader_reads_back(tmp_path: Path, pde: str, layout: str) -> Non
     if layout.startswith("fno"):
         want = sim.channel(sim.primary[0])[1, 1:, :, :, None]
     elif layout == "pdebench-groups":
-        want = sim.fields_NFXYC[1][..., [sim.channels.index(c) for c in sim.primary]]
+        want = sim.fields_RTXYC[1][..., [sim.channels.index(c) for c in sim.primary]]
     else:
         names = {"pdebench-cfd": ["vx", "vy", "density", "pressure"],
                  "pdearena-ns": [{"ns": "vorticity", "swe": "h", "cfd": "density"}.get(pde), "vx", "vy"],
@@ -180,7 +182,7 @@ def test_ns_mean_vorticity_and_energy() -> None:
     energies = {}
     for visc in (1e-3, 1e-2):
         sim = simulate("ns", 2, 32, 6, 3, visc=visc, forcing=False, record_interval=0.5)
-        e = 0.5 * (sim.channel("vx") ** 2 + sim.channel("vy") ** 2).mean(axis=(2, 3))  # [N, F]
+        e = 0.5 * (sim.channel("vx") ** 2 + sim.channel("vy") ** 2).mean(axis=(2, 3))  # [R, T]
         assert (np.diff(e, axis=1) < 0).all()
         energies[visc] = e[:, -1] / e[:, 0]
     assert (energies[1e-2] < energies[1e-3]).all()
@@ -215,7 +217,7 @@ def test_dr_stays_bounded_and_relaxes() -> None:
     """FitzHugh-Nagumo from N(0, 1) noise: the cubic term pulls u into [-1.5, 1.5] and diffusion smooths it."""
     sim = simulate("dr", 2, 32, 21, 0)  # t in [0, 1]
     u = sim.channel("u")
-    assert np.isfinite(sim.fields_NFXYC).all()
+    assert np.isfinite(sim.fields_RTXYC).all()
     assert np.abs(u[:, -1]).max() < 1.5 < np.abs(u[:, 0]).max()
     rough = lambda a: np.abs(np.diff(a, axis=-1)).mean()  # noqa: E731
     assert rough(u[:, -1]) < 0.5 * rough(u[:, 0])
@@ -232,7 +234,7 @@ def test_trajectory_depends_only_on_seed_and_index() -> None:
     """Initial conditions come from per-trajectory generators, so n=1 gives the first trajectory of n=3."""
     one = simulate("swe", 1, 16, 3, 7)
     three = simulate("swe", 3, 16, 3, 7, batch_size=1)
-    np.testing.assert_array_equal(one.fields_NFXYC[0], three.fields_NFXYC[0])
+    np.testing.assert_array_equal(one.fields_RTXYC[0], three.fields_RTXYC[0])
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -242,8 +244,8 @@ def test_tiny_sizes_stay_tiny(tmp_path: Path) -> None:
     """The tiny sizes the tests use give files of a few trajectories' bytes (not a wall-clock bound, which fails
     on a loaded machine): the size, not the machine, decides how long they take."""
     for pde in PDES:
-        path = write_dataset(pde, "the-well", tmp_path / f"{pde}.h5", N, RES, STEPS, 0)
-        payload = N * (STEPS + 1) * RES * RES * 4 * 8  # at most 4 channels of float64 per grid point and frame
+        path = write_dataset(pde, "the-well", tmp_path / f"{pde}.h5", R, RES, STEPS, 0)
+        payload = R * (STEPS + 1) * RES * RES * 4 * 8  # at most 4 channels of float64 per grid point and frame
         assert 0 < Path(path).stat().st_size < payload + 2**20, pde
 
 

@@ -264,7 +264,8 @@ def _poison(shard_dir: Path, value: float, fix_digest: bool) -> tuple[str, str]:
     import numpy as np
 
     from nestor_ds.shards import schema
-    from nestor_ds.data.stream import _parse_npy_header, iter_shard_samples
+    from nestor_ds.shards.schema import parse_npy_header as _parse_npy_header
+    from nestor_ds.shards.tar import iter_shard_samples
 
     manifest = json.loads((shard_dir / "manifest.json").read_text())
     shard = shard_dir / manifest["splits"]["train"]["shards"][0]["file"]

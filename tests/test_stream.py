@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from shard_fixtures import assert_batches_equal, build_dataset, frame_table, take, window_positions
 
 from nestor_ds.data import DataConfig, DatasetSpec, TrainStream, build_eval_batches, load_manifest, read_trajectories
-from nestor_ds.data.stream import iter_shard_samples, read_fields, slot_shares
-
-from shard_fixtures import assert_batches_equal, build_dataset, frame_table, take, window_positions
+from nestor_ds.data.stream import slot_shares
+from nestor_ds.shards.tar import iter_shard_samples, read_fields
 
 T_IN, T_AR, RES = 3, 2, 16
 
@@ -31,7 +31,8 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 def make_cfg(dirs, weights=(1.0, 3.0), **kw) -> DataConfig:
-    d = {"datasets": [{"name": n, "path": str(p), "weight": w} for (n, p), w in zip(dirs.items(), weights)],
+    datasets = zip(dirs.items(), weights, strict=False)
+    d = {"datasets": [{"name": n, "path": str(p), "weight": w} for (n, p), w in datasets],
          "t_in": T_IN, "t_ar": T_AR, "resolution": RES, "channels": 4, "steps_per_epoch": 6,
          "shuffle_buffer": 8, "windows_per_trajectory": 2}
     d.update(kw)
@@ -112,7 +113,7 @@ def test_deterministic_and_seed_dependent(dirs):
     a = take(TrainStream(cfg, 4, seed=3), 8)
     assert_batches_equal(a, take(TrainStream(cfg, 4, seed=3), 8))
     b = take(TrainStream(cfg, 4, seed=4), 8)
-    assert not all(torch.equal(p["x"], q["x"]) for p, q in zip(a, b))
+    assert not all(torch.equal(p["x"], q["x"]) for p, q in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("start", [1, 5, 6, 7, 13])
@@ -145,7 +146,7 @@ def test_normalisation_uses_manifest_stats(dirs):
     raw = take(TrainStream(make_cfg(dirs), 8, seed=1), 3)
     norm = take(TrainStream(make_cfg(dirs, normalize=True), 8, seed=1), 3)
     stats = [load_manifest(p)["stats"] for p in dirs.values()]
-    for r, n in zip(raw, norm):
+    for r, n in zip(raw, norm, strict=True):
         for b, d in enumerate(r["dataset_id"].tolist()):
             c = len(stats[d]["mean"])
             mean, std = torch.tensor(stats[d]["mean"]), torch.tensor(stats[d]["std"])
@@ -171,7 +172,8 @@ def test_eval_pass_complete_disjoint_and_resized(dirs):
         assert (b["x"][i, ..., 2:] == 0).all()
     # ranks: disjoint, complete, and deterministic
     spec = cfg.datasets[0]
-    per_rank = [[i for bt in build_eval_batches(spec, cfg, 0, 1, rank=r, world_size=3, windows="first") for i in bt["traj_index"].tolist()]
+    per_rank = [[i for bt in build_eval_batches(spec, cfg, 0, 1, rank=r, world_size=3, windows="first")
+                 for i in bt["traj_index"].tolist()]
                 for r in range(3)]
     assert sorted(sum(per_rank, [])) == list(range(4)) and len(set(sum(per_rank, []))) == 4
     one = list(build_eval_batches(spec, cfg, 0, 2, windows="first"))

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from shard_fixtures import assert_batches_equal, frame_table, take, window_positions
 
 from nestor_ds.data import DataConfig, TrainStream, build_eval_batches
 from nestor_ds.shards.build import META_BYTES_ESTIMATE, BuildConfig, build
-from nestor_ds.synth.layouts import write_dataset
 from nestor_ds.shards.schema import DataFormatError
-from shard_fixtures import assert_batches_equal, frame_table, take, window_positions
+from nestor_ds.synth.layouts import write_dataset
 
 T_IN, T_AR, RES = 3, 2, 16
 

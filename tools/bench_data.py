@@ -2,7 +2,7 @@
 """Benchmark the streaming loader against random-access HDF5 reads (how DPOT reads) and raw disk speed.
 
 Writes its own temporary data: a PDEBench-CFD-like HDF5 file (Vx, Vy, density, pressure, each
-[N, T, X, Y] float32) and the same trajectories as shards built by the real builder. Then, cold
+[R, T, X, Y] float32) and the same trajectories as shards built by the real builder. Then, cold
 (files evicted from the page cache before each pass) and warm:
   sequential  read every tar file front to back in 8 MiB chunks: the disk ceiling
   stream      TrainStream batches (t_in past + t_ar next frames, --windows windows per trajectory)
@@ -32,10 +32,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-
 from nestor_ds.data import DataConfig, DatasetSpec, TrainStream
+from nestor_ds.data.frames import new_batch_tensor, write_frames
 from nestor_ds.shards.build import META_BYTES_ESTIMATE, BuildConfig, build
-from nestor_ds.data.stream import new_batch_tensor, write_frames
 
 CHANNELS = ("Vx", "Vy", "density", "pressure")
 
@@ -58,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.t_in + args.t_ar > args.frames:
         p.error(f"--t-in + --t-ar = {args.t_in + args.t_ar} > --frames = {args.frames}")
     if args.trajectories < args.shards or args.shards < max(1, args.workers):
-        p.error(f"need --trajectories >= --shards >= --workers (got {args.trajectories}, {args.shards}, {args.workers})")
+        p.error(f"need --trajectories >= --shards >= --workers "
+                f"(got {args.trajectories}, {args.shards}, {args.workers})")
     return args
 
 
@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print(f"{'':12s} {'cold':>12s} {'warm':>12s}")
-    print(f"{'sequential':12s} {res['sequential_bytes_per_s'] / 1e6:9.0f} MB/s {res['sequential_bytes_per_s_warm'] / 1e6:7.0f} MB/s")
+    print(f"{'sequential':12s} {res['sequential_bytes_per_s'] / 1e6:9.0f} MB/s "
+          f"{res['sequential_bytes_per_s_warm'] / 1e6:7.0f} MB/s")
     for name in ("stream", "h5py"):
         print(f"{name:12s} {res[f'{name}_windows_per_s']:8.1f} win/s {res[f'{name}_windows_per_s_warm']:6.1f} win/s")
     print(f"{'ratio':12s} {res['ratio_vs_h5py']:11.2f}x {res['ratio_vs_h5py_warm']:11.2f}x   (stream / h5py)")

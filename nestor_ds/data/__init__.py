@@ -6,12 +6,10 @@ worker processes and must not pay for torch; the training side imports what it u
 
 from .config import DataConfig, DatasetSpec, load_manifest
 
-__all__ = ["DataConfig", "DatasetSpec", "TrainStream", "build_eval_batches", "build_train_stream",
-           "load_manifest", "read_trajectories"]
+__all__ = ["DataConfig", "DatasetSpec", "TrainStream", "build_eval_batches", "load_manifest", "read_trajectories"]
 
 _LAZY = {
     "TrainStream": ".stream",
-    "build_train_stream": ".stream",
     "build_eval_batches": ".evalset",
     "read_trajectories": "nestor_ds.shards.read",
 }

@@ -8,6 +8,7 @@ at start-up with one clear line instead of deep inside a DataLoader worker.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ def load_manifest(path: str | Path) -> dict:
     return read_manifest(p.parent if p.name == MANIFEST_NAME else p)
 
 
-def spec_manifest(spec: "DatasetSpec") -> dict:
+def spec_manifest(spec: DatasetSpec) -> dict:
     """The validated manifest of a dataset: `spec.manifest` if given (local path, http(s) URL or pipe:
     command), else `<path>/manifest.json` for a directory or the default of a URL spec (urls.default_manifest).
 
@@ -81,13 +82,14 @@ class DataConfig:
     windows_per_trajectory: int = 4  # random windows cut from each decoded trajectory
     shuffle_buffer: int = 64       # windows held per dataset per worker for shuffling
     normalize: bool = False        # (v - mean) / std with the manifest's training-split stats
-    num_workers: int = 0           # DataLoader workers per rank (0: main process; 2 with pinned memory on GPUs, stream.py)
+    num_workers: int = 0           # DataLoader workers per rank (0: main process, or 2 with pinned memory on
+                                   # GPU machines: stream.py)
     steps_per_epoch: int = 100     # batches per rank per epoch
     on_bad_sample: str = "error"   # a window with NaN/Inf: "error" (stop, naming dataset/shard/key) or "skip"
                                    # (zeroed and masked out of the loss, logged, counted as train/skipped_samples)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
         """Build from plain dicts (YAML); unknown keys and wrong types are errors so typos do not pass silently."""
         from nestor_ds.typed_config import build_dataclass
 
@@ -104,6 +106,19 @@ class DataConfig:
         """
         if not self.datasets:
             raise ValueError("data.datasets: empty; list at least one built shard directory")
+        self._check_numbers()
+        names = [s.name for s in self.datasets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"data.datasets: duplicate name(s) {dupes}")
+        for i, spec in enumerate(self.datasets):
+            where = f"data.datasets[{i}] ({spec.name})"
+            _check_spec(spec, where)
+            if check_files:
+                self._check_shards(spec, where)
+
+    def _check_numbers(self) -> None:
+        """The scalar options: counts >= 1, num_workers >= 0, a known on_bad_sample."""
         positive = ("t_in", "t_ar", "resolution", "channels", "windows_per_trajectory",
                     "shuffle_buffer", "steps_per_epoch")
         for name in positive:
@@ -114,48 +129,49 @@ class DataConfig:
             raise ValueError(f"data.num_workers: must be an integer >= 0, got {self.num_workers!r}")
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"data.on_bad_sample: must be 'error' or 'skip', got {self.on_bad_sample!r}")
-        names = [s.name for s in self.datasets]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"data.datasets: duplicate name(s) {dupes}")
-        for i, spec in enumerate(self.datasets):
-            where = f"data.datasets[{i}] ({spec.name})"
-            if not (isinstance(spec.weight, (int, float)) and spec.weight > 0):
-                raise ValueError(f"{where}: weight must be > 0, got {spec.weight!r}")
-            if not isinstance(spec.rollout_steps, int) or spec.rollout_steps < 1:
-                raise ValueError(f"{where}: rollout_steps must be an integer >= 1, got {spec.rollout_steps!r}")
-            check_path(spec.path, where)
-            if spec.manifest is not None and not isinstance(spec.manifest, str):
-                raise ValueError(f"{where}: manifest must be a path or URL string, got {spec.manifest!r}")
-            if not check_files:
-                continue
-            remote = is_url_spec(spec.path)
-            if not remote and not Path(spec.path).is_dir():
-                raise ValueError(f"{where}: path {spec.path} does not exist (build it with nestor_ds.shards)")
-            try:
-                manifest = spec_manifest(spec)
-            except ValueError as err:
-                raise ValueError(f"{where}: {err}") from None
-            t, _, _, c = manifest["shape"]
-            if self.t_in + self.t_ar > t:
-                raise ValueError(f"{where}: t_in + t_ar = {self.t_in + self.t_ar} > T = {t} frames "
-                                 f"(shape {manifest['shape']} in the manifest of {spec.path})")
-            if c > self.channels:
-                raise ValueError(f"{where}: {c} channels {manifest['channels']} > data.channels = {self.channels}")
-            if spec.rollout_steps > t - self.t_in:
-                import logging
 
-                logging.getLogger("nestor_ds.data").warning(
-                    "%s: rollout_steps = %d but only T - t_in = %d - %d frames follow the input window: rollouts "
-                    "are scored over %d steps", where, spec.rollout_steps, t, self.t_in, t - self.t_in)
-            train = manifest["splits"].get("train", {})
-            if not train.get("shards"):
-                raise ValueError(f"{where}: no training shards listed in the manifest of {spec.path}")
-            if remote:  # shard URLs must match the manifest; reachability is checked when read
-                for split in ("train", "test"):
-                    if split_spec(spec.path, split):
-                        shard_urls(split_spec(spec.path, split), manifest, split, where)
-                continue
-            for shard in train["shards"]:
-                if not (Path(spec.path) / shard["file"]).is_file():
-                    raise ValueError(f"{where}: shard {spec.path}/{shard['file']} listed in the manifest is missing")
+    def _check_shards(self, spec: DatasetSpec, where: str) -> None:
+        """The dataset's manifest against this config, and its shards: listed files exist, URLs match."""
+        remote = is_url_spec(spec.path)
+        if not remote and not Path(spec.path).is_dir():
+            raise ValueError(f"{where}: path {spec.path} does not exist (build it with nestor_ds.shards)")
+        try:
+            manifest = spec_manifest(spec)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        self._check_shape(spec, manifest, where)
+        train = manifest["splits"].get("train", {})
+        if not train.get("shards"):
+            raise ValueError(f"{where}: no training shards listed in the manifest of {spec.path}")
+        if remote:  # shard URLs must match the manifest; reachability is checked when read
+            for split in ("train", "test"):
+                if split_spec(spec.path, split):
+                    shard_urls(split_spec(spec.path, split), manifest, split, where)
+            return
+        for shard in train["shards"]:
+            if not (Path(spec.path) / shard["file"]).is_file():
+                raise ValueError(f"{where}: shard {spec.path}/{shard['file']} listed in the manifest is missing")
+
+    def _check_shape(self, spec: DatasetSpec, manifest: dict, where: str) -> None:
+        """Windows must fit the manifest's T frames and its channels data.channels; short rollouts are warned."""
+        t, _, _, c = manifest["shape"]
+        if self.t_in + self.t_ar > t:
+            raise ValueError(f"{where}: t_in + t_ar = {self.t_in + self.t_ar} > T = {t} frames "
+                             f"(shape {manifest['shape']} in the manifest of {spec.path})")
+        if c > self.channels:
+            raise ValueError(f"{where}: {c} channels {manifest['channels']} > data.channels = {self.channels}")
+        if spec.rollout_steps > t - self.t_in:
+            logging.getLogger("nestor_ds.data").warning(
+                "%s: rollout_steps = %d but only T - t_in = %d - %d frames follow the input window: rollouts "
+                "are scored over %d steps", where, spec.rollout_steps, t, self.t_in, t - self.t_in)
+
+
+def _check_spec(spec: DatasetSpec, where: str) -> None:
+    """One dataset entry on its own: weight, rollout_steps, path and manifest types."""
+    if not (isinstance(spec.weight, (int, float)) and spec.weight > 0):
+        raise ValueError(f"{where}: weight must be > 0, got {spec.weight!r}")
+    if not isinstance(spec.rollout_steps, int) or spec.rollout_steps < 1:
+        raise ValueError(f"{where}: rollout_steps must be an integer >= 1, got {spec.rollout_steps!r}")
+    check_path(spec.path, where)
+    if spec.manifest is not None and not isinstance(spec.manifest, str):
+        raise ValueError(f"{where}: manifest must be a path or URL string, got {spec.manifest!r}")

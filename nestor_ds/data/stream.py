@@ -6,14 +6,15 @@ seeded order every pass, forever (a resampled stream never runs out, so every ra
 Each trajectory read gives `windows_per_trajectory` random windows of t_in + t_ar consecutive
 frames; windows pass a shuffle buffer, and each batch element picks its dataset by weight.
 
-Speed: a shard is memory-mapped and each trajectory is a zero-copy numpy view of its `fields.npy`
-member (no tarfile, no bytes copies, npy decoded from its header; the kernel reads each trajectory
-ahead as it is reached), and a window is written into the batch with
-one transposing copy that moves all channels of a grid point at once (the [T, X, Y, C] -> [X, Y, T, C]
-transpose done on C*4-byte items instead of 4-byte floats). See docs/data_pipeline.md.
+This module is the sampler, the shuffle, the mixture and the DataLoader; trajectories come from
+trajectories.py and windows become batch tensors in frames.py. Speed: a shard is memory-mapped and each
+trajectory is a zero-copy numpy view of its `fields.npy` member (no tarfile, no bytes copies, npy decoded
+from its header; the kernel reads each trajectory ahead as it is reached), and a window is written into the
+batch with one transposing copy that moves all channels of a grid point at once (the [T, X, Y, C] ->
+[X, Y, T, C] transpose done on C*4-byte items instead of 4-byte floats). See docs/data_pipeline.md.
 
-Shards behind URLs (a dataset `path` that is a WebDataset URL spec, see urls.py) go through the same
-sampler, windows, shuffle, mixture and assembly; only the trajectory source differs (a `ShardReader`:
+Shards behind URLs (a dataset `path` that is a WebDataset URL spec, see nestor_ds/shards/urls.py) go through
+the same sampler, windows, shuffle, mixture and assembly; only the trajectory source differs (a `ShardReader`:
 `mapped_trajectories` for local files, `url_trajectories` reading each shard sequentially with webdataset).
 
 Workers: `num_workers = 0` (the default) means the main process on a CPU machine, and GPU_DEFAULT_WORKERS
@@ -23,435 +24,31 @@ set data.num_workers >= 1 to choose. Determinism: batch `s` of rank `r` comes fr
 whose epoch `e = s // steps_per_epoch` stream is seeded by (seed, e, r, w). Resuming at `s` rebuilds
 that epoch stream and fast-forwards it without reading trajectory data. The shard positions come from
 the manifest, so a URL dataset gives the same batches as the same shards in a local directory.
+
+Shape legend: B samples in a batch, X, Y grid points (X = Y = data.resolution in a batch), T frames (T_in
+inputs, T_ar targets), C channels (data.channels; a dataset's own c <= C, the rest is padding), M datasets.
 """
 
 from __future__ import annotations
 
-import ast
-import mmap
-import os
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import DataConfig, DatasetSpec, spec_manifest
-from nestor_ds.shards.schema import FIELDS_EXT, DataFormatError, sha256_file
-from nestor_ds.shards.urls import decode_sample, is_url_spec, iter_url_samples, shard_urls, split_spec
+from nestor_ds.data.config import DataConfig
+from nestor_ds.data.frames import new_batch_tensor, normalize_, padded_stats, resize_frames, write_frames
+from nestor_ds.data.trajectories import DatasetInfo, ShardReader, Trajectory, mapped_trajectories, url_trajectories
+from nestor_ds.shards.schema import DataFormatError
 
 # Seed-sequence tags: keep the random streams of different purposes independent.
 _TAG_SHARDS = 0x5A4D   # per-epoch shard permutation, shared by all ranks and workers
 _TAG_WINDOWS = 0x57A1  # per-(epoch, rank, worker, dataset) shard order, window starts, shuffle buffer
 _TAG_MIX = 0x313C      # per-(epoch, rank, worker) dataset choice of each batch element
 
-_BLOCK = 512
 _log = logging.getLogger("nestor_ds.data.stream")
-_VERIFIED: set[tuple[str, str]] = set()  # (shard path, sha256) checked by this process
-_NPY_MAGIC = b"\x93NUMPY"
-
-# ----------------------------------------------------------------------------------------------
-# Reading shards: a minimal tar reader (ustar / pax / GNU long names) that returns data offsets.
-# ----------------------------------------------------------------------------------------------
-
-def _tar_number(field: bytes, path: str, offset: int) -> int:
-    if field and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise DataFormatError(path, f"bad tar header number {field!r} at byte {offset}") from None
-
-
-def _pread_exact(fd: int, n: int, offset: int, path: str) -> bytes:
-    data = os.pread(fd, n, offset)
-    if len(data) != n:
-        raise DataFormatError(path, f"truncated at byte {offset} (wanted {n} bytes, got {len(data)})")
-    return data
-
-
-def iter_tar_members(fd: int, path: str) -> Iterator[tuple[str, int, int]]:
-    """Yield (member name, data offset, data size) of the regular files in a tar, reading headers only."""
-    offset = 0
-    long_name: str | None = None
-    pax_size: int | None = None
-    while True:
-        header = os.pread(fd, _BLOCK, offset)
-        if len(header) == 0:
-            return  # archive without end-of-archive blocks: accept
-        if len(header) < _BLOCK:
-            raise DataFormatError(path, f"truncated tar header at byte {offset}")
-        if header.count(0) == _BLOCK:
-            return
-        checksum = _tar_number(header[148:156], path, offset)
-        actual = sum(header[:148]) + 8 * 32 + sum(header[156:])
-        if checksum != actual:
-            raise DataFormatError(path, f"bad tar header checksum at byte {offset} (corrupt shard?)")
-        size = _tar_number(header[124:136], path, offset)
-        kind = header[156:157]
-        data_offset = offset + _BLOCK
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-        if header[257:262] == b"ustar":
-            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
-            if prefix:
-                name = f"{prefix}/{name}"
-        if kind == b"L":  # GNU long name for the next member
-            long_name = _pread_exact(fd, size, data_offset, path).split(b"\0", 1)[0].decode("utf-8")
-        elif kind == b"x":  # pax extended header: records "LEN key=value\n"
-            records = _pread_exact(fd, size, data_offset, path)
-            pos = 0
-            while pos < len(records):
-                length = int(records[pos:records.index(b" ", pos)])
-                key, _, value = records[records.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
-                if key == b"path":
-                    long_name = value.decode("utf-8")
-                elif key == b"size":
-                    pax_size = int(value)  # applies to the next member
-                pos += length
-        elif kind in (b"0", b"\0", b"7"):
-            size = size if pax_size is None else pax_size
-            yield (long_name or name), data_offset, size
-            long_name, pax_size = None, None
-        else:
-            long_name, pax_size = None, None  # directories, links, global pax headers: not samples
-        offset = data_offset + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-
-
-def iter_shard_samples(fd: int, path: str) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
-    """Group consecutive tar members by WebDataset key: yield (key, {extension: (offset, size)})."""
-    key: str | None = None
-    members: dict[str, tuple[int, int]] = {}
-    for name, offset, size in iter_tar_members(fd, path):
-        base = name.rsplit("/", 1)[-1]
-        k, dot, ext = base.partition(".")
-        if not dot:
-            raise DataFormatError(path, f"member '{name}' has no extension (expected <key>.{FIELDS_EXT})")
-        if k != key:
-            if key is not None:
-                yield key, members
-            key, members = k, {}
-        members[ext] = (offset, size)
-    if key is not None:
-        yield key, members
-
-
-def _parse_npy_header(buf: np.ndarray, where: str) -> tuple[np.dtype, tuple[int, ...], int]:
-    head = buf[:12].tobytes()
-    if len(head) < 10 or not head.startswith(_NPY_MAGIC):
-        raise DataFormatError(where, "not an .npy member (bad magic)")
-    major = head[6]
-    if major == 1:
-        hlen, start = int.from_bytes(head[8:10], "little"), 10
-    elif major in (2, 3):
-        hlen, start = int.from_bytes(head[8:12], "little"), 12
-    else:
-        raise DataFormatError(where, f"unsupported .npy version {major}")
-    try:
-        header = ast.literal_eval(buf[start:start + hlen].tobytes().decode("latin1"))
-    except (ValueError, SyntaxError):
-        raise DataFormatError(where, "unreadable .npy header") from None
-    dtype = np.dtype(header["descr"])
-    if dtype not in (np.dtype("<f4"), np.dtype("<f2")):
-        raise DataFormatError(where, f"dtype {dtype} (expected float32 or float16)")
-    if header.get("fortran_order"):
-        raise DataFormatError(where, "Fortran-ordered array (expected C order)")
-    return dtype, tuple(header["shape"]), start + hlen
-
-
-def read_fields(fd: int, offset: int, size: int, where: str) -> np.ndarray:
-    """Read one `fields.npy` member into a fresh array with a single preadv (no intermediate bytes).
-
-    Returns the stored [T, X, Y, C] array as float32 (float16 shards are converted once, here).
-    """
-    buf = np.empty(size, dtype=np.uint8)
-    done = 0
-    while done < size:
-        n = os.preadv(fd, [memoryview(buf)[done:]], offset + done)
-        if n <= 0:
-            raise DataFormatError(where, f"truncated member (read {done} of {size} bytes)")
-        done += n
-    return _npy_array(buf, size, where)
-
-
-def _npy_array(buf: np.ndarray, size: int, where: str) -> np.ndarray:
-    """The float32 [T, X, Y, C] array of one `.npy` member held in ``buf`` (a view when already float32)."""
-    dtype, shape, start = _parse_npy_header(buf, where)
-    count = int(np.prod(shape))
-    if start + count * dtype.itemsize > size:
-        raise DataFormatError(where, f"member holds {size - start} data bytes, shape {shape} needs more")
-    arr = np.frombuffer(buf, dtype=dtype, count=count, offset=start).reshape(shape)
-    return arr if dtype == np.float32 else arr.astype(np.float32)
-
-
-def map_fields(mm: mmap.mmap, offset: int, size: int, where: str) -> np.ndarray:
-    """A read-only [T, X, Y, C] float32 view of one `fields.npy` member of a memory-mapped shard.
-
-    Zero-copy: the batch copy reads the page cache directly (measured 1.2-2x less CPU per window
-    than reading into a private buffer). The kernel is asked to read the range ahead (WILLNEED), so
-    a cold shard is still read sequentially, trajectory by trajectory, as the stream advances.
-    """
-    if offset + size > len(mm):
-        raise DataFormatError(where, f"member ends at byte {offset + size}, file has {len(mm)}")
-    start_page = offset - offset % mmap.PAGESIZE
-    mm.madvise(mmap.MADV_WILLNEED, start_page, offset + size - start_page)
-    buf = np.frombuffer(mm, dtype=np.uint8, count=size, offset=offset)
-    return _npy_array(buf, size, where)
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-dataset facts, frame preparation and batch writing (shared with evalset.py)
-# ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What the pipeline needs from one dataset's manifest, read once at start-up."""
-
-    index: int
-    spec: DatasetSpec
-    remote: bool                              # shards are URLs read by webdataset, not mapped files
-    shape: tuple[int, int, int, int]          # T, X, Y, C of every trajectory
-    train: tuple[tuple[str, int], ...]        # (shard file path or URL, trajectory count), manifest order
-    test: tuple[tuple[str, int], ...]         # empty for a URL spec without test URLs
-    mean: np.ndarray                          # [C] training-split statistics
-    std: np.ndarray                           # [C], zeros replaced by 1 (constant channels)
-    digests: dict[str, str] = field(default_factory=dict, hash=False, compare=False)  # local shard path -> sha256
-
-    @classmethod
-    def from_spec(cls, index: int, spec: DatasetSpec) -> "DatasetInfo":
-        manifest = spec_manifest(spec)
-        splits = manifest["splits"]
-        remote = is_url_spec(spec.path)
-
-        def shards(split: str) -> tuple[tuple[str, int], ...]:
-            if remote:
-                urls = split_spec(spec.path, split)
-                return shard_urls(urls, manifest, split, f"dataset {spec.name}") if urls else ()
-            return tuple((str(Path(spec.path) / s["file"]), int(s["count"]))
-                         for s in splits.get(split, {}).get("shards", []))
-
-        std = np.asarray(manifest["stats"]["std"], dtype=np.float32)
-        digests = {} if remote else {str(Path(spec.path) / s["file"]): s["sha256"] for split in splits.values()
-                                     for s in split.get("shards", []) if s.get("sha256")}
-        return cls(index=index, spec=spec, remote=remote, shape=tuple(manifest["shape"]),
-                   train=shards("train"), test=shards("test"), digests=digests,
-                   mean=np.asarray(manifest["stats"]["mean"], dtype=np.float32),
-                   std=np.where(std > 0, std, np.float32(1.0)).astype(np.float32))
-
-    def check(self, arr: np.ndarray, where: str) -> np.ndarray:
-        if arr.shape != self.shape:
-            raise DataFormatError(where, f"fields shape {list(arr.shape)} != manifest shape {list(self.shape)}")
-        return arr
-
-
-def resize_frames(frames_TXYc: np.ndarray, resolution: int) -> np.ndarray:
-    """Bilinear resize of frames [T, X, Y, c] to [T, R, R, c] (align_corners=False, no antialias), as DPOT.
-
-    Returns the input unchanged when it is already at the resolution.
-    """
-    _, X, Y, _ = frames_TXYc.shape
-    if X == resolution and Y == resolution:
-        return frames_TXYc
-    if not frames_TXYc.flags.writeable:  # memory-mapped shard: torch wants writable memory
-        frames_TXYc = frames_TXYc.copy()
-    t_TcXY = torch.from_numpy(np.ascontiguousarray(frames_TXYc)).permute(0, 3, 1, 2)
-    out = F.interpolate(t_TcXY, size=(resolution, resolution), mode="bilinear",
-                        align_corners=False, antialias=False)
-    return out.permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def write_frames(dst_XYTC: np.ndarray, src_TXYc: np.ndarray) -> None:
-    """dst[x, y, t, :c] = src[t, x, y, :]: the frame-major -> grid-major transpose of one sample.
-
-    Each grid point's c channels (c*4 contiguous bytes) are moved as one item, which makes this copy
-    several times faster than an element-wise float transpose. Channels >= c of dst are left as they
-    are (the caller zero-fills them).
-    """
-    T, X, Y, c = src_TXYc.shape
-    C = dst_XYTC.shape[-1]
-    src = np.ascontiguousarray(src_TXYc, dtype=np.float32).view(f"V{4 * c}").reshape(T, X * Y)
-    if c == C:
-        dst = dst_XYTC.view(f"V{4 * C}").reshape(X * Y, T)
-    else:
-        item = np.dtype({"names": ["v"], "formats": [f"V{4 * c}"], "offsets": [0], "itemsize": 4 * C})
-        dst = dst_XYTC.view(item).reshape(X * Y, T)["v"]
-    dst[...] = src.T
-
-
-def new_batch_tensor(shape: tuple[int, ...], zero: bool) -> torch.Tensor:
-    """A float32 batch tensor (zero-filled when some channels stay padding).
-
-    Allocated by numpy, which asks for transparent huge pages on large arrays: a fresh 10 MB batch then
-    costs a few page faults instead of thousands (measured 1.5-2x faster assembly than torch.empty).
-    """
-    return torch.from_numpy((np.zeros if zero else np.empty)(shape, dtype=np.float32))
-
-
-def normalize_(t_B: torch.Tensor, mean_BC: np.ndarray, std_BC: np.ndarray) -> None:
-    """In place (v - mean) / std per sample and channel; padded channels carry mean 0, std 1."""
-    a = t_B.numpy()
-    shape = (a.shape[0],) + (1,) * (a.ndim - 2) + (a.shape[-1],)
-    a -= mean_BC.reshape(shape)
-    a /= std_BC.reshape(shape)
-
-
-def padded_stats(info: DatasetInfo, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    c = info.shape[3]
-    mean = np.zeros(channels, np.float32)
-    std = np.ones(channels, np.float32)
-    mean[:c], std[:c] = info.mean, info.std
-    return mean, std
-
-
-# ----------------------------------------------------------------------------------------------
-# Training pipeline
-# ----------------------------------------------------------------------------------------------
-
-class Trajectory(Protocol):
-    """One trajectory of a training shard; `load()` returns its [T, X, Y, C] float32 array; `where()` names
-    its shard and sample key for error messages."""
-
-    def load(self) -> np.ndarray: ...
-
-    def where(self) -> str: ...
-
-
-# A trajectory source: (shard location, trajectory count, modulus, residue, info, eager) -> the shard's
-# trajectories at positions p with p % modulus == residue, in tar order. While `eager()` is True each one is
-# read as it is yielded; otherwise (resume fast-forward) it is read on its first `load()`, if ever.
-ShardReader = Callable[[str, int, int, int, DatasetInfo, Callable[[], bool]], Iterator[Trajectory]]
-
-
-class _MappedTrajectory:
-    """One trajectory in a local shard; its data is read on first use (eagerly while streaming, lazily for
-    windows that entered the shuffle buffer during a resume fast-forward)."""
-
-    __slots__ = ("path", "key", "offset", "size", "info", "_arr")
-
-    def __init__(self, path: str, key: str, offset: int, size: int, info: DatasetInfo):
-        self.path, self.key, self.offset, self.size, self.info = path, key, offset, size, info
-        self._arr: np.ndarray | None = None
-
-    def where(self) -> str:
-        return f"shard {self.path} sample {self.key}"
-
-    def load(self, mm: mmap.mmap | None = None) -> np.ndarray:
-        """Map the trajectory (the shard's mmap while streaming; a fresh one for a lazy load)."""
-        if self._arr is None:
-            where = f"{self.path} key {self.key}"
-            if mm is None:
-                with open(self.path, "rb") as f:
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._arr = self.info.check(map_fields(mm, self.offset, self.size, where), where)
-        return self._arr
-
-
-def check_shard_once(path: str, sha256: str | None) -> None:
-    """Compare a local shard with its manifest sha256, once per process, before its first use.
-
-    A flipped byte in a float32 payload trains silently (values of 1e28 were seen): the whole file is hashed
-    (cost measured in docs/reliability.md: well under 2% of a demo run). Each DataLoader worker process checks
-    the shards it reads."""
-    if not sha256 or (path, sha256) in _VERIFIED:
-        return
-    digest = sha256_file(path)
-    if digest != sha256:
-        raise DataFormatError(path, f"sha256 {digest[:12]}... but the manifest says {sha256[:12]}...: the shard "
-                                    f"changed after the build (corrupted copy?); rebuild it or check it with "
-                                    f"nestor_ds.shards --verify")
-    _VERIFIED.add((path, sha256))
-
-
-def mapped_trajectories(path: str, count: int, mod: int, res: int, info: DatasetInfo,
-                        eager: Callable[[], bool]) -> Iterator[_MappedTrajectory]:
-    """ShardReader of a local shard file: memory-mapped, tar headers walked by `iter_shard_samples`."""
-    check_shard_once(path, info.digests.get(path))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # stays valid after close
-        seen = 0
-        for pos, (key, members) in enumerate(iter_shard_samples(fd, path)):
-            seen = pos + 1
-            if pos % mod != res:
-                continue
-            if FIELDS_EXT not in members:
-                raise DataFormatError(path, f"sample '{key}' has no .{FIELDS_EXT} member")
-            traj = _MappedTrajectory(path, key, *members[FIELDS_EXT], info)
-            if eager():
-                traj.load(mm)
-            yield traj
-        if seen != count:  # a shard replaced or truncated after the build: never spin on a share that yields nothing
-            raise DataFormatError(path, f"holds {seen} samples, the manifest says {count} "
-                                        f"(check it with nestor_ds.shards --verify)")
-    finally:
-        os.close(fd)
-
-
-class _UrlTrajectory:
-    """One trajectory of a shard URL. Streamed trajectories arrive decoded; one created during a resume
-    fast-forward is fetched on first use by re-reading its shard from the start up to its position."""
-
-    __slots__ = ("url", "pos", "info", "meta", "key", "_arr")
-
-    def __init__(self, url: str, pos: int, info: DatasetInfo, sample: dict | None = None):
-        self.url, self.pos, self.info = url, pos, info
-        self.meta: dict | None = None
-        self.key: str | None = None
-        self._arr: np.ndarray | None = None
-        if sample is not None:
-            self._decode(sample)
-
-    def _decode(self, sample: dict) -> None:
-        fields, self.meta = decode_sample(sample, self.url)
-        self.key = str(sample["__key__"])
-        self._arr = self.info.check(fields, f"{self.url} key {sample['__key__']}")
-
-    def where(self) -> str:
-        return f"shard {self.url} sample {self.key or f'#{self.pos}'}"
-
-    def load(self) -> np.ndarray:
-        if self._arr is None:
-            samples = iter_url_samples(self.url)
-            try:
-                self._decode(_advance(samples, self.pos + 1, self.url))
-            finally:
-                samples.close()
-        return self._arr
-
-
-def _advance(samples: Iterator[dict], n: int, url: str) -> dict:
-    """Consume n samples and return the last (the shard must hold at least n, as its manifest says)."""
-    sample = None
-    for _ in range(n):
-        sample = next(samples, None)
-        if sample is None:
-            raise DataFormatError(url, f"shard ended before sample {n - 1} (fewer samples than the manifest count)")
-    return sample
-
-
-def url_trajectories(url: str, count: int, mod: int, res: int, info: DatasetInfo,
-                     eager: Callable[[], bool]) -> Iterator[_UrlTrajectory]:
-    """ShardReader of a shard URL: one sequential webdataset read, opened when the first eager trajectory
-    is due. Positions come from the manifest count, so a fast-forward yields lazy trajectories unread."""
-    samples: Iterator[dict] | None = None
-    at = 0  # position of the next sample of `samples`
-    try:
-        for pos in range(res, count, mod):
-            if not eager():
-                yield _UrlTrajectory(url, pos, info)
-                continue
-            if samples is None:
-                samples = iter_url_samples(url)
-            sample = _advance(samples, pos + 1 - at, url)
-            at = pos + 1
-            yield _UrlTrajectory(url, pos, info, sample)
-    finally:
-        if samples is not None:
-            samples.close()
 
 
 def slot_shares(counts: list[int], perm: np.ndarray, slot: int, n_slots: int) -> list[tuple[int, int, int]]:
@@ -520,7 +117,7 @@ class _WindowSource:
 class _EpochStream:
     """Batches of one (epoch, rank, logical worker): a weighted mixture of the dataset window sources."""
 
-    def __init__(self, owner: "TrainStream", epoch: int, worker: int, n_workers: int):
+    def __init__(self, owner: TrainStream, epoch: int, worker: int, n_workers: int):
         self.owner, self.epoch, self.worker, self.n_workers = owner, epoch, worker, n_workers
         self.rng = np.random.default_rng([owner.seed, _TAG_MIX, epoch, owner.rank, worker])
         self.sources: dict[int, _WindowSource] = {}
@@ -546,7 +143,7 @@ class _EpochStream:
 class _RankDataset(IterableDataset):
     """IterableDataset whose DataLoader workers each produce whole batches (batch_size=None)."""
 
-    def __init__(self, stream: "TrainStream", start_step: int):
+    def __init__(self, stream: TrainStream, start_step: int):
         super().__init__()
         self.stream, self.start_step = stream, start_step
 
@@ -618,10 +215,10 @@ class TrainStream:
     def assemble(self, windows: list[tuple[int, Trajectory, int]]) -> dict[str, torch.Tensor]:
         """Cut, resize, pad and normalise the chosen windows into one batch dict."""
         cfg = self.cfg
-        B, R, C = len(windows), cfg.resolution, cfg.channels
+        B, res, C = len(windows), cfg.resolution, cfg.channels
         zero = any(self.infos[d].shape[3] < C for d, _, _ in windows)
-        x = new_batch_tensor((B, R, R, cfg.t_in, C), zero)
-        y = new_batch_tensor((B, R, R, cfg.t_ar, C), zero)
+        x = new_batch_tensor((B, res, res, cfg.t_in, C), zero)
+        y = new_batch_tensor((B, res, res, cfg.t_ar, C), zero)
         xa, ya = x.numpy(), y.numpy()
         mask = torch.zeros(B, C, dtype=torch.bool)
         dataset_id = torch.empty(B, dtype=torch.long)
@@ -633,7 +230,7 @@ class TrainStream:
                 skipped[b] = self._bad_window(d, traj, t0, window)
                 x[b], y[b] = 0.0, 0.0  # channel mask stays False: out of the relative-L2 loss
                 continue
-            frames = resize_frames(window, R)
+            frames = resize_frames(window, res)
             write_frames(xa[b], frames[:cfg.t_in])
             write_frames(ya[b], frames[cfg.t_in:])
             mask[b, :frames.shape[3]] = True
@@ -656,9 +253,3 @@ class TrainStream:
             raise DataFormatError(self.infos[d].spec.path, f"{what} (set data.on_bad_sample: skip to train past it)")
         _log.warning("%s: skipped (data.on_bad_sample: skip)", what)
         return True
-
-
-def build_train_stream(cfg: DataConfig, micro_batch: int, rank: int = 0, world_size: int = 1,
-                       seed: int = 0) -> TrainStream:
-    """ARCHITECTURE.md name for `TrainStream(...)`."""
-    return TrainStream(cfg, micro_batch, rank=rank, world_size=world_size, seed=seed)

@@ -1,4 +1,4 @@
-"""Build WebDataset shards + manifest from raw PDE files, and verify a built directory.
+"""Build WebDataset shards + manifest from raw PDE files (verifying a built directory: verify.py).
 
 Why it is shaped this way:
 - One task = one shard. A worker process opens the source files itself, streams the shard's
@@ -10,19 +10,17 @@ Why it is shaped this way:
 - The build happens in a temporary directory beside the target and is moved into place with
   `os.replace` only when everything succeeded; on any error the temporary directory is removed,
   and so are the parent directories of the target that this build created.
-- Concurrent builds into one output cannot both "succeed": an exclusive `flock` on `.<name>.lock`
-  beside the output is held for the whole build, and the output is re-checked just before the
-  final rename. Temporary directories of builds killed with `kill -9` (dead pid) are removed by the
-  next build into the same output.
+- Concurrent builds into one output cannot both "succeed" (output.py: an exclusive lock beside the
+  output, a last re-check before the final rename, leftovers of killed builds removed).
 - The same file reached through two paths (`raw/x.h5`, `raw/../raw/x.h5`, a symlink) is read once
   (inputs are de-duplicated by device and inode), and no (source file, index) may be in both splits.
+
+Shape legend: T frames, X, Y grid points, C channels (of one trajectory).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
-import fcntl
 import hashlib
 import io
 import math
@@ -37,10 +35,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from nestor_ds.log import get_logger
 from nestor_ds.shards import schema
 from nestor_ds.shards.ingest import READ_ERRORS, Entry, SourceInfo, open_reader
+from nestor_ds.shards.output import make_parents, output_lock, prepare_out, remove_dirs, remove_stale, swap_into_place
 from nestor_ds.shards.schema import LAYOUTS, DataFormatError
-from nestor_ds.log import get_logger
+from nestor_ds.shards.stats import ChannelStats
 
 log = get_logger(__name__)
 
@@ -64,48 +64,6 @@ class BuildConfig:
     seed: int | None = None            # if set, permute the training trajectories across shards
     overwrite: bool = False            # replace an existing built directory
     progress: bool | None = None       # None: tqdm decides (bar only on a terminal)
-
-
-# ----------------------------------------------------------------------------- statistics
-
-@dataclass
-class ChannelStats:
-    """Streaming per-channel count/mean/M2/min/max in float64 (Chan et al. parallel merge)."""
-
-    n: int
-    mean: np.ndarray
-    m2: np.ndarray
-    min: np.ndarray
-    max: np.ndarray
-
-    @classmethod
-    def empty(cls, c: int) -> ChannelStats:
-        return cls(0, np.zeros(c), np.zeros(c), np.full(c, np.inf), np.full(c, -np.inf))
-
-    @classmethod
-    def of(cls, fields: np.ndarray) -> ChannelStats:
-        x_NC = fields.reshape(-1, fields.shape[-1])
-        min_C, max_C = x_NC.min(axis=0).astype(np.float64), x_NC.max(axis=0).astype(np.float64)  # exact
-        x_NC = x_NC.astype(np.float64)
-        mean_C = x_NC.mean(axis=0)
-        d_NC = x_NC - mean_C
-        return cls(x_NC.shape[0], mean_C, np.einsum("nc,nc->c", d_NC, d_NC), min_C, max_C)
-
-    def merge(self, other: ChannelStats) -> ChannelStats:
-        if other.n == 0:
-            return self
-        if self.n == 0:
-            return other
-        n = self.n + other.n
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.n / n)
-        m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / n)
-        return ChannelStats(n, mean, m2, np.minimum(self.min, other.min), np.maximum(self.max, other.max))
-
-    def as_dict(self) -> dict[str, list[float]]:
-        """Population statistics (ddof=0), as numpy's mean/std/min/max over (T, X, Y, samples)."""
-        return {"mean": self.mean.tolist(), "std": np.sqrt(self.m2 / max(self.n, 1)).tolist(),
-                "min": self.min.tolist(), "max": self.max.tolist()}
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -201,7 +159,7 @@ def write_shard(task: ShardTask) -> ShardResult:
         tar = tarfile.open(fileobj=sink, mode="w", format=tarfile.GNU_FORMAT)
         for source, items in by_source.items():
             with open_reader(source, items[0].layout) as reader:
-                for item, (_, fields, meta) in zip(items, reader.read([it.entry for it in items])):
+                for item, (_, fields, meta) in zip(items, reader.read([it.entry for it in items]), strict=True):
                     data = _prepare(item, fields, task, reader.where(item.entry))
                     if data is None:
                         skipped += 1
@@ -321,15 +279,10 @@ def plan_shards(cfg: BuildConfig, infos: list[SourceInfo], name: str, tmp: Path)
     return tasks
 
 
-def _tqdm_disable(progress: bool | None) -> bool | None:
-    """tqdm's `disable`: None lets tqdm show the bar only on a terminal."""
-    return None if progress is None else not progress
-
-
 def _run_tasks(tasks: list[ShardTask], workers: int, progress: bool | None) -> list[ShardResult]:
     total = sum(len(t.items) for t in tasks)
     results: dict[str, ShardResult] = {}
-    with tqdm(total=total, unit="traj", desc="build_shards", disable=_tqdm_disable(progress)) as bar:
+    with tqdm(total=total, unit="traj", desc="build_shards", disable=None if progress is None else not progress) as bar:
         if workers <= 1:
             for task in tasks:
                 results[task.path] = write_shard(task)
@@ -352,16 +305,6 @@ def _run_tasks(tasks: list[ShardTask], workers: int, progress: bool | None) -> l
 
 # ----------------------------------------------------------------------------- build
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataFormatError(out, "output exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise DataFormatError(out, "output directory is not empty (pass --overwrite to replace a built dataset)")
-        if not (out / schema.MANIFEST_NAME).is_file():
-            raise DataFormatError(out, "refusing to overwrite: not a built shard directory (no manifest.json)")
-
-
 def check_config(cfg: BuildConfig) -> None:
     """Reject option values that cannot describe a build (ValueError, one line)."""
     if cfg.dtype not in schema.DTYPES:
@@ -376,106 +319,27 @@ def check_config(cfg: BuildConfig) -> None:
         raise ValueError(f"workers {cfg.workers!r}: expected an integer >= 1")
 
 
-def _make_parents(d: Path) -> list[Path]:
-    """mkdir -p `d`, returning the directories it created (outermost first), so a failure can undo them."""
-    missing = []
-    while not d.exists():
-        missing.append(d)
-        if d.parent == d:
-            break
-        d = d.parent
-    created: list[Path] = []
-    try:
-        for m in reversed(missing):
-            m.mkdir()
-            created.append(m)
-    except BaseException:
-        _remove_dirs(created)
-        raise
-    return created
-
-
-def _remove_dirs(created: list[Path]) -> None:
-    """Remove directories `_make_parents` created, innermost first; keep any that something else filled."""
-    for d in reversed(created):
-        try:
-            d.rmdir()
-        except OSError:
-            return
-
-
 def build(cfg: BuildConfig) -> dict[str, Any]:
     """Build shards + manifest into `cfg.out`; returns the manifest. Raises DataFormatError on bad input."""
     check_config(cfg)
     out = Path(cfg.out)
-    _prepare_out(out, cfg.overwrite)
+    prepare_out(out, cfg.overwrite)
     files = expand_inputs(cfg.inputs)
     name = schema.check_name(cfg.name) if cfg.name else schema.sanitize_name(Path(files[0]).stem)
     infos = scan_sources(files, cfg.layout)
 
-    created = _make_parents(out.parent)
+    created = make_parents(out.parent)
     try:
-        with _output_lock(out, cfg.overwrite):
+        with output_lock(out, cfg.overwrite):
             return _build_locked(cfg, out, name, infos)
     except BaseException:
-        _remove_dirs(created)
+        remove_dirs(created)
         raise
 
 
-@contextlib.contextmanager
-def _output_lock(out: Path, wait: bool) -> Any:
-    """Exclusive flock on `.<name>.lock` beside `out` for the whole build. Without --overwrite a second build
-    stops at once with a clear line; with it, it waits its turn and then replaces the first one's output.
-
-    The lock file is removed on release (nothing is left beside the output); a waiter that then holds a lock on
-    the removed file notices (its inode is no longer the path's) and locks the new file instead."""
-    lock_path = out.parent / f".{out.name}.lock"
-    while True:
-        fh = open(lock_path, "a")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            fh.close()
-            raise DataFormatError(out, f"another build into this output is running (lock {lock_path} is held): "
-                                       f"wait for it, or pass --overwrite to replace its result after it ends") from None
-        try:
-            same = os.stat(lock_path).st_ino == os.fstat(fh.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        fh.close()
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            lock_path.unlink()
-        fh.close()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale(out: Path) -> None:
-    """Temporary directories of builds into `out` whose process is gone (kill -9, node crash)."""
-    for pattern in (f".{out.name}.building-*", f".{out.name}.old-*"):
-        for d in sorted(out.parent.glob(pattern)):
-            pid = d.name.rsplit("-", 1)[-1]
-            if d.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                shutil.rmtree(d, ignore_errors=True)
-                log.warning("build_shards: removed %s left by a build that did not finish (pid %s is gone)", d, pid)
-
-
 def _build_locked(cfg: BuildConfig, out: Path, name: str, infos: list[SourceInfo]) -> dict[str, Any]:
-    _prepare_out(out, cfg.overwrite)  # again, under the lock: a build that finished while we scanned
-    _remove_stale(out)
+    prepare_out(out, cfg.overwrite)  # again, under the lock: a build that finished while we scanned
+    remove_stale(out)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -484,7 +348,7 @@ def _build_locked(cfg: BuildConfig, out: Path, name: str, infos: list[SourceInfo
         results = _run_tasks(tasks, cfg.workers, cfg.progress)
         manifest = _assemble(cfg, infos, name, tasks, results, tmp)
         schema.write_manifest(tmp, manifest)
-        _swap_into_place(tmp, out, cfg.overwrite)
+        swap_into_place(tmp, out, cfg.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -497,7 +361,7 @@ def _assemble(cfg: BuildConfig, infos: list[SourceInfo], name: str, tasks: list[
     splits: dict[str, dict[str, Any]] = {s: {"count": 0, "shards": []} for s in schema.SPLITS}
     stats = ChannelStats.empty(infos[0].shape[3])
     skipped = 0
-    for task, res in zip(tasks, results):
+    for task, res in zip(tasks, results, strict=True):
         split = task.items[0].split
         skipped += res.skipped
         if res.count == 0:
@@ -517,114 +381,3 @@ def _assemble(cfg: BuildConfig, infos: list[SourceInfo], name: str, tasks: list[
             "dtype": cfg.dtype, "shape": list(infos[0].shape), "channels": list(infos[0].channels),
             "splits": splits, "stats": stats.as_dict(), "skipped_bad": skipped,
             "sources": sorted(Path(i.path).name for i in infos)}
-
-
-def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Atomically publish `tmp` as `out` (an existing built `out` is replaced only after success, and only with
-    --overwrite: re-checked here, at the last moment, against writers that do not take the lock)."""
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise DataFormatError(out, "output appeared while this build ran (another build?): not replaced; "
-                                       "pass --overwrite to replace it")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if out.is_dir():
-            out.rmdir()
-        os.replace(tmp, out)
-
-
-# ----------------------------------------------------------------------------- verify
-
-def _iter_samples(path: Path) -> Any:
-    """Yield (key, {ext: bytes}) from a shard tar in stored order; members must pair up by key."""
-    with tarfile.open(path, "r") as tar:
-        current: str | None = None
-        parts: dict[str, bytes] = {}
-        for member in tar:
-            if not member.isfile():
-                raise DataFormatError(path, f"member {member.name!r} is not a regular file")
-            key, _, ext = member.name.partition(".")
-            if key != current:
-                if current is not None:
-                    yield current, parts
-                current, parts = key, {}
-            if ext in parts:
-                raise DataFormatError(path, f"sample {key!r} has member {ext!r} twice")
-            parts[ext] = tar.extractfile(member).read()
-        if current is not None:
-            yield current, parts
-
-
-def verify(shard_dir: str | Path, progress: bool | None = None) -> dict[str, Any]:
-    """Check a built directory against its manifest; raises DataFormatError at the first bad shard.
-
-    Checks: manifest structure, no unlisted shard files, every shard's sha256 and sample count,
-    every sample's members, key, fields dtype/shape/finiteness, meta keys and channels, and the
-    training statistics recomputed from the decoded samples.
-    """
-    shard_dir = Path(shard_dir)
-    manifest = schema.read_manifest(shard_dir)
-    listed = {s["file"] for split in schema.SPLITS for s in manifest["splits"][split]["shards"]}
-    for p in sorted(shard_dir.glob("*.tar")):
-        if p.name not in listed:
-            raise DataFormatError(p, "shard file not listed in manifest.json")
-    shape, dtype = tuple(manifest["shape"]), np.dtype(manifest["dtype"])
-    total = sum(manifest["splits"][s]["count"] for s in schema.SPLITS)
-    stats = ChannelStats.empty(shape[3])
-    with tqdm(total=total, unit="traj", desc="verify", disable=_tqdm_disable(progress)) as bar:
-        for split in schema.SPLITS:
-            pattern = schema.key_pattern(manifest["name"], split)
-            for shard in manifest["splits"][split]["shards"]:
-                path = shard_dir / shard["file"]
-                if not path.is_file():
-                    raise DataFormatError(path, "missing shard file listed in manifest.json")
-                digest = schema.sha256_file(path)
-                if digest != shard["sha256"]:
-                    raise DataFormatError(path, f"sha256 {digest[:12]}...: manifest says {shard['sha256'][:12]}...")
-                count = 0
-                try:
-                    for key, parts in _iter_samples(path):
-                        stats = _verify_sample(path, key, parts, pattern, shape, dtype, manifest, split, stats)
-                        count += 1
-                        bar.update(1)
-                except (tarfile.TarError, OSError, EOFError) as exc:
-                    raise DataFormatError(path, f"unreadable tar ({exc})") from None
-                if count != shard["count"]:
-                    raise DataFormatError(path, f"holds {count} samples: manifest says {shard['count']}")
-    if manifest["splits"]["train"]["count"]:
-        want = stats.as_dict()
-        for key, values in manifest["stats"].items():
-            if not np.allclose(values, want[key], rtol=1e-6, atol=1e-9):
-                raise DataFormatError(shard_dir / schema.MANIFEST_NAME,
-                                      f"key 'stats.{key}' is {values}: recomputed {want[key]}")
-    return {"name": manifest["name"], "train": manifest["splits"]["train"]["count"],
-            "test": manifest["splits"]["test"]["count"],
-            "shards": len(listed), "shape": list(shape), "dtype": str(dtype)}
-
-
-def _verify_sample(path: Path, key: str, parts: dict[str, bytes], pattern: Any, shape: tuple[int, ...],
-                   dtype: np.dtype, manifest: dict[str, Any], split: str, stats: ChannelStats) -> ChannelStats:
-    if not pattern.match(key):
-        raise DataFormatError(path, f"sample key {key!r}: expected {manifest['name']}_{split}_NNNNNNN")
-    if set(parts) != set(schema.SAMPLE_EXTS):
-        raise DataFormatError(path, f"sample {key!r} has members {sorted(parts)}: expected {list(schema.SAMPLE_EXTS)}")
-    try:
-        fields = schema.decode_fields(parts[schema.FIELDS_EXT])
-        meta = schema.decode_meta(parts[schema.META_EXT])
-    except ValueError as exc:
-        raise DataFormatError(path, f"sample {key!r} does not decode ({exc})") from None
-    if fields.shape != shape or fields.dtype != dtype:
-        raise DataFormatError(path, f"key '{key}.{schema.FIELDS_EXT}' has shape {fields.shape} {fields.dtype}: "
-                                    f"expected {shape} {dtype}")
-    if not np.isfinite(fields).all():
-        raise DataFormatError(path, f"key '{key}.{schema.FIELDS_EXT}' contains NaN/Inf")
-    missing = [k for k in schema.META_REQUIRED if k not in meta]
-    if missing:
-        raise DataFormatError(path, f"key '{key}.{schema.META_EXT}' lacks {missing}")
-    if meta["channels"] != manifest["channels"] or len(meta["t"]) != shape[0]:
-        raise DataFormatError(path, f"key '{key}.{schema.META_EXT}' has channels {meta['channels']} and "
-                                    f"{len(meta['t'])} times: expected {manifest['channels']} and T={shape[0]}")
-    return stats.merge(ChannelStats.of(fields)) if split == "train" else stats

@@ -14,11 +14,10 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
-
-from nestor_ds.shards.build import BuildConfig, build, verify
+from nestor_ds.shards.build import BuildConfig, build
 from nestor_ds.shards.schema import DTYPES, LAYOUTS, DataFormatError
+from nestor_ds.shards.verify import verify
 
 PROG = "build_shards"
 

@@ -1,8 +1,11 @@
 """The shard format: file names, sample keys, member encodings and the manifest.
 
-This module is the single source of truth shared by the builder (`builder.py`, which writes shards)
-and every reader (`read.py`, `stream.py`, `evalset.py`). The format is documented for humans in
-`docs/data_format.md`; `python -m nestor_ds.shards --verify DIR` checks a directory against it.
+This module is the single source of truth shared by the builder (`build.py`, which writes shards) and every
+reader (`tar.py` walks the tar container; `read.py`, `verify.py`, `urls.py` and `nestor_ds.data` decode members
+with `decode_fields` / `decode_meta` from here). The format is documented for humans in `docs/data_format.md`;
+`python -m nestor_ds.shards --verify DIR` checks a directory against it.
+
+Shape legend: T frames, X, Y grid points, C channels.
 
 A built dataset directory holds `train-NNNNNN.tar`, `test-NNNNNN.tar` (WebDataset tar shards; one
 sample = one trajectory) and `manifest.json`.
@@ -10,6 +13,7 @@ sample = one trajectory) and `manifest.json`.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -30,6 +34,10 @@ LAYOUTS = ("fno-mat", "pdebench-cfd", "pdebench-groups", "pdebench-1d", "pdearen
 FIELDS_EXT = "fields.npy"
 META_EXT = "meta.json"
 SAMPLE_EXTS = (FIELDS_EXT, META_EXT)
+
+# Stored dtypes of a `fields.npy` member (little-endian float32 / float16, as `DTYPES`).
+FIELD_DTYPES = (np.dtype("<f4"), np.dtype("<f2"))
+_NPY_MAGIC = b"\x93NUMPY"
 
 # Keys every `meta.json` carries (builders may add more).
 META_REQUIRED = ("channels", "source_file", "source_index", "layout", "x", "y", "t", "dt", "params")
@@ -103,9 +111,45 @@ def encode_fields(fields: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_fields(data: bytes) -> np.ndarray:
-    """Inverse of `encode_fields`; refuses pickled object arrays."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def parse_npy_header(buf: np.ndarray, where: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, data offset) of the `.npy` bytes at the start of ``buf`` (uint8).
+
+    Parsed by hand (no `np.load`) so that a member of a memory-mapped shard can be viewed without a copy;
+    only what `encode_fields` writes is accepted: float32/float16, C order, no pickle.
+    """
+    head = buf[:12].tobytes()
+    if len(head) < 10 or not head.startswith(_NPY_MAGIC):
+        raise DataFormatError(where, "not an .npy member (bad magic)")
+    major = head[6]
+    if major == 1:
+        hlen, start = int.from_bytes(head[8:10], "little"), 10
+    elif major in (2, 3):
+        hlen, start = int.from_bytes(head[8:12], "little"), 12
+    else:
+        raise DataFormatError(where, f"unsupported .npy version {major}")
+    try:
+        header = ast.literal_eval(buf[start:start + hlen].tobytes().decode("latin1"))
+        dtype, shape, fortran = np.dtype(header["descr"]), tuple(header["shape"]), header.get("fortran_order")
+    except (ValueError, SyntaxError, TypeError, KeyError):
+        raise DataFormatError(where, "unreadable .npy header") from None
+    if dtype not in FIELD_DTYPES:
+        raise DataFormatError(where, f"dtype {dtype} (expected float32 or float16)")
+    if fortran:
+        raise DataFormatError(where, "Fortran-ordered array (expected C order)")
+    return dtype, shape, start + hlen
+
+
+def decode_fields(data: bytes | np.ndarray, where: str = FIELDS_EXT) -> np.ndarray:
+    """Inverse of `encode_fields`: the stored [T, X, Y, C] array (float32 or float16), a view of ``data``.
+
+    ``data`` is the member's bytes or a uint8 array over them (a memory map, a buffer read with preadv).
+    """
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    dtype, shape, start = parse_npy_header(buf, where)
+    count = int(np.prod(shape))
+    if start + count * dtype.itemsize > buf.size:
+        raise DataFormatError(where, f"member holds {buf.size - start} data bytes, shape {shape} needs more")
+    return np.frombuffer(buf, dtype=dtype, count=count, offset=start).reshape(shape)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -130,9 +174,12 @@ def encode_json(obj: Any) -> bytes:
     return json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def decode_meta(data: bytes) -> dict[str, Any]:
-    """Parse a `meta.json` member."""
-    return json.loads(data.decode("utf-8"))
+def decode_meta(data: bytes | np.ndarray, where: str = META_EXT) -> dict[str, Any]:
+    """Parse a `meta.json` member (its bytes or a uint8 array over them)."""
+    try:
+        return json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataFormatError(where, f"undecodable {META_EXT} ({exc})") from None
 
 
 # ----------------------------------------------------------------------------- manifest

@@ -1,5 +1,6 @@
 """Shard datasets behind URLs: which dataset paths are WebDataset URL specs, their shard lists, their manifest,
-and a sequential reader of one shard URL (the `webdataset` library opens the stream).
+and a sequential reader of one shard URL (the `webdataset` library opens and unpacks the stream; its members
+are grouped into samples by `tar.group_members` and decoded by `tar.decode_sample`, as for local shards).
 
 A dataset `path` is a URL spec when it starts with `pipe:`, `http://`, `https://`, `s3://`, `gs://`, or
 holds a brace pattern (`{000000..000015}`, `{a,b}`); it may also be a mapping `{train: SPEC, test: SPEC}`
@@ -25,10 +26,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import braceexpand
-import numpy as np
 
-from .schema import FIELDS_EXT, MANIFEST_NAME, META_EXT, SPLITS, DataFormatError, decode_fields, \
-    decode_meta, validate_manifest
+from nestor_ds.shards.schema import MANIFEST_NAME, SPLITS, DataFormatError, validate_manifest
+from nestor_ds.shards.tar import group_members
 
 URL_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 _BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
@@ -156,11 +156,11 @@ def _open(url: str):
     return wds.gopen(url)
 
 
-def iter_url_samples(url: str) -> Iterator[dict[str, Any]]:
-    """The samples of one shard URL in tar order: dicts {"__key__", "fields.npy": bytes, "meta.json": bytes}.
+def iter_url_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of one shard URL in tar order: (key, {"fields.npy": bytes, "meta.json": bytes}).
 
-    Read sequentially with webdataset (gopen -> tar_file_expander -> group_by_keys). Closing the generator
-    early closes the stream (a `pipe:` or curl process then ends with SIGPIPE, which webdataset ignores).
+    Read sequentially with webdataset (gopen -> tar_file_iterator), grouped by `tar.group_members`. Closing the
+    generator early closes the stream (a `pipe:` or curl process then ends with SIGPIPE, which webdataset ignores).
     """
     import tarfile
 
@@ -169,7 +169,8 @@ def iter_url_samples(url: str) -> Iterator[dict[str, Any]]:
     stream, finished = None, False
     try:
         stream = _open(url)
-        yield from tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream": stream}]))
+        members = ((m["fname"], m["data"]) for m in tariterators.tar_file_iterator(stream))
+        yield from group_members(members, url)
         finished = True
     except (OSError, tarfile.TarError, ValueError) as exc:
         if isinstance(exc, DataFormatError):
@@ -195,19 +196,3 @@ def _reason(exc: Exception) -> str:
     text = str(exc.args[0]) if exc.args else str(exc)
     status = re.search(r"\): exit (-?\d+) \(read\)", text)
     return f"command or download exited with status {status.group(1)}" if status else text.splitlines()[0][:300]
-
-
-def decode_sample(sample: dict[str, Any], url: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """(fields [T, X, Y, C] float32, meta) of one sample: np.load(allow_pickle=False) and json, nothing else."""
-    key = sample.get("__key__")
-    for ext in (FIELDS_EXT, META_EXT):
-        if ext not in sample:
-            raise DataFormatError(url, f"sample '{key}' has no .{ext} member")
-    try:
-        fields = decode_fields(sample[FIELDS_EXT])
-        meta = decode_meta(sample[META_EXT])
-    except ValueError as exc:
-        raise DataFormatError(url, f"sample '{key}': undecodable member ({exc})") from None
-    if fields.dtype not in (np.dtype("<f4"), np.dtype("<f2")):
-        raise DataFormatError(url, f"sample '{key}': fields dtype {fields.dtype} (expected float32 or float16)")
-    return fields.astype(np.float32, copy=False), meta

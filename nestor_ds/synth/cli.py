@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from nestor_ds.synth.layouts import COMPATIBLE, DEFAULT_LAYOUT, DEFAULT_STEPS, LAYOUTS, write_dataset
 from nestor_ds.synth.solvers import PDES, STABILITY
 

@@ -6,22 +6,24 @@ datasets (docs/data_format.md) without downloading them. Every writer is determi
 
 Layouts and the PDEs that fit them (``COMPATIBLE``):
 
-- ``fno-mat``      MATLAB v7.3 (HDF5 + 512-byte user block). Logical ``u`` [N, X, Y, T], ``a`` [N, X, Y],
+- ``fno-mat``      MATLAB v7.3 (HDF5 + 512-byte user block). Logical ``u`` [R, X, Y, T], ``a`` [R, X, Y],
                    ``t`` [1, T]; HDF5 stores MATLAB arrays with the axes reversed, so h5py sees ``u`` as
-                   (T, Y, X, N), ``a`` as (Y, X, N), ``t`` as (T, 1). ``a`` is the t = 0 frame, ``u`` the T
+                   (T, Y, X, R), ``a`` as (Y, X, R), ``t`` as (T, 1). ``a`` is the t = 0 frame, ``u`` the T
                    frames after it. Scalar PDEs only (ns vorticity, swe height).
 - ``fno-mat-v5``   the same arrays through ``scipy.io.savemat`` (logical order, as in NavierStokes_V1e-5).
 - ``pdebench-groups``  groups ``'0000'``..; ``data`` [T, X, Y, C] float32 (axis 1 runs along ``grid/x``, as
                    ``nestor_ds.shards.ingest`` reads it; grids are square and the fields isotropic, so PDEBench's
                    own (t, y, x, c) naming changes nothing), ``grid/x``, ``grid/y``, ``grid/t``; group attr
                    ``config`` (YAML text).
-- ``pdebench-cfd`` ``density``, ``pressure``, ``Vx``, ``Vy`` [N, T, X, Y] float32, ``x-coordinate`` [X],
+- ``pdebench-cfd`` ``density``, ``pressure``, ``Vx``, ``Vy`` [R, T, X, Y] float32, ``x-coordinate`` [X],
                    ``y-coordinate`` [Y], ``t-coordinate`` [T + 1]; root attrs ``eta``, ``zeta``, ``M``.
-- ``pdearena-ns``  group per split with ``u``, ``vx``, ``vy`` [N, T, X, Y] float64, ``t`` [N, T], ``x`` [N, X],
-                   ``y`` [N, Y], ``dt``, ``dx``, ``dy``, ``buo_y`` [N] float64. ``u`` is the PDE's scalar
+- ``pdearena-ns``  group per split with ``u``, ``vx``, ``vy`` [R, T, X, Y] float64, ``t`` [R, T], ``x`` [R, X],
+                   ``y`` [R, Y], ``dt``, ``dx``, ``dy``, ``buo_y`` [R] float64. ``u`` is the PDE's scalar
                    (vorticity, height or density); ``buo_y`` is 0 (no buoyancy in these solvers).
-- ``the-well``     root attrs, ``dimensions``, ``boundary_conditions``, ``scalars``, ``t0_fields`` [B, T, X, Y],
-                   ``t1_fields`` [B, T, X, Y, 2] (velocity), ``t2_fields`` (empty).
+- ``the-well``     root attrs, ``dimensions``, ``boundary_conditions``, ``scalars``, ``t0_fields`` [R, T, X, Y],
+                   ``t1_fields`` [R, T, X, Y, 2] (velocity), ``t2_fields`` (empty).
+
+Shape legend: R trajectories, T frames, X, Y grid points, C channels.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import numpy as np
 import scipy.io
 import yaml
 
-from nestor_ds.synth.solvers import Simulation, simulate
+from nestor_ds.synth.common import Simulation
+from nestor_ds.synth.solvers import simulate
 
 LAYOUTS = ("fno-mat", "fno-mat-v5", "pdebench-groups", "pdebench-cfd", "pdearena-ns", "the-well")
 
@@ -77,11 +80,11 @@ def _ds(g: h5py.Group, name: str, data, **kw) -> h5py.Dataset:
 
 
 def _fno_arrays(sim: Simulation, float64: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Logical MATLAB arrays: u [N, X, Y, T] (frames after t=0), a [N, X, Y] (t = 0), t [1, T]."""
-    field = sim.channel(sim.primary[0])  # [N, F, X, Y]
+    """Logical MATLAB arrays: u [R, X, Y, T] (frames after t=0), a [R, X, Y] (t = 0), t [1, T]."""
+    field = sim.channel(sim.primary[0])  # [R, T, X, Y]
     u = _f(np.moveaxis(field[:, 1:], 1, -1), float64)
     a = _f(field[:, 0], float64)
-    t = _f(sim.t_F[1:][None, :], float64)
+    t = _f(sim.t_T[1:][None, :], float64)
     return u, a, t
 
 
@@ -112,7 +115,8 @@ def write_fno_mat_v5(path: str | Path, sim: Simulation, float64: bool = False) -
 
 
 def _yaml_params(sim: Simulation, i: int) -> str:
-    sim_cfg = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in sim.params.items()}
+    sim_cfg = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+               for k, v in sim.params.items()}
     for k, v in sim.per_sample.items():
         sim_cfg[k] = v[i].item()
     return yaml.safe_dump({"pde": sim.pde, "sim": sim_cfg}, sort_keys=True)
@@ -122,21 +126,21 @@ def write_pdebench_groups(path: str | Path, sim: Simulation) -> None:
     """One group per trajectory with ``data`` [T, X, Y, C] float32 of the primary channels."""
     idx = [sim.channels.index(c) for c in sim.primary]
     with h5py.File(path, "w") as f:
-        for i in range(sim.fields_NFXYC.shape[0]):
+        for i in range(sim.fields_RTXYC.shape[0]):
             g = f.create_group(f"{i:04d}")
-            _ds(g, "data", _f(sim.fields_NFXYC[i][..., idx], False))
+            _ds(g, "data", _f(sim.fields_RTXYC[i][..., idx], False))
             grid = g.create_group("grid")
             _ds(grid, "x", _f(sim.x_X, False))
             _ds(grid, "y", _f(sim.y_Y, False))
-            _ds(grid, "t", _f(sim.t_F, False))
+            _ds(grid, "t", _f(sim.t_T, False))
             g.attrs["config"] = _yaml_params(sim, i)
 
 
 def write_pdebench_cfd(path: str | Path, sim: Simulation) -> None:
-    """PDEBench 2D CFD: one [N, T, X, Y] float32 dataset per variable; t-coordinate has T + 1 entries."""
+    """PDEBench 2D CFD: one [R, T, X, Y] float32 dataset per variable; t-coordinate has T + 1 entries."""
     if sim.pde != "cfd":
         raise ValueError(f"layout 'pdebench-cfd' cannot hold pde {sim.pde!r}")
-    t = sim.t_F
+    t = sim.t_T
     dt = float(t[1] - t[0])
     with h5py.File(path, "w") as f:
         for name, ch in (("density", "density"), ("pressure", "pressure"), ("Vx", "vx"), ("Vy", "vy")):
@@ -159,13 +163,13 @@ def write_pdearena_ns(path: str | Path, sim: Simulation, split: str = "train") -
         raise ValueError(f"pdearena-ns: split must be train, valid or test (got {split!r})")
     if sim.pde not in SCALAR_OF:
         raise ValueError(f"layout 'pdearena-ns' cannot hold pde {sim.pde!r} (needs a velocity field)")
-    n, nt, nx, ny, _ = sim.fields_NFXYC.shape
-    dt, dx, dy = float(sim.t_F[1] - sim.t_F[0]), float(sim.x_X[1] - sim.x_X[0]), float(sim.y_Y[1] - sim.y_Y[0])
+    n, nt, nx, ny, _ = sim.fields_RTXYC.shape
+    dt, dx, dy = float(sim.t_T[1] - sim.t_T[0]), float(sim.x_X[1] - sim.x_X[0]), float(sim.y_Y[1] - sim.y_Y[0])
     with h5py.File(path, "w") as f:
         g = f.create_group(split)
         for name, ch in (("u", SCALAR_OF[sim.pde]), ("vx", "vx"), ("vy", "vy")):
             _ds(g, name, _f(sim.channel(ch), True))
-        _ds(g, "t", np.tile(sim.t_F.astype(np.float64), (n, 1)))
+        _ds(g, "t", np.tile(sim.t_T.astype(np.float64), (n, 1)))
         _ds(g, "x", np.tile(sim.x_X.astype(np.float64), (n, 1)))
         _ds(g, "y", np.tile(sim.y_Y.astype(np.float64), (n, 1)))
         _ds(g, "dt", np.full(n, dt))
@@ -197,7 +201,7 @@ def write_the_well(path: str | Path, sim: Simulation, dataset_name: str | None =
     vector = "vx" in sim.channels and "vy" in sim.channels
     scalars = [c for c in sim.channels if c not in ("vx", "vy")]
     params = {k: float(v) for k, v in sim.params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    n = sim.fields_NFXYC.shape[0]
+    n = sim.fields_RTXYC.shape[0]
     with h5py.File(path, "w") as f:
         f.attrs["dataset_name"] = name
         f.attrs["grid_type"] = "cartesian"
@@ -209,13 +213,14 @@ def write_the_well(path: str | Path, sim: Simulation, dataset_name: str | None =
 
         dims = f.create_group("dimensions")
         _set_names(dims, "spatial_dims", ["x", "y"])
-        for dname, arr, tv in (("time", sim.t_F, True), ("x", sim.x_X, False), ("y", sim.y_Y, False)):
+        for dname, arr, tv in (("time", sim.t_T, True), ("x", sim.x_X, False), ("y", sim.y_Y, False)):
             d = _ds(dims, dname, arr.astype(np.float32))
             d.attrs["time_varying"] = tv
             d.attrs["sample_varying"] = False
 
         bcs = f.create_group("boundary_conditions")
-        bc_type = {"periodic": "PERIODIC", "neumann": "WALL", "reflective": "WALL", "transmissive": "OPEN"}[sim.boundary]
+        bc_type = {"periodic": "PERIODIC", "neumann": "WALL", "reflective": "WALL",
+                   "transmissive": "OPEN"}[sim.boundary]
         for dname, arr in (("x", sim.x_X), ("y", sim.y_Y)):
             b = bcs.create_group(f"{dname}_{sim.boundary}")
             b.attrs["bc_type"] = bc_type
@@ -252,7 +257,8 @@ def write_the_well(path: str | Path, sim: Simulation, dataset_name: str | None =
 # --------------------------------------------------------------------------------------------------
 
 
-def write_layout(layout: str, path: str | Path, sim: Simulation, float64: bool = False, split: str = "train", dataset_name: str | None = None) -> Path:
+def write_layout(layout: str, path: str | Path, sim: Simulation, float64: bool = False, split: str = "train",
+                 dataset_name: str | None = None) -> Path:
     """Write ``sim`` in ``layout`` at ``path`` (parent folders created); returns the path."""
     check_compatible(sim.pde, layout)
     path = Path(path)

@@ -1,0 +1,215 @@
+"""Trajectories of a dataset's shards: the per-dataset facts from its manifest and the trajectory sources.
+
+`DatasetInfo` is what the pipeline needs from one manifest, read once at start-up. A trajectory source
+(`ShardReader`) yields the trajectories of one shard that belong to a reader slot: `mapped_trajectories`
+memory-maps a local shard (each trajectory a zero-copy view of its `fields.npy` member, found by
+`nestor_ds.shards.tar`), `url_trajectories` reads a shard URL sequentially with webdataset (urls.py). A local
+shard is compared with its manifest sha256 once per process before its first use.
+
+Shape legend: T frames, X, Y grid points, C channels (of the dataset).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from nestor_ds.data.config import DatasetSpec, spec_manifest
+from nestor_ds.shards.schema import FIELDS_EXT, DataFormatError, sha256_file
+from nestor_ds.shards.tar import decode_sample, iter_shard_samples, map_fields
+from nestor_ds.shards.urls import is_url_spec, iter_url_samples, shard_urls, split_spec
+
+_VERIFIED: set[tuple[str, str]] = set()  # (shard path, sha256) checked by this process
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the pipeline needs from one dataset's manifest, read once at start-up."""
+
+    index: int
+    spec: DatasetSpec
+    remote: bool                              # shards are URLs read by webdataset, not mapped files
+    shape: tuple[int, int, int, int]          # T, X, Y, C of every trajectory
+    train: tuple[tuple[str, int], ...]        # (shard file path or URL, trajectory count), manifest order
+    test: tuple[tuple[str, int], ...]         # empty for a URL spec without test URLs
+    mean: np.ndarray                          # [C] training-split statistics
+    std: np.ndarray                           # [C], zeros replaced by 1 (constant channels)
+    digests: dict[str, str] = field(default_factory=dict, hash=False, compare=False)  # local shard path -> sha256
+
+    @classmethod
+    def from_spec(cls, index: int, spec: DatasetSpec) -> DatasetInfo:
+        manifest = spec_manifest(spec)
+        splits = manifest["splits"]
+        remote = is_url_spec(spec.path)
+
+        def shards(split: str) -> tuple[tuple[str, int], ...]:
+            if remote:
+                urls = split_spec(spec.path, split)
+                return shard_urls(urls, manifest, split, f"dataset {spec.name}") if urls else ()
+            return tuple((str(Path(spec.path) / s["file"]), int(s["count"]))
+                         for s in splits.get(split, {}).get("shards", []))
+
+        std = np.asarray(manifest["stats"]["std"], dtype=np.float32)
+        digests = {} if remote else {str(Path(spec.path) / s["file"]): s["sha256"] for split in splits.values()
+                                     for s in split.get("shards", []) if s.get("sha256")}
+        return cls(index=index, spec=spec, remote=remote, shape=tuple(manifest["shape"]),
+                   train=shards("train"), test=shards("test"), digests=digests,
+                   mean=np.asarray(manifest["stats"]["mean"], dtype=np.float32),
+                   std=np.where(std > 0, std, np.float32(1.0)).astype(np.float32))
+
+    def check(self, arr: np.ndarray, where: str) -> np.ndarray:
+        if arr.shape != self.shape:
+            raise DataFormatError(where, f"fields shape {list(arr.shape)} != manifest shape {list(self.shape)}")
+        return arr
+
+
+class Trajectory(Protocol):
+    """One trajectory of a training shard; `load()` returns its [T, X, Y, C] float32 array; `where()` names
+    its shard and sample key for error messages."""
+
+    def load(self) -> np.ndarray: ...
+
+    def where(self) -> str: ...
+
+
+# A trajectory source: (shard location, trajectory count, modulus, residue, info, eager) -> the shard's
+# trajectories at positions p with p % modulus == residue, in tar order. While `eager()` is True each one is
+# read as it is yielded; otherwise (resume fast-forward) it is read on its first `load()`, if ever.
+ShardReader = Callable[[str, int, int, int, DatasetInfo, Callable[[], bool]], Iterator[Trajectory]]
+
+
+class _MappedTrajectory:
+    """One trajectory in a local shard; its data is read on first use (eagerly while streaming, lazily for
+    windows that entered the shuffle buffer during a resume fast-forward)."""
+
+    __slots__ = ("path", "key", "offset", "size", "info", "_arr")
+
+    def __init__(self, path: str, key: str, offset: int, size: int, info: DatasetInfo):
+        self.path, self.key, self.offset, self.size, self.info = path, key, offset, size, info
+        self._arr: np.ndarray | None = None
+
+    def where(self) -> str:
+        return f"shard {self.path} sample {self.key}"
+
+    def load(self, mm: mmap.mmap | None = None) -> np.ndarray:
+        """Map the trajectory (the shard's mmap while streaming; a fresh one for a lazy load)."""
+        if self._arr is None:
+            where = f"{self.path} key {self.key}"
+            if mm is None:
+                with open(self.path, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._arr = self.info.check(map_fields(mm, self.offset, self.size, where), where)
+        return self._arr
+
+
+def check_shard_once(path: str, sha256: str | None) -> None:
+    """Compare a local shard with its manifest sha256, once per process, before its first use.
+
+    A flipped byte in a float32 payload trains silently (values of 1e28 were seen): the whole file is hashed
+    (cost measured in docs/reliability.md: well under 2% of a demo run). Each DataLoader worker process checks
+    the shards it reads."""
+    if not sha256 or (path, sha256) in _VERIFIED:
+        return
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise DataFormatError(path, f"sha256 {digest[:12]}... but the manifest says {sha256[:12]}...: the shard "
+                                    f"changed after the build (corrupted copy?); rebuild it or check it with "
+                                    f"nestor_ds.shards --verify")
+    _VERIFIED.add((path, sha256))
+
+
+def mapped_trajectories(path: str, count: int, mod: int, res: int, info: DatasetInfo,
+                        eager: Callable[[], bool]) -> Iterator[_MappedTrajectory]:
+    """ShardReader of a local shard file: memory-mapped, tar headers walked by `iter_shard_samples`."""
+    check_shard_once(path, info.digests.get(path))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # stays valid after close
+        seen = 0
+        for pos, (key, members) in enumerate(iter_shard_samples(fd, path)):
+            seen = pos + 1
+            if pos % mod != res:
+                continue
+            if FIELDS_EXT not in members:
+                raise DataFormatError(path, f"sample '{key}' has no .{FIELDS_EXT} member")
+            traj = _MappedTrajectory(path, key, *members[FIELDS_EXT], info)
+            if eager():
+                traj.load(mm)
+            yield traj
+        if seen != count:  # a shard replaced or truncated after the build: never spin on a share that yields nothing
+            raise DataFormatError(path, f"holds {seen} samples, the manifest says {count} "
+                                        f"(check it with nestor_ds.shards --verify)")
+    finally:
+        os.close(fd)
+
+
+UrlSample = tuple[str, dict[str, bytes]]  # (key, {extension: member bytes}) from urls.iter_url_samples
+
+
+class _UrlTrajectory:
+    """One trajectory of a shard URL. Streamed trajectories arrive decoded; one created during a resume
+    fast-forward is fetched on first use by re-reading its shard from the start up to its position."""
+
+    __slots__ = ("url", "pos", "info", "meta", "key", "_arr")
+
+    def __init__(self, url: str, pos: int, info: DatasetInfo, sample: UrlSample | None = None):
+        self.url, self.pos, self.info = url, pos, info
+        self.meta: dict | None = None
+        self.key: str | None = None
+        self._arr: np.ndarray | None = None
+        if sample is not None:
+            self._decode(sample)
+
+    def _decode(self, sample: UrlSample) -> None:
+        self.key, members = sample
+        fields, self.meta = decode_sample(self.key, members, self.url)
+        self._arr = self.info.check(fields.astype(np.float32, copy=False), f"{self.url} key {self.key}")
+
+    def where(self) -> str:
+        return f"shard {self.url} sample {self.key or f'#{self.pos}'}"
+
+    def load(self) -> np.ndarray:
+        if self._arr is None:
+            samples = iter_url_samples(self.url)
+            try:
+                self._decode(_advance(samples, self.pos + 1, self.url))
+            finally:
+                samples.close()
+        return self._arr
+
+
+def _advance(samples: Iterator[UrlSample], n: int, url: str) -> UrlSample:
+    """Consume n samples and return the last (the shard must hold at least n, as its manifest says)."""
+    sample = None
+    for _ in range(n):
+        sample = next(samples, None)
+        if sample is None:
+            raise DataFormatError(url, f"shard ended before sample {n - 1} (fewer samples than the manifest count)")
+    return sample
+
+
+def url_trajectories(url: str, count: int, mod: int, res: int, info: DatasetInfo,
+                     eager: Callable[[], bool]) -> Iterator[_UrlTrajectory]:
+    """ShardReader of a shard URL: one sequential webdataset read, opened when the first eager trajectory
+    is due. Positions come from the manifest count, so a fast-forward yields lazy trajectories unread."""
+    samples: Iterator[UrlSample] | None = None
+    at = 0  # position of the next sample of `samples`
+    try:
+        for pos in range(res, count, mod):
+            if not eager():
+                yield _UrlTrajectory(url, pos, info)
+                continue
+            if samples is None:
+                samples = iter_url_samples(url)
+            sample = _advance(samples, pos + 1 - at, url)
+            at = pos + 1
+            yield _UrlTrajectory(url, pos, info, sample)
+    finally:
+        if samples is not None:
+            samples.close()
