@@ -20,7 +20,7 @@ from nestor_ds.checkpoint.fp32_master import NoMasterWeights, gather_fp32_master
 from train_fixtures import ds_config, launch, tiny_config
 
 TRAIN = "nestor_ds.train"
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 OPTIM_RE = re.compile(r"^bf16_zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
@@ -94,8 +94,11 @@ def test_zero2_bf16_expert_parallel_master_weights(tiny_shards, tmp_path):
     assert any(".deepspeed_experts.3.w2." in k for k in master)
 
 
-def test_zero1_bf16_single_rank_master_weights(tiny_shards, tmp_path):
-    _check_master(_train(tiny_shards, tmp_path, stage=1, ranks=1, ep_size=1), ep_size=1)
+def test_zero1_bf16_experts_split_over_expert_data_parallel_ranks(tiny_shards, tmp_path):
+    """4 ranks, ep_size 2: each expert group is partitioned over 2 ranks (0 and 2, 1 and 3) and concatenated."""
+    tag = _train(tiny_shards, tmp_path, stage=1, ranks=4, ep_size=2)
+    assert [osd["partition_count"] for osd in _optimizer_files(tag).values()] == [[4, 2]] * 4
+    _check_master(tag, ep_size=2)
 
 
 def test_zero0_has_no_readable_master_weights(tiny_shards, tmp_path):
