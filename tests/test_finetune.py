@@ -207,7 +207,7 @@ def test_frozen_parts_do_not_move(pretrained, exported, ft_export):
     _ok(ft_export)
     from safetensors.torch import load_file
 
-    from nestor_ds.checkpoint.files import export_checkpoint
+    from nestor_ds.checkpoint.export import export_checkpoint
 
     ckpts = pretrained.work / "runs" / "ft-export" / "checkpoints"
     pre = load_file(str(exported))
@@ -232,7 +232,8 @@ def test_frozen_parts_do_not_move(pretrained, exported, ft_export):
 def test_freeze_parts_match_only_their_parameters(exported):
     """Each --freeze part names exactly its parameters; `shared_afno` is the block-level AFNO expert, not the
     token MoE's shared SwiGLU expert."""
-    from nestor_ds.checkpoint.files import inference_model_config, read_safetensors
+    from nestor_ds.checkpoint.convert import inference_model_config
+    from nestor_ds.checkpoint.safe_load import read_safetensors
     from nestor_ds.engine.transfer import freeze
     from nestor_ds.model import build_model
 

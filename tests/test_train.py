@@ -116,7 +116,8 @@ def test_two_ranks_equal_one_rank_and_export_matches_engine(tiny_shards, tmp_pat
     """Same global batch: loss at step 1 to 1e-5, parameters after 3 steps to 1e-4; then the 2-rank (ep 2)
     checkpoint exported to one safetensors file gives the engine model's outputs."""
     from nestor_ds import load_pretrained
-    from nestor_ds.checkpoint.files import export_checkpoint, load_local_state
+    from nestor_ds.checkpoint.export import export_checkpoint
+    from nestor_ds.checkpoint.safe_load import load_local_state
 
     root, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
@@ -188,7 +189,7 @@ def test_zero3_refuses_expert_parallelism_with_a_message(tiny_shards, tmp_path):
 ], ids=["afno", "nestor-local"])
 def test_zero3_trains_exports_and_survives_unreachable_tracking(tiny_shards, tmp_path, model):
     from nestor_ds import load_pretrained
-    from nestor_ds.checkpoint.files import export_checkpoint
+    from nestor_ds.checkpoint.export import export_checkpoint
 
     root, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, model=model, train={"max_steps": 3, "ckpt_every": 3},
