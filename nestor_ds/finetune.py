@@ -12,28 +12,18 @@ that follow the data (channels, T_in, T_ar, resolution) come from this run's dat
 
 from __future__ import annotations
 
-
 from typing import Any
 
 from nestor_ds.cli import base_parser, run_cli
 
-# fields of the model config that follow the downstream data rather than the checkpoint
-DATA_BOUND = ("in_channels", "out_channels", "t_in", "t_ar", "resolution")
-
 
 def build_finetune_config(raw: dict[str, Any], config_path: str | None, pretrained_model: dict[str, Any]):
-    """Checkpoint's model config, minus the data-bound fields, under this run's YAML (+ --set overrides)."""
-    from nestor_ds.config import ConfigError, config_from_dict, deep_merge
+    """This run's YAML (+ --set overrides) over the checkpoint's model config (``merge_model_config``: the
+    data-bound fields follow this run's data; a preset named in the YAML replaces the checkpoint's architecture)."""
+    from nestor_ds.config import ConfigError, config_from_dict
 
-    raw = dict(raw)
-    base = {k: v for k, v in pretrained_model.items() if k not in DATA_BOUND}
-    base["moe"] = {k: v for k, v in (base.get("moe") or {}).items() if k != "ep_size"}
-    own = dict(raw.get("model") or {})
-    if "preset" in own:  # an explicit preset in the fine-tune YAML wins over the checkpoint's architecture
-        base = {}
-    raw["model"] = deep_merge(base, own)
     try:
-        return config_from_dict(raw)
+        return config_from_dict(raw, base_model=pretrained_model)
     except (ConfigError, ValueError, TypeError) as e:
         raise ConfigError(f"{config_path}: {e}") from None
 

@@ -8,11 +8,10 @@ import math
 from pathlib import Path
 
 import pytest
+from train_fixtures import ds_config, launch, tiny_config
 
-from nestor_ds.config import OptimConfig
 from nestor_ds.engine.budget import Budget
-from nestor_ds.engine.optim import lr_at
-from train_fixtures import REPO, ds_config, launch, tiny_config
+from nestor_ds.engine.optim import OptimConfig, lr_at
 
 TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
 pytestmark = pytest.mark.timeout(900)

@@ -10,12 +10,14 @@ re-initialised and reported; the caller gives them their own learning rate.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nestor_ds.typed_config import check
 
 # which parameter-name prefixes each --load choice carries over
 PARTS = {
@@ -31,6 +33,23 @@ FREEZE = {
     "shared_afno": (r"^blocks\.\d+\.moe\.shared\.",),
     "embedding": (r"^encoder\.",),
 }
+
+
+@dataclass
+class FinetuneConfig:
+    """How a pre-trained checkpoint is carried to a downstream dataset (used by ``nestor_ds/finetune.py``)."""
+
+    pretrained: str | None = None
+    load: str = "all"  # all | embedding+blocks | blocks
+    freeze: list[str] = field(default_factory=list)  # routers, experts, shared_afno, embedding
+    new_lr_multiplier: float = 1.0  # lr multiplier for re-initialised parts
+    pretrained_lr_multiplier: float = 1.0
+
+    def validate(self) -> None:
+        check(self.load in PARTS, "finetune.load",
+               f"must be all, embedding+blocks or blocks, got {self.load!r}")
+        bad = set(self.freeze) - set(FREEZE)
+        check(not bad, "finetune.freeze", f"unknown part(s) {sorted(bad)}; choose from routers, experts, shared_afno, embedding")
 
 
 @dataclass
