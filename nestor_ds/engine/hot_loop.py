@@ -28,7 +28,7 @@ class DeviceLog:
 
     def __init__(self, usage: Any = None) -> None:
         self.usage = usage                       # ExpertUsage (tracking) fed at flush time
-        self._rows: list[torch.Tensor] = []      # [P] loss parts of one optimizer step (this rank)
+        self._rows: list[torch.Tensor] = []      # loss parts of one optimizer step (this rank), order PART_NAMES
         self._norms: list[Any] = []              # grad norm of that step: tensor, float or None (DeepSpeed's choice)
         self._steps: list[tuple[int, float]] = []  # (step, lr)
         self._routing: list[tuple[list, torch.Tensor]] = []
@@ -46,10 +46,10 @@ class DeviceLog:
         if routing:
             self._routing.append((routing, dataset_id_B))
 
-    def add_step(self, step: int, lr: float, parts_P: torch.Tensor, grad_norm: Any) -> None:
-        """Loss parts of one optimizer step as a [P] tensor ordered as PART_NAMES, on any device."""
+    def add_step(self, step: int, lr: float, step_parts: torch.Tensor, grad_norm: Any) -> None:
+        """Loss parts of one optimizer step as a 1-D tensor ordered as PART_NAMES, on any device."""
         self._steps.append((step, lr))
-        self._rows.append(parts_P.detach())
+        self._rows.append(step_parts.detach())
         self._norms.append(grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm)
 
     def note_local_grad_norm(self, norm: torch.Tensor) -> None:
@@ -79,21 +79,21 @@ class DeviceLog:
         self.flush_usage()
         if not self._steps:
             return []
-        rows_SP = torch.stack(self._rows)
+        rows = torch.stack(self._rows)  # one row per pending step, one column per loss part
         tensor_norms = [i for i, n in enumerate(self._norms) if torch.is_tensor(n)]
         if tensor_norms:   # one transfer for both: norms appended as an extra column
-            norm_S = torch.full((len(self._rows),), float("nan"), dtype=rows_SP.dtype, device=rows_SP.device)
-            norm_S[tensor_norms] = torch.stack([self._norms[i].to(rows_SP) for i in tensor_norms])
-            rows_SP = torch.cat([rows_SP, norm_S[:, None]], dim=1)
-        host = rows_SP.float().cpu()                                       # the one device -> host transfer
-        P = len(PART_NAMES)
-        table = torch.cat([all_reduce_mean(host[:, :P].contiguous()), host[:, P:]], dim=1).tolist()
+            grad_norms = torch.full((len(self._rows),), float("nan"), dtype=rows.dtype, device=rows.device)
+            grad_norms[tensor_norms] = torch.stack([self._norms[i].to(rows) for i in tensor_norms])
+            rows = torch.cat([rows, grad_norms[:, None]], dim=1)
+        host = rows.float().cpu()                                          # the one device -> host transfer
+        n_parts = len(PART_NAMES)
+        table = torch.cat([all_reduce_mean(host[:, :n_parts].contiguous()), host[:, n_parts:]], dim=1).tolist()
         out = []
         for (step, lr), norm, values in zip(self._steps, self._norms, table):
             m = {f"train/{k}": v for k, v in zip(PART_NAMES, values)}
             m["train/lr"] = lr
             if norm is not None:
-                m["train/grad_norm"] = values[P] if torch.is_tensor(norm) else float(norm)
+                m["train/grad_norm"] = values[n_parts] if torch.is_tensor(norm) else float(norm)
             out.append((step, m))
         self._rows.clear()
         self._norms.clear()
