@@ -2,7 +2,8 @@
 
     python -m nestor_ds.finetune --ds_config ds_configs/zero2.json --config configs/finetune_demo.yaml \\
         --pretrained runs/demo-pretrain/checkpoints
-    deepspeed --num_gpus 2 --module nestor_ds.finetune --ds_config ds_configs/zero2.json --pretrained model.safetensors ...
+    deepspeed --num_gpus 2 --module nestor_ds.finetune --ds_config ds_configs/zero2.json \\
+        --pretrained model.safetensors ...
 
 ``--pretrained`` takes a DeepSpeed checkpoint (root or tag directory; ZeRO 0-2, any world size or ep_size) or a
 file exported by ``python -m nestor_ds.checkpoint``. The model architecture comes from the checkpoint; the fields
@@ -31,7 +32,8 @@ def build_finetune_config(raw: dict[str, Any], config_path: str | None, pretrain
 def main() -> int:
     parser = base_parser(__doc__, default_config="configs/finetune_demo.yaml")
     parser.add_argument("--pretrained", default=None,
-                        help="DeepSpeed checkpoint directory or exported .safetensors (default: finetune.pretrained in the YAML)")
+                        help="DeepSpeed checkpoint directory or exported .safetensors "
+                             "(default: finetune.pretrained in the YAML)")
     parser.add_argument("--load", choices=("all", "embedding+blocks", "blocks"), default=None,
                         help="which pre-trained parts to load (default: finetune.load)")
     parser.add_argument("--freeze", default=None, metavar="PART[,PART]",
@@ -74,7 +76,8 @@ def main() -> int:
             "new": ([p for n, p in params.items() if n not in loaded], cfg.finetune.new_lr_multiplier),
         }
 
-    result = run_training(cfg, args.ds_config, entry="finetune", run_name=args.run_name or "finetune", resume=args.resume,
+    result = run_training(cfg, args.ds_config, entry="finetune", run_name=args.run_name or "finetune",
+                          resume=args.resume,
                           prepare=prepare, parent_run_id=source_cfg.get("mlflow_run_id") or None, evaluate_before=True)
     before = result.final_eval.get("before", {}).get("mean", {})
     after = result.final_eval.get("after", {}).get("mean", {})

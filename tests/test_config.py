@@ -110,7 +110,7 @@ def test_schedules_warm_up_and_decay():
     lrs = [lr_at(s, 100, cfg) for s in range(100)]
     assert lrs[0] < 1e-4 and max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 9
     assert lrs[-1] == pytest.approx(1e-5, rel=1e-6)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
     # the one-cycle start is lr / div_factor (25 by default, as torch's OneCycleLR; DPOT uses 1e4); the first
     # step is one warm-up increment above it
     w = 10

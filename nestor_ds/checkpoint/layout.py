@@ -29,7 +29,7 @@ class CheckpointError(ValueError):
     """Bad or unsafe checkpoint; str() is one line naming the file (and key / shapes where relevant)."""
 
 
-def is_tag(d: Path) -> bool:
+def _is_tag(d: Path) -> bool:
     """Whether ``d`` is one saved tag (holds the model-state file, or the ZeRO-3 consolidated weights)."""
     return (d / MODEL_STATES).is_file() or (d / CONSOLIDATED_STATES).is_file()
 
@@ -48,18 +48,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     if not p.is_dir():
         raise CheckpointError(f"{p}: no such file or directory")
-    if is_tag(p):
+    if _is_tag(p):
         return p
     pointed = _pointed_tag(p)
     if pointed is not None:
         return pointed
-    complete = sorted(d for d in p.glob("step_*") if (d / COMPLETE_MARKER).is_file() and is_tag(d))
+    complete = sorted(d for d in p.glob("step_*") if (d / COMPLETE_MARKER).is_file() and _is_tag(d))
     if complete:  # DeepSpeed moves `latest` before our COMPLETE marker: a save cut short must not be used
         return complete[-1]
     latest = p / "latest"
     if latest.is_file():
         tag = latest.read_text().strip()
-        if not is_tag(p / tag):
+        if not _is_tag(p / tag):
             raise CheckpointError(f"{latest}: names tag '{tag}' but {p / tag} holds neither {MODEL_STATES} nor "
                                   f"{CONSOLIDATED_STATES}")
         return p / tag
@@ -73,7 +73,7 @@ def _pointed_tag(root: Path) -> Path | None:
     except OSError:
         return None
     d = root / tag
-    return d if tag and (d / COMPLETE_MARKER).is_file() and is_tag(d) else None
+    return d if tag and (d / COMPLETE_MARKER).is_file() and _is_tag(d) else None
 
 
 def read_run_config(tag_dir: Path) -> dict[str, Any]:

@@ -26,7 +26,8 @@ def evaluate(engine: Any, cfg: RunConfig, dist_info: DistInfo, tracker: Any, ste
     was_training = model.training
     model.eval()
     report = evaluate_model(model, cfg.data, rollout_steps=cfg.train.eval_rollout_steps,
-                            batch_size=cfg.train.eval_batch_size, max_trajectories=cfg.train.eval_max_trajectories, device=engine.device,
+                            batch_size=cfg.train.eval_batch_size, max_trajectories=cfg.train.eval_max_trajectories,
+                            device=engine.device,
                             progress=dist_info.is_main, dtype=next(model.parameters()).dtype,
                             windows=cfg.train.eval_windows)
     metrics = {}

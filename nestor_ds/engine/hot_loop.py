@@ -13,7 +13,8 @@ last flush in one transfer (one host-side all-reduce for the loss parts), every 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ class DeviceLog:
         self._norms: list[Any] = []              # grad norm of that step: tensor, float or None (DeepSpeed's choice)
         self._steps: list[tuple[int, float]] = []  # (step, lr)
         self._routing: list[tuple[list, torch.Tensor]] = []
-        self._local_norm: Optional[torch.Tensor] = None  # see note_local_grad_norm
+        self._local_norm: torch.Tensor | None = None  # see note_local_grad_norm
 
     def add_micro(self, routing: list, dataset_id_B: torch.Tensor, copy: bool = False) -> None:
         """Routing of one micro-batch (device tensors; counted into the expert statistics at flush).
@@ -56,13 +57,9 @@ class DeviceLog:
         """A gradient norm the step computed itself (when DeepSpeed reports none), picked up by add_step's caller."""
         self._local_norm = norm.detach()
 
-    def take_local_grad_norm(self) -> Optional[torch.Tensor]:
+    def take_local_grad_norm(self) -> torch.Tensor | None:
         norm, self._local_norm = self._local_norm, None
         return norm
-
-    @property
-    def pending(self) -> int:
-        return len(self._steps)
 
     def flush_usage(self) -> None:
         """Move the pending routing records into the expert statistics (reads them: a sync on GPU)."""
@@ -89,8 +86,8 @@ class DeviceLog:
         n_parts = len(PART_NAMES)
         table = torch.cat([all_reduce_mean(host[:, :n_parts].contiguous()), host[:, n_parts:]], dim=1).tolist()
         out = []
-        for (step, lr), norm, values in zip(self._steps, self._norms, table):
-            m = {f"train/{k}": v for k, v in zip(PART_NAMES, values)}
+        for (step, lr), norm, values in zip(self._steps, self._norms, table, strict=True):
+            m = {f"train/{k}": v for k, v in zip(PART_NAMES, values, strict=False)}  # values: parts [+ grad norm]
             m["train/lr"] = lr
             if norm is not None:
                 m["train/grad_norm"] = values[n_parts] if torch.is_tensor(norm) else float(norm)
@@ -112,9 +109,9 @@ class DeviceFeed:
                  keys: tuple[str, ...] = ("x", "y", "channel_mask")) -> None:
         self.batches, self.device, self.keys = batches, device, keys
         self.active = device.type == "cuda"
-        self._next: Optional[dict[str, torch.Tensor]] = None
+        self._next: dict[str, torch.Tensor] | None = None
 
-    def __iter__(self) -> "DeviceFeed":
+    def __iter__(self) -> DeviceFeed:
         return self
 
     def _load(self) -> dict[str, torch.Tensor]:

@@ -20,7 +20,8 @@ class LossConfig:
 
 def training_loss(pred: torch.Tensor, target: torch.Tensor, channel_mask: torch.Tensor,
                   aux_losses: dict[str, torch.Tensor], cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``loss = mean over samples of the relative L2 over real channels + w_img * image_lb + w_tok * token_lb + w_z * token_z``.
+    """``loss = mean over samples of the relative L2 over real channels``
+    ``+ w_img * image_lb + w_tok * token_lb + w_z * token_z``.
 
     Returns the loss and its detached parts for logging.
     """

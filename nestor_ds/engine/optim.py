@@ -11,7 +11,6 @@ scheduler state to continue the same trajectory.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +30,8 @@ class OptimConfig:
     schedule: str = "onecycle"  # onecycle | cosine | constant
     warmup_steps: int = 20
     final_lr_ratio: float = 0.01  # lr at the last step, relative to lr
-    div_factor: float = 25.0  # onecycle starts at lr / div_factor (torch's OneCycleLR default 25; DPOT and NESTOR use 1e4)
+    # onecycle starts at lr / div_factor (torch's OneCycleLR default 25; DPOT and NESTOR use 1e4)
+    div_factor: float = 25.0
 
     def validate(self) -> None:
         check(self.name in ("adam", "adamw"), "optim.name", f"must be adam or adamw, got {self.name!r}")
@@ -39,8 +39,10 @@ class OptimConfig:
                f"must be onecycle, cosine or constant, got {self.schedule!r}")
         check(self.lr > 0, "optim.lr", "must be > 0")
         check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        check(self.div_factor >= 1, "optim.div_factor", f"must be >= 1 (start lr = lr / div_factor), got {self.div_factor}")
-        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "must be two numbers in [0, 1)")
+        check(self.div_factor >= 1, "optim.div_factor",
+              f"must be >= 1 (start lr = lr / div_factor), got {self.div_factor}")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+              "must be two numbers in [0, 1)")
 
 
 def build_param_groups(named_groups: dict[str, tuple[list[torch.nn.Parameter], float]]) -> list[dict]:
@@ -96,6 +98,3 @@ def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_multiplier", 1.0)
 
-
-def trainable(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    return [p for p in params if p.requires_grad]

@@ -20,7 +20,8 @@ class TrainConfig:
     eval_batch_size: int = 4
     eval_max_trajectories: int | None = 8
     eval_rollout_steps: int | None = 5  # None -> every dataset's rollout_steps
-    eval_windows: str = "all"  # all: every start frame with t_in frames before it (DPOT-style) | first: one per trajectory
+    # all: every start frame with t_in frames before it (DPOT-style) | first: one per trajectory
+    eval_windows: str = "all"
     ckpt_every: int = 100
     keep_last: int = 3
     output_dir: str = "runs"
