@@ -70,7 +70,7 @@ def data_config(run_cfg: dict[str, Any], model_cfg: Any) -> Any:
     try:
         cfg = DataConfig.from_dict(data)
     except (TypeError, ValueError) as err:
-        from nestor_ds.checkpoint.files import CheckpointError
+        from nestor_ds.checkpoint.layout import CheckpointError
 
         raise CheckpointError(f"data section of the checkpoint's config: {err}") from None
     cfg.t_in, cfg.resolution, cfg.channels = model_cfg.t_in, model_cfg.resolution, model_cfg.in_channels
@@ -143,7 +143,7 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nestor_ds.checkpoint.files import load_pretrained
+    from nestor_ds.checkpoint.safe_load import load_pretrained
     from nestor_ds.eval import evaluate_model
 
     args = parse_args(argv)

@@ -2,7 +2,8 @@
 
     python -m nestor_ds.finetune --ds_config ds_configs/zero2.json --config configs/finetune_demo.yaml \\
         --pretrained runs/demo-pretrain/checkpoints
-    deepspeed --num_gpus 2 --module nestor_ds.finetune --ds_config ds_configs/zero2.json --pretrained model.safetensors ...
+    deepspeed --num_gpus 2 --module nestor_ds.finetune --ds_config ds_configs/zero2.json \\
+        --pretrained model.safetensors ...
 
 ``--pretrained`` takes a DeepSpeed checkpoint (root or tag directory; ZeRO 0-2, any world size or ep_size) or a
 file exported by ``python -m nestor_ds.checkpoint``. The model architecture comes from the checkpoint; the fields
@@ -12,28 +13,18 @@ that follow the data (channels, T_in, T_ar, resolution) come from this run's dat
 
 from __future__ import annotations
 
-
 from typing import Any
 
 from nestor_ds.cli import base_parser, run_cli
 
-# fields of the model config that follow the downstream data rather than the checkpoint
-DATA_BOUND = ("in_channels", "out_channels", "t_in", "t_ar", "resolution")
-
 
 def build_finetune_config(raw: dict[str, Any], config_path: str | None, pretrained_model: dict[str, Any]):
-    """Checkpoint's model config, minus the data-bound fields, under this run's YAML (+ --set overrides)."""
-    from nestor_ds.config import ConfigError, config_from_dict, deep_merge
+    """This run's YAML (+ --set overrides) over the checkpoint's model config (``merge_model_config``: the
+    data-bound fields follow this run's data; a preset named in the YAML replaces the checkpoint's architecture)."""
+    from nestor_ds.config import ConfigError, config_from_dict
 
-    raw = dict(raw)
-    base = {k: v for k, v in pretrained_model.items() if k not in DATA_BOUND}
-    base["moe"] = {k: v for k, v in (base.get("moe") or {}).items() if k != "ep_size"}
-    own = dict(raw.get("model") or {})
-    if "preset" in own:  # an explicit preset in the fine-tune YAML wins over the checkpoint's architecture
-        base = {}
-    raw["model"] = deep_merge(base, own)
     try:
-        return config_from_dict(raw)
+        return config_from_dict(raw, base_model=pretrained_model)
     except (ConfigError, ValueError, TypeError) as e:
         raise ConfigError(f"{config_path}: {e}") from None
 
@@ -41,14 +32,15 @@ def build_finetune_config(raw: dict[str, Any], config_path: str | None, pretrain
 def main() -> int:
     parser = base_parser(__doc__, default_config="configs/finetune_demo.yaml")
     parser.add_argument("--pretrained", default=None,
-                        help="DeepSpeed checkpoint directory or exported .safetensors (default: finetune.pretrained in the YAML)")
+                        help="DeepSpeed checkpoint directory or exported .safetensors "
+                             "(default: finetune.pretrained in the YAML)")
     parser.add_argument("--load", choices=("all", "embedding+blocks", "blocks"), default=None,
                         help="which pre-trained parts to load (default: finetune.load)")
     parser.add_argument("--freeze", default=None, metavar="PART[,PART]",
                         help="freeze parts: routers, experts, shared_afno, embedding (default: finetune.freeze)")
     args = parser.parse_args()
 
-    from nestor_ds.checkpoint.files import load_local_state
+    from nestor_ds.checkpoint.safe_load import load_local_state
     from nestor_ds.engine import run_training
     from nestor_ds.engine.transfer import freeze, load_pretrained_parts
     from nestor_ds.log import get_logger
@@ -84,7 +76,8 @@ def main() -> int:
             "new": ([p for n, p in params.items() if n not in loaded], cfg.finetune.new_lr_multiplier),
         }
 
-    result = run_training(cfg, args.ds_config, entry="finetune", run_name=args.run_name or "finetune", resume=args.resume,
+    result = run_training(cfg, args.ds_config, entry="finetune", run_name=args.run_name or "finetune",
+                          resume=args.resume,
                           prepare=prepare, parent_run_id=source_cfg.get("mlflow_run_id") or None, evaluate_before=True)
     before = result.final_eval.get("before", {}).get("mean", {})
     after = result.final_eval.get("after", {}).get("mean", {})

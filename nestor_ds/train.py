@@ -1,6 +1,7 @@
 """Pre-train NESTOR (or the AFNO baseline) with DeepSpeed.
 
-    deepspeed --num_gpus 2 --module nestor_ds.train --ds_config ds_configs/zero2.json [--config configs/pretrain_demo.yaml]
+    deepspeed --num_gpus 2 --module nestor_ds.train --ds_config ds_configs/zero2.json \\
+        [--config configs/pretrain_demo.yaml]
     torchrun --nproc_per_node 2 -m nestor_ds.train --ds_config ds_configs/zero2.json
     python -m nestor_ds.train --ds_config ds_configs/zero2.json          # one process
 
@@ -8,7 +9,6 @@ The loop lives in ``nestor_ds.engine`` (shared with ``finetune.py``); this file 
 """
 
 from __future__ import annotations
-
 
 from nestor_ds.cli import base_parser, run_cli
 

@@ -17,6 +17,20 @@ class ConfigError(ValueError):
     """A configuration problem, with the file and dotted key in the message."""
 
 
+def check(ok: bool, key: str, msg: str) -> None:
+    """Raise ``ConfigError("<key> <msg>")`` unless ``ok``: the one wording of a section's ``validate()`` errors."""
+    if not ok:
+        raise ConfigError(f"{key} {msg}")
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, recursing into mappings present in both (the one merge of config layers)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 
 def build_dataclass(cls: type, data: Any, where: str) -> Any:
     """Build dataclass ``cls`` from a plain dict, recursively, rejecting unknown keys and wrong types."""
@@ -66,7 +80,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{where} must have {len(args)} entries, got {len(value)}")
-            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
         item = args[0] if args else Any
         seq = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(seq) if origin is tuple else seq

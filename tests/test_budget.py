@@ -8,18 +8,18 @@ import math
 from pathlib import Path
 
 import pytest
+from train_fixtures import ds_config, launch, tiny_config
 
-from nestor_ds.config import OptimConfig
 from nestor_ds.engine.budget import Budget
-from nestor_ds.engine.optim import lr_at
-from train_fixtures import REPO, ds_config, launch, tiny_config
+from nestor_ds.engine.optim import OptimConfig, lr_at
 
 TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
 pytestmark = pytest.mark.timeout(900)
 
 
 def _ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
+                                  f"--- stderr\n{proc.stderr[-6000:]}")
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -61,13 +61,15 @@ def test_flop_budget_stops_anneals_and_resumes_exactly(tiny_shards, tmp_path):
     per_step = 3.0 * account(load_config(str(cfg)).model).flops_per_sample * micro
     flops = f"train.flop_budget={5.5 * per_step!r}"
     ds = str(ds_config(tmp_path, micro=micro))
-    full = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "full", "--set", flops], ranks=1, cwd=tmp_path)
+    full = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "full", "--set", flops], ranks=1,
+                  cwd=tmp_path)
     _ok(full)
     rows = _rows(tmp_path / "runs" / "full")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # 6 x per_step >= 5.5 x per_step: stop after step 6
     assert rows[-1]["budget/fraction"] == 1.0 and rows[-1]["budget/flops"] == pytest.approx(6 * per_step)
     lrs = [r["train/lr"] for r in rows]
-    assert lrs[1] == max(lrs) and all(a > b for a, b in zip(lrs[1:], lrs[2:]))  # warm-up 2, then decay to the end
+    # warm-up 2, then decay to the end
+    assert lrs[1] == max(lrs) and all(a > b for a, b in zip(lrs[1:], lrs[2:], strict=False))
     summary = json.loads((tmp_path / "runs" / "full" / "run_summary.json").read_text())
     assert summary["steps"] == 6 and "l2re_1step" in summary["final_eval"]["mean"]
     # resumed half-way: the same steps, the same losses
@@ -79,7 +81,7 @@ def test_flop_budget_stops_anneals_and_resumes_exactly(tiny_shards, tmp_path):
     _ok(resumed)
     again = _rows(tmp_path / "runs" / "cut")
     assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(rows, again):
+    for a, b in zip(rows, again, strict=True):
         assert math.isclose(a["train/loss"], b["train/loss"], rel_tol=1e-6) and a["train/lr"] == b["train/lr"]
 
 

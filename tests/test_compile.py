@@ -51,7 +51,7 @@ def _loss_fn(model, loss_cfg):
 @pytest.mark.parametrize("case", list(CASES))
 def test_whole_model_and_loss_trace_as_one_graph(case):
     """Dynamo captures forward + loss of the whole model in ONE graph: no break anywhere (static routing)."""
-    from nestor_ds.config import LossConfig
+    from nestor_ds.engine.loss import LossConfig
 
     preset, over = CASES[case]
     _, model, x, y, mask = _model_and_batch(preset, over)
@@ -63,7 +63,7 @@ def test_whole_model_and_loss_trace_as_one_graph(case):
 
 def test_dropless_nestor_does_break_the_graph():
     """The counter-check: dropless routing reads group sizes on the host, which Dynamo must split at."""
-    from nestor_ds.config import LossConfig
+    from nestor_ds.engine.loss import LossConfig
 
     _, model, x, y, mask = _model_and_batch("nestor-tiny", {})
     torch._dynamo.reset()
@@ -74,7 +74,7 @@ def test_dropless_nestor_does_break_the_graph():
 @pytest.mark.parametrize("case", ["afno-dft", "nestor-static-fft"])
 def test_forward_and_backward_compile_fullgraph_and_match_eager(case):
     """fullgraph=True forward + backward (AOT autograd traces the backward too) equals eager, fp32."""
-    from nestor_ds.config import LossConfig
+    from nestor_ds.engine.loss import LossConfig
 
     preset, over = CASES[case]
     _, model, x, y, mask = _model_and_batch(preset, over)
@@ -123,7 +123,7 @@ def test_cuda_graphs_fall_back_with_exactly_one_line(caplog):
 
 
 def test_cuda_graphs_need_compile():
-    from nestor_ds.config import TrainConfig
+    from nestor_ds.engine.train_config import TrainConfig
 
     with pytest.raises(ConfigError, match="train.cuda_graphs needs train.compile"):
         TrainConfig(cuda_graphs=True).validate()
@@ -133,8 +133,9 @@ def test_cuda_graphs_need_compile():
 def test_compiled_training_resumes_exactly(tiny_shards, tmp_path):
     """train.compile under the DeepSpeed engine (ZeRO-2, 1 rank, Inductor): a run stopped at step 2 and resumed
     continues the uninterrupted compiled run exactly; checkpoints hold the plain parameter names."""
-    from nestor_ds.engine.trainer import run_training
     from train_fixtures import ds_config, tiny_config
+
+    from nestor_ds.engine.trainer import run_training
 
     root, shards = tiny_shards
     path = tiny_config(tmp_path, shards, model={"preset": "afno-tiny"},

@@ -83,12 +83,14 @@ def ds_run(tmp_path_factory) -> Path:
            str(Path(__file__).resolve()), "--worker", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     if proc.returncode != 0:
-        pytest.fail(f"2-rank DeepSpeed worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        pytest.fail(f"2-rank DeepSpeed worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-5000:]}")
     return out
 
 
 def test_deepspeed_files_are_what_we_expect(ds_run):
-    from nestor_ds.checkpoint.files import gather_deepspeed_state, resolve_checkpoint
+    from nestor_ds.checkpoint.layout import resolve_checkpoint
+    from nestor_ds.checkpoint.safe_load import gather_deepspeed_state
 
     tag = resolve_checkpoint(ds_run / "ckpt")
     assert tag.name == "step_00000001"
@@ -107,7 +109,7 @@ def test_export_then_load_pretrained_matches_engine_model(ds_run, tmp_path):
     from safetensors import safe_open
 
     from nestor_ds import load_pretrained
-    from nestor_ds.checkpoint.files import export_checkpoint
+    from nestor_ds.checkpoint.export import export_checkpoint
 
     out = export_checkpoint(ds_run / "ckpt", tmp_path / "tiny.safetensors")
     with safe_open(str(out), framework="pt") as f:
@@ -129,12 +131,13 @@ def test_export_then_load_pretrained_matches_engine_model(ds_run, tmp_path):
 
     # the DeepSpeed directory itself (root -> latest tag) loads to the same weights
     direct = load_pretrained(ds_run / "ckpt")
-    for (k, a), (_, b) in zip(model.state_dict().items(), direct.state_dict().items()):
+    for (k, a), (_, b) in zip(model.state_dict().items(), direct.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 
 
 def test_missing_expert_file_is_named(ds_run, tmp_path):
-    from nestor_ds.checkpoint.files import CheckpointError, export_checkpoint
+    from nestor_ds.checkpoint.export import export_checkpoint
+    from nestor_ds.checkpoint.layout import CheckpointError
 
     tag = tmp_path / "step_00000001"
     shutil.copytree(ds_run / "ckpt" / "step_00000001", tag)
@@ -146,7 +149,7 @@ def test_missing_expert_file_is_named(ds_run, tmp_path):
 
 def test_root_resolves_to_newest_complete_tag_not_latest(ds_run, tmp_path):
     """A save cut short (DeepSpeed already moved `latest`, our COMPLETE marker missing) is never used."""
-    from nestor_ds.checkpoint.files import resolve_checkpoint
+    from nestor_ds.checkpoint.layout import resolve_checkpoint
 
     root = tmp_path / "ckpt"
     shutil.copytree(ds_run / "ckpt", root)
@@ -160,9 +163,30 @@ def test_root_resolves_to_newest_complete_tag_not_latest(ds_run, tmp_path):
     assert resolve_checkpoint(root) == good
 
 
+def test_root_follows_the_runs_pointer_after_a_rollback(tmp_path):
+    """A run rolled back to step 1 (``--resume .../step_00000001``) exports what it resumed from, not step 2."""
+    from nestor_ds.checkpoint.layout import COMPLETE_MARKER, MODEL_STATES, POINTER, resolve_checkpoint
+    from nestor_ds.checkpoint.save_resume import POINTER as SAVE_POINTER
+
+    assert SAVE_POINTER == POINTER == "nestor_latest"
+    root = tmp_path / "ckpt"
+    for step in (1, 2):
+        tag = root / f"step_{step:08d}"
+        tag.mkdir(parents=True)
+        (tag / MODEL_STATES).write_bytes(b"")
+        (tag / COMPLETE_MARKER).write_text(json.dumps({"step": step, "seq": step}))
+    assert resolve_checkpoint(root) == root / "step_00000002"  # no pointer: the highest complete step
+    (root / POINTER).write_text("step_00000001\n")
+    assert resolve_checkpoint(root) == root / "step_00000001"
+    (root / POINTER).write_text("step_00000009\n")  # a pointer to a tag that is gone (or incomplete) is ignored
+    assert resolve_checkpoint(root) == root / "step_00000002"
+
+
 def test_config_mismatch_names_key_and_both_shapes(ds_run, tmp_path):
     from nestor_ds import load_pretrained
-    from nestor_ds.checkpoint.files import CheckpointError, load_local_state, save_safetensors
+    from nestor_ds.checkpoint.export import save_safetensors
+    from nestor_ds.checkpoint.layout import CheckpointError
+    from nestor_ds.checkpoint.safe_load import load_local_state
 
     state, run_cfg, _ = load_local_state(ds_run / "ckpt")
     run_cfg["model"]["head_dim"] = 12  # the weights were trained with head_dim 8
@@ -175,7 +199,7 @@ def test_config_mismatch_names_key_and_both_shapes(ds_run, tmp_path):
 def test_evaluate_cli_on_exported_checkpoint(ds_run, tmp_path):
     from shard_fixtures import build_dataset
 
-    from nestor_ds.checkpoint.files import export_checkpoint
+    from nestor_ds.checkpoint.export import export_checkpoint
 
     shards = build_dataset(tmp_path, "tiny2", n=6, t=6, res=16, c=2, per_shard=2, test_fraction=0.5)
     model_file = export_checkpoint(ds_run / "ckpt", tmp_path / "m.safetensors")
@@ -206,7 +230,7 @@ class Payload:
 
 def test_pickled_object_is_refused(tmp_path):
     from nestor_ds import load_pretrained
-    from nestor_ds.checkpoint.files import CheckpointError
+    from nestor_ds.checkpoint.layout import CheckpointError
 
     tag = tmp_path / "step_00000001"
     tag.mkdir()
@@ -218,7 +242,7 @@ def test_pickled_object_is_refused(tmp_path):
 
 
 def test_bad_paths_are_one_line_errors(tmp_path):
-    from nestor_ds.checkpoint.files import CheckpointError, resolve_checkpoint
+    from nestor_ds.checkpoint.layout import CheckpointError, resolve_checkpoint
 
     with pytest.raises(CheckpointError, match="no such file"):
         resolve_checkpoint(tmp_path / "nope")

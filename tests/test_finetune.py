@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from train_fixtures import REPO, ds_config, launch, tiny_config
 
 TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
@@ -32,7 +31,8 @@ LOADED_RE = re.compile(r"pre-trained weights: (\d+) tensors loaded, (\d+) re-ini
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
+                                  f"--- stderr\n{proc.stderr[-6000:]}")
 
 
 def _client(uri: str):
@@ -115,8 +115,8 @@ def exported(pretrained) -> Path:
 
 @pytest.fixture(scope="module")
 def ft_export(pretrained, exported):
-    """Fine-tune from the safetensors export on 2 ranks, expert-parallel token MoE ep_size 2, loading only the blocks and
-    freezing routers + embedding; checkpoints at steps 10 and 20 to compare the frozen tensors."""
+    """Fine-tune from the safetensors export on 2 ranks, expert-parallel token MoE ep_size 2, loading only the blocks
+    and freezing routers + embedding; checkpoints at steps 10 and 20 to compare the frozen tensors."""
     p = pretrained
     cfg = finetune_config(p, "export", "local", train={"max_steps": 20, "ckpt_every": 10, "keep_last": 3})
     proc = launch([FINETUNE, "--ds_config", str(p.ds), "--config", str(cfg), "--pretrained", str(exported),
@@ -194,7 +194,8 @@ def test_finetune_from_export_on_two_ranks_ep2(pretrained, exported, ft_export):
     assert "encoder." in line and "head." in line and "blocks." not in line, line
     assert re.search(r"frozen: \d+ tensors \(routers, embedding\)", err), err[-3000:]
     assert err.count("fine-tuning: mean one-step L2RE") == 1
-    saved = json.loads((pretrained.work / "runs" / "ft-export" / "checkpoints" / "step_00000020" / "nestor_config.json").read_text())
+    tag = pretrained.work / "runs" / "ft-export" / "checkpoints" / "step_00000020"
+    saved = json.loads((tag / "nestor_config.json").read_text())
     assert saved["ep_size"] == 2 and saved["world_size"] == 2 and saved["model"]["moe"]["backend"] == "local"
     run = _run_by_name(pretrained.uri, "ft-export")
     assert run.data.tags["nestor.entry"] == "finetune"
@@ -207,7 +208,7 @@ def test_frozen_parts_do_not_move(pretrained, exported, ft_export):
     _ok(ft_export)
     from safetensors.torch import load_file
 
-    from nestor_ds.checkpoint.files import export_checkpoint
+    from nestor_ds.checkpoint.export import export_checkpoint
 
     ckpts = pretrained.work / "runs" / "ft-export" / "checkpoints"
     pre = load_file(str(exported))
@@ -232,7 +233,8 @@ def test_frozen_parts_do_not_move(pretrained, exported, ft_export):
 def test_freeze_parts_match_only_their_parameters(exported):
     """Each --freeze part names exactly its parameters; `shared_afno` is the block-level AFNO expert, not the
     token MoE's shared SwiGLU expert."""
-    from nestor_ds.checkpoint.files import inference_model_config, read_safetensors
+    from nestor_ds.checkpoint.convert import inference_model_config
+    from nestor_ds.checkpoint.safe_load import read_safetensors
     from nestor_ds.engine.transfer import freeze
     from nestor_ds.model import build_model
 
@@ -303,5 +305,6 @@ def test_evaluate_cli_reports_and_logs_to_mlflow(pretrained, exported, tmp_path)
     png = art / "figures" / "rollout_error_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((art / "eval_report.json").read_text())["datasets"].keys() == report["datasets"].keys()
-    assert not [r for r in _client(pretrained.uri).search_runs(
-        [_client(pretrained.uri).get_experiment_by_name("nestor-ds").experiment_id]) if r.data.tags.get("nestor.entry") == "evaluate"]
+    train_store = _client(pretrained.uri)  # the evaluation did not log into the training run's store
+    train_runs = train_store.search_runs([train_store.get_experiment_by_name("nestor-ds").experiment_id])
+    assert not [r for r in train_runs if r.data.tags.get("nestor.entry") == "evaluate"]

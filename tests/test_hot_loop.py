@@ -23,12 +23,12 @@ def _engine_and_batches(tiny_shards, model_over: dict, ds: dict):
     """A real DeepSpeed engine around the engine tests' tiny model (as AFNO, or as ``model_over`` says) and 4 real
     batches of the tiny shards."""
     import deepspeed
+    from train_fixtures import tiny_config
 
     from nestor_ds.config import load_config
     from nestor_ds.data import TrainStream
     from nestor_ds.engine.distributed import init_distributed
     from nestor_ds.model import build_model
-    from train_fixtures import tiny_config
 
     init_distributed()
     root, shards = tiny_shards
@@ -66,19 +66,18 @@ def test_trainer_step_makes_no_host_reads_except_on_logging_steps(tiny_shards, m
     """AFNO and NESTOR with static routing, real batches, real DeepSpeed engine: the step itself reads nothing; the
     logging step reads everything once. ZeRO-1/2's optimizer step makes its own reads (DeepSpeed checks the gradient
     norm and overflow on the host); they are reported separately and none of ours is among them."""
-    from nestor_ds.engine.trainer import _optimizer_step
-
+    from nestor_ds.engine.step import optimizer_step
     from nestor_ds.tracking import ExpertUsage
 
     cfg, engine, batches = _engine_and_batches(tiny_shards, model, ds)
     feed = iter(batches)
     usage = ExpertUsage(num_datasets=len(cfg.data.datasets))
     log = DeviceLog(usage)
-    parts = _optimizer_step(engine, feed, cfg, 0, 0, 1, torch.float32, log)    # warm-up (lazy init in DeepSpeed)
+    parts = optimizer_step(engine, feed, cfg, 0, 0, 1, torch.float32, log)    # warm-up (lazy init in DeepSpeed)
     log.add_step(1, 1e-3, parts, engine.get_global_grad_norm())
     with count_host_reads() as reads:
         for step in (1, 2):
-            parts = _optimizer_step(engine, feed, cfg, 0, step, 1, torch.float32, log)
+            parts = optimizer_step(engine, feed, cfg, 0, step, 1, torch.float32, log)
             log.add_step(step + 1, 1e-3, parts, engine.get_global_grad_norm())
     ours = {k: v for k, v in reads.by_site.items() if "/nestor_ds/" in k}
     assert reads.total > 0 or ds["zero_optimization"]["stage"] == 0   # the counter is live (DeepSpeed's reads)

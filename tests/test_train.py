@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from train_fixtures import REPO, ds_config, launch, tiny_config
+from train_fixtures import ds_config, launch, tiny_config
 
 TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
 PROBE = "tests.scripts.probe_train"
@@ -21,7 +20,8 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 def _ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
+                                  f"--- stderr\n{proc.stderr[-6000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def zero2_ep2_run(tiny_shards, tmp_path_factory):
     cfg = tiny_config(work, shards, model={"moe": {"backend": "local", "ep_size": 2}},
                       train={"max_steps": 30, "eval_every": 15, "ckpt_every": 15, "log_every": 5},
                       optim={"lr": 3e-3, "warmup_steps": 3})
-    proc = launch([TRAIN, "--ds_config", str(ds_config(work)), "--config", str(cfg), "--run-name", "ep2"], ranks=2, cwd=work)
+    proc = launch([TRAIN, "--ds_config", str(ds_config(work)), "--config", str(cfg), "--run-name", "ep2"], ranks=2,
+                  cwd=work)
     return work, proc
 
 
@@ -71,7 +72,8 @@ def test_one_mlflow_run_with_params_metrics_and_figures(zero2_ep2_run):
     for key in ("config.model.width", "config.optim.lr", "ds_config.zero_optimization.stage", "world_size", "ep_size",
                 "preset", "total_params", "active_params", "flops_per_sample"):
         assert key in params, key
-    assert params["world_size"] == "2" and params["ep_size"] == "2" and params["ds_config.zero_optimization.stage"] == "2"
+    assert params["world_size"] == "2" and params["ep_size"] == "2"
+    assert params["ds_config.zero_optimization.stage"] == "2"
     assert tags["nestor.entry"] == "pretrain" and "nestor.version.torch" in tags and "nestor.version.deepspeed" in tags
     for key in ("train/loss", "train/rel_l2", "train/image_lb", "train/token_lb", "train/lr", "train/grad_norm",
                 "perf/samples_per_s", "perf/tokens_per_s", "perf/step_time_s", "perf/tflops",
@@ -100,15 +102,17 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_shards, tmp_path):
     ds = str(ds_config(tmp_path))
     full = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "full"], ranks=2, cwd=tmp_path)
     _ok(full)
-    first = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--set", "train.stop_at=4"], ranks=2, cwd=tmp_path)
+    first = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--set", "train.stop_at=4"],
+                   ranks=2, cwd=tmp_path)
     _ok(first)
     assert "stopped cleanly at step 4" in first.stderr
-    second = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--resume", "auto"], ranks=2, cwd=tmp_path)
+    second = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--resume", "auto"], ranks=2,
+                    cwd=tmp_path)
     _ok(second)
     assert "resumed from" in second.stderr
     a, b = _losses(tmp_path / "runs" / "full"), _losses(tmp_path / "runs" / "cut")
     assert len(a) == len(b) == 8
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert abs(x - y) <= 1e-6 * abs(x), (a, b)
 
 
@@ -116,7 +120,8 @@ def test_two_ranks_equal_one_rank_and_export_matches_engine(tiny_shards, tmp_pat
     """Same global batch: loss at step 1 to 1e-5, parameters after 3 steps to 1e-4; then the 2-rank (ep 2)
     checkpoint exported to one safetensors file gives the engine model's outputs."""
     from nestor_ds import load_pretrained
-    from nestor_ds.checkpoint.files import export_checkpoint, load_local_state
+    from nestor_ds.checkpoint.export import export_checkpoint
+    from nestor_ds.checkpoint.safe_load import load_local_state
 
     root, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
@@ -144,7 +149,8 @@ def test_two_ranks_equal_one_rank_and_export_matches_engine(tiny_shards, tmp_pat
     assert torch.allclose(pred, probe["pred"], rtol=0, atol=1e-6), (pred - probe["pred"]).abs().max()
 
 
-@pytest.mark.parametrize("stage, suffix, launcher", [(0, "", "deepspeed"), (1, "", "torchrun"), (2, "_offload", "torchrun")])
+@pytest.mark.parametrize("stage, suffix, launcher",
+                         [(0, "", "deepspeed"), (1, "", "torchrun"), (2, "_offload", "torchrun")])
 def test_other_zero_configs_train(tiny_shards, tmp_path, stage, suffix, launcher):
     root, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
@@ -154,7 +160,8 @@ def test_other_zero_configs_train(tiny_shards, tmp_path, stage, suffix, launcher
     _ok(proc)
     assert "world size 2, ep_size 2" in proc.stderr + proc.stdout
     assert len(_losses(tmp_path / "runs" / "pretrain-nestor-tiny")) == 3
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "pretrain-nestor-tiny" / "metrics.jsonl").read_text().splitlines()]
+    metrics_file = tmp_path / "runs" / "pretrain-nestor-tiny" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     # every stage logs the gradient norm (ZeRO-0 keeps none in DeepSpeed: the trainer takes it itself)
     assert all(r["train/grad_norm"] > 0 for r in rows), rows
 
@@ -176,7 +183,8 @@ def test_bf16_config_with_gradient_accumulation(tiny_shards, tmp_path):
 def test_zero3_refuses_expert_parallelism_with_a_message(tiny_shards, tmp_path):
     root, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local", "ep_size": 2}}, tracking={"enabled": False})
-    proc = launch([TRAIN, "--ds_config", str(ds_config(tmp_path, stage=3)), "--config", str(cfg)], ranks=1, cwd=tmp_path)
+    proc = launch([TRAIN, "--ds_config", str(ds_config(tmp_path, stage=3)), "--config", str(cfg)], ranks=1,
+                  cwd=tmp_path)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: model.moe.ep_size=2: ZeRO stage 3") and "zero2.json" in last
@@ -188,7 +196,7 @@ def test_zero3_refuses_expert_parallelism_with_a_message(tiny_shards, tmp_path):
 ], ids=["afno", "nestor-local"])
 def test_zero3_trains_exports_and_survives_unreachable_tracking(tiny_shards, tmp_path, model):
     from nestor_ds import load_pretrained
-    from nestor_ds.checkpoint.files import export_checkpoint
+    from nestor_ds.checkpoint.export import export_checkpoint
 
     root, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, model=model, train={"max_steps": 3, "ckpt_every": 3},

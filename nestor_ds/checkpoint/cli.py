@@ -20,8 +20,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
-
 PROG = "export_checkpoint"
 
 
@@ -40,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from nestor_ds.checkpoint.files import export_checkpoint, read_run_config, resolve_checkpoint
+    from nestor_ds.checkpoint.export import export_checkpoint
+    from nestor_ds.checkpoint.layout import read_run_config, resolve_checkpoint
 
     try:
         # Resolve and check what can be checked cheaply before any progress output, so that a bad path
@@ -83,7 +82,7 @@ def register(weights: Path, name: str, tracking_uri: str | None) -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow.tracking import MlflowClient
 
-    from nestor_ds.checkpoint.files import read_safetensors
+    from nestor_ds.checkpoint.safe_load import read_safetensors
     from nestor_ds.tracking import Tracker, TrackingConfig
     from nestor_ds.tracking.model_logging import log_pyfunc_model
     from nestor_ds.tracking.tracker import resolve_tracking_uri

@@ -31,18 +31,17 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-# file names shared with the reader (nestor_ds/checkpoint/files.py)
-from nestor_ds.checkpoint.files import COMPLETE_MARKER, CONFIG_FILE, CheckpointError  # noqa: E402
+from nestor_ds.checkpoint.layout import COMPLETE_MARKER, CONFIG_FILE, CONSOLIDATED_STATES, POINTER, CheckpointError
+from nestor_ds.checkpoint.safe_load import verify_checkpoint_files
 from nestor_ds.log import get_logger
 
 log = get_logger(__name__)
 
-POINTER = "nestor_latest"
 SET_ASIDE = "set_aside"
 
 
@@ -90,7 +89,7 @@ def _no_space(err: BaseException, root: Path) -> bool:
     """Whether a failed save ran out of space. torch.save reports ENOSPC as ``RuntimeError: basic_ios::clear``
     (then often replaced by ``unexpected pos`` from its zip writer's cleanup), Python writes as OSError(ENOSPC):
     look through the exception chain, then at the filesystem itself."""
-    e: Optional[BaseException] = err
+    e: BaseException | None = err
     while e is not None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
@@ -104,7 +103,8 @@ def _no_space(err: BaseException, root: Path) -> bool:
     return st.f_bavail * st.f_frsize < 2**20
 
 
-def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, Any], run_config: dict[str, Any], keep_last: int) -> Path:
+def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, Any], run_config: dict[str, Any],
+                    keep_last: int) -> Path:
     """Collective: every rank calls it. Rank 0 writes our files, the pointer, and prunes old tags afterwards."""
     tag = tag_for(step)
     root.mkdir(parents=True, exist_ok=True)
@@ -113,13 +113,12 @@ def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, 
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
         if engine.zero_optimization_stage() == 3:
             # ZeRO-3 files hold partitions only: also gather the full weights (collective) for export and fine-tuning
-            from nestor_ds.checkpoint.files import CONSOLIDATED_STATES
-
             engine.save_16bit_model(str(tag_dir), CONSOLIDATED_STATES)
         _barrier()
         if _rank() == 0:
             (tag_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
-            files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != COMPLETE_MARKER}
+            files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir())
+                     if p.is_file() and p.name != COMPLETE_MARKER}
             seq = 1 + max((marker(t).get("seq", 0) for t in complete_tags(root)), default=0)
             _write_atomic(tag_dir / COMPLETE_MARKER, json.dumps({"step": step, "seq": seq, "files": files}) + "\n")
             _write_atomic(root / POINTER, tag + "\n")
@@ -167,7 +166,7 @@ def prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _pointer(root: Path) -> Optional[Path]:
+def _pointer(root: Path) -> Path | None:
     try:
         tag = (root / POINTER).read_text().strip()
     except OSError:
@@ -198,7 +197,7 @@ def set_aside_partial_tags(root: Path) -> None:
     _barrier()
 
 
-def resume_candidates(resume: Optional[str], checkpoint_root: Path) -> tuple[list[Path], bool]:
+def resume_candidates(resume: str | None, checkpoint_root: Path) -> tuple[list[Path], bool]:
     """(tags to try in order, may fall back). ``auto``: this run's pointer, then the other complete tags newest
     saved first. A root path: the same on that root. A tag path: that tag only (the user chose it)."""
     if resume is None:
@@ -221,12 +220,10 @@ def resume_candidates(resume: Optional[str], checkpoint_root: Path) -> tuple[lis
     return tags, True
 
 
-def check_tag(tag_dir: Path) -> Optional[str]:
+def check_tag(tag_dir: Path) -> str | None:
     """Why this tag cannot be loaded (a file listed in COMPLETE is missing, a .pt file does not read, or a file
     has another size than when saved), or None. Pickled objects are not a reason to fall back: they raise
     (refused, never loaded), checked before the sizes since a tampered file also changes size."""
-    from nestor_ds.checkpoint.files import verify_checkpoint_files
-
     files = marker(tag_dir).get("files", {})
     for name in files:
         if not (tag_dir / name).is_file():
@@ -249,16 +246,15 @@ def load_checkpoint(engine: Any, tag_dir: Path) -> dict[str, Any]:
 
     DeepSpeed unpickles with weights_only=False; every file is first checked to load with weights_only=True.
     """
-    from nestor_ds.checkpoint.files import verify_checkpoint_files
-
     verify_checkpoint_files(tag_dir)
-    path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False)
+    path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     return client_state or {}
 
 
-def resume(engine: Any, resume_arg: Optional[str], checkpoint_root: Path, metrics_path: Path) -> dict[str, Any]:
+def resume(engine: Any, resume_arg: str | None, checkpoint_root: Path, metrics_path: Path) -> dict[str, Any]:
     """Collective resume: choose a tag, fall back past broken ones, load, then tidy this run's directory.
 
     Order matters for a crash at any point: nothing is moved, truncated or announced before a load succeeded.
@@ -278,8 +274,8 @@ def resume(engine: Any, resume_arg: Optional[str], checkpoint_root: Path, metric
             log.warning("--resume auto: no complete checkpoint under %s: starting fresh from step 0 (check --run-name "
                         "if you meant to continue a run)", checkpoint_root)
         return {}
-    client: Optional[dict[str, Any]] = None
-    loaded: Optional[Path] = None
+    client: dict[str, Any] | None = None
+    loaded: Path | None = None
     for i, tag_dir in enumerate(candidates):
         problem = check_tag(tag_dir)
         if any_rank(problem is not None):  # every rank must take the same tag
@@ -311,7 +307,8 @@ def _after_resume(root: Path, loaded: Path, step: int) -> None:
     for tag_dir in complete_tags(root):
         if _step_of(tag_dir) > step and tag_dir.resolve() != loaded.resolve():
             dest = set_aside(tag_dir, "abandoned")
-            log.warning("resumed from step %d: %s belongs to an abandoned branch, moved aside to %s", step, tag_dir.name, dest)
+            log.warning("resumed from step %d: %s belongs to an abandoned branch, moved aside to %s",
+                        step, tag_dir.name, dest)
     root.mkdir(parents=True, exist_ok=True)
     if loaded.parent.resolve() == root.resolve():
         _write_atomic(root / POINTER, loaded.name + "\n")

@@ -17,15 +17,15 @@ Why it looks like this:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 
 @dataclass
 class Budget:
-    time_s: Optional[float]          # training seconds allowed (None: no time budget)
-    flops: Optional[float]           # training FLOPs allowed (None: no FLOP budget)
+    time_s: float | None          # training seconds allowed (None: no time budget)
+    flops: float | None           # training FLOPs allowed (None: no FLOP budget)
     flops_per_step: float            # analytic training FLOPs of one optimizer step, all ranks together
     seconds: float = 0.0             # agreed training seconds spent up to `checked_step`
     step_time: float = 0.0           # agreed seconds per step over the last agreed interval
@@ -42,7 +42,7 @@ class Budget:
         """Seconds spent at `step`: agreed up to the last check, extrapolated since (the same on every rank)."""
         return self.seconds + (step - self.checked_step) * self.step_time
 
-    def fraction(self, step: int) -> Optional[float]:
+    def fraction(self, step: int) -> float | None:
         """Share of the budget spent after `step` optimizer steps (the larger of time and FLOPs), or None."""
         parts = []
         if self.time_s is not None:
@@ -81,7 +81,7 @@ class Budget:
         """What a checkpoint at `step` keeps: the seconds spent so far and the agreed step time."""
         return {"seconds": self.spent_seconds(step), "step_time": self.step_time}
 
-    def load(self, state: Optional[dict[str, Any]], step: int) -> None:
+    def load(self, state: dict[str, Any] | None, step: int) -> None:
         """Continue from a checkpoint's client state (saved at `step`)."""
         if state:
             self.seconds, self.step_time = float(state["seconds"]), float(state["step_time"])

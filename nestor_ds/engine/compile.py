@@ -23,7 +23,6 @@ gradient hooks and optimizer step run between the graphs, outside them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
@@ -39,7 +38,7 @@ class CompilePlan:
 
     regions: list[str] = field(default_factory=list)
     cuda_graphs: bool = False
-    cuda_graphs_off_reason: Optional[str] = None
+    cuda_graphs_off_reason: str | None = None
     fullgraph: bool = True
 
     def step_begin(self) -> None:
@@ -84,7 +83,7 @@ def eager_for_evaluation(plan: CompilePlan):
     return torch.compiler.set_stance("force_eager") if plan.regions else contextlib.nullcontext()
 
 
-def cuda_graphs_blocker(device: torch.device, static: bool) -> Optional[str]:
+def cuda_graphs_blocker(device: torch.device, static: bool) -> str | None:
     """Why CUDA graphs cannot be used here, or None."""
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device, this run is on {device.type}"

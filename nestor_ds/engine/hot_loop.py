@@ -13,7 +13,8 @@ last flush in one transfer (one host-side all-reduce for the loss parts), every 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -28,11 +29,11 @@ class DeviceLog:
 
     def __init__(self, usage: Any = None) -> None:
         self.usage = usage                       # ExpertUsage (tracking) fed at flush time
-        self._rows: list[torch.Tensor] = []      # [P] loss parts of one optimizer step (this rank)
+        self._rows: list[torch.Tensor] = []      # loss parts of one optimizer step (this rank), order PART_NAMES
         self._norms: list[Any] = []              # grad norm of that step: tensor, float or None (DeepSpeed's choice)
         self._steps: list[tuple[int, float]] = []  # (step, lr)
         self._routing: list[tuple[list, torch.Tensor]] = []
-        self._local_norm: Optional[torch.Tensor] = None  # see note_local_grad_norm
+        self._local_norm: torch.Tensor | None = None  # see note_local_grad_norm
 
     def add_micro(self, routing: list, dataset_id_B: torch.Tensor, copy: bool = False) -> None:
         """Routing of one micro-batch (device tensors; counted into the expert statistics at flush).
@@ -46,23 +47,19 @@ class DeviceLog:
         if routing:
             self._routing.append((routing, dataset_id_B))
 
-    def add_step(self, step: int, lr: float, parts_P: torch.Tensor, grad_norm: Any) -> None:
-        """Loss parts of one optimizer step as a [P] tensor ordered as PART_NAMES, on any device."""
+    def add_step(self, step: int, lr: float, step_parts: torch.Tensor, grad_norm: Any) -> None:
+        """Loss parts of one optimizer step as a 1-D tensor ordered as PART_NAMES, on any device."""
         self._steps.append((step, lr))
-        self._rows.append(parts_P.detach())
+        self._rows.append(step_parts.detach())
         self._norms.append(grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm)
 
     def note_local_grad_norm(self, norm: torch.Tensor) -> None:
         """A gradient norm the step computed itself (when DeepSpeed reports none), picked up by add_step's caller."""
         self._local_norm = norm.detach()
 
-    def take_local_grad_norm(self) -> Optional[torch.Tensor]:
+    def take_local_grad_norm(self) -> torch.Tensor | None:
         norm, self._local_norm = self._local_norm, None
         return norm
-
-    @property
-    def pending(self) -> int:
-        return len(self._steps)
 
     def flush_usage(self) -> None:
         """Move the pending routing records into the expert statistics (reads them: a sync on GPU)."""
@@ -79,21 +76,21 @@ class DeviceLog:
         self.flush_usage()
         if not self._steps:
             return []
-        rows_SP = torch.stack(self._rows)
+        rows = torch.stack(self._rows)  # one row per pending step, one column per loss part
         tensor_norms = [i for i, n in enumerate(self._norms) if torch.is_tensor(n)]
         if tensor_norms:   # one transfer for both: norms appended as an extra column
-            norm_S = torch.full((len(self._rows),), float("nan"), dtype=rows_SP.dtype, device=rows_SP.device)
-            norm_S[tensor_norms] = torch.stack([self._norms[i].to(rows_SP) for i in tensor_norms])
-            rows_SP = torch.cat([rows_SP, norm_S[:, None]], dim=1)
-        host = rows_SP.float().cpu()                                       # the one device -> host transfer
-        P = len(PART_NAMES)
-        table = torch.cat([all_reduce_mean(host[:, :P].contiguous()), host[:, P:]], dim=1).tolist()
+            grad_norms = torch.full((len(self._rows),), float("nan"), dtype=rows.dtype, device=rows.device)
+            grad_norms[tensor_norms] = torch.stack([self._norms[i].to(rows) for i in tensor_norms])
+            rows = torch.cat([rows, grad_norms[:, None]], dim=1)
+        host = rows.float().cpu()                                          # the one device -> host transfer
+        n_parts = len(PART_NAMES)
+        table = torch.cat([all_reduce_mean(host[:, :n_parts].contiguous()), host[:, n_parts:]], dim=1).tolist()
         out = []
-        for (step, lr), norm, values in zip(self._steps, self._norms, table):
-            m = {f"train/{k}": v for k, v in zip(PART_NAMES, values)}
+        for (step, lr), norm, values in zip(self._steps, self._norms, table, strict=True):
+            m = {f"train/{k}": v for k, v in zip(PART_NAMES, values, strict=False)}  # values: parts [+ grad norm]
             m["train/lr"] = lr
             if norm is not None:
-                m["train/grad_norm"] = values[P] if torch.is_tensor(norm) else float(norm)
+                m["train/grad_norm"] = values[n_parts] if torch.is_tensor(norm) else float(norm)
             out.append((step, m))
         self._rows.clear()
         self._norms.clear()
@@ -112,9 +109,9 @@ class DeviceFeed:
                  keys: tuple[str, ...] = ("x", "y", "channel_mask")) -> None:
         self.batches, self.device, self.keys = batches, device, keys
         self.active = device.type == "cuda"
-        self._next: Optional[dict[str, torch.Tensor]] = None
+        self._next: dict[str, torch.Tensor] | None = None
 
-    def __iter__(self) -> "DeviceFeed":
+    def __iter__(self) -> DeviceFeed:
         return self
 
     def _load(self) -> dict[str, torch.Tensor]:

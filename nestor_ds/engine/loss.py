@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from nestor_ds.config import LossConfig
 from nestor_ds.eval.metrics import l2re
+
+
+@dataclass
+class LossConfig:
+    """Weights of the load-balancing and router z-losses added to the masked relative L2 loss."""
+
+    image_lb_weight: float = 3e-2  # authors' pre-training value
+    token_lb_weight: float = 1e-4
+    token_z_weight: float = 0.0
 
 
 def training_loss(pred: torch.Tensor, target: torch.Tensor, channel_mask: torch.Tensor,
                   aux_losses: dict[str, torch.Tensor], cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``loss = mean over samples of the relative L2 over real channels + w_img * image_lb + w_tok * token_lb + w_z * token_z``.
+    """``loss = mean over samples of the relative L2 over real channels``
+    ``+ w_img * image_lb + w_tok * token_lb + w_z * token_z``.
 
     Returns the loss and its detached parts for logging.
     """

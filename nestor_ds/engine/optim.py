@@ -11,11 +11,38 @@ scheduler state to continue the same trajectory.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from dataclasses import dataclass
 
 import torch
 
-from nestor_ds.config import OptimConfig
+from nestor_ds.typed_config import check
+
+
+@dataclass
+class OptimConfig:
+    """AdamW/Adam with a warm-up + one-cycle or cosine schedule (the authors': Adam(0.9, 0.9), wd 1e-6, lr 1e-3)."""
+
+    name: str = "adamw"  # adam | adamw
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.9)
+    eps: float = 1e-8
+    weight_decay: float = 1e-6
+    schedule: str = "onecycle"  # onecycle | cosine | constant
+    warmup_steps: int = 20
+    final_lr_ratio: float = 0.01  # lr at the last step, relative to lr
+    # onecycle starts at lr / div_factor (torch's OneCycleLR default 25; DPOT and NESTOR use 1e4)
+    div_factor: float = 25.0
+
+    def validate(self) -> None:
+        check(self.name in ("adam", "adamw"), "optim.name", f"must be adam or adamw, got {self.name!r}")
+        check(self.schedule in ("onecycle", "cosine", "constant"), "optim.schedule",
+               f"must be onecycle, cosine or constant, got {self.schedule!r}")
+        check(self.lr > 0, "optim.lr", "must be > 0")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        check(self.div_factor >= 1, "optim.div_factor",
+              f"must be >= 1 (start lr = lr / div_factor), got {self.div_factor}")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+              "must be two numbers in [0, 1)")
 
 
 def build_param_groups(named_groups: dict[str, tuple[list[torch.nn.Parameter], float]]) -> list[dict]:
@@ -40,7 +67,7 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.O
     return cls(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def lr_at(step: int, total_steps: int, cfg: OptimConfig, fraction: Optional[float] = None) -> float:
+def lr_at(step: int, total_steps: int, cfg: OptimConfig, fraction: float | None = None) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``.
 
     - ``onecycle``: cosine rise from lr / ``div_factor`` to lr over ``warmup_steps``, cosine fall to
@@ -71,6 +98,3 @@ def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_multiplier", 1.0)
 
-
-def trainable(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    return [p for p in params if p.requires_grad]

@@ -26,13 +26,13 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Optional
+from typing import Any
 
 LAUNCHER_MARKS = ("deepspeed", "torchrun", "torch.distributed.run", "torch/distributed/run.py")
 POLL_S = 1.0
 
 
-def _stat(pid: int) -> Optional[tuple[int, str, str]]:
+def _stat(pid: int) -> tuple[int, str, str] | None:
     """(parent pid, state, start time) from /proc, or None when the process is gone."""
     try:
         text = open(f"/proc/{pid}/stat").read()
@@ -49,7 +49,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def launcher_ancestors(pid: Optional[int] = None) -> list[tuple[int, str]]:
+def launcher_ancestors(pid: int | None = None) -> list[tuple[int, str]]:
     """(pid, start time) of the launcher processes directly above ``pid`` (nearest first); [] without /proc."""
     out: list[tuple[int, str]] = []
     st = _stat(pid or os.getpid())
@@ -95,9 +95,9 @@ class Preemption:
         self._old: dict[int, Any] = {}
         self._watch = watch_launcher
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
         if self._watch:

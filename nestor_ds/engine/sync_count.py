@@ -12,8 +12,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 

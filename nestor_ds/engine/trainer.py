@@ -1,8 +1,10 @@
 """The one training loop, shared by pre-training (``train.py``) and fine-tuning (``finetune.py``).
 
 An entry builds a :class:`RunConfig`, optionally a ``prepare`` hook (fine-tune: load weights, freeze, choose
-learning-rate groups), and calls :func:`run_training`. Everything else is here: process group, expert
-parallelism, the DeepSpeed engine, the data stream, the loss, evaluation, checkpoints, preemption and MLflow.
+learning-rate groups), and calls :func:`run_training`. The :class:`Trainer` here sets up the process group, expert
+parallelism, the DeepSpeed engine, the data stream, resume and MLflow, then runs the loop: optimizer steps
+(``step.py``), logging steps, evaluation (``evaluation.py``), checkpoints, preemption and budgets, and the end of
+the run (final evaluation, ``run_summary.json``, model export to MLflow).
 
 Determinism: every random draw of step ``s`` on rank ``r`` comes from generators seeded by
 ``derive_seed(seed, purpose, r, s)``, the data stream is a function of (seed, rank, worker, step) and the
@@ -14,25 +16,35 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 
-from nestor_ds.config import RunConfig, format_config
 from nestor_ds.checkpoint import save_resume as ckpt
+from nestor_ds.config import RunConfig, format_config
 from nestor_ds.engine.budget import Budget
-from nestor_ds.engine.compile import CompilePlan, apply_compile, eager_for_evaluation
-from nestor_ds.engine.distributed import (DistInfo, any_rank, derive_seed, init_distributed, resolve_ep_size,
-                                          set_threads, setup_expert_parallel)
-from nestor_ds.engine.hot_loop import PART_NAMES, DeviceFeed, DeviceLog
-from nestor_ds.engine.loss import inject_noise, noise_generator, training_loss
+from nestor_ds.engine.compile import apply_compile
+from nestor_ds.engine.distributed import (
+    DistInfo,
+    any_rank,
+    derive_seed,
+    init_distributed,
+    resolve_ep_size,
+    set_threads,
+    setup_expert_parallel,
+)
+from nestor_ds.engine.ds_config import check_ds_config, load_ds_config
+from nestor_ds.engine.evaluation import evaluate_eager
+from nestor_ds.engine.hot_loop import DeviceFeed, DeviceLog
 from nestor_ds.engine.optim import apply_lr, build_optimizer, build_param_groups, lr_at
 from nestor_ds.engine.perf import PerfMeter
-from nestor_ds.engine.preemption import Preemption as _Preemption
+from nestor_ds.engine.preemption import Preemption
+from nestor_ds.engine.report import Progress, write_summary
+from nestor_ds.engine.step import optimizer_step
 from nestor_ds.log import get_logger
 
 log = get_logger(__name__)
@@ -45,333 +57,262 @@ BatchSource = Callable[[int], Iterator[dict[str, torch.Tensor]]]
 
 @dataclass
 class TrainResult:
+    """What an entry and the tests read after a run."""
+
     run_dir: Path
     steps: int
     losses: list[float] = field(default_factory=list)  # all-reduced loss per optimizer step, this process's run
     final_eval: dict[str, Any] = field(default_factory=dict)
-    run_id: Optional[str] = None
+    run_id: str | None = None
     preempted: bool = False
-    model: Optional[torch.nn.Module] = None  # the trained module (this rank's experts under expert parallelism)
+    model: torch.nn.Module | None = None  # the trained module (this rank's experts under expert parallelism)
 
 
-def load_ds_config(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--ds_config {p}: file not found")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--ds_config {p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-
-
-def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int) -> tuple[int, int, int]:
-    """(micro-batch, accumulation, ZeRO stage) from the JSON; refuse combinations that cannot work, naming the fix."""
-    micro = int(ds.get("train_micro_batch_size_per_gpu", 0))
-    accum = int(ds.get("gradient_accumulation_steps", 1))
-    if micro <= 0:
-        raise ValueError("ds_config: train_micro_batch_size_per_gpu must be set to a positive integer")
-    if "train_batch_size" in ds and int(ds["train_batch_size"]) != micro * accum * world_size:
-        raise ValueError(
-            f"ds_config: train_batch_size={ds['train_batch_size']} != micro ({micro}) x accumulation ({accum}) x "
-            f"data-parallel size ({world_size}); drop train_batch_size and DeepSpeed derives it")
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
-    if cfg.model.arch == "nestor" and cfg.model.moe.backend == "megablocks" and not ds.get("bf16", {}).get("enabled"):
-        raise ValueError("model.moe.backend=megablocks runs its experts in bf16: use a *_bf16.json ds_config")
-    return micro, accum, stage
-
-
-def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", run_name: Optional[str] = None,
-                 resume: Optional[str] = None, prepare: Optional[PrepareHook] = None,
-                 parent_run_id: Optional[str] = None, evaluate_before: bool = False,
-                 batch_source: Optional[BatchSource] = None) -> TrainResult:
+def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", run_name: str | None = None,
+                 resume: str | None = None, prepare: PrepareHook | None = None,
+                 parent_run_id: str | None = None, evaluate_before: bool = False,
+                 batch_source: BatchSource | None = None) -> TrainResult:
     """Train ``cfg`` with DeepSpeed; returns what tests and entries need (run dir, losses, final evaluation)."""
-    import deepspeed
+    trainer = Trainer(cfg, ds_config_path, entry, run_name, resume)
+    trainer.build(prepare)
+    client = trainer.resume(resume)
+    trainer.start_tracking(client, parent_run_id)
+    trainer.open_data(batch_source)
+    if evaluate_before and trainer.start_step == 0:
+        trainer.result.final_eval["before"] = trainer.evaluate(prefix="eval_before")
+    trainer.start_loop(client)
+    with Preemption() as preempt:
+        trainer.loop(preempt)
+    return trainer.finish()
 
-    from nestor_ds.data import TrainStream
-    from nestor_ds.model import build_model
-    from nestor_ds.tracking import ExpertUsage, Tracker
-    from nestor_ds.tracking.datasets import log_run_inputs
-    from nestor_ds.tracking.model_logging import log_trained_model
-    from nestor_ds.tracking.redact import redact
 
-    dist_info = init_distributed()
-    threads = set_threads(cfg.train.threads_per_rank, dist_info.local_world_size)
-    ds_config = load_ds_config(ds_config_path)
-    micro, accum, zero_stage = check_ds_config(ds_config, cfg, dist_info.world_size)
-    ep = resolve_ep_size(cfg.ep_size, dist_info.world_size, cfg.model.moe.num_experts,
-                         cfg.model.moe.backend if cfg.model.arch == "nestor" else "none", zero_stage)
-    cfg.model.moe.ep_size = ep
-    run_name = run_name or f"{entry}-{cfg.preset or cfg.model.arch}"
-    run_dir = Path(cfg.train.output_dir) / run_name
-    ckpt_root = run_dir / "checkpoints"
-    existing = ckpt.complete_tags(ckpt_root)
-    if resume is None and existing:
-        raise ValueError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}): continue that run with "
-                         f"--resume auto, or start a new one with another --run-name")
+class Trainer:
+    """One run on this rank, set up in the order ``run_training`` calls the steps (each needs the ones before)."""
 
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log.info("%s: world size %d, ep_size %d, %d thread(s) per rank, device %s", entry, dist_info.world_size, ep, threads, dist_info.device)
-        log.info("resolved configuration:\n%s", format_config(cfg, ds_config))
+    def __init__(self, cfg: RunConfig, ds_config_path: str, entry: str, run_name: str | None,
+                 resume: str | None) -> None:
+        """Process group, threads, the DeepSpeed JSON, ep_size and the run directory (refused when it holds
+        checkpoints and this is not a resume)."""
+        self.cfg, self.entry = cfg, entry
+        self.dist = init_distributed()
+        threads = set_threads(cfg.train.threads_per_rank, self.dist.local_world_size)
+        self.ds_config = load_ds_config(ds_config_path)
+        self.micro, self.accum, self.zero_stage = check_ds_config(self.ds_config, cfg, self.dist.world_size)
+        self.ep = resolve_ep_size(cfg.ep_size, self.dist.world_size, cfg.model.moe.num_experts,
+                                  cfg.model.moe.backend if cfg.model.arch == "nestor" else "none", self.zero_stage)
+        cfg.model.moe.ep_size = self.ep
+        self.run_name = run_name or f"{entry}-{cfg.preset or cfg.model.arch}"
+        self.run_dir = Path(cfg.train.output_dir) / self.run_name
+        self.ckpt_root = self.run_dir / "checkpoints"
+        existing = ckpt.complete_tags(self.ckpt_root)
+        if resume is None and existing:
+            raise ValueError(f"{self.run_dir} already holds checkpoints (newest {existing[-1].name}): continue that "
+                             f"run with --resume auto, or start a new one with another --run-name")
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            log.info("%s: world size %d, ep_size %d, %d thread(s) per rank, device %s", entry, self.dist.world_size,
+                     self.ep, threads, self.dist.device)
+            log.info("resolved configuration:\n%s", format_config(cfg, self.ds_config))
 
-    torch.manual_seed(derive_seed(cfg.train.seed, "init"))  # identical initial weights on every rank
-    model = build_model(cfg.model)
-    setup_expert_parallel(model, ep)  # expert-parallel groups given to the model from outside
-    if zero_stage == 3 and dist_info.world_size > 1:
-        from nestor_ds.model.image_moe import use_lockstep_dispatch
+    @property
+    def samples_per_step(self) -> int:
+        return self.micro * self.accum * self.dist.world_size
 
-        use_lockstep_dispatch(model, torch.distributed.group.WORLD)  # ZeRO-3 gathers weights per module call
-    groups = prepare(model, cfg, dist_info) if prepare else {"model": (list(model.parameters()), 1.0)}
-    # in place and lazy: state_dict keys unchanged, traced at the first step with the weights DeepSpeed cast
-    compiled = apply_compile(model, cfg.train.compile, cfg.train.cuda_graphs, dist_info.device)
-    optimizer = build_optimizer(build_param_groups(groups), cfg.optim)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    device = engine.device
-    # DeepSpeed casts the weights for bf16/fp16; inputs follow them (the loss is computed in fp32)
-    input_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    def build(self, prepare: PrepareHook | None) -> None:
+        """Model (identical initial weights on every rank), expert-parallel groups, the prepare hook, regional
+        compilation, optimizer groups and the DeepSpeed engine."""
+        import deepspeed
 
-    client = ckpt.resume(engine, resume, ckpt_root, run_dir / "metrics.jsonl")  # load, fall back, tidy (checkpoint.py)
-    if client.get("config_digest") not in (None, cfg.digest()) and dist_info.is_main:
-        log.warning("the configuration differs from the checkpoint's (digest %s vs %s): the trajectory will not match an uninterrupted run",
-                    client.get("config_digest"), cfg.digest())
-    start_step = int(client.get("step", 0))
+        from nestor_ds.model import build_model
 
-    tracker = Tracker(cfg.tracking, rank=dist_info.rank, entry=entry, run_name=run_name, parent_run_id=parent_run_id,
-                      resume_run_id=client.get("mlflow_run_id"), buffer_dir=run_dir / "mlflow_buffer")
-    log_run_inputs(tracker, cfg, entry)  # dataset lineage (start of run only)
-    usage = ExpertUsage(num_datasets=len(cfg.data.datasets))
-    perf = PerfMeter(cfg.model, samples_per_step=micro * accum * dist_info.world_size, device=device)
-    stats = perf.model_stats()
-    if start_step == 0:
-        tracker.log_params({"config": cfg.to_dict(), "ds_config": ds_config, "world_size": dist_info.world_size,
-                            "ep_size": ep, "preset": cfg.preset, "entry": entry, **stats})  # flattened by the tracker
-    tracker.set_tags({"nestor.preset": cfg.preset or cfg.model.arch, "nestor.params_total": stats["total_params"],
-                      "nestor.params_active": stats["active_params"]})
+        torch.manual_seed(derive_seed(self.cfg.train.seed, "init"))  # identical initial weights on every rank
+        model = build_model(self.cfg.model)
+        setup_expert_parallel(model, self.ep)  # expert-parallel groups given to the model from outside
+        if self.zero_stage == 3 and self.dist.world_size > 1:
+            from nestor_ds.model.image_moe import use_lockstep_dispatch
 
-    run_config_json = redact({**cfg.to_dict(), "world_size": dist_info.world_size, "ep_size": ep,
-                              "mlflow_run_id": tracker.run_id or ""})  # no credentials beside the weights
-    if batch_source is None:
-        stream = TrainStream(cfg.data, micro_batch=micro, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.train.seed)
-        batch_source = stream.batches
-    batches = DeviceFeed(iter(batch_source(start_step * accum)), device)
-    result = TrainResult(run_dir=run_dir, steps=start_step, run_id=tracker.run_id, model=engine.module)
+            use_lockstep_dispatch(model, torch.distributed.group.WORLD)  # ZeRO-3 gathers weights per module call
+        groups = prepare(model, self.cfg, self.dist) if prepare else {"model": (list(model.parameters()), 1.0)}
+        # in place and lazy: state_dict keys unchanged, traced at the first step with the weights DeepSpeed cast
+        self.compiled = apply_compile(model, self.cfg.train.compile, self.cfg.train.cuda_graphs, self.dist.device)
+        optimizer = build_optimizer(build_param_groups(groups), self.cfg.optim)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 config=self.ds_config)
+        # DeepSpeed casts the weights for bf16/fp16; inputs follow them (the loss is computed in fp32)
+        self.input_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled() else
+                            torch.float16 if self.engine.fp16_enabled() else torch.float32)
 
-    if evaluate_before and start_step == 0:
-        result.final_eval["before"] = _evaluate_eager(compiled, engine, cfg, dist_info, tracker, step=start_step, prefix="eval_before")
+    def resume(self, resume: str | None) -> dict[str, Any]:
+        """Load, fall back past broken tags and tidy (``checkpoint/save_resume.py``); the checkpoint's client state."""
+        client = ckpt.resume(self.engine, resume, self.ckpt_root, self.run_dir / "metrics.jsonl")
+        if client.get("config_digest") not in (None, self.cfg.digest()) and self.dist.is_main:
+            log.warning("the configuration differs from the checkpoint's (digest %s vs %s): the trajectory will not "
+                        "match an uninterrupted run", client.get("config_digest"), self.cfg.digest())
+        self.start_step = self.step = int(client.get("step", 0))
+        return client
 
-    total = cfg.train.max_steps
-    # a time/FLOP budget (engine/budget.py): the schedule follows the share spent, the loop stops when it is spent
-    budget = Budget(cfg.train.time_budget_s, cfg.train.flop_budget,
-                    flops_per_step=3.0 * stats["flops_per_sample"] * micro * accum * dist_info.world_size)
-    budget.load(client.get("budget"), start_step)
-    progress = _progress(dist_info.is_main, start_step, None if budget.active else total, run_name)
-    step = start_step
-    # the hot loop reads nothing from the device: loss parts, grad norms and routing wait in `pending` until a
-    # logging step (every log_every steps, the first and last step, before evaluations and checkpoints)
-    pending = DeviceLog(usage)
-    # DeepSpeed's ZeRO-0 fp32 path clips without keeping the norm: take it ourselves so train/grad_norm is always logged
-    own_grad_norm = zero_stage == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
-    interval_start, interval_steps = time.perf_counter(), 0
-    with _Preemption() as preempt:
-        while step < total:
-            lr = lr_at(step, total, cfg.optim, fraction=budget.fraction(step))
-            apply_lr(optimizer, lr)
-            parts_P = _optimizer_step(engine, batches, cfg, dist_info.rank, step, accum, input_dtype, pending, compiled,
-                                      local_norm=own_grad_norm)
-            step += 1
-            grad_norm = engine.get_global_grad_norm()
-            pending.add_step(step, lr, parts_P, pending.take_local_grad_norm() if grad_norm is None else grad_norm)
-            interval_steps += 1
+    def start_tracking(self, client: dict[str, Any], parent_run_id: str | None) -> None:
+        """The MLflow run (continued on resume), dataset lineage, parameters (fresh runs only) and tags."""
+        from nestor_ds.tracking import ExpertUsage, Tracker
+        from nestor_ds.tracking.datasets import log_run_inputs
+        from nestor_ds.tracking.redact import redact
 
-            last = step == total or budget.exhausted(step)
-            checkpoint = last or step % cfg.train.ckpt_every == 0 or step == cfg.train.stop_at
-            evaluate = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0
-            if not (step % cfg.train.log_every == 0 or last or step == start_step + 1 or evaluate or checkpoint
-                    or budget.needs_check(step)):
+        cfg, dist = self.cfg, self.dist
+        self.tracker = Tracker(cfg.tracking, rank=dist.rank, entry=self.entry, run_name=self.run_name,
+                               parent_run_id=parent_run_id, resume_run_id=client.get("mlflow_run_id"),
+                               buffer_dir=self.run_dir / "mlflow_buffer")
+        log_run_inputs(self.tracker, cfg, self.entry)  # dataset lineage (start of run only)
+        self.usage = ExpertUsage(num_datasets=len(cfg.data.datasets))
+        self.perf = PerfMeter(cfg.model, samples_per_step=self.samples_per_step, device=self.engine.device)
+        self.stats = self.perf.model_stats()
+        if self.start_step == 0:
+            self.tracker.log_params({"config": cfg.to_dict(), "ds_config": self.ds_config,
+                                     "world_size": dist.world_size, "ep_size": self.ep, "preset": cfg.preset,
+                                     "entry": self.entry, **self.stats})  # flattened by the tracker
+        self.tracker.set_tags({"nestor.preset": cfg.preset or cfg.model.arch,
+                               "nestor.params_total": self.stats["total_params"],
+                               "nestor.params_active": self.stats["active_params"]})
+        self.run_config_json = redact({**cfg.to_dict(), "world_size": dist.world_size, "ep_size": self.ep,
+                                       "mlflow_run_id": self.tracker.run_id or ""})  # no credentials beside the weights
+
+    def open_data(self, batch_source: BatchSource | None) -> None:
+        """This rank's batches from the resumed position (default: the shard stream of ``cfg.data``)."""
+        if batch_source is None:
+            from nestor_ds.data import TrainStream
+
+            stream = TrainStream(self.cfg.data, micro_batch=self.micro, rank=self.dist.rank,
+                                 world_size=self.dist.world_size, seed=self.cfg.train.seed)
+            batch_source = stream.batches
+        self.batches = DeviceFeed(iter(batch_source(self.start_step * self.accum)), self.engine.device)
+        self.result = TrainResult(run_dir=self.run_dir, steps=self.start_step, run_id=self.tracker.run_id,
+                                  model=self.engine.module)
+
+    def evaluate(self, prefix: str = "eval", figures: bool = False) -> dict[str, Any]:
+        """Evaluate at the current step (compiled regions run eagerly); with figures, the expert usage is drawn."""
+        usage = self.usage if figures else None
+        return evaluate_eager(self.compiled, self.engine, self.cfg, self.dist, self.tracker, step=self.step,
+                              prefix=prefix, usage=usage, figures=figures)
+
+    def start_loop(self, client: dict[str, Any]) -> None:
+        """Budget (``engine/budget.py``: the schedule follows the share spent), progress bar, deferred logging."""
+        self.budget = Budget(self.cfg.train.time_budget_s, self.cfg.train.flop_budget,
+                             flops_per_step=3.0 * self.stats["flops_per_sample"] * self.samples_per_step)
+        self.budget.load(client.get("budget"), self.start_step)
+        total = None if self.budget.active else self.cfg.train.max_steps
+        self.progress = Progress(self.dist.is_main, self.start_step, total, self.run_name)
+        # the hot loop reads nothing from the device: loss parts, grad norms and routing wait in `pending` until a
+        # logging step (every log_every steps, the first and last step, before evaluations and checkpoints)
+        self.pending = DeviceLog(self.usage)
+        # DeepSpeed's ZeRO-0 fp32 path clips without keeping the norm: take it ourselves so train/grad_norm is logged
+        self.own_grad_norm = self.zero_stage == 0 and not (self.engine.bfloat16_enabled() or self.engine.fp16_enabled())
+        self.interval_start, self.interval_steps = time.perf_counter(), 0
+
+    def loop(self, preempt: Preemption) -> None:
+        """Optimizer steps until ``max_steps``, a spent budget, ``stop_at`` or preemption. Only logging steps read the
+        device; they also come before every evaluation and checkpoint."""
+        train, total = self.cfg.train, self.cfg.train.max_steps
+        while self.step < total:
+            self.train_step()
+            step = self.step
+            last = step == total or self.budget.exhausted(step)
+            checkpoint = last or step % train.ckpt_every == 0 or step == train.stop_at
+            evaluate = bool(train.eval_every) and step % train.eval_every == 0
+            if not (step % train.log_every == 0 or last or step == self.start_step + 1 or evaluate or checkpoint
+                    or self.budget.needs_check(step)):
                 continue
-            # logging step: one read of everything since the last one; preemption (and the seconds spent, under a
-            # time budget) agreed on here (collectives)
-            now = time.perf_counter()
-            timing = perf.step((now - interval_start) / interval_steps)
-            if budget.time_s is not None:
-                budget.agree(step, now - interval_start, interval_steps)
-                if budget.exhausted(step):
-                    last = checkpoint = True
+            if self.log_interval():  # the time budget ran out (agreed over the ranks)
+                last = checkpoint = True
             evaluate = evaluate and not last  # the final evaluation runs after the loop
-            interval_start, interval_steps = now, 0
-            for logged_step, m in pending.flush():
-                metrics = {**m, **timing, **(budget.metrics(logged_step) if budget.active else {})}
-                result.losses.append(metrics["train/loss"])
-                if dist_info.is_main:
-                    with open(run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({"step": logged_step, **metrics}) + "\n")
-                if not math.isfinite(metrics["train/loss"]):
-                    raise FloatingPointError(f"step {logged_step}: loss is {metrics['train/loss']} (lr {metrics['train/lr']:.3g}); "
-                                             "lower optim.lr or check the data")
-                progress.update(metrics)
-            tracker.log_metrics(metrics, step=step)
-
-            stop = any_rank(preempt.requested) or step == cfg.train.stop_at
+            # preemption agreed on here (a collective)
+            stop = any_rank(preempt.requested) or step == train.stop_at
             if evaluate:
-                usage.reduce()
-                tracker.log_metrics(usage.metrics("experts"), step=step)
-                _evaluate_eager(compiled, engine, cfg, dist_info, tracker, step=step, usage=usage, figures=True)
-                usage.reset()
+                self.periodic_evaluation()
             if stop or checkpoint:
-                state = {
-                    "step": step, "samples_seen": step * micro * accum * dist_info.world_size,
-                    "data_position": step * accum, "rng": ckpt.rng_state(), "config_digest": cfg.digest(),
-                    "mlflow_run_id": tracker.run_id or "", "budget": budget.state(step),
-                }
-                tag_dir = ckpt.save_checkpoint(engine, ckpt_root, step, state, run_config_json, cfg.train.keep_last)
-                progress.note(f"checkpoint {tag_dir}")
+                self.save()
             if stop and not last:
-                result.preempted = True
-                progress.note(f"preempted: stopped cleanly at step {step}; resume with --resume auto")
+                self.result.preempted = True
+                self.progress.note(f"preempted: stopped cleanly at step {step}; resume with --resume auto")
                 break
             if last:
                 if step < total:
-                    progress.note(f"budget spent at step {step}: {budget.metrics(step)}")
+                    self.progress.note(f"budget spent at step {step}: {self.budget.metrics(step)}")
                 break
-            interval_start = time.perf_counter()   # evaluation and checkpoint time is not step time
-    progress.close()
-    result.steps = step
-    if not result.preempted:
-        pending.flush_usage()
-        usage.reduce()
-        tracker.log_metrics(usage.metrics("experts"), step=step)
-        result.final_eval["after"] = _evaluate_eager(compiled, engine, cfg, dist_info, tracker, step=step, usage=usage, figures=True)
-        if dist_info.is_main:
-            _write_summary(run_dir / "run_summary.json", cfg, step, stats, budget, result.final_eval["after"], usage)
-        if dist_info.is_main:  # end of run only: export, log (and register) the model in MLflow
-            log_trained_model(tracker, ckpt_root / ckpt.tag_for(step), run_dir / "model.safetensors",
-                              result.final_eval["after"])
-    tracker.finish("KILLED" if result.preempted else "FINISHED")
-    if dist_info.is_main:
-        log.info("run directory: %s (checkpoints in %s)", run_dir, ckpt_root)
-    return result
+            self.interval_start = time.perf_counter()  # evaluation and checkpoint time is not step time
 
+    def train_step(self) -> None:
+        """One optimizer step at the scheduled learning rate; its results stay on the device (``pending``)."""
+        lr = lr_at(self.step, self.cfg.train.max_steps, self.cfg.optim, fraction=self.budget.fraction(self.step))
+        apply_lr(self.optimizer, lr)
+        step_parts = optimizer_step(self.engine, self.batches, self.cfg, self.dist.rank, self.step, self.accum,
+                                 self.input_dtype, self.pending, self.compiled, local_norm=self.own_grad_norm)
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        self.pending.add_step(self.step, lr, step_parts,
+                              self.pending.take_local_grad_norm() if grad_norm is None else grad_norm)
+        self.interval_steps += 1
 
-def _write_summary(path: Path, cfg: RunConfig, step: int, stats: dict[str, Any], budget: Budget,
-                   final_eval: dict[str, Any], usage: Any) -> None:
-    """run_summary.json beside metrics.jsonl: what a finished run reached and cost (read by tools/study.py)."""
-    names = [d.name for d in cfg.data.datasets]
-    experts = {str(b): {"dataset_expert": usage.counts_matrix(b).tolist(), "mi_bits": usage.specialisation(b),
-                        "datasets": names} for b in sorted(usage.blocks)}
-    summary = {"steps": step, "model_stats": stats, **budget.metrics(step), "final_eval": final_eval,
-               "expert_usage": experts}
-    path.write_text(json.dumps(summary, indent=1))
+    def log_interval(self) -> bool:
+        """The logging step: one read of every step since the last one -> metrics.jsonl rows, progress bar, MLflow.
+        Under a time budget the seconds spent are agreed over the ranks (a collective); returns whether it is spent."""
+        now = time.perf_counter()
+        timing = self.perf.step((now - self.interval_start) / self.interval_steps)
+        spent = False
+        if self.budget.time_s is not None:
+            self.budget.agree(self.step, now - self.interval_start, self.interval_steps)
+            spent = self.budget.exhausted(self.step)
+        self.interval_start, self.interval_steps = now, 0
+        for logged_step, m in self.pending.flush():
+            metrics = {**m, **timing, **(self.budget.metrics(logged_step) if self.budget.active else {})}
+            self.result.losses.append(metrics["train/loss"])
+            if self.dist.is_main:
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": logged_step, **metrics}) + "\n")
+            if not math.isfinite(metrics["train/loss"]):
+                raise FloatingPointError(f"step {logged_step}: loss is {metrics['train/loss']} "
+                                         f"(lr {metrics['train/lr']:.3g}); lower optim.lr or check the data")
+            self.progress.update(metrics)
+        self.tracker.log_metrics(metrics, step=self.step)
+        return spent
 
+    def periodic_evaluation(self) -> None:
+        """Expert usage since the last evaluation (reduced over ranks), then the evaluation with figures."""
+        self.usage.reduce()
+        self.tracker.log_metrics(self.usage.metrics("experts"), step=self.step)
+        self.evaluate(figures=True)
+        self.usage.reset()
 
-def _optimizer_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], cfg: RunConfig, rank: int, step: int,
-                    accum: int, input_dtype: torch.dtype, pending: DeviceLog,
-                    compiled: Optional[CompilePlan] = None, local_norm: bool = False) -> torch.Tensor:
-    """One optimizer step = ``accum`` micro-batches (DeepSpeed steps the optimizer at the boundary).
+    def save(self) -> None:
+        """Checkpoint (collective) with the client state a resume needs to replay the same steps."""
+        step = self.step
+        state = {
+            "step": step, "samples_seen": step * self.samples_per_step, "data_position": step * self.accum,
+            "rng": ckpt.rng_state(), "config_digest": self.cfg.digest(), "mlflow_run_id": self.tracker.run_id or "",
+            "budget": self.budget.state(step),
+        }
+        tag_dir = ckpt.save_checkpoint(self.engine, self.ckpt_root, step, state, self.run_config_json,
+                                       self.cfg.train.keep_last)
+        self.progress.note(f"checkpoint {tag_dir}")
 
-    Every random draw is seeded by (seed, purpose, rank, step, micro-batch): a resumed run replays them exactly;
-    the input noise is drawn on the device. Returns this rank's loss parts averaged over the micro-batches as a
-    [P] device tensor (order PART_NAMES); reads nothing back to the host. ``local_norm``: DeepSpeed reports no
-    gradient norm (ZeRO-0 in fp32), so the norm of the gradients about to be applied is taken here, on the device.
-    """
-    device = engine.device
-    parts_P: Optional[torch.Tensor] = None
-    for micro_i in range(accum):
-        if compiled is not None:
-            compiled.step_begin()
-        batch = next(batches)
-        torch.manual_seed(derive_seed(cfg.train.seed, "step", rank, step, micro_i))
-        noise_gen = noise_generator(device, derive_seed(cfg.train.seed, "noise", rank, step, micro_i))
-        x = inject_noise(batch["x"].to(device, non_blocking=True), cfg.train.input_noise, noise_gen).to(dtype=input_dtype)
-        mask = batch["channel_mask"].to(device, non_blocking=True)
-        out = engine(x, mask)
-        loss, parts = training_loss(out.pred.float(), batch["y"].to(device, non_blocking=True), mask, out.aux_losses, cfg.loss)
-        engine.backward(loss)
-        if local_norm and micro_i == accum - 1:  # after the boundary's gradient all-reduce, before the step
-            pending.note_local_grad_norm(_grad_norm(engine.module))
-        engine.step()
-        # the skipped-window count (data.on_bad_sample: skip) is summed over the micro-batches, the loss parts averaged
-        counts = {"skipped_samples": _skipped_count(batch, device)}
-        micro_P = torch.stack([parts[k] / accum if k in parts else counts[k] for k in PART_NAMES])
-        parts_P = micro_P if parts_P is None else parts_P + micro_P
-        pending.add_micro(out.routing, batch["dataset_id"], copy=compiled is not None and compiled.cuda_graphs)
-    assert parts_P is not None
-    return parts_P
+    def finish(self) -> TrainResult:
+        """End of run: unless preempted, final usage and evaluation, run_summary.json and the model in MLflow; the
+        MLflow run ends FINISHED (KILLED when preempted)."""
+        from nestor_ds.tracking.model_logging import log_trained_model
 
-
-def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
-    """L2 norm of this rank's gradients as a device scalar (under expert parallelism: the experts this rank holds)."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-
-
-def _skipped_count(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Windows of this micro-batch skipped as bad data (zeroed and masked out by the stream), as a device scalar."""
-    if "skipped" not in batch:  # batch sources other than the shard stream
-        return torch.zeros((), device=device)
-    return batch["skipped"].to(device, non_blocking=True).sum().float()
-
-
-def _evaluate(engine: Any, cfg: RunConfig, dist_info: DistInfo, tracker: Any, step: int, prefix: str = "eval",
-              usage: Any = None, figures: bool = False) -> dict[str, Any]:
-    """One-step and short-rollout L2RE per dataset on the test split, logged to MLflow.
-
-    Every rank evaluates the same trajectories: under expert parallelism each forward pass is a collective,
-    so all ranks must run the same number of them (the cost is small: test sets are capped by
-    ``train.eval_max_trajectories``).
-    """
-    from nestor_ds.eval import evaluate_model
-
-    model = engine.module
-    was_training = model.training
-    model.eval()
-    report = evaluate_model(model, cfg.data, rollout_steps=cfg.train.eval_rollout_steps, batch_size=cfg.train.eval_batch_size,
-                            max_trajectories=cfg.train.eval_max_trajectories, device=engine.device,
-                            progress=dist_info.is_main, dtype=next(model.parameters()).dtype,
-                            windows=cfg.train.eval_windows)
-    metrics = {}
-    for name, ds in report.get("datasets", {}).items():
-        metrics[f"{prefix}/{name}/l2re_1step"] = ds["l2re_1step"]
-        if ds.get("l2re_rollout") is not None:
-            metrics[f"{prefix}/{name}/l2re_rollout"] = ds["l2re_rollout"]
-    tracker.log_metrics(metrics, step=step)
-    if dist_info.is_main:
-        log.info("step %d %s: %s", step, prefix, "  ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in metrics.items() if k.endswith("l2re_1step")))
-    if figures and cfg.tracking.figure_every_eval:
-        from nestor_ds.tracking.report_figures import log_eval_figures
-
-        log_eval_figures(tracker, model, cfg, report, usage, engine.device, step)
-    tracker.log_dict(report, f"{prefix}_step{step:08d}.json")
-    model.train(was_training)
-    return report
-
-
-def _evaluate_eager(plan: CompilePlan, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """:func:`_evaluate` with compiled regions run eagerly (evaluation routes dropless, other batch sizes)."""
-    with eager_for_evaluation(plan):
-        return _evaluate(*args, **kwargs)
-
-
-class _progress:
-    """Rank-0 progress bar (step, loss, samples/s, ETA); other ranks stay quiet."""
-
-    def __init__(self, enabled: bool, start: int, total: Optional[int], name: str) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True, file=sys.stderr,
-                            mininterval=1.0)
-
-    def update(self, metrics: dict[str, float]) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", l2=f"{metrics['train/rel_l2']:.4f}",
-                                 sps=f"{metrics.get('perf/samples_per_s', 0):.1f}", refresh=False)
-            self.bar.update(1)
-
-    def note(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(f"[nestor-ds] {text}", file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.progress.close()
+        result, step = self.result, self.step
+        result.steps = step
+        if not result.preempted:
+            self.pending.flush_usage()
+            self.usage.reduce()
+            self.tracker.log_metrics(self.usage.metrics("experts"), step=step)
+            result.final_eval["after"] = self.evaluate(figures=True)
+            if self.dist.is_main:
+                write_summary(self.run_dir / "run_summary.json", self.cfg, step, self.stats, self.budget,
+                              result.final_eval["after"], self.usage)
+                # end of run only: export, log (and register) the model in MLflow
+                log_trained_model(self.tracker, self.ckpt_root / ckpt.tag_for(step), self.run_dir / "model.safetensors",
+                                  result.final_eval["after"])
+        self.tracker.finish("KILLED" if result.preempted else "FINISHED")
+        if self.dist.is_main:
+            log.info("run directory: %s (checkpoints in %s)", self.run_dir, self.ckpt_root)
+        return result

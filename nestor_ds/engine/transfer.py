@@ -1,21 +1,23 @@
 """Carry pre-trained weights into a model built for another problem (fine-tuning).
 
-The source is always the single-process ``local`` layout (``checkpoint_io.load_local_state`` gathers a DeepSpeed
-checkpoint of any world size / ``ep_size``, or reads an export). When the target's token MoE is expert parallel
-(``ep_size > 1``), each token-MoE's weights are cut to this rank's experts, so reloading with another world size
-or ``ep_size`` works. Tensors whose shape no longer fits (another channel count, ``T_in``, resolution) are
-re-initialised and reported; the caller gives them their own learning rate.
+The source is always the single-process ``local`` layout (``nestor_ds.checkpoint.safe_load.load_local_state``
+gathers a DeepSpeed checkpoint of any world size / ``ep_size``, or reads an export). When the target's token MoE
+is expert parallel (``ep_size > 1``), each token-MoE's weights are cut to this rank's experts, so reloading with
+another world size or ``ep_size`` works. Tensors whose shape no longer fits (another channel count, ``T_in``,
+resolution) are re-initialised and reported; the caller gives them their own learning rate.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nestor_ds.typed_config import check
 
 # which parameter-name prefixes each --load choice carries over
 PARTS = {
@@ -34,6 +36,24 @@ FREEZE = {
 
 
 @dataclass
+class FinetuneConfig:
+    """How a pre-trained checkpoint is carried to a downstream dataset (used by ``nestor_ds/finetune.py``)."""
+
+    pretrained: str | None = None
+    load: str = "all"  # all | embedding+blocks | blocks
+    freeze: list[str] = field(default_factory=list)  # routers, experts, shared_afno, embedding
+    new_lr_multiplier: float = 1.0  # lr multiplier for re-initialised parts
+    pretrained_lr_multiplier: float = 1.0
+
+    def validate(self) -> None:
+        check(self.load in PARTS, "finetune.load",
+               f"must be all, embedding+blocks or blocks, got {self.load!r}")
+        bad = set(self.freeze) - set(FREEZE)
+        check(not bad, "finetune.freeze",
+              f"unknown part(s) {sorted(bad)}; choose from routers, experts, shared_afno, embedding")
+
+
+@dataclass
 class TransferReport:
     loaded: list[str] = field(default_factory=list)
     reinitialised: list[str] = field(default_factory=list)  # in the selected parts, but the shape changed
@@ -43,8 +63,10 @@ class TransferReport:
 
     def summary(self) -> str:
         lines = [f"pre-trained weights: {len(self.loaded)} tensors loaded, {len(self.reinitialised)} re-initialised "
-                 f"(shape changed), {len(self.not_selected)} freshly initialised (not selected), {len(self.unused)} unused"]
-        for title, names in (("resized to the new grid", self.resized), ("re-initialised", self.reinitialised), ("not selected", self.not_selected), ("unused", self.unused)):
+                 f"(shape changed), {len(self.not_selected)} freshly initialised (not selected), "
+                 f"{len(self.unused)} unused"]
+        for title, names in (("resized to the new grid", self.resized), ("re-initialised", self.reinitialised),
+                             ("not selected", self.not_selected), ("unused", self.unused)):
             if names:
                 lines.append(f"  {title}: " + ", ".join(_compress(names)))
         return "\n".join(lines)

@@ -5,11 +5,12 @@ the larger ones are for GPUs; the tiny ones for tests and the CPU demo.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from nestor_ds.moe import MoEConfig
+from nestor_ds.typed_config import build_dataclass, deep_merge
 
 from .config import ModelConfig
 
@@ -22,6 +23,9 @@ def _nestor(**kw: Any) -> ModelConfig:
 def _afno(**kw: Any) -> ModelConfig:
     return ModelConfig(arch="afno", **kw)
 
+
+# fields that follow the run's data (channels, frames, grid), not a preset or a pre-trained checkpoint
+DATA_BOUND = ("in_channels", "out_channels", "t_in", "t_ar", "resolution")
 
 _PRESETS: dict[str, ModelConfig] = {
     # the authors' NESTOR-Ti: width 512, 2 blocks, 6 image experts top-2, 6 token experts top-2 + 1 shared,
@@ -51,24 +55,37 @@ def list_presets() -> list[str]:
 
 
 def get_preset(name: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
-    """A fresh copy of preset `name`, with `overrides` (flat fields; `moe` as a dict is merged)."""
-    if name not in _PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known: {list_presets()}")
-    cfg = copy.deepcopy(_PRESETS[name])
-    if overrides:
-        cfg = apply_overrides(cfg, overrides)
-    return cfg.validate()
+    """A fresh copy of preset `name`, with `overrides` (flat fields; `moe` as a dict is merged; `moe.x` keys too)."""
+    fields = dict(overrides or {})
+    for key in [k for k in fields if k.startswith("moe.")]:
+        fields["moe"] = {**(fields.get("moe") or {}), key[4:]: fields.pop(key)}
+    return merge_model_config({**fields, "preset": name}).validate()
 
 
-def apply_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
-    """Replace fields; `moe` may be a partial dict merged into the preset's MoEConfig; `moe.x` keys too."""
-    d = dict(overrides)
-    moe = dataclasses.asdict(cfg.moe)
-    for k in [k for k in d if k.startswith("moe.")]:
-        moe[k[4:]] = d.pop(k)
-    if isinstance(d.get("moe"), dict):
-        moe.update(d.pop("moe"))
-    base = dataclasses.asdict(cfg)
-    base.update(d)
-    base["moe"] = moe
-    return ModelConfig.from_dict(base)
+def merge_model_config(fields: Mapping[str, Any] | None = None, base: Mapping[str, Any] | None = None,
+                       data_fields: Mapping[str, Any] | None = None) -> ModelConfig:
+    """The one merge of a model config, layer over layer: preset -> base -> fields -> data-bound fields.
+
+    - preset: ``fields["preset"]`` (a registry name), else the ModelConfig defaults. An explicit preset replaces
+      ``base``: a fine-tune YAML that names one wants that architecture, not the checkpoint's.
+    - base: a checkpoint's model config (fine-tuning). Its DATA_BOUND fields and ``moe.ep_size`` are dropped:
+      they followed the old data and world size.
+    - fields: the YAML's ``model`` section (``moe`` merged key by key).
+    - data_fields: values for the DATA_BOUND fields the YAML leaves unset (the run's data section).
+    Not validated: the caller validates (the run config checks model and data together).
+    """
+    own = dict(fields or {})
+    preset = own.pop("preset", None)
+    if preset is not None:
+        if preset not in _PRESETS:
+            raise ValueError(f"unknown model preset {preset!r}; known: {list_presets()}")
+        merged = dataclasses.asdict(_PRESETS[preset])
+    else:
+        merged = dataclasses.asdict(ModelConfig())
+        if base:
+            kept = {k: v for k, v in base.items() if k not in DATA_BOUND}
+            kept["moe"] = {k: v for k, v in (kept.get("moe") or {}).items() if k != "ep_size"}
+            merged = deep_merge(merged, kept)
+    for key, value in (data_fields or {}).items():
+        own.setdefault(key, value)
+    return build_dataclass(ModelConfig, deep_merge(merged, own), "model")

@@ -91,7 +91,7 @@ def dataset_inputs(described: list[dict[str, Any]]) -> list[Any]:
 
 def parent_run_config(pretrained: str) -> dict[str, Any] | None:
     """The run config saved with a pre-trained checkpoint or export (None if it cannot be read)."""
-    from nestor_ds.checkpoint.files import read_run_config, resolve_checkpoint
+    from nestor_ds.checkpoint.layout import read_run_config, resolve_checkpoint
 
     try:
         p = resolve_checkpoint(pretrained)

@@ -3,7 +3,7 @@
 Why: reviewers find a run's model under "Logged models" and in the Model Registry, and load or serve it with
 MLflow alone (`mlflow.pyfunc.load_model("models:/<name>/<version>")`, `mlflow models serve`). The pyfunc is
 "models from code" (`pyfunc_model.py`, given as a file path), so MLflow pickles nothing of ours; the weights
-travel as the safetensors file written by `nestor_ds/checkpoint/files.py` and are read by `load_pretrained`.
+travel as the safetensors file written by `nestor_ds/checkpoint/export.py` and are read by `load_pretrained`.
 
 Called at the end of pre-training and fine-tuning (rank 0, after the last checkpoint; `tracking.log_model`,
 `tracking.register_model`) and by `nestor_ds.checkpoint --register NAME`.
@@ -47,7 +47,7 @@ def model_signature(run_config: Mapping[str, Any]) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-    from nestor_ds.checkpoint.files import inference_model_config
+    from nestor_ds.checkpoint.convert import inference_model_config
 
     m = inference_model_config(run_config)
     return ModelSignature(
@@ -115,7 +115,8 @@ def log_trained_model(tracker: Any, checkpoint_tag: Path, out: Path, final_eval:
     cfg = tracker.cfg
     if not tracker.active or not cfg.log_model:
         return
-    from nestor_ds.checkpoint.files import export_checkpoint, read_safetensors
+    from nestor_ds.checkpoint.export import export_checkpoint
+    from nestor_ds.checkpoint.safe_load import read_safetensors
     from nestor_ds.tracking.buffer import one_line
 
     try:

@@ -2,7 +2,7 @@
 
 Loading (`mlflow.pyfunc.load_model`, `mlflow models serve`) executes this file, which defines
 :class:`NestorRollout` and hands an instance to `mlflow.models.set_model`; no Python object is pickled.
-`load_context` reads the weights with `nestor_ds.checkpoint.files.load_pretrained` from the model's
+`load_context` reads the weights with `nestor_ds.checkpoint.safe_load.load_pretrained` from the model's
 `weights` artifact, a safetensors file (tensors and JSON metadata only). The `nestor_ds` package travels
 with the model (`code/`), so loading needs no checkout of this repository.
 
@@ -21,7 +21,7 @@ class NestorRollout(PythonModel):
     """Autoregressive rollout of the exported model; see the module docstring for the input format."""
 
     def load_context(self, context):  # no type hints: MLflow would read them as a schema
-        from nestor_ds.checkpoint.files import load_pretrained
+        from nestor_ds.checkpoint.safe_load import load_pretrained
 
         self.model = load_pretrained(context.artifacts["weights"], device="cpu")
         self.default_steps = int(context.model_config.get("default_steps", 1)) if context.model_config else 1

@@ -1,0 +1,48 @@
+"""Export: a DeepSpeed checkpoint directory -> one safetensors file in the `local` layout (run config inside).
+
+The weights are loaded into a freshly built local model before writing, so a file that would not load is never
+written. The CLI is `python -m nestor_ds.checkpoint` (cli.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nestor_ds.checkpoint.convert import inference_model_config
+from nestor_ds.checkpoint.layout import FORMAT_NAME, FORMAT_VERSION
+from nestor_ds.checkpoint.safe_load import load_local_state, load_state_strict
+
+
+def save_safetensors(state: Mapping[str, torch.Tensor], run_cfg: Mapping[str, Any], out: str | Path,
+                     source: str = "") -> Path:
+    """Write weights + run config (metadata 'nestor_config', and `<out>.json` beside it)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}  # no shared storage
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "nestor_config": json.dumps(run_cfg),
+            "source": source}
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(out)
+    out.with_suffix(".json").write_text(json.dumps(run_cfg, indent=2))
+    return out
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Gather + convert a DeepSpeed checkpoint and write it as one safetensors file.
+
+    The weights are loaded into a freshly built local model first, so a file that would not load
+    is never written.
+    """
+    state, run_cfg, source = load_local_state(checkpoint)
+    from nestor_ds.model import build_model
+
+    load_state_strict(build_model(inference_model_config(run_cfg)), state, source)
+    return save_safetensors(state, run_cfg, out, source=source)

@@ -1,0 +1,47 @@
+"""Training-loop settings (the YAML's ``train`` section): length, noise, evaluation, checkpoint and logging cadence,
+compilation and budgets. Beside the loop (``trainer.py``) that reads them; ``nestor_ds.config`` composes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nestor_ds.typed_config import check
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, noise, evaluation, checkpoint and logging cadence."""
+
+    seed: int = 0
+    max_steps: int = 200
+    input_noise: float = 5e-4  # DPOT's noise injection: x += s * ||x||_2 * N(0, 1), per sample and channel
+    log_every: int = 10
+    eval_every: int = 100  # 0 disables periodic evaluation (the final one still runs)
+    eval_batch_size: int = 4
+    eval_max_trajectories: int | None = 8
+    eval_rollout_steps: int | None = 5  # None -> every dataset's rollout_steps
+    # all: every start frame with t_in frames before it (DPOT-style) | first: one per trajectory
+    eval_windows: str = "all"
+    ckpt_every: int = 100
+    keep_last: int = 3
+    output_dir: str = "runs"
+    threads_per_rank: int | None = None  # torch intra-op threads; None -> cores / local ranks
+    stop_at: int | None = None  # stop cleanly after this step, as a preemption would (staged runs, tests)
+    compile: bool = False  # regional torch.compile of the model's blocks (nestor_ds/engine/compile.py)
+    cuda_graphs: bool = False  # CUDA graphs for the compiled regions (needs compile, CUDA and static routing)
+    time_budget_s: float | None = None  # stop after this many seconds of training (evaluation/saves excluded)
+    flop_budget: float | None = None  # stop after this many training FLOPs (3 x forward, analytic)
+
+    def validate(self) -> None:
+        check(self.max_steps > 0, "train.max_steps", "must be > 0")
+        check(self.ckpt_every > 0, "train.ckpt_every", "must be > 0")
+        check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        check(self.log_every > 0, "train.log_every", "must be > 0")
+        check(not self.cuda_graphs or self.compile, "train.cuda_graphs",
+               "needs train.compile: true (the graphs are captured from the compiled regions)")
+        check(self.eval_windows in ("all", "first"), "train.eval_windows",
+               f"must be all or first, got {self.eval_windows!r}")
+        for key in ("time_budget_s", "flop_budget"):
+            value = getattr(self, key)
+            check(value is None or (isinstance(value, (int, float)) and value > 0), f"train.{key}",
+                   f"must be a positive number or null, got {value!r}")
