@@ -143,7 +143,7 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nestor_ds.checkpoint.safe_load import load_pretrained
+    from nestor_ds.checkpoint.load import load_pretrained
     from nestor_ds.eval import evaluate_model
 
     args = parse_args(argv)

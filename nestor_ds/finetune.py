@@ -40,7 +40,7 @@ def main() -> int:
                         help="freeze parts: routers, experts, shared_afno, embedding (default: finetune.freeze)")
     args = parser.parse_args()
 
-    from nestor_ds.checkpoint.safe_load import load_local_state
+    from nestor_ds.checkpoint.load import load_local_state
     from nestor_ds.engine import run_training
     from nestor_ds.engine.transfer import freeze, load_pretrained_parts
     from nestor_ds.log import get_logger

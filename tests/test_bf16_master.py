@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nestor_ds.checkpoint.files import gather_deepspeed_state, safe_torch_load
+from nestor_ds.checkpoint.convert import deepspeed_to_local_state
+from nestor_ds.checkpoint.export import export_checkpoint
 from nestor_ds.checkpoint.fp32_master import NoMasterWeights, gather_fp32_master_state, read_fp32_master_state
+from nestor_ds.checkpoint.safe_load import gather_deepspeed_state, read_safetensors, safe_torch_load
 
 from train_fixtures import ds_config, launch, tiny_config
 
@@ -92,6 +94,15 @@ def test_zero2_bf16_expert_parallel_master_weights(tiny_shards, tmp_path):
     master = _check_master(tag, ep_size=2)
     # experts 2 and 3 of each layer exist only on rank 1: their names were rebuilt from rank 0's local ids
     assert any(".deepspeed_experts.3.w2." in k for k in master)
+
+    # export (what fine-tuning and evaluation also read) carries the fp32 masters; --dtype bf16 the rounded weights
+    fp32, _ = read_safetensors(export_checkpoint(tag, tmp_path / "fp32.safetensors"))
+    want = deepspeed_to_local_state(master)
+    assert list(fp32) == list(want) and all(torch.equal(fp32[k], v) for k, v in want.items())
+    bf16, _ = read_safetensors(export_checkpoint(tag, tmp_path / "bf16.safetensors", dtype="bf16"))
+    rounded = deepspeed_to_local_state(gather_deepspeed_state(tag))
+    assert all(torch.equal(bf16[k], v) for k, v in rounded.items())
+    assert any(not torch.equal(fp32[k], bf16[k].float()) for k in fp32)
 
 
 def test_zero1_bf16_experts_split_over_expert_data_parallel_ranks(tiny_shards, tmp_path):

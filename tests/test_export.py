@@ -186,7 +186,7 @@ def test_config_mismatch_names_key_and_both_shapes(ds_run, tmp_path):
     from nestor_ds import load_pretrained
     from nestor_ds.checkpoint.export import save_safetensors
     from nestor_ds.checkpoint.layout import CheckpointError
-    from nestor_ds.checkpoint.safe_load import load_local_state
+    from nestor_ds.checkpoint.load import load_local_state
 
     state, run_cfg, _ = load_local_state(ds_run / "ckpt")
     run_cfg["model"]["head_dim"] = 12  # the weights were trained with head_dim 8

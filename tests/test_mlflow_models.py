@@ -132,7 +132,7 @@ def _example(seed: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
 def test_registered_pyfunc_predicts_the_rollout(trained, name, weights):
     import mlflow
 
-    from nestor_ds.checkpoint.safe_load import load_pretrained
+    from nestor_ds.checkpoint.load import load_pretrained
 
     mlflow.set_tracking_uri(trained.uri)
     model = load_pretrained(trained.work / "runs" / weights / "model.safetensors")
@@ -144,7 +144,7 @@ def test_registered_pyfunc_predicts_the_rollout(trained, name, weights):
 
 
 def test_mlflow_models_serve_answers_with_the_rollout(trained):
-    from nestor_ds.checkpoint.safe_load import load_pretrained
+    from nestor_ds.checkpoint.load import load_pretrained
 
     model = load_pretrained(trained.work / "runs" / "pre" / "model.safetensors")
     x, mask = _example(1, model.cfg.in_channels)

@@ -121,7 +121,7 @@ def test_two_ranks_equal_one_rank_and_export_matches_engine(tiny_shards, tmp_pat
     checkpoint exported to one safetensors file gives the engine model's outputs."""
     from nestor_ds import load_pretrained
     from nestor_ds.checkpoint.export import export_checkpoint
-    from nestor_ds.checkpoint.safe_load import load_local_state
+    from nestor_ds.checkpoint.load import load_local_state
 
     root, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},

@@ -100,7 +100,7 @@ $PY - "$WORK/runs/ref" "$WORK/runs/soak" <<'PYEOF'
 import json, sys
 from pathlib import Path
 sys.path.insert(0, ".")
-from nestor_ds.checkpoint.safe_load import load_local_state
+from nestor_ds.checkpoint.load import load_local_state
 ref, soak = (Path(p) for p in sys.argv[1:3])
 def rows(run):
     return [{k: v for k, v in json.loads(l).items() if not k.startswith("perf/")}

@@ -4,7 +4,9 @@
 
 Gathers the non-expert weights and every expert-parallel rank's expert files, converts the token MoEs
 to the `local` backend layout, checks that a model built from the saved config loads them, and writes
-FILE.safetensors (run config in the metadata) plus FILE.json (the same config, for humans).
+FILE.safetensors (run config in the metadata) plus FILE.json (the same config, for humans). The weights are
+the fp32 master weights where the checkpoint has them (bf16/fp16 runs under ZeRO-1/2), written in fp32 unless
+`--dtype bf16`.
 Load it with `from nestor_ds import load_pretrained; model = load_pretrained("nestor.safetensors")`.
 
 With `--register NAME` the file is also logged as an MLflow pyfunc model -- to the training run that wrote
@@ -20,13 +22,15 @@ import argparse
 import sys
 from pathlib import Path
 
-PROG = "export_checkpoint"
+PROG = "python -m nestor_ds.checkpoint"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint root (its 'latest' tag) or a tag directory")
     p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="floating-point weights of the output (default fp32: a bf16 run's fp32 master weights)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--register", metavar="NAME", default=None,
                    help="also log the export as an MLflow pyfunc model and register it under NAME")
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             read_run_config(source)
         bar = tqdm(total=1, desc="export", unit="ckpt", disable=True if args.no_progress else None)
         try:
-            out = export_checkpoint(source, args.out)
+            out = export_checkpoint(source, args.out, dtype=args.dtype)
         except BaseException:
             bar.leave = False  # erase the unfinished bar: the error line stands alone
             bar.close()

@@ -15,7 +15,8 @@ import torch
 
 from nestor_ds.checkpoint.convert import inference_model_config
 from nestor_ds.checkpoint.layout import FORMAT_NAME, FORMAT_VERSION
-from nestor_ds.checkpoint.safe_load import load_local_state, load_state_strict
+from nestor_ds.checkpoint.load import load_local_state
+from nestor_ds.checkpoint.safe_load import load_state_strict
 
 
 def save_safetensors(state: Mapping[str, torch.Tensor], run_cfg: Mapping[str, Any], out: str | Path,
@@ -35,14 +36,20 @@ def save_safetensors(state: Mapping[str, torch.Tensor], run_cfg: Mapping[str, An
     return out
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """Gather + convert a DeepSpeed checkpoint and write it as one safetensors file.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-    The weights are loaded into a freshly built local model first, so a file that would not load
-    is never written.
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+    """Gather + convert a DeepSpeed checkpoint and write it as one safetensors file, floats in `dtype`.
+
+    The weights are the fp32 masters where the checkpoint has them (`load_local_state`); they are loaded into a
+    freshly built local model first, so a file that would not load is never written.
     """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     state, run_cfg, source = load_local_state(checkpoint)
     from nestor_ds.model import build_model
 
     load_state_strict(build_model(inference_model_config(run_cfg)), state, source)
+    state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
     return save_safetensors(state, run_cfg, out, source=source)

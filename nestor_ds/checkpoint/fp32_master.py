@@ -31,13 +31,8 @@ from typing import Any
 
 import torch
 
-from nestor_ds.checkpoint.files import (
-    CONSOLIDATED_STATES,
-    MODEL_STATES,
-    CheckpointError,
-    gather_deepspeed_state,
-    safe_torch_load,
-)
+from nestor_ds.checkpoint.layout import CONSOLIDATED_STATES, MODEL_STATES, CheckpointError
+from nestor_ds.checkpoint.safe_load import gather_deepspeed_state, safe_torch_load
 from nestor_ds.log import get_logger
 
 log = get_logger(__name__)

@@ -20,15 +20,12 @@ from typing import Any
 
 import torch
 
-from nestor_ds.checkpoint.convert import deepspeed_to_local_state, inference_model_config
 from nestor_ds.checkpoint.layout import (
     CONSOLIDATED_STATES,
     EXPERT_FILE_RE,
     FORMAT_NAME,
     MODEL_STATES,
     CheckpointError,
-    read_run_config,
-    resolve_checkpoint,
 )
 
 # DeepSpeed's optimizer-state files pickle a few of its own small classes besides tensors and containers.
@@ -162,29 +159,3 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     if meta.get("format") != FORMAT_NAME or "nestor_config" not in meta:
         raise CheckpointError(f"{path}: metadata key 'nestor_config' missing (not exported by nestor_ds.checkpoint)")
     return state, json.loads(meta["nestor_config"])
-
-
-def load_local_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
-    """(local-layout state, run config, source description) from a .safetensors, tag dir or checkpoint root."""
-    p = resolve_checkpoint(path)
-    if p.is_file():
-        state, run_cfg = read_safetensors(p)
-        return state, run_cfg, str(p)
-    run_cfg = read_run_config(p)
-    return deepspeed_to_local_state(gather_deepspeed_state(p)), run_cfg, str(p)
-
-
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
-                    model_overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
-    """Eval-mode model (local MoE backend, ep_size 1) from a .safetensors export or a DeepSpeed checkpoint.
-
-    The run config travels with the model as `model.run_config` (a dict: model, data, ...).
-    `model_overrides` changes ModelConfig fields that do not touch weights (e.g. {"attention": "sdpa"}).
-    """
-    from nestor_ds.model import build_model
-
-    state, run_cfg, source = load_local_state(path)
-    model = build_model(inference_model_config(run_cfg, model_overrides))
-    load_state_strict(model, state, source)
-    model.run_config = run_cfg
-    return model.to(device).eval()

@@ -21,7 +21,7 @@ class NestorRollout(PythonModel):
     """Autoregressive rollout of the exported model; see the module docstring for the input format."""
 
     def load_context(self, context):  # no type hints: MLflow would read them as a schema
-        from nestor_ds.checkpoint.safe_load import load_pretrained
+        from nestor_ds.checkpoint.load import load_pretrained
 
         self.model = load_pretrained(context.artifacts["weights"], device="cpu")
         self.default_steps = int(context.model_config.get("default_steps", 1)) if context.model_config else 1

@@ -1,0 +1,55 @@
+"""What users load: the `local`-layout weights of any checkpoint form, and a ready model (`load_pretrained`).
+
+A DeepSpeed tag of a bf16/fp16 ZeRO-1/2 run holds its module weights rounded to 16 bits; the fp32 master weights the
+optimizer updates live in the optimizer files. Export, fine-tuning and evaluation start from those fp32 masters when
+the tag has them (`fp32_master.py`), so nothing downstream starts from rounded weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nestor_ds.checkpoint.convert import deepspeed_to_local_state, inference_model_config
+from nestor_ds.checkpoint.fp32_master import gather_fp32_master_state
+from nestor_ds.checkpoint.layout import read_run_config, resolve_checkpoint
+from nestor_ds.checkpoint.safe_load import gather_deepspeed_state, load_state_strict, read_safetensors
+from nestor_ds.log import get_logger
+
+log = get_logger(__name__)
+
+
+def load_local_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """(local-layout state, run config, source description) from a .safetensors, tag dir or checkpoint root.
+
+    From a DeepSpeed tag: the fp32 master weights when the tag has them (ZeRO-1/2), else the module state."""
+    p = resolve_checkpoint(path)
+    if p.is_file():
+        state, run_cfg = read_safetensors(p)
+        return state, run_cfg, str(p)
+    run_cfg = read_run_config(p)
+    state = gather_fp32_master_state(p)
+    if state is None:
+        state = gather_deepspeed_state(p)
+    else:
+        log.info("%s: fp32 master weights from the ZeRO optimizer files", p)
+    return deepspeed_to_local_state(state), run_cfg, str(p)
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
+                    model_overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """Eval-mode model (local MoE backend, ep_size 1) from a .safetensors export or a DeepSpeed checkpoint.
+
+    The run config travels with the model as `model.run_config` (a dict: model, data, ...).
+    `model_overrides` changes ModelConfig fields that do not touch weights (e.g. {"attention": "sdpa"}).
+    """
+    from nestor_ds.model import build_model  # the model package is heavy; import on use
+
+    state, run_cfg, source = load_local_state(path)
+    model = build_model(inference_model_config(run_cfg, model_overrides))
+    load_state_strict(model, state, source)
+    model.run_config = run_cfg
+    return model.to(device).eval()
