@@ -15,6 +15,7 @@ from nestor_ds.model import build_model, get_preset, list_presets
 from nestor_ds.model.config import ModelConfig
 from nestor_ds.model.flops import account, forward_flops, measured_flops, param_counts
 from nestor_ds.model.image_moe import ImageMoE
+from nestor_ds.model.parallelize import apply_expert_parallel
 from nestor_ds.moe import LocalTokenMoE
 
 torch.set_num_threads(1)
@@ -225,7 +226,7 @@ def _ep_worker(rank: int, world: int, port: int, queue) -> None:
     moe = build_model(cfg).blocks[0].moe.eval()
     # pretend the token experts are sharded: the dispatch must pad groups to the group-wide maximum
     moe.cfg = dataclasses.replace(moe.cfg, moe=dataclasses.replace(moe.cfg.moe, ep_size=world))
-    moe.ep_group = dist.group.WORLD
+    apply_expert_parallel(moe, dist.group.WORLD)
     sizes: list[tuple[int, int]] = []
     for e, ex in enumerate(moe.experts):
         ex.moe.register_forward_hook(lambda m, a, o, e=e: sizes.append((e, a[0].shape[0])))

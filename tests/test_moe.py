@@ -373,7 +373,7 @@ def test_expert_parallel_layout_tags_roundtrip_and_group_required():
     back = local_state_from_expert_parallel(states)
     assert back.keys() == local.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in local.state_dict().items())
-    with pytest.raises(RuntimeError, match="set_expert_parallel_group"):
+    with pytest.raises(RuntimeError, match="apply_expert_parallel"):
         ep(torch.randn(3, D))
 
 

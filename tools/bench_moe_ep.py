@@ -76,7 +76,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from nestor_ds.moe import MoEConfig, build_token_moe, set_expert_parallel_group
+    from nestor_ds.model.parallelize import apply_expert_parallel
+    from nestor_ds.moe import MoEConfig, build_token_moe
 
     torch.set_num_threads(args.threads)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -85,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     cfg = dict(num_experts=E, top_k=K, shared_hidden_ratio=SHARED_HIDDEN / D, routing=args.routing)
     new = build_token_moe(MoEConfig(**cfg, ep_size=2), D).train()
-    set_expert_parallel_group(new, dist.group.WORLD)
+    apply_expert_parallel(new, dist.group.WORLD)
     local = build_token_moe(MoEConfig(**cfg), D).train()
     legacy_run, legacy_modules = _legacy_layer()
 

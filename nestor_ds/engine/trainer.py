@@ -116,11 +116,7 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
 
     torch.manual_seed(derive_seed(cfg.train.seed, "init"))  # identical initial weights on every rank
     model = build_model(cfg.model)
-    setup_expert_parallel(model, ep)  # expert-parallel groups given to the model from outside
-    if zero_stage == 3 and dist_info.world_size > 1:
-        from nestor_ds.model.image_moe import use_lockstep_dispatch
-
-        use_lockstep_dispatch(model, torch.distributed.group.WORLD)  # ZeRO-3 gathers weights per module call
+    setup_expert_parallel(model, ep, lockstep=zero_stage == 3)  # process groups given to the model from outside
     groups = prepare(model, cfg, dist_info) if prepare else {"model": (list(model.parameters()), 1.0)}
     # in place and lazy: state_dict keys unchanged, traced at the first step with the weights DeepSpeed cast
     compiled = apply_compile(model, cfg.train.compile, cfg.train.cuda_graphs, dist_info.device)

@@ -99,10 +99,9 @@ class ImageMoE(nn.Module):
                                                 cfg.afno_sparsity, cfg.norm_groups, cfg.dropout)
                                       for _ in range(cfg.shared_afno_layers))) if cfg.shared_afno_layers else None
         self.pad_to: int | None = None                   # debug: force padded groups (tests)
-        self.ep_group: dist.ProcessGroup | None = None   # expert-parallel group (set_image_expert_parallel_group)
-        # ZeRO-3 gathers a module's parameters when it is called, collectively: every rank of this group must then
-        # call the same experts, so group sizes are agreed over it (set by the engine; see use_lockstep_dispatch)
-        self.lockstep_group: dist.ProcessGroup | None = None
+        # given from outside by nestor_ds.model.parallelize.apply_expert_parallel (see group_sizes)
+        self.ep_group: dist.ProcessGroup | None = None         # expert-parallel group of the token MoEs
+        self.lockstep_group: dist.ProcessGroup | None = None   # ZeRO-3: every rank calls the same experts
 
     @property
     def expert_parallel(self) -> bool:
@@ -125,7 +124,7 @@ class ImageMoE(nn.Module):
                 group = self.ep_group
             if group is None:
                 raise RuntimeError("ImageMoE: moe.ep_size > 1 but no expert-parallel group was given; call "
-                                   "nestor_ds.engine.distributed.setup_expert_parallel(model, ep_size)")
+                                   "nestor_ds.model.parallelize.apply_expert_parallel(model, ep_group)")
             dist.all_reduce(kept, op=dist.ReduceOp.MAX, group=group)
         sizes = kept.tolist()
         if self.pad_to is not None:
@@ -242,19 +241,3 @@ class ImageMoE(nn.Module):
         mix_BLD = (w_BK11 * y_BKLD).sum(dim=1) + keep_in_graph
         return mix_BLD, token_lb, token_z, token_counts, dropped
 
-
-def use_lockstep_dispatch(model: nn.Module, group: dist.ProcessGroup) -> int:
-    """Make every ImageMoE of ``model`` call the same experts on all ranks of ``group`` (needed under ZeRO-3,
-    whose parameter gathering is a collective per module call). Returns how many layers were switched."""
-    layers = [m for m in model.modules() if isinstance(m, ImageMoE)]
-    for m in layers:
-        m.lockstep_group = group
-    return len(layers)
-
-
-def set_image_expert_parallel_group(model: nn.Module, group: dist.ProcessGroup) -> int:
-    """Give every ImageMoE of ``model`` the expert-parallel group its dropless dispatch agrees group sizes over."""
-    layers = [m for m in model.modules() if isinstance(m, ImageMoE)]
-    for m in layers:
-        m.ep_group = group
-    return len(layers)

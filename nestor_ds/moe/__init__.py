@@ -19,7 +19,6 @@ from .router import (Routing, TopKRouter, expert_load_stats, load_balancing_loss
                      router_z_loss, tokens_per_expert)
 
 __all__ = [
-    "set_expert_parallel_group",
     "MoEConfig", "MoEOutput", "TokenMoE", "build_token_moe", "LocalTokenMoE", "GroupedSwiGLU", "SwiGLU",
     "TopKRouter", "Routing", "route_from_logits", "load_balancing_loss", "router_z_loss", "tokens_per_expert",
     "expert_load_stats", "grouped_mm_supported",
@@ -28,7 +27,8 @@ __all__ = [
 
 def build_token_moe(cfg: MoEConfig, dim: int) -> TokenMoE:
     """Build the configured backend. With ep_size > 1 the module holds this rank's experts (rank % ep_size of
-    torch.distributed, 0 without it) and needs its group before the first forward: set_expert_parallel_group."""
+    torch.distributed, 0 without it) and needs its group before the first forward:
+    nestor_ds.model.parallelize.apply_expert_parallel."""
     cfg.validate()
     if cfg.backend == "local":
         if cfg.ep_size > 1:
@@ -40,10 +40,3 @@ def build_token_moe(cfg: MoEConfig, dim: int) -> TokenMoE:
 
     return MegaBlocksTokenMoE(cfg, dim)
 
-
-def set_expert_parallel_group(model, group) -> int:
-    """Give every expert-parallel token MoE of ``model`` its process group (the engine calls this); returns how
-    many layers were set."""
-    from .expert_parallel import set_expert_parallel_group as _set
-
-    return _set(model, group)

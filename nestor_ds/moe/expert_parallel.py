@@ -29,8 +29,8 @@ partitions per that group) and writes one checkpoint file per expert with global
 `nestor_ds.checkpoint.files` exports to the single-file local layout. The helpers at the bottom convert
 between this layout and LocalTokenMoE's.
 
-The process group is given from outside (`set_expert_parallel_group`, called by the engine), never looked
-up inside forward.
+The process group is given from outside (`nestor_ds.model.parallelize.apply_expert_parallel`, called by the
+engine's `setup_expert_parallel`), never looked up inside the model.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def _deepspeed_layout_class():
             self.num_experts, self.ep_size = num_experts, ep_size
             self.num_local_experts = num_experts // ep_size
             self.expert_group_name = f"ep_size_{ep_size}"
+            self.ep_group: Optional[dist.ProcessGroup] = None   # given by ExpertParallelTokenMoE.set_group
             self.deepspeed_moe = nn.Module()
             self.deepspeed_moe.gate = nn.Module()
             self.deepspeed_moe.gate.wg = FP32Linear(dim, num_experts, bias=False)
@@ -106,11 +107,10 @@ def _deepspeed_layout_class():
                 p.group_name = self.expert_group_name
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-            """Called by deepspeed.initialize: the groups were created by the engine already (set_expert_parallel_group)."""
-            from deepspeed.utils import groups
-
-            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-                raise RuntimeError(f"expert-parallel group {self.expert_group_name} does not exist: call "
+            """Called by deepspeed.initialize (DeepSpeed's own MoE creates its groups here): ours were created by the
+            engine and given to the model already, so this only checks that they were."""
+            if self.ep_group is None:
+                raise RuntimeError(f"expert-parallel group {self.expert_group_name} was not given to the model: call "
                                    "nestor_ds.engine.distributed.setup_expert_parallel(model, ep_size) before "
                                    "deepspeed.initialize")
 
@@ -143,7 +143,6 @@ class ExpertParallelTokenMoE(TokenMoE):
         self.local_experts = cfg.num_experts // cfg.ep_size
         self.dim, self.hidden = dim, cfg.hidden_dim(dim)
         self.ep_rank = default_ep_rank(cfg.ep_size)
-        self.ep_group: Optional[dist.ProcessGroup] = None   # set_expert_parallel_group
         self.kernel: Optional[str] = None                   # None = per device, as LocalTokenMoE
         # Initial weights are a function of the seed, not of the parallel layout: draw every expert as the local
         # backend does (same RNG stream), then keep this rank's slice. ep 1 and ep P start from the same model.
@@ -169,14 +168,19 @@ class ExpertParallelTokenMoE(TokenMoE):
         return (torch.stack([e.w1.weight for e in experts]), torch.stack([e.w3.weight for e in experts]),
                 torch.stack([e.w2.weight for e in experts]))
 
+    @property
+    def ep_group(self) -> Optional[dist.ProcessGroup]:
+        """The expert-parallel group the all-to-all-v exchange runs over (None until set_group)."""
+        return self.moe.ep_group
+
     def set_group(self, group: dist.ProcessGroup) -> None:
-        """The expert-parallel group this module exchanges tokens over (see set_expert_parallel_group)."""
+        """Take the expert-parallel group to exchange tokens over (called by apply_expert_parallel)."""
         if dist.get_world_size(group) != self.ep_size:
             raise ValueError(f"expert-parallel group has {dist.get_world_size(group)} ranks, moe.ep_size={self.ep_size}")
         if dist.get_rank(group) != self.ep_rank:
             raise ValueError(f"rank {dist.get_rank()} is rank {dist.get_rank(group)} of its expert-parallel group but "
                              f"holds experts of group rank {self.ep_rank}: groups must be consecutive ranks")
-        self.ep_group = group
+        self.moe.ep_group = group
 
     # -- forward ----------------------------------------------------------------------------------------------
     def route(self, x_ND: torch.Tensor):
@@ -189,7 +193,7 @@ class ExpertParallelTokenMoE(TokenMoE):
         check_input(x_ND, valid_N, self.dim)
         if self.ep_group is None:
             raise RuntimeError("ExpertParallelTokenMoE: no expert-parallel group; call "
-                               "nestor_ds.moe.set_expert_parallel_group(model, group) first")
+                               "nestor_ds.model.parallelize.apply_expert_parallel(model, group) first")
         if self.cfg.static and self.training:
             return self._forward_static(x_ND, valid_N)
         return self._forward_dropless(x_ND, valid_N)
@@ -255,14 +259,6 @@ class ExpertParallelTokenMoE(TokenMoE):
         y_SD = torch.cat([all_to_all_v(back_SD, None, None, self.ep_group), x_SD.new_zeros(1, D)])  # + drop row
 
         return static_output(y_SD, plan, routing, x_ND, valid_N, self.shared)
-
-
-def set_expert_parallel_group(model: nn.Module, group: dist.ProcessGroup) -> int:
-    """Give every expert-parallel token MoE of ``model`` its process group; returns how many were set."""
-    layers = [m for m in model.modules() if isinstance(m, ExpertParallelTokenMoE)]
-    for m in layers:
-        m.set_group(group)
-    return len(layers)
 
 
 # ----------------------------------------------------------------------------------- layout conversion
