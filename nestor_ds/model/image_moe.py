@@ -11,11 +11,11 @@ token router's `route_from_logits` and `load_balancing_loss` (one implementation
 
 Dispatch: the A assignments are sorted by expert (argsort); one gather puts every sample's token field
 in its K rows of an expert-sorted buffer, each expert runs on its contiguous slice, and one gather brings
-the outputs back to (sample, k) order for the weighted sum (gathers both ways, also in backward: see
-nestor_ds.moe.local). No per-expert masks over the whole batch.
+the outputs back to (sample, k) order for the weighted sum (gathers both ways, also in backward: the helpers of
+nestor_ds.moe.dispatch, shared with the token MoE). No per-expert masks over the whole batch.
 
 Static routing (cfg.image_routing="static", training): every image expert gets a fixed buffer of
-C = ceil(cf * K * B / E) samples (nestor_ds.moe.dispatch.plan_capacity: overflow samples dropped lowest
+C = ceil(cf * K * B / E) samples (nestor_ds.moe.dispatch.plan_static: overflow samples dropped lowest
 router weight first and counted; they keep the shared-AFNO path and the skip). All E experts are called
 with C samples each, unused rows passed as valid_N = False: no host sync, shapes fixed by B, and every
 rank of an expert-parallel group calls every expert with the same N without any collective.
@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nestor_ds.moe import MoEOutput, build_token_moe
-from nestor_ds.moe.dispatch import dispatch_rows, gather_rows, plan_capacity
+from nestor_ds.moe.dispatch import dispatch_rows, gather_rows, plan_static, sorted_position
 from nestor_ds.moe.router import FP32Linear, load_balancing_loss, route_from_logits, tokens_per_expert
 
 from .afno import AFNOBlock
@@ -161,8 +161,7 @@ class ImageMoE(nn.Module):
         B, D, H, W = h_BDHW.shape
         L, E, K = H * W, self.E, self.K
         C = self.cfg.image_capacity(B)
-        prob_BK = r.probs_NE.gather(-1, r.experts_NK)                          # drop priority (lowest first)
-        plan = plan_capacity(r.experts_NK.reshape(-1), prob_BK.reshape(-1), None, E, C)
+        plan = plan_static(r.experts_NK, r.probs_NE, None, E, C)           # drop lowest router probability first
         slot_BK = plan.slot_A.view(B, K)
         x_BLD = h_BDHW.flatten(2).transpose(1, 2)
         x_SX = dispatch_rows(x_BLD.reshape(B, L * D), slot_BK, plan.rows)     # [E*C + drop row, L*D]
@@ -192,11 +191,7 @@ class ImageMoE(nn.Module):
         """sum_k w_k Expert_k(h), each expert called on exactly its samples (padded under expert parallelism)."""
         B, D, H, W = h_BDHW.shape
         L = H * W
-        # group the A = B*K assignments by expert
-        order_A = r.experts_NK.reshape(-1).argsort(stable=True)
-        slot_BK = torch.empty_like(order_A)
-        slot_BK[order_A] = torch.arange(order_A.numel(), device=order_A.device)   # sorted row of assignment (b, k)
-        slot_BK = slot_BK.view(B, self.K)
+        slot_BK = sorted_position(r.experts_NK.reshape(-1)).view(B, self.K)   # row of (b, k), grouped by expert
         sizes = self.group_sizes(counts_E)
 
         x_BLD = h_BDHW.flatten(2).transpose(1, 2)

@@ -69,6 +69,13 @@ def gather_rows(x_S: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(x_S, index)
 
 
+def sorted_position(key_A: torch.Tensor) -> torch.Tensor:
+    """rank_A (long): where each assignment lands in the stable ascending sort of key_A (argsort's inverse
+    permutation), i.e. its row in a buffer sorted by key (by expert, rows in order inside an expert)."""
+    order_A = key_A.argsort(stable=True)
+    return torch.empty_like(order_A).scatter_(0, order_A, torch.arange(key_A.numel(), device=key_A.device))
+
+
 def count_per_expert(expert_A: torch.Tensor, num_experts: int, valid_A: torch.Tensor | None = None) -> torch.Tensor:
     """counts_E (long): assignments per expert, valid ones only. A scatter-add into a fixed [E] buffer (bincount's
     output size depends on the data, which torch.compile cannot trace without a graph break)."""
@@ -110,8 +117,7 @@ def plan_capacity(expert_A: torch.Tensor, weight_A: torch.Tensor, valid_A: torch
     E, A = num_experts, expert_A.numel()
     expert_eff_A = expert_A if valid_A is None else torch.where(valid_A, expert_A, torch.full_like(expert_A, E))
     key_A = expert_eff_A.double() * 2.0 + (1.0 - weight_A.detach().double())
-    order_A = key_A.argsort(stable=True)
-    rank_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(A, device=expert_A.device))
+    rank_A = sorted_position(key_A)
     counts_E1 = count_per_expert(expert_eff_A, E + 1)
     start_E1 = counts_E1.cumsum(0) - counts_E1
     pos_A = rank_A - start_E1.gather(0, expert_eff_A)

@@ -43,7 +43,7 @@ from torch import nn
 
 from .base import MoEOutput, TokenMoE, check_input, static_output
 from .config import MoEConfig
-from .dispatch import dispatch_rows, gather_rows, plan_static
+from .dispatch import dispatch_rows, gather_rows, plan_static, sorted_position
 from .experts import KERNELS, ExpertLayout, SwiGLU, grouped_mm_supported, plan_layout, run_experts
 from .router import FP32Linear, load_balancing_loss, route_from_logits, router_z_loss, tokens_per_expert
 
@@ -207,9 +207,7 @@ class ExpertParallelTokenMoE(TokenMoE):
         counts_E = tokens_per_expert(routing.experts_NK, self.num_experts)
 
         # assignments sorted by expert = by destination rank; one row each in the send buffer
-        expert_A = routing.experts_NK.reshape(-1)
-        order_A = expert_A.argsort(stable=True)
-        sorted_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(V * K, device=x_ND.device))
+        sorted_A = sorted_position(routing.experts_NK.reshape(-1))
         send_AD = dispatch_rows(x_VD, sorted_A.view(V, K), V * K)
 
         # counts per (source rank, local expert), then one host read of every split size

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dispatch import sorted_position
+
 
 def _init_uniform_(w: torch.Tensor, fan_in: int) -> None:
     """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), so grouped and per-expert
@@ -127,9 +129,7 @@ def plan_layout(expert_A: torch.Tensor, counts_E: torch.Tensor, kernel: str) -> 
     """slot_A: the buffer row of each assignment (experts in order, assignments in order inside an expert),
     and the buffer layout for `kernel`. One stable argsort; the padded kernel also reads counts_E on the host."""
     A = expert_A.numel()
-    order_A = expert_A.argsort(stable=True)
-    rank_A = torch.empty_like(order_A)
-    rank_A[order_A] = torch.arange(A, device=expert_A.device)     # row in the sorted (grouped) layout
+    rank_A = sorted_position(expert_A)                           # row in the sorted (grouped) layout
     if kernel == "grouped":
         return rank_A, ExpertLayout("grouped", A, offs_E=counts_E.cumsum(0).to(torch.int32))
     counts = counts_E.tolist()
