@@ -194,6 +194,20 @@ def test_all_windows_batches_hold_every_start_frame(tiny_shards):
     assert not first["y"][0, :, :, 1:].any()
 
 
+class RecordingPersistence(Persistence):
+    """Persistence that remembers every input window it was asked to forecast (one digest per sample)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def rollout(self, x, steps, channel_mask=None):
+        import hashlib
+
+        self.seen.update(hashlib.sha1(s.numpy().tobytes()).hexdigest() for s in x)
+        return super().rollout(x, steps, channel_mask)
+
+
 def _dist_worker(rank: int, port: int, cfg, out: str) -> None:
     import json
 
@@ -202,10 +216,11 @@ def _dist_worker(rank: int, port: int, cfg, out: str) -> None:
     from nestor_ds.eval import evaluate_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    report = evaluate_model(Persistence(), cfg.datasets, cfg, rollout_steps=2, batch_size=2, rank=rank,
-                            world_size=2, progress=False)
+    model = RecordingPersistence()
+    # no rank/world_size given: the split is torch.distributed's
+    report = evaluate_model(model, cfg.datasets, cfg, rollout_steps=2, batch_size=2, progress=False)
     with open(f"{out}.{rank}", "w") as f:
-        json.dump(report, f)
+        json.dump({"report": report, "seen": sorted(model.seen)}, f)
     dist.destroy_process_group()
 
 
@@ -221,9 +236,12 @@ def test_distributed_reduction_equals_single_process(tiny_shards, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_dist_worker, args=(port, tiny_shards, str(tmp_path / "r")), nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"r.{i}").read_text()) for i in range(2))
-    single = evaluate_model(Persistence(), tiny_shards.datasets, tiny_shards, rollout_steps=2, batch_size=2,
+    (r0, seen0), (r1, seen1) = ((d["report"], set(d["seen"])) for d in
+                                (json.loads((tmp_path / f"r.{i}").read_text()) for i in range(2)))
+    model = RecordingPersistence()
+    single = evaluate_model(model, tiny_shards.datasets, tiny_shards, rollout_steps=2, batch_size=2,
                             progress=False)
+    assert not seen0 & seen1 and seen0 | seen1 == model.seen  # disjoint shares that together cover the test split
     assert r0["datasets"] == r1["datasets"]  # every rank returns the full report
     a, b = r0["datasets"]["pers"], single["datasets"]["pers"]
     # 3 + 2 trajectories of 5 windows each: uneven ranks (lock-step padding); 4 windows each with 2 frames left

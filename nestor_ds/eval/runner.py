@@ -117,6 +117,13 @@ def _lockstep(batches: Iterable[dict], world_size: int, device: torch.device) ->
         yield last, False
 
 
+def _share(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size) of the split: as given, else torch.distributed's, else one process scoring everything."""
+    if rank is None and world_size is None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return rank or 0, world_size or 1
+
+
 def _names(spec: Any, i: int) -> tuple[str, list[str]]:
     """Dataset name and channel names (from the shard manifest; c0, c1, ... when it has none)."""
     from nestor_ds.data import load_manifest
@@ -130,7 +137,8 @@ def _names(spec: Any, i: int) -> tuple[str, list[str]]:
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_cfg: Any = None, rollout_steps: int | None = None,
-                   batch_size: int = 4, device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
+                   batch_size: int = 4, device: str | torch.device = "cpu", rank: int | None = None,
+                   world_size: int | None = None,
                    *, max_trajectories: int | None = None, spectrum: SpectrumConfig | None = None,
                    progress: bool = True, dtype: torch.dtype | None = None, windows: str = "all") -> dict[str, Any]:
     """Evaluate `model` on the test split of each dataset; every rank returns the same report dict.
@@ -141,8 +149,9 @@ def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_c
 
     datasets: the DatasetSpecs to score (dataset_id = position), or a DataConfig (then its `.datasets`
     are scored and it is also the data_cfg). rollout_steps: frames to roll out autoregressively;
-    None -> min(available, dataset's rollout_steps). rank/world_size split the test trajectories
-    (the default 1 process scores them all, which is also right when every rank should see the same).
+    None -> min(available, dataset's rollout_steps). rank/world_size split the test trajectories; by
+    default they are torch.distributed's (each rank scores a disjoint share, the sums are all-reduced, every
+    rank gets the report one process would), or 0/1 without a process group.
     Report: {"datasets": {name: {...}}, "mean": {...}, "settings": {...}} with, per dataset, the mean
     over samples and real channels of the one-step L2RE, the rollout L2RE (over all K frames), the
     L2RE at each rollout step, and the relative energy-spectrum error per wavenumber band -- each
@@ -155,6 +164,7 @@ def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_c
         datasets = datasets.datasets
     if data_cfg is None:
         raise ValueError("evaluate_model: data_cfg (DataConfig) is required when datasets is a list of specs")
+    rank, world_size = _share(rank, world_size)
     spectrum = spectrum or SpectrumConfig()
     device = torch.device(device)
     was_training = model.training

@@ -111,9 +111,6 @@ class Nestor(ForecastModel):
         self.blocks = nn.ModuleList(NestorBlock(cfg) for _ in range(cfg.depth))
         self.configure_spectral()
 
-    def image_moes(self) -> list[ImageMoE]:
-        return [b.moe for b in self.blocks]
-
     def forward(self, x: torch.Tensor, channel_mask: torch.Tensor | None = None) -> ModelOutput:
         self.check_input(x, channel_mask)
         z = self.encoder(x)
