@@ -5,7 +5,7 @@
 
 Backends: "local" (plain PyTorch, dropless or static routing; expert parallel with all-to-all-v when
 ep_size > 1, see expert_parallel.py) and "megablocks" (MegaBlocks dMoE, CUDA only). DeepSpeed's legacy
-deepspeed.moe.layer.MoE backend was removed (slower at every measured size, docs/benchmarks.md);
+deepspeed.moe.layer.MoE backend was removed (slower than the local one: docs/benchmarks.md);
 tools/bench_moe_ep.py still runs it for comparison.
 """
 

@@ -5,7 +5,8 @@ Shape legend: N rows (tokens or samples), K routes per row, A = N*K assignments,
 (rows per expert), S rows of an expert-major buffer, D width (any trailing size).
 
 Dispatch and combine are written as gathers in both directions (`dispatch_rows`, `gather_rows`): the
-backward of a plain index_select is a scatter-add, which on CPU runs several times slower than a gather.
+backward of a plain index_select is a scatter-add, slower than a gather on CPU (timings: docs/benchmarks.md,
+"Model step").
 
 Static routing (`plan_capacity`) gives every expert a fixed buffer of C rows. Everything is computed on the
 device with shapes that depend only on (N, K, E, C): no `.item()`, `.tolist()`, `nonzero` or boolean-mask

@@ -8,9 +8,10 @@ SwiGLU(x) = W2 (silu(W1 x) * W3 x), no biases.
 Two kernels for the E experts, chosen per device (same math, same parameters):
   - "grouped": rows sorted by expert, one torch._grouped_mm per projection (fast on Hopper GPUs);
   - "padded": each expert's rows cut into chunks of C rows (the last one zero-padded), one torch.bmm per
-    projection over the J chunks with each chunk's expert weights. On CPU torch._grouped_mm and its backward
-    loop over per-expert matmuls and run at about half the rate of one MKL batched matmul; C is chosen from
-    the expert loads so that an unbalanced router (e.g. at initialisation) wastes little on padding.
+    projection over the J chunks with each chunk's expert weights: the fallback where grouped_mm does not run
+    (fp64, unaligned widths, GPUs without it) and the layout of static routing's fixed buffers. C is chosen
+    from the expert loads so that an unbalanced router (e.g. at initialisation) wastes little on padding.
+Timings of both kernels: docs/benchmarks.md ("Model step").
 """
 
 from __future__ import annotations
