@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from nestor_ds.eval.metrics import (SpectrumConfig, band_edges, energy_spectrum, l2re, l2re_per_step, masked_mean,
-                                    spectrum_band_error)
+from nestor_ds.eval.metrics import (
+    SpectrumConfig,
+    band_edges,
+    energy_spectrum,
+    l2re,
+    l2re_per_step,
+    masked_mean,
+    spectrum_band_error,
+)
 
 
 def decaying_trajectory(steps: int, c: float = 0.8, n: int = 16) -> torch.Tensor:
@@ -160,7 +167,8 @@ def test_evaluate_model_persistence_matches_hand_computation(tiny_shards, window
                             progress=False, windows=windows)
     r = report["datasets"]["pers"]
     one, roll, curve, n, n_roll = hand_persistence(tiny_shards, K=3, windows=windows)  # K = the dataset's rollout_steps
-    # 5 test trajectories of T = 7 frames, t_in = 2: first -> 5 windows; all -> 5 start frames each, 3 with K frames left
+    # 5 test trajectories of T = 7 frames, t_in = 2: first -> 5 windows; all -> 5 start frames each, 3 with K frames
+    # left
     assert (n, n_roll) == ((5, 5) if windows == "first" else (25, 15))
     assert r["n_samples"] == n and r["n_rollout_windows"] == n_roll and r["rollout_steps"] == 3
     assert r["windows"] == report["settings"]["windows"] == windows
@@ -171,7 +179,8 @@ def test_evaluate_model_persistence_matches_hand_computation(tiny_shards, window
     assert set(r["spectrum_err_rollout"]) == {"low", "mid", "high"}
     assert report["mean"]["l2re_1step"] == pytest.approx(one, rel=1e-6)
     # a DataConfig works as `datasets` too (the engine's call), and the result does not depend on the batch size
-    again = evaluate_model(Persistence(), tiny_shards, rollout_steps=None, batch_size=3, progress=False, windows=windows)
+    again = evaluate_model(Persistence(), tiny_shards, rollout_steps=None, batch_size=3, progress=False,
+                           windows=windows)
     assert again["datasets"]["pers"]["l2re_rollout"] == pytest.approx(r["l2re_rollout"], rel=1e-12)
 
 
@@ -182,7 +191,7 @@ def test_all_windows_batches_hold_every_start_frame(tiny_shards):
     from nestor_ds.data import build_eval_batches, read_trajectories
 
     batches = list(build_eval_batches(tiny_shards.datasets[0], tiny_shards, 0, 4, windows="all", horizon=3))
-    starts = [(i, s) for b in batches for i, s in zip(b["traj_index"].tolist(), b["start_frame"].tolist())]
+    starts = [(i, s) for b in batches for i, s in zip(b["traj_index"].tolist(), b["start_frame"].tolist(), strict=True)]
     assert starts == [(i, s) for i in range(5) for s in range(2, 7)]
     steps = [n for b in batches for n in b["y_steps"].tolist()]
     assert steps == [3, 3, 3, 2, 1] * 5

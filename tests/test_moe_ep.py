@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 from nestor_ds.procs import free_port
+
+REPO = Path(__file__).resolve().parents[1]
 
 D, E, N_RANK = 16, 4, 10  # width, experts, rows per rank
 

@@ -8,8 +8,14 @@ import torch.nn.functional as F
 
 from nestor_ds.model import build_model, get_preset
 from nestor_ds.model.afno import SpectralMixing, complex_block
-from nestor_ds.model.spectral import (dft_forward_modes, dft_inverse_modes, dft_matrices, irfft2_modes, kept_modes,
-                                      rfft2_modes)
+from nestor_ds.model.spectral import (
+    dft_forward_modes,
+    dft_inverse_modes,
+    dft_matrices,
+    irfft2_modes,
+    kept_modes,
+    rfft2_modes,
+)
 
 
 def complex_reference(m: SpectralMixing, x_BDHW: torch.Tensor) -> torch.Tensor:
@@ -79,7 +85,8 @@ def test_spectral_mixing_equals_complex_fft_version(spectral, grid, modes, other
         assert y.abs().max() > 1e-3          # the mixing is not trivially zero after soft-shrinkage
         torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grads[0], grads_ref[0], atol=1e-5, rtol=1e-5)
-        for a, b in zip(grads[1:], grads_ref[1:]):   # weight gradients sum ~300 products: 1e-5 of their scale
+        # weight gradients sum ~300 products: 1e-5 of their scale
+        for a, b in zip(grads[1:], grads_ref[1:], strict=True):
             torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-5)
 
 

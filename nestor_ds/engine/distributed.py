@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 
@@ -59,7 +58,7 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local_rank, local_world, device)
 
 
-def resolve_ep_size(requested: Union[int, str], world_size: int, num_experts: int, backend: str,
+def resolve_ep_size(requested: int | str, world_size: int, num_experts: int, backend: str,
                     zero_stage: int = 0) -> int:
     """``auto``: the largest size dividing both the world size and the token-expert count (``local`` and the
     legacy ``deepspeed`` backend); 1 under ZeRO-3 (DeepSpeed partitions MoE parameters only up to stage 2), for
@@ -73,7 +72,8 @@ def resolve_ep_size(requested: Union[int, str], world_size: int, num_experts: in
             raise ValueError(f"model.moe.ep_size={requested}: {why}")
         return 1
     if requested == "auto":
-        return max(d for d in range(1, min(world_size, num_experts) + 1) if world_size % d == 0 and num_experts % d == 0)
+        return max(d for d in range(1, min(world_size, num_experts) + 1)
+                   if world_size % d == 0 and num_experts % d == 0)
     ep = int(requested)
     if world_size % ep or num_experts % ep:
         raise ValueError(
@@ -84,7 +84,7 @@ def resolve_ep_size(requested: Union[int, str], world_size: int, num_experts: in
 
 
 def setup_expert_parallel(model: torch.nn.Module, ep_size: int,
-                          lockstep: bool = False) -> Optional["torch.distributed.ProcessGroup"]:
+                          lockstep: bool = False) -> torch.distributed.ProcessGroup | None:
     """Create the process groups the model's MoE layers need and hand them over, before deepspeed.initialize.
 
     The expert-parallel groups (consecutive ranks, ep_size > 1) are created in DeepSpeed's group registry
@@ -123,7 +123,7 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def all_reduce_host(t: torch.Tensor, op: "torch.distributed.ReduceOp.RedOpType" = None, group=None) -> torch.Tensor:
+def all_reduce_host(t: torch.Tensor, op: torch.distributed.ReduceOp.RedOpType = None, group=None) -> torch.Tensor:
     """In-place all-reduce of a small host-side tensor (statistics, flags) whatever the backend.
 
     NCCL reduces only CUDA tensors ("No backend type associated with device type cpu", seen on an H200), gloo only

@@ -63,7 +63,7 @@ def dft_matrices(h: int, w: int, kx: int, ky: int, device: torch.device | str | 
     gh = torch.stack([torch.stack([c.T, -s.T], dim=1), torch.stack([s.T, c.T], dim=1)], dim=1).reshape(2 * h, 2 * kx)
     alpha_Ky = _c2r_weights(w, ky, cpu).to(f64)
     gw = torch.cat([alpha_Ky[:, None] * phi_WKy.T.cos(), -alpha_Ky[:, None] * phi_WKy.T.sin()], dim=0) / math.sqrt(w)
-    return {name: t.to(device=device, dtype=dtype) for name, t in zip(DFT_MATRICES, (fw, fh, gh, gw))}
+    return {name: t.to(device=device, dtype=dtype) for name, t in zip(DFT_MATRICES, (fw, fh, gh, gw), strict=True)}
 
 
 def dft_forward_modes(x_BDHW: torch.Tensor, mats: dict[str, torch.Tensor]) -> torch.Tensor:

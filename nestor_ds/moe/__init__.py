@@ -15,8 +15,15 @@ from .base import MoEOutput, TokenMoE
 from .config import MoEConfig
 from .experts import GroupedSwiGLU, SwiGLU, grouped_mm_supported
 from .local import LocalTokenMoE
-from .router import (Routing, TopKRouter, expert_load_stats, load_balancing_loss, route_from_logits,
-                     router_z_loss, tokens_per_expert)
+from .router import (
+    Routing,
+    TopKRouter,
+    expert_load_stats,
+    load_balancing_loss,
+    route_from_logits,
+    router_z_loss,
+    tokens_per_expert,
+)
 
 __all__ = [
     "MoEConfig", "MoEOutput", "TokenMoE", "build_token_moe", "LocalTokenMoE", "GroupedSwiGLU", "SwiGLU",
