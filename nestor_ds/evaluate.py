@@ -133,12 +133,14 @@ def log_to_mlflow(report: dict[str, Any], args: argparse.Namespace, run_cfg: dic
 
 def print_summary(report: dict[str, Any]) -> None:
     bands = report["settings"]["spectrum_bands"]
-    print(f"windows: {report['settings']['windows']} (n = scored one-step windows; rollout over windows with K frames left)")
+    print(f"windows: {report['settings']['windows']} "
+          "(n = scored one-step windows; rollout over windows with K frames left)")
     print(f"{'dataset':24s} {'n':>5s} {'K':>4s} {'L2RE 1-step':>12s} {'L2RE rollout':>13s}  "
           + " ".join(f"spec-{b:>5s}" for b in bands))
     for ds, r in report["datasets"].items():
         spec = " ".join(f"{r['spectrum_err_rollout'][b]:10.4f}" for b in bands)
-        print(f"{ds:24s} {r['n_samples']:5d} {r['rollout_steps']:4d} {r['l2re_1step']:12.5f} {r['l2re_rollout']:13.5f}  {spec}")
+        print(f"{ds:24s} {r['n_samples']:5d} {r['rollout_steps']:4d} {r['l2re_1step']:12.5f} "
+              f"{r['l2re_rollout']:13.5f}  {spec}")
     print(f"{'mean':24s} {'':5s} {'':4s} {report['mean']['l2re_1step']:12.5f} {report['mean']['l2re_rollout']:13.5f}")
 
 

@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from nestor_ds.eval.metrics import (SpectrumConfig, band_edges, energy_spectrum, l2re, l2re_per_step, masked_mean,
-                                    spectrum_band_error)
+from nestor_ds.eval.metrics import (
+    SpectrumConfig,
+    band_edges,
+    energy_spectrum,
+    l2re,
+    l2re_per_step,
+    masked_mean,
+    spectrum_band_error,
+)
 
 
 def decaying_trajectory(steps: int, c: float = 0.8, n: int = 16) -> torch.Tensor:
@@ -160,7 +167,8 @@ def test_evaluate_model_persistence_matches_hand_computation(tiny_shards, window
                             progress=False, windows=windows)
     r = report["datasets"]["pers"]
     one, roll, curve, n, n_roll = hand_persistence(tiny_shards, K=3, windows=windows)  # K = the dataset's rollout_steps
-    # 5 test trajectories of T = 7 frames, t_in = 2: first -> 5 windows; all -> 5 start frames each, 3 with K frames left
+    # 5 test trajectories of T = 7 frames, t_in = 2: first -> 5 windows; all -> 5 start frames each, 3 with K frames
+    # left
     assert (n, n_roll) == ((5, 5) if windows == "first" else (25, 15))
     assert r["n_samples"] == n and r["n_rollout_windows"] == n_roll and r["rollout_steps"] == 3
     assert r["windows"] == report["settings"]["windows"] == windows
@@ -171,7 +179,8 @@ def test_evaluate_model_persistence_matches_hand_computation(tiny_shards, window
     assert set(r["spectrum_err_rollout"]) == {"low", "mid", "high"}
     assert report["mean"]["l2re_1step"] == pytest.approx(one, rel=1e-6)
     # a DataConfig works as `datasets` too (the engine's call), and the result does not depend on the batch size
-    again = evaluate_model(Persistence(), tiny_shards, rollout_steps=None, batch_size=3, progress=False, windows=windows)
+    again = evaluate_model(Persistence(), tiny_shards, rollout_steps=None, batch_size=3, progress=False,
+                           windows=windows)
     assert again["datasets"]["pers"]["l2re_rollout"] == pytest.approx(r["l2re_rollout"], rel=1e-12)
 
 
@@ -182,7 +191,7 @@ def test_all_windows_batches_hold_every_start_frame(tiny_shards):
     from nestor_ds.data import build_eval_batches, read_trajectories
 
     batches = list(build_eval_batches(tiny_shards.datasets[0], tiny_shards, 0, 4, windows="all", horizon=3))
-    starts = [(i, s) for b in batches for i, s in zip(b["traj_index"].tolist(), b["start_frame"].tolist())]
+    starts = [(i, s) for b in batches for i, s in zip(b["traj_index"].tolist(), b["start_frame"].tolist(), strict=True)]
     assert starts == [(i, s) for i in range(5) for s in range(2, 7)]
     steps = [n for b in batches for n in b["y_steps"].tolist()]
     assert steps == [3, 3, 3, 2, 1] * 5
@@ -194,6 +203,20 @@ def test_all_windows_batches_hold_every_start_frame(tiny_shards):
     assert not first["y"][0, :, :, 1:].any()
 
 
+class RecordingPersistence(Persistence):
+    """Persistence that remembers every input window it was asked to forecast (one digest per sample)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def rollout(self, x, steps, channel_mask=None):
+        import hashlib
+
+        self.seen.update(hashlib.sha1(s.numpy().tobytes()).hexdigest() for s in x)
+        return super().rollout(x, steps, channel_mask)
+
+
 def _dist_worker(rank: int, port: int, cfg, out: str) -> None:
     import json
 
@@ -202,10 +225,11 @@ def _dist_worker(rank: int, port: int, cfg, out: str) -> None:
     from nestor_ds.eval import evaluate_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    report = evaluate_model(Persistence(), cfg.datasets, cfg, rollout_steps=2, batch_size=2, rank=rank,
-                            world_size=2, progress=False)
+    model = RecordingPersistence()
+    # no rank/world_size given: the split is torch.distributed's
+    report = evaluate_model(model, cfg.datasets, cfg, rollout_steps=2, batch_size=2, progress=False)
     with open(f"{out}.{rank}", "w") as f:
-        json.dump(report, f)
+        json.dump({"report": report, "seen": sorted(model.seen)}, f)
     dist.destroy_process_group()
 
 
@@ -221,9 +245,12 @@ def test_distributed_reduction_equals_single_process(tiny_shards, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_dist_worker, args=(port, tiny_shards, str(tmp_path / "r")), nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"r.{i}").read_text()) for i in range(2))
-    single = evaluate_model(Persistence(), tiny_shards.datasets, tiny_shards, rollout_steps=2, batch_size=2,
+    (r0, seen0), (r1, seen1) = ((d["report"], set(d["seen"])) for d in
+                                (json.loads((tmp_path / f"r.{i}").read_text()) for i in range(2)))
+    model = RecordingPersistence()
+    single = evaluate_model(model, tiny_shards.datasets, tiny_shards, rollout_steps=2, batch_size=2,
                             progress=False)
+    assert not seen0 & seen1 and seen0 | seen1 == model.seen  # disjoint shares that together cover the test split
     assert r0["datasets"] == r1["datasets"]  # every rank returns the full report
     a, b = r0["datasets"]["pers"], single["datasets"]["pers"]
     # 3 + 2 trajectories of 5 windows each: uneven ranks (lock-step padding); 4 windows each with 2 frames left

@@ -15,6 +15,7 @@ from nestor_ds.model import build_model, get_preset, list_presets
 from nestor_ds.model.config import ModelConfig
 from nestor_ds.model.flops import account, forward_flops, measured_flops, param_counts
 from nestor_ds.model.image_moe import ImageMoE
+from nestor_ds.model.parallelize import apply_expert_parallel
 from nestor_ds.moe import LocalTokenMoE
 
 torch.set_num_threads(1)
@@ -80,7 +81,8 @@ def test_from_dict_nested_moe_and_overrides():
     cfg2 = get_preset("nestor-ti", {"depth": 3, "moe.num_experts": 4, "moe": {"top_k": 1}})
     assert (cfg2.depth, cfg2.moe.num_experts, cfg2.moe.top_k, cfg2.width) == (3, 4, 1, 512)
     assert get_preset("nestor-ti").moe.num_experts == 6        # presets are not mutated
-    assert {"nestor-ti", "nestor-s", "nestor-m", "nestor-l", "afno-ti", "nestor-tiny", "afno-tiny"} <= set(list_presets())
+    assert ({"nestor-ti", "nestor-s", "nestor-m", "nestor-l", "afno-ti", "nestor-tiny", "afno-tiny"}
+            <= set(list_presets()))
 
 
 def test_preset_parameter_counts():
@@ -140,11 +142,11 @@ def test_image_lb_loss_matches_formula_on_hand_built_case():
     # the formula by hand: lb = E * sum_i f_i P_i
     E, K, B = 4, 2, 4
     logits = [[3.0 * pooled[b, i].item() + [0.5, 0.0, -0.5, 0.2][i] for i in range(E)] for b in range(B)]
-    probs = [[math.exp(l) / sum(math.exp(m) for m in row) for l in row] for row in logits]
+    probs = [[math.exp(v) / sum(math.exp(m) for m in row) for v in row] for row in logits]
     topk = [sorted(range(E), key=lambda i: -p[i])[:K] for p in probs]
     f = [sum(i in t for t in topk) / (K * B) for i in range(E)]
     P = [sum(p[i] for p in probs) / B for i in range(E)]
-    expected = E * sum(fi * Pi for fi, Pi in zip(f, P))
+    expected = E * sum(fi * Pi for fi, Pi in zip(f, P, strict=True))
     assert out.image_lb.item() == pytest.approx(expected, rel=1e-6)
     assert [sorted(t) for t in topk] == [sorted(t) for t in out.routing.image_topk_idx.tolist()]
     assert out.routing.image_counts.tolist() == [round(fi * K * B) for fi in f]
@@ -203,7 +205,7 @@ def test_forced_padding_changes_nothing():
     assert torch.allclose(got.pred, ref.pred, atol=1e-5)
     for k in ref.aux_losses:
         assert got.aux_losses[k].item() == pytest.approx(ref.aux_losses[k].item(), rel=1e-5)
-    for a, b in zip(got.routing, ref.routing):
+    for a, b in zip(got.routing, ref.routing, strict=True):
         assert torch.equal(a.token_counts, b.token_counts)
 
 
@@ -225,7 +227,7 @@ def _ep_worker(rank: int, world: int, port: int, queue) -> None:
     moe = build_model(cfg).blocks[0].moe.eval()
     # pretend the token experts are sharded: the dispatch must pad groups to the group-wide maximum
     moe.cfg = dataclasses.replace(moe.cfg, moe=dataclasses.replace(moe.cfg.moe, ep_size=world))
-    moe.ep_group = dist.group.WORLD
+    apply_expert_parallel(moe, dist.group.WORLD)
     sizes: list[tuple[int, int]] = []
     for e, ex in enumerate(moe.experts):
         ex.moe.register_forward_hook(lambda m, a, o, e=e: sizes.append((e, a[0].shape[0])))
@@ -253,7 +255,7 @@ def test_expert_parallel_padding_two_ranks():
     assert same0 and same1                             # padding does not change the result
     assert counts0 != counts1                          # the ranks did route differently
     # identical call sequence on both ranks, each with (group maximum of samples) x 16 tokens rows
-    expected = [(e, max(a, b) * 16) for e, (a, b) in enumerate(zip(counts0, counts1)) if max(a, b) > 0]
+    expected = [(e, max(a, b) * 16) for e, (a, b) in enumerate(zip(counts0, counts1, strict=True)) if max(a, b) > 0]
     assert sizes0 == sizes1 == expected
 
 

@@ -5,19 +5,14 @@ tests/test_moe_ep.py."""
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-
-from nestor_ds.moe import (LocalTokenMoE, MoEConfig, build_token_moe, expert_load_stats,
-                           grouped_mm_supported)
-from nestor_ds.moe.experts import chunk_rows
+from nestor_ds.moe import LocalTokenMoE, MoEConfig, build_token_moe, expert_load_stats, grouped_mm_supported
 from nestor_ds.moe.dispatch import dispatch_rows, gather_rows, plan_capacity
+from nestor_ds.moe.experts import chunk_rows
 
 D, F_HID, E, K = 16, 16, 4, 2  # 16 fp32 = 64 bytes: grouped_mm runs on CPU
 
@@ -172,7 +167,7 @@ def test_load_balancing_loss_on_hand_built_routing():
     f = [sum(p.count(e) for p in pairs) / (K * n) for e in range(E)]  # [4, 3, 2, 1] / 10
     probs = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in logits]
     P = [sum(row[e] for row in probs) / n for e in range(E)]
-    expected = E * sum(fi * pi for fi, pi in zip(f, P))
+    expected = E * sum(fi * pi for fi, pi in zip(f, P, strict=True))
     assert out.tokens_per_expert_E.tolist() == [4, 3, 2, 1]
     assert out.lb_loss.item() == pytest.approx(expected, rel=1e-6)
 
@@ -355,8 +350,11 @@ def test_megablocks_backend_missing_names_requirements_file():
 def test_expert_parallel_layout_tags_roundtrip_and_group_required():
     """The ep 2 module on each rank holds its slice of the ep 1 weights under DeepSpeed-MoE's names and tags (what
     DeepSpeed's engine needs for MoE gradient groups and per-expert checkpoint files); the layout converts back."""
-    from nestor_ds.moe.expert_parallel import ExpertParallelTokenMoE, expert_parallel_state_from_local, \
-        local_state_from_expert_parallel
+    from nestor_ds.moe.expert_parallel import (
+        ExpertParallelTokenMoE,
+        expert_parallel_state_from_local,
+        local_state_from_expert_parallel,
+    )
 
     local = make_moe(seed=5)
     torch.manual_seed(5)
@@ -373,7 +371,7 @@ def test_expert_parallel_layout_tags_roundtrip_and_group_required():
     back = local_state_from_expert_parallel(states)
     assert back.keys() == local.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in local.state_dict().items())
-    with pytest.raises(RuntimeError, match="set_expert_parallel_group"):
+    with pytest.raises(RuntimeError, match="apply_expert_parallel"):
         ep(torch.randn(3, D))
 
 
@@ -420,7 +418,7 @@ def test_nestor_static_equals_dropless_at_both_levels_without_overflow():
     torch.testing.assert_close(lb, la, atol=1e-6, rtol=1e-5)
     for k in oa.aux_losses:
         torch.testing.assert_close(ob.aux_losses[k], oa.aux_losses[k], atol=1e-6, rtol=1e-5, msg=k)
-    for ra, rb in zip(oa.routing, ob.routing):
+    for ra, rb in zip(oa.routing, ob.routing, strict=True):
         assert torch.equal(ra.token_counts, rb.token_counts) and torch.equal(ra.image_counts, rb.image_counts)
         assert ra.dropped_tokens is None and int(rb.dropped_tokens) == 0
     assert ga.keys() == gb.keys()

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 from nestor_ds.procs import free_port
+
+REPO = Path(__file__).resolve().parents[1]
 
 D, E, N_RANK = 16, 4, 10  # width, experts, rows per rank
 
@@ -29,7 +30,8 @@ def run_case(name: str, k: int, x_global: torch.Tensor, valid_global: torch.Tens
     """Forward + backward on both ranks (training mode) and on the 1-process reference; returns this rank's errors."""
     import torch.distributed as dist
 
-    from nestor_ds.moe import MoEConfig, build_token_moe, set_expert_parallel_group
+    from nestor_ds.model.parallelize import apply_expert_parallel
+    from nestor_ds.moe import MoEConfig, build_token_moe
     from nestor_ds.moe.expert_parallel import local_state_from_expert_parallel
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -42,7 +44,7 @@ def run_case(name: str, k: int, x_global: torch.Tensor, valid_global: torch.Tens
     torch.manual_seed(1234)  # same seed: the expert-parallel model starts from the same weights
     ep = build_token_moe(MoEConfig(num_experts=E, top_k=k, ep_size=world, routing=routing, capacity_factor=cf),
                          D).train()
-    assert set_expert_parallel_group(ep, dist.group.WORLD) == 1
+    assert apply_expert_parallel(ep, dist.group.WORLD) == 1
     if gate is not None:
         with torch.no_grad():
             ep.gate_weight.copy_(gate)

@@ -8,16 +8,22 @@ import torch.nn.functional as F
 
 from nestor_ds.model import build_model, get_preset
 from nestor_ds.model.afno import SpectralMixing, complex_block
-from nestor_ds.model.spectral import (dft_forward_modes, dft_inverse_modes, dft_matrices, irfft2_modes, kept_modes,
-                                      rfft2_modes)
+from nestor_ds.model.spectral import (
+    dft_forward_modes,
+    dft_inverse_modes,
+    dft_matrices,
+    irfft2_modes,
+    kept_modes,
+    rfft2_modes,
+)
 
 
 def complex_reference(m: SpectralMixing, x_BDHW: torch.Tensor) -> torch.Tensor:
     """The spectral mixing as DPOT writes it: complex rfft2, complex block MLP on the kept modes, irfft2."""
     B, D, H, W = x_BDHW.shape
     xf = torch.fft.rfft2(x_BDHW.float(), dim=(2, 3), norm="ortho")
-    K, M = kept_modes(H, W, m.modes)
-    xk = xf[:, :, :K, :M].reshape(B, m.nb, m.bs, K, M).permute(1, 0, 3, 4, 2).reshape(m.nb, -1, m.bs)
+    Kx, Ky = kept_modes(H, W, m.modes)
+    xk = xf[:, :, :Kx, :Ky].reshape(B, m.nb, m.bs, Kx, Ky).permute(1, 0, 3, 4, 2).reshape(m.nb, -1, m.bs)
     h = torch.cat([xk.real, xk.imag], dim=-1)
     b1 = m.b1.permute(1, 0, 2).reshape(m.nb, 1, -1)
     b2 = m.b2.permute(1, 0, 2).reshape(m.nb, 1, -1)
@@ -25,31 +31,31 @@ def complex_reference(m: SpectralMixing, x_BDHW: torch.Tensor) -> torch.Tensor:
     h = torch.bmm(h, complex_block(m.w2)) + b2
     h = F.softshrink(h, m.sparsity)
     yk = torch.complex(h[..., : m.bs], h[..., m.bs:])
-    yk = yk.reshape(m.nb, B, K, M, m.bs).permute(1, 0, 4, 2, 3).reshape(B, D, K, M)
+    yk = yk.reshape(m.nb, B, Kx, Ky, m.bs).permute(1, 0, 4, 2, 3).reshape(B, D, Kx, Ky)
     yf = xf.new_zeros(B, D, H, W // 2 + 1)
-    yf[:, :, :K, :M] = yk
+    yf[:, :, :Kx, :Ky] = yk
     return torch.fft.irfft2(yf, s=(H, W), dim=(2, 3), norm="ortho")
 
 
 @pytest.mark.parametrize("h,w,modes", [(16, 16, 32), (16, 16, 5), (8, 12, 3), (7, 9, 32)])
 def test_real_transforms_equal_torch_fft_values_and_gradients(h, w, modes):
     """Both complex-free transform pairs against torch.fft, forward and transposed (backward), float32."""
-    K, M = kept_modes(h, w, modes)
-    mats = dft_matrices(h, w, K, M)
+    Kx, Ky = kept_modes(h, w, modes)
+    mats = dft_matrices(h, w, Kx, Ky)
     g = torch.Generator().manual_seed(h * w + modes)
     x = torch.randn(3, h, w, generator=g, requires_grad=True)
-    y = torch.randn(3, 2, K, M, generator=g, requires_grad=True)
-    gx, gy = torch.randn(3, 2, K, M, generator=g), torch.randn(3, h, w, generator=g)
+    y = torch.randn(3, 2, Kx, Ky, generator=g, requires_grad=True)
+    gx, gy = torch.randn(3, 2, Kx, Ky, generator=g), torch.randn(3, h, w, generator=g)
 
-    xf = torch.fft.rfft2(x, norm="ortho")[:, :K, :M]
+    xf = torch.fft.rfft2(x, norm="ortho")[:, :Kx, :Ky]
     ref_fwd = torch.stack([xf.real, xf.imag], dim=1)
     full = torch.zeros(3, h, w // 2 + 1, dtype=torch.complex64)
-    full[:, :K, :M] = torch.complex(y[:, 0], y[:, 1])
+    full[:, :Kx, :Ky] = torch.complex(y[:, 0], y[:, 1])
     ref_inv = torch.fft.irfft2(full, s=(h, w), norm="ortho")
     ref_dx, = torch.autograd.grad((ref_fwd * gx).sum(), x)
     ref_dy, = torch.autograd.grad((ref_inv * gy).sum(), y)
     for fwd, inv in ((lambda t: dft_forward_modes(t, mats), lambda t: dft_inverse_modes(t, mats)),
-                     (lambda t: rfft2_modes(t, K, M), lambda t: irfft2_modes(t, h, w))):
+                     (lambda t: rfft2_modes(t, Kx, Ky), lambda t: irfft2_modes(t, h, w))):
         out_f, out_i = fwd(x), inv(y)
         torch.testing.assert_close(out_f, ref_fwd, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out_i, ref_inv, atol=1e-5, rtol=1e-5)
@@ -79,7 +85,8 @@ def test_spectral_mixing_equals_complex_fft_version(spectral, grid, modes, other
         assert y.abs().max() > 1e-3          # the mixing is not trivially zero after soft-shrinkage
         torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grads[0], grads_ref[0], atol=1e-5, rtol=1e-5)
-        for a, b in zip(grads[1:], grads_ref[1:]):   # weight gradients sum ~300 products: 1e-5 of their scale
+        # weight gradients sum ~300 products: 1e-5 of their scale
+        for a, b in zip(grads[1:], grads_ref[1:], strict=True):
             torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-5)
 
 
@@ -89,7 +96,7 @@ def test_modes_share_state_dict_and_outputs():
     a = build_model(get_preset("afno-tiny", {"afno_spectral": "dft"}))
     b = build_model(get_preset("afno-tiny", {"afno_spectral": "fft"}))
     assert list(a.state_dict()) == list(b.state_dict())
-    assert not any("fw_W2M" in k for k in a.state_dict())
+    assert not any("fw_W2Ky" in k for k in a.state_dict())
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 32, 32, a.cfg.t_in, a.cfg.in_channels)
     torch.testing.assert_close(a(x).pred, b(x).pred, atol=1e-5, rtol=1e-5)

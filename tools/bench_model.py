@@ -29,9 +29,7 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
-from typing import Callable
-
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -70,8 +68,8 @@ class ModelBench:
         self.train_flops_per_sample = 3 * (mm + fft)
 
     def step(self) -> None:
-        from nestor_ds.engine.loss import training_loss
         from nestor_ds.config import LossConfig
+        from nestor_ds.engine.loss import training_loss
 
         self.plan.step_begin()
         self.model.zero_grad(set_to_none=True)

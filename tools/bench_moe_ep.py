@@ -13,7 +13,7 @@ sum(out * g), per-rank batches of T tokens. Three contenders, each timed on both
 A step's time is the slower rank's (max all-reduce). Bytes: every all_to_all_single call is counted (input
 bytes, this rank's own chunk included) forward + backward, per rank. Reported: tokens/s per rank,
 `speedup_vs_legacy` (new / legacy) and `ratio_vs_local_ep1` (new / local), per token count, for two inputs:
-  - `tokens`: random rows, balanced router (the best case for the legacy layer's [E, C, D] buffers);
+  - `tokens`: random rows, balanced router (the best case for the legacy layer's [E, Q, D] buffers);
   - `skewed_padded`: what NESTOR's image experts feed the token MoE under expert parallelism: 25% padding rows
     (valid_N False: the legacy layer routes, sends and computes them, as the removed backend did) and a router
     skewed towards expert 0 (rows shifted along its gate row; the dropless capacity of the legacy layer is the
@@ -30,8 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 from nestor_ds.procs import free_port
+
+REPO = Path(__file__).resolve().parents[1]
 
 D, E, K, SHARED_HIDDEN = 512, 6, 2, 341
 SKEW = 0.5 / 8     # shift along expert 0's gate row (x sqrt(D)): expert 0 gets ~1/3 of the assignments
@@ -76,7 +77,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from nestor_ds.moe import MoEConfig, build_token_moe, set_expert_parallel_group
+    from nestor_ds.model.parallelize import apply_expert_parallel
+    from nestor_ds.moe import MoEConfig, build_token_moe
 
     torch.set_num_threads(args.threads)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -85,7 +87,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     cfg = dict(num_experts=E, top_k=K, shared_hidden_ratio=SHARED_HIDDEN / D, routing=args.routing)
     new = build_token_moe(MoEConfig(**cfg, ep_size=2), D).train()
-    set_expert_parallel_group(new, dist.group.WORLD)
+    apply_expert_parallel(new, dist.group.WORLD)
     local = build_token_moe(MoEConfig(**cfg), D).train()
     legacy_run, legacy_modules = _legacy_layer()
 
@@ -102,7 +104,8 @@ def worker(args: argparse.Namespace) -> None:
         if scenario == "skewed_padded":
             x = x + SKEW * direction * D ** 0.5
             valid = torch.arange(tokens) < tokens - tokens // 4
-        contenders = {"new": lambda x: new(x, valid).out_ND, "local": lambda x: local(x, valid).out_ND,
+        contenders = {"new": lambda x, valid=valid: new(x, valid).out_ND,
+                      "local": lambda x, valid=valid: local(x, valid).out_ND,
                       "legacy": legacy_run}
         with torch.no_grad():
             counts = local(x, valid).tokens_per_expert_E.float()

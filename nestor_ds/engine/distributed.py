@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 
@@ -59,7 +58,7 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local_rank, local_world, device)
 
 
-def resolve_ep_size(requested: Union[int, str], world_size: int, num_experts: int, backend: str,
+def resolve_ep_size(requested: int | str, world_size: int, num_experts: int, backend: str,
                     zero_stage: int = 0) -> int:
     """``auto``: the largest size dividing both the world size and the token-expert count (``local`` and the
     legacy ``deepspeed`` backend); 1 under ZeRO-3 (DeepSpeed partitions MoE parameters only up to stage 2), for
@@ -73,7 +72,8 @@ def resolve_ep_size(requested: Union[int, str], world_size: int, num_experts: in
             raise ValueError(f"model.moe.ep_size={requested}: {why}")
         return 1
     if requested == "auto":
-        return max(d for d in range(1, min(world_size, num_experts) + 1) if world_size % d == 0 and num_experts % d == 0)
+        return max(d for d in range(1, min(world_size, num_experts) + 1)
+                   if world_size % d == 0 and num_experts % d == 0)
     ep = int(requested)
     if world_size % ep or num_experts % ep:
         raise ValueError(
@@ -83,28 +83,31 @@ def resolve_ep_size(requested: Union[int, str], world_size: int, num_experts: in
     return ep
 
 
-def setup_expert_parallel(model: torch.nn.Module, ep_size: int) -> Optional["torch.distributed.ProcessGroup"]:
-    """Create the expert-parallel groups (consecutive ranks) and give them to the model, before deepspeed.initialize.
+def setup_expert_parallel(model: torch.nn.Module, ep_size: int,
+                          lockstep: bool = False) -> torch.distributed.ProcessGroup | None:
+    """Create the process groups the model's MoE layers need and hand them over, before deepspeed.initialize.
 
-    DeepSpeed's group registry (``deepspeed.utils.groups``, name ``ep_size_<P>``) is where its engine and ZeRO-1/2
-    look up the expert-data-parallel group over which expert gradients are averaged, so the groups are created
-    there; the model receives its group here, from outside, instead of looking it up in forward. Returns the
+    The expert-parallel groups (consecutive ranks, ep_size > 1) are created in DeepSpeed's group registry
+    (``deepspeed.utils.groups``, name ``ep_size_<P>``): its engine and ZeRO-1/2 look up the expert-data-parallel
+    group there to average expert gradients. ``lockstep`` (ZeRO-3 with several ranks) makes every rank call the same
+    image experts over the whole world, since ZeRO-3 gathers a module's weights collectively when it is called.
+    Both go to the model through `nestor_ds.model.parallelize.apply_expert_parallel`. Returns the expert-parallel
     group (None for ep_size 1).
     """
-    if ep_size <= 1:
-        return None
-    from deepspeed.utils import groups
+    from nestor_ds.model.parallelize import apply_expert_parallel
 
-    from nestor_ds.model.image_moe import set_image_expert_parallel_group
-    from nestor_ds.moe import set_expert_parallel_group
+    ep_group = None
+    if ep_size > 1:
+        from deepspeed.utils import groups
 
-    name = f"ep_size_{ep_size}"
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
-    group = groups._get_expert_parallel_group(name)
-    set_expert_parallel_group(model, group)
-    set_image_expert_parallel_group(model, group)
-    return group
+        name = f"ep_size_{ep_size}"
+        if name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(ep_size)
+        ep_group = groups._get_expert_parallel_group(name)
+    multi_rank = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    lockstep_group = torch.distributed.group.WORLD if lockstep and multi_rank else None
+    apply_expert_parallel(model, ep_group, lockstep_group)
+    return ep_group
 
 
 def set_threads(threads_per_rank: int | None, local_world_size: int) -> int:
@@ -120,7 +123,7 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def all_reduce_host(t: torch.Tensor, op: "torch.distributed.ReduceOp.RedOpType" = None, group=None) -> torch.Tensor:
+def all_reduce_host(t: torch.Tensor, op: torch.distributed.ReduceOp.RedOpType = None, group=None) -> torch.Tensor:
     """In-place all-reduce of a small host-side tensor (statistics, flags) whatever the backend.
 
     NCCL reduces only CUDA tensors ("No backend type associated with device type cpu", seen on an H200), gloo only

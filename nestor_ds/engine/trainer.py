@@ -127,11 +127,8 @@ class Trainer:
 
         torch.manual_seed(derive_seed(self.cfg.train.seed, "init"))  # identical initial weights on every rank
         model = build_model(self.cfg.model)
-        setup_expert_parallel(model, self.ep)  # expert-parallel groups given to the model from outside
-        if self.zero_stage == 3 and self.dist.world_size > 1:
-            from nestor_ds.model.image_moe import use_lockstep_dispatch
-
-            use_lockstep_dispatch(model, torch.distributed.group.WORLD)  # ZeRO-3 gathers weights per module call
+        # process groups given to the model from outside; ZeRO-3 gathers weights per module call: lock-step dispatch
+        setup_expert_parallel(model, self.ep, lockstep=self.zero_stage == 3)
         groups = prepare(model, self.cfg, self.dist) if prepare else {"model": (list(model.parameters()), 1.0)}
         # in place and lazy: state_dict keys unchanged, traced at the first step with the weights DeepSpeed cast
         self.compiled = apply_compile(model, self.cfg.train.compile, self.cfg.train.cuda_graphs, self.dist.device)

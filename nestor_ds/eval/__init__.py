@@ -6,8 +6,7 @@
 
 from __future__ import annotations
 
-from .metrics import (SpectrumConfig, energy_spectrum, l2re, l2re_per_step, masked_mean,
-                      spectrum_band_error)
+from .metrics import SpectrumConfig, energy_spectrum, l2re, l2re_per_step, masked_mean, spectrum_band_error
 from .runner import evaluate_model
 
 __all__ = ["evaluate_model", "SpectrumConfig", "l2re", "l2re_per_step", "masked_mean", "energy_spectrum",

@@ -1,6 +1,6 @@
 """Evaluation metrics, per sample and channel, masked to the real channels.
 
-Shape legend: B samples, X, Y grid, T frames (K rollout steps), C channels (padded), N wavenumber bands.
+Shape legend: B samples, X, Y grid, T frames (rollout steps), C channels (padded), Nb wavenumber bands.
 Every function returns per-sample, per-channel values (the paper's L2RE is "per sample and channel,
 averaged"); `masked_mean` then averages over the real channels only, so padding channels (all-zero
 truth, 0/0 error) never enter a reported number.
@@ -47,12 +47,12 @@ def l2re(pred: torch.Tensor, true: torch.Tensor, channel_mask: torch.Tensor | No
 
 
 def l2re_per_step(pred: torch.Tensor, true: torch.Tensor, channel_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Relative L2 error of each frame separately: [B, X, Y, K, C] pair -> [B, K, C] (the rollout error curve)."""
+    """Relative L2 error of each frame separately: [B, X, Y, T, C] pair -> [B, T, C] (the rollout error curve)."""
     _check_pair(pred, true, channel_mask)
     diff = (pred.double() - true.double()).square().sum(dim=(1, 2)).sqrt()
     norm = true.double().square().sum(dim=(1, 2)).sqrt()
-    err_BKC = diff / norm.clamp_min(EPS)
-    return err_BKC if channel_mask is None else err_BKC * channel_mask[:, None, :].to(err_BKC.dtype)
+    err_BTC = diff / norm.clamp_min(EPS)
+    return err_BTC if channel_mask is None else err_BTC * channel_mask[:, None, :].to(err_BTC.dtype)
 
 
 def masked_mean(values: torch.Tensor, channel_mask: torch.Tensor | None) -> torch.Tensor:
@@ -133,7 +133,7 @@ def band_edges(k_max: int, cfg: SpectrumConfig) -> list[tuple[int, int]]:
 
 def spectrum_band_error(pred: torch.Tensor, true: torch.Tensor, channel_mask: torch.Tensor | None = None,
                         cfg: SpectrumConfig | None = None) -> torch.Tensor:
-    """Energy-spectrum error per wavenumber band: [B, X, Y, T, C] pair -> [B, N, C] (float64).
+    """Energy-spectrum error per wavenumber band: [B, X, Y, T, C] pair -> [B, Nb, C] (float64).
 
     err_band = sum_{k in band} |E_pred(k) - E_true(k)| / sum_{k in all bands} E_true(k): an L1 distance of
     spectra (too much energy at one k and too little at another do not cancel), as a fraction of the true
@@ -156,5 +156,5 @@ def spectrum_band_error(pred: torch.Tensor, true: torch.Tensor, channel_mask: to
             continue
         num = (e_pred[:, lo:hi + 1] - e_true[:, lo:hi + 1]).abs().sum(dim=1)
         errs.append(num / den.clamp_min(EPS))
-    err_BNC = torch.stack(errs, dim=1)
-    return err_BNC if channel_mask is None else err_BNC * channel_mask[:, None, :].to(err_BNC.dtype)
+    err_BNbC = torch.stack(errs, dim=1)
+    return err_BNbC if channel_mask is None else err_BNbC * channel_mask[:, None, :].to(err_BNbC.dtype)

@@ -8,11 +8,16 @@ Why it looks like this:
   all-to-all is collective). Ranks can hold different numbers of test batches, so with world_size > 1
   the ranks agree at every step whether anyone still has a batch; a rank that ran out repeats a
   dummy batch of the agreed shape and throws its result away.
+- Under torch.distributed each rank scores a disjoint share of the test trajectories (unless told otherwise),
+  so evaluation time shrinks with the world size while every rank still gets the whole report.
+
+Shape legend: B samples (scored windows), X, Y grid, T frames (rollout steps), C channels, Nb spectrum bands.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,7 +27,7 @@ from .metrics import SpectrumConfig, l2re, l2re_per_step, spectrum_band_error
 
 
 class _Sums:
-    """Float64 sums of per-window, per-channel metrics and their counts for one dataset (grows to K, C seen).
+    """Float64 sums of per-window, per-channel metrics and their counts for one dataset (grows to the T, C seen).
 
     One-step metrics count every scored window; rollout metrics (rollout L2RE, per-step curve, rollout
     spectrum) count only the windows whose horizon lies inside the trajectory (``full``)."""
@@ -32,7 +37,7 @@ class _Sums:
 
     def __init__(self, n_bands: int) -> None:
         self.n_bands = n_bands
-        self.k = 0
+        self.t = 0
         self.c = 0
         self.parts: dict[str, list[torch.Tensor]] = {f: [] for f in self.ONE_STEP + self.ROLLOUT}
         self.masks: list[torch.Tensor] = []
@@ -40,27 +45,27 @@ class _Sums:
 
     def add(self, one_step: torch.Tensor, rollout: torch.Tensor, curve: torch.Tensor,
             spec_one: torch.Tensor, spec_roll: torch.Tensor, mask: torch.Tensor, full: torch.Tensor) -> None:
-        self.k = max(self.k, curve.shape[1])
+        self.t = max(self.t, curve.shape[1])
         self.c = max(self.c, mask.shape[1])
         for name, t in zip(("one_step", "rollout", "curve", "spec_one_step", "spec_rollout"),
-                           (one_step, rollout, curve, spec_one, spec_roll)):
+                           (one_step, rollout, curve, spec_one, spec_roll), strict=True):
             self.parts[name].append(t.detach().double().cpu())
         self.masks.append(mask.detach().cpu())
         self.full.append(full.detach().cpu())
 
-    def totals(self, k: int, c: int) -> torch.Tensor:
+    def totals(self, t: int, c: int) -> torch.Tensor:
         """Sums and counts packed in one flat float64 vector (for a single all-reduce)."""
-        sums = {"one_step": torch.zeros(c), "rollout": torch.zeros(c), "curve": torch.zeros(k, c),
+        sums = {"one_step": torch.zeros(c), "rollout": torch.zeros(c), "curve": torch.zeros(t, c),
                 "spec_one_step": torch.zeros(self.n_bands, c), "spec_rollout": torch.zeros(self.n_bands, c)}
         sums = {n: t.double() for n, t in sums.items()}
-        count_c = torch.zeros(c, dtype=torch.float64)
-        count_roll_c = torch.zeros(c, dtype=torch.float64)
+        count_C = torch.zeros(c, dtype=torch.float64)
+        count_roll_C = torch.zeros(c, dtype=torch.float64)
         windows = torch.zeros(2, dtype=torch.float64)  # [scored one-step, scored rollout]
-        for i, (mask, full_B) in enumerate(zip(self.masks, self.full)):
+        for i, (mask, full_B) in enumerate(zip(self.masks, self.full, strict=True)):
             w = mask.double()
             cc = w.shape[1]
-            count_c[:cc] += w.sum(0)
-            count_roll_c[:cc] += w[full_B].sum(0)
+            count_C[:cc] += w.sum(0)
+            count_roll_C[:cc] += w[full_B].sum(0)
             windows += torch.tensor([float(mask.shape[0]), float(full_B.sum())], dtype=torch.float64)
             sums["one_step"][:cc] += self.parts["one_step"][i].sum(0)
             sums["spec_one_step"][:, :cc] += torch.nan_to_num(self.parts["spec_one_step"][i]).sum(0)
@@ -69,11 +74,11 @@ class _Sums:
             sums["curve"][:curve.shape[1], :cc] += curve.sum(0)
             sums["spec_rollout"][:, :cc] += torch.nan_to_num(self.parts["spec_rollout"][i][full_B]).sum(0)
         flat = [t.reshape(-1) for t in sums.values()]
-        return torch.cat(flat + [count_c, count_roll_c, windows])
+        return torch.cat(flat + [count_C, count_roll_C, windows])
 
 
-def _unpack(flat: torch.Tensor, k: int, c: int, n_bands: int) -> dict[str, torch.Tensor]:
-    sizes = {"one_step": (c,), "rollout": (c,), "curve": (k, c), "spec_one_step": (n_bands, c),
+def _unpack(flat: torch.Tensor, t: int, c: int, n_bands: int) -> dict[str, torch.Tensor]:
+    sizes = {"one_step": (c,), "rollout": (c,), "curve": (t, c), "spec_one_step": (n_bands, c),
              "spec_rollout": (n_bands, c), "count": (c,), "count_rollout": (c,), "windows": (2,)}
     out, i = {}, 0
     for name, shape in sizes.items():
@@ -117,6 +122,13 @@ def _lockstep(batches: Iterable[dict], world_size: int, device: torch.device) ->
         yield last, False
 
 
+def _share(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size) of the split: as given, else torch.distributed's, else one process scoring everything."""
+    if rank is None and world_size is None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return rank or 0, world_size or 1
+
+
 def _names(spec: Any, i: int) -> tuple[str, list[str]]:
     """Dataset name and channel names (from the shard manifest; c0, c1, ... when it has none)."""
     from nestor_ds.data import load_manifest
@@ -129,8 +141,10 @@ def _names(spec: Any, i: int) -> tuple[str, list[str]]:
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_cfg: Any = None, rollout_steps: int | None = None,
-                   batch_size: int = 4, device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
+def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_cfg: Any = None,
+                   rollout_steps: int | None = None,
+                   batch_size: int = 4, device: str | torch.device = "cpu", rank: int | None = None,
+                   world_size: int | None = None,
                    *, max_trajectories: int | None = None, spectrum: SpectrumConfig | None = None,
                    progress: bool = True, dtype: torch.dtype | None = None, windows: str = "all") -> dict[str, Any]:
     """Evaluate `model` on the test split of each dataset; every rank returns the same report dict.
@@ -141,10 +155,11 @@ def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_c
 
     datasets: the DatasetSpecs to score (dataset_id = position), or a DataConfig (then its `.datasets`
     are scored and it is also the data_cfg). rollout_steps: frames to roll out autoregressively;
-    None -> min(available, dataset's rollout_steps). rank/world_size split the test trajectories
-    (the default 1 process scores them all, which is also right when every rank should see the same).
+    None -> min(available, dataset's rollout_steps). rank/world_size split the test trajectories; by
+    default they are torch.distributed's (each rank scores a disjoint share, the sums are all-reduced, every
+    rank gets the report one process would), or 0/1 without a process group.
     Report: {"datasets": {name: {...}}, "mean": {...}, "settings": {...}} with, per dataset, the mean
-    over samples and real channels of the one-step L2RE, the rollout L2RE (over all K frames), the
+    over samples and real channels of the one-step L2RE, the rollout L2RE (over all T frames), the
     L2RE at each rollout step, and the relative energy-spectrum error per wavenumber band -- each
     also per channel.
     """
@@ -155,6 +170,7 @@ def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_c
         datasets = datasets.datasets
     if data_cfg is None:
         raise ValueError("evaluate_model: data_cfg (DataConfig) is required when datasets is a list of specs")
+    rank, world_size = _share(rank, world_size)
     spectrum = spectrum or SpectrumConfig()
     device = torch.device(device)
     was_training = model.training
@@ -174,19 +190,19 @@ def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_c
                 x = batch["x"].to(device, dtype=dtype)  # dtype: the weights' (bf16 under DeepSpeed bf16)
                 y = batch["y"].to(device)
                 mask = batch["channel_mask"].to(device)
-                k = y.shape[3] if horizon is None else min(horizon, y.shape[3])
+                t = y.shape[3] if horizon is None else min(horizon, y.shape[3])
                 # the rollout's first frame is the one-step forecast (eval mode: deterministic), one pass serves both
-                pred_k = model.rollout(x, k, mask).float()
+                pred_T = model.rollout(x, t, mask).float()
                 if not real:
                     continue
-                full_B = batch["y_steps"] >= k
-                pred1, true1, true_k = pred_k[..., :1, :], y[..., :1, :].float(), y[..., :k, :].float()
-                sums.add(l2re(pred1, true1, mask), l2re(pred_k, true_k, mask), l2re_per_step(pred_k, true_k, mask),
+                full_B = batch["y_steps"] >= t
+                pred1, true1, true_T = pred_T[..., :1, :], y[..., :1, :].float(), y[..., :t, :].float()
+                sums.add(l2re(pred1, true1, mask), l2re(pred_T, true_T, mask), l2re_per_step(pred_T, true_T, mask),
                          spectrum_band_error(pred1, true1, mask, spectrum),
-                         spectrum_band_error(pred_k, true_k, mask, spectrum), mask, full_B)
-            kc = _all_reduce(torch.tensor([sums.k, sums.c], dtype=torch.long), dist.ReduceOp.MAX, world_size).tolist()
-            flat = _all_reduce(sums.totals(*kc), dist.ReduceOp.SUM, world_size)
-            report["datasets"][name] = {**_summarise(_unpack(flat, *kc, spectrum.n_bands), channels, spectrum),
+                         spectrum_band_error(pred_T, true_T, mask, spectrum), mask, full_B)
+            tc = _all_reduce(torch.tensor([sums.t, sums.c], dtype=torch.long), dist.ReduceOp.MAX, world_size).tolist()
+            flat = _all_reduce(sums.totals(*tc), dist.ReduceOp.SUM, world_size)
+            report["datasets"][name] = {**_summarise(_unpack(flat, *tc, spectrum.n_bands), channels, spectrum),
                                         "windows": windows}
     finally:
         model.train(was_training)
@@ -215,11 +231,12 @@ def _summarise(t: dict[str, torch.Tensor], channels: list[str], spectrum: Spectr
     for key, src, count in (("l2re_1step", "one_step", t["count"]), ("l2re_rollout", "rollout", t["count_rollout"]),
                             ("l2re_curve", "curve", t["count_rollout"])):
         out[key] = overall(t[src], count).tolist()
-        out[f"{key}_per_channel"] = dict(zip(names, per_channel(t[src], count).t().tolist()))
+        out[f"{key}_per_channel"] = dict(zip(names, per_channel(t[src], count).t().tolist(), strict=True))
     for key, src, count in (("spectrum_err_1step", "spec_one_step", t["count"]),
                             ("spectrum_err_rollout", "spec_rollout", t["count_rollout"])):
-        out[key] = dict(zip(bands, overall(t[src], count).tolist()))
-        out[f"{key}_per_channel"] = {n: dict(zip(bands, v)) for n, v in zip(names, per_channel(t[src], count).t().tolist())}
+        out[key] = dict(zip(bands, overall(t[src], count).tolist(), strict=True))
+        out[f"{key}_per_channel"] = {n: dict(zip(bands, v, strict=True))
+                                     for n, v in zip(names, per_channel(t[src], count).t().tolist(), strict=True)}
     if n_roll == 0:  # no window long enough for this horizon: say so instead of reporting 0
         out["l2re_rollout"] = float("nan")
     return out

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nestor_ds.model", description=__doc__)
     ap.add_argument("--preset", default="nestor-ti", help=f"one of {list_presets()}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a ModelConfig field")
-    ap.add_argument("--json", action="store_true", help="last line: JSON with total_params, active_params, flops_per_sample")
+    ap.add_argument("--json", action="store_true",
+                    help="last line: JSON with total_params, active_params, flops_per_sample")
     ap.add_argument("--list", action="store_true", help="list presets and exit")
     args = ap.parse_args(argv)
     if args.list:

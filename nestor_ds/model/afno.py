@@ -1,7 +1,7 @@
 """AFNO (adaptive Fourier neural operator) block, as in DPOT.
 
 Spectral mixing: z = irfft2( S_lambda( MLP_c( rfft2(x) restricted to the first `modes` rows and columns ) ) ),
-as DPOT does (rows k_y = 0..modes-1 of the FFT layout, columns k_x = 0..modes-1 of the half spectrum), where MLP_c is a
+as DPOT does (rows k_x = 0..modes-1 of the FFT layout, columns k_y = 0..modes-1 of the half spectrum), where MLP_c is a
 two-layer complex MLP that is block-diagonal over channels (num_blocks blocks of D/num_blocks) and
 S_lambda is soft-shrinkage (sparsity in frequency). Modes outside the kept band are zeroed.
 The complex products run as real matmuls on [Re, Im] with the 2x2 real form [[Wr, Wi], [-Wi, Wr]],
@@ -11,6 +11,9 @@ so the block compiles with torch.compile and runs in bf16 (ModelConfig.afno_spec
 
 Block: x = x + Spectral(GN(x)); x = x + MLP(GN(x)) with a 1x1-conv MLP.
 (DPOT also adds GN(x) inside its filter; here the block keeps one residual per sub-layer.)
+
+Shape legend: B samples, D width, H, W token grid, Kx, Ky kept Fourier modes (along H, W). The block-diagonal MLP's
+weights are [2 (re, im), nb blocks, in, out] (no letters: blocks are not a shape of the project legend).
 """
 from __future__ import annotations
 
@@ -18,19 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .spectral import SPECTRAL_MODES, dft_forward_modes, dft_inverse_modes, dft_matrices, kept_modes
+from .spectral import DFT_MATRICES, SPECTRAL_MODES, dft_forward_modes, dft_inverse_modes, dft_matrices, kept_modes
 
 
-def complex_block(w_2BIO: torch.Tensor) -> torch.Tensor:
-    """[2, nb, I, O] (real, imag) -> real block matrix [nb, 2I, 2O] acting on [Re, Im] rows."""
-    wr, wi = w_2BIO[0], w_2BIO[1]
+def complex_block(w: torch.Tensor) -> torch.Tensor:
+    """[2, nb, in, out] (real, imag) -> real block matrix [nb, 2 in, 2 out] acting on [Re, Im] rows."""
+    wr, wi = w[0], w[1]
     return torch.cat([torch.cat([wr, wi], dim=-1), torch.cat([-wi, wr], dim=-1)], dim=-2)
 
 
-def interleaved_left(w_2BIO: torch.Tensor) -> torch.Tensor:
+def interleaved_left(w: torch.Tensor) -> torch.Tensor:
     """complex_block as a left factor [nb, 2O, 2I] on channels ordered (channel, re/im), i.e. interleaved."""
-    nb, i, o = w_2BIO.shape[1:]
-    blk = complex_block(w_2BIO).view(nb, 2, i, 2, o).permute(0, 2, 1, 4, 3).reshape(nb, 2 * i, 2 * o)
+    nb, i, o = w.shape[1:]
+    blk = complex_block(w).view(nb, 2, i, 2, o).permute(0, 2, 1, 4, 3).reshape(nb, 2 * i, 2 * o)
     return blk.transpose(1, 2)
 
 
@@ -38,7 +41,7 @@ class SpectralMixing(nn.Module):
     """Block-diagonal complex MLP on the lowest `modes` Fourier modes of a [B, D, H, W] field.
 
     The transforms come from nestor_ds.model.spectral (``spectral = "dft" | "fft"``, no complex tensors either
-    way); the MLP runs channels-first on the [B, nb, bs * 2, K * M] layout they produce, so there is no permute
+    way); the MLP runs channels-first on the [B, nb, bs * 2, Kx * Ky] layout they produce, so there is no permute
     between the transforms and the MLP. "fft" keeps the whole spectral path in fp32 (cuFFT has no bf16);
     "dft" runs it in the input dtype. ``set_grid`` precomputes the DFT matrices of the training token grid as
     non-persistent buffers (not in the state_dict: checkpoints are the same for both modes).
@@ -64,45 +67,44 @@ class SpectralMixing(nn.Module):
         if spectral not in SPECTRAL_MODES:
             raise ValueError(f"AFNO: spectral={spectral!r} not in {SPECTRAL_MODES}")
         self.spectral = spectral
-        for name in ("fw_W2M", "fh_2K2H", "gh_2H2K", "gw_2MW"):
+        for name in DFT_MATRICES:
             self._buffers.pop(name, None)
         self.grid = None
         if spectral == "dft" and grid:
-            k, m = kept_modes(grid, grid, self.modes)
-            for name, t in dft_matrices(grid, grid, k, m, device=self.w1.device).items():
+            kx, ky = kept_modes(grid, grid, self.modes)
+            for name, t in dft_matrices(grid, grid, kx, ky, device=self.w1.device).items():
                 self.register_buffer(name, t, persistent=False)
             self.grid = (grid, grid)
 
     def _dft_mats(self, h: int, w: int, device: torch.device) -> dict[str, torch.Tensor]:
         if self.grid == (h, w):
-            return {name: getattr(self, name) for name in ("fw_W2M", "fh_2K2H", "gh_2H2K", "gw_2MW")}
+            return {name: getattr(self, name) for name in DFT_MATRICES}
         return dft_matrices(h, w, *kept_modes(h, w, self.modes), device=device)   # another grid (evaluation)
 
     @staticmethod
-    def _bias(b_2BO: torch.Tensor) -> torch.Tensor:
-        """[2, nb, O] -> [nb, 2O, 1], channels interleaved (o, re/im)."""
-        return b_2BO.permute(1, 2, 0).reshape(b_2BO.shape[1], -1, 1)
+    def _bias(b: torch.Tensor) -> torch.Tensor:
+        """[2, nb, out] -> [nb, 2 out, 1], channels interleaved (o, re/im)."""
+        return b.permute(1, 2, 0).reshape(b.shape[1], -1, 1)
 
     def forward(self, x_BDHW: torch.Tensor) -> torch.Tensor:
         B, D, H, W = x_BDHW.shape
-        K, M = kept_modes(H, W, self.modes)
-        x_NHW = x_BDHW.reshape(B * D, H, W)
+        Kx, Ky = kept_modes(H, W, self.modes)
         if self.spectral == "fft":
-            xk_N2KM = torch.ops.nestor.rfft2_modes(x_NHW, K, M)            # fp32
+            xk_BD2KxKy = torch.ops.nestor.rfft2_modes(x_BDHW, Kx, Ky)      # fp32
         else:
             mats = self._dft_mats(H, W, x_BDHW.device)
-            xk_N2KM = dft_forward_modes(x_NHW, mats)
-        dt = xk_N2KM.dtype
-        h = xk_N2KM.view(B, self.nb, self.bs * 2, K * M)                   # channels (c, re/im) interleaved
+            xk_BD2KxKy = dft_forward_modes(x_BDHW, mats)
+        dt = xk_BD2KxKy.dtype
+        h = xk_BD2KxKy.view(B, self.nb, self.bs * 2, Kx * Ky)              # channels (c, re/im) interleaved
         h = F.gelu(interleaved_left(self.w1.to(dt)) @ h + self._bias(self.b1.to(dt)))
         h = interleaved_left(self.w2.to(dt)) @ h + self._bias(self.b2.to(dt))
         h = F.softshrink(h, self.sparsity) if self.sparsity > 0 else h
-        yk_N2KM = h.reshape(B * D, 2, K, M)
+        yk_BD2KxKy = h.reshape(B, D, 2, Kx, Ky)
         if self.spectral == "fft":
-            y_NHW = torch.ops.nestor.irfft2_modes(yk_N2KM, H, W)
+            y_BDHW = torch.ops.nestor.irfft2_modes(yk_BD2KxKy, H, W)
         else:
-            y_NHW = dft_inverse_modes(yk_N2KM, mats)
-        return y_NHW.view(B, D, H, W).to(x_BDHW.dtype)
+            y_BDHW = dft_inverse_modes(yk_BD2KxKy, mats)
+        return y_BDHW.to(x_BDHW.dtype)
 
 
 class ConvMLP(nn.Module):

@@ -39,7 +39,8 @@ def attention_path(backend: str, x: torch.Tensor) -> str:
 
 
 class SelfAttention(nn.Module):
-    """Fused-QKV multi-head self-attention: [N, L, D] -> [N, L, D] (no residual; the caller adds it)."""
+    """Fused-QKV multi-head self-attention over each sample's tokens: [B, L, D] -> [B, L, D] (no residual; the caller
+    adds it)."""
 
     def __init__(self, dim: int, num_heads: int, attn_dropout: float = 0.0, backend: str = "auto") -> None:
         super().__init__()
@@ -51,17 +52,17 @@ class SelfAttention(nn.Module):
         self.attn_dropout = attn_dropout
         self.backend = backend
 
-    def forward(self, x_NLD: torch.Tensor) -> torch.Tensor:
-        N, L, D = x_NLD.shape
+    def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        B, L, D = x_BLD.shape
         p = self.attn_dropout if self.training else 0.0
-        qkv = self.qkv(x_NLD).view(N, L, 3, self.h, self.dh)
-        path = attention_path(self.backend, x_NLD)
+        qkv = self.qkv(x_BLD).view(B, L, 3, self.h, self.dh)
+        path = attention_path(self.backend, x_BLD)
         if not torch.compiler.is_compiling():   # logging inside a compiled region would break the graph
             _log_once(path)
         if path == "flash":
-            q, k, v = qkv.unbind(2)                                          # [N, L, h, dh]
+            q, k, v = qkv.unbind(2)                                          # [B, L, h, dh]
             o = flash_attn_func(q, k, v, dropout_p=p)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                   # [N, h, L, dh]
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                   # [B, h, L, dh]
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2)
-        return self.proj(o.reshape(N, L, D))
+        return self.proj(o.reshape(B, L, D))

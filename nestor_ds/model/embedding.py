@@ -1,7 +1,8 @@
 """Input encoding (DPOT's): grid channels, per-frame patch embedding, positional embedding,
 temporal aggregation of the T_in frames into one token field, and the output head.
 
-Shape legend: B batch, X/Y grid, T frames, C channels, D width, H/W token grid (X/p, Y/p).
+Shape legend: B samples, X, Y grid, T frames (T_in inputs), C channels, D width, H, W token grid (X/patch,
+Y/patch), L = H*W tokens per sample.
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Sequential(nn.Conv2d(in_ch, hidden, patch, stride=patch), nn.GELU(),
                                   nn.Conv2d(hidden, dim, 1))
 
-    def forward(self, x_NCXY: torch.Tensor) -> torch.Tensor:
-        return self.proj(x_NCXY)
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """[B*T, C, X, Y] (every frame of every sample) -> [B*T, D, H, W]."""
+        return self.proj(frames)
 
 
 class PositionalEmbedding(nn.Module):
@@ -52,7 +54,7 @@ class TemporalAggregation(nn.Module):
     """DPOT's "exp_mlp": z = sum_t W_t (x_t * cos(tau_t * gamma)), tau_t = t / (T-1), W_t in R^{DxD}.
 
     gamma spans 2^-10 .. 2^10 so that the cosine features resolve both slow and fast time scales.
-    The sum over t and the T matmuls run as one [N, T*D] x [T*D, D] matmul.
+    The sum over t and the T matmuls run as one [..., T*D] x [T*D, D] matmul.
     """
 
     def __init__(self, t_in: int, dim: int) -> None:
@@ -61,14 +63,15 @@ class TemporalAggregation(nn.Module):
         self.w_TDD = nn.Parameter(torch.randn(t_in, dim, dim) / (t_in * math.sqrt(dim)))
         self.gamma_D = nn.Parameter(2.0 ** torch.linspace(-10, 10, dim))
 
-    def forward(self, x_NTD: torch.Tensor) -> torch.Tensor:
-        N, T, D = x_NTD.shape
+    def forward(self, x_BLTD: torch.Tensor) -> torch.Tensor:
+        """[B, L, T, D] token features per input frame -> [B, L, D] (any leading dims)."""
+        T, D = x_BLTD.shape[-2:]
         if T != self.t_in:
             raise ValueError(f"temporal aggregation: input has T={T} frames, the model was built for t_in={self.t_in}")
         # cos(tau * gamma) in fp32: gamma reaches 2^10, where bf16 phases are meaningless
-        tau_T = torch.linspace(0, 1, T, device=x_NTD.device, dtype=torch.float32)
-        feat_TD = torch.cos(tau_T[:, None] * self.gamma_D.float()[None, :]).to(x_NTD.dtype)
-        return (x_NTD * feat_TD).reshape(N, T * D) @ self.w_TDD.reshape(T * D, D)
+        tau_T = torch.linspace(0, 1, T, device=x_BLTD.device, dtype=torch.float32)
+        feat_TD = torch.cos(tau_T[:, None] * self.gamma_D.float()[None, :]).to(x_BLTD.dtype)
+        return (x_BLTD * feat_TD).reshape(*x_BLTD.shape[:-2], T * D) @ self.w_TDD.reshape(T * D, D)
 
 
 class OutputHead(nn.Module):
@@ -108,7 +111,6 @@ class Encoder(nn.Module):
         z = self.patch_embed(x)                                             # [B*T, D, H, W]
         D, H, W = z.shape[1:]
         z = z + self.pos_embed(H, W)
-        z = z.view(B, T, D, H * W).permute(0, 3, 1, 2).reshape(B * H * W, T, D)
-        z = self.time_agg(z)                                                # [B*H*W, D]
+        z = self.time_agg(z.view(B, T, D, H * W).permute(0, 3, 1, 2))       # [B, L, T, D] -> [B, L, D]
         z = z.view(B, H, W, D).permute(0, 3, 1, 2).contiguous()
         return self.drop(z)

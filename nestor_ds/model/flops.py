@@ -2,13 +2,16 @@
 
 Conventions (per sample, forward pass):
   - matmul / conv: 2 * multiply-accumulates; attention counts Q K^T and A V (2 * L^2 * D each);
-  - FFT: 5 N log2 N per 2-D transform and channel (N = H*W), one forward and one inverse per AFNO layer;
+  - FFT: 5 L log2 L per 2-D transform and channel (L = H*W tokens), one forward and one inverse per AFNO layer;
   - experts at top-k: each sample runs K image experts, each token K_tok routed + the shared experts;
   - elementwise work (norms, activations, softmax) is not counted.
 `matmul_flops` is what torch.utils.flop_counter.FlopCounterMode measures (FFTs excluded);
 `measured_flops` runs FlopCounterMode with formulas for the two ops it does not know on CPU
 (CPU flash attention and torch._grouped_mm) so that the two can be compared.
 Training FLOPs are taken as 3 x forward (backward = 2 x forward).
+
+Shape legend: X grid points per side (square grids), T = T_in input frames, D width, F expert hidden width,
+L = H*W tokens per sample, K image top-k (K_tok token top-k), E experts, S rows of an expert-major buffer.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def afno_block_flops(cfg: ModelConfig, h: int, w: int) -> tuple[int, int]:
     """(matmul, fft) FLOPs of one AFNO block on an h x w token grid."""
     D, bs = cfg.width, cfg.width // cfg.afno_num_blocks
     modes = min(cfg.afno_modes, h) * min(cfg.afno_modes, w // 2 + 1)     # DPOT's kept block of the rfft2
-    spectral = 2 * 2 * 4 * modes * D * bs                  # 2 layers x 2 FLOP/MAC x 4 D bs MACs/mode ([Re,Im] 2x2 blocks)
+    spectral = 2 * 2 * 4 * modes * D * bs       # 2 layers x 2 FLOP/MAC x 4 D bs MACs/mode ([Re,Im] 2x2 blocks)
     mlp = 2 * 2 * h * w * D * int(D * cfg.afno_mlp_ratio)
     n = h * w
     fft = 2 * D * int(5 * n * math.log2(n))
@@ -62,15 +65,15 @@ def image_expert_flops(cfg: ModelConfig, L: int) -> int:
 
 def forward_flops(cfg: ModelConfig, resolution: int | None = None) -> tuple[int, int]:
     """(matmul, fft) forward FLOPs per sample at `resolution` (default: cfg.resolution)."""
-    R = resolution or cfg.resolution
+    X = resolution or cfg.resolution                                            # square grid: X = Y
     p, D, T = cfg.patch_size, cfg.width, cfg.t_in
-    g = R // p
+    g = X // p
     L = g * g
     eh = cfg.embed_hidden_dim
     mm = T * L * 2 * ((cfg.in_channels + 3) * p * p * eh + eh * D)            # patch embedding
     mm += 2 * L * T * D * D                                                     # temporal aggregation
     mm += 2 * L * D * cfg.head_dim * p * p                                      # transposed conv
-    mm += 2 * R * R * cfg.head_dim * (cfg.head_dim + cfg.t_ar * cfg.c_out)      # 1x1 convs
+    mm += 2 * X * X * cfg.head_dim * (cfg.head_dim + cfg.t_ar * cfg.c_out)      # 1x1 convs
     if cfg.num_datasets:
         mm += 2 * (2 * D * D + D * cfg.num_datasets)
     afno_mm, afno_fft = afno_block_flops(cfg, g, g)
@@ -126,10 +129,10 @@ def _sdpa_cpu_backward_flop(grad_out, q, k, v, *args, out_shape=None, **kwargs) 
 
 
 def _grouped_mm_flop(a, b, *args, out_shape=None, **kwargs) -> int:
-    # a [R, in] (2-D, rows grouped by offs) x b [E, in, out]: each row meets one expert's weight
+    # a [S, in] (2-D, rows grouped by offs) x b [E, in, out]: each row meets one expert's weight
     if len(a) == 2 and len(b) == 3:
         return 2 * a[0] * a[1] * b[2]
-    if len(a) == 3 and len(b) == 2:            # a [E, out, R]... backward form: grad_w = x^T g per group
+    if len(a) == 3 and len(b) == 2:            # a [E, out, S]... backward form: grad_w = x^T g per group
         return 2 * a[0] * a[1] * a[2] * b[1] // max(a[0], 1)
     return 2 * math.prod(out_shape) * a[-1]
 

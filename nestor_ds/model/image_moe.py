@@ -1,7 +1,9 @@
 """Image-level mixture of experts: each SAMPLE (its whole token field) is routed to k image experts.
 
-Shape legend: B samples, D width, H/W token grid, L = H*W tokens per sample, E image experts,
-K image top-k, A = B*K assignments, G samples in one expert's group (after padding).
+Shape legend: B samples, D width, H, W token grid, L = H*W tokens per sample, E = E_img image experts (E_tok token
+experts), K image top-k, A = B*K assignments, S samples of an expert-major buffer (one expert's slice of it: the
+samples that expert is called with, padded under expert parallelism), Q capacity (samples per expert, static),
+N token rows an image expert's token MoE routes (its samples x L).
 
     ImageMoE(h) = sum_k w_k * Expert_k(h) + SharedAFNO(h) [+ h when image_moe_skip, as the authors do]
     Expert(h)   = LN2(a + TokenMoE(a)),  a = LN1(h + MHSA(h))      (post-norm transformer layer)
@@ -11,13 +13,13 @@ token router's `route_from_logits` and `load_balancing_loss` (one implementation
 
 Dispatch: the A assignments are sorted by expert (argsort); one gather puts every sample's token field
 in its K rows of an expert-sorted buffer, each expert runs on its contiguous slice, and one gather brings
-the outputs back to (sample, k) order for the weighted sum (gathers both ways, also in backward: see
-nestor_ds.moe.local). No per-expert masks over the whole batch.
+the outputs back to (sample, k) order for the weighted sum (gathers both ways, also in backward: the helpers of
+nestor_ds.moe.dispatch, shared with the token MoE). No per-expert masks over the whole batch.
 
 Static routing (cfg.image_routing="static", training): every image expert gets a fixed buffer of
-C = ceil(cf * K * B / E) samples (nestor_ds.moe.dispatch.plan_capacity: overflow samples dropped lowest
+Q = ceil(cf * K * B / E) samples (nestor_ds.moe.dispatch.plan_static: overflow samples dropped lowest
 router weight first and counted; they keep the shared-AFNO path and the skip). All E experts are called
-with C samples each, unused rows passed as valid_N = False: no host sync, shapes fixed by B, and every
+with Q samples each, unused rows passed as valid_N = False: no host sync, shapes fixed by B, and every
 rank of an expert-parallel group calls every expert with the same N without any collective.
 
 Dropless (default, and always in evaluation) under expert parallelism (cfg.moe.ep_size > 1): every rank of
@@ -37,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nestor_ds.moe import MoEOutput, build_token_moe
-from nestor_ds.moe.dispatch import dispatch_rows, gather_rows, plan_capacity
+from nestor_ds.moe.dispatch import dispatch_rows, gather_rows, plan_static, sorted_position
 from nestor_ds.moe.router import FP32Linear, load_balancing_loss, route_from_logits, tokens_per_expert
 
 from .afno import AFNOBlock
@@ -78,11 +80,12 @@ class ImageExpert(nn.Module):
         self.norm2 = nn.LayerNorm(D)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, h_GLD: torch.Tensor, valid_N: torch.Tensor | None) -> tuple[torch.Tensor, MoEOutput]:
-        G, L, D = h_GLD.shape
-        a = self.norm1(h_GLD + self.drop(self.attn(h_GLD)))        # residual adds the block input
-        m = self.moe(a.reshape(G * L, D), valid_N)
-        return self.norm2(a + self.drop(m.out_ND.view(G, L, D))), m
+    def forward(self, h_SLD: torch.Tensor, valid_N: torch.Tensor | None) -> tuple[torch.Tensor, MoEOutput]:
+        """The S samples routed to this expert; valid_N [S*L] marks the token rows of real (not padding) samples."""
+        S, L, D = h_SLD.shape
+        a = self.norm1(h_SLD + self.drop(self.attn(h_SLD)))        # residual adds the block input
+        m = self.moe(a.reshape(S * L, D), valid_N)
+        return self.norm2(a + self.drop(m.out_ND.view(S, L, D))), m
 
 
 class ImageMoE(nn.Module):
@@ -99,10 +102,9 @@ class ImageMoE(nn.Module):
                                                 cfg.afno_sparsity, cfg.norm_groups, cfg.dropout)
                                       for _ in range(cfg.shared_afno_layers))) if cfg.shared_afno_layers else None
         self.pad_to: int | None = None                   # debug: force padded groups (tests)
-        self.ep_group: dist.ProcessGroup | None = None   # expert-parallel group (set_image_expert_parallel_group)
-        # ZeRO-3 gathers a module's parameters when it is called, collectively: every rank of this group must then
-        # call the same experts, so group sizes are agreed over it (set by the engine; see use_lockstep_dispatch)
-        self.lockstep_group: dist.ProcessGroup | None = None
+        # given from outside by nestor_ds.model.parallelize.apply_expert_parallel (see group_sizes)
+        self.ep_group: dist.ProcessGroup | None = None         # expert-parallel group of the token MoEs
+        self.lockstep_group: dist.ProcessGroup | None = None   # ZeRO-3: every rank calls the same experts
 
     @property
     def expert_parallel(self) -> bool:
@@ -125,7 +127,7 @@ class ImageMoE(nn.Module):
                 group = self.ep_group
             if group is None:
                 raise RuntimeError("ImageMoE: moe.ep_size > 1 but no expert-parallel group was given; call "
-                                   "nestor_ds.engine.distributed.setup_expert_parallel(model, ep_size)")
+                                   "nestor_ds.model.parallelize.apply_expert_parallel(model, ep_group)")
             dist.all_reduce(kept, op=dist.ReduceOp.MAX, group=group)
         sizes = kept.tolist()
         if self.pad_to is not None:
@@ -158,27 +160,26 @@ class ImageMoE(nn.Module):
         return ImageMoEOutput(out, image_lb, token_lb, token_z, routing)
 
     def _experts_static(self, h_BDHW: torch.Tensor, r):
-        """sum_k w_k Expert_k(h) with C samples per expert: fixed shapes, no host sync (see module docstring)."""
+        """sum_k w_k Expert_k(h) with Q samples per expert: fixed shapes, no host sync (see module docstring)."""
         B, D, H, W = h_BDHW.shape
         L, E, K = H * W, self.E, self.K
-        C = self.cfg.image_capacity(B)
-        prob_BK = r.probs_NE.gather(-1, r.experts_NK)                          # drop priority (lowest first)
-        plan = plan_capacity(r.experts_NK.reshape(-1), prob_BK.reshape(-1), None, E, C)
+        Q = self.cfg.image_capacity(B)
+        plan = plan_static(r.experts_NK, r.probs_NE, None, E, Q)           # drop lowest router probability first
         slot_BK = plan.slot_A.view(B, K)
         x_BLD = h_BDHW.flatten(2).transpose(1, 2)
-        x_SX = dispatch_rows(x_BLD.reshape(B, L * D), slot_BK, plan.rows)     # [E*C + drop row, L*D]
-        row_CL = torch.arange(C * L, device=h_BDHW.device) // L                 # sample of each token row
+        x_SLD = dispatch_rows(x_BLD.reshape(B, L * D), slot_BK, plan.rows).view(-1, L, D)   # S = E*Q + drop row
+        sample_N = torch.arange(Q * L, device=h_BDHW.device) // L                # sample of each token row
         y_pieces, lb, z, counts, dropped = [], [], [], [], plan.dropped * L
         for e in range(E):
-            valid_N = row_CL < plan.kept_E[e]
-            y_GLD, m = self.experts[e](x_SX[e * C:(e + 1) * C].view(C, L, D), valid_N)
-            y_pieces.append(y_GLD.reshape(C, L * D))
+            valid_N = sample_N < plan.kept_E[e]
+            y_QLD, m = self.experts[e](x_SLD[e * Q:(e + 1) * Q], valid_N)
+            y_pieces.append(y_QLD.reshape(Q, L * D))
             lb.append(m.lb_loss.float())
             z.append(m.z_loss.float())
             counts.append(m.tokens_per_expert_E)
             if m.dropped is not None:
                 dropped = dropped + m.dropped
-        y_pieces.append(x_SX.new_zeros(1, L * D))                             # the drop row's output
+        y_pieces.append(x_SLD.new_zeros(1, L * D))                             # the drop row's output
         # token losses averaged over the block's real samples (each expert's loss is ~1 when balanced)
         real_E = plan.kept_E.float()
         real_total = real_E.sum().clamp(min=1.0)
@@ -193,11 +194,7 @@ class ImageMoE(nn.Module):
         """sum_k w_k Expert_k(h), each expert called on exactly its samples (padded under expert parallelism)."""
         B, D, H, W = h_BDHW.shape
         L = H * W
-        # group the A = B*K assignments by expert
-        order_A = r.experts_NK.reshape(-1).argsort(stable=True)
-        slot_BK = torch.empty_like(order_A)
-        slot_BK[order_A] = torch.arange(order_A.numel(), device=order_A.device)   # sorted row of assignment (b, k)
-        slot_BK = slot_BK.view(B, self.K)
+        slot_BK = sorted_position(r.experts_NK.reshape(-1)).view(B, self.K)   # row of (b, k), grouped by expert
         sizes = self.group_sizes(counts_E)
 
         x_BLD = h_BDHW.flatten(2).transpose(1, 2)
@@ -209,23 +206,23 @@ class ImageMoE(nn.Module):
         dropped = None                             # token-level drops, when the token MoE routes statically
         real_total = 0
         start = 0
-        for e, (real, size) in enumerate(zip(counts_E.tolist(), sizes)):
+        for e, (real, size) in enumerate(zip(counts_E.tolist(), sizes, strict=True)):
             seg = slice(start, start + real)
             start += real
             if size == 0:
                 continue
-            x_GLD = x_ALD[seg]
+            x_SLD = x_ALD[seg]
             valid_N = None
             if size > real:
-                x_GLD = torch.cat([x_GLD, x_GLD.new_zeros(size - real, L, D)], dim=0)
-                valid_N = torch.arange(size * L, device=x_GLD.device) < real * L
-            y_GLD, m = self.experts[e](x_GLD, valid_N)
+                x_SLD = torch.cat([x_SLD, x_SLD.new_zeros(size - real, L, D)], dim=0)
+                valid_N = torch.arange(size * L, device=x_SLD.device) < real * L
+            y_SLD, m = self.experts[e](x_SLD, valid_N)
             if real > 0:
-                y_pieces.append(y_GLD[:real])
+                y_pieces.append(y_SLD[:real])
             else:
                 # Only padding here, but other ranks of the expert-parallel group have real samples: keep this
                 # call in the autograd graph so its backward all-to-alls run on every rank, in the same order.
-                keep_in_graph = keep_in_graph + 0.0 * y_GLD.sum()
+                keep_in_graph = keep_in_graph + 0.0 * y_SLD.sum()
             if m.dropped is not None:
                 dropped = m.dropped if dropped is None else dropped + m.dropped
             token_counts[e] = m.tokens_per_expert_E.to(token_counts.device)
@@ -242,19 +239,3 @@ class ImageMoE(nn.Module):
         mix_BLD = (w_BK11 * y_BKLD).sum(dim=1) + keep_in_graph
         return mix_BLD, token_lb, token_z, token_counts, dropped
 
-
-def use_lockstep_dispatch(model: nn.Module, group: dist.ProcessGroup) -> int:
-    """Make every ImageMoE of ``model`` call the same experts on all ranks of ``group`` (needed under ZeRO-3,
-    whose parameter gathering is a collective per module call). Returns how many layers were switched."""
-    layers = [m for m in model.modules() if isinstance(m, ImageMoE)]
-    for m in layers:
-        m.lockstep_group = group
-    return len(layers)
-
-
-def set_image_expert_parallel_group(model: nn.Module, group: dist.ProcessGroup) -> int:
-    """Give every ImageMoE of ``model`` the expert-parallel group its dropless dispatch agrees group sizes over."""
-    layers = [m for m in model.modules() if isinstance(m, ImageMoE)]
-    for m in layers:
-        m.ep_group = group
-    return len(layers)

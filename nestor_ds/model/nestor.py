@@ -1,4 +1,4 @@
-"""NESTOR: encoder -> N x [x = x + ImageMoE(GroupNorm(x))] -> output head.
+"""NESTOR: encoder -> depth x [x = x + ImageMoE(GroupNorm(x))] -> output head.
 
 Also holds what both architectures share: ModelOutput, the input checks and the autoregressive rollout.
 """
@@ -33,7 +33,8 @@ class ForecastModel(nn.Module):
 
     def _init_common(self, cfg: ModelConfig) -> None:
         D = cfg.width
-        self.encoder = Encoder(cfg.in_channels, cfg.embed_hidden_dim, D, cfg.patch_size, cfg.grid, cfg.t_in, cfg.dropout)
+        self.encoder = Encoder(cfg.in_channels, cfg.embed_hidden_dim, D, cfg.patch_size, cfg.grid, cfg.t_in,
+                               cfg.dropout)
         self.head = OutputHead(D, cfg.head_dim, cfg.patch_size, cfg.t_ar, cfg.c_out)
         self.cls_head = (nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D), nn.GELU(),
                                        nn.Linear(D, cfg.num_datasets)) if cfg.num_datasets else None)
@@ -73,7 +74,8 @@ class ForecastModel(nn.Module):
     def rollout(self, x: torch.Tensor, steps: int, channel_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Autoregressive forecast [B, X, Y, steps, C]: predictions slide into the T_in window."""
         if self.cfg.c_out != self.cfg.in_channels:
-            raise ValueError(f"rollout needs out_channels == in_channels, got {self.cfg.c_out} != {self.cfg.in_channels}")
+            raise ValueError(f"rollout needs out_channels == in_channels, got {self.cfg.c_out} != "
+                             f"{self.cfg.in_channels}")
         was_training = self.training
         self.eval()
         try:
@@ -110,9 +112,6 @@ class Nestor(ForecastModel):
         self._init_common(cfg)
         self.blocks = nn.ModuleList(NestorBlock(cfg) for _ in range(cfg.depth))
         self.configure_spectral()
-
-    def image_moes(self) -> list[ImageMoE]:
-        return [b.moe for b in self.blocks]
 
     def forward(self, x: torch.Tensor, channel_mask: torch.Tensor | None = None) -> ModelOutput:
         self.check_input(x, channel_mask)

@@ -5,7 +5,7 @@
 
 Backends: "local" (plain PyTorch, dropless or static routing; expert parallel with all-to-all-v when
 ep_size > 1, see expert_parallel.py) and "megablocks" (MegaBlocks dMoE, CUDA only). DeepSpeed's legacy
-deepspeed.moe.layer.MoE backend was removed (slower at every measured size, docs/benchmarks.md);
+deepspeed.moe.layer.MoE backend was removed (slower than the local one: docs/benchmarks.md);
 tools/bench_moe_ep.py still runs it for comparison.
 """
 
@@ -15,11 +15,17 @@ from .base import MoEOutput, TokenMoE
 from .config import MoEConfig
 from .experts import GroupedSwiGLU, SwiGLU, grouped_mm_supported
 from .local import LocalTokenMoE
-from .router import (Routing, TopKRouter, expert_load_stats, load_balancing_loss, route_from_logits,
-                     router_z_loss, tokens_per_expert)
+from .router import (
+    Routing,
+    TopKRouter,
+    expert_load_stats,
+    load_balancing_loss,
+    route_from_logits,
+    router_z_loss,
+    tokens_per_expert,
+)
 
 __all__ = [
-    "set_expert_parallel_group",
     "MoEConfig", "MoEOutput", "TokenMoE", "build_token_moe", "LocalTokenMoE", "GroupedSwiGLU", "SwiGLU",
     "TopKRouter", "Routing", "route_from_logits", "load_balancing_loss", "router_z_loss", "tokens_per_expert",
     "expert_load_stats", "grouped_mm_supported",
@@ -28,7 +34,8 @@ __all__ = [
 
 def build_token_moe(cfg: MoEConfig, dim: int) -> TokenMoE:
     """Build the configured backend. With ep_size > 1 the module holds this rank's experts (rank % ep_size of
-    torch.distributed, 0 without it) and needs its group before the first forward: set_expert_parallel_group."""
+    torch.distributed, 0 without it) and needs its group before the first forward:
+    nestor_ds.model.parallelize.apply_expert_parallel."""
     cfg.validate()
     if cfg.backend == "local":
         if cfg.ep_size > 1:
@@ -40,10 +47,3 @@ def build_token_moe(cfg: MoEConfig, dim: int) -> TokenMoE:
 
     return MegaBlocksTokenMoE(cfg, dim)
 
-
-def set_expert_parallel_group(model, group) -> int:
-    """Give every expert-parallel token MoE of ``model`` its process group (the engine calls this); returns how
-    many layers were set."""
-    from .expert_parallel import set_expert_parallel_group as _set
-
-    return _set(model, group)

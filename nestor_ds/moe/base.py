@@ -1,8 +1,11 @@
-"""What every token-MoE backend returns and promises (the contract in docs/ARCHITECTURE.md)."""
+"""What every token-MoE backend returns and promises (the contract in docs/ARCHITECTURE.md).
+
+Shape legend: N rows in, V valid rows (N less padding), D width, E experts, K top-k, S rows of an expert-major buffer.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -13,7 +16,7 @@ class MoEOutput(NamedTuple):
     lb_loss: torch.Tensor  # scalar, E * sum_i f_i P_i over valid rows (0 when there are none)
     z_loss: torch.Tensor  # scalar, mean logsumexp(logits)^2 over valid rows (0 when there are none)
     tokens_per_expert_E: torch.Tensor  # long [E], routed assignments per expert, valid rows of this rank
-    dropped: Optional[torch.Tensor] = None  # long scalar: assignments over capacity (static routing; None: dropless)
+    dropped: torch.Tensor | None = None  # long scalar: assignments over capacity (static routing; None: dropless)
 
 
 class TokenMoE(nn.Module):
@@ -26,11 +29,11 @@ class TokenMoE(nn.Module):
     num_experts: int
     top_k: int
 
-    def forward(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor] = None) -> MoEOutput:  # pragma: no cover
+    def forward(self, x_ND: torch.Tensor, valid_N: torch.Tensor | None = None) -> MoEOutput:  # pragma: no cover
         raise NotImplementedError
 
 
-def check_input(x_ND: torch.Tensor, valid_N: Optional[torch.Tensor], dim: int) -> None:
+def check_input(x_ND: torch.Tensor, valid_N: torch.Tensor | None, dim: int) -> None:
     """One-line errors naming the shape for wrong inputs (the model calls this deep inside)."""
     if x_ND.dim() != 2 or x_ND.shape[1] != dim:
         raise ValueError(f"TokenMoE: x_ND must be [N, {dim}], got {tuple(x_ND.shape)}")
@@ -47,7 +50,7 @@ class ExternalRoutedMoE(TokenMoE):
     weight [E, D]) and ``routed(x_ND) -> out_ND``.
     """
 
-    shared: Optional[nn.Module]
+    shared: nn.Module | None
 
     @property
     def gate_weight(self) -> torch.Tensor:  # pragma: no cover
@@ -56,7 +59,7 @@ class ExternalRoutedMoE(TokenMoE):
     def routed(self, x_ND: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def forward(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor] = None) -> MoEOutput:
+    def forward(self, x_ND: torch.Tensor, valid_N: torch.Tensor | None = None) -> MoEOutput:
         from .router import load_balancing_loss, route_from_logits, router_z_loss, tokens_per_expert
 
         check_input(x_ND, valid_N, self.dim)
@@ -66,9 +69,9 @@ class ExternalRoutedMoE(TokenMoE):
         # the same two and inflating the dropless buffer; their outputs are zeroed below.
         x_in_ND = x_ND
         if rows_V is not None and 0 < rows_V.numel() < x_ND.shape[0]:
-            pad_P = (~valid_N).nonzero().squeeze(1)
-            fill_P = rows_V[torch.arange(pad_P.numel(), device=x_ND.device) % rows_V.numel()]
-            x_in_ND = x_ND.index_copy(0, pad_P, x_ND.index_select(0, fill_P).detach())
+            pad_rows = (~valid_N).nonzero().squeeze(1)
+            fill_rows = rows_V[torch.arange(pad_rows.numel(), device=x_ND.device) % rows_V.numel()]
+            x_in_ND = x_ND.index_copy(0, pad_rows, x_ND.index_select(0, fill_rows).detach())
         elif rows_V is not None and rows_V.numel() == 0:
             # padding only (other ranks of the expert-parallel group have tokens): identical rows would all pick the
             # same experts and blow up the all-reduced dropless capacity; the router's own rows spread them. The
@@ -79,7 +82,8 @@ class ExternalRoutedMoE(TokenMoE):
         x_VD = x_ND if rows_V is None else x_ND.index_select(0, rows_V)
         if self.shared is not None:
             shared_VD = self.shared(x_VD)
-            out_ND = out_ND + (shared_VD if rows_V is None else torch.zeros_like(out_ND).index_copy(0, rows_V, shared_VD))
+            out_ND = out_ND + (shared_VD if rows_V is None
+                               else torch.zeros_like(out_ND).index_copy(0, rows_V, shared_VD))
         if valid_N is not None:
             out_ND = torch.where(valid_N.unsqueeze(1), out_ND, torch.zeros_like(out_ND))
         # losses and counts from the library's own gate weight, valid rows only (it routes identically)
@@ -88,8 +92,8 @@ class ExternalRoutedMoE(TokenMoE):
                          router_z_loss(routing.logits_NE), tokens_per_expert(routing.experts_NK, self.num_experts))
 
 
-def static_output(y_SD: torch.Tensor, plan, routing, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor],
-                  shared: Optional[nn.Module]) -> MoEOutput:
+def static_output(y_SD: torch.Tensor, plan, routing, x_ND: torch.Tensor, valid_N: torch.Tensor | None,
+                  shared: nn.Module | None) -> MoEOutput:
     """Combine of a static-routing call: each row's K expert outputs (the drop row for dropped assignments, weight 0)
     summed in fp32 with the router weights, + the shared expert, padding rows zeroed, losses on valid rows."""
     from .dispatch import gather_rows

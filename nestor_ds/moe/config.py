@@ -9,10 +9,10 @@ BACKENDS = ("local", "megablocks")
 # the local backend's expert-parallel layout, so old configs and checkpoints run on "local" (docs/scaling.md)
 LEGACY_BACKENDS = {"deepspeed": "local"}
 ROUTINGS = ("dropless", "static")
-# Rows per expert under static routing: C = ceil(cf * N * K / E), N rows of the call. On the demo mixture factors
+# Rows per expert under static routing: Q = ceil(cf * N * K / E), N rows of the call. On the demo mixture factors
 # 1.0-2.0 all matched dropless L2RE within seed noise; 1.25 keeps a margin (docs/benchmarks.md, "Static routing").
 DEFAULT_CAPACITY_FACTOR = 1.25
-# C is rounded up to a multiple of 8 rows: tensor-core tiles (bf16 mma works on 8/16-row tiles) and 32-byte
+# Q is rounded up to a multiple of 8 rows: tensor-core tiles (bf16 mma works on 8/16-row tiles) and 32-byte
 # aligned buffers; the extra rows cost at most 7 per expert.
 CAPACITY_MULTIPLE = 8
 
@@ -23,7 +23,7 @@ class MoEConfig:
 
     Defaults are NESTOR's: top-2 of 6 routed experts plus one always-on shared expert, hidden width
     equal to the model width, no capacity limit (dropless). routing="static" gives each expert a fixed buffer
-    of C = ceil(capacity_factor * N * K / E) rows (rounded up to 8) during training: no host sync and static
+    of Q = ceil(capacity_factor * N * K / E) rows (rounded up to 8) during training: no host sync and static
     shapes (torch.compile fullgraph, CUDA graphs); overflow is dropped lowest router weight first and counted.
     Evaluation always routes dropless (a sample's prediction must not depend on the rest of its batch).
     """
@@ -36,7 +36,7 @@ class MoEConfig:
     shared_hidden_ratio: float | None = None  # shared-expert hidden per shared expert / dim; None = mlp_ratio
     ep_size: int = 1  # expert-parallel group size (already resolved to an int by the engine)
     routing: str = "dropless"  # "dropless" (every assignment computed) | "static" (fixed per-expert capacity)
-    capacity_factor: float | None = None  # static only: C = ceil(cf*N*K/E) rows per expert; None = default
+    capacity_factor: float | None = None  # static only: Q = ceil(cf*N*K/E) rows per expert; None = default
     router_noise: float = 0.0  # std of Gaussian noise added to router logits, training only
 
     def hidden_dim(self, dim: int) -> int:
@@ -48,7 +48,7 @@ class MoEConfig:
         return self.routing == "static"
 
     def capacity(self, rows: int) -> int:
-        """Rows per expert C for a call with `rows` rows under static routing (rounded to CAPACITY_MULTIPLE)."""
+        """Rows per expert Q for a call with `rows` rows under static routing (rounded to CAPACITY_MULTIPLE)."""
         from .dispatch import capacity
 
         factor = DEFAULT_CAPACITY_FACTOR if self.capacity_factor is None else self.capacity_factor
@@ -60,7 +60,7 @@ class MoEConfig:
         ratio = self.mlp_ratio if self.shared_hidden_ratio is None else self.shared_hidden_ratio
         return int(dim * ratio) * self.num_shared_experts
 
-    def validate(self) -> "MoEConfig":
+    def validate(self) -> MoEConfig:
         """Raise ValueError with one clear line for an inconsistent configuration; return self."""
         if self.backend in LEGACY_BACKENDS:
             import logging

@@ -1,16 +1,17 @@
 """Row permutations shared by both MoE levels (token Sub-MoE and image MoE): dispatch, gather, and the
 capacity plan of static routing.
 
-Shape legend: N rows (tokens or samples), K routes per row, A = N*K assignments, E experts, C capacity
-(rows per expert), S rows of an expert-major buffer, D width (any trailing size).
+Shape legend: N rows (tokens or samples), K routes per row, A = N*K assignments, E experts, Q capacity
+(rows per expert), S rows of an expert-major buffer, D width (any trailing size), V valid rows (N less padding).
 
 Dispatch and combine are written as gathers in both directions (`dispatch_rows`, `gather_rows`): the
-backward of a plain index_select is a scatter-add, which on CPU runs several times slower than a gather.
+backward of a plain index_select is a scatter-add, slower than a gather on CPU (timings: docs/benchmarks.md,
+"Model step").
 
-Static routing (`plan_capacity`) gives every expert a fixed buffer of C rows. Everything is computed on the
-device with shapes that depend only on (N, K, E, C): no `.item()`, `.tolist()`, `nonzero` or boolean-mask
+Static routing (`plan_capacity`) gives every expert a fixed buffer of Q rows. Everything is computed on the
+device with shapes that depend only on (N, K, E, Q): no `.item()`, `.tolist()`, `nonzero` or boolean-mask
 indexing, so torch.compile traces it without graph breaks and CUDA graphs can capture it. Assignments that
-do not fit (and assignments of padding rows) go to one extra "drop" row S = E*C at the end of the buffer,
+do not fit (and assignments of padding rows) go to one extra "drop" row S = E*Q at the end of the buffer,
 whose output is never used (its combine weight is zero).
 """
 
@@ -69,6 +70,13 @@ def gather_rows(x_S: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(x_S, index)
 
 
+def sorted_position(key_A: torch.Tensor) -> torch.Tensor:
+    """rank_A (long): where each assignment lands in the stable ascending sort of key_A (argsort's inverse
+    permutation), i.e. its row in a buffer sorted by key (by expert, rows in order inside an expert)."""
+    order_A = key_A.argsort(stable=True)
+    return torch.empty_like(order_A).scatter_(0, order_A, torch.arange(key_A.numel(), device=key_A.device))
+
+
 def count_per_expert(expert_A: torch.Tensor, num_experts: int, valid_A: torch.Tensor | None = None) -> torch.Tensor:
     """counts_E (long): assignments per expert, valid ones only. A scatter-add into a fixed [E] buffer (bincount's
     output size depends on the data, which torch.compile cannot trace without a graph break)."""
@@ -77,8 +85,8 @@ def count_per_expert(expert_A: torch.Tensor, num_experts: int, valid_A: torch.Te
 
 
 def capacity(factor: float, rows: int, top_k: int, num_experts: int, multiple: int = 1) -> int:
-    """Rows per expert C = ceil(factor * rows * K / E), rounded up to `multiple`, never above `rows` (a row goes to
-    an expert at most once, so C = rows can never overflow) and never 0 when rows > 0."""
+    """Rows per expert Q = ceil(factor * rows * K / E), rounded up to `multiple`, never above `rows` (a row goes to
+    an expert at most once, so Q = rows can never overflow) and never 0 when rows > 0."""
     c = math.ceil(factor * rows * top_k / num_experts)
     c = math.ceil(c / multiple) * multiple
     return max(min(c, rows), min(rows, 1))
@@ -86,32 +94,31 @@ def capacity(factor: float, rows: int, top_k: int, num_experts: int, multiple: i
 
 @dataclass
 class CapacityPlan:
-    """Where each assignment sits in the static expert-major buffer [E*C + 1, ...] (last row: drop row)."""
+    """Where each assignment sits in the static expert-major buffer [E*Q + 1, ...] (last row: drop row)."""
 
-    slot_A: torch.Tensor      # long [A]: e*C + position inside expert e, or E*C when dropped / padding
+    slot_A: torch.Tensor      # long [A]: e*Q + position inside expert e, or E*Q when dropped / padding
     keep_A: torch.Tensor      # bool [A]: the assignment got a row (valid and within capacity)
-    kept_E: torch.Tensor      # long [E]: rows used in each expert's buffer (<= C)
+    kept_E: torch.Tensor      # long [E]: rows used in each expert's buffer (<= Q)
     routed_E: torch.Tensor    # long [E]: valid assignments per expert before capacity (the dropless counts)
     dropped: torch.Tensor     # long scalar: valid assignments over capacity
-    capacity: int             # C
-    rows: int                 # E*C + 1
+    capacity: int             # Q
+    rows: int                 # E*Q + 1
 
 
 def plan_capacity(expert_A: torch.Tensor, weight_A: torch.Tensor, valid_A: torch.Tensor | None,
                   num_experts: int, cap: int) -> CapacityPlan:
     """Static layout: inside each expert, assignments ordered by weight, highest first (ties: row order), the
-    first C kept; padding assignments (valid_A False) are absent. One sort on (expert, -weight), all on device.
+    first Q kept; padding assignments (valid_A False) are absent. One sort on (expert, -weight), all on device.
     Callers pass the router probability of the chosen expert as weight (GShard/Switch's priority): top-1's
     renormalised weight is always 1 and would rank by row order instead.
 
     The sort key e*2 + (1 - w) in float64 orders by expert, then by descending weight w in [0, 1]; invalid
     assignments use the sentinel expert E so they sort after every real one and never take a row.
     """
-    E, A = num_experts, expert_A.numel()
+    E = num_experts
     expert_eff_A = expert_A if valid_A is None else torch.where(valid_A, expert_A, torch.full_like(expert_A, E))
     key_A = expert_eff_A.double() * 2.0 + (1.0 - weight_A.detach().double())
-    order_A = key_A.argsort(stable=True)
-    rank_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(A, device=expert_A.device))
+    rank_A = sorted_position(key_A)
     counts_E1 = count_per_expert(expert_eff_A, E + 1)
     start_E1 = counts_E1.cumsum(0) - counts_E1
     pos_A = rank_A - start_E1.gather(0, expert_eff_A)

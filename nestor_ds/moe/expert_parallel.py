@@ -1,9 +1,9 @@
 """Expert-parallel token MoE of the `local` backend (moe.ep_size > 1): all-to-all-v token exchange, grouped
 experts per rank, our router and losses.
 
-Shape legend: N rows in, V valid rows, D width, F hidden, E experts (global), P = ep_size ranks of the
-expert-parallel group, E_l = E / P experts on this rank, K top-k, A = V*K assignments this rank sends,
-R rows this rank receives, C rows per expert (static routing).
+Shape legend: N rows in, V valid rows (N less padding), D width, F hidden, E experts (global), P = ep_size ranks of
+the expert-parallel group, E_l = E / P experts on this rank, K top-k, A = V*K assignments this rank sends, U rows this
+rank receives (for its experts), S rows of an expert-major buffer, Q capacity: rows per expert (static routing).
 
 Rank p holds experts [p*E_l, (p+1)*E_l). Both routings exchange only routed rows:
 
@@ -13,10 +13,10 @@ Rank p holds experts [p*E_l, (p+1)*E_l). Both routings exchange only routed rows
   rows, the local experts run with the grouped kernels of `experts.py` on an expert-major buffer, and the
   inverse all-to-all-v brings the outputs home. Padding rows are never routed, sent or counted; a rank with
   no valid row, or an expert with no row, still joins every collective (forward and backward).
-- static (training): `plan_capacity` gives every expert C rows on every rank (overflow dropped lowest router
+- static (training): `plan_capacity` gives every expert Q rows on every rank (overflow dropped lowest router
   probability first, padding absent), so the exchange has equal, fixed splits: no count exchange, no host
-  sync. The received [P, E_l, C, D] buffer is one batched matmul per projection on [E_l, P*C, D]. Needs the
-  same N on every rank of the group (the image MoE calls every expert with C samples on every rank).
+  sync. The received [P, E_l, Q, D] buffer is one batched matmul per projection on [E_l, P*Q, D]. Needs the
+  same N on every rank of the group (the image MoE calls every expert with Q samples on every rank).
 
 Losses (load balancing, z-loss) and counts are this rank's valid rows, exactly as `LocalTokenMoE` on this
 rank's rows; gradients of replicated parameters (router, shared expert) are averaged by the engine.
@@ -29,13 +29,13 @@ partitions per that group) and writes one checkpoint file per expert with global
 `nestor_ds.checkpoint.files` exports to the single-file local layout. The helpers at the bottom convert
 between this layout and LocalTokenMoE's.
 
-The process group is given from outside (`set_expert_parallel_group`, called by the engine), never looked
-up inside forward.
+The process group is given from outside (`nestor_ds.model.parallelize.apply_expert_parallel`, called by the
+engine's `setup_expert_parallel`), never looked up inside the model.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,7 @@ from torch import nn
 
 from .base import MoEOutput, TokenMoE, check_input, static_output
 from .config import MoEConfig
-from .dispatch import dispatch_rows, gather_rows, plan_static
+from .dispatch import dispatch_rows, gather_rows, plan_static, sorted_position
 from .experts import KERNELS, ExpertLayout, SwiGLU, grouped_mm_supported, plan_layout, run_experts
 from .router import FP32Linear, load_balancing_loss, route_from_logits, router_z_loss, tokens_per_expert
 
@@ -57,23 +57,23 @@ class _AllToAllV(torch.autograd.Function):
     """all_to_all_single with split sizes (None = equal); the backward is the inverse exchange."""
 
     @staticmethod
-    def forward(ctx, x_SD: torch.Tensor, out_splits: Optional[list[int]], in_splits: Optional[list[int]],
+    def forward(ctx, x_SD: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None,
                 group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
         ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
         rows = x_SD.shape[0] if out_splits is None else sum(out_splits)
-        out_RD = x_SD.new_empty(rows, *x_SD.shape[1:])
-        dist.all_to_all_single(out_RD, x_SD.contiguous(), out_splits, in_splits, group=group)
-        return out_RD
+        out_UD = x_SD.new_empty(rows, *x_SD.shape[1:])
+        dist.all_to_all_single(out_UD, x_SD.contiguous(), out_splits, in_splits, group=group)
+        return out_UD
 
     @staticmethod
-    def backward(ctx, grad_RD: torch.Tensor):  # type: ignore[override]
-        rows = grad_RD.shape[0] if ctx.in_splits is None else sum(ctx.in_splits)
-        grad_SD = grad_RD.new_empty(rows, *grad_RD.shape[1:])
-        dist.all_to_all_single(grad_SD, grad_RD.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+    def backward(ctx, grad_UD: torch.Tensor):  # type: ignore[override]
+        rows = grad_UD.shape[0] if ctx.in_splits is None else sum(ctx.in_splits)
+        grad_SD = grad_UD.new_empty(rows, *grad_UD.shape[1:])
+        dist.all_to_all_single(grad_SD, grad_UD.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
         return grad_SD, None, None, None
 
 
-def all_to_all_v(x_SD: torch.Tensor, out_splits: Optional[list[int]], in_splits: Optional[list[int]],
+def all_to_all_v(x_SD: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None,
                  group: dist.ProcessGroup) -> torch.Tensor:
     """Send in_splits[p] rows of x_SD to rank p, receive out_splits[p] rows from rank p (None: equal splits)."""
     return _AllToAllV.apply(x_SD, out_splits, in_splits, group)
@@ -95,6 +95,7 @@ def _deepspeed_layout_class():
             self.num_experts, self.ep_size = num_experts, ep_size
             self.num_local_experts = num_experts // ep_size
             self.expert_group_name = f"ep_size_{ep_size}"
+            self.ep_group: dist.ProcessGroup | None = None   # given by ExpertParallelTokenMoE.set_group
             self.deepspeed_moe = nn.Module()
             self.deepspeed_moe.gate = nn.Module()
             self.deepspeed_moe.gate.wg = FP32Linear(dim, num_experts, bias=False)
@@ -106,11 +107,10 @@ def _deepspeed_layout_class():
                 p.group_name = self.expert_group_name
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-            """Called by deepspeed.initialize: the groups were created by the engine already (set_expert_parallel_group)."""
-            from deepspeed.utils import groups
-
-            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-                raise RuntimeError(f"expert-parallel group {self.expert_group_name} does not exist: call "
+            """Called by deepspeed.initialize (DeepSpeed's own MoE creates its groups here): ours were created by the
+            engine and given to the model already, so this only checks that they were."""
+            if self.ep_group is None:
+                raise RuntimeError(f"expert-parallel group {self.expert_group_name} was not given to the model: call "
                                    "nestor_ds.engine.distributed.setup_expert_parallel(model, ep_size) before "
                                    "deepspeed.initialize")
 
@@ -143,8 +143,7 @@ class ExpertParallelTokenMoE(TokenMoE):
         self.local_experts = cfg.num_experts // cfg.ep_size
         self.dim, self.hidden = dim, cfg.hidden_dim(dim)
         self.ep_rank = default_ep_rank(cfg.ep_size)
-        self.ep_group: Optional[dist.ProcessGroup] = None   # set_expert_parallel_group
-        self.kernel: Optional[str] = None                   # None = per device, as LocalTokenMoE
+        self.kernel: str | None = None                   # None = per device, as LocalTokenMoE
         # Initial weights are a function of the seed, not of the parallel layout: draw every expert as the local
         # backend does (same RNG stream), then keep this rank's slice. ep 1 and ep P start from the same model.
         import dataclasses
@@ -169,14 +168,20 @@ class ExpertParallelTokenMoE(TokenMoE):
         return (torch.stack([e.w1.weight for e in experts]), torch.stack([e.w3.weight for e in experts]),
                 torch.stack([e.w2.weight for e in experts]))
 
+    @property
+    def ep_group(self) -> dist.ProcessGroup | None:
+        """The expert-parallel group the all-to-all-v exchange runs over (None until set_group)."""
+        return self.moe.ep_group
+
     def set_group(self, group: dist.ProcessGroup) -> None:
-        """The expert-parallel group this module exchanges tokens over (see set_expert_parallel_group)."""
+        """Take the expert-parallel group to exchange tokens over (called by apply_expert_parallel)."""
         if dist.get_world_size(group) != self.ep_size:
-            raise ValueError(f"expert-parallel group has {dist.get_world_size(group)} ranks, moe.ep_size={self.ep_size}")
+            raise ValueError(f"expert-parallel group has {dist.get_world_size(group)} ranks, "
+                             f"moe.ep_size={self.ep_size}")
         if dist.get_rank(group) != self.ep_rank:
             raise ValueError(f"rank {dist.get_rank()} is rank {dist.get_rank(group)} of its expert-parallel group but "
                              f"holds experts of group rank {self.ep_rank}: groups must be consecutive ranks")
-        self.ep_group = group
+        self.moe.ep_group = group
 
     # -- forward ----------------------------------------------------------------------------------------------
     def route(self, x_ND: torch.Tensor):
@@ -185,16 +190,16 @@ class ExpertParallelTokenMoE(TokenMoE):
             logits_NE = logits_NE + self.cfg.router_noise * torch.randn_like(logits_NE)
         return route_from_logits(logits_NE, self.top_k)
 
-    def forward(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor] = None) -> MoEOutput:
+    def forward(self, x_ND: torch.Tensor, valid_N: torch.Tensor | None = None) -> MoEOutput:
         check_input(x_ND, valid_N, self.dim)
         if self.ep_group is None:
             raise RuntimeError("ExpertParallelTokenMoE: no expert-parallel group; call "
-                               "nestor_ds.moe.set_expert_parallel_group(model, group) first")
+                               "nestor_ds.model.parallelize.apply_expert_parallel(model, group) first")
         if self.cfg.static and self.training:
             return self._forward_static(x_ND, valid_N)
         return self._forward_dropless(x_ND, valid_N)
 
-    def _forward_dropless(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor]) -> MoEOutput:
+    def _forward_dropless(self, x_ND: torch.Tensor, valid_N: torch.Tensor | None) -> MoEOutput:
         P, E_l, K = self.ep_size, self.local_experts, self.top_k
         rows_V = None if valid_N is None else valid_N.nonzero().squeeze(1)
         x_VD = x_ND if rows_V is None else x_ND.index_select(0, rows_V)
@@ -203,9 +208,7 @@ class ExpertParallelTokenMoE(TokenMoE):
         counts_E = tokens_per_expert(routing.experts_NK, self.num_experts)
 
         # assignments sorted by expert = by destination rank; one row each in the send buffer
-        expert_A = routing.experts_NK.reshape(-1)
-        order_A = expert_A.argsort(stable=True)
-        sorted_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(V * K, device=x_ND.device))
+        sorted_A = sorted_position(routing.experts_NK.reshape(-1))
         send_AD = dispatch_rows(x_VD, sorted_A.view(V, K), V * K)
 
         # counts per (source rank, local expert), then one host read of every split size
@@ -213,24 +216,24 @@ class ExpertParallelTokenMoE(TokenMoE):
         dist.all_to_all_single(recv_PE, counts_E.contiguous(), group=self.ep_group)
         sizes = torch.cat([counts_E.view(P, E_l).sum(1), recv_PE.view(P, E_l).sum(1)]).tolist()
         send_splits, recv_splits = sizes[:P], sizes[P:]
-        recv_RD = all_to_all_v(send_AD, recv_splits, send_splits, self.ep_group)
+        recv_UD = all_to_all_v(send_AD, recv_splits, send_splits, self.ep_group)
 
         # received rows come grouped by source rank, then by local expert: give them expert-major slots
-        R = recv_RD.shape[0]
-        expert_R = torch.repeat_interleave(torch.arange(E_l, device=x_ND.device).repeat(P), recv_PE)
+        U = recv_UD.shape[0]
+        expert_U = torch.repeat_interleave(torch.arange(E_l, device=x_ND.device).repeat(P), recv_PE)
         counts_local = recv_PE.view(P, E_l).sum(0)
         w1, w3, w2 = self.local_weights()
-        if R == 0:   # nothing to compute here; stay in the graph so the backward exchanges run on this rank too
-            y_RD = recv_RD * 0.0 + 0.0 * (w1.sum() + w3.sum() + w2.sum()).to(recv_RD.dtype)
+        if U == 0:   # nothing to compute here; stay in the graph so the backward exchanges run on this rank too
+            y_UD = recv_UD * 0.0 + 0.0 * (w1.sum() + w3.sum() + w2.sum()).to(recv_UD.dtype)
         else:
             kernel = self.kernel or ("grouped" if grouped_mm_supported(x_ND.device, x_ND.dtype, self.dim, self.hidden)
                                      else "padded")
             if kernel not in KERNELS:
                 raise ValueError(f"ExpertParallelTokenMoE.kernel={kernel!r}: expected one of {KERNELS}")
-            slot_R, layout = plan_layout(expert_R, counts_local, kernel)
-            y_SD = run_experts(dispatch_rows(recv_RD, slot_R.view(R, 1), layout.rows), layout, w1, w3, w2)
-            y_RD = gather_rows(y_SD, slot_R)
-        back_AD = all_to_all_v(y_RD, send_splits, recv_splits, self.ep_group)
+            slot_U, layout = plan_layout(expert_U, counts_local, kernel)
+            y_SD = run_experts(dispatch_rows(recv_UD, slot_U.view(U, 1), layout.rows), layout, w1, w3, w2)
+            y_UD = gather_rows(y_SD, slot_U)
+        back_AD = all_to_all_v(y_UD, send_splits, recv_splits, self.ep_group)
 
         y_VKD = gather_rows(back_AD, sorted_A.view(V, K))
         y_VD = (routing.weights_NK.unsqueeze(-1) * y_VKD.float()).sum(dim=1).to(x_VD.dtype)
@@ -240,29 +243,21 @@ class ExpertParallelTokenMoE(TokenMoE):
         return MoEOutput(out_ND, load_balancing_loss(routing.probs_NE, routing.experts_NK),
                          router_z_loss(routing.logits_NE), counts_E)
 
-    def _forward_static(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor]) -> MoEOutput:
+    def _forward_static(self, x_ND: torch.Tensor, valid_N: torch.Tensor | None) -> MoEOutput:
         N, E, P, E_l, K, D = x_ND.shape[0], self.num_experts, self.ep_size, self.local_experts, self.top_k, self.dim
-        C = self.cfg.capacity(N)
+        Q = self.cfg.capacity(N)
         routing = self.route(x_ND)
-        plan = plan_static(routing.experts_NK, routing.probs_NE, valid_N, E, C)
+        plan = plan_static(routing.experts_NK, routing.probs_NE, valid_N, E, Q)
 
         x_SD = dispatch_rows(x_ND, plan.slot_A.view(N, K), plan.rows)
-        recv_SD = all_to_all_v(x_SD[:E * C], None, None, self.ep_group)        # [P sources, E_l, C, D]
-        x_LRD = recv_SD.view(P, E_l, C, D).transpose(0, 1).reshape(E_l * P * C, D)
-        layout = ExpertLayout("padded", E_l * P * C, chunk=P * C, one_chunk_per_expert=True)
-        y_LRD = run_experts(x_LRD, layout, *self.local_weights())
-        back_SD = y_LRD.view(E_l, P, C, D).transpose(0, 1).reshape(E * C, D)
+        recv_SD = all_to_all_v(x_SD[:E * Q], None, None, self.ep_group)        # [P sources, E_l, Q, D]
+        mine_SD = recv_SD.view(P, E_l, Q, D).transpose(0, 1).reshape(E_l * P * Q, D)
+        layout = ExpertLayout("padded", E_l * P * Q, chunk=P * Q, one_chunk_per_expert=True)
+        y_mine_SD = run_experts(mine_SD, layout, *self.local_weights())
+        back_SD = y_mine_SD.view(E_l, P, Q, D).transpose(0, 1).reshape(E * Q, D)
         y_SD = torch.cat([all_to_all_v(back_SD, None, None, self.ep_group), x_SD.new_zeros(1, D)])  # + drop row
 
         return static_output(y_SD, plan, routing, x_ND, valid_N, self.shared)
-
-
-def set_expert_parallel_group(model: nn.Module, group: dist.ProcessGroup) -> int:
-    """Give every expert-parallel token MoE of ``model`` its process group; returns how many were set."""
-    layers = [m for m in model.modules() if isinstance(m, ExpertParallelTokenMoE)]
-    for m in layers:
-        m.set_group(group)
-    return len(layers)
 
 
 # ----------------------------------------------------------------------------------- layout conversion
@@ -285,7 +280,7 @@ def expert_parallel_state_from_local(local_state: Mapping[str, torch.Tensor], ep
 
 
 def local_state_from_expert_parallel(
-        states: Union[Mapping[str, torch.Tensor], Sequence[Mapping[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+        states: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """LocalTokenMoE state dict from ExpertParallelTokenMoE state dicts, one per EP rank in EP-rank order, or one
     mapping holding every expert under its global id (DeepSpeed's per-expert checkpoint files). The gate and
     shared weights are replicated: taken from the first."""
@@ -300,7 +295,8 @@ def local_state_from_expert_parallel(
                 experts[w].append(state[_DS_EXPERT.format(i=i, w=w)])
             i += 1
         if i == 0:
-            raise ValueError(f"local_state_from_expert_parallel: state {rank} has no key {_DS_EXPERT.format(i=0, w='w1')}")
+            raise ValueError(f"local_state_from_expert_parallel: state {rank} has no key "
+                             f"{_DS_EXPERT.format(i=0, w='w1')}")
     out = {"router.gate.weight": states[0][_DS_GATE].clone()}
     out.update({_LOCAL_EXPERT[w]: torch.stack(ws) for w, ws in experts.items()})
     out.update({k: v.clone() for k, v in states[0].items() if k.startswith(_SHARED_PREFIX)})

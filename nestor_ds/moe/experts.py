@@ -2,15 +2,16 @@
 as grouped weights run over an expert-major row buffer.
 
 Shape legend: A routed assignments, S rows of the expert-major buffer, D model width, F hidden width,
-E experts, J chunks (padded kernel), C rows per chunk.
+E experts, J chunks of G rows (padded kernel), N rows of a single expert module.
 SwiGLU(x) = W2 (silu(W1 x) * W3 x), no biases.
 
 Two kernels for the E experts, chosen per device (same math, same parameters):
   - "grouped": rows sorted by expert, one torch._grouped_mm per projection (fast on Hopper GPUs);
-  - "padded": each expert's rows cut into chunks of C rows (the last one zero-padded), one torch.bmm per
-    projection over the J chunks with each chunk's expert weights. On CPU torch._grouped_mm and its backward
-    loop over per-expert matmuls and run at about half the rate of one MKL batched matmul; C is chosen from
-    the expert loads so that an unbalanced router (e.g. at initialisation) wastes little on padding.
+  - "padded": each expert's rows cut into chunks of G rows (the last one zero-padded), one torch.bmm per
+    projection over the J chunks with each chunk's expert weights: the fallback where grouped_mm does not run
+    (fp64, unaligned widths, GPUs without it) and the layout of static routing's fixed buffers. G is chosen
+    from the expert loads so that an unbalanced router (e.g. at initialisation) wastes little on padding.
+Timings of both kernels: docs/benchmarks.md ("Model step").
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .dispatch import sorted_position
 
 
 def _init_uniform_(w: torch.Tensor, fan_in: int) -> None:
@@ -61,7 +64,7 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dim: int, hidden: int) -> bool:
     """Whether torch._grouped_mm runs forward and backward for these sizes on this device/dtype.
 
@@ -82,11 +85,11 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dim: int, hid
 
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype, dim: int, hidden: int) -> bool:
     """One tiny forward + backward; raises where the kernel is missing (runs under fork_rng: no RNG side effect)."""
-    x_RD = torch.randn(3, dim, device=device, dtype=dtype, requires_grad=True)
+    x_SD = torch.randn(3, dim, device=device, dtype=dtype, requires_grad=True)
     w_EFD = torch.randn(2, hidden, dim, device=device, dtype=dtype, requires_grad=True)
     offs_E = torch.tensor([1, 3], device=device, dtype=torch.int32)
-    y_RF = _ContiguousGrad.apply(torch._grouped_mm(x_RD, w_EFD.transpose(-2, -1), offs=offs_E))
-    y_RF.sum().backward()
+    y_SF = _ContiguousGrad.apply(torch._grouped_mm(x_SD, w_EFD.transpose(-2, -1), offs=offs_E))
+    y_SF.sum().backward()
     return True
 
 
@@ -94,7 +97,7 @@ KERNELS = ("grouped", "padded")
 
 
 def chunk_rows(counts: list[int], overhead_rows: int = 64, max_splits: int = 8) -> int:
-    """Rows per chunk C for the padded kernel: the C = ceil(max_count / j), j = 1..max_splits, rounded up to 8,
+    """Rows per chunk G for the padded kernel: the G = ceil(max_count / j), j = 1..max_splits, rounded up to 8,
     that minimises padded rows + a fixed per-chunk cost (`overhead_rows`: its weight copy, forward and backward).
     Balanced loads give one chunk per expert; a skewed load splits its big experts instead of padding all."""
     top = max(max(counts), 1)
@@ -112,13 +115,13 @@ class ExpertLayout:
     """Where each expert's rows sit in the expert-major buffer [S, D] that GroupedSwiGLU consumes.
 
     grouped: S = A rows sorted by expert, offs_E = end row of each expert's group;
-    padded: S = J * C rows, chunk j holds rows of expert expert_J[j] (unused rows are zero).
+    padded: S = J * G rows, chunk j holds rows of expert expert_J[j] (unused rows are zero).
     """
 
     kernel: str
     rows: int
     offs_E: torch.Tensor | None = None      # grouped: int32 [E]
-    chunk: int = 0                          # padded: C
+    chunk: int = 0                          # padded: G
     expert_J: torch.Tensor | None = None    # padded: long [J]
     one_chunk_per_expert: bool = False      # padded: expert_J == arange(E): use the weights as they are
 
@@ -127,21 +130,19 @@ def plan_layout(expert_A: torch.Tensor, counts_E: torch.Tensor, kernel: str) -> 
     """slot_A: the buffer row of each assignment (experts in order, assignments in order inside an expert),
     and the buffer layout for `kernel`. One stable argsort; the padded kernel also reads counts_E on the host."""
     A = expert_A.numel()
-    order_A = expert_A.argsort(stable=True)
-    rank_A = torch.empty_like(order_A)
-    rank_A[order_A] = torch.arange(A, device=expert_A.device)     # row in the sorted (grouped) layout
+    rank_A = sorted_position(expert_A)                           # row in the sorted (grouped) layout
     if kernel == "grouped":
         return rank_A, ExpertLayout("grouped", A, offs_E=counts_E.cumsum(0).to(torch.int32))
     counts = counts_E.tolist()
-    C = chunk_rows(counts)
-    chunks_E = (counts_E + C - 1) // C
+    G = chunk_rows(counts)
+    chunks_E = (counts_E + G - 1) // G
     start_E = counts_E.cumsum(0) - counts_E                       # first sorted row of each expert
     first_chunk_E = chunks_E.cumsum(0) - chunks_E
-    slot_A = rank_A + (first_chunk_E * C - start_E).index_select(0, expert_A)
+    slot_A = rank_A + (first_chunk_E * G - start_E).index_select(0, expert_A)
     expert_J = torch.repeat_interleave(torch.arange(len(counts), device=expert_A.device), chunks_E)
     J = expert_J.numel()
     one_each = J == len(counts) and all(n > 0 for n in counts)
-    return slot_A, ExpertLayout("padded", J * C, chunk=C, expert_J=expert_J, one_chunk_per_expert=one_each)
+    return slot_A, ExpertLayout("padded", J * G, chunk=G, expert_J=expert_J, one_chunk_per_expert=one_each)
 
 
 class GroupedSwiGLU(nn.Module):
@@ -180,19 +181,19 @@ def run_experts(x_SD: torch.Tensor, layout: ExpertLayout, w1_EFD: torch.Tensor, 
     return _forward_padded(x_SD, layout, w1_EFD, w3_EFD, w2_EDF)
 
 
-def _forward_grouped(x_RD: torch.Tensor, offs_E: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
+def _forward_grouped(x_SD: torch.Tensor, offs_E: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
                      w2_EDF: torch.Tensor) -> torch.Tensor:
     def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        # a [R, in] @ w[e]^T for the rows of expert e; w is [E, out, in]
+        # a [S, in] @ w[e]^T for the rows of expert e; w is [E, out, in]
         return _ContiguousGrad.apply(torch._grouped_mm(a, w.to(a.dtype).transpose(-2, -1), offs=offs_E))
 
-    h_RF = F.silu(mm(x_RD, w1_EFD)) * mm(x_RD, w3_EFD)
-    return mm(h_RF, w2_EDF)
+    h_SF = F.silu(mm(x_SD, w1_EFD)) * mm(x_SD, w3_EFD)
+    return mm(h_SF, w2_EDF)
 
 
 def _forward_padded(x_SD: torch.Tensor, layout: ExpertLayout, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
                     w2_EDF: torch.Tensor) -> torch.Tensor:
-    J, C = layout.rows // max(layout.chunk, 1), layout.chunk
+    J, G = layout.rows // max(layout.chunk, 1), layout.chunk
     dim = w2_EDF.shape[1]
     if J == 0:
         return x_SD.new_zeros(0, dim)
@@ -201,6 +202,6 @@ def _forward_padded(x_SD: torch.Tensor, layout: ExpertLayout, w1_EFD: torch.Tens
         w = w if layout.one_chunk_per_expert else w.index_select(0, layout.expert_J)
         return w.to(x_SD.dtype).transpose(1, 2)
 
-    x_JCD = x_SD.view(J, C, dim)
-    h_JCF = F.silu(torch.bmm(x_JCD, weights(w1_EFD))) * torch.bmm(x_JCD, weights(w3_EFD))
-    return torch.bmm(h_JCF, weights(w2_EDF)).view(J * C, dim)
+    x_JGD = x_SD.view(J, G, dim)
+    h_JGF = F.silu(torch.bmm(x_JGD, weights(w1_EFD))) * torch.bmm(x_JGD, weights(w3_EFD))
+    return torch.bmm(h_JGF, weights(w2_EDF)).view(J * G, dim)

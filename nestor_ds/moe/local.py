@@ -1,23 +1,21 @@
 """Plain-PyTorch token MoE: the reference backend and the single-process default.
 
 Shape legend: N rows in, V valid rows, D width, E experts, K top-k, A = V*K routed assignments,
-S rows of the expert-major buffer (A plus padding for the padded kernel), C rows per expert (static).
+S rows of the expert-major buffer (A plus padding for the padded kernel), Q capacity: rows per expert (static).
 
 Dropless (cfg.routing="dropless", and always in evaluation): drop padding rows -> route -> give each
 assignment a row (slot) in an expert-major buffer -> run the grouped SwiGLU experts on the buffer ->
 gather each token's K outputs back and sum them with the renormalised router weights -> add the shared
 expert -> put the V rows back among the N (padding rows stay zero).
 
-Static (cfg.routing="static", training): route all N rows; every expert gets a fixed buffer of C rows
+Static (cfg.routing="static", training): route all N rows; every expert gets a fixed buffer of Q rows
 (`nestor_ds.moe.dispatch.plan_capacity`: padding rows absent, overflow dropped lowest weight first and
-counted); the experts run as one batched matmul per projection on [E, C, D]; losses and counts use masks
+counted); the experts run as one batched matmul per projection on [E, Q, D]; losses and counts use masks
 over valid rows. Shapes depend only on N, so there is no host sync and torch.compile needs no graph break.
 The dispatch/combine helpers live in nestor_ds.moe.dispatch (shared with the image-level MoE).
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -43,9 +41,9 @@ class LocalTokenMoE(TokenMoE):
         self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, noise_std=cfg.router_noise)
         self.experts = GroupedSwiGLU(cfg.num_experts, dim, self.hidden)
         self.shared = SwiGLU(dim, cfg.shared_hidden_dim(dim)) if cfg.num_shared_experts > 0 else None
-        self.kernel: Optional[str] = None  # None = per device (experts.default_kernel); or one of KERNELS
+        self.kernel: str | None = None  # None = per device (experts.default_kernel); or one of KERNELS
 
-    def forward(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor] = None) -> MoEOutput:
+    def forward(self, x_ND: torch.Tensor, valid_N: torch.Tensor | None = None) -> MoEOutput:
         check_input(x_ND, valid_N, self.dim)
         if self.cfg.static and self.training:
             return self._forward_static(x_ND, valid_N)
@@ -76,14 +74,14 @@ class LocalTokenMoE(TokenMoE):
             tokens_per_expert_E=counts_E,
         )
 
-    def _forward_static(self, x_ND: torch.Tensor, valid_N: Optional[torch.Tensor]) -> MoEOutput:
-        """Fixed capacity C per expert; shapes depend on N only (see the module docstring)."""
+    def _forward_static(self, x_ND: torch.Tensor, valid_N: torch.Tensor | None) -> MoEOutput:
+        """Fixed capacity Q per expert; shapes depend on N only (see the module docstring)."""
         N, E, K = x_ND.shape[0], self.num_experts, self.top_k
-        C = self.cfg.capacity(N)
+        Q = self.cfg.capacity(N)
         routing = self.router(x_ND)
-        plan = plan_static(routing.experts_NK, routing.probs_NE, valid_N, E, C)
+        plan = plan_static(routing.experts_NK, routing.probs_NE, valid_N, E, Q)
 
         x_SD = dispatch_rows(x_ND, plan.slot_A.view(N, K), plan.rows)
-        layout = ExpertLayout("padded", E * C, chunk=C, one_chunk_per_expert=True)   # [E, C, D] batched matmul
-        y_SD = torch.cat([self.experts(x_SD[:E * C], layout), x_SD.new_zeros(1, self.dim)])  # + the drop row
+        layout = ExpertLayout("padded", E * Q, chunk=Q, one_chunk_per_expert=True)   # [E, Q, D] batched matmul
+        y_SD = torch.cat([self.experts(x_SD[:E * Q], layout), x_SD.new_zeros(1, self.dim)])  # + the drop row
         return static_output(y_SD, plan, routing, x_ND, valid_N, self.shared)

@@ -1,6 +1,6 @@
 """MegaBlocks dropless MoE (dMoE, grouped GEMM kernels) for the routed experts, CUDA only.
 
-Shape legend: N rows, V valid rows, D width, F hidden, E experts, K top-k.
+Shape legend: N rows, V valid rows (N less padding), D width, F hidden, E experts, K top-k.
 
 MegaBlocks' router = Linear(D -> E, no bias) + softmax + top-k; with moe_normalize_expert_weights=1
 the k weights are divided by their L1 norm, i.e. renormalised over the k like the other backends.

@@ -1,6 +1,6 @@
 """Expert-usage statistics: are the experts used, and do they specialise by physics?
 
-Shape legend: B samples, K image top-k, D datasets, E image experts (E_img), T token experts (E_tok).
+Shape legend: B samples, K image top-k, M datasets, E_img image experts, E_tok token experts.
 
 `ExpertUsage` accumulates integer routing counts over many steps (cheap: a few bincounts per block)
 and turns them into a handful of scalars per MoE layer:
@@ -8,7 +8,7 @@ and turns them into a handful of scalars per MoE layer:
 - load entropy  H(share) / log(n_experts), in [0, 1]: 1 = perfectly balanced, 0 = one expert gets all;
 - largest / smallest share: collapse shows as max -> 1, dead experts as min -> 0;
 - specialisation  I(dataset; image expert) in bits, from the dataset x expert count table: 0 when every
-  dataset is routed alike, log2(D) when each dataset has its own expert(s). It is the answer to
+  dataset is routed alike, log2(M) when each dataset has its own expert(s). It is the answer to
   "do the experts specialise by physics" (a plug-in estimate: slightly positive even for random
   routing on few samples).
 
@@ -34,9 +34,9 @@ def normalised_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum() / math.log(counts.size))
 
 
-def mutual_information_bits(counts_DE: np.ndarray) -> float:
+def mutual_information_bits(counts_MEimg: np.ndarray) -> float:
     """I(row; column) in bits from a contingency table of counts: sum p(d,e) log2 p(d,e) / (p(d) p(e))."""
-    joint = np.asarray(counts_DE, dtype=np.float64)
+    joint = np.asarray(counts_MEimg, dtype=np.float64)
     total = joint.sum()
     if total <= 0:
         return 0.0
@@ -52,8 +52,8 @@ def mutual_information_bits(counts_DE: np.ndarray) -> float:
 class _BlockCounts:
     """Routing counts of one NESTOR block."""
 
-    dataset_expert_DE: np.ndarray  # image-level assignments per (dataset, image expert), k per sample
-    token_ET: np.ndarray  # token-level assignments per (image expert, token expert)
+    dataset_expert_MEimg: np.ndarray  # image-level assignments per (dataset, image expert), k per sample
+    token_EimgEtok: np.ndarray  # token-level assignments per (image expert, token expert)
     dropped_tokens: int = 0
     dropped_seen: bool = False  # whether the backend reported drops at all
 
@@ -74,7 +74,7 @@ class ExpertUsage:
         block: int,
         dataset_id_B: torch.Tensor,
         image_topk_idx_BK: torch.Tensor,
-        token_counts_ET: torch.Tensor,
+        token_counts_EimgEtok: torch.Tensor,
         dropped_tokens: int | None = None,
     ) -> None:
         """Add one step of routing of block `block` (tensors straight from `BlockRouting`)."""
@@ -87,27 +87,27 @@ class ExpertUsage:
                 f"block {block}: image_topk_idx has {topk_BK.shape[0]} rows but dataset_id has "
                 f"{dataset_B.shape[0]} samples"
             )
-        token_ET = torch.as_tensor(token_counts_ET).detach().cpu().to(torch.float64).numpy()
-        num_image_experts = token_ET.shape[0]
+        token_EimgEtok = torch.as_tensor(token_counts_EimgEtok).detach().cpu().to(torch.float64).numpy()
+        num_image_experts = token_EimgEtok.shape[0]
         counts = self.blocks.get(block)
         if counts is None:
             counts = _BlockCounts(
-                dataset_expert_DE=np.zeros((self.num_datasets, num_image_experts), np.float64),
-                token_ET=np.zeros_like(token_ET),
+                dataset_expert_MEimg=np.zeros((self.num_datasets, num_image_experts), np.float64),
+                token_EimgEtok=np.zeros_like(token_EimgEtok),
             )
             self.blocks[block] = counts
-        if token_ET.shape != counts.token_ET.shape:
+        if token_EimgEtok.shape != counts.token_EimgEtok.shape:
             raise ValueError(
-                f"block {block}: token_counts shape {tuple(token_ET.shape)} differs from earlier "
-                f"{tuple(counts.token_ET.shape)}"
+                f"block {block}: token_counts shape {tuple(token_EimgEtok.shape)} differs from earlier "
+                f"{tuple(counts.token_EimgEtok.shape)}"
             )
         flat = dataset_B[:, None].expand_as(topk_BK) * num_image_experts + topk_BK
-        counts.dataset_expert_DE += (
+        counts.dataset_expert_MEimg += (
             torch.bincount(flat.reshape(-1), minlength=self.num_datasets * num_image_experts)
             .reshape(self.num_datasets, num_image_experts)
             .numpy()
         )
-        counts.token_ET += token_ET
+        counts.token_EimgEtok += token_EimgEtok
         if dropped_tokens is not None:
             counts.dropped_tokens += int(dropped_tokens)
             counts.dropped_seen = True
@@ -118,35 +118,35 @@ class ExpertUsage:
             self.update(block, dataset_id_B, r.image_topk_idx, r.token_counts, getattr(r, "dropped_tokens", None))
 
     def counts_matrix(self, block: int) -> np.ndarray:
-        """Dataset x image-expert assignment counts `[D, E]` (input of the heat map)."""
-        return self.blocks[block].dataset_expert_DE.copy()
+        """Dataset x image-expert assignment counts `[M, E_img]` (input of the heat map)."""
+        return self.blocks[block].dataset_expert_MEimg.copy()
 
     def token_counts(self, block: int) -> np.ndarray:
-        """Image-expert x token-expert assignment counts `[E, T]`."""
-        return self.blocks[block].token_ET.copy()
+        """Image-expert x token-expert assignment counts `[E_img, E_tok]`."""
+        return self.blocks[block].token_EimgEtok.copy()
 
     def specialisation(self, block: int) -> float:
         """Mutual information between dataset and routed image expert, in bits."""
-        return mutual_information_bits(self.blocks[block].dataset_expert_DE)
+        return mutual_information_bits(self.blocks[block].dataset_expert_MEimg)
 
     def metrics(self, prefix: str = "experts") -> dict[str, float]:
         """Flat MLflow metrics `<prefix>/block<i>/...` for every block seen (names in docs/review_runs.md)."""
         out: dict[str, float] = {}
         for block in sorted(self.blocks):
             c = self.blocks[block]
-            image_E = c.dataset_expert_DE.sum(axis=0)
+            image_Eimg = c.dataset_expert_MEimg.sum(axis=0)
             base = f"{prefix}/block{block}"
-            if image_E.sum() > 0:
-                share = image_E / image_E.sum()
-                out[f"{base}/image_entropy"] = normalised_entropy(image_E)
+            if image_Eimg.sum() > 0:
+                share = image_Eimg / image_Eimg.sum()
+                out[f"{base}/image_entropy"] = normalised_entropy(image_Eimg)
                 out[f"{base}/image_max_share"] = float(share.max())
                 out[f"{base}/image_min_share"] = float(share.min())
                 out[f"{base}/specialisation_mi"] = self.specialisation(block)
-            for expert, tokens_T in enumerate(c.token_ET):
-                if tokens_T.sum() <= 0:
+            for expert, tokens_Etok in enumerate(c.token_EimgEtok):
+                if tokens_Etok.sum() <= 0:
                     continue  # image expert received no samples: its token layer has no statistics
-                share = tokens_T / tokens_T.sum()
-                out[f"{base}/expert{expert}/token_entropy"] = normalised_entropy(tokens_T)
+                share = tokens_Etok / tokens_Etok.sum()
+                out[f"{base}/expert{expert}/token_entropy"] = normalised_entropy(tokens_Etok)
                 out[f"{base}/expert{expert}/token_max_share"] = float(share.max())
                 out[f"{base}/expert{expert}/token_min_share"] = float(share.min())
             if c.dropped_seen:
@@ -164,7 +164,8 @@ class ExpertUsage:
         parts = []
         for b in blocks:
             c = self.blocks[b]
-            parts += [c.dataset_expert_DE.ravel(), c.token_ET.ravel(), np.array([c.dropped_tokens, c.dropped_seen])]
+            parts += [c.dataset_expert_MEimg.ravel(), c.token_EimgEtok.ravel(),
+                      np.array([c.dropped_tokens, c.dropped_seen])]
         if not parts:
             return
         flat = torch.from_numpy(np.concatenate(parts).astype(np.float64))
@@ -175,7 +176,7 @@ class ExpertUsage:
         pos = 0
         for b in blocks:
             c = self.blocks[b]
-            for name in ("dataset_expert_DE", "token_ET"):
+            for name in ("dataset_expert_MEimg", "token_EimgEtok"):
                 arr = getattr(c, name)
                 arr[...] = flat_np[pos : pos + arr.size].reshape(arr.shape)
                 pos += arr.size

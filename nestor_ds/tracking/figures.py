@@ -75,14 +75,14 @@ def prediction_panels(pred_XYC, true_XYC, channel_names: Sequence[str], title: s
 
 
 def expert_usage_heatmap(
-    counts_DE, dataset_names: Sequence[str], expert_names: Sequence[str] | None = None, title: str = ""
+    counts_MEimg, dataset_names: Sequence[str], expert_names: Sequence[str] | None = None, title: str = ""
 ) -> Figure:
     """Share of each dataset's routings that go to each image expert; title carries I(dataset; expert).
 
     A diagonal-ish picture (each row concentrated on few experts, rows differing) means the experts
     specialise by physics; identical rows mean they do not.
     """
-    counts = _np(counts_DE)
+    counts = _np(counts_MEimg)
     d, e = counts.shape
     experts = list(expert_names) if expert_names is not None else [f"E{j}" for j in range(e)]
     shares = _row_shares(counts)

@@ -15,8 +15,9 @@ import importlib.metadata
 import json
 import logging
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 log = logging.getLogger("nestor_ds.tracking")
 

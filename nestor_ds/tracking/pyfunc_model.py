@@ -7,8 +7,9 @@ Loading (`mlflow.pyfunc.load_model`, `mlflow models serve`) executes this file, 
 with the model (`code/`), so loading needs no checkout of this repository.
 
 Input (named tensor `x`): float32 [B, X, Y, T_in, C], the last T_in frames, channels-last as in the shards.
-Named tensor `channel_mask`: float32 [B, C], 1 for channels the sample's dataset has, 0 for padding. Parameter `steps`: how many
-frames to forecast. Output: float32 [B, X, Y, steps, C], the same as `load_pretrained(...).rollout(x, steps)`.
+Named tensor `channel_mask`: float32 [B, C], 1 for channels the sample's dataset has, 0 for padding. Parameter
+`steps`: how many frames to forecast. Output: float32 [B, X, Y, steps, C], the same as
+`load_pretrained(...).rollout(x, steps)`.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ def log_eval_figures(tracker: Any, model: torch.nn.Module, cfg: Any, report: dic
             continue
         mask = batch["channel_mask"].to(device)
         pred = model(batch["x"].to(device, dtype=next(model.parameters()).dtype), mask).pred.float().cpu()
-        channels = report.get("datasets", {}).get(spec.name, {}).get("channels") or [f"c{i}" for i in range(int(mask.sum()))]
+        channels = (report.get("datasets", {}).get(spec.name, {}).get("channels")
+                    or [f"c{i}" for i in range(int(mask.sum()))])
         n = len(channels)
         fig = figures.prediction_panels(pred[0, :, :, 0, :n], batch["y"][0, :, :, 0, :n], channels,
                                         title=f"{spec.name}: one-step prediction, step {step}")
@@ -50,6 +51,6 @@ def log_eval_figures(tracker: Any, model: torch.nn.Module, cfg: Any, report: dic
             fig = figures.expert_usage_heatmap(counts, names, [f"E{i}" for i in range(counts.shape[1])],
                                                title=f"block {block}: samples per image expert")
             tracker.log_figure(fig, f"experts/block{block}_image_experts_step{step:08d}.png")
-            fig = figures.token_expert_heatmap(usage.token_counts(block), title=f"block {block}: tokens per token expert")
+            fig = figures.token_expert_heatmap(usage.token_counts(block),
+                                               title=f"block {block}: tokens per token expert")
             tracker.log_figure(fig, f"experts/block{block}_token_experts_step{step:08d}.png")
-    

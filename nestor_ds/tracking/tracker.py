@@ -188,7 +188,8 @@ class Tracker:
         if exp is not None:
             return exp.experiment_id
         try:
-            return client.create_experiment(self.cfg.experiment, artifact_location=_artifact_location(self.tracking_uri))
+            return client.create_experiment(self.cfg.experiment,
+                                            artifact_location=_artifact_location(self.tracking_uri))
         except Exception:  # another process created it first
             exp = client.get_experiment_by_name(self.cfg.experiment)
             if exp is None:
