@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 DEFAULT_CONFIG = "configs/pretrain_demo.yaml"
 

@@ -167,7 +167,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def format_config(cfg: RunConfig, ds_config: dict[str, Any] | None = None) -> str:
     """Human-readable resolved configuration, printed at start."""
-    from nestor_ds.tracking.redact import redact
+    from nestor_ds.redact import redact
 
     text = yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False, default_flow_style=None, width=110)
     if ds_config is not None:

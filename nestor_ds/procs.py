@@ -15,7 +15,6 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional
 
 
 def free_port() -> int:
@@ -24,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_group(proc: Optional[subprocess.Popen], timeout_s: float = 20.0) -> None:
+def stop_group(proc: subprocess.Popen | None, timeout_s: float = 20.0) -> None:
     """SIGTERM to the process group of `proc`, SIGKILL after `timeout_s`; a no-op for None or an ended process."""
     if proc is None or proc.poll() is not None:
         return
@@ -39,7 +38,7 @@ def stop_group(proc: Optional[subprocess.Popen], timeout_s: float = 20.0) -> Non
         proc.wait(timeout=timeout_s)
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Optional[Path] = None) -> None:
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path | None = None) -> None:
     """Poll `url` until it answers 200; raise (with the tail of the process's `log`, if given) when the process exits
     first or `timeout_s` runs out."""
     tail = (lambda: "\n" + log.read_text()[-3000:]) if log is not None else (lambda: "")

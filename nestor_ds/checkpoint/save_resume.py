@@ -263,7 +263,7 @@ def resume(engine: Any, resume_arg: str | None, checkpoint_root: Path, metrics_p
     Returns the client state ({} for a fresh start, which also drops metrics.jsonl rows of a run killed before
     its first save).
     """
-    from nestor_ds.engine.distributed import any_rank
+    from nestor_ds.collectives import any_rank
 
     set_aside_partial_tags(checkpoint_root)
     candidates, may_fall_back = resume_candidates(resume_arg, checkpoint_root)

@@ -60,7 +60,7 @@ class Budget:
     def agree(self, step: int, local_seconds: float, steps: int) -> None:
         """Collective (when a process group is up): add the slowest rank's `local_seconds` spent on the last `steps`
         steps. Call on every rank at the same step."""
-        from nestor_ds.engine.distributed import all_reduce_host
+        from nestor_ds.collectives import all_reduce_host
 
         t = all_reduce_host(torch.tensor([float(local_seconds)], dtype=torch.float64), torch.distributed.ReduceOp.MAX)
         self.seconds += float(t.item())

@@ -16,9 +16,9 @@ def evaluate(engine: Any, cfg: RunConfig, dist_info: DistInfo, tracker: Any, ste
               usage: Any = None, figures: bool = False) -> dict[str, Any]:
     """One-step and short-rollout L2RE per dataset on the test split, logged to MLflow.
 
-    Every rank evaluates the same trajectories: under expert parallelism each forward pass is a collective,
-    so all ranks must run the same number of them (the cost is small: test sets are capped by
-    ``train.eval_max_trajectories``).
+    Each rank scores a disjoint share of the test trajectories and the sums are all-reduced, so every rank gets
+    the report one process would; under expert parallelism the ranks run their forward passes in lock-step
+    (`nestor_ds.eval.runner`), since each one is a collective.
     """
     from nestor_ds.eval import evaluate_model
 

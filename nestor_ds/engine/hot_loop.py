@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from nestor_ds.engine.distributed import all_reduce_mean
+from nestor_ds.collectives import all_reduce_mean
 
 # training_loss's parts and the skipped-window count (data.on_bad_sample: skip), sorted
 PART_NAMES = ("image_lb", "loss", "rel_l2", "skipped_samples", "token_lb", "token_z")

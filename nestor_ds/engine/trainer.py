@@ -25,12 +25,12 @@ from typing import Any
 import torch
 
 from nestor_ds.checkpoint import save_resume as ckpt
+from nestor_ds.collectives import any_rank
 from nestor_ds.config import RunConfig, format_config
 from nestor_ds.engine.budget import Budget
 from nestor_ds.engine.compile import apply_compile
 from nestor_ds.engine.distributed import (
     DistInfo,
-    any_rank,
     derive_seed,
     init_distributed,
     resolve_ep_size,
@@ -150,9 +150,9 @@ class Trainer:
 
     def start_tracking(self, client: dict[str, Any], parent_run_id: str | None) -> None:
         """The MLflow run (continued on resume), dataset lineage, parameters (fresh runs only) and tags."""
+        from nestor_ds.redact import redact
         from nestor_ds.tracking import ExpertUsage, Tracker
         from nestor_ds.tracking.datasets import log_run_inputs
-        from nestor_ds.tracking.redact import redact
 
         cfg, dist = self.cfg, self.dist
         self.tracker = Tracker(cfg.tracking, rank=dist.rank, entry=self.entry, run_name=self.run_name,

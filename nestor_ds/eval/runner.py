@@ -90,7 +90,7 @@ def _unpack(flat: torch.Tensor, t: int, c: int, n_bands: int) -> dict[str, torch
 
 def _all_reduce(t: torch.Tensor, op: Any, world_size: int) -> torch.Tensor:
     if world_size > 1:
-        from nestor_ds.engine.distributed import all_reduce_host
+        from nestor_ds.collectives import all_reduce_host
 
         all_reduce_host(t, op)
     return t

@@ -76,7 +76,7 @@ class ModelConfig:
         cf = DEFAULT_IMAGE_CAPACITY_FACTOR if self.image_capacity_factor is None else self.image_capacity_factor
         return capacity(cf, batch, self.image_top_k, self.image_experts)
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         """Raise ValueError naming the field for any inconsistent setting; return self."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -118,7 +118,7 @@ class ModelConfig:
         return self
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a plain dict (YAML); `moe` may be a nested dict. Unknown keys and wrong types raise ValueError."""
         from nestor_ds.typed_config import build_dataclass
 

@@ -42,7 +42,7 @@ def note_pipe(command: str) -> None:
     if command in _PIPES_NOTED:
         return
     _PIPES_NOTED.add(command)
-    from nestor_ds.tracking.redact import mask_secrets
+    from nestor_ds.redact import mask_secrets
 
     logging.getLogger("nestor_ds.data").warning("data: a pipe: URL runs this shell command: %s",
                                                 mask_secrets(command.removeprefix("pipe:"))[:300])

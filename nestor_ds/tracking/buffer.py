@@ -277,7 +277,7 @@ def _describe(entry: Entry) -> str:
 
 def one_line(exc: BaseException) -> str:
     """First line of an exception message, prefixed with its type, for one-line warnings (credentials masked)."""
-    from nestor_ds.tracking.redact import mask_secrets
+    from nestor_ds.redact import mask_secrets
 
     text = str(exc).strip().splitlines()
     return mask_secrets(f"{type(exc).__name__}: {text[0] if text else ''}")[:300]

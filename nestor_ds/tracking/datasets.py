@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from nestor_ds.tracking.redact import mask_secrets
+from nestor_ds.redact import mask_secrets
 
 DIGEST_CHARS = 32  # MLflow stores dataset digests in a 36-character column
 CONTEXT_TAG = "mlflow.data.context"

@@ -169,7 +169,7 @@ class ExpertUsage:
         if not parts:
             return
         flat = torch.from_numpy(np.concatenate(parts).astype(np.float64))
-        from nestor_ds.engine.distributed import all_reduce_host  # NCCL needs CUDA tensors, gloo CPU ones
+        from nestor_ds.collectives import all_reduce_host  # NCCL needs CUDA tensors, gloo CPU ones
 
         all_reduce_host(flat, torch.distributed.ReduceOp.SUM, group=group)
         flat_np = flat.numpy()

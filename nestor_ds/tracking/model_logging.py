@@ -71,7 +71,7 @@ def log_pyfunc_model(tracking_uri: str, run_id: str, weights: str | Path, run_co
     import mlflow
     from mlflow.models import Model
 
-    from nestor_ds.tracking.redact import redact
+    from nestor_ds.redact import redact
 
     mlflow.set_tracking_uri(tracking_uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nestor_ds.redact import mask_secrets, redact
 from nestor_ds.tracking.buffer import Outbox, deliver, one_line, stage_dir
-from nestor_ds.tracking.redact import mask_secrets, redact
 from nestor_ds.tracking.system import run_environment, system_metrics_available
 from nestor_ds.typed_config import flatten  # noqa: F401  (re-exported: nestor_ds.tracking.flatten)
 
