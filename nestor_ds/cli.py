@@ -15,15 +15,35 @@ DEFAULT_CONFIG = "configs/pretrain_demo.yaml"
 
 def base_parser(description: str, default_config: str = DEFAULT_CONFIG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ds_config", "--ds-config", dest="ds_config", required=True,
-                   help="DeepSpeed JSON (ZeRO stage, precision, micro-batch, accumulation), e.g. ds_configs/zero2.json")
+    p.add_argument(
+        "--ds_config",
+        "--ds-config",
+        dest="ds_config",
+        required=True,
+        help="DeepSpeed JSON (ZeRO stage, precision, micro-batch, accumulation), e.g. ds_configs/zero2.json",
+    )
     p.add_argument("--config", default=default_config, help=f"YAML run configuration (default: {default_config})")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.max_steps=50 --set model.moe.ep_size=2 (repeatable)")
-    p.add_argument("--resume", default=None, metavar="auto|PATH",
-                   help="continue a run: 'auto' = newest complete checkpoint of this run name, or a checkpoint path")
-    p.add_argument("--run-name", "--run_name", dest="run_name", default=None,
-                   help="run directory name under train.output_dir and the MLflow run name")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.max_steps=50 --set model.moe.ep_size=2 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|PATH",
+        help="continue a run: 'auto' = newest complete checkpoint of this run name, or a checkpoint path",
+    )
+    p.add_argument(
+        "--run-name",
+        "--run_name",
+        dest="run_name",
+        default=None,
+        help="run directory name under train.output_dir and the MLflow run name",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
     return p
 

@@ -33,8 +33,21 @@ from nestor_ds.tracking.tracker import TrackingConfig
 from nestor_ds.typed_config import ConfigError, build_dataclass, check, deep_merge, flatten
 
 # re-exported: callers import the sections and helpers from here
-__all__ = ["ConfigError", "FinetuneConfig", "LossConfig", "OptimConfig", "RunConfig", "TrainConfig", "config_from_dict",
-           "deep_merge", "flatten", "format_config", "load_config", "parse_overrides", "read_yaml"]
+__all__ = [
+    "ConfigError",
+    "FinetuneConfig",
+    "LossConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "deep_merge",
+    "flatten",
+    "format_config",
+    "load_config",
+    "parse_overrides",
+    "read_yaml",
+]
 
 
 @dataclass
@@ -57,12 +70,21 @@ class RunConfig:
                 part.validate()
         d, m = self.data, self.model
         for key in ("t_in", "t_ar", "resolution"):
-            check(getattr(d, key) == getattr(m, key), f"model.{key}",
-                   f"= {getattr(m, key)} disagrees with data.{key} = {getattr(d, key)}")
-        check(d.channels == m.in_channels, "model.in_channels",
-               f"= {m.in_channels} disagrees with data.channels = {d.channels}")
-        check(self.ep_size == "auto" or (isinstance(self.ep_size, int) and self.ep_size >= 1),
-               "model.moe.ep_size", f"must be 'auto' or a positive integer, got {self.ep_size!r}")
+            check(
+                getattr(d, key) == getattr(m, key),
+                f"model.{key}",
+                f"= {getattr(m, key)} disagrees with data.{key} = {getattr(d, key)}",
+            )
+        check(
+            d.channels == m.in_channels,
+            "model.in_channels",
+            f"= {m.in_channels} disagrees with data.channels = {d.channels}",
+        )
+        check(
+            self.ep_size == "auto" or (isinstance(self.ep_size, int) and self.ep_size >= 1),
+            "model.moe.ep_size",
+            f"must be 'auto' or a positive integer, got {self.ep_size!r}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -100,8 +122,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _model_from_dict(raw: dict[str, Any], data: DataConfig,
-                     base: dict[str, Any] | None) -> tuple[ModelConfig, int | str, str | None]:
+def _model_from_dict(
+    raw: dict[str, Any], data: DataConfig, base: dict[str, Any] | None
+) -> tuple[ModelConfig, int | str, str | None]:
     """(ModelConfig, ep_size, preset name): ``merge_model_config`` over ``base`` (a checkpoint's model, fine-tuning)
     with t_in/t_ar/resolution/in_channels defaulting to the data section's; ``moe.ep_size`` is the run's own."""
     raw = dict(raw)

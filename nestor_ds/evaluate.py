@@ -21,23 +21,38 @@ import torch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nestor_ds.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint root (uses its 'latest' tag), a tag directory, or an exported .safetensors file")
+    p = argparse.ArgumentParser(
+        prog="python -m nestor_ds.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint root (uses its 'latest' tag), a tag directory, or an exported .safetensors file",
+    )
     p.add_argument("--data", nargs="+", required=True, metavar="SHARD_DIR", help="built shard directories to score")
-    p.add_argument("--rollout-steps", type=int, default=None,
-                   help="autoregressive steps; default min(available, the dataset's rollout_steps)")
-    p.add_argument("--windows", choices=("all", "first"), default="all",
-                   help="all: every start frame with t_in frames before it (DPOT-style, default); "
-                        "first: only the first window of each trajectory")
+    p.add_argument(
+        "--rollout-steps",
+        type=int,
+        default=None,
+        help="autoregressive steps; default min(available, the dataset's rollout_steps)",
+    )
+    p.add_argument(
+        "--windows",
+        choices=("all", "first"),
+        default="all",
+        help="all: every start frame with t_in frames before it (DPOT-style, default); "
+        "first: only the first window of each trajectory",
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-trajectories", type=int, default=None, help="score only the first N test trajectories")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the training run's, else sqlite:///mlflow.db)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the training run's, else sqlite:///mlflow.db)",
+    )
     p.add_argument("--run-name", default=None, help="MLflow run name (default: evaluate-<checkpoint name>)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.rollout_steps is not None and args.rollout_steps < 1):
@@ -49,8 +64,11 @@ def dataset_specs(dirs: list[str], run_cfg: dict[str, Any]) -> list[Any]:
     """One DatasetSpec per shard dir; name and rollout_steps from the training config when it lists that path."""
     from nestor_ds.data import DatasetSpec, load_manifest
 
-    known = {str(Path(d["path"]).resolve()): d for d in (run_cfg.get("data") or {}).get("datasets", [])
-             if isinstance(d, dict) and "path" in d}
+    known = {
+        str(Path(d["path"]).resolve()): d
+        for d in (run_cfg.get("data") or {}).get("datasets", [])
+        if isinstance(d, dict) and "path" in d
+    }
     specs = []
     for d in dirs:
         manifest = load_manifest(d)  # one-line error naming the file for a bad directory
@@ -96,8 +114,9 @@ def log_to_mlflow(report: dict[str, Any], args: argparse.Namespace, run_cfg: dic
         from nestor_ds.tracking import Tracker, TrackingConfig, flatten, rollout_error_curve
     except ImportError:
         return
-    tracking = TrackingConfig(**{k: v for k, v in (run_cfg.get("tracking") or {}).items()
-                                 if k in TrackingConfig.__dataclass_fields__})
+    tracking = TrackingConfig(
+        **{k: v for k, v in (run_cfg.get("tracking") or {}).items() if k in TrackingConfig.__dataclass_fields__}
+    )
     # --no-mlflow decides, not whether the training run tracked; a URI given for this evaluation (flag or
     # $MLFLOW_TRACKING_URI) wins over the one the training run saved, which may name another machine's store
     tracking.enabled = True
@@ -111,8 +130,9 @@ def log_to_mlflow(report: dict[str, Any], args: argparse.Namespace, run_cfg: dic
         from nestor_ds.tracking.datasets import describe_all
 
         tracker.log_inputs(describe_all(dataset_specs(args.data, run_cfg), "evaluation"))  # dataset lineage
-        tracker.log_params({"checkpoint": str(args.checkpoint), "data": ",".join(args.data),
-                            **flatten(report["settings"], "eval")})
+        tracker.log_params(
+            {"checkpoint": str(args.checkpoint), "data": ",".join(args.data), **flatten(report["settings"], "eval")}
+        )
         metrics = {}
         for ds, r in report["datasets"].items():
             metrics[f"eval/{ds}/l2re_1step"] = r["l2re_1step"]
@@ -124,8 +144,9 @@ def log_to_mlflow(report: dict[str, Any], args: argparse.Namespace, run_cfg: dic
         for ds, r in report["datasets"].items():  # the curve as a metric history: step = rollout step
             for k, v in enumerate(r["l2re_curve"], start=1):
                 tracker.log_metrics({f"eval/{ds}/l2re_step": v}, step=k)
-        tracker.log_figure(rollout_error_curve({ds: r["l2re_curve"] for ds, r in report["datasets"].items()}),
-                           "rollout_error_curve")
+        tracker.log_figure(
+            rollout_error_curve({ds: r["l2re_curve"] for ds, r in report["datasets"].items()}), "rollout_error_curve"
+        )
         tracker.log_dict(report, "eval_report.json")
     finally:
         tracker.finish()
@@ -133,14 +154,20 @@ def log_to_mlflow(report: dict[str, Any], args: argparse.Namespace, run_cfg: dic
 
 def print_summary(report: dict[str, Any]) -> None:
     bands = report["settings"]["spectrum_bands"]
-    print(f"windows: {report['settings']['windows']} "
-          "(n = scored one-step windows; rollout over windows with K frames left)")
-    print(f"{'dataset':24s} {'n':>5s} {'K':>4s} {'L2RE 1-step':>12s} {'L2RE rollout':>13s}  "
-          + " ".join(f"spec-{b:>5s}" for b in bands))
+    print(
+        f"windows: {report['settings']['windows']} "
+        "(n = scored one-step windows; rollout over windows with K frames left)"
+    )
+    print(
+        f"{'dataset':24s} {'n':>5s} {'K':>4s} {'L2RE 1-step':>12s} {'L2RE rollout':>13s}  "
+        + " ".join(f"spec-{b:>5s}" for b in bands)
+    )
     for ds, r in report["datasets"].items():
         spec = " ".join(f"{r['spectrum_err_rollout'][b]:10.4f}" for b in bands)
-        print(f"{ds:24s} {r['n_samples']:5d} {r['rollout_steps']:4d} {r['l2re_1step']:12.5f} "
-              f"{r['l2re_rollout']:13.5f}  {spec}")
+        print(
+            f"{ds:24s} {r['n_samples']:5d} {r['rollout_steps']:4d} {r['l2re_1step']:12.5f} "
+            f"{r['l2re_rollout']:13.5f}  {spec}"
+        )
     print(f"{'mean':24s} {'':5s} {'':4s} {report['mean']['l2re_1step']:12.5f} {report['mean']['l2re_rollout']:13.5f}")
 
 
@@ -157,9 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     model = load_pretrained(args.checkpoint, device=device)
     run_cfg = model.run_config
     specs = dataset_specs(args.data, run_cfg)
-    report = evaluate_model(model, specs, data_config(run_cfg, model.cfg), rollout_steps=args.rollout_steps,
-                            batch_size=args.batch_size, device=device, rank=rank, world_size=world,
-                            max_trajectories=args.max_trajectories, windows=args.windows)
+    report = evaluate_model(
+        model,
+        specs,
+        data_config(run_cfg, model.cfg),
+        rollout_steps=args.rollout_steps,
+        batch_size=args.batch_size,
+        device=device,
+        rank=rank,
+        world_size=world,
+        max_trajectories=args.max_trajectories,
+        windows=args.windows,
+    )
     report["checkpoint"] = str(args.checkpoint)
     if rank == 0:
         if args.out:

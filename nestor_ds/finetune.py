@@ -31,13 +31,23 @@ def build_finetune_config(raw: dict[str, Any], config_path: str | None, pretrain
 
 def main() -> int:
     parser = base_parser(__doc__, default_config="configs/finetune_demo.yaml")
-    parser.add_argument("--pretrained", default=None,
-                        help="DeepSpeed checkpoint directory or exported .safetensors "
-                             "(default: finetune.pretrained in the YAML)")
-    parser.add_argument("--load", choices=("all", "embedding+blocks", "blocks"), default=None,
-                        help="which pre-trained parts to load (default: finetune.load)")
-    parser.add_argument("--freeze", default=None, metavar="PART[,PART]",
-                        help="freeze parts: routers, experts, shared_afno, embedding (default: finetune.freeze)")
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="DeepSpeed checkpoint directory or exported .safetensors (default: finetune.pretrained in the YAML)",
+    )
+    parser.add_argument(
+        "--load",
+        choices=("all", "embedding+blocks", "blocks"),
+        default=None,
+        help="which pre-trained parts to load (default: finetune.load)",
+    )
+    parser.add_argument(
+        "--freeze",
+        default=None,
+        metavar="PART[,PART]",
+        help="freeze parts: routers, experts, shared_afno, embedding (default: finetune.freeze)",
+    )
     args = parser.parse_args()
 
     from nestor_ds.checkpoint.load import load_local_state
@@ -67,8 +77,12 @@ def main() -> int:
         report = load_pretrained_parts(model, state, cfg.finetune.load)
         frozen = freeze(model, cfg.finetune.freeze)
         if dist_info.is_main:
-            log.info("fine-tuning from %s\n%s%s", source, report.summary(),
-                     f"\n  frozen: {len(frozen)} tensors ({', '.join(cfg.finetune.freeze)})" if frozen else "")
+            log.info(
+                "fine-tuning from %s\n%s%s",
+                source,
+                report.summary(),
+                f"\n  frozen: {len(frozen)} tensors ({', '.join(cfg.finetune.freeze)})" if frozen else "",
+            )
         loaded = set(report.loaded)
         params = dict(model.named_parameters())
         return {
@@ -76,17 +90,29 @@ def main() -> int:
             "new": ([p for n, p in params.items() if n not in loaded], cfg.finetune.new_lr_multiplier),
         }
 
-    result = run_training(cfg, args.ds_config, entry="finetune", run_name=args.run_name or "finetune",
-                          resume=args.resume,
-                          prepare=prepare, parent_run_id=source_cfg.get("mlflow_run_id") or None, evaluate_before=True)
+    result = run_training(
+        cfg,
+        args.ds_config,
+        entry="finetune",
+        run_name=args.run_name or "finetune",
+        resume=args.resume,
+        prepare=prepare,
+        parent_run_id=source_cfg.get("mlflow_run_id") or None,
+        evaluate_before=True,
+    )
     before = result.final_eval.get("before", {}).get("mean", {})
     after = result.final_eval.get("after", {}).get("mean", {})
     import torch.distributed as dist
 
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if before and after and is_main:  # every rank holds the same report; say it once
-        log.info("fine-tuning: mean one-step L2RE %.4f -> %.4f, rollout L2RE %.4f -> %.4f",
-                 before["l2re_1step"], after["l2re_1step"], before["l2re_rollout"], after["l2re_rollout"])
+        log.info(
+            "fine-tuning: mean one-step L2RE %.4f -> %.4f, rollout L2RE %.4f -> %.4f",
+            before["l2re_1step"],
+            after["l2re_1step"],
+            before["l2re_rollout"],
+            after["l2re_rollout"],
+        )
     return 0
 
 

@@ -14,7 +14,9 @@ def get_logger(name: str) -> logging.Logger:
     if not _CONFIGURED:
         rank = os.environ.get("RANK", "0")
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"%(asctime)s [nestor-ds r{rank}] %(levelname)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s [nestor-ds r{rank}] %(levelname)s %(message)s", "%H:%M:%S")
+        )
         root = logging.getLogger("nestor_ds")
         root.addHandler(handler)
         root.setLevel(os.environ.get("NESTOR_LOG_LEVEL", "INFO"))

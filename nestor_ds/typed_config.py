@@ -31,7 +31,6 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-
 def build_dataclass(cls: type, data: Any, where: str) -> Any:
     """Build dataclass ``cls`` from a plain dict, recursively, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
@@ -41,8 +40,14 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown key '{_join(where, unknown[0])}' (known: {', '.join(sorted(names))})")
-    missing = sorted(f.name for f in dataclasses.fields(cls) if f.init and f.name not in data
-                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    missing = sorted(
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        and f.name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    )
     if missing:
         raise ConfigError(f"missing key '{_join(where, missing[0])}'")
     kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}

@@ -42,8 +42,18 @@ def write_pdebench_groups(path: Path, fields_RTXYC: np.ndarray) -> None:
             g.create_dataset("data", data=traj)
 
 
-def build_dataset(root: Path, name: str, n: int, t: int, res: int, c: int, per_shard: int,
-                  test_fraction: float = 0.2, seed: int = 0, dtype: str = "float32") -> Path:
+def build_dataset(
+    root: Path,
+    name: str,
+    n: int,
+    t: int,
+    res: int,
+    c: int,
+    per_shard: int,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Path:
     """Write a raw file (CFD layout when c == 4, else groups) and build shards of `per_shard` trajectories."""
     raw = root / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -52,9 +62,18 @@ def build_dataset(root: Path, name: str, n: int, t: int, res: int, c: int, per_s
     (write_pdebench_cfd if c == 4 else write_pdebench_groups)(src, fields)
     sample_bytes = t * res * res * c * np.dtype(dtype).itemsize + META_BYTES_ESTIMATE
     out = root / name
-    build(BuildConfig(inputs=[str(src)], out=str(out), layout="pdebench-cfd" if c == 4 else "pdebench-groups",
-                      name=name, test_fraction=test_fraction, dtype=dtype, progress=False,
-                      shard_size_mb=(per_shard * sample_bytes + 0.5) / 2**20))
+    build(
+        BuildConfig(
+            inputs=[str(src)],
+            out=str(out),
+            layout="pdebench-cfd" if c == 4 else "pdebench-groups",
+            name=name,
+            test_fraction=test_fraction,
+            dtype=dtype,
+            progress=False,
+            shard_size_mb=(per_shard * sample_bytes + 0.5) / 2**20,
+        )
+    )
     return out
 
 

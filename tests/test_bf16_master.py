@@ -29,8 +29,13 @@ OPTIM_RE = re.compile(r"^bf16_zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 def _train(tiny_shards, work: Path, stage: int, ranks: int, ep_size: int) -> Path:
     """Two optimizer steps of a one-block tiny NESTOR under zero<stage>_bf16.json; returns the saved tag."""
     _, shards = tiny_shards
-    cfg = tiny_config(work, shards, model={"depth": 1, "moe": {"backend": "local", "ep_size": ep_size}},
-                      train={"max_steps": 2, "ckpt_every": 2, "eval_every": 0}, tracking={"enabled": False})
+    cfg = tiny_config(
+        work,
+        shards,
+        model={"depth": 1, "moe": {"backend": "local", "ep_size": ep_size}},
+        train={"max_steps": 2, "ckpt_every": 2, "eval_every": 0},
+        tracking={"enabled": False},
+    )
     ds = ds_config(work, stage=stage, micro=2, suffix="_bf16")
     proc = launch([TRAIN, "--ds_config", str(ds), "--config", str(cfg), "--run-name", "bf16"], ranks=ranks, cwd=work)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-6000:]}"
@@ -56,8 +61,8 @@ def _from_slice_mappings(tag: Path, ep_size: int) -> dict[str, torch.Tensor]:
             for name, frag in mapping.items():
                 m = re.search(r"deepspeed_experts\.(\d+)\.", name)
                 if m:
-                    name = f"{name[:m.start(1)]}{first + int(m.group(1))}{name[m.end(1):]}"
-                pieces[name].append(part[frag.start:frag.start + frag.numel])
+                    name = f"{name[: m.start(1)]}{first + int(m.group(1))}{name[m.end(1) :]}"
+                pieces[name].append(part[frag.start : frag.start + frag.numel])
     return {name: torch.cat(p) for name, p in pieces.items()}
 
 
@@ -90,7 +95,9 @@ def _check_master(tag: Path, ep_size: int) -> dict[str, torch.Tensor]:
 def test_zero2_bf16_expert_parallel_master_weights(tiny_shards, tmp_path):
     tag = _train(tiny_shards, tmp_path, stage=2, ranks=2, ep_size=2)
     assert sorted(p.name for p in tag.glob("*optim_states.pt")) == [
-        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
     master = _check_master(tag, ep_size=2)
     # experts 2 and 3 of each layer exist only on rank 1: their names were rebuilt from rank 0's local ids
     assert any(".deepspeed_experts.3.w2." in k for k in master)

@@ -8,18 +8,20 @@ import math
 from pathlib import Path
 
 import pytest
-from train_fixtures import ds_config, launch, tiny_config
 
 from nestor_ds.engine.budget import Budget
 from nestor_ds.engine.optim import OptimConfig, lr_at
+
+from train_fixtures import ds_config, launch, tiny_config
 
 TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
 pytestmark = pytest.mark.timeout(900)
 
 
 def _ok(proc) -> None:
-    assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
-                                  f"--- stderr\n{proc.stderr[-6000:]}")
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -54,15 +56,20 @@ def test_flop_budget_stops_anneals_and_resumes_exactly(tiny_shards, tmp_path):
     from nestor_ds.model.flops import account
 
     root, shards = tiny_shards
-    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
-                      train={"max_steps": 100, "ckpt_every": 100, "input_noise": 5e-4, "log_every": 1},
-                      tracking={"enabled": False})
+    cfg = tiny_config(
+        tmp_path,
+        shards,
+        model={"moe": {"backend": "local"}},
+        train={"max_steps": 100, "ckpt_every": 100, "input_noise": 5e-4, "log_every": 1},
+        tracking={"enabled": False},
+    )
     micro = 2
     per_step = 3.0 * account(load_config(str(cfg)).model).flops_per_sample * micro
     flops = f"train.flop_budget={5.5 * per_step!r}"
     ds = str(ds_config(tmp_path, micro=micro))
-    full = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "full", "--set", flops], ranks=1,
-                  cwd=tmp_path)
+    full = launch(
+        [TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "full", "--set", flops], ranks=1, cwd=tmp_path
+    )
     _ok(full)
     rows = _rows(tmp_path / "runs" / "full")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # 6 x per_step >= 5.5 x per_step: stop after step 6
@@ -73,11 +80,29 @@ def test_flop_budget_stops_anneals_and_resumes_exactly(tiny_shards, tmp_path):
     summary = json.loads((tmp_path / "runs" / "full" / "run_summary.json").read_text())
     assert summary["steps"] == 6 and "l2re_1step" in summary["final_eval"]["mean"]
     # resumed half-way: the same steps, the same losses
-    cut = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--set", flops,
-                  "--set", "train.stop_at=3"], ranks=1, cwd=tmp_path)
+    cut = launch(
+        [
+            TRAIN,
+            "--ds_config",
+            ds,
+            "--config",
+            str(cfg),
+            "--run-name",
+            "cut",
+            "--set",
+            flops,
+            "--set",
+            "train.stop_at=3",
+        ],
+        ranks=1,
+        cwd=tmp_path,
+    )
     _ok(cut)
-    resumed = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--set", flops,
-                      "--resume", "auto"], ranks=1, cwd=tmp_path)
+    resumed = launch(
+        [TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--set", flops, "--resume", "auto"],
+        ranks=1,
+        cwd=tmp_path,
+    )
     _ok(resumed)
     again = _rows(tmp_path / "runs" / "cut")
     assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
@@ -88,11 +113,16 @@ def test_flop_budget_stops_anneals_and_resumes_exactly(tiny_shards, tmp_path):
 def test_time_budget_two_ranks_stop_together(tiny_shards, tmp_path):
     """Both ranks stop at the same step (no deadlock), the run ends finished, the budget is spent."""
     root, shards = tiny_shards
-    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
-                      train={"max_steps": 100000, "ckpt_every": 100000, "log_every": 50, "time_budget_s": 4},
-                      tracking={"enabled": False})
-    proc = launch([TRAIN, "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg), "--run-name", "t"],
-                  ranks=2, cwd=tmp_path)
+    cfg = tiny_config(
+        tmp_path,
+        shards,
+        model={"moe": {"backend": "local"}},
+        train={"max_steps": 100000, "ckpt_every": 100000, "log_every": 50, "time_budget_s": 4},
+        tracking={"enabled": False},
+    )
+    proc = launch(
+        [TRAIN, "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg), "--run-name", "t"], ranks=2, cwd=tmp_path
+    )
     _ok(proc)
     summary = json.loads((tmp_path / "runs" / "t" / "run_summary.json").read_text())
     assert 1 <= summary["steps"] < 100000 and summary["budget/fraction"] == 1.0

@@ -34,6 +34,7 @@ RNG = np.random.default_rng(0)
 
 # ----------------------------------------------------------------------------- fixtures: raw files
 
+
 def _mat73(path: Path, u_logical: np.ndarray, t: np.ndarray) -> None:
     """MATLAB v7.3: HDF5 with a 512-byte user block; arrays stored with axes reversed."""
     with h5py.File(path, "w", userblock_size=512) as f:
@@ -121,8 +122,9 @@ def _well_file(path: Path, b: int) -> list[np.ndarray]:
     vel = RNG.standard_normal((b, T, X, Y, 2)).astype(np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
-        f.attrs.update({"dataset_name": "toy", "grid_type": "cartesian", "n_spatial_dims": 2, "n_trajectories": b,
-                        "Re": 100.0})
+        f.attrs.update(
+            {"dataset_name": "toy", "grid_type": "cartesian", "n_spatial_dims": 2, "n_trajectories": b, "Re": 100.0}
+        )
         f.attrs.create("simulation_parameters", np.array(["Re"], dtype=object), dtype=str_t)
         f["dimensions/time"] = np.arange(T, dtype=np.float32)
         f["dimensions/x"] = np.linspace(0, 1, X, dtype=np.float32)
@@ -149,8 +151,12 @@ def make_well(d: Path) -> tuple[Path, list[np.ndarray], list[str]]:
 
 # layout -> (maker, number of train trajectories with --test-fraction 0.4)
 LAYOUT_CASES = {
-    "fno-mat": (make_fno73, 3), "fno-mat-v5": (make_fno5, 3), "pdebench-cfd": (make_cfd, 3),
-    "pdebench-groups": (make_groups, 3), "pdebench-1d": (make_1d, 3), "pdearena-ns": (make_pdearena, 3),
+    "fno-mat": (make_fno73, 3),
+    "fno-mat-v5": (make_fno5, 3),
+    "pdebench-cfd": (make_cfd, 3),
+    "pdebench-groups": (make_groups, 3),
+    "pdebench-1d": (make_1d, 3),
+    "pdearena-ns": (make_pdearena, 3),
     "the-well": (make_well, 3),
 }
 
@@ -171,6 +177,7 @@ def _tree_bytes(d: Path) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- round trip
+
 
 @pytest.mark.parametrize("case", list(LAYOUT_CASES))
 def test_round_trip_every_layout(tmp_path: Path, case: str) -> None:
@@ -223,8 +230,14 @@ def test_round_trip_every_layout(tmp_path: Path, case: str) -> None:
 def test_layout_writers_files_build_and_verify(tmp_path: Path) -> None:
     """Files from the generator's writers (gen_pde) build, verify and keep their values."""
     lw = pytest.importorskip("nestor_ds.synth.layouts")
-    for layout, pde in (("fno-mat", "ns"), ("fno-mat-v5", "ns"), ("pdebench-groups", "dr"),
-                        ("pdebench-cfd", "cfd"), ("pdearena-ns", "ns"), ("the-well", "dr")):
+    for layout, pde in (
+        ("fno-mat", "ns"),
+        ("fno-mat-v5", "ns"),
+        ("pdebench-groups", "dr"),
+        ("pdebench-cfd", "cfd"),
+        ("pdearena-ns", "ns"),
+        ("the-well", "dr"),
+    ):
         src = lw.write_dataset(pde, layout, tmp_path / f"{layout}.h5", n=2, res=8, steps=3, seed=1)
         out = tmp_path / f"out-{layout}"
         m = _build(src, out, test_fraction=0.5)
@@ -236,6 +249,7 @@ def test_layout_writers_files_build_and_verify(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- determinism, options
+
 
 def test_rebuild_is_byte_identical_and_worker_independent(tmp_path: Path) -> None:
     src, _, _ = make_groups(tmp_path)
@@ -283,8 +297,18 @@ def test_skip_bad_counts_nan_trajectories(tmp_path: Path, capsys) -> None:
         f["tensor"][1, 2, 3] = np.nan
         f["tensor"][3, 0, 0] = np.inf
     out = tmp_path / "skip"
-    code, stdout, err = _cli(capsys, "--input", str(src), "--out", str(out), "--skip-bad", "--test-fraction", "0.2",
-                             "--shard-size-mb", "1e-6")
+    code, stdout, err = _cli(
+        capsys,
+        "--input",
+        str(src),
+        "--out",
+        str(out),
+        "--skip-bad",
+        "--test-fraction",
+        "0.2",
+        "--shard-size-mb",
+        "1e-6",
+    )
     assert code == 0, err
     m = schema.read_manifest(out)
     assert m["skipped_bad"] == 2 and m["splits"]["train"]["count"] == 2 and m["splits"]["test"]["count"] == 1
@@ -297,6 +321,7 @@ def test_skip_bad_counts_nan_trajectories(tmp_path: Path, capsys) -> None:
 
 
 # ----------------------------------------------------------------------------- bad input
+
 
 def _bad_unknown(d: Path) -> tuple[Path, list[str], str]:
     p = d / "weird.h5"
@@ -405,11 +430,22 @@ def _bad_cfd_coord_compound(d: Path) -> tuple[Path, list[str], str]:
     return p, [], "key 't-coordinate' has dtype [('a', '<f4'), ('b', '<f4')] shape (4,): expected numbers"
 
 
-BAD_CASES = {"unknown": _bad_unknown, "missing": _bad_missing_key, "rank": _bad_rank, "shape": _bad_shape,
-             "unreadable": _bad_unreadable, "truncated": _bad_truncated, "truncated-mat5": _bad_truncated_mat5,
-             "nan": _bad_nan, "well-scalar-time": _bad_well_scalar_time, "well-attr": _bad_well_attr,
-             "fno-t-strings": _bad_fno_t_strings, "groups-grid-strings": _bad_groups_grid_strings,
-             "pdearena-short-param": _bad_pdearena_short_param, "cfd-coord-compound": _bad_cfd_coord_compound}
+BAD_CASES = {
+    "unknown": _bad_unknown,
+    "missing": _bad_missing_key,
+    "rank": _bad_rank,
+    "shape": _bad_shape,
+    "unreadable": _bad_unreadable,
+    "truncated": _bad_truncated,
+    "truncated-mat5": _bad_truncated_mat5,
+    "nan": _bad_nan,
+    "well-scalar-time": _bad_well_scalar_time,
+    "well-attr": _bad_well_attr,
+    "fno-t-strings": _bad_fno_t_strings,
+    "groups-grid-strings": _bad_groups_grid_strings,
+    "pdearena-short-param": _bad_pdearena_short_param,
+    "cfd-coord-compound": _bad_cfd_coord_compound,
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))
@@ -443,8 +479,17 @@ def test_failed_build_keeps_parents_that_existed(tmp_path: Path) -> None:
     assert (tmp_path / "have" / "a" / "b" / "out" / schema.MANIFEST_NAME).is_file()
 
 
-@pytest.mark.parametrize("argv", [["--shard-size-mb", "inf"], ["--shard-size-mb", "nan"], ["--shard-size-mb", "0"],
-                                  ["--shard-size-mb", "-1"], ["--workers", "-2"], ["--workers", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--shard-size-mb", "inf"],
+        ["--shard-size-mb", "nan"],
+        ["--shard-size-mb", "0"],
+        ["--shard-size-mb", "-1"],
+        ["--workers", "-2"],
+        ["--workers", "0"],
+    ],
+)
 def test_bad_numeric_options_are_usage_errors(tmp_path: Path, capsys, argv: list[str]) -> None:
     src, _, _ = make_1d(tmp_path)
     out = tmp_path / "out"
@@ -456,9 +501,15 @@ def test_bad_numeric_options_are_usage_errors(tmp_path: Path, capsys, argv: list
     assert not out.exists()
 
 
-@pytest.mark.parametrize("kw,needle", [({"shard_size_mb": float("inf")}, "shard size inf MB"),
-                                       ({"shard_size_mb": float("nan")}, "shard size nan MB"),
-                                       ({"workers": -2}, "workers -2"), ({"layout": "npz"}, "layout 'npz'")])
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"shard_size_mb": float("inf")}, "shard size inf MB"),
+        ({"shard_size_mb": float("nan")}, "shard size nan MB"),
+        ({"workers": -2}, "workers -2"),
+        ({"layout": "npz"}, "layout 'npz'"),
+    ],
+)
 def test_build_config_rejects_bad_options(tmp_path: Path, kw: dict, needle: str) -> None:
     src, _, _ = make_1d(tmp_path)
     with pytest.raises(ValueError, match=needle):
@@ -491,13 +542,18 @@ def test_bad_input_keeps_existing_output_and_cli_exit_code(tmp_path: Path) -> No
     before = _tree_bytes(out)
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"garbage")
-    r = subprocess.run([sys.executable, "-m", "nestor_ds.shards", "--input", str(bad), "--out",
-                        str(out), "--overwrite"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "nestor_ds.shards", "--input", str(bad), "--out", str(out), "--overwrite"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 1 and r.stderr.startswith(f"build_shards: error: {bad}: unreadable"), r.stderr
     assert _tree_bytes(out) == before
 
 
 # ----------------------------------------------------------------------------- verify
+
 
 def test_verify_catches_a_changed_byte(tmp_path: Path, capsys) -> None:
     src, _, _ = make_groups(tmp_path)
@@ -530,11 +586,13 @@ def test_verify_catches_wrong_count_and_unlisted_shard(tmp_path: Path) -> None:
 
 
 def test_cli_help_and_usage_errors() -> None:
-    r = subprocess.run([sys.executable, "-m", "nestor_ds.shards", "--help"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "nestor_ds.shards", "--help"], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0 and "--verify" in r.stdout and "--skip-bad" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "nestor_ds.shards", "--out", "x"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "nestor_ds.shards", "--out", "x"], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 2
 
 
@@ -548,8 +606,7 @@ def test_build_streams_with_bounded_memory(tmp_path: Path) -> None:
     big = tmp_path / "2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_128_Train.hdf5"
     rng = np.random.default_rng(0)
     with h5py.File(big, "w") as f:  # written one trajectory at a time: the test itself stays small
-        dsets = {k: f.create_dataset(k, (n, t, xy, xy), dtype=np.float32)
-                 for k in ("Vx", "Vy", "density", "pressure")}
+        dsets = {k: f.create_dataset(k, (n, t, xy, xy), dtype=np.float32) for k in ("Vx", "Vy", "density", "pressure")}
         for i in range(n):
             for ds in dsets.values():
                 ds[i] = rng.random((t, xy, xy), dtype=np.float32)
@@ -567,8 +624,9 @@ def test_build_streams_with_bounded_memory(tmp_path: Path) -> None:
     """)
 
     def peak_rss(src: Path, out: Path) -> tuple[int, int]:
-        r = subprocess.run([sys.executable, "-c", script, str(src), str(out), str(ROOT)],
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [sys.executable, "-c", script, str(src), str(out), str(ROOT)], capture_output=True, text=True, timeout=600
+        )
         assert r.returncode == 0, r.stderr
         count, rss = map(int, r.stdout.split())
         return count, rss
@@ -589,6 +647,7 @@ def test_build_streams_with_bounded_memory(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- export_checkpoint CLI
 
+
 def _load_export_cli():
     from nestor_ds.checkpoint import cli
 
@@ -604,8 +663,11 @@ def test_export_cli_bad_checkpoint_is_one_line_without_progress_bar(tmp_path: Pa
     cli = _load_export_cli()
     (tmp_path / "step_1").mkdir()
     (tmp_path / "step_1" / "mp_rank_00_model_states.pt").write_bytes(b"")
-    cases = [(tmp_path / "nope", "no such file"), (tmp_path / "empty", "not a checkpoint"),
-             (tmp_path / "step_1", "nestor_config.json: missing")]
+    cases = [
+        (tmp_path / "nope", "no such file"),
+        (tmp_path / "empty", "not a checkpoint"),
+        (tmp_path / "step_1", "nestor_config.json: missing"),
+    ]
     (tmp_path / "empty").mkdir()
     for ckpt, needle in cases:
         code = cli.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "x.safetensors")])
@@ -628,6 +690,7 @@ def test_worker_error_crosses_process_pool_and_cleans_up(tmp_path: Path) -> None
 
 # ----------------------------------------------------------------------------- concurrent and repeated builds
 # (issue 11 §3)
+
 
 def test_second_build_into_a_locked_output_stops_with_a_line(tmp_path: Path, capsys) -> None:
     """The lock is a real flock held by this process, as a running build holds it."""
@@ -657,8 +720,12 @@ def test_two_concurrent_builds_never_both_succeed(tmp_path: Path) -> None:
     src_b = make_cfd(tmp_path)[0]
     out = tmp_path / "out"
     tool = [sys.executable, "-m", "nestor_ds.shards", "--no-progress", "--out", str(out)]
-    a = subprocess.Popen([*tool, "--input", str(src_a), "--name", "a", "--shard-size-mb", "0.5"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a = subprocess.Popen(
+        [*tool, "--input", str(src_a), "--name", "a", "--shard-size-mb", "0.5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         end = time.monotonic() + 120  # a bound against hanging, not a timing assertion
         while a.poll() is None and not list(tmp_path.glob(".out.building-*")) and time.monotonic() < end:
@@ -734,8 +801,10 @@ def test_unwritten_hdf5_storage_is_refused(tmp_path: Path, capsys, declared: int
     code, _, err = _cli(capsys, "--input", str(src), "--out", str(tmp_path / "out"), "--format", "fno-mat")
     assert code == 1
     line = err.strip().splitlines()[-1]
-    assert line.startswith(f"build_shards: error: {src}: key 'u'") and \
-        f"{declared - written} of its {declared} trajectories were never written" in line, line
+    assert (
+        line.startswith(f"build_shards: error: {src}: key 'u'")
+        and f"{declared - written} of its {declared} trajectories were never written" in line
+    ), line
 
 
 def test_zero_trajectories_says_so(tmp_path: Path, capsys) -> None:

@@ -45,6 +45,7 @@ def _loss_fn(model, loss_cfg):
     def fn(x, y, mask):
         out = model(x, mask)
         return training_loss(out.pred.float(), y, mask, out.aux_losses, loss_cfg)[0]
+
     return fn
 
 
@@ -95,14 +96,18 @@ def test_forward_and_backward_compile_fullgraph_and_match_eager(case):
 
 def test_regions_and_state_dict_keys():
     """Regional compile: blocks (static) or the AFNO blocks inside them (dropless); state_dict keys unchanged."""
-    afno = build_model(get_preset("afno-tiny", {"num_datasets": 3}))   # with the dataset head (stays eager)
+    afno = build_model(get_preset("afno-tiny", {"num_datasets": 3}))  # with the dataset head (stays eager)
     static = build_model(get_preset("nestor-tiny", STATIC))
     dropless = build_model(get_preset("nestor-tiny"))
     assert static_routing(afno) and static_routing(static) and not static_routing(dropless)
     assert [n for n, _ in compile_regions(afno, True)] == ["encoder", "blocks.0", "blocks.1", "head"]
     assert [n for n, _ in compile_regions(static, True)] == ["encoder", "blocks.0", "blocks.1", "head"]
-    assert [n for n, _ in compile_regions(dropless, False)] == ["encoder", "blocks.0.moe.shared.0",
-                                                                "blocks.1.moe.shared.0", "head"]
+    assert [n for n, _ in compile_regions(dropless, False)] == [
+        "encoder",
+        "blocks.0.moe.shared.0",
+        "blocks.1.moe.shared.0",
+        "head",
+    ]
     keys = list(static.state_dict())
     plan = apply_compile(static, True, False, torch.device("cpu"))
     assert plan.regions and list(static.state_dict()) == keys
@@ -133,14 +138,18 @@ def test_cuda_graphs_need_compile():
 def test_compiled_training_resumes_exactly(tiny_shards, tmp_path):
     """train.compile under the DeepSpeed engine (ZeRO-2, 1 rank, Inductor): a run stopped at step 2 and resumed
     continues the uninterrupted compiled run exactly; checkpoints hold the plain parameter names."""
-    from train_fixtures import ds_config, tiny_config
-
     from nestor_ds.engine.trainer import run_training
 
+    from train_fixtures import ds_config, tiny_config
+
     root, shards = tiny_shards
-    path = tiny_config(tmp_path, shards, model={"preset": "afno-tiny"},
-                       train={"max_steps": 4, "ckpt_every": 100, "input_noise": 5e-4, "compile": True,
-                              "log_every": 3}, tracking={"enabled": False})
+    path = tiny_config(
+        tmp_path,
+        shards,
+        model={"preset": "afno-tiny"},
+        train={"max_steps": 4, "ckpt_every": 100, "input_noise": 5e-4, "compile": True, "log_every": 3},
+        tracking={"enabled": False},
+    )
     ds = str(ds_config(tmp_path, stage=2))
     run_training(load_config(path), ds, run_name="full")
     run_training(load_config(path, ["train.stop_at=2"]), ds, run_name="cut")
@@ -148,11 +157,17 @@ def test_compiled_training_resumes_exactly(tiny_shards, tmp_path):
     assert cut.steps == 4
 
     def losses(name):
-        return [json.loads(line)["train/loss"] for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        return [
+            json.loads(line)["train/loss"]
+            for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        ]
 
     a, b = losses("full"), losses("cut")
     assert len(a) == len(b) == 4 and a == b, (a, b)
-    states = torch.load(tmp_path / "runs" / "full" / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt",
-                        weights_only=True, map_location="cpu")
+    states = torch.load(
+        tmp_path / "runs" / "full" / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt",
+        weights_only=True,
+        map_location="cpu",
+    )
     keys = list(states["module"])
     assert "blocks.0.filter.w1" in keys and not any("_orig_mod" in k for k in keys)

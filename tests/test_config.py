@@ -17,8 +17,10 @@ def tmp_path(tiny_shards):  # the configs below point at real shards (validation
 
 
 def _base(shard_dir):
-    return {"data": {"datasets": [{"name": "d", "path": str(shard_dir)}], "t_in": 4, "resolution": 16, "channels": 2},
-            "model": {"preset": "nestor-tiny", "width": 16, "num_heads": 2, "patch_size": 4}}
+    return {
+        "data": {"datasets": [{"name": "d", "path": str(shard_dir)}], "t_in": 4, "resolution": 16, "channels": 2},
+        "model": {"preset": "nestor-tiny", "width": 16, "num_heads": 2, "patch_size": 4},
+    }
 
 
 def test_preset_then_fields_then_data_bound_fields(tmp_path):
@@ -32,8 +34,18 @@ def test_one_model_merge_preset_checkpoint_yaml_data(tmp_path):
     """Fine-tuning: the checkpoint's model under the YAML, data-bound fields from the data; a named preset wins."""
     from nestor_ds.model.presets import get_preset
 
-    ckpt = get_preset("nestor-tiny", {"width": 24, "num_heads": 2, "in_channels": 7, "t_in": 9, "resolution": 64,
-                                      "out_channels": 7, "moe": {"ep_size": 4, "top_k": 1}}).to_dict()
+    ckpt = get_preset(
+        "nestor-tiny",
+        {
+            "width": 24,
+            "num_heads": 2,
+            "in_channels": 7,
+            "t_in": 9,
+            "resolution": 64,
+            "out_channels": 7,
+            "moe": {"ep_size": 4, "top_k": 1},
+        },
+    ).to_dict()
     raw = _base(tmp_path)
     raw["model"] = {"depth": 1, "moe": {"num_experts": 2}}
     cfg = config_from_dict(raw, base_model=ckpt)
@@ -53,16 +65,19 @@ def test_overrides_parse_yaml_values_and_numbers_like_3e_3(tmp_path):
     assert cfg.optim.betas == (0.9, 0.99)
 
 
-@pytest.mark.parametrize("patch, message", [
-    ({"model": {"widht": 3}}, "unknown key 'model.widht'"),
-    ({"train": {"max_steps": "abc"}}, "train.max_steps must be an integer"),
-    ({"optim": {"schedule": "linear"}}, "optim.schedule must be onecycle, cosine or constant"),
-    ({"model": {"t_in": 5}}, "model.t_in = 5 disagrees with data.t_in = 4"),
-    ({"finetune": {"freeze": ["heads"]}}, "finetune.freeze unknown part(s) ['heads']"),
-    ({"bogus": {}}, "unknown key 'bogus'"),
-    ({"optim": {"div_factor": 0.5}}, "optim.div_factor must be >= 1"),
-    ({"train": {"eval_windows": "last"}}, "train.eval_windows must be all or first"),
-])
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"model": {"widht": 3}}, "unknown key 'model.widht'"),
+        ({"train": {"max_steps": "abc"}}, "train.max_steps must be an integer"),
+        ({"optim": {"schedule": "linear"}}, "optim.schedule must be onecycle, cosine or constant"),
+        ({"model": {"t_in": 5}}, "model.t_in = 5 disagrees with data.t_in = 4"),
+        ({"finetune": {"freeze": ["heads"]}}, "finetune.freeze unknown part(s) ['heads']"),
+        ({"bogus": {}}, "unknown key 'bogus'"),
+        ({"optim": {"div_factor": 0.5}}, "optim.div_factor must be >= 1"),
+        ({"train": {"eval_windows": "last"}}, "train.eval_windows must be all or first"),
+    ],
+)
 def test_bad_values_name_the_key(tmp_path, patch, message):
     raw = _base(tmp_path)
     for k, v in patch.items():
@@ -95,7 +110,7 @@ def test_ep_size_resolution():
     assert resolve_ep_size(2, 2, 4, "local") == 2
     with pytest.raises(ValueError, match="must divide both the world size"):
         resolve_ep_size(3, 4, 6, "local")
-    assert resolve_ep_size("auto", 4, 4, "local", zero_stage=3) == 1     # DeepSpeed: MoE params up to ZeRO-2
+    assert resolve_ep_size("auto", 4, 4, "local", zero_stage=3) == 1  # DeepSpeed: MoE params up to ZeRO-2
     with pytest.raises(ValueError, match="ZeRO stage 3 does not partition MoE parameters"):
         resolve_ep_size(2, 2, 4, "local", zero_stage=3)
     with pytest.raises(ValueError, match="backend=megablocks keeps all token experts on every rank"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TOP = ("nestor_ds", "tools", "docs", "configs", "ds_configs", "tests", ".ci")
-PATH_RE = re.compile(r"(?<![\w./-])((?:%s)/[\w./-]*\w)" % "|".join(re.escape(t) for t in TOP))
+PATH_RE = re.compile(r"(?<![\w./-])((?:{})/[\w./-]*\w)".format("|".join(re.escape(t) for t in TOP)))
 LINK_RE = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 MODULE_RE = re.compile(r"-m ((?:nestor_ds|tools)(?:\.\w+)*)")
 # files that a documented command writes (targets, not references)
@@ -61,6 +61,10 @@ def test_modules_named_in_commands_exist():
 
 
 def test_no_development_machine_paths():
-    found = [f"{f.relative_to(REPO)}: {m.group(0)}" for f in texts() if f.name != "test_docs.py"
-             for m in MACHINE_RE.finditer(f.read_text(errors="replace"))]
+    found = [
+        f"{f.relative_to(REPO)}: {m.group(0)}"
+        for f in texts()
+        if f.name != "test_docs.py"
+        for m in MACHINE_RE.finditer(f.read_text(errors="replace"))
+    ]
     assert not found, "\n".join(found)

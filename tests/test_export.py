@@ -19,9 +19,21 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_OVERRIDES = {"in_channels": 2, "t_in": 3, "resolution": 16, "patch_size": 4, "width": 16, "num_heads": 2,
-                   "image_experts": 2, "image_top_k": 1, "afno_num_blocks": 2, "norm_groups": 4, "head_dim": 8,
-                   "depth": 1, "moe": {"backend": "local", "ep_size": 2, "num_experts": 4, "top_k": 2}}
+MODEL_OVERRIDES = {
+    "in_channels": 2,
+    "t_in": 3,
+    "resolution": 16,
+    "patch_size": 4,
+    "width": 16,
+    "num_heads": 2,
+    "image_experts": 2,
+    "image_top_k": 1,
+    "afno_num_blocks": 2,
+    "norm_groups": 4,
+    "head_dim": 8,
+    "depth": 1,
+    "moe": {"backend": "local", "ep_size": 2, "num_experts": 4, "top_k": 2},
+}
 
 
 def tiny_config():
@@ -52,7 +64,7 @@ def worker(out: Path) -> None:
     model = build_model(cfg)
     setup_expert_parallel(model, cfg.moe.ep_size)  # the engine gives the model its expert-parallel group
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "all"})
-    ds_cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9}
+    ds_cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=ds_cfg)
     x_train = torch.randn(2, 16, 16, 3, 2, generator=torch.Generator().manual_seed(rank))
     mask = torch.ones(2, 2, dtype=torch.bool)
@@ -74,17 +86,32 @@ def worker(out: Path) -> None:
 @pytest.fixture(scope="module")
 def ds_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ds_ep2")
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     with socket.socket() as sock:  # torchrun's static rendezvous needs a real port (0 hangs)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(Path(__file__).resolve()), "--worker", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(Path(__file__).resolve()),
+        "--worker",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     if proc.returncode != 0:
-        pytest.fail(f"2-rank DeepSpeed worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-5000:]}")
+        pytest.fail(
+            f"2-rank DeepSpeed worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return out
 
 
@@ -97,7 +124,8 @@ def test_deepspeed_files_are_what_we_expect(ds_run):
     names = sorted(p.name for p in tag.iterdir())
     # 1 DeepSpeed token-MoE layer (depth 1 x 2 image experts = 2 layers) x 4 global experts, ranks 0 and 1
     assert [n for n in names if n.startswith("layer_")] == [
-        f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(2) for e in range(4)]
+        f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(2) for e in range(4)
+    ]
     state = gather_deepspeed_state(tag)
     expert_keys = [k for k in state if ".deepspeed_experts." in k]
     assert len(expert_keys) == 2 * 4 * 3  # layers x experts x (w1, w3, w2)
@@ -191,21 +219,38 @@ def test_config_mismatch_names_key_and_both_shapes(ds_run, tmp_path):
     state, run_cfg, _ = load_local_state(ds_run / "ckpt")
     run_cfg["model"]["head_dim"] = 12  # the weights were trained with head_dim 8
     bad = save_safetensors(state, run_cfg, tmp_path / "bad.safetensors")
-    with pytest.raises(CheckpointError, match=r"key 'head\.[\w.]+' has shape \(\d+(, \d+)*\) in the checkpoint "
-                                              r"but \(\d+(, \d+)*\) in the model built from its config"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"key 'head\.[\w.]+' has shape \(\d+(, \d+)*\) in the checkpoint "
+        r"but \(\d+(, \d+)*\) in the model built from its config",
+    ):
         load_pretrained(bad)
 
 
 def test_evaluate_cli_on_exported_checkpoint(ds_run, tmp_path):
-    from shard_fixtures import build_dataset
-
     from nestor_ds.checkpoint.export import export_checkpoint
+
+    from shard_fixtures import build_dataset
 
     shards = build_dataset(tmp_path, "tiny2", n=6, t=6, res=16, c=2, per_shard=2, test_fraction=0.5)
     model_file = export_checkpoint(ds_run / "ckpt", tmp_path / "m.safetensors")
     report_file = tmp_path / "report.json"
-    cmd = [sys.executable, "-m", "nestor_ds.evaluate", "--checkpoint", str(model_file), "--data", str(shards),
-           "--rollout-steps", "2", "--batch-size", "2", "--out", str(report_file), "--no-mlflow"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nestor_ds.evaluate",
+        "--checkpoint",
+        str(model_file),
+        "--data",
+        str(shards),
+        "--rollout-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--out",
+        str(report_file),
+        "--no-mlflow",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(report_file.read_text())
@@ -216,8 +261,13 @@ def test_evaluate_cli_on_exported_checkpoint(ds_run, tmp_path):
     assert 0 < r["l2re_1step"] < float("inf") and len(r["channels"]) == 2
     assert "tiny2" in proc.stdout
 
-    bad = subprocess.run(cmd[:5] + ["--data", str(tmp_path / "missing"), "--no-mlflow"], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
+    bad = subprocess.run(
+        cmd[:5] + ["--data", str(tmp_path / "missing"), "--no-mlflow"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "manifest" in bad.stderr, bad.stderr
 
 
@@ -236,8 +286,11 @@ def test_pickled_object_is_refused(tmp_path):
     tag.mkdir()
     torch.save({"module": {"w": torch.zeros(2)}, "client": Payload()}, tag / "mp_rank_00_model_states.pt")
     (tag / "nestor_config.json").write_text(json.dumps({"model": tiny_config().to_dict()}))
-    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt: refused to load: it contains pickled "
-                                              r"objects .*weights_only=True"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"mp_rank_00_model_states\.pt: refused to load: it contains pickled "
+        r"objects .*weights_only=True",
+    ):
         load_pretrained(tag)
 
 

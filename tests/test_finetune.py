@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from train_fixtures import REPO, ds_config, launch, tiny_config
 
 TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
@@ -26,13 +27,16 @@ FINETUNE = "nestor_ds.finetune"
 EXPORT = "nestor_ds.checkpoint"
 pytestmark = pytest.mark.timeout(1200)
 
-LOADED_RE = re.compile(r"pre-trained weights: (\d+) tensors loaded, (\d+) re-initialised \(shape changed\), "
-                       r"(\d+) freshly initialised \(not selected\), (\d+) unused")
+LOADED_RE = re.compile(
+    r"pre-trained weights: (\d+) tensors loaded, (\d+) re-initialised \(shape changed\), "
+    r"(\d+) freshly initialised \(not selected\), (\d+) unused"
+)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
-                                  f"--- stderr\n{proc.stderr[-6000:]}")
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
 
 
 def _client(uri: str):
@@ -58,17 +62,21 @@ class Pretrained:
     work: Path
     shards: dict[str, Path]
     ckpt_root: Path
-    uri: str          # the MLflow store of the pre-training and the fine-tunes
-    run_id: str       # the pre-training's MLflow run
-    ds: Path          # ZeRO-2 DeepSpeed JSON, micro-batch 2
+    uri: str  # the MLflow store of the pre-training and the fine-tunes
+    run_id: str  # the pre-training's MLflow run
+    ds: Path  # ZeRO-2 DeepSpeed JSON, micro-batch 2
 
 
 def finetune_config(p: Pretrained, name: str, backend: str, train: dict) -> Path:
     """A fine-tune YAML on ns_tiny (1 channel); the model section only picks the MoE backend, so the
     architecture comes from the checkpoint. The authors' fine-tune aux-loss weights, no input noise."""
-    path = tiny_config(p.work, {"ns_tiny": p.shards["ns_tiny"]}, data={"channels": 1},
-                       loss={"image_lb_weight": 1e-2, "token_lb_weight": 5e-3},
-                       train={"input_noise": 0.0, "log_every": 5, **train})
+    path = tiny_config(
+        p.work,
+        {"ns_tiny": p.shards["ns_tiny"]},
+        data={"channels": 1},
+        loss={"image_lb_weight": 1e-2, "token_lb_weight": 5e-3},
+        train={"input_noise": 0.0, "log_every": 5, **train},
+    )
     cfg = yaml.safe_load(path.read_text())
     cfg["model"] = {"moe": {"backend": backend}}
     out = p.work / f"finetune_{name}.yaml"
@@ -81,15 +89,26 @@ def pretrained(tiny_shards, tmp_path_factory) -> Pretrained:
     """20 steps on dr_tiny (2 channels), DeepSpeed MoE ep_size 2 over 2 ranks, ZeRO-2, MLflow on."""
     _, shards = tiny_shards
     work = tmp_path_factory.mktemp("finetune")
-    cfg = tiny_config(work, {"dr_tiny": shards["dr_tiny"]}, model={"moe": {"backend": "local", "ep_size": 2}},
-                      train={"max_steps": 20, "ckpt_every": 20, "log_every": 5}, optim={"lr": 3e-3, "warmup_steps": 3})
+    cfg = tiny_config(
+        work,
+        {"dr_tiny": shards["dr_tiny"]},
+        model={"moe": {"backend": "local", "ep_size": 2}},
+        train={"max_steps": 20, "ckpt_every": 20, "log_every": 5},
+        optim={"lr": 3e-3, "warmup_steps": 3},
+    )
     ds = ds_config(work)
     proc = launch([TRAIN, "--ds_config", str(ds), "--config", str(cfg), "--run-name", "pre"], ranks=2, cwd=work)
     _ok(proc)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     run = _run_by_name(uri, "pre")
-    return Pretrained(work=work, shards=shards, ckpt_root=work / "runs" / "pre" / "checkpoints", uri=uri,
-                      run_id=run.info.run_id, ds=ds)
+    return Pretrained(
+        work=work,
+        shards=shards,
+        ckpt_root=work / "runs" / "pre" / "checkpoints",
+        uri=uri,
+        run_id=run.info.run_id,
+        ds=ds,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +117,34 @@ def ft_local(pretrained):
     1-channel dataset: another world size, ep_size and channel count than the pre-training."""
     p = pretrained
     cfg = finetune_config(p, "local", "local", train={"max_steps": 40, "ckpt_every": 40})
-    proc = launch([FINETUNE, "--ds_config", str(p.ds), "--config", str(cfg), "--pretrained", str(p.ckpt_root),
-                   "--run-name", "ft-local"], ranks=1, cwd=p.work)
+    proc = launch(
+        [
+            FINETUNE,
+            "--ds_config",
+            str(p.ds),
+            "--config",
+            str(cfg),
+            "--pretrained",
+            str(p.ckpt_root),
+            "--run-name",
+            "ft-local",
+        ],
+        ranks=1,
+        cwd=p.work,
+    )
     return proc
 
 
 @pytest.fixture(scope="module")
 def exported(pretrained) -> Path:
     out = pretrained.work / "pre.safetensors"
-    proc = subprocess.run([sys.executable, "-m", EXPORT, "--checkpoint", str(pretrained.ckpt_root), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=pretrained.work)
+    proc = subprocess.run(
+        [sys.executable, "-m", EXPORT, "--checkpoint", str(pretrained.ckpt_root), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=pretrained.work,
+    )
     _ok(proc)
     assert out.is_file() and out.with_suffix(".json").is_file()
     return out
@@ -119,9 +156,27 @@ def ft_export(pretrained, exported):
     and freezing routers + embedding; checkpoints at steps 10 and 20 to compare the frozen tensors."""
     p = pretrained
     cfg = finetune_config(p, "export", "local", train={"max_steps": 20, "ckpt_every": 10, "keep_last": 3})
-    proc = launch([FINETUNE, "--ds_config", str(p.ds), "--config", str(cfg), "--pretrained", str(exported),
-                   "--run-name", "ft-export", "--set", "model.moe.ep_size=2",
-                   "--load", "blocks", "--freeze", "routers,embedding"], ranks=2, cwd=p.work)
+    proc = launch(
+        [
+            FINETUNE,
+            "--ds_config",
+            str(p.ds),
+            "--config",
+            str(cfg),
+            "--pretrained",
+            str(exported),
+            "--run-name",
+            "ft-export",
+            "--set",
+            "model.moe.ep_size=2",
+            "--load",
+            "blocks",
+            "--freeze",
+            "routers,embedding",
+        ],
+        ranks=2,
+        cwd=p.work,
+    )
     return proc
 
 
@@ -216,9 +271,9 @@ def test_frozen_parts_do_not_move(pretrained, exported, ft_export):
     s20 = load_file(str(export_checkpoint(ckpts / "step_00000020", pretrained.work / "ft20.safetensors")))
     assert set(s10) == set(s20) == set(pre)
 
-    routers = [n for n in s20 if ".router." in n]          # image routers and token-MoE gates
+    routers = [n for n in s20 if ".router." in n]  # image routers and token-MoE gates
     embedding = [n for n in s20 if n.startswith("encoder.")]
-    assert len(routers) == 2 * 2 + 2 * 4 and embedding      # 2 blocks x (weight, bias) + 8 token gates
+    assert len(routers) == 2 * 2 + 2 * 4 and embedding  # 2 blocks x (weight, bias) + 8 token gates
     n_frozen = int(re.search(r"frozen: (\d+) tensors", ft_export.stderr).group(1))
     assert n_frozen == len(routers) + len(embedding)
     for n in routers:
@@ -250,7 +305,8 @@ def test_freeze_parts_match_only_their_parameters(exported):
     assert shared == {n for n in every if re.match(r"blocks\.\d+\.moe\.shared\.\d+\.", n)} and shared
     routers, _ = frozen("routers")
     assert routers == {f"blocks.{b}.moe.router.{w}" for b in (0, 1) for w in ("weight", "bias")} | {
-        f"blocks.{b}.moe.experts.{e}.moe.router.gate.weight" for b in (0, 1) for e in range(4)}
+        f"blocks.{b}.moe.experts.{e}.moe.router.gate.weight" for b in (0, 1) for e in range(4)
+    }
     embedding, _ = frozen("embedding")
     assert embedding == {n for n in every if n.startswith("encoder.")}
     experts, _ = frozen("experts")
@@ -266,9 +322,28 @@ def test_evaluate_cli_reports_and_logs_to_mlflow(pretrained, exported, tmp_path)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     data = [str(pretrained.shards["dr_tiny"]), str(pretrained.shards["ns_tiny"])]
     # --windows first: one-step and rollout then score the same windows, so the curve's first step is the one-step
-    proc = subprocess.run([sys.executable, "-m", "nestor_ds.evaluate", "--checkpoint", str(exported), "--data", *data,
-                           "--rollout-steps", "2", "--windows", "first", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nestor_ds.evaluate",
+            "--checkpoint",
+            str(exported),
+            "--data",
+            *data,
+            "--rollout-steps",
+            "2",
+            "--windows",
+            "first",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
     _ok(proc)
     report = json.loads(out.read_text())
     bands = report["settings"]["spectrum_bands"]

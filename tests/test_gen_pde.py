@@ -146,10 +146,12 @@ def test_project_reader_reads_back(tmp_path: Path, pde: str, layout: str) -> Non
     elif layout == "pdebench-groups":
         want = sim.fields_RTXYC[1][..., [sim.channels.index(c) for c in sim.primary]]
     else:
-        names = {"pdebench-cfd": ["vx", "vy", "density", "pressure"],
-                 "pdearena-ns": [{"ns": "vorticity", "swe": "h", "cfd": "density"}.get(pde), "vx", "vy"],
-                 "the-well": [c for c in sim.channels if c not in ("vx", "vy")]
-                 + (["vx", "vy"] if "vx" in sim.channels else [])}[layout]
+        names = {
+            "pdebench-cfd": ["vx", "vy", "density", "pressure"],
+            "pdearena-ns": [{"ns": "vorticity", "swe": "h", "cfd": "density"}.get(pde), "vx", "vy"],
+            "the-well": [c for c in sim.channels if c not in ("vx", "vy")]
+            + (["vx", "vy"] if "vx" in sim.channels else []),
+        }[layout]
         want = np.stack([sim.channel(c)[1] for c in names], axis=-1)
     assert fields.shape == want.shape
     np.testing.assert_allclose(fields, want, rtol=1e-6, atol=1e-6)
@@ -168,8 +170,9 @@ def test_ns_shear_mode_decays_exactly() -> None:
         cfg = NSConfig(visc=visc, record_interval=t_end, forcing=False, time_scheme=scheme)
         out = solve_ns(w0, 2, cfg)
         ratio = out[0, 1, :, :, 0] / w0[0]
-        np.testing.assert_allclose(ratio[np.abs(w0[0]) > 0.5], math.exp(-visc * (2 * math.pi * k) ** 2 * t_end),
-                                   rtol=1e-3)
+        np.testing.assert_allclose(
+            ratio[np.abs(w0[0]) > 0.5], math.exp(-visc * (2 * math.pi * k) ** 2 * t_end), rtol=1e-3
+        )
         # velocity of w = cos(2 pi k x): psi = w / (2 pi k)^2, u = psi_y = 0, v = -psi_x = sin(2 pi k x) / (2 pi k)
         np.testing.assert_allclose(out[0, 0, :, :, 1], 0.0, atol=1e-12)
         np.testing.assert_allclose(out[0, 0, :, 0, 2], np.sin(2 * math.pi * k * x) / (2 * math.pi * k), atol=1e-12)
@@ -257,8 +260,12 @@ def _load_cli():
 
 
 def test_cli_script_demo_tiny(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "nestor_ds.synth", "--demo", str(tmp_path / "demo"),
-                        "--tiny", "--quiet"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "nestor_ds.synth", "--demo", str(tmp_path / "demo"), "--tiny", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     names = sorted(p.name for p in (tmp_path / "demo").iterdir())
     assert len(names) == 4 and "2D_diff-react_NA_NA.h5" in names and any(n.startswith("ns_V1e-3") for n in names)
@@ -275,32 +282,73 @@ def test_cli_help_errors_and_options(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert err.strip().count("\n") == 0 and "cannot hold" in err
     assert cli.main(["--pde", "swe", "--param", "g", "--out", str(tmp_path / "y.h5"), "--quiet"]) != 0
     assert "KEY=VALUE" in capsys.readouterr().err
-    rc = cli.main(["--pde", "ns", "--layout", "pdearena-ns", "--n", "1", "--res", "16", "--steps", "3", "--split",
-                   "valid", "--visc", "1e-4", "--record-interval", "0.1", "--out", str(tmp_path / "pda.h5"), "--quiet"])
+    rc = cli.main(
+        [
+            "--pde",
+            "ns",
+            "--layout",
+            "pdearena-ns",
+            "--n",
+            "1",
+            "--res",
+            "16",
+            "--steps",
+            "3",
+            "--split",
+            "valid",
+            "--visc",
+            "1e-4",
+            "--record-interval",
+            "0.1",
+            "--out",
+            str(tmp_path / "pda.h5"),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     with h5py.File(tmp_path / "pda.h5", "r") as f:
         assert f["valid/u"].shape == (1, 3, 16, 16)
         np.testing.assert_allclose(f["valid/t"][0], [0.0, 0.1, 0.2])
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--record-interval", "-1"], "--record-interval -1.0: expected a finite number > 0"),
-    (["--record-interval", "0"], "--record-interval 0.0: expected a finite number > 0"),
-    (["--record-interval", "nan"], "--record-interval nan: expected a finite number > 0"),
-    (["--visc=-1e-3"], "--visc -0.001: expected a finite number > 0"),
-    (["--n", "0"], "--n 0: expected an integer >= 1"),
-    (["--res", "-16"], "--res -16: expected an integer >= 1"),
-    (["--steps", "0"], "--steps 0: expected an integer >= 1"),
-    (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
-    (["--param", "record_interval=-1"], "ns: record_interval -1.0: expected a finite number > 0"),
-])
-def test_cli_rejects_nonpositive_numbers(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str],
-                                          needle: str) -> None:
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--record-interval", "-1"], "--record-interval -1.0: expected a finite number > 0"),
+        (["--record-interval", "0"], "--record-interval 0.0: expected a finite number > 0"),
+        (["--record-interval", "nan"], "--record-interval nan: expected a finite number > 0"),
+        (["--visc=-1e-3"], "--visc -0.001: expected a finite number > 0"),
+        (["--n", "0"], "--n 0: expected an integer >= 1"),
+        (["--res", "-16"], "--res -16: expected an integer >= 1"),
+        (["--steps", "0"], "--steps 0: expected an integer >= 1"),
+        (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
+        (["--param", "record_interval=-1"], "ns: record_interval -1.0: expected a finite number > 0"),
+    ],
+)
+def test_cli_rejects_nonpositive_numbers(
+    tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str], needle: str
+) -> None:
     """--record-interval -1 used to exit 0 and write identical frames at t = 0, -1, -2, ..."""
     cli = _load_cli()
     out = tmp_path / "x.h5"
-    rc = cli.main(["--pde", "ns", "--layout", "pdearena-ns", "--n", "1", "--res", "16", "--steps", "3", *argv,
-                   "--out", str(out), "--quiet"])
+    rc = cli.main(
+        [
+            "--pde",
+            "ns",
+            "--layout",
+            "pdearena-ns",
+            "--n",
+            "1",
+            "--res",
+            "16",
+            "--steps",
+            "3",
+            *argv,
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0
     assert err.strip().splitlines() == [f"gen_pde: error: {needle}"], err

@@ -23,23 +23,26 @@ def _engine_and_batches(tiny_shards, model_over: dict, ds: dict):
     """A real DeepSpeed engine around the engine tests' tiny model (as AFNO, or as ``model_over`` says) and 4 real
     batches of the tiny shards."""
     import deepspeed
-    from train_fixtures import tiny_config
 
     from nestor_ds.config import load_config
     from nestor_ds.data import TrainStream
     from nestor_ds.engine.distributed import init_distributed
     from nestor_ds.model import build_model
 
+    from train_fixtures import tiny_config
+
     init_distributed()
     root, shards = tiny_shards
     cfg = load_config(tiny_config(root, shards, model=model_over, train={"input_noise": 5e-4}))
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                      config={"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
-                                              "steps_per_print": 10 ** 9, **ds})
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        config={"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0, "steps_per_print": 10**9, **ds},
+    )
     stream = TrainStream(cfg.data, micro_batch=2)
-    batches = list(itertools.islice(stream.batches(0), 4))   # drawn before counting: the data loader is host code
+    batches = list(itertools.islice(stream.batches(0), 4))  # drawn before counting: the data loader is host code
     return cfg, engine, batches
 
 
@@ -52,16 +55,21 @@ def test_counter_sees_reads_and_names_their_file():
         bool(t.any())
     assert reads.total == 4 and reads.by_kind == {"item": 1, "__float__": 1, "tolist": 1, "__bool__": 1}
     assert all("test_hot_loop.py" in site for site in reads.by_site)
-    assert torch.Tensor.item.__name__ == "item"        # restored on exit
+    assert torch.Tensor.item.__name__ == "item"  # restored on exit
 
 
 STATIC = {"image_routing": "static", "moe": {"routing": "static"}}
 
 
-@pytest.mark.parametrize("model,ds", [({"preset": "afno-tiny"}, {"zero_optimization": {"stage": 0}}),
-                                      ({"preset": "afno-tiny"}, {"zero_optimization": {"stage": 2}}),
-                                      (STATIC, {"zero_optimization": {"stage": 0}})],
-                         ids=["afno-zero0", "afno-zero2", "nestor-static-zero0"])
+@pytest.mark.parametrize(
+    "model,ds",
+    [
+        ({"preset": "afno-tiny"}, {"zero_optimization": {"stage": 0}}),
+        ({"preset": "afno-tiny"}, {"zero_optimization": {"stage": 2}}),
+        (STATIC, {"zero_optimization": {"stage": 0}}),
+    ],
+    ids=["afno-zero0", "afno-zero2", "nestor-static-zero0"],
+)
 def test_trainer_step_makes_no_host_reads_except_on_logging_steps(tiny_shards, model, ds):
     """AFNO and NESTOR with static routing, real batches, real DeepSpeed engine: the step itself reads nothing; the
     logging step reads everything once. ZeRO-1/2's optimizer step makes its own reads (DeepSpeed checks the gradient
@@ -73,14 +81,14 @@ def test_trainer_step_makes_no_host_reads_except_on_logging_steps(tiny_shards, m
     feed = iter(batches)
     usage = ExpertUsage(num_datasets=len(cfg.data.datasets))
     log = DeviceLog(usage)
-    parts = optimizer_step(engine, feed, cfg, 0, 0, 1, torch.float32, log)    # warm-up (lazy init in DeepSpeed)
+    parts = optimizer_step(engine, feed, cfg, 0, 0, 1, torch.float32, log)  # warm-up (lazy init in DeepSpeed)
     log.add_step(1, 1e-3, parts, engine.get_global_grad_norm())
     with count_host_reads() as reads:
         for step in (1, 2):
             parts = optimizer_step(engine, feed, cfg, 0, step, 1, torch.float32, log)
             log.add_step(step + 1, 1e-3, parts, engine.get_global_grad_norm())
     ours = {k: v for k, v in reads.by_site.items() if "/nestor_ds/" in k}
-    assert reads.total > 0 or ds["zero_optimization"]["stage"] == 0   # the counter is live (DeepSpeed's reads)
+    assert reads.total > 0 or ds["zero_optimization"]["stage"] == 0  # the counter is live (DeepSpeed's reads)
     assert ours == {}, ours
     if ds["zero_optimization"]["stage"] == 0:
         deepspeed_reads = {k: v for k, v in reads.by_site.items() if "/deepspeed/" in k}
@@ -90,9 +98,9 @@ def test_trainer_step_makes_no_host_reads_except_on_logging_steps(tiny_shards, m
     assert [s for s, _ in rows] == [1, 2, 3] and all(torch.isfinite(torch.tensor(m["train/loss"])) for _, m in rows)
     # one .cpu() of the stacked rows and one .tolist() after the reduce (+ the routing counts for NESTOR's statistics)
     assert flush_reads.from_files("/nestor_ds/engine/") == 2
-    if cfg.model.arch == "nestor":   # the routing of the 3 steps reached the statistics at the flush, not before
+    if cfg.model.arch == "nestor":  # the routing of the 3 steps reached the statistics at the flush, not before
         assert flush_reads.from_files("/nestor_ds/tracking/") > 0
-        assert usage.counts_matrix(0).sum() == 3 * 2 * cfg.model.image_top_k      # 3 steps x 2 samples x top-k
+        assert usage.counts_matrix(0).sum() == 3 * 2 * cfg.model.image_top_k  # 3 steps x 2 samples x top-k
 
 
 def test_device_log_flush_equals_direct_reads():
@@ -121,7 +129,7 @@ def test_routing_records_can_be_copied_out_of_graph_memory():
     log = DeviceLog(usage)
     r = BlockRouting(torch.tensor([[0, 1], [1, 0]]), torch.tensor([2, 2]), torch.ones(2, 3, dtype=torch.long))
     log.add_micro([r], torch.tensor([0, 1]), copy=True)
-    r.image_topk_idx.fill_(0)                      # what a replay does to graph-owned memory
+    r.image_topk_idx.fill_(0)  # what a replay does to graph-owned memory
     r.token_counts.fill_(100)
     log.flush_usage()
     assert usage.counts_matrix(0).tolist() == [[1.0, 1.0], [1.0, 1.0]]

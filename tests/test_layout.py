@@ -68,8 +68,13 @@ def test_shards_and_synth_do_not_import_torch():
     for pkg in ("shards", "synth"):
         for f in sorted((PKG / pkg).rglob("*.py")):
             for node in ast.walk(ast.parse(f.read_text())):
-                mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                        else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                mods = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
                 if any(m == "torch" or m.startswith("torch.") for m in mods):
                     bad.append(str(f.relative_to(REPO)))
     assert not bad, bad
@@ -77,8 +82,9 @@ def test_shards_and_synth_do_not_import_torch():
 
 def test_size_limits():
     """Files of ~400 lines at most (one idea may exceed it a little); engine functions of 60 lines at most."""
-    long_files = [f"{f.relative_to(REPO)}: {n}" for f in PKG.rglob("*.py")
-                  if (n := len(f.read_text().splitlines())) > 450]
+    long_files = [
+        f"{f.relative_to(REPO)}: {n}" for f in PKG.rglob("*.py") if (n := len(f.read_text().splitlines())) > 450
+    ]
     assert not long_files, long_files
     long_fns = []
     for f in (PKG / "engine").rglob("*.py"):

@@ -22,7 +22,7 @@ def decaying_trajectory(steps: int, c: float = 0.8, n: int = 16) -> torch.Tensor
     """u(t) = c^t * g(x, y) as [1, X, Y, T, 1]: persistence errors are |1 - c^k| / c^k by hand."""
     xs = torch.linspace(0, 2 * math.pi, n + 1)[:-1]
     g = torch.sin(xs)[:, None] * torch.cos(2 * xs)[None, :] + 0.3
-    return torch.stack([g * c ** t for t in range(steps)], dim=-1)[None, ..., None]
+    return torch.stack([g * c**t for t in range(steps)], dim=-1)[None, ..., None]
 
 
 def test_persistence_forecast_matches_hand_computation():
@@ -37,11 +37,11 @@ def test_persistence_forecast_matches_hand_computation():
 
     curve = l2re_per_step(persistence, future)
     assert curve.shape == (1, K, 1)
-    want = [abs(1 - c ** k) / c ** k for k in range(1, K + 1)]
+    want = [abs(1 - c**k) / c**k for k in range(1, K + 1)]
     assert curve[0, :, 0].tolist() == pytest.approx(want, rel=1e-6)
 
     rollout = l2re(persistence, future)
-    num = math.sqrt(sum((1 - c ** k) ** 2 for k in range(1, K + 1)))
+    num = math.sqrt(sum((1 - c**k) ** 2 for k in range(1, K + 1)))
     den = math.sqrt(sum(c ** (2 * k) for k in range(1, K + 1)))
     assert rollout.item() == pytest.approx(num / den, rel=1e-6)
 
@@ -108,6 +108,7 @@ def test_shape_errors_are_one_line():
 
 # --- the evaluation pass on real (tiny) shards -------------------------------------------------------
 
+
 class Persistence(torch.nn.Module):
     """Baseline forecaster: the last input frame, forever (a real model, not a stand-in for one)."""
 
@@ -122,14 +123,15 @@ class Persistence(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
-    from shard_fixtures import build_dataset
-
     from nestor_ds.data import DataConfig, DatasetSpec
+
+    from shard_fixtures import build_dataset
 
     root = tmp_path_factory.mktemp("eval_shards")
     path = build_dataset(root, "pers", n=10, t=7, res=8, c=2, per_shard=2, test_fraction=0.5)
-    cfg = DataConfig(datasets=[DatasetSpec(name="pers", path=str(path), rollout_steps=3)], t_in=2, resolution=8,
-                     channels=4)
+    cfg = DataConfig(
+        datasets=[DatasetSpec(name="pers", path=str(path), rollout_steps=3)], t_in=2, resolution=8, channels=4
+    )
     return cfg
 
 
@@ -146,12 +148,12 @@ def hand_persistence(cfg, K, windows):
     for fields, _ in read_trajectories(cfg.datasets[0].path, "test"):
         f = fields.astype(np.float64)  # [T, X, Y, c]; stored at the evaluation resolution, no normalisation
         T = f.shape[0]
-        for s in ([t_in] if windows == "first" else range(t_in, T)):
+        for s in [t_in] if windows == "first" else range(t_in, T):
             last = f[s - 1]
             for c in range(f.shape[3]):
                 one.append(np.linalg.norm(f[s, ..., c] - last[..., c]) / np.linalg.norm(f[s, ..., c]))
                 if s + K <= T:
-                    t = f[s:s + K, ..., c]
+                    t = f[s : s + K, ..., c]
                     e = t - last[None, ..., c]
                     roll.append(np.linalg.norm(e) / np.linalg.norm(t))
                     curve.append([np.linalg.norm(e[k]) / np.linalg.norm(t[k]) for k in range(K)])
@@ -163,8 +165,15 @@ def hand_persistence(cfg, K, windows):
 def test_evaluate_model_persistence_matches_hand_computation(tiny_shards, windows):
     from nestor_ds.eval import evaluate_model
 
-    report = evaluate_model(Persistence(), tiny_shards.datasets, tiny_shards, rollout_steps=None, batch_size=2,
-                            progress=False, windows=windows)
+    report = evaluate_model(
+        Persistence(),
+        tiny_shards.datasets,
+        tiny_shards,
+        rollout_steps=None,
+        batch_size=2,
+        progress=False,
+        windows=windows,
+    )
     r = report["datasets"]["pers"]
     one, roll, curve, n, n_roll = hand_persistence(tiny_shards, K=3, windows=windows)  # K = the dataset's rollout_steps
     # 5 test trajectories of T = 7 frames, t_in = 2: first -> 5 windows; all -> 5 start frames each, 3 with K frames
@@ -179,8 +188,9 @@ def test_evaluate_model_persistence_matches_hand_computation(tiny_shards, window
     assert set(r["spectrum_err_rollout"]) == {"low", "mid", "high"}
     assert report["mean"]["l2re_1step"] == pytest.approx(one, rel=1e-6)
     # a DataConfig works as `datasets` too (the engine's call), and the result does not depend on the batch size
-    again = evaluate_model(Persistence(), tiny_shards, rollout_steps=None, batch_size=3, progress=False,
-                           windows=windows)
+    again = evaluate_model(
+        Persistence(), tiny_shards, rollout_steps=None, batch_size=3, progress=False, windows=windows
+    )
     assert again["datasets"]["pers"]["l2re_rollout"] == pytest.approx(r["l2re_rollout"], rel=1e-12)
 
 
@@ -245,11 +255,11 @@ def test_distributed_reduction_equals_single_process(tiny_shards, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_dist_worker, args=(port, tiny_shards, str(tmp_path / "r")), nprocs=2, join=True)
-    (r0, seen0), (r1, seen1) = ((d["report"], set(d["seen"])) for d in
-                                (json.loads((tmp_path / f"r.{i}").read_text()) for i in range(2)))
+    (r0, seen0), (r1, seen1) = (
+        (d["report"], set(d["seen"])) for d in (json.loads((tmp_path / f"r.{i}").read_text()) for i in range(2))
+    )
     model = RecordingPersistence()
-    single = evaluate_model(model, tiny_shards.datasets, tiny_shards, rollout_steps=2, batch_size=2,
-                            progress=False)
+    single = evaluate_model(model, tiny_shards.datasets, tiny_shards, rollout_steps=2, batch_size=2, progress=False)
     assert not seen0 & seen1 and seen0 | seen1 == model.seen  # disjoint shares that together cover the test split
     assert r0["datasets"] == r1["datasets"]  # every rank returns the full report
     a, b = r0["datasets"]["pers"], single["datasets"]["pers"]

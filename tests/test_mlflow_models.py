@@ -54,25 +54,50 @@ def trained(tiny_shards, tmp_path_factory) -> Trained:
     work = tmp_path_factory.mktemp("models")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     ds = ds_config(work, stage=2)
-    cfg = tiny_config(work, shards, tracking={"tracking_uri": uri, "log_model": True, "register_model": PRETRAIN_NAME},
-                      train={"max_steps": 4, "ckpt_every": 4})
-    _ok(launch(["nestor_ds.train", "--ds_config", str(ds), "--config", str(cfg),
-                "--run-name", "pre"], 1, cwd=work))
-    ft = yaml.safe_load(tiny_config(work, {"ns_tiny": shards["ns_tiny"]}, data={"channels": 1},
-                                    tracking={"tracking_uri": uri, "log_model": True,
-                                              "register_model": FINETUNE_NAME},
-                                    train={"max_steps": 2, "ckpt_every": 2}).read_text())
+    cfg = tiny_config(
+        work,
+        shards,
+        tracking={"tracking_uri": uri, "log_model": True, "register_model": PRETRAIN_NAME},
+        train={"max_steps": 4, "ckpt_every": 4},
+    )
+    _ok(launch(["nestor_ds.train", "--ds_config", str(ds), "--config", str(cfg), "--run-name", "pre"], 1, cwd=work))
+    ft = yaml.safe_load(
+        tiny_config(
+            work,
+            {"ns_tiny": shards["ns_tiny"]},
+            data={"channels": 1},
+            tracking={"tracking_uri": uri, "log_model": True, "register_model": FINETUNE_NAME},
+            train={"max_steps": 2, "ckpt_every": 2},
+        ).read_text()
+    )
     ft["model"] = {"moe": {"backend": "local"}}  # architecture from the checkpoint
     (work / "ft.yaml").write_text(yaml.safe_dump(ft))
-    _ok(launch([str(REPO / "nestor_ds" / "finetune.py"), "--ds_config", str(ds), "--config", str(work / "ft.yaml"),
-                "--pretrained", str(work / "runs" / "pre" / "checkpoints"), "--run-name", "ft"], 1, cwd=work))
+    _ok(
+        launch(
+            [
+                str(REPO / "nestor_ds" / "finetune.py"),
+                "--ds_config",
+                str(ds),
+                "--config",
+                str(work / "ft.yaml"),
+                "--pretrained",
+                str(work / "runs" / "pre" / "checkpoints"),
+                "--run-name",
+                "ft",
+            ],
+            1,
+            cwd=work,
+        )
+    )
     client = MlflowClient(uri)
     return Trained(work, uri, shards, _run(client, "pre"), _run(client, "ft"))
 
 
 def _inputs(run) -> dict[tuple[str, str], object]:
-    return {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]): d.dataset
-            for d in run.inputs.dataset_inputs}
+    return {
+        (d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]): d.dataset
+        for d in run.inputs.dataset_inputs
+    }
 
 
 def test_runs_log_their_datasets_with_manifest_digests(trained):
@@ -87,8 +112,10 @@ def test_runs_log_their_datasets_with_manifest_digests(trained):
     assert json.loads(ns.source)["uri"] == str(trained.shards["ns_tiny"].resolve())
     spec = DatasetSpec(name="ns_tiny", path=str(trained.shards["ns_tiny"]))
     assert describe(spec, "training")["digest"] == ns.digest  # same bytes, same weight: same digest
-    assert describe(DatasetSpec(name="ns_tiny", path=str(trained.shards["ns_tiny"]), weight=2.0),
-                    "training")["digest"] != ns.digest
+    assert (
+        describe(DatasetSpec(name="ns_tiny", path=str(trained.shards["ns_tiny"]), weight=2.0), "training")["digest"]
+        != ns.digest
+    )
     assert pre[("dr_tiny", "training")].digest != ns.digest
     # the fine-tune shows its own data and its parent's, with the parent's digests; ns_tiny is in both (same
     # shards, same weight: one MLflow dataset, so one input carrying both contexts)
@@ -151,14 +178,31 @@ def test_mlflow_models_serve_answers_with_the_rollout(trained):
     want = model.rollout(torch.from_numpy(x), 2, torch.from_numpy(mask)).detach().numpy()
     port = free_port()
     log = trained.work / "serve.log"
-    proc = start([MLFLOW, "models", "serve", "-m", f"models:/{PRETRAIN_NAME}/1", "--env-manager", "local",
-                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], log,
-                 env={"MLFLOW_TRACKING_URI": trained.uri})
+    proc = start(
+        [
+            MLFLOW,
+            "models",
+            "serve",
+            "-m",
+            f"models:/{PRETRAIN_NAME}/1",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        log,
+        env={"MLFLOW_TRACKING_URI": trained.uri},
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc, 300, log)
         body = json.dumps({"inputs": {"x": x.tolist(), "channel_mask": mask.tolist()}, "params": {"steps": 2}})
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body.encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=120) as r:
             got = np.asarray(json.loads(r.read())["predictions"], dtype=np.float32)
     finally:
@@ -168,10 +212,26 @@ def test_mlflow_models_serve_answers_with_the_rollout(trained):
 
 def test_export_register_attaches_to_the_training_run(trained):
     out = trained.work / "cli.safetensors"
-    res = subprocess.run([sys.executable, "-m", "nestor_ds.checkpoint", "--checkpoint",
-                          str(trained.work / "runs" / "pre" / "checkpoints"), "--out", str(out), "--no-progress",
-                          "--register", "nestor-cli", "--tracking-uri", trained.uri],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nestor_ds.checkpoint",
+            "--checkpoint",
+            str(trained.work / "runs" / "pre" / "checkpoints"),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--register",
+            "nestor-cli",
+            "--tracking-uri",
+            trained.uri,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "registered models:/nestor-cli/1" in res.stdout
     version = MlflowClient(trained.uri).get_model_version("nestor-cli", "1")

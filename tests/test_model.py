@@ -1,4 +1,5 @@
 """Model package: shapes, parameter counts, routing semantics, losses, padding, determinism, FLOPs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,14 +36,17 @@ def tiny(**kw) -> ModelConfig:
     return cfg
 
 
-@pytest.mark.parametrize("preset,over,res", [
-    ("nestor-tiny", {}, 32),
-    ("nestor-tiny", {}, 48),                                  # other grid: interpolated positional embedding
-    ("nestor-tiny", {"t_ar": 2, "t_in": 4, "in_channels": 2}, 32),
-    ("nestor-tiny", {"out_channels": 3, "image_top_k": 1, "shared_afno_layers": 0}, 32),
-    ("afno-tiny", {}, 32),
-    ("afno-tiny", {"t_ar": 3, "patch_size": 4}, 16),
-])
+@pytest.mark.parametrize(
+    "preset,over,res",
+    [
+        ("nestor-tiny", {}, 32),
+        ("nestor-tiny", {}, 48),  # other grid: interpolated positional embedding
+        ("nestor-tiny", {"t_ar": 2, "t_in": 4, "in_channels": 2}, 32),
+        ("nestor-tiny", {"out_channels": 3, "image_top_k": 1, "shared_afno_layers": 0}, 32),
+        ("afno-tiny", {}, 32),
+        ("afno-tiny", {"t_ar": 3, "patch_size": 4}, 16),
+    ],
+)
 def test_shapes(preset, over, res):
     torch.manual_seed(0)
     cfg = get_preset(preset, over)
@@ -80,14 +84,15 @@ def test_from_dict_nested_moe_and_overrides():
     assert cfg.moe.num_experts == 8 and cfg.width == 64
     cfg2 = get_preset("nestor-ti", {"depth": 3, "moe.num_experts": 4, "moe": {"top_k": 1}})
     assert (cfg2.depth, cfg2.moe.num_experts, cfg2.moe.top_k, cfg2.width) == (3, 4, 1, 512)
-    assert get_preset("nestor-ti").moe.num_experts == 6        # presets are not mutated
-    assert ({"nestor-ti", "nestor-s", "nestor-m", "nestor-l", "afno-ti", "nestor-tiny", "afno-tiny"}
-            <= set(list_presets()))
+    assert get_preset("nestor-ti").moe.num_experts == 6  # presets are not mutated
+    assert {"nestor-ti", "nestor-s", "nestor-m", "nestor-l", "afno-ti", "nestor-tiny", "afno-tiny"} <= set(
+        list_presets()
+    )
 
 
 def test_preset_parameter_counts():
     total, active = param_counts(get_preset("nestor-ti"))
-    assert abs(total - 83.1e6) / 83.1e6 < 0.001, total          # the authors' count (shared token expert 341 wide)
+    assert abs(total - 83.1e6) / 83.1e6 < 0.001, total  # the authors' count (shared token expert 341 wide)
     assert active < total / 3
     total, _ = param_counts(get_preset("afno-ti"))
     assert abs(total - 7.5e6) / 7.5e6 < 0.05, total
@@ -135,9 +140,15 @@ def test_image_lb_loss_matches_formula_on_hand_built_case():
         moe.router.weight.zero_()
         moe.router.weight[:4, :4] = 3.0 * torch.eye(4)
         moe.router.bias.copy_(torch.tensor([0.5, 0.0, -0.5, 0.2]))
-    pooled = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0, 0, 0, 0],
-                           [0, 0, 1.0, 0, 0, 0, 0, 0], [0, 1.0, 0.5, 0, 0, 0, 0, 0]])
-    h = pooled[:, :, None, None].expand(4, 8, 2, 2).contiguous()      # average pool gives `pooled`
+    pooled = torch.tensor(
+        [
+            [1.0, 0, 0, 0, 0, 0, 0, 0],
+            [1.0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 1.0, 0, 0, 0, 0, 0],
+            [0, 1.0, 0.5, 0, 0, 0, 0, 0],
+        ]
+    )
+    h = pooled[:, :, None, None].expand(4, 8, 2, 2).contiguous()  # average pool gives `pooled`
     out = moe(h)
     # the formula by hand: lb = E * sum_i f_i P_i
     E, K, B = 4, 2, 4
@@ -184,7 +195,7 @@ def test_rollout_shape_and_mode():
     mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
     y = model.rollout(x, 5, mask)
     assert y.shape == (2, 32, 32, 5, 4) and model.training
-    assert (y[0, ..., 2:] == 0).all()              # padded channels stay exactly zero
+    assert (y[0, ..., 2:] == 0).all()  # padded channels stay exactly zero
     # the first two frames are the one-step prediction
     model.eval()
     with torch.no_grad():
@@ -200,7 +211,7 @@ def test_forced_padding_changes_nothing():
     with torch.no_grad():
         ref = model(x)
         for blk in model.blocks:
-            blk.moe.pad_to = 5                       # > any group size: every called expert gets padding rows
+            blk.moe.pad_to = 5  # > any group size: every called expert gets padding rows
         got = model(x)
     assert torch.allclose(got.pred, ref.pred, atol=1e-5)
     for k in ref.aux_losses:
@@ -222,7 +233,7 @@ def _ep_worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    torch.manual_seed(0)                              # same weights on both ranks
+    torch.manual_seed(0)  # same weights on both ranks
     cfg = tiny(depth=1, image_experts=4, image_top_k=1)
     moe = build_model(cfg).blocks[0].moe.eval()
     # pretend the token experts are sharded: the dispatch must pad groups to the group-wide maximum
@@ -231,15 +242,16 @@ def _ep_worker(rank: int, world: int, port: int, queue) -> None:
     sizes: list[tuple[int, int]] = []
     for e, ex in enumerate(moe.experts):
         ex.moe.register_forward_hook(lambda m, a, o, e=e: sizes.append((e, a[0].shape[0])))
-    torch.manual_seed(100 + rank)                     # different samples (and batch sizes) per rank
+    torch.manual_seed(100 + rank)  # different samples (and batch sizes) per rank
     h = torch.randn(2 + 3 * rank, cfg.width, 4, 4)
     with torch.no_grad():
         out = moe(h)
         ep_sizes = list(sizes)
         moe.cfg = dataclasses.replace(moe.cfg, moe=dataclasses.replace(moe.cfg.moe, ep_size=1))
-        ref = moe(h)                                   # same model without padding
-    queue.put((rank, ep_sizes, out.routing.image_counts.tolist(),
-               torch.allclose(out.out_BDHW, ref.out_BDHW, atol=1e-5)))
+        ref = moe(h)  # same model without padding
+    queue.put(
+        (rank, ep_sizes, out.routing.image_counts.tolist(), torch.allclose(out.out_BDHW, ref.out_BDHW, atol=1e-5))
+    )
     dist.destroy_process_group()
 
 
@@ -252,8 +264,8 @@ def test_expert_parallel_padding_two_ranks():
     mp.spawn(_ep_worker, args=(2, port, q), nprocs=2, join=True)
     res = sorted(q.get() for _ in range(2))
     (_, sizes0, counts0, same0), (_, sizes1, counts1, same1) = res
-    assert same0 and same1                             # padding does not change the result
-    assert counts0 != counts1                          # the ranks did route differently
+    assert same0 and same1  # padding does not change the result
+    assert counts0 != counts1  # the ranks did route differently
     # identical call sequence on both ranks, each with (group maximum of samples) x 16 tokens rows
     expected = [(e, max(a, b) * 16) for e, (a, b) in enumerate(zip(counts0, counts1, strict=True)) if max(a, b) > 0]
     assert sizes0 == sizes1 == expected
@@ -277,11 +289,11 @@ def test_flops_match_flop_counter_and_reference():
         cfg = get_preset(preset, fft)
         model = exact_token_kernels(build_model(cfg))
         x = inputs(cfg, 2)
-        model(x)                                      # warm-up (kernel probes run outside the counter)
+        model(x)  # warm-up (kernel probes run outside the counter)
         assert measured_flops(model, x) == 2 * forward_flops(cfg)[0], preset
     cfg = get_preset("afno-ti", fft)
     mm, _ = forward_flops(cfg)
-    assert abs(mm - 3.77e9) / 3.77e9 < 0.01                    # DPOT-Ti measured with FlopCounterMode
+    assert abs(mm - 3.77e9) / 3.77e9 < 0.01  # DPOT-Ti measured with FlopCounterMode
     model = build_model(cfg)
     assert measured_flops(model, inputs(cfg, 1)) == mm
     cfg = get_preset("nestor-ti", fft)
@@ -289,7 +301,7 @@ def test_flops_match_flop_counter_and_reference():
     x = inputs(cfg, 1)
     model(x)
     acc = account(cfg)
-    assert measured_flops(model, x) == acc.matmul_flops     # 2 of 6 image experts, 2+1 of 6+1 token experts
+    assert measured_flops(model, x) == acc.matmul_flops  # 2 of 6 image experts, 2+1 of 6+1 token experts
     assert abs(acc.matmul_flops - 10.75e9) / 10.75e9 < 0.001  # the authors' NESTOR-Ti, FlopCounterMode
     assert acc.flops_per_sample > acc.matmul_flops
 

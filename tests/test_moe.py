@@ -34,8 +34,10 @@ def naive_forward(moe: LocalTokenMoE, x_ND: torch.Tensor) -> torch.Tensor:
     for n in range(x_ND.shape[0]):
         top_p, top_e = probs[n].topk(moe.top_k)
         w = top_p / top_p.sum()
-        y = sum(w[j] * swiglu(x_ND[n], moe.experts.w1_EFD[e], moe.experts.w3_EFD[e], moe.experts.w2_EDF[e])
-                for j, e in enumerate(top_e.tolist()))
+        y = sum(
+            w[j] * swiglu(x_ND[n], moe.experts.w1_EFD[e], moe.experts.w3_EFD[e], moe.experts.w2_EDF[e])
+            for j, e in enumerate(top_e.tolist())
+        )
         rows.append(y + moe.shared(x_ND[n]))
     return torch.stack(rows)
 
@@ -60,10 +62,10 @@ def test_output_shapes_and_matches_naive_math(kernel):
 
 
 def test_chunk_rows_splits_skewed_loads_and_keeps_balanced_ones_whole():
-    assert chunk_rows([224, 236, 207, 228, 236, 235]) == 240            # balanced: one chunk per expert
-    c = chunk_rows([136, 514, 143, 824, 1612, 867])                     # skewed (a router at init)
+    assert chunk_rows([224, 236, 207, 228, 236, 235]) == 240  # balanced: one chunk per expert
+    c = chunk_rows([136, 514, 143, 824, 1612, 867])  # skewed (a router at init)
     assert c % 8 == 0 and c < 1612
-    assert sum(-(-n // c) for n in [136, 514, 143, 824, 1612, 867]) * c < 1.3 * 4096   # < 30% padding
+    assert sum(-(-n // c) for n in [136, 514, 143, 824, 1612, 867]) * c < 1.3 * 4096  # < 30% padding
 
 
 def test_padded_kernel_with_several_chunks_per_expert_matches_grouped_in_value_and_gradient():
@@ -72,14 +74,14 @@ def test_padded_kernel_with_several_chunks_per_expert_matches_grouped_in_value_a
     for kernel in ("grouped", "padded"):
         moe = make_moe(seed=3)
         with torch.no_grad():
-            moe.router.gate.weight[0] += 3.0 * moe.router.gate.weight[1:].abs().sum(0)   # favour expert 0
+            moe.router.gate.weight[0] += 3.0 * moe.router.gate.weight[1:].abs().sum(0)  # favour expert 0
         moe.kernel = kernel
         x = torch.randn(600, D, generator=torch.Generator().manual_seed(0)).abs()
         out = moe(x)
         (out.out_ND * torch.linspace(-1, 1, D)).sum().backward()
         outs[kernel] = (out.out_ND, {n: p.grad for n, p in moe.named_parameters()}, out.tokens_per_expert_E)
     counts = outs["padded"][2].tolist()
-    assert max(counts) > chunk_rows(counts), counts                            # expert 0 really is split
+    assert max(counts) > chunk_rows(counts), counts  # expert 0 really is split
     torch.testing.assert_close(outs["padded"][0], outs["grouped"][0], atol=1e-5, rtol=1e-5)
     for name, g in outs["grouped"][1].items():
         torch.testing.assert_close(outs["padded"][1][name], g, atol=1e-5, rtol=1e-5, msg=name)
@@ -89,19 +91,20 @@ def test_dispatch_and_gather_rows_match_index_select_in_value_and_gradient():
     """The gather-both-ways helpers compute what index_select / index_add would, gradients included."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    slot = torch.randperm(12, generator=g)[:10].view(5, 2)            # 10 of 12 rows used, 2 stay zero
+    slot = torch.randperm(12, generator=g)[:10].view(5, 2)  # 10 of 12 rows used, 2 stay zero
     buf = dispatch_rows(x, slot, 12)
     ref = torch.zeros(12, 3, dtype=torch.float64).index_put((slot.reshape(-1),), x.repeat_interleave(2, 0))
     torch.testing.assert_close(buf, ref)
     torch.testing.assert_close(gather_rows(buf, slot), x.unsqueeze(1).expand(5, 2, 3))
     assert torch.autograd.gradcheck(lambda t: dispatch_rows(t, slot, 12), (x,))
-    assert torch.autograd.gradcheck(lambda t: gather_rows(t, slot), (torch.randn(12, 3, dtype=torch.float64,
-                                                                                   requires_grad=True),))
+    assert torch.autograd.gradcheck(
+        lambda t: gather_rows(t, slot), (torch.randn(12, 3, dtype=torch.float64, requires_grad=True),)
+    )
 
 
 def test_default_kernel_per_device_and_padded_fallback_for_float64():
     moe = make_moe()
-    assert moe.experts.default_kernel(torch.zeros(1, D)) == "grouped"          # CPU fp32, aligned rows
+    assert moe.experts.default_kernel(torch.zeros(1, D)) == "grouped"  # CPU fp32, aligned rows
     assert moe.experts.default_kernel(torch.zeros(1, D, dtype=torch.float64)) == "padded"
     moe = moe.double()
     x = torch.randn(13, D, dtype=torch.float64)
@@ -192,8 +195,9 @@ def test_top1_weight_is_renormalised_to_one():
     moe = make_moe(top_k=1, num_shared_experts=0)
     x = torch.randn(5, D)
     e = torch.softmax(x @ moe.router.gate.weight.T, -1).argmax(-1)
-    expected = torch.stack([swiglu(x[n], moe.experts.w1_EFD[e[n]], moe.experts.w3_EFD[e[n]], moe.experts.w2_EDF[e[n]])
-                            for n in range(5)])
+    expected = torch.stack(
+        [swiglu(x[n], moe.experts.w1_EFD[e[n]], moe.experts.w3_EFD[e[n]], moe.experts.w2_EDF[e[n]]) for n in range(5)]
+    )
     torch.testing.assert_close(moe(x).out_ND, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -229,8 +233,9 @@ def test_router_noise_only_in_training():
     torch.testing.assert_close(a.out_ND, b.out_ND)
     moe.train()
     torch.manual_seed(0)
-    assert moe(x).tokens_per_expert_E.tolist() != a.tokens_per_expert_E.tolist() or \
-        not torch.allclose(moe(x).out_ND, a.out_ND)
+    assert moe(x).tokens_per_expert_E.tolist() != a.tokens_per_expert_E.tolist() or not torch.allclose(
+        moe(x).out_ND, a.out_ND
+    )
 
 
 def test_bad_input_and_config_errors():
@@ -239,15 +244,24 @@ def test_bad_input_and_config_errors():
         moe(torch.randn(3, D + 1))
     with pytest.raises(ValueError, match="valid_N must be a bool tensor"):
         moe(torch.randn(3, D), torch.ones(3))
-    for bad in [dict(backend="tutel"), dict(top_k=7), dict(backend="megablocks", ep_size=2), dict(capacity_factor=1.0),
-                dict(routing="bucketed"), dict(routing="static", capacity_factor=0.0),
-                dict(num_experts=6, ep_size=4), dict(mlp_ratio=0.0), dict(backend="megablocks", router_noise=0.1),
-                dict(backend="megablocks", routing="static")]:
+    for bad in [
+        dict(backend="tutel"),
+        dict(top_k=7),
+        dict(backend="megablocks", ep_size=2),
+        dict(capacity_factor=1.0),
+        dict(routing="bucketed"),
+        dict(routing="static", capacity_factor=0.0),
+        dict(num_experts=6, ep_size=4),
+        dict(mlp_ratio=0.0),
+        dict(backend="megablocks", router_noise=0.1),
+        dict(backend="megablocks", routing="static"),
+    ]:
         with pytest.raises(ValueError, match="moe"):
             MoEConfig(**bad).validate()
 
 
 # ---- static routing (fixed capacity per expert, no data-dependent shapes) ----
+
 
 def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter's gradient; an unused one (None: dropless never called that expert) counts as zero, as in
@@ -259,11 +273,11 @@ def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_static_equals_dropless_without_overflow_including_padding(top_k):
     x = torch.randn(24, D)
     valid = torch.rand(24, generator=torch.Generator().manual_seed(1)) > 0.3
-    x[~valid] = 1e3                                            # garbage in padding rows must not leak
+    x[~valid] = 1e3  # garbage in padding rows must not leak
     results = []
     for routing in ("dropless", "static"):
         moe = make_moe(seed=2, top_k=top_k, routing=routing, capacity_factor=E / top_k if routing == "static" else None)
-        moe.train()                                            # static routing applies in training
+        moe.train()  # static routing applies in training
         xi = x.clone().requires_grad_(True)
         out = moe(xi, valid)
         (out.out_ND.square().sum() + out.lb_loss + out.z_loss).backward()
@@ -284,9 +298,9 @@ def test_static_overflow_drops_lowest_weight_first_and_counts():
     moe = make_moe(seed=4, top_k=1, num_shared_experts=0, routing="static", capacity_factor=0.5).train()
     x = torch.randn(40, D)
     valid = torch.ones(40, dtype=torch.bool)
-    valid[-4:] = False                                         # padding never takes a row
+    valid[-4:] = False  # padding never takes a row
     C = moe.cfg.capacity(40)
-    assert C == 8                                              # ceil(0.5 * 40 * 1 / 4) = 5, rounded up to 8
+    assert C == 8  # ceil(0.5 * 40 * 1 / 4) = 5, rounded up to 8
     with torch.no_grad():
         out = moe(x, valid)
         r = moe.router(x)
@@ -296,9 +310,9 @@ def test_static_overflow_drops_lowest_weight_first_and_counts():
     expected_kept = torch.zeros(40, dtype=torch.bool)
     for e in range(E):
         members = [n for n in range(36) if int(e_N[n]) == e]
-        members.sort(key=lambda n: -float(probs_N[n]))         # priority: the router probability
+        members.sort(key=lambda n: -float(probs_N[n]))  # priority: the router probability
         expected_kept[members[:C]] = True
-    assert int(expected_kept.sum()) < 36                       # some expert overflowed
+    assert int(expected_kept.sum()) < 36  # some expert overflowed
     assert kept_N.tolist() == expected_kept.tolist()
     assert int(out.dropped) == 36 - int(kept_N.sum())
     assert out.tokens_per_expert_E.tolist() == [int((e_N[:36] == e).sum()) for e in range(E)]
@@ -311,15 +325,15 @@ def test_plan_capacity_keeps_highest_weights_and_ignores_padding():
     plan = plan_capacity(expert_A, weight_A, valid_A, num_experts=3, cap=2)
     # expert 0 valid: weights 0.2, 0.9, 0.7, 0.1 -> keeps 0.9 (row 0), 0.7 (row 1); the 0.95 is padding
     assert plan.keep_A.tolist() == [False, True, True, True, True, False, False]
-    assert plan.slot_A.tolist() == [6, 0, 3, 1, 2, 6, 6]     # expert*C + position; 6 = E*C = the drop row
+    assert plan.slot_A.tolist() == [6, 0, 3, 1, 2, 6, 6]  # expert*C + position; 6 = E*C = the drop row
     assert plan.kept_E.tolist() == [2, 2, 0] and plan.routed_E.tolist() == [4, 2, 0]
     assert int(plan.dropped) == 2 and plan.rows == 7
 
 
 def test_capacity_is_rounded_to_eight_and_bounded_by_rows():
     cfg = MoEConfig(num_experts=6, top_k=2, routing="static", capacity_factor=1.25)
-    assert cfg.capacity(256) == 112                            # ceil(1.25 * 256 * 2 / 6) = 107 -> 112
-    assert cfg.capacity(5) == 5 and cfg.capacity(0) == 0      # never more rows than the call has
+    assert cfg.capacity(256) == 112  # ceil(1.25 * 256 * 2 / 6) = 107 -> 112
+    assert cfg.capacity(5) == 5 and cfg.capacity(0) == 0  # never more rows than the call has
 
 
 def test_removed_deepspeed_backend_name_runs_local():
@@ -338,6 +352,7 @@ def test_expert_load_stats():
 def test_megablocks_backend_missing_names_requirements_file():
     try:
         import megablocks  # noqa: F401
+
         pytest.skip("megablocks is installed: checked by tools/gpu_check_moe.py")
     except Exception:
         pass
@@ -346,6 +361,7 @@ def test_megablocks_backend_missing_names_requirements_file():
 
 
 # ---------------------------------------------------------------- expert-parallel layout (one process)
+
 
 def test_expert_parallel_layout_tags_roundtrip_and_group_required():
     """The ep 2 module on each rank holds its slice of the ep 1 weights under DeepSpeed-MoE's names and tags (what
@@ -360,13 +376,16 @@ def test_expert_parallel_layout_tags_roundtrip_and_group_required():
     torch.manual_seed(5)
     ep = build_token_moe(MoEConfig(num_experts=E, top_k=K, num_shared_experts=1, ep_size=2), D)
     assert isinstance(ep, ExpertParallelTokenMoE) and ep.ep_rank == 0 and ep.local_experts == E // 2
-    assert all(torch.equal(ep.state_dict()[k], v) for k, v in expert_parallel_state_from_local(
-        local.state_dict(), 0, 2).items())                      # same seed: the ep 1 weights, rank 0's slice
+    assert all(
+        torch.equal(ep.state_dict()[k], v)
+        for k, v in expert_parallel_state_from_local(local.state_dict(), 0, 2).items()
+    )  # same seed: the ep 1 weights, rank 0's slice
     experts = [p for n, p in ep.named_parameters() if "deepspeed_experts" in n]
     assert len(experts) == 3 * E // 2 and all(p.allreduce is False and p.group_name == "ep_size_2" for p in experts)
     assert all(not hasattr(p, "allreduce") for n, p in ep.named_parameters() if "deepspeed_experts" not in n)
     from deepspeed.moe.layer import MoE
-    assert isinstance(ep.moe, MoE)                              # what DeepSpeed's engine looks for
+
+    assert isinstance(ep.moe, MoE)  # what DeepSpeed's engine looks for
     states = [expert_parallel_state_from_local(local.state_dict(), r, 2) for r in range(2)]
     back = local_state_from_expert_parallel(states)
     assert back.keys() == local.state_dict().keys()
@@ -377,13 +396,14 @@ def test_expert_parallel_layout_tags_roundtrip_and_group_required():
 
 # ---- static routing inside NESTOR (both MoE levels) ----
 
-def _tiny_nestor(image_routing: str = "dropless", routing: str = "dropless", image_cf=None, token_cf=None,
-                 **over):
+
+def _tiny_nestor(image_routing: str = "dropless", routing: str = "dropless", image_cf=None, token_cf=None, **over):
     from nestor_ds.model import build_model, get_preset
 
     moe = {"routing": routing, "capacity_factor": token_cf}
-    cfg = get_preset("nestor-tiny", {"image_routing": image_routing, "image_capacity_factor": image_cf,
-                                     "moe": moe, **over})
+    cfg = get_preset(
+        "nestor-tiny", {"image_routing": image_routing, "image_capacity_factor": image_cf, "moe": moe, **over}
+    )
     torch.manual_seed(0)
     return build_model(cfg).train(), cfg
 
@@ -407,7 +427,7 @@ def _nestor_loss(model, x, y, mask):
 def test_nestor_static_equals_dropless_at_both_levels_without_overflow():
     runs = []
     for level in ("dropless", "static"):
-        cf = 10.0 if level == "static" else None                   # capacities = all rows: nothing overflows
+        cf = 10.0 if level == "static" else None  # capacities = all rows: nothing overflows
         model, cfg = _tiny_nestor(level, level, image_cf=cf, token_cf=cf)
         x, y, mask = _nestor_inputs(cfg)
         loss, out = _nestor_loss(model, x, y, mask)
@@ -454,7 +474,7 @@ def test_nestor_static_compiles_fullgraph_forward_and_backward():
 
 def test_image_static_overflow_drops_lowest_probability_samples_and_counts_them():
     model, cfg = _tiny_nestor("static", "dropless", image_cf=0.5, depth=1, image_experts=2, image_top_k=1)
-    moe = model.blocks[0].moe                                   # capacity ceil(0.5 * 1 * 6 / 2) = 2 samples
+    moe = model.blocks[0].moe  # capacity ceil(0.5 * 1 * 6 / 2) = 2 samples
     h = torch.randn(6, cfg.width, 4, 4)
     with torch.no_grad():
         out = moe(h)
@@ -468,7 +488,7 @@ def test_image_static_overflow_drops_lowest_probability_samples_and_counts_them(
         for n in members[:2]:
             expected[n] = True
     assert kept == expected and sum(expected) < 6
-    assert int(out.routing.dropped_tokens) == (6 - sum(expected)) * 16          # dropped samples x 4x4 tokens
-    moe.eval()                                                   # evaluation never drops
+    assert int(out.routing.dropped_tokens) == (6 - sum(expected)) * 16  # dropped samples x 4x4 tokens
+    moe.eval()  # evaluation never drops
     with torch.no_grad():
         assert moe(h).routing.dropped_tokens is None

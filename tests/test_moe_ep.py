@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 D, E, N_RANK = 16, 4, 10  # width, experts, rows per rank
 
 
-def run_case(name: str, k: int, x_global: torch.Tensor, valid_global: torch.Tensor, gate=None,
-             routing: str = "dropless") -> dict:
+def run_case(
+    name: str, k: int, x_global: torch.Tensor, valid_global: torch.Tensor, gate=None, routing: str = "dropless"
+) -> dict:
     """Forward + backward on both ranks (training mode) and on the 1-process reference; returns this rank's errors."""
     import torch.distributed as dist
 
@@ -35,21 +36,23 @@ def run_case(name: str, k: int, x_global: torch.Tensor, valid_global: torch.Tens
     from nestor_ds.moe.expert_parallel import local_state_from_expert_parallel
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    cf = 2.0 * E / k if routing == "static" else None          # capacity = all rows: static must equal dropless
+    cf = 2.0 * E / k if routing == "static" else None  # capacity = all rows: static must equal dropless
     torch.manual_seed(1234)  # identical reference weights on every rank
     ref = build_token_moe(MoEConfig(num_experts=E, top_k=k, routing=routing, capacity_factor=cf), D).train()
     if gate is not None:
         with torch.no_grad():
             ref.router.gate.weight.copy_(gate)
     torch.manual_seed(1234)  # same seed: the expert-parallel model starts from the same weights
-    ep = build_token_moe(MoEConfig(num_experts=E, top_k=k, ep_size=world, routing=routing, capacity_factor=cf),
-                         D).train()
+    ep = build_token_moe(
+        MoEConfig(num_experts=E, top_k=k, ep_size=world, routing=routing, capacity_factor=cf), D
+    ).train()
     assert apply_expert_parallel(ep, dist.group.WORLD) == 1
     if gate is not None:
         with torch.no_grad():
             ep.gate_weight.copy_(gate)
-    init_same = all(torch.equal(ep.state_dict()[n], v) for n, v in
-                    _ep_state(ref.state_dict(), ep.ep_rank, world).items())
+    init_same = all(
+        torch.equal(ep.state_dict()[n], v) for n, v in _ep_state(ref.state_dict(), ep.ep_rank, world).items()
+    )
 
     g_global = torch.randn(x_global.shape, generator=torch.Generator().manual_seed(7))
     rows = slice(rank * N_RANK, (rank + 1) * N_RANK)
@@ -122,8 +125,9 @@ def worker() -> None:
     for routing in ("dropless", "static"):
         for k in (1, 2):
             results.append(run_case(f"random/k{k}/{routing}", k, x_random, all_valid, routing=routing))
-            results.append(run_case(f"empty_expert_on_rank1/k{k}/{routing}", k, x_empty, all_valid, gate=gate,
-                                    routing=routing))
+            results.append(
+                run_case(f"empty_expert_on_rank1/k{k}/{routing}", k, x_empty, all_valid, gate=gate, routing=routing)
+            )
             results.append(run_case(f"padding_rank1_empty/k{k}/{routing}", k, x_pad, valid, routing=routing))
 
     everything = [None] * dist.get_world_size()
@@ -138,15 +142,25 @@ def worker() -> None:
 def test_ep2_equals_single_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), __file__]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        __file__,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=880, cwd=tmp_path)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("EP_RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout[-2000:], proc.stderr[-4000:])
-    results = json.loads(lines[-1][len("EP_RESULT "):])
+    results = json.loads(lines[-1][len("EP_RESULT ") :])
     assert len(results) == 2 * 2 * 2 * len(CASES)
     for r in results:
-        assert r["init_same"], r                                   # ep 2 starts from the ep 1 weights
+        assert r["init_same"], r  # ep 2 starts from the ep 1 weights
         assert r["out_err"] < 1e-5 and r["grad_err"] < 1e-5, r
         assert r["lb_err"] < 1e-5 and r["z_err"] < 1e-5 and r["counts_equal"] and r["finite"], r
         assert r["dropped"] == (0 if r["case"].endswith("static") else None), r
@@ -154,7 +168,7 @@ def test_ep2_equals_single_process(tmp_path):
     for k in (1, 2):
         for routing in ("dropless", "static"):
             case = f"empty_expert_on_rank1/k{k}/{routing}"
-            assert by[(case, 1)]["counts"][0] == 0 and by[(case, 0)]["counts"][0] > 0   # really an empty expert
+            assert by[(case, 1)]["counts"][0] == 0 and by[(case, 0)]["counts"][0] > 0  # really an empty expert
             case = f"padding_rank1_empty/k{k}/{routing}"
             assert by[(case, 1)]["valid_rows"] == 0 and by[(case, 1)]["counts"] == [0] * E
 

@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from train_fixtures import REPO, ds_config, launch, tiny_config
+from train_fixtures import ds_config, launch, tiny_config
 
 TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
 pytestmark = pytest.mark.timeout(900)
 
 
 def _ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -27,15 +29,19 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def _train(tmp: Path, cfg: Path, name: str, *extra: str, ranks: int = 1):
-    return launch([TRAIN, "--ds_config", str(ds_config(tmp)), "--config", str(cfg), "--run-name", name, *extra],
-                  ranks=ranks, cwd=tmp)
+    return launch(
+        [TRAIN, "--ds_config", str(ds_config(tmp)), "--config", str(cfg), "--run-name", name, *extra],
+        ranks=ranks,
+        cwd=tmp,
+    )
 
 
 @pytest.fixture
 def small_cfg(tiny_shards, tmp_path):
     root, shards = tiny_shards
-    return tiny_config(tmp_path, shards, train={"max_steps": 6, "ckpt_every": 2, "keep_last": 2},
-                       tracking={"enabled": False})
+    return tiny_config(
+        tmp_path, shards, train={"max_steps": 6, "ckpt_every": 2, "keep_last": 2}, tracking={"enabled": False}
+    )
 
 
 def test_rollback_then_auto_follows_the_new_branch(small_cfg, tmp_path):
@@ -44,8 +50,17 @@ def test_rollback_then_auto_follows_the_new_branch(small_cfg, tmp_path):
     ck = tmp_path / "runs" / "r" / "checkpoints"
     _ok(_train(tmp_path, small_cfg, "r"))
     assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000004", "step_00000006"]
-    back = _train(tmp_path, small_cfg, "r", "--resume", str(ck / "step_00000004"), "--set", "optim.lr=1e-3",
-                  "--set", "train.stop_at=5")
+    back = _train(
+        tmp_path,
+        small_cfg,
+        "r",
+        "--resume",
+        str(ck / "step_00000004"),
+        "--set",
+        "optim.lr=1e-3",
+        "--set",
+        "train.stop_at=5",
+    )
     _ok(back)
     assert "step_00000006 belongs to an abandoned branch" in back.stderr
     assert (ck / "set_aside" / "step_00000006.abandoned" / "COMPLETE").is_file()
@@ -71,7 +86,9 @@ def test_broken_newest_tag_falls_back_to_the_previous_one(tiny_shards, tmp_path)
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     again = _train(tmp_path, cfg, "b", "--resume", "auto")
     _ok(again)
-    assert "checkpoint step_00000006 cannot be loaded" in again.stderr and "falling back to step_00000003" in again.stderr
+    assert (
+        "checkpoint step_00000006 cannot be loaded" in again.stderr and "falling back to step_00000003" in again.stderr
+    )
     assert f"resumed from {ck / 'step_00000003'} (step 3)" in again.stderr
     rows = _rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -90,7 +107,9 @@ def test_missing_file_in_every_tag_fails_with_the_names(tiny_shards, tmp_path):
     again = _train(tmp_path, cfg, "m", "--resume", "auto", "--set", "train.max_steps=3")
     assert again.returncode == 2
     last = again.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and "no loadable checkpoint" in last and "step_00000002, step_00000001" in last, last
+    assert last.startswith("error:") and "no loadable checkpoint" in last and "step_00000002, step_00000001" in last, (
+        last
+    )
     assert "optim_states.pt is missing" in again.stderr
     assert len(_rows(tmp_path / "runs" / "m")) == 2, "metrics.jsonl untouched when no load succeeded"
 
@@ -120,12 +139,15 @@ def test_partial_tag_is_set_aside_at_the_next_start(small_cfg, tmp_path):
 def _can_mount_tmpfs() -> bool:
     if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "-Urm", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d"],
-                           capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d"], capture_output=True
+    )
     return probe.returncode == 0
 
 
-@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs an unprivileged mount namespace (unshare -Urm) for a small tmpfs")
+@pytest.mark.skipif(
+    not _can_mount_tmpfs(), reason="needs an unprivileged mount namespace (unshare -Urm) for a small tmpfs"
+)
 def test_disk_full_during_a_save_names_the_path_and_resume_recovers(small_cfg, tmp_path):
     """A real full disk: the run directory on a tmpfs (in a private mount namespace) shrunk to just above what
     it holds, so the step-4 save hits ENOSPC. The error names the path; after space is freed, --resume auto
@@ -161,8 +183,8 @@ ls {runs}/d/checkpoints/set_aside > {tmp_path}/aside.txt
 
 
 def _pids_running(needle: str) -> list[int]:
-    """Live rank processes of this test: their command line runs the nestor_ds.train module (not via a launcher module or the
-    `deepspeed` runner script) with ``needle`` (the test's config path) among the arguments."""
+    """Live rank processes of this test: their command line runs the nestor_ds.train module (not via a launcher
+    module or the `deepspeed` runner script) with ``needle`` (the test's config path) among the arguments."""
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -206,9 +228,25 @@ def test_sigterm_to_the_launcher_checkpoints_and_ends_the_run_killed(tiny_shards
     if launcher == "deepspeed":
         cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port())]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
-    cmd += ["--module" if launcher == "deepspeed" else "-m", TRAIN, "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg),
-            "--run-name", "pre"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+        ]
+    cmd += [
+        "--module" if launcher == "deepspeed" else "-m",
+        TRAIN,
+        "--ds_config",
+        str(ds_config(tmp_path)),
+        "--config",
+        str(cfg),
+        "--run-name",
+        "pre",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "launcher.log"
     metrics = tmp_path / "runs" / "pre" / "metrics.jsonl"
@@ -244,6 +282,7 @@ def test_sigterm_to_the_launcher_checkpoints_and_ends_the_run_killed(tiny_shards
 
 # ----------------------------------------------------------------------------- data errors during training (§4)
 
+
 def _copy_shards(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -252,8 +291,17 @@ def _copy_shards(src: Path, dst: Path) -> Path:
 def _stream(shard_dir: Path, **data):
     from nestor_ds.data import DataConfig, DatasetSpec, TrainStream
 
-    cfg = DataConfig(datasets=[DatasetSpec(name="ns", path=str(shard_dir))], t_in=4, t_ar=1, resolution=16,
-                     channels=2, windows_per_trajectory=2, shuffle_buffer=4, steps_per_epoch=6, **data)
+    cfg = DataConfig(
+        datasets=[DatasetSpec(name="ns", path=str(shard_dir))],
+        t_in=4,
+        t_ar=1,
+        resolution=16,
+        channels=2,
+        windows_per_trajectory=2,
+        shuffle_buffer=4,
+        steps_per_epoch=6,
+        **data,
+    )
     return TrainStream(cfg, micro_batch=2, rank=0, world_size=1, seed=3)
 
 
@@ -332,8 +380,13 @@ def test_skipped_samples_reach_the_metrics(tiny_shards, tmp_path):
     root, shards = tiny_shards
     d = _copy_shards(shards["ns_tiny"], tmp_path / "ns")
     _poison(d, float("nan"), fix_digest=True)
-    cfg = tiny_config(tmp_path, {"ns_tiny": d}, data={"on_bad_sample": "skip"},
-                      train={"max_steps": 4, "ckpt_every": 4}, tracking={"enabled": False})
+    cfg = tiny_config(
+        tmp_path,
+        {"ns_tiny": d},
+        data={"on_bad_sample": "skip"},
+        train={"max_steps": 4, "ckpt_every": 4},
+        tracking={"enabled": False},
+    )
     proc = _train(tmp_path, cfg, "skip")
     _ok(proc)
     rows = _rows(tmp_path / "runs" / "skip")

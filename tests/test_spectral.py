@@ -30,7 +30,7 @@ def complex_reference(m: SpectralMixing, x_BDHW: torch.Tensor) -> torch.Tensor:
     h = F.gelu(torch.bmm(h, complex_block(m.w1)) + b1)
     h = torch.bmm(h, complex_block(m.w2)) + b2
     h = F.softshrink(h, m.sparsity)
-    yk = torch.complex(h[..., : m.bs], h[..., m.bs:])
+    yk = torch.complex(h[..., : m.bs], h[..., m.bs :])
     yk = yk.reshape(m.nb, B, Kx, Ky, m.bs).permute(1, 0, 4, 2, 3).reshape(B, D, Kx, Ky)
     yf = xf.new_zeros(B, D, H, W // 2 + 1)
     yf[:, :, :Kx, :Ky] = yk
@@ -52,15 +52,17 @@ def test_real_transforms_equal_torch_fft_values_and_gradients(h, w, modes):
     full = torch.zeros(3, h, w // 2 + 1, dtype=torch.complex64)
     full[:, :Kx, :Ky] = torch.complex(y[:, 0], y[:, 1])
     ref_inv = torch.fft.irfft2(full, s=(h, w), norm="ortho")
-    ref_dx, = torch.autograd.grad((ref_fwd * gx).sum(), x)
-    ref_dy, = torch.autograd.grad((ref_inv * gy).sum(), y)
-    for fwd, inv in ((lambda t: dft_forward_modes(t, mats), lambda t: dft_inverse_modes(t, mats)),
-                     (lambda t: rfft2_modes(t, Kx, Ky), lambda t: irfft2_modes(t, h, w))):
+    (ref_dx,) = torch.autograd.grad((ref_fwd * gx).sum(), x)
+    (ref_dy,) = torch.autograd.grad((ref_inv * gy).sum(), y)
+    for fwd, inv in (
+        (lambda t: dft_forward_modes(t, mats), lambda t: dft_inverse_modes(t, mats)),
+        (lambda t: rfft2_modes(t, Kx, Ky), lambda t: irfft2_modes(t, h, w)),
+    ):
         out_f, out_i = fwd(x), inv(y)
         torch.testing.assert_close(out_f, ref_fwd, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out_i, ref_inv, atol=1e-5, rtol=1e-5)
-        dx, = torch.autograd.grad((out_f * gx).sum(), x)
-        dy, = torch.autograd.grad((out_i * gy).sum(), y)
+        (dx,) = torch.autograd.grad((out_f * gx).sum(), x)
+        (dy,) = torch.autograd.grad((out_i * gy).sum(), y)
         torch.testing.assert_close(dx, ref_dx, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(dy, ref_dy, atol=1e-5, rtol=1e-5)
 
@@ -82,7 +84,7 @@ def test_spectral_mixing_equals_complex_fft_version(spectral, grid, modes, other
             grads = torch.autograd.grad((y * gy).sum(), [x, *m.parameters()])
             outs.append((y, grads))
         (y, grads), (y_ref, grads_ref) = outs
-        assert y.abs().max() > 1e-3          # the mixing is not trivially zero after soft-shrinkage
+        assert y.abs().max() > 1e-3  # the mixing is not trivially zero after soft-shrinkage
         torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grads[0], grads_ref[0], atol=1e-5, rtol=1e-5)
         # weight gradients sum ~300 products: 1e-5 of their scale

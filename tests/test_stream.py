@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from shard_fixtures import assert_batches_equal, build_dataset, frame_table, take, window_positions
 
 from nestor_ds.data import DataConfig, DatasetSpec, TrainStream, build_eval_batches, load_manifest, read_trajectories
 from nestor_ds.data.stream import slot_shares
 from nestor_ds.shards.tar import iter_shard_samples, read_fields
+
+from shard_fixtures import assert_batches_equal, build_dataset, frame_table, take, window_positions
 
 T_IN, T_AR, RES = 3, 2, 16
 
@@ -32,13 +33,18 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
 
 def make_cfg(dirs, weights=(1.0, 3.0), **kw) -> DataConfig:
     datasets = zip(dirs.items(), weights, strict=False)
-    d = {"datasets": [{"name": n, "path": str(p), "weight": w} for (n, p), w in datasets],
-         "t_in": T_IN, "t_ar": T_AR, "resolution": RES, "channels": 4, "steps_per_epoch": 6,
-         "shuffle_buffer": 8, "windows_per_trajectory": 2}
+    d = {
+        "datasets": [{"name": n, "path": str(p), "weight": w} for (n, p), w in datasets],
+        "t_in": T_IN,
+        "t_ar": T_AR,
+        "resolution": RES,
+        "channels": 4,
+        "steps_per_epoch": 6,
+        "shuffle_buffer": 8,
+        "windows_per_trajectory": 2,
+    }
     d.update(kw)
     return DataConfig.from_dict(d)
-
-
 
 
 def frame_index(shard_dir: Path) -> tuple[dict[bytes, tuple[int, int]], list[int]]:
@@ -84,8 +90,12 @@ def test_mixture_follows_weights(dirs):
 def test_slot_shares_disjoint_and_complete(n, slots):
     counts = [5] * n
     perm = np.random.default_rng(0).permutation(n)
-    seen = [(i, p) for k in range(slots) for i, mod, res in slot_shares(counts, perm, k, slots)
-            for p in range(res, counts[i], mod)]
+    seen = [
+        (i, p)
+        for k in range(slots)
+        for i, mod, res in slot_shares(counts, perm, k, slots)
+        for p in range(res, counts[i], mod)
+    ]
     assert len(seen) == len(set(seen)) == sum(counts)
     if n >= slots:  # whole shards: each read by exactly one slot
         owners = [i for k in range(slots) for i, _, _ in slot_shares(counts, perm, k, slots)]
@@ -137,8 +147,9 @@ def test_equal_batch_counts_per_rank_with_unequal_data(dirs):
     """3 shards over 2 ranks (one rank has twice the data): both run 3 full epochs, nothing runs out."""
     cfg = make_cfg(dirs, steps_per_epoch=7)
     cfg.datasets = cfg.datasets[1:]
-    counts = [sum(1 for _ in itertools.islice(TrainStream(cfg, 4, rank=r, world_size=2).batches(), 21))
-              for r in range(2)]
+    counts = [
+        sum(1 for _ in itertools.islice(TrainStream(cfg, 4, rank=r, world_size=2).batches(), 21)) for r in range(2)
+    ]
     assert counts == [21, 21]
 
 
@@ -165,16 +176,26 @@ def test_eval_pass_complete_disjoint_and_resized(dirs):
     assert b["x"].shape == (2, RES, RES, T_IN, 4) and b["y"].shape == (2, RES, RES, 12 - T_IN, 4)
     assert (b["dataset_id"] == 1).all() and b["channel_mask"].sum(1).tolist() == [2, 2]
     for i, fields in enumerate(stored):
-        want = F.interpolate(torch.from_numpy(fields).permute(0, 3, 1, 2), size=(RES, RES), mode="bilinear",
-                             align_corners=False, antialias=False).permute(2, 3, 0, 1)  # [X, Y, T, c]
+        want = F.interpolate(
+            torch.from_numpy(fields).permute(0, 3, 1, 2),
+            size=(RES, RES),
+            mode="bilinear",
+            align_corners=False,
+            antialias=False,
+        ).permute(2, 3, 0, 1)  # [X, Y, T, c]
         torch.testing.assert_close(b["x"][i, ..., :2], want[:, :, :T_IN])
         torch.testing.assert_close(b["y"][i, ..., :2], want[:, :, T_IN:])
         assert (b["x"][i, ..., 2:] == 0).all()
     # ranks: disjoint, complete, and deterministic
     spec = cfg.datasets[0]
-    per_rank = [[i for bt in build_eval_batches(spec, cfg, 0, 1, rank=r, world_size=3, windows="first")
-                 for i in bt["traj_index"].tolist()]
-                for r in range(3)]
+    per_rank = [
+        [
+            i
+            for bt in build_eval_batches(spec, cfg, 0, 1, rank=r, world_size=3, windows="first")
+            for i in bt["traj_index"].tolist()
+        ]
+        for r in range(3)
+    ]
     assert sorted(sum(per_rank, [])) == list(range(4)) and len(set(sum(per_rank, []))) == 4
     one = list(build_eval_batches(spec, cfg, 0, 2, windows="first"))
     assert_batches_equal(one, list(build_eval_batches(spec, cfg, 0, 2, windows="first")))
@@ -200,6 +221,7 @@ def test_reader_handles_pax_and_gnu_tars(tmp_path):
     np.save(npy, data, allow_pickle=False)
     key = "k" * 120
     import os
+
     for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
         path = tmp_path / f"s{fmt}.tar"
         name = key if fmt != tarfile.USTAR_FORMAT else "short"

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from shard_fixtures import assert_batches_equal, frame_table, take, window_positions
 
 from nestor_ds.data import DataConfig, TrainStream, build_eval_batches
 from nestor_ds.shards.build import META_BYTES_ESTIMATE, BuildConfig, build
 from nestor_ds.shards.schema import DataFormatError
 from nestor_ds.synth.layouts import write_dataset
+
+from shard_fixtures import assert_batches_equal, frame_table, take, window_positions
 
 T_IN, T_AR, RES = 3, 2, 16
 
@@ -30,16 +31,26 @@ def build_ns(root: Path, name: str, res: int, per_shard: int, seed: int) -> Path
     """6 simulated Navier-Stokes trajectories (T=14) -> 4 train + 2 test, `per_shard` trajectories a shard."""
     src = write_dataset("ns", "fno-mat", root / f"{name}.mat", n=6, res=res, steps=14, seed=seed)
     sample_bytes = 14 * res * res * 1 * 4 + META_BYTES_ESTIMATE  # the builder's own size estimate
-    build(BuildConfig(inputs=[str(src)], out=str(root / name), name=name, test_fraction=0.34, progress=False,
-                      shard_size_mb=(per_shard * sample_bytes + 0.5) / 2**20))
+    build(
+        BuildConfig(
+            inputs=[str(src)],
+            out=str(root / name),
+            name=name,
+            test_fraction=0.34,
+            progress=False,
+            shard_size_mb=(per_shard * sample_bytes + 0.5) / 2**20,
+        )
+    )
     return root / name
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("url_shards")
-    out = {"ns": build_ns(root, "ns", RES, per_shard=1, seed=0),    # 4 train shards, 2 test shards
-           "ns8": build_ns(root, "ns8", 8, per_shard=2, seed=1)}    # 8x8 (resized), 2 train shards of 2
+    out = {
+        "ns": build_ns(root, "ns", RES, per_shard=1, seed=0),  # 4 train shards, 2 test shards
+        "ns8": build_ns(root, "ns8", 8, per_shard=2, seed=1),
+    }  # 8x8 (resized), 2 train shards of 2
     assert len(list(out["ns"].glob("train-*.tar"))) == 4 and len(list(out["ns"].glob("test-*.tar"))) == 2
     assert len(list(out["ns8"].glob("train-*.tar"))) == 2
     return out
@@ -73,12 +84,18 @@ def pipe_spec(d: Path, split: str = "train", n: int = 4) -> str:
 
 
 def make_cfg(datasets: list[dict], **kw) -> DataConfig:
-    d = {"datasets": datasets, "t_in": T_IN, "t_ar": T_AR, "resolution": RES, "channels": 2,
-         "steps_per_epoch": 5, "shuffle_buffer": 6, "windows_per_trajectory": 2}
+    d = {
+        "datasets": datasets,
+        "t_in": T_IN,
+        "t_ar": T_AR,
+        "resolution": RES,
+        "channels": 2,
+        "steps_per_epoch": 5,
+        "shuffle_buffer": 6,
+        "windows_per_trajectory": 2,
+    }
     d.update(kw)
     return DataConfig.from_dict(d)
-
-
 
 
 def trajectory_of_windows(batches: list[dict], d: int, shard_dir: Path) -> list[int]:
@@ -115,15 +132,25 @@ def test_http_urls_with_default_manifest_and_normalisation(data, http_base):
 def test_local_brace_pattern(data):
     d = data["ns"]
     url = make_cfg([{"name": "ns", "path": f"{d}/train-{{000000..000003}}.tar"}])
-    assert_batches_equal(take(TrainStream(url, 2, seed=7), 4),
-                         take(TrainStream(make_cfg([{"name": "ns", "path": str(d)}]), 2, seed=7), 4))
+    assert_batches_equal(
+        take(TrainStream(url, 2, seed=7), 4),
+        take(TrainStream(make_cfg([{"name": "ns", "path": str(d)}]), 2, seed=7), 4),
+    )
 
 
 def test_mixture_of_url_and_local_datasets(data, http_base):
-    mixed = make_cfg([{"name": "ns", "path": f"{http_base}/ns/train-{{000000..000003}}.tar", "weight": 1.0},
-                      {"name": "ns8", "path": str(data["ns8"]), "weight": 2.0}])
-    local = make_cfg([{"name": "ns", "path": str(data["ns"]), "weight": 1.0},
-                      {"name": "ns8", "path": str(data["ns8"]), "weight": 2.0}])
+    mixed = make_cfg(
+        [
+            {"name": "ns", "path": f"{http_base}/ns/train-{{000000..000003}}.tar", "weight": 1.0},
+            {"name": "ns8", "path": str(data["ns8"]), "weight": 2.0},
+        ]
+    )
+    local = make_cfg(
+        [
+            {"name": "ns", "path": str(data["ns"]), "weight": 1.0},
+            {"name": "ns8", "path": str(data["ns8"]), "weight": 2.0},
+        ]
+    )
     got = take(TrainStream(mixed, 6, seed=2), 6)
     assert_batches_equal(got, take(TrainStream(local, 6, seed=2), 6))
     ids = torch.cat([b["dataset_id"] for b in got])
@@ -136,8 +163,9 @@ def test_ranks_and_workers_split_shards_like_the_local_path(data):
     read disjoint trajectories (4 whole shards; 2 shards of 2 shared by sample position)."""
     ns = data["ns"]
     for d, n in ((ns, 4), (data["ns8"], 2)):
-        url = make_cfg([{"name": "x", "path": pipe_spec(d, n=n), "manifest": str(d / "manifest.json")}],
-                       steps_per_epoch=8)
+        url = make_cfg(
+            [{"name": "x", "path": pipe_spec(d, n=n), "manifest": str(d / "manifest.json")}], steps_per_epoch=8
+        )
         local = make_cfg([{"name": "x", "path": str(d)}], steps_per_epoch=8)
         owners: dict[int, set[tuple[int, int]]] = {}
         for rank in range(2):
@@ -156,9 +184,12 @@ def test_ranks_and_workers_split_shards_like_the_local_path(data):
 @pytest.mark.parametrize("start", [2, 5, 7])
 def test_resume_over_urls_equals_tail(data, start):
     d = data["ns"]
-    url = make_cfg([{"name": "ns", "path": pipe_spec(d), "manifest": str(d / "manifest.json")},
-                    {"name": "ns8", "path": pipe_spec(data["ns8"], n=2),
-                     "manifest": str(data["ns8"] / "manifest.json")}])
+    url = make_cfg(
+        [
+            {"name": "ns", "path": pipe_spec(d), "manifest": str(d / "manifest.json")},
+            {"name": "ns8", "path": pipe_spec(data["ns8"], n=2), "manifest": str(data["ns8"] / "manifest.json")},
+        ]
+    )
     full = take(TrainStream(url, 4, seed=9), 10)
     assert_batches_equal(take(TrainStream(url, 4, seed=9), 10 - start, start), full[start:])
 
@@ -167,8 +198,7 @@ def test_dataloader_workers_over_http(data, http_base):
     spec = f"{http_base}/ns/train-{{000000..000003}}.tar"
     url = make_cfg([{"name": "ns", "path": spec}], num_workers=2)
     local = make_cfg([{"name": "ns", "path": str(data["ns"])}], num_workers=2)
-    assert_batches_equal(take(TrainStream(url, 2, seed=4), 6, start=3),
-                         take(TrainStream(local, 2, seed=4), 6, start=3))
+    assert_batches_equal(take(TrainStream(url, 2, seed=4), 6, start=3), take(TrainStream(local, 2, seed=4), 6, start=3))
 
 
 @pytest.mark.parametrize("via", ["pipe", "http"])
@@ -178,14 +208,19 @@ def test_eval_over_urls_equals_local(data, http_base, via):
         path = {"train": pipe_spec(d), "test": pipe_spec(d, "test", 2)}
         extra = {"manifest": str(d / "manifest.json")}
     else:
-        path = {"train": f"{http_base}/ns/train-{{000000..000003}}.tar",
-                "test": f"{http_base}/ns/test-{{000000..000001}}.tar"}
+        path = {
+            "train": f"{http_base}/ns/train-{{000000..000003}}.tar",
+            "test": f"{http_base}/ns/test-{{000000..000001}}.tar",
+        }
         extra = {}
     url = make_cfg([{"name": "ns", "path": path, **extra}], normalize=True)
     local = make_cfg([{"name": "ns", "path": str(d)}], normalize=True)
     url.validate()
-    for kw in ({"batch_size": 3}, {"batch_size": 1, "rank": 1, "world_size": 2}, {"batch_size": 2,
-                                                                                   "max_trajectories": 1}):
+    for kw in (
+        {"batch_size": 3},
+        {"batch_size": 1, "rank": 1, "world_size": 2},
+        {"batch_size": 2, "max_trajectories": 1},
+    ):
         got = list(build_eval_batches(url.datasets[0], url, 0, **kw))
         assert_batches_equal(got, list(build_eval_batches(local.datasets[0], local, 0, **kw)))
     got = list(build_eval_batches(url.datasets[0], url, 0, batch_size=4, windows="first"))
@@ -209,7 +244,14 @@ def test_url_errors(data, http_base):
     with pytest.raises(ValueError, match="missing/manifest.json: cannot read manifest"):
         make_cfg([{"name": "ns", "path": f"{http_base}/missing/train-{{000000..000003}}.tar"}]).validate()
     # a shard that the server does not have: curl fails, the error names the URL
-    bad = make_cfg([{"name": "ns", "path": f"{http_base}/missing/train-{{000000..000003}}.tar",
-                     "manifest": f"{http_base}/ns/manifest.json"}])
+    bad = make_cfg(
+        [
+            {
+                "name": "ns",
+                "path": f"{http_base}/missing/train-{{000000..000003}}.tar",
+                "manifest": f"{http_base}/ns/manifest.json",
+            }
+        ]
+    )
     with pytest.raises(DataFormatError, match="missing/train-00000"):
         take(TrainStream(bad, 2), 1)

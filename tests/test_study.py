@@ -10,8 +10,6 @@ import sys
 
 import pytest
 
-from train_fixtures import REPO
-
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -25,7 +23,7 @@ def test_quick_study_runs_reports_and_resumes(tmp_path):
     trials = {p.stem: json.loads(p.read_text()) for p in (out / "trials").glob("*.json")}
     assert set(trials) == {"afno-s0-b4", "nestor-s0-b4"}
     for t in trials.values():
-        assert t["steps"] >= 1 and t["train_seconds"] >= 4.0       # the budget was spent, then the run stopped
+        assert t["steps"] >= 1 and t["train_seconds"] >= 4.0  # the budget was spent, then the run stopped
         assert set(t["test"]["datasets"]) == {"dr_test", "swe_test"}  # test split: the separately seeded files
         assert set(t["validation"]["datasets"]) == {"dr_dev", "swe_dev"}  # trainer's final eval: validation split
         assert 0 < t["test"]["mean"]["l2re_1step"] < 10 and t["test"]["settings"]["windows"] == "all"

@@ -206,10 +206,20 @@ def test_mutual_information_uniform_routing_is_zero():
 def test_load_metrics_by_hand():
     usage = ExpertUsage(num_datasets=1)
     # image level: expert 0 gets 3 of 4 assignments, expert 1 gets 1, expert 2 none
-    usage.update(0, torch.zeros(4, dtype=torch.long), torch.tensor([[0], [0], [0], [1]]),
-                 torch.tensor([[30, 10], [5, 5], [0, 0]]), dropped_tokens=2)
-    usage.update(0, torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long),
-                 torch.tensor([[0, 0], [0, 0], [0, 0]]), dropped_tokens=1)
+    usage.update(
+        0,
+        torch.zeros(4, dtype=torch.long),
+        torch.tensor([[0], [0], [0], [1]]),
+        torch.tensor([[30, 10], [5, 5], [0, 0]]),
+        dropped_tokens=2,
+    )
+    usage.update(
+        0,
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, 1, dtype=torch.long),
+        torch.tensor([[0, 0], [0, 0], [0, 0]]),
+        dropped_tokens=1,
+    )
     m = usage.metrics("experts")
     p = np.array([0.75, 0.25])
     assert m["experts/block0/image_entropy"] == pytest.approx(-(p * np.log(p)).sum() / math.log(3))
@@ -292,24 +302,38 @@ def _two_runs(store: str, experiment: str) -> list[str]:
 
 def test_mlflow_report_prints_runs_side_by_side(store, capsys):
     from tools import mlflow_report
+
     ids = _two_runs(store, "report")
     assert mlflow_report.main(["--tracking-uri", store, "--experiment", "report", "--metrics", "train/lr"]) == 0
     out = capsys.readouterr().out
-    for expected in [i[:12] for i in ids] + ["nestor", "afno", "nestor-ti", "afno-ti", "0.031", "0.048", "8.3",
-                                               "eval/dr_pdb/l2re_1step", "train/lr"]:
+    for expected in [i[:12] for i in ids] + [
+        "nestor",
+        "afno",
+        "nestor-ti",
+        "afno-ti",
+        "0.031",
+        "0.048",
+        "8.3",
+        "eval/dr_pdb/l2re_1step",
+        "train/lr",
+    ]:
         assert expected in out, out
     assert mlflow_report.main(["--tracking-uri", store, "--experiment", "no-such"]) == 2
     assert "no-such" in capsys.readouterr().err
     # by run name (newest of that name) and by id, in the order given; the dataset block names the data used
     from nestor_ds.tracking.datasets import digest
 
-    assert mlflow_report.main(["--tracking-uri", store, "--experiment", "report", "--run", "afno", "--run", ids[0]]) == 0
+    assert (
+        mlflow_report.main(["--tracking-uri", store, "--experiment", "report", "--run", "afno", "--run", ids[0]]) == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[2:] == [ids[1][:12], ids[0][:12]]
     data_row = next(line for line in lines if line.startswith("data/dr_pdb"))
     assert data_row.split()[1:] == ["-", "train", digest(None, 1.0, "/nowhere/dr_pdb")[:8]]
-    assert mlflow_report.main(["--tracking-uri", store, "--experiment", "report", "--filter",
-                               "params.preset = 'afno-ti'"]) == 0
+    assert (
+        mlflow_report.main(["--tracking-uri", store, "--experiment", "report", "--filter", "params.preset = 'afno-ti'"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert ids[1][:12] in out and ids[0][:12] not in out
     assert mlflow_report.main(["--tracking-uri", store, "--experiment", "report", "--run", "no-such-run"]) == 2
@@ -323,9 +347,23 @@ def test_screenshot_of_a_run_page(store, tmp_path, view):
     out = tmp_path / "run.png"
     runs = [a for r in (run_ids if view == "compare" else run_ids[:1]) for a in ("--run", r)]
     res = subprocess.run(
-        [sys.executable, "-m", "tools.screenshot_mlflow", *runs, "--out", str(out),
-         "--tracking-uri", store, "--render-ms", "3000", "--browser-timeout", "600"],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "tools.screenshot_mlflow",
+            *runs,
+            "--out",
+            str(out),
+            "--tracking-uri",
+            store,
+            "--render-ms",
+            "3000",
+            "--browser-timeout",
+            "600",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert ("compare-runs" in res.stdout) == (view == "compare")
@@ -337,8 +375,12 @@ def test_resume_with_unreachable_store_keeps_the_run_id(caplog):
     """Checkpoints written while the store is down at a resume must still name the run, or the next resume
     would open a new MLflow run."""
     caplog.set_level(logging.WARNING, logger="nestor_ds.tracking")
-    t = Tracker(TrackingConfig(tracking_uri="http://127.0.0.1:9", system_metrics=False), rank=0, entry="pretrain",
-                resume_run_id="0123456789abcdef0123456789abcdef")
+    t = Tracker(
+        TrackingConfig(tracking_uri="http://127.0.0.1:9", system_metrics=False),
+        rank=0,
+        entry="pretrain",
+        resume_run_id="0123456789abcdef0123456789abcdef",
+    )
     assert t.run_id == "0123456789abcdef0123456789abcdef" and not t.active
     t.log_metrics({"train/loss": 1.0}, 5)  # no-op, no request
     t.finish()

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mlflow_procs import free_port, start_tracking_server, stop
-from train_fixtures import REPO, ds_config, launch, tiny_config
+from train_fixtures import ds_config, launch, tiny_config
 
 TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
 SECRET = "s3cretPW42"
@@ -59,18 +59,31 @@ def test_server_restart_mid_run_loses_nothing_and_masks_credentials(tiny_shards,
     port = free_port()
     uri = f"http://alice:{SECRET}@127.0.0.1:{port}"
     steps = 24
-    cfg = tiny_config(tmp_path, shards, tracking={"tracking_uri": uri, "retry_max_s": 2, "http_timeout_s": 2,
-                                                   "finish_timeout_s": 240, "log_model": False},
-                      train={"max_steps": steps, "ckpt_every": 8, "log_every": 1})
+    cfg = tiny_config(
+        tmp_path,
+        shards,
+        tracking={
+            "tracking_uri": uri,
+            "retry_max_s": 2,
+            "http_timeout_s": 2,
+            "finish_timeout_s": 240,
+            "log_model": False,
+        },
+        train={"max_steps": steps, "ckpt_every": 8, "log_every": 1},
+    )
     ds = ds_config(tmp_path, stage=2)
     run_dir = tmp_path / "runs" / "outage"
     server = start_tracking_server(tmp_path, port)
     train = None
     try:
-        train = subprocess.Popen([sys.executable, "-m", TRAIN, "--ds_config", str(ds), "--config", str(cfg),
-                                  "--run-name", "outage"], cwd=tmp_path, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True,
-                                 env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        train = subprocess.Popen(
+            [sys.executable, "-m", TRAIN, "--ds_config", str(ds), "--config", str(cfg), "--run-name", "outage"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+        )
         metrics = run_dir / "metrics.jsonl"
         _wait(lambda: _steps_in(metrics) >= 3, train, 400)
         down_at = _steps_in(metrics)
@@ -119,8 +132,12 @@ def test_server_restart_mid_run_loses_nothing_and_masks_credentials(tiny_shards,
 def test_resume_does_not_log_redone_steps_twice(tiny_shards, tmp_path):
     _, shards = tiny_shards
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = tiny_config(tmp_path, shards, tracking={"tracking_uri": uri, "log_model": False},
-                      train={"max_steps": 6, "ckpt_every": 3, "keep_last": 3})
+    cfg = tiny_config(
+        tmp_path,
+        shards,
+        tracking={"tracking_uri": uri, "log_model": False},
+        train={"max_steps": 6, "ckpt_every": 3, "keep_last": 3},
+    )
     ds = ds_config(tmp_path, stage=2)
     args = [TRAIN, "--ds_config", str(ds), "--config", str(cfg), "--run-name", "redo"]
     first = launch(args, 1, cwd=tmp_path)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from train_fixtures import ds_config, launch, tiny_config
 
 TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
@@ -20,8 +21,9 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 def _ok(proc) -> None:
-    assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
-                                  f"--- stderr\n{proc.stderr[-6000:]}")
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +31,16 @@ def zero2_ep2_run(tiny_shards, tmp_path_factory):
     """~30 steps of a tiny NESTOR, ZeRO-2, token experts expert-parallel over 2 ranks, evaluation and MLflow on."""
     root, shards = tiny_shards
     work = tmp_path_factory.mktemp("zero2_ep2")
-    cfg = tiny_config(work, shards, model={"moe": {"backend": "local", "ep_size": 2}},
-                      train={"max_steps": 30, "eval_every": 15, "ckpt_every": 15, "log_every": 5},
-                      optim={"lr": 3e-3, "warmup_steps": 3})
-    proc = launch([TRAIN, "--ds_config", str(ds_config(work)), "--config", str(cfg), "--run-name", "ep2"], ranks=2,
-                  cwd=work)
+    cfg = tiny_config(
+        work,
+        shards,
+        model={"moe": {"backend": "local", "ep_size": 2}},
+        train={"max_steps": 30, "eval_every": 15, "ckpt_every": 15, "log_every": 5},
+        optim={"lr": 3e-3, "warmup_steps": 3},
+    )
+    proc = launch(
+        [TRAIN, "--ds_config", str(ds_config(work)), "--config", str(cfg), "--run-name", "ep2"], ranks=2, cwd=work
+    )
     return work, proc
 
 
@@ -47,8 +54,13 @@ def test_zero2_ep2_trains_checkpoints_and_evaluates(zero2_ep2_run):
     tags = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
     assert tags == ["step_00000015", "step_00000030"]
     last = run / "checkpoints" / "step_00000030"
-    for f in ("mp_rank_00_model_states.pt", "nestor_config.json", "COMPLETE",
-              "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+    for f in (
+        "mp_rank_00_model_states.pt",
+        "nestor_config.json",
+        "COMPLETE",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ):
         assert (last / f).is_file(), f
     expert_files = sorted(last.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))
     # nestor-tiny: 2 blocks x 4 image experts, each with a token MoE of 4 experts -> 8 MoE layers x 4 experts
@@ -69,16 +81,38 @@ def test_one_mlflow_run_with_params_metrics_and_figures(zero2_ep2_run):
     assert len(runs) == 1, "one MLflow run per training, never one per rank"
     run = runs[0]
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    for key in ("config.model.width", "config.optim.lr", "ds_config.zero_optimization.stage", "world_size", "ep_size",
-                "preset", "total_params", "active_params", "flops_per_sample"):
+    for key in (
+        "config.model.width",
+        "config.optim.lr",
+        "ds_config.zero_optimization.stage",
+        "world_size",
+        "ep_size",
+        "preset",
+        "total_params",
+        "active_params",
+        "flops_per_sample",
+    ):
         assert key in params, key
     assert params["world_size"] == "2" and params["ep_size"] == "2"
     assert params["ds_config.zero_optimization.stage"] == "2"
     assert tags["nestor.entry"] == "pretrain" and "nestor.version.torch" in tags and "nestor.version.deepspeed" in tags
-    for key in ("train/loss", "train/rel_l2", "train/image_lb", "train/token_lb", "train/lr", "train/grad_norm",
-                "perf/samples_per_s", "perf/tokens_per_s", "perf/step_time_s", "perf/tflops",
-                "eval/ns_tiny/l2re_1step", "eval/dr_tiny/l2re_1step", "eval/ns_tiny/l2re_rollout",
-                "experts/block0/image_entropy", "experts/block0/specialisation_mi"):
+    for key in (
+        "train/loss",
+        "train/rel_l2",
+        "train/image_lb",
+        "train/token_lb",
+        "train/lr",
+        "train/grad_norm",
+        "perf/samples_per_s",
+        "perf/tokens_per_s",
+        "perf/step_time_s",
+        "perf/tflops",
+        "eval/ns_tiny/l2re_1step",
+        "eval/dr_tiny/l2re_1step",
+        "eval/ns_tiny/l2re_rollout",
+        "experts/block0/image_entropy",
+        "experts/block0/specialisation_mi",
+    ):
         assert key in metrics, key
     history = client.get_metric_history(run.info.run_id, "eval/dr_tiny/l2re_1step")
     assert sorted(m.step for m in history) == [15, 30]
@@ -96,18 +130,26 @@ def test_one_mlflow_run_with_params_metrics_and_figures(zero2_ep2_run):
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_shards, tmp_path):
     root, shards = tiny_shards
-    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
-                      train={"max_steps": 8, "ckpt_every": 100, "input_noise": 5e-4},
-                      tracking={"enabled": False})
+    cfg = tiny_config(
+        tmp_path,
+        shards,
+        model={"moe": {"backend": "local"}},
+        train={"max_steps": 8, "ckpt_every": 100, "input_noise": 5e-4},
+        tracking={"enabled": False},
+    )
     ds = str(ds_config(tmp_path))
     full = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "full"], ranks=2, cwd=tmp_path)
     _ok(full)
-    first = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--set", "train.stop_at=4"],
-                   ranks=2, cwd=tmp_path)
+    first = launch(
+        [TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--set", "train.stop_at=4"],
+        ranks=2,
+        cwd=tmp_path,
+    )
     _ok(first)
     assert "stopped cleanly at step 4" in first.stderr
-    second = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--resume", "auto"], ranks=2,
-                    cwd=tmp_path)
+    second = launch(
+        [TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--resume", "auto"], ranks=2, cwd=tmp_path
+    )
     _ok(second)
     assert "resumed from" in second.stderr
     a, b = _losses(tmp_path / "runs" / "full"), _losses(tmp_path / "runs" / "cut")
@@ -124,14 +166,34 @@ def test_two_ranks_equal_one_rank_and_export_matches_engine(tiny_shards, tmp_pat
     from nestor_ds.checkpoint.load import load_local_state
 
     root, shards = tiny_shards
-    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
-                      loss={"image_lb_weight": 0.0, "token_lb_weight": 0.0},
-                      train={"max_steps": 3, "ckpt_every": 3}, tracking={"enabled": False})
+    cfg = tiny_config(
+        tmp_path,
+        shards,
+        model={"moe": {"backend": "local"}},
+        loss={"image_lb_weight": 0.0, "token_lb_weight": 0.0},
+        train={"max_steps": 3, "ckpt_every": 3},
+        tracking={"enabled": False},
+    )
     ds = str(ds_config(tmp_path))
     out = {}
     for ranks in (1, 2):
-        proc = launch([PROBE, "--config", str(cfg), "--ds_config", ds, "--global-batch", "4", "--out", f"probe{ranks}",
-                       "--run-name", f"r{ranks}"], ranks=ranks, cwd=tmp_path)
+        proc = launch(
+            [
+                PROBE,
+                "--config",
+                str(cfg),
+                "--ds_config",
+                ds,
+                "--global-batch",
+                "4",
+                "--out",
+                f"probe{ranks}",
+                "--run-name",
+                f"r{ranks}",
+            ],
+            ranks=ranks,
+            cwd=tmp_path,
+        )
         _ok(proc)
         out[ranks] = json.loads((tmp_path / f"probe{ranks}" / "losses.json").read_text())
     assert abs(out[1][0] - out[2][0]) <= 1e-5 * abs(out[1][0]), out
@@ -149,14 +211,24 @@ def test_two_ranks_equal_one_rank_and_export_matches_engine(tiny_shards, tmp_pat
     assert torch.allclose(pred, probe["pred"], rtol=0, atol=1e-6), (pred - probe["pred"]).abs().max()
 
 
-@pytest.mark.parametrize("stage, suffix, launcher",
-                         [(0, "", "deepspeed"), (1, "", "torchrun"), (2, "_offload", "torchrun")])
+@pytest.mark.parametrize(
+    "stage, suffix, launcher", [(0, "", "deepspeed"), (1, "", "torchrun"), (2, "_offload", "torchrun")]
+)
 def test_other_zero_configs_train(tiny_shards, tmp_path, stage, suffix, launcher):
     root, shards = tiny_shards
-    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
-                      train={"max_steps": 3, "ckpt_every": 3}, tracking={"enabled": False})
-    proc = launch([TRAIN, "--ds_config", str(ds_config(tmp_path, stage=stage, suffix=suffix)), "--config", str(cfg)],
-                  ranks=2, cwd=tmp_path, launcher=launcher)
+    cfg = tiny_config(
+        tmp_path,
+        shards,
+        model={"moe": {"backend": "local"}},
+        train={"max_steps": 3, "ckpt_every": 3},
+        tracking={"enabled": False},
+    )
+    proc = launch(
+        [TRAIN, "--ds_config", str(ds_config(tmp_path, stage=stage, suffix=suffix)), "--config", str(cfg)],
+        ranks=2,
+        cwd=tmp_path,
+        launcher=launcher,
+    )
     _ok(proc)
     assert "world size 2, ep_size 2" in proc.stderr + proc.stdout
     assert len(_losses(tmp_path / "runs" / "pretrain-nestor-tiny")) == 3
@@ -169,8 +241,13 @@ def test_other_zero_configs_train(tiny_shards, tmp_path, stage, suffix, launcher
 def test_bf16_config_with_gradient_accumulation(tiny_shards, tmp_path):
     """The GPU configs' bf16 path runs here too: inputs follow the weights' dtype, the loss stays fp32."""
     root, shards = tiny_shards
-    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
-                      train={"max_steps": 3, "ckpt_every": 3, "eval_every": 0}, tracking={"enabled": False})
+    cfg = tiny_config(
+        tmp_path,
+        shards,
+        model={"moe": {"backend": "local"}},
+        train={"max_steps": 3, "ckpt_every": 3, "eval_every": 0},
+        tracking={"enabled": False},
+    )
     ds = ds_config(tmp_path, stage=2, micro=2, accum=2, suffix="_bf16")
     proc = launch([TRAIN, "--ds_config", str(ds), "--config", str(cfg), "--run-name", "bf16"], ranks=1, cwd=tmp_path)
     _ok(proc)
@@ -183,26 +260,39 @@ def test_bf16_config_with_gradient_accumulation(tiny_shards, tmp_path):
 def test_zero3_refuses_expert_parallelism_with_a_message(tiny_shards, tmp_path):
     root, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local", "ep_size": 2}}, tracking={"enabled": False})
-    proc = launch([TRAIN, "--ds_config", str(ds_config(tmp_path, stage=3)), "--config", str(cfg)], ranks=1,
-                  cwd=tmp_path)
+    proc = launch(
+        [TRAIN, "--ds_config", str(ds_config(tmp_path, stage=3)), "--config", str(cfg)], ranks=1, cwd=tmp_path
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: model.moe.ep_size=2: ZeRO stage 3") and "zero2.json" in last
 
 
-@pytest.mark.parametrize("model", [
-    {"preset": "afno-tiny", "width": 16, "patch_size": 4, "afno_modes": 2, "norm_groups": 4, "head_dim": 8},
-    {"moe": {"backend": "local"}},  # NESTOR: image experts called in lockstep, as ZeRO-3 gathers per module call
-], ids=["afno", "nestor-local"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"preset": "afno-tiny", "width": 16, "patch_size": 4, "afno_modes": 2, "norm_groups": 4, "head_dim": 8},
+        {"moe": {"backend": "local"}},  # NESTOR: image experts called in lockstep, as ZeRO-3 gathers per module call
+    ],
+    ids=["afno", "nestor-local"],
+)
 def test_zero3_trains_exports_and_survives_unreachable_tracking(tiny_shards, tmp_path, model):
     from nestor_ds import load_pretrained
     from nestor_ds.checkpoint.export import export_checkpoint
 
     root, shards = tiny_shards
-    cfg = tiny_config(tmp_path, shards, model=model, train={"max_steps": 3, "ckpt_every": 3},
-                      tracking={"tracking_uri": "http://127.0.0.1:9", "enabled": True})
-    proc = launch([TRAIN, "--ds_config", str(ds_config(tmp_path, stage=3)), "--config", str(cfg), "--run-name", "z3"],
-                  ranks=2, cwd=tmp_path)
+    cfg = tiny_config(
+        tmp_path,
+        shards,
+        model=model,
+        train={"max_steps": 3, "ckpt_every": 3},
+        tracking={"tracking_uri": "http://127.0.0.1:9", "enabled": True},
+    )
+    proc = launch(
+        [TRAIN, "--ds_config", str(ds_config(tmp_path, stage=3)), "--config", str(cfg), "--run-name", "z3"],
+        ranks=2,
+        cwd=tmp_path,
+    )
     _ok(proc)
     assert "MLflow tracking disabled" in proc.stderr
     assert len(_losses(tmp_path / "runs" / "z3")) == 3
@@ -243,13 +333,34 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tiny_shards, tmp_path):
     from train_fixtures import _free_port
 
     root, shards = tiny_shards
-    cfg = tiny_config(tmp_path, shards, model={"moe": {"backend": "local"}},
-                      train={"max_steps": 100000, "ckpt_every": 100000}, tracking={"enabled": False})
+    cfg = tiny_config(
+        tmp_path,
+        shards,
+        model={"moe": {"backend": "local"}},
+        train={"max_steps": 100000, "ckpt_every": 100000},
+        tracking={"enabled": False},
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", TRAIN, "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg), "--run-name", "pre"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        TRAIN,
+        "--ds_config",
+        str(ds_config(tmp_path)),
+        "--config",
+        str(cfg),
+        "--run-name",
+        "pre",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     metrics = tmp_path / "runs" / "pre" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
@@ -279,8 +390,23 @@ def test_resume_refuses_a_checkpoint_with_pickled_objects(tiny_shards, tmp_path)
     state = torch.load(optim, weights_only=False)
     state["payload"] = _Payload()
     torch.save(state, optim)
-    again = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "t", "--resume", "auto",
-                    "--set", "train.max_steps=4"], ranks=1, cwd=tmp_path)
+    again = launch(
+        [
+            TRAIN,
+            "--ds_config",
+            ds,
+            "--config",
+            str(cfg),
+            "--run-name",
+            "t",
+            "--resume",
+            "auto",
+            "--set",
+            "train.max_steps=4",
+        ],
+        ranks=1,
+        cwd=tmp_path,
+    )
     assert again.returncode == 2
     last = again.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and optim.name in last and "refused to load" in last, last

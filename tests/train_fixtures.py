@@ -45,18 +45,44 @@ def tiny_config(root: Path, shards: dict[str, Path], **sections: Any) -> Path:
     cfg: dict[str, Any] = {
         "data": {
             "datasets": [{"name": n, "path": str(p), "weight": 1.0, "rollout_steps": 3} for n, p in shards.items()],
-            "t_in": 4, "t_ar": 1, "resolution": 16, "channels": 2, "windows_per_trajectory": 2,
-            "shuffle_buffer": 8, "steps_per_epoch": 10,
+            "t_in": 4,
+            "t_ar": 1,
+            "resolution": 16,
+            "channels": 2,
+            "windows_per_trajectory": 2,
+            "shuffle_buffer": 8,
+            "steps_per_epoch": 10,
         },
-        "model": {"preset": "nestor-tiny", "width": 16, "num_heads": 2, "patch_size": 4, "afno_modes": 2,
-                  "norm_groups": 4, "head_dim": 8, "moe": {"backend": "local"}},
+        "model": {
+            "preset": "nestor-tiny",
+            "width": 16,
+            "num_heads": 2,
+            "patch_size": 4,
+            "afno_modes": 2,
+            "norm_groups": 4,
+            "head_dim": 8,
+            "moe": {"backend": "local"},
+        },
         "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "train": {"max_steps": 6, "log_every": 1, "eval_every": 0, "ckpt_every": 3, "eval_max_trajectories": 2,
-                  "eval_rollout_steps": 2, "eval_batch_size": 2, "output_dir": str(root / "runs"), "input_noise": 0.0},
+        "train": {
+            "max_steps": 6,
+            "log_every": 1,
+            "eval_every": 0,
+            "ckpt_every": 3,
+            "eval_max_trajectories": 2,
+            "eval_rollout_steps": 2,
+            "eval_batch_size": 2,
+            "output_dir": str(root / "runs"),
+            "input_noise": 0.0,
+        },
         # log_model off: exporting + logging the model at the end costs every test run seconds; test_mlflow_models.py
         # turns it on
-        "tracking": {"enabled": True, "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "system_metrics": False,
-                     "log_model": False},
+        "tracking": {
+            "enabled": True,
+            "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+            "system_metrics": False,
+            "log_model": False,
+        },
     }
     for key, value in sections.items():
         cfg[key] = _merge(cfg.get(key, {}), value)
@@ -80,12 +106,23 @@ def ds_config(root: Path, stage: int = 2, micro: int = 2, accum: int = 1, suffix
     return path
 
 
-def launch(args: list[str], ranks: int, cwd: Path, timeout: int = 880, env: dict[str, str] | None = None,
-           launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    """Run the entry module ``args[0]`` (e.g. ``nestor_ds.train``) on ``ranks`` CPU ranks with torchrun or the DeepSpeed launcher
-    (1 rank with torchrun: a plain process)."""
-    full_env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+def launch(
+    args: list[str],
+    ranks: int,
+    cwd: Path,
+    timeout: int = 880,
+    env: dict[str, str] | None = None,
+    launcher: str = "torchrun",
+) -> subprocess.CompletedProcess:
+    """Run the entry module ``args[0]`` (e.g. ``nestor_ds.train``) on ``ranks`` CPU ranks with torchrun or the
+    DeepSpeed launcher (1 rank with torchrun: a plain process)."""
+    full_env = {
+        **os.environ,
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
     module, rest = args[0], args[1:]
     if launcher == "deepspeed":
         deepspeed_cli = str(Path(sys.executable).with_name("deepspeed"))
@@ -93,8 +130,18 @@ def launch(args: list[str], ranks: int, cwd: Path, timeout: int = 880, env: dict
     elif ranks == 1:
         cmd = [sys.executable, "-m", module, *rest]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-               str(_free_port()), "-m", module, *rest]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            module,
+            *rest,
+        ]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

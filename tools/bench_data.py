@@ -57,12 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.t_in + args.t_ar > args.frames:
         p.error(f"--t-in + --t-ar = {args.t_in + args.t_ar} > --frames = {args.frames}")
     if args.trajectories < args.shards or args.shards < max(1, args.workers):
-        p.error(f"need --trajectories >= --shards >= --workers "
-                f"(got {args.trajectories}, {args.shards}, {args.workers})")
+        p.error(
+            f"need --trajectories >= --shards >= --workers (got {args.trajectories}, {args.shards}, {args.workers})"
+        )
     return args
 
 
 # ------------------------------------------------------------------------------------------ data
+
 
 def write_data(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """The HDF5 file and its shard directory (built by the project's builder, train split only)."""
@@ -81,9 +83,19 @@ def write_data(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     per_shard = -(-n // args.shards)
     sample_bytes = t * r * r * len(CHANNELS) * 4 + META_BYTES_ESTIMATE
     shards = work / "shards"
-    build(BuildConfig(inputs=[str(h5)], out=str(shards), layout="pdebench-cfd", name="bench",
-                      test_fraction=0.0, shard_size_mb=(per_shard * sample_bytes + 0.5) / 2**20,
-                      workers=1, progress=None, overwrite=True))
+    build(
+        BuildConfig(
+            inputs=[str(h5)],
+            out=str(shards),
+            layout="pdebench-cfd",
+            name="bench",
+            test_fraction=0.0,
+            shard_size_mb=(per_shard * sample_bytes + 0.5) / 2**20,
+            workers=1,
+            progress=None,
+            overwrite=True,
+        )
+    )
     return h5, shards
 
 
@@ -107,6 +119,7 @@ def warm(paths: list[Path]) -> None:
 
 # ------------------------------------------------------------------------------------------ passes
 
+
 def sequential_pass(tars: list[Path]) -> tuple[float, int]:
     """Seconds and bytes to read every tar file front to back."""
     buf = bytearray(8 << 20)
@@ -120,9 +133,16 @@ def sequential_pass(tars: list[Path]) -> tuple[float, int]:
 
 
 def stream_pass(shards: Path, args: argparse.Namespace, n_batches: int) -> float:
-    cfg = DataConfig(datasets=[DatasetSpec("bench", str(shards))], t_in=args.t_in, t_ar=args.t_ar,
-                     resolution=args.res, channels=len(CHANNELS), windows_per_trajectory=args.windows,
-                     num_workers=args.workers, steps_per_epoch=n_batches)
+    cfg = DataConfig(
+        datasets=[DatasetSpec("bench", str(shards))],
+        t_in=args.t_in,
+        t_ar=args.t_ar,
+        resolution=args.res,
+        channels=len(CHANNELS),
+        windows_per_trajectory=args.windows,
+        num_workers=args.workers,
+        steps_per_epoch=n_batches,
+    )
     start = time.perf_counter()
     stream = TrainStream(cfg, micro_batch=args.batch, seed=0)
     for batch in itertools.islice(stream.batches(), n_batches):
@@ -146,10 +166,10 @@ class H5Windows(Dataset):
         a, B, L = self.args, self.args.batch, self.args.t_in + self.args.t_ar
         x = new_batch_tensor((B, a.res, a.res, a.t_in, len(CHANNELS)), zero=False)  # as the stream does
         y = new_batch_tensor((B, a.res, a.res, a.t_ar, len(CHANNELS)), zero=False)
-        for b, (i, t) in enumerate(self.windows[k * B:(k + 1) * B]):
-            frames = np.stack([self.file[c][i, t:t + L] for c in CHANNELS], axis=-1)  # [L, X, Y, C]
-            write_frames(x.numpy()[b], frames[:a.t_in])
-            write_frames(y.numpy()[b], frames[a.t_in:])
+        for b, (i, t) in enumerate(self.windows[k * B : (k + 1) * B]):
+            frames = np.stack([self.file[c][i, t : t + L] for c in CHANNELS], axis=-1)  # [L, X, Y, C]
+            write_frames(x.numpy()[b], frames[: a.t_in])
+            write_frames(y.numpy()[b], frames[a.t_in :])
         return {"x": x, "y": y}
 
 
@@ -158,7 +178,7 @@ def h5py_pass(h5: Path, args: argparse.Namespace, n_batches: int) -> float:
     n_starts = args.frames - args.t_in - args.t_ar + 1
     windows = [(i, int(t)) for i in range(args.trajectories) for t in rng.integers(0, n_starts, args.windows)]
     order = rng.permutation(len(windows))
-    windows = [windows[j] for j in order][:n_batches * args.batch]
+    windows = [windows[j] for j in order][: n_batches * args.batch]
     start = time.perf_counter()
     loader = DataLoader(H5Windows(h5, windows, args), batch_size=None, shuffle=False, num_workers=args.workers)
     for batch in loader:
@@ -167,6 +187,7 @@ def h5py_pass(h5: Path, args: argparse.Namespace, n_batches: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------ main
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -182,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("cold", "warm"):
             best = {"seq": float("inf"), "stream": float("inf"), "h5py": float("inf")}
             for _ in tqdm(range(args.repeats), desc=f"{mode} passes", leave=False, disable=None):
-                for name, run, files in (("seq", lambda: sequential_pass(tars)[0], tars),
-                                         ("stream", lambda: stream_pass(shards, args, n_batches), tars),
-                                         ("h5py", lambda: h5py_pass(h5, args, n_batches), [h5])):
+                for name, run, files in (
+                    ("seq", lambda: sequential_pass(tars)[0], tars),
+                    ("stream", lambda: stream_pass(shards, args, n_batches), tars),
+                    ("h5py", lambda: h5py_pass(h5, args, n_batches), [h5]),
+                ):
                     evict(files) if mode == "cold" else warm(files)
                     best[name] = min(best[name], run())
             seq_bytes = sum(p.stat().st_size for p in tars)
@@ -194,23 +217,39 @@ def main(argv: list[str] | None = None) -> int:
             res[f"h5py_windows_per_s{sfx}"] = n_windows / best["h5py"]
             res[f"ratio_vs_h5py{sfx}"] = best["h5py"] / best["stream"]
             res[f"fraction_of_sequential{sfx}"] = (
-                res[f"stream_windows_per_s{sfx}"] / args.windows * traj_bytes / res[f"sequential_bytes_per_s{sfx}"])
-        res.update({"trajectories": args.trajectories, "frames": args.frames, "res": args.res,
-                    "windows_per_trajectory": args.windows, "t_in": args.t_in, "t_ar": args.t_ar,
-                    "batch": args.batch, "workers": args.workers, "windows_per_pass": n_windows,
-                    "trajectory_mb": traj_bytes / 2**20, "torch_threads": torch.get_num_threads()})
+                res[f"stream_windows_per_s{sfx}"] / args.windows * traj_bytes / res[f"sequential_bytes_per_s{sfx}"]
+            )
+        res.update(
+            {
+                "trajectories": args.trajectories,
+                "frames": args.frames,
+                "res": args.res,
+                "windows_per_trajectory": args.windows,
+                "t_in": args.t_in,
+                "t_ar": args.t_ar,
+                "batch": args.batch,
+                "workers": args.workers,
+                "windows_per_pass": n_windows,
+                "trajectory_mb": traj_bytes / 2**20,
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
 
     print(f"{'':12s} {'cold':>12s} {'warm':>12s}")
-    print(f"{'sequential':12s} {res['sequential_bytes_per_s'] / 1e6:9.0f} MB/s "
-          f"{res['sequential_bytes_per_s_warm'] / 1e6:7.0f} MB/s")
+    print(
+        f"{'sequential':12s} {res['sequential_bytes_per_s'] / 1e6:9.0f} MB/s "
+        f"{res['sequential_bytes_per_s_warm'] / 1e6:7.0f} MB/s"
+    )
     for name in ("stream", "h5py"):
         print(f"{name:12s} {res[f'{name}_windows_per_s']:8.1f} win/s {res[f'{name}_windows_per_s_warm']:6.1f} win/s")
     print(f"{'ratio':12s} {res['ratio_vs_h5py']:11.2f}x {res['ratio_vs_h5py_warm']:11.2f}x   (stream / h5py)")
-    print(f"{'of seq.':12s} {res['fraction_of_sequential']:12.2f} {res['fraction_of_sequential_warm']:12.2f}"
-          f"   (trajectory bytes consumed per s / sequential read rate)")
+    print(
+        f"{'of seq.':12s} {res['fraction_of_sequential']:12.2f} {res['fraction_of_sequential_warm']:12.2f}"
+        f"   (trajectory bytes consumed per s / sequential read rate)"
+    )
     if args.json:
         print(json.dumps(res))
     return 0

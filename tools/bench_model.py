@@ -20,6 +20,7 @@ the machine may be shared; no ratio is taken against a number recorded elsewhere
   (`spectral_dft_vs_fft` = FFT time / DFT time; > 1: the DFT is faster).
 With --json the last line is one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,17 @@ def routing_overrides(routing: str) -> dict:
 class ModelBench:
     """One model's training step (forward + masked L2 loss + aux losses + backward) on fixed random data."""
 
-    def __init__(self, name: str, batch: int, res: int, device: torch.device, dtype: torch.dtype, routing: str,
-                 compile_: bool, cuda_graphs: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        batch: int,
+        res: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        routing: str,
+        compile_: bool,
+        cuda_graphs: bool = False,
+    ) -> None:
         over = {"resolution": res, **(routing_overrides(routing) if name.startswith("nestor") else {})}
         self.cfg = get_preset(name, over)
         torch.manual_seed(0)
@@ -83,6 +93,7 @@ def synced(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
     return run
 
 
@@ -137,6 +148,7 @@ def layer_step(layer: torch.nn.Module, x: torch.Tensor, moe: bool) -> Callable[[
         layer.zero_grad(set_to_none=True)
         out = layer(x).out_ND if moe else layer(x)
         out.float().square().mean().backward()
+
     return step
 
 
@@ -145,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     ap.add_argument("--compile", action="store_true", help="also run the models compiled (regional), side by side")
-    ap.add_argument("--routing", choices=("static", "dropless"), default="dropless", help="NESTOR's routing (both levels)")
+    ap.add_argument(
+        "--routing", choices=("static", "dropless"), default="dropless", help="NESTOR's routing (both levels)"
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--res", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (CPU runs)")
@@ -168,35 +182,53 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_flops(device) if device.type == "cuda" else None
     modes = ("eager", "compiled") if args.compile else ("eager",)
 
-    benches = {(n, m): ModelBench(n, args.batch, args.res, device, dtype, args.routing, m == "compiled")
-               for n in names for m in modes}
-    for (n, m), b in benches.items():   # first call outside the timing: compile (compiled) and lazy inits
+    benches = {
+        (n, m): ModelBench(n, args.batch, args.res, device, dtype, args.routing, m == "compiled")
+        for n in names
+        for m in modes
+    }
+    for (n, m), b in benches.items():  # first call outside the timing: compile (compiled) and lazy inits
         t0 = time.perf_counter()
         synced(b.step, device)()
         if m == "compiled":
             print(f"{n}: compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    times = interleave({f"{n}/{m}": synced(b.step, device) for (n, m), b in benches.items()},
-                       args.reps, args.warmup, "models")
-    res: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                 "dtype": args.dtype, "routing": args.routing, "batch": args.batch, "res": args.res,
-                 "threads": args.threads if device.type == "cpu" else None, "reps": args.reps, "models": {}}
+    times = interleave(
+        {f"{n}/{m}": synced(b.step, device) for (n, m), b in benches.items()}, args.reps, args.warmup, "models"
+    )
+    res: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "routing": args.routing,
+        "batch": args.batch,
+        "res": args.res,
+        "threads": args.threads if device.type == "cpu" else None,
+        "reps": args.reps,
+        "models": {},
+    }
     for (n, m), b in benches.items():
         t = times[f"{n}/{m}"]
         sps = args.batch / statistics.median(t)
         rate = b.train_flops_per_sample * sps
-        entry = {"samples_per_s": round(sps, 3),
-                 "samples_per_s_spread": [round(args.batch / max(t), 3), round(args.batch / min(t), 3)],
-                 "tflop_per_s": float(f"{rate / 1e12:.4g}"),
-                 "host_syncs_per_step": host_syncs(synced(b.step, device), device),
-                 "kernels_per_step": kernels_per_step(b.step, device)}
+        entry = {
+            "samples_per_s": round(sps, 3),
+            "samples_per_s_spread": [round(args.batch / max(t), 3), round(args.batch / min(t), 3)],
+            "tflop_per_s": float(f"{rate / 1e12:.4g}"),
+            "host_syncs_per_step": host_syncs(synced(b.step, device), device),
+            "kernels_per_step": kernels_per_step(b.step, device),
+        }
         if peak:
             entry["mfu"] = round(rate / peak, 4)
         res["models"].setdefault(n, {})[m] = entry
     best = modes[-1]
     a, d = names
-    res["compile_speedup"] = ({n: round(res["models"][n]["compiled"]["samples_per_s"] /
-                                        res["models"][n]["eager"]["samples_per_s"], 3) for n in names}
-                              if args.compile else None)
+    res["compile_speedup"] = (
+        {
+            n: round(res["models"][n]["compiled"]["samples_per_s"] / res["models"][n]["eager"]["samples_per_s"], 3)
+            for n in names
+        }
+        if args.compile
+        else None
+    )
     res["flop_rate_ratio"] = round(res["models"][a][best]["tflop_per_s"] / res["models"][d][best]["tflop_per_s"], 3)
     res["host_syncs_per_step"] = {n: res["models"][n][best]["host_syncs_per_step"] for n in names}
     res["kernels_per_step"] = {n: res["models"][n][best]["kernels_per_step"] for n in names}
@@ -209,8 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     moe = build_token_moe(mcfg, D).to(device, dtype).train()
     dense = SwiGLU(D, mcfg.hidden_dim(D) * mcfg.top_k + mcfg.shared_hidden_dim(D)).to(device, dtype)
     x = torch.randn(args.tokens, D, device=device, dtype=dtype)
-    tl = interleave({"moe": synced(layer_step(moe, x, True), device), "dense": synced(layer_step(dense, x, False), device)},
-                    args.reps * 2, args.warmup, "layers")
+    tl = interleave(
+        {"moe": synced(layer_step(moe, x, True), device), "dense": synced(layer_step(dense, x, False), device)},
+        args.reps * 2,
+        args.warmup,
+        "layers",
+    )
     res["moe_ms"] = round(1e3 * statistics.median(tl["moe"]), 3)
     res["dense_ms"] = round(1e3 * statistics.median(tl["dense"]), 3)
     res["moe_vs_dense"] = round(res["dense_ms"] / res["moe_ms"], 3)
@@ -224,22 +260,32 @@ def main(argv: list[str] | None = None) -> int:
         layer = SpectralMixing(acfg.width, acfg.afno_num_blocks, acfg.afno_modes, acfg.afno_sparsity)
         layer.set_mode(mode, grid)
         layer = layer.to(device, dtype)
-        fn = layer_step(torch.compile(layer, fullgraph=True) if args.compile else layer,
-                        torch.randn(args.batch, acfg.width, grid, grid, device=device, dtype=dtype), False)
+        fn = layer_step(
+            torch.compile(layer, fullgraph=True) if args.compile else layer,
+            torch.randn(args.batch, acfg.width, grid, grid, device=device, dtype=dtype),
+            False,
+        )
         spec[mode] = synced(fn, device)
     ts = interleave(spec, args.reps * 2, args.warmup + 1, "spectral")
     res["spectral_ms"] = {k: round(1e3 * statistics.median(v), 3) for k, v in ts.items()}
     res["spectral_dft_vs_fft"] = round(res["spectral_ms"]["fft"] / res["spectral_ms"]["dft"], 3)
 
     for n in names:
-        parts = [f"{m} {res['models'][n][m]['samples_per_s']} samples/s ({res['models'][n][m]['tflop_per_s']} TFLOP/s"
-                 + (f", MFU {res['models'][n][m]['mfu']:.1%}" if "mfu" in res["models"][n][m] else "") + ")"
-                 for m in modes]
-        print(f"{n}: " + "; ".join(parts) + f"; host syncs/step {res['host_syncs_per_step'][n]}, "
-              f"kernels/step {res['kernels_per_step'][n]}")
+        parts = [
+            f"{m} {res['models'][n][m]['samples_per_s']} samples/s ({res['models'][n][m]['tflop_per_s']} TFLOP/s"
+            + (f", MFU {res['models'][n][m]['mfu']:.1%}" if "mfu" in res["models"][n][m] else "")
+            + ")"
+            for m in modes
+        ]
+        print(
+            f"{n}: " + "; ".join(parts) + f"; host syncs/step {res['host_syncs_per_step'][n]}, "
+            f"kernels/step {res['kernels_per_step'][n]}"
+        )
     print(f"FLOP-rate ratio {a}/{d}: {res['flop_rate_ratio']}; compile speedup: {res['compile_speedup']}")
-    print(f"token MoE ({args.routing}) {res['moe_ms']} ms vs dense SwiGLU {res['dense_ms']} ms: {res['moe_vs_dense']}; "
-          f"AFNO spectral DFT {res['spectral_ms']['dft']} ms vs FFT {res['spectral_ms']['fft']} ms")
+    print(
+        f"token MoE ({args.routing}) {res['moe_ms']} ms vs dense SwiGLU {res['dense_ms']} ms: {res['moe_vs_dense']}; "
+        f"AFNO spectral DFT {res['spectral_ms']['dft']} ms vs FFT {res['spectral_ms']['fft']} ms"
+    )
     if args.json:
         print(json.dumps(res))
     return 0

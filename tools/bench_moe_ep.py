@@ -35,7 +35,7 @@ from nestor_ds.procs import free_port
 REPO = Path(__file__).resolve().parents[1]
 
 D, E, K, SHARED_HIDDEN = 512, 6, 2, 341
-SKEW = 0.5 / 8     # shift along expert 0's gate row (x sqrt(D)): expert 0 gets ~1/3 of the assignments
+SKEW = 0.5 / 8  # shift along expert 0's gate row (x sqrt(D)): expert 0 gets ~1/3 of the assignments
 
 
 def _count_all_to_all():
@@ -59,9 +59,21 @@ def _legacy_layer():
 
     from nestor_ds.moe import SwiGLU
 
-    layer = MoE(hidden_size=D, expert=SwiGLU(D, D), num_experts=E, ep_size=2, k=K, capacity_factor=1.0,
-                eval_capacity_factor=1.0, min_capacity=0, use_residual=False, noisy_gate_policy=None,
-                drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
+    layer = MoE(
+        hidden_size=D,
+        expert=SwiGLU(D, D),
+        num_experts=E,
+        ep_size=2,
+        k=K,
+        capacity_factor=1.0,
+        eval_capacity_factor=1.0,
+        min_capacity=0,
+        use_residual=False,
+        noisy_gate_policy=None,
+        drop_tokens=False,
+        use_rts=False,
+        top2_2nd_expert_sampling=False,
+    )
     layer.set_deepspeed_parallelism()
     shared = SwiGLU(D, SHARED_HIDDEN)
 
@@ -92,7 +104,7 @@ def worker(args: argparse.Namespace) -> None:
     legacy_run, legacy_modules = _legacy_layer()
 
     legacy_gate = next(m for m in legacy_modules if hasattr(m, "wg")).wg.weight
-    with torch.no_grad():                                           # same routing in the new and legacy layers
+    with torch.no_grad():  # same routing in the new and legacy layers
         legacy_gate.copy_(new.gate_weight)
     direction = new.gate_weight.detach()[0] / new.gate_weight.detach()[0].norm()
     results = {"tokens": {}, "skewed_padded": {}}
@@ -102,54 +114,78 @@ def worker(args: argparse.Namespace) -> None:
         g = torch.randn(tokens, D, generator=gen)
         valid = None
         if scenario == "skewed_padded":
-            x = x + SKEW * direction * D ** 0.5
+            x = x + SKEW * direction * D**0.5
             valid = torch.arange(tokens) < tokens - tokens // 4
-        contenders = {"new": lambda x, valid=valid: new(x, valid).out_ND,
-                      "local": lambda x, valid=valid: local(x, valid).out_ND,
-                      "legacy": legacy_run}
+        contenders = {
+            "new": lambda x, valid=valid: new(x, valid).out_ND,
+            "local": lambda x, valid=valid: local(x, valid).out_ND,
+            "legacy": legacy_run,
+        }
         with torch.no_grad():
             counts = local(x, valid).tokens_per_expert_E.float()
         row = {"max_expert_share": float(counts.max() / counts.sum())}
         for name in args.contenders:
             fn = contenders[name]
             times, sent = [], []
-            for rep in range(args.reps + 1):                        # the first is a warm-up
+            for rep in range(args.reps + 1):  # the first is a warm-up
                 xi = x.clone().requires_grad_(True)
                 dist.barrier()
                 counter["bytes"] = 0
                 t0 = time.perf_counter()
                 (fn(xi) * g).sum().backward()
                 elapsed = torch.tensor([time.perf_counter() - t0])
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)      # the step ends when the slower rank ends
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when the slower rank ends
                 if rep:
                     times.append(float(elapsed))
                     sent.append(counter["bytes"])
             best = min(times)
-            row[name] = {"tokens_per_s_per_rank": tokens / best, "step_s": best, "step_s_all": times,
-                         "all_to_all_bytes_per_rank": max(sent)}
+            row[name] = {
+                "tokens_per_s_per_rank": tokens / best,
+                "step_s": best,
+                "step_s_all": times,
+                "all_to_all_bytes_per_rank": max(sent),
+            }
         for key, den in (("speedup_vs_legacy", "legacy"), ("ratio_vs_local_ep1", "local")):
             if "new" in row and den in row:
                 row[key] = row["new"]["tokens_per_s_per_rank"] / row[den]["tokens_per_s_per_rank"]
         results[scenario][str(tokens)] = row
     if rank == 0:
-        print("BENCH_RESULT " + json.dumps({"world": dist.get_world_size(), "threads_per_rank": args.threads,
-                                            "routing": args.routing, "D": D, "experts": E, "top_k": K,
-                                            **results}), flush=True)
+        print(
+            "BENCH_RESULT "
+            + json.dumps(
+                {
+                    "world": dist.get_world_size(),
+                    "threads_per_rank": args.threads,
+                    "routing": args.routing,
+                    "D": D,
+                    "experts": E,
+                    "top_k": K,
+                    **results,
+                }
+            ),
+            flush=True,
+        )
     dist.barrier()
     dist.destroy_process_group()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384], help="tokens per rank (default 4096 16384)")
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions after one warm-up (best is reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     ap.add_argument("--routing", choices=("dropless", "static"), default="dropless", help="routing of the new path")
     ap.add_argument("--contenders", nargs="+", default=["new", "legacy", "local"], choices=("new", "legacy", "local"))
-    ap.add_argument("--scenarios", nargs="+", default=["tokens", "skewed_padded"], choices=("tokens", "skewed_padded"),
-                    help="inputs (see above; default both)")
+    ap.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=["tokens", "skewed_padded"],
+        choices=("tokens", "skewed_padded"),
+        help="inputs (see above; default both)",
+    )
     args = ap.parse_args()
     if any(t <= 0 for t in args.tokens) or args.reps < 1 or args.threads < 1:
         ap.error("--tokens, --reps and --threads must be positive")
@@ -157,20 +193,35 @@ def main() -> None:
         worker(args)
         return
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "tools.bench_moe_ep", *sys.argv[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "tools.bench_moe_ep",
+        *sys.argv[1:],
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"bench_moe_ep: the 2-rank run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1][len("BENCH_RESULT "):])
+    result = json.loads(lines[-1][len("BENCH_RESULT ") :])
     if args.json:
         print(json.dumps(result, indent=1))
         return
     for scenario in args.scenarios:
         for tokens, row in result[scenario].items():
-            parts = [f"{n} {row[n]['tokens_per_s_per_rank']:.0f} tok/s "
-                     f"({row[n]['all_to_all_bytes_per_rank'] / 1e6:.1f} MB a2a)" for n in args.contenders]
+            parts = [
+                f"{n} {row[n]['tokens_per_s_per_rank']:.0f} tok/s "
+                f"({row[n]['all_to_all_bytes_per_rank'] / 1e6:.1f} MB a2a)"
+                for n in args.contenders
+            ]
             ratios = [f"{k} {row[k]:.2f}" for k in ("speedup_vs_legacy", "ratio_vs_local_ep1") if k in row]
             print(f"{scenario} T={tokens}/rank: " + ", ".join(parts) + ("; " + ", ".join(ratios) if ratios else ""))
 

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=200, help="logged steps per variant")
@@ -57,9 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         drain_s = time.perf_counter() - t0
         sync.finish()
     med = {k: statistics.median(v) for k, v in times.items()}
-    result = {"steps": args.steps, "metrics_per_step": args.metrics, "store": "sqlite (temp)" if not args.tracking_uri
-              else "given", "sync_median_ms": med["sync"] * 1e3, "outbox_median_ms": med["outbox"] * 1e3,
-              "sync_over_outbox": med["sync"] / med["outbox"], "outbox_drain_at_finish_s": drain_s}
+    result = {
+        "steps": args.steps,
+        "metrics_per_step": args.metrics,
+        "store": "sqlite (temp)" if not args.tracking_uri else "given",
+        "sync_median_ms": med["sync"] * 1e3,
+        "outbox_median_ms": med["outbox"] * 1e3,
+        "sync_over_outbox": med["sync"] / med["outbox"],
+        "outbox_drain_at_finish_s": drain_s,
+    }
     if args.json:
         print(json.dumps(result))
     else:

@@ -27,9 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(fn, reps: int = 10, warmup: int = 3) -> float:
@@ -56,7 +56,10 @@ def check_equivalence() -> dict:
     with torch.no_grad():
         a = cpu(x, mask).pred
         b = gpu(x.cuda(), mask.cuda()).pred.cpu()
-    return {"cpu_vs_cuda_fp32_max_abs_diff": float((a - b).abs().max()), "ok": bool(torch.allclose(a, b, atol=1e-3, rtol=1e-3))}
+    return {
+        "cpu_vs_cuda_fp32_max_abs_diff": float((a - b).abs().max()),
+        "ok": bool(torch.allclose(a, b, atol=1e-3, rtol=1e-3)),
+    }
 
 
 def check_kernels() -> dict:
@@ -91,24 +94,28 @@ def bench_models(batches: list[int], res: int, budget_s: float) -> dict:
     (the "before"), then the compiled model at every batch until memory runs out or the time budget is spent; the
     best micro-batch (samples/s) is the one for ds_configs/*_bf16.json. Kernels per step from torch.profiler.
     """
-    from tools.bench_model import ModelBench, host_syncs, kernels_per_step, synced
     from nestor_ds.engine.perf import peak_flops
+    from tools.bench_model import ModelBench, host_syncs, kernels_per_step, synced
 
     t_start = time.perf_counter()
     dev = torch.device("cuda")
-    torch._dynamo.config.automatic_dynamic_shapes = False   # one static graph per micro-batch (CUDA graphs)
+    torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per micro-batch (CUDA graphs)
     peak = peak_flops(dev)
     out: dict = {"device": torch.cuda.get_device_name(), "resolution": res, "peak_bf16_flops": peak, "models": {}}
 
-    def measure(bench: "ModelBench", batch: int) -> dict:
+    def measure(bench: ModelBench, batch: int) -> dict:
         step = synced(bench.step, dev)
         step()
         sec = timed(step, reps=10, warmup=3)
         rate = bench.train_flops_per_sample * batch / sec
-        return {"samples_per_s": round(batch / sec, 2), "tflop_per_s": round(rate / 1e12, 2),
-                "mfu": round(rate / peak, 4) if peak else None, "kernels_per_step": kernels_per_step(bench.step, dev),
-                "host_syncs_per_step": host_syncs(step, dev),
-                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        return {
+            "samples_per_s": round(batch / sec, 2),
+            "tflop_per_s": round(rate / 1e12, 2),
+            "mfu": round(rate / peak, 4) if peak else None,
+            "kernels_per_step": kernels_per_step(bench.step, dev),
+            "host_syncs_per_step": host_syncs(step, dev),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        }
 
     for preset in ("nestor-ti", "afno-ti"):
         rows: dict = {"eager": {}, "compiled": {}}
@@ -122,7 +129,7 @@ def bench_models(batches: list[int], res: int, budget_s: float) -> dict:
                 break
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            torch._dynamo.reset()                                  # fresh code cache per (model, batch)
+            torch._dynamo.reset()  # fresh code cache per (model, batch)
             try:
                 bench = ModelBench(preset, batch, res, dev, torch.bfloat16, "static", compile_=True, cuda_graphs=True)
                 rows["compiled"][batch] = measure(bench, batch)
@@ -141,11 +148,15 @@ def bench_models(batches: list[int], res: int, budget_s: float) -> dict:
             same = done.get(batches[0])
             if same:
                 rows["compile_speedup_at_first_batch"] = round(same["samples_per_s"] / e["samples_per_s"], 3)
-                rows["kernels_reduction_at_first_batch"] = round(e["kernels_per_step"] / max(1, same["kernels_per_step"]), 2)
+                rows["kernels_reduction_at_first_batch"] = round(
+                    e["kernels_per_step"] / max(1, same["kernels_per_step"]), 2
+                )
         out["models"][preset] = rows
     m = out["models"]
     if m.get("nestor-ti", {}).get("best") and m.get("afno-ti", {}).get("best"):
-        out["flop_rate_ratio_best"] = round(m["nestor-ti"]["best"]["tflop_per_s"] / m["afno-ti"]["best"]["tflop_per_s"], 3)
+        out["flop_rate_ratio_best"] = round(
+            m["nestor-ti"]["best"]["tflop_per_s"] / m["afno-ti"]["best"]["tflop_per_s"], 3
+        )
 
     from nestor_ds.moe import MoEConfig, SwiGLU, build_token_moe
 
@@ -158,10 +169,10 @@ def bench_models(batches: list[int], res: int, budget_s: float) -> dict:
         moe_c = torch.compile(moe, fullgraph=routing == "static") if routing == "static" else moe
         dense_c = torch.compile(dense)
 
-        def moe_step() -> None:
+        def moe_step(moe_c=moe_c, xt=xt) -> None:
             moe_c(xt).out_ND.float().square().mean().backward()
 
-        def dense_step() -> None:
+        def dense_step(dense_c=dense_c, xt=xt) -> None:
             dense_c(xt).float().square().mean().backward()
 
         out[f"moe_vs_dense_{routing}"] = round(timed(dense_step) / timed(moe_step), 3)
@@ -177,26 +188,55 @@ def train_entry(workdir: Path) -> dict:
     shards = {}
     for i, (name, pde, layout) in enumerate((("ns", "ns", "fno-mat"), ("dr", "dr", "pdebench-groups"))):
         raw = write_dataset(pde, layout, workdir / f"{name}.h5", n=8, res=32, steps=16, seed=i)
-        build(BuildConfig(inputs=[str(raw)], out=str(workdir / "shards" / name), name=name, test_fraction=0.25, progress=False))
+        build(
+            BuildConfig(
+                inputs=[str(raw)], out=str(workdir / "shards" / name), name=name, test_fraction=0.25, progress=False
+            )
+        )
         shards[name] = workdir / "shards" / name
     datasets = "[" + ",".join(f"{{name: {n}, path: '{p}'}}" for n, p in shards.items()) + "]"
-    common = [f"data.datasets={datasets}", "data.resolution=32", "data.channels=2", "data.t_in=10",
-              "train.max_steps=20", "train.eval_every=0", "train.ckpt_every=20", "tracking.enabled=false",
-              f"train.output_dir={workdir / 'runs'}"]
+    common = [
+        f"data.datasets={datasets}",
+        "data.resolution=32",
+        "data.channels=2",
+        "data.t_in=10",
+        "train.max_steps=20",
+        "train.eval_every=0",
+        "train.ckpt_every=20",
+        "tracking.enabled=false",
+        f"train.output_dir={workdir / 'runs'}",
+    ]
     results = {}
-    for label, ds, extra in (("zero2_bf16_nestor_local_moe", "zero2_bf16.json", ["model.preset=nestor-tiny", "model.moe.backend=local"]),
-                             ("zero3_bf16_afno", "zero3_bf16.json", ["model.preset=afno-tiny"])):
-        cmd = [sys.executable, "-m", "nestor_ds.train", "--ds_config", str(ROOT / "ds_configs" / ds),
-               "--config", str(ROOT / "configs" / "pretrain_demo.yaml"), "--run-name", label]
+    for label, ds, extra in (
+        ("zero2_bf16_nestor_local_moe", "zero2_bf16.json", ["model.preset=nestor-tiny", "model.moe.backend=local"]),
+        ("zero3_bf16_afno", "zero3_bf16.json", ["model.preset=afno-tiny"]),
+    ):
+        cmd = [
+            sys.executable,
+            "-m",
+            "nestor_ds.train",
+            "--ds_config",
+            str(ROOT / "ds_configs" / ds),
+            "--config",
+            str(ROOT / "configs" / "pretrain_demo.yaml"),
+            "--run-name",
+            label,
+        ]
         for s in common + extra:
             cmd += ["--set", s]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
         metrics = workdir / "runs" / label / "metrics.jsonl"
-        losses = [json.loads(l)["train/loss"] for l in metrics.read_text().splitlines()] if metrics.is_file() else []
-        results[label] = {"exit": proc.returncode, "seconds": time.perf_counter() - t0, "first_loss": losses[:1],
-                          "last_loss": losses[-1:], "steps": len(losses),
-                          "stderr_tail": proc.stderr[-1500:] if proc.returncode else ""}
+        rows = metrics.read_text().splitlines() if metrics.is_file() else []
+        losses = [json.loads(row)["train/loss"] for row in rows]
+        results[label] = {
+            "exit": proc.returncode,
+            "seconds": time.perf_counter() - t0,
+            "first_loss": losses[:1],
+            "last_loss": losses[-1:],
+            "steps": len(losses),
+            "stderr_tail": proc.stderr[-1500:] if proc.returncode else "",
+        }
     return results
 
 
@@ -206,16 +246,22 @@ def main() -> int:
     p.add_argument("--batches", default="16,32,64,128,256", help="bench: micro-batches swept (compiled, bf16)")
     p.add_argument("--bench-budget", type=float, default=330.0, help="bench: seconds after which the sweep stops")
     p.add_argument("--res", type=int, default=128)
-    p.add_argument("--parts", default="equivalence,kernels,bench,train",
-                   help="comma-separated subset of: equivalence, kernels, bench, train (default: all)")
+    p.add_argument(
+        "--parts",
+        default="equivalence,kernels,bench,train",
+        help="comma-separated subset of: equivalence, kernels, bench, train (default: all)",
+    )
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to check")
         return 0
     report: dict = {"torch": torch.__version__, "cuda": torch.version.cuda}
     parts = set(args.parts.split(","))
-    for name, fn in (("equivalence", check_equivalence), ("kernels", check_kernels),
-                     ("bench", lambda: bench_models([int(b) for b in args.batches.split(",")], args.res, args.bench_budget))):
+    for name, fn in (
+        ("equivalence", check_equivalence),
+        ("kernels", check_kernels),
+        ("bench", lambda: bench_models([int(b) for b in args.batches.split(",")], args.res, args.bench_budget)),
+    ):
         if name not in parts:
             continue
         try:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-
 from nestor_ds.moe import MoEConfig, build_token_moe, grouped_mm_supported
 
 
@@ -48,8 +47,14 @@ def main() -> int:
         print("gpu_check_moe: no CUDA device, skipped")
         return 0
     dev = torch.device("cuda")
-    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,
-                    "dim": args.dim, "experts": args.experts, "top_k": args.top_k}
+    report: dict = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "tokens": args.tokens,
+        "dim": args.dim,
+        "experts": args.experts,
+        "top_k": args.top_k,
+    }
     cfg = MoEConfig(num_experts=args.experts, top_k=args.top_k)
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
@@ -69,8 +74,7 @@ def main() -> int:
             report[f"{name}_grouped_vs_padded_max_err"] = (out.out_ND - ref.out_ND).abs().max().item()
             report[f"{name}_grouped_ms"] = time_fwd_bwd(moe, x, valid, args.iters)
         try:
-            mb = build_token_moe(MoEConfig(backend="megablocks", num_experts=args.experts, top_k=args.top_k),
-                                 args.dim)
+            mb = build_token_moe(MoEConfig(backend="megablocks", num_experts=args.experts, top_k=args.top_k), args.dim)
         except RuntimeError as err:
             report["megablocks"] = str(err).splitlines()[0][:200]
             continue

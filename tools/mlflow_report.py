@@ -35,10 +35,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tracking-uri", default=None, help=f"MLflow store (default $MLFLOW_TRACKING_URI or {DEFAULT_URI})")
     p.add_argument("--experiment", default="nestor-ds", help="experiment to list when no --run is given")
-    p.add_argument("--run", action="append", default=[], metavar="NAME_OR_ID",
-                   help="run name (newest run of that name in --experiment) or run id; repeatable; default: latest runs")
-    p.add_argument("--filter", default="", metavar="EXPR",
-                   help="MLflow search filter for --experiment, e.g. \"tags.nestor.entry = 'finetune'\"")
+    p.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        metavar="NAME_OR_ID",
+        help="run name (newest run of that name in --experiment) or run id; repeatable; default: latest runs",
+    )
+    p.add_argument(
+        "--filter",
+        default="",
+        metavar="EXPR",
+        help="MLflow search filter for --experiment, e.g. \"tags.nestor.entry = 'finetune'\"",
+    )
     p.add_argument("--max-runs", type=int, default=6, help="how many latest runs to show without --run")
     p.add_argument("--metrics", default="", help="extra metric rows, comma-separated (e.g. train/grad_norm,perf/mfu)")
     p.add_argument("--no-eval", action="store_true", help="hide the per-dataset eval rows")
@@ -70,22 +79,31 @@ def _fmt(value) -> str:
 
 
 def fetch_runs(client, args) -> list:
-    """The runs named by --run (names or ids, in that order), else the latest --max-runs of --experiment matching --filter."""
+    """The runs named by --run (names or ids, in that order), else the latest --max-runs of --experiment
+    matching --filter."""
     exp = client.get_experiment_by_name(args.experiment)
     if args.run:
         return [_find_run(client, exp, r) for r in args.run]
     if exp is None:
         raise LookupError(f"experiment '{args.experiment}' not found")
-    return client.search_runs([exp.experiment_id], filter_string=args.filter, order_by=["attributes.start_time DESC"],
-                              max_results=args.max_runs)
+    return client.search_runs(
+        [exp.experiment_id],
+        filter_string=args.filter,
+        order_by=["attributes.start_time DESC"],
+        max_results=args.max_runs,
+    )
 
 
 def _find_run(client, exp, name_or_id: str):
     """Newest run called `name_or_id` in the experiment, else the run with that id."""
     if exp is not None:
         quoted = name_or_id.replace("'", "\\'")
-        named = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{quoted}'",
-                                   order_by=["attributes.start_time DESC"], max_results=1)
+        named = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"attributes.run_name = '{quoted}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         if named:
             return named[0]
     try:
@@ -115,8 +133,11 @@ def build_table(runs: list, extra_metrics: list[str], show_eval: bool = True) ->
         ["preset"] + [_lookup(r, PRESET_KEYS) for r in runs],
         ["params total"] + [_lookup(r, PARAM_COUNT_KEYS) for r in runs],
         ["params active"] + [_lookup(r, ACTIVE_COUNT_KEYS) for r in runs],
-        ["last step"] + [str(max((m.step for m in r.data._metric_objs if not m.key.startswith("system/")), default="-"))
-                         for r in runs],
+        ["last step"]
+        + [
+            str(max((m.step for m in r.data._metric_objs if not m.key.startswith("system/")), default="-"))
+            for r in runs
+        ],
     ]
     for key in list(BASE_METRICS) + [m for m in extra_metrics if m not in BASE_METRICS]:
         rows.append([key] + [_fmt(r.data.metrics[key]) if key in r.data.metrics else "-" for r in runs])
@@ -127,8 +148,10 @@ def build_table(runs: list, extra_metrics: list[str], show_eval: bool = True) ->
         for ds in datasets:  # one block per dataset: the data each run used, then its errors
             if any(ds in cells for cells in data):
                 rows.append([f"data/{ds}"] + [cells.get(ds, "-") for cells in data])
-            for key in sorted((k for k in eval_keys if EVAL_RE.match(k)["ds"] == ds),
-                              key=lambda k: (EVAL_RE.match(k)["prefix"] != "eval_before", EVAL_RE.match(k)["kind"])):
+            for key in sorted(
+                (k for k in eval_keys if EVAL_RE.match(k)["ds"] == ds),
+                key=lambda k: (EVAL_RE.match(k)["prefix"] != "eval_before", EVAL_RE.match(k)["kind"]),
+            ):
                 rows.append([key] + [_fmt(r.data.metrics[key]) if key in r.data.metrics else "-" for r in runs])
     return rows
 
@@ -152,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
-        print(f"mlflow_report: no MLflow database at {uri[len('sqlite:///'):]}", file=sys.stderr)
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///") :]):
+        print(f"mlflow_report: no MLflow database at {uri[len('sqlite:///') :]}", file=sys.stderr)
         return 2
     try:
         runs = fetch_runs(MlflowClient(uri), args)

@@ -22,15 +22,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-from nestor_ds.procs import free_port, stop_group as stop, wait_http  # noqa: E402  (standard library only)
+from nestor_ds.procs import free_port, wait_http  # noqa: E402  (standard library only)
+from nestor_ds.procs import stop_group as stop
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", action="append", default=[], metavar="RUN_ID",
-                   help="MLflow run id to show; give it twice or more for the compare view")
+    p.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        metavar="RUN_ID",
+        help="MLflow run id to show; give it twice or more for the compare view",
+    )
     p.add_argument("--model", default=None, metavar="NAME/VERSION", help="show a Model Registry version instead")
     p.add_argument("--out", required=True, type=Path, help="PNG file to write")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="backend store of the run")
@@ -38,8 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window-size", default="1600,1200", help="browser window WIDTH,HEIGHT")
     p.add_argument("--render-ms", type=int, default=15000, help="virtual time the page gets to load and draw")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for the MLflow server")
-    p.add_argument("--browser-timeout", type=float, default=300.0,
-                   help="seconds Chromium may take beyond --render-ms (a loaded machine needs minutes)")
+    p.add_argument(
+        "--browser-timeout",
+        type=float,
+        default=300.0,
+        help="seconds Chromium may take beyond --render-ms (a loaded machine needs minutes)",
+    )
     p.add_argument("--chromium", default=None, help="browser binary (default: chromium / chromium-browser)")
     return p.parse_args(argv)
 
@@ -53,10 +63,21 @@ def screenshot(browser: str, url: str, out: Path, window: str, render_ms: int, t
     # the profile is removed best effort: a helper still exiting must not fail a written screenshot
     with tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True) as profile:
         cmd = [
-            browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={out.resolve()}",
-            f"--window-size={window}", f"--virtual-time-budget={render_ms}", url,
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            f"--screenshot={out.resolve()}",
+            f"--window-size={window}",
+            f"--virtual-time-budget={render_ms}",
+            url,
         ]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
@@ -92,14 +113,16 @@ def page_url(base: str, runs: list, model: str | None, page: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.run and not args.model:
-        print("screenshot_mlflow: give --run RUN_ID (twice or more to compare) or --model NAME/VERSION", file=sys.stderr)
+        print(
+            "screenshot_mlflow: give --run RUN_ID (twice or more to compare) or --model NAME/VERSION", file=sys.stderr
+        )
         return 2
     browser = args.chromium or shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         print("screenshot_mlflow: chromium not found (apt-get update && apt-get install -y chromium)", file=sys.stderr)
         return 2
-    if args.tracking_uri.startswith("sqlite:///") and not Path(args.tracking_uri[len("sqlite:///"):]).exists():
-        print(f"screenshot_mlflow: no MLflow database at {args.tracking_uri[len('sqlite:///'):]}", file=sys.stderr)
+    if args.tracking_uri.startswith("sqlite:///") and not Path(args.tracking_uri[len("sqlite:///") :]).exists():
+        print(f"screenshot_mlflow: no MLflow database at {args.tracking_uri[len('sqlite:///') :]}", file=sys.stderr)
         return 2
     from mlflow.tracking import MlflowClient
 
@@ -108,17 +131,32 @@ def main(argv: list[str] | None = None) -> int:
         try:
             runs.append(MlflowClient(args.tracking_uri).get_run(run_id))
         except Exception as exc:  # noqa: BLE001
-            print(f"screenshot_mlflow: run {run_id} not found in {args.tracking_uri}: {str(exc).splitlines()[0]}",
-                  file=sys.stderr)
+            print(
+                f"screenshot_mlflow: run {run_id} not found in {args.tracking_uri}: {str(exc).splitlines()[0]}",
+                file=sys.stderr,
+            )
             return 2
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = tempfile.NamedTemporaryFile(prefix="mlflow-ui-", suffix=".log", delete=False)
     proc = subprocess.Popen(
-        ["mlflow", "ui", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", args.tracking_uri],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            "mlflow",
+            "ui",
+            "--workers",
+            "1",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            args.tracking_uri,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         wait_http(f"{base}/health", proc, args.start_timeout)

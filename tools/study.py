@@ -31,18 +31,22 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from nestor_ds.config import deep_merge  # one merge for run configs
+
+ROOT = Path(__file__).resolve().parent.parent
 
 QUICK_SPEC = ROOT / "configs" / "study_quick.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tools.study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--spec", default=None, help="study YAML (see configs/study_cpu32.yaml); default with --quick: "
-                                                "configs/study_quick.yaml")
+    p = argparse.ArgumentParser(
+        prog="python -m tools.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--spec",
+        default=None,
+        help="study YAML (see configs/study_cpu32.yaml); default with --quick: configs/study_quick.yaml",
+    )
     p.add_argument("--quick", action="store_true", help="the two-trial tiny study (CI); implies --spec study_quick")
     p.add_argument("--out", default=None, help="report directory (default docs/study/<name>)")
     p.add_argument("--work", default=None, help="data and run directory (default .cache/study/<name>)")
@@ -86,8 +90,9 @@ def run(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> No
         proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = log_path.read_text().splitlines()[-5:]
-        raise RuntimeError(f"study: `{' '.join(cmd[:3])} ...` failed (exit {proc.returncode}); log {log_path}:\n"
-                           + "\n".join(tail))
+        raise RuntimeError(
+            f"study: `{' '.join(cmd[:3])} ...` failed (exit {proc.returncode}); log {log_path}:\n" + "\n".join(tail)
+        )
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -110,15 +115,59 @@ def build_data(spec: dict[str, Any], work: Path) -> dict[str, dict[str, Path]]:
         seed = int(d.get("seed", 1000)) + 10 * i
         common = ["--pde", fam, "--res", str(d["resolution"]), "--steps", str(d["frames"]), "--quiet"]
         n_dev = int(d["train"]) + int(d["val"])
-        run([py, "-m", "nestor_ds.synth", *common, "--n", str(n_dev), "--seed", str(seed),
-             "--out", str(raw / f"{fam}_dev.h5")], work / "logs" / "data.log")
+        run(
+            [
+                py,
+                "-m",
+                "nestor_ds.synth",
+                *common,
+                "--n",
+                str(n_dev),
+                "--seed",
+                str(seed),
+                "--out",
+                str(raw / f"{fam}_dev.h5"),
+            ],
+            work / "logs" / "data.log",
+        )
         # the test file holds the test trajectories plus one that lands in its (unused) train split
-        run([py, "-m", "nestor_ds.synth", *common, "--n", str(int(d["test"]) + 1), "--seed", str(seed + 1),
-             "--out", str(raw / f"{fam}_test.h5")], work / "logs" / "data.log")
-        for name, src, frac in ((dev, raw / f"{fam}_dev.h5", int(d["val"]) / n_dev),
-                                (test, raw / f"{fam}_test.h5", int(d["test"]) / (int(d["test"]) + 1))):
-            run([py, "-m", "nestor_ds.shards", "--input", str(src), "--out", str(name), "--name", name.name,
-                 "--test-fraction", f"{frac:.6f}", "--overwrite", "--no-progress"], work / "logs" / "data.log")
+        run(
+            [
+                py,
+                "-m",
+                "nestor_ds.synth",
+                *common,
+                "--n",
+                str(int(d["test"]) + 1),
+                "--seed",
+                str(seed + 1),
+                "--out",
+                str(raw / f"{fam}_test.h5"),
+            ],
+            work / "logs" / "data.log",
+        )
+        for name, src, frac in (
+            (dev, raw / f"{fam}_dev.h5", int(d["val"]) / n_dev),
+            (test, raw / f"{fam}_test.h5", int(d["test"]) / (int(d["test"]) + 1)),
+        ):
+            run(
+                [
+                    py,
+                    "-m",
+                    "nestor_ds.shards",
+                    "--input",
+                    str(src),
+                    "--out",
+                    str(name),
+                    "--name",
+                    name.name,
+                    "--test-fraction",
+                    f"{frac:.6f}",
+                    "--overwrite",
+                    "--no-progress",
+                ],
+                work / "logs" / "data.log",
+            )
     return out
 
 
@@ -126,9 +175,19 @@ def data_section(spec: dict[str, Any], data: dict[str, dict[str, Path]], familie
     """The run config's `data:` for training on `families` (validation = the dev dirs' test split)."""
     d = spec["data"]
     return {
-        "datasets": [{"name": f"{fam}_dev", "path": str(data[fam]["dev"]), "weight": 1.0,
-                      "rollout_steps": int(d.get("rollout_steps", 5))} for fam in families],
-        "t_in": int(d["t_in"]), "t_ar": 1, "resolution": int(d["resolution"]), "channels": int(d.get("channels", 4)),
+        "datasets": [
+            {
+                "name": f"{fam}_dev",
+                "path": str(data[fam]["dev"]),
+                "weight": 1.0,
+                "rollout_steps": int(d.get("rollout_steps", 5)),
+            }
+            for fam in families
+        ],
+        "t_in": int(d["t_in"]),
+        "t_ar": 1,
+        "resolution": int(d["resolution"]),
+        "channels": int(d.get("channels", 4)),
         **(d.get("loader") or {}),
     }
 
@@ -136,22 +195,41 @@ def data_section(spec: dict[str, Any], data: dict[str, dict[str, Path]], familie
 # -------------------------------------------------------------------------------------------- trials
 
 
-def trial_config(spec: dict[str, Any], model: str, seed: int, budget_s: float, data: dict[str, Any],
-                 run_dir: Path) -> dict[str, Any]:
+def trial_config(
+    spec: dict[str, Any], model: str, seed: int, budget_s: float, data: dict[str, Any], run_dir: Path
+) -> dict[str, Any]:
     """Run config YAML of one trial: common sections <- the model's sections <- seed, budget, data, output."""
     cfg = deep_merge(spec.get("common") or {}, spec["models"][model] or {})
-    cfg = deep_merge(cfg, {
-        "data": data,
-        "train": {"seed": seed, "time_budget_s": float(budget_s), "max_steps": 10 ** 9, "eval_every": 0,
-                  "ckpt_every": 10 ** 9, "keep_last": 1, "output_dir": str(run_dir)},
-        "tracking": {"experiment": f"study-{spec['name']}"},
-    })
+    cfg = deep_merge(
+        cfg,
+        {
+            "data": data,
+            "train": {
+                "seed": seed,
+                "time_budget_s": float(budget_s),
+                "max_steps": 10**9,
+                "eval_every": 0,
+                "ckpt_every": 10**9,
+                "keep_last": 1,
+                "output_dir": str(run_dir),
+            },
+            "tracking": {"experiment": f"study-{spec['name']}"},
+        },
+    )
     return cfg
 
 
-def train_and_score(spec: dict[str, Any], trial_id: str, cfg: dict[str, Any], test_dirs: list[Path], work: Path,
-                    entry: str = "nestor_ds.train", extra: list[str] | None = None) -> dict[str, Any]:
-    """`python -m nestor_ds.train` (or `nestor_ds.finetune`) with `cfg`, then evaluate on `test_dirs`; returns the trial record."""
+def train_and_score(
+    spec: dict[str, Any],
+    trial_id: str,
+    cfg: dict[str, Any],
+    test_dirs: list[Path],
+    work: Path,
+    entry: str = "nestor_ds.train",
+    extra: list[str] | None = None,
+) -> dict[str, Any]:
+    """`python -m nestor_ds.train` (or `nestor_ds.finetune`) with `cfg`, then evaluate on `test_dirs`; returns
+    the trial record."""
     run_root = Path(cfg["train"]["output_dir"])
     if (run_root / trial_id).exists():
         shutil.rmtree(run_root / trial_id)  # a trial interrupted before its JSON was written starts over
@@ -163,15 +241,46 @@ def train_and_score(spec: dict[str, Any], trial_id: str, cfg: dict[str, Any], te
     if log.exists():
         log.unlink()
     t0 = time.time()
-    run([sys.executable, "-m", entry, "--ds_config", "ds_configs/zero0.json", "--config", str(cfg_path),
-         "--run-name", trial_id, *(extra or [])], log, env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            entry,
+            "--ds_config",
+            "ds_configs/zero0.json",
+            "--config",
+            str(cfg_path),
+            "--run-name",
+            trial_id,
+            *(extra or []),
+        ],
+        log,
+        env,
+    )
     wall = time.time() - t0
     run_dir = run_root / trial_id
     report = work / "reports" / f"{trial_id}.json"
-    run([sys.executable, "-m", "nestor_ds.evaluate", "--checkpoint", str(run_dir / "checkpoints"), "--data",
-         *map(str, test_dirs), "--rollout-steps", str(int(spec["data"].get("rollout_steps", 5))),
-         "--out", str(report), "--run-name", f"{trial_id}-test",
-         "--tracking-uri", os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")], log, env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "nestor_ds.evaluate",
+            "--checkpoint",
+            str(run_dir / "checkpoints"),
+            "--data",
+            *map(str, test_dirs),
+            "--rollout-steps",
+            str(int(spec["data"].get("rollout_steps", 5))),
+            "--out",
+            str(report),
+            "--run-name",
+            f"{trial_id}-test",
+            "--tracking-uri",
+            os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}"),
+        ],
+        log,
+        env,
+    )
     return {"test": json.loads(report.read_text()), **read_run(run_dir), "wall_s": wall}
 
 
@@ -180,13 +289,16 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     validation scores, expert usage."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     summary = json.loads((run_dir / "run_summary.json").read_text())
-    sps = [r["perf/samples_per_s"] for r in rows[len(rows) // 10:] if "perf/samples_per_s" in r]
+    sps = [r["perf/samples_per_s"] for r in rows[len(rows) // 10 :] if "perf/samples_per_s" in r]
     return {
-        "steps": summary["steps"], "train_seconds": summary.get("budget/seconds"),
-        "train_flops": summary.get("budget/flops"), "samples_per_s": sum(sps) / max(1, len(sps)),
+        "steps": summary["steps"],
+        "train_seconds": summary.get("budget/seconds"),
+        "train_flops": summary.get("budget/flops"),
+        "samples_per_s": sum(sps) / max(1, len(sps)),
         "final_loss": rows[-1]["train/loss"],
         "loss_curve": [(r["step"], r.get("budget/seconds"), r["train/loss"]) for r in rows],
-        "stats": summary.get("model_stats", {}), "validation": summary.get("final_eval", {}),
+        "stats": summary.get("model_stats", {}),
+        "validation": summary.get("final_eval", {}),
         "expert_usage": summary.get("expert_usage", {}),
     }
 
@@ -228,15 +340,27 @@ def main(argv: list[str] | None = None) -> int:
                 record = run_transfer(spec, trial_id, model, seed, data, held, rest, runs, work)
             record.update({"id": trial_id, "kind": kind, "model": model, "seed": seed, "budget_s": budget})
             (trials_dir / f"{trial_id}.json").write_text(json.dumps(record, indent=1))
-            print(f"[{n}/{len(todo)}] {trial_id}: test one-step {record['test']['mean']['l2re_1step']:.4f} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+            print(
+                f"[{n}/{len(todo)}] {trial_id}: test one-step {record['test']['mean']['l2re_1step']:.4f} "
+                f"({time.time() - t0:.0f} s)",
+                flush=True,
+            )
     study_report.write_report(spec, out)
     print(f"report: {out / 'report.md'}")
     return 0
 
 
-def run_transfer(spec: dict[str, Any], trial_id: str, model: str, seed: int, data: dict[str, dict[str, Path]],
-                 held: str, rest: list[str], runs: Path, work: Path) -> dict[str, Any]:
+def run_transfer(
+    spec: dict[str, Any],
+    trial_id: str,
+    model: str,
+    seed: int,
+    data: dict[str, dict[str, Path]],
+    held: str,
+    rest: list[str],
+    runs: Path,
+    work: Path,
+) -> dict[str, Any]:
     """Pre-train on the other families, then fine-tune on the held-out one, against the same model trained from
     scratch on the held-out family with the fine-tune budget (the paper's transfer claim)."""
     tr = spec["transfer"]
@@ -246,8 +370,15 @@ def run_transfer(spec: dict[str, Any], trial_id: str, model: str, seed: int, dat
     held_data = data_section(spec, data, [held])
     ft_cfg = trial_config(spec, model, seed, tr["finetune_budget_s"], held_data, runs)
     ft_cfg["finetune"] = {"load": "all"}
-    ft = train_and_score(spec, trial_id, ft_cfg, [data[held]["test"]], work, entry="nestor_ds.finetune",
-                         extra=["--pretrained", str(runs / pre_id / "checkpoints")])
+    ft = train_and_score(
+        spec,
+        trial_id,
+        ft_cfg,
+        [data[held]["test"]],
+        work,
+        entry="nestor_ds.finetune",
+        extra=["--pretrained", str(runs / pre_id / "checkpoints")],
+    )
     scratch_cfg = trial_config(spec, model, seed, tr["finetune_budget_s"], held_data, runs)
     scratch = train_and_score(spec, scratch_id, scratch_cfg, [data[held]["test"]], work)
     return {**ft, "pretrain": pre, "scratch": scratch, "held_out": held}

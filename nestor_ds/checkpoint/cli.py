@@ -29,13 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint root (its 'latest' tag) or a tag directory")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="floating-point weights of the output (default fp32: a bf16 run's fp32 master weights)")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="floating-point weights of the output (default fp32: a bf16 run's fp32 master weights)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--register", metavar="NAME", default=None,
-                   help="also log the export as an MLflow pyfunc model and register it under NAME")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow store for --register (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument(
+        "--register",
+        metavar="NAME",
+        default=None,
+        help="also log the export as an MLflow pyfunc model and register it under NAME",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store for --register (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     args = p.parse_args(argv)
     if not args.out.endswith(".safetensors"):
         p.error(f"--out {args.out}: must end with .safetensors")
@@ -71,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             version = register(out, args.register, args.tracking_uri)
         except Exception as err:  # noqa: BLE001 - the export itself succeeded: one line, exit 1
             text = str(err).strip().splitlines()
-            print(f"{PROG}: error: --register {args.register}: {type(err).__name__}: {text[0] if text else ''}"[:500],
-                  file=sys.stderr, flush=True)
+            print(
+                f"{PROG}: error: --register {args.register}: {type(err).__name__}: {text[0] if text else ''}"[:500],
+                file=sys.stderr,
+                flush=True,
+            )
             return 1
         print(f"registered models:/{args.register}/{version}")
     return 0
@@ -98,13 +112,17 @@ def register(weights: Path, name: str, tracking_uri: str | None) -> str:
     if run_id:
         try:
             run = client.get_run(run_id)
-            tags = {k: f"{v:.6g}" for k, v in run.data.metrics.items()
-                    if k.startswith("eval/") and k.endswith(("l2re_1step", "l2re_rollout"))}
+            tags = {
+                k: f"{v:.6g}"
+                for k, v in run.data.metrics.items()
+                if k.startswith("eval/") and k.endswith(("l2re_1step", "l2re_rollout"))
+            }
         except Exception:  # noqa: BLE001 - the training run lives in another store
             run_id = None
     if run_id is None:
-        tracker = Tracker(TrackingConfig(tracking_uri=uri, system_metrics=False), rank=0, entry="export",
-                          run_name=f"export-{name}")
+        tracker = Tracker(
+            TrackingConfig(tracking_uri=uri, system_metrics=False), rank=0, entry="export", run_name=f"export-{name}"
+        )
         if not tracker.active:
             raise RuntimeError(f"cannot open an MLflow run in {tracker.tracking_uri}")
         run_id = tracker.run_id

@@ -31,22 +31,33 @@ def deepspeed_to_local_state(state: Mapping[str, torch.Tensor]) -> dict[str, tor
 
     megablocks = next((k for k in state if ".dmoe." in k), None)
     if megablocks is not None:
-        raise CheckpointError(f"key '{megablocks}': checkpoints of the megablocks backend cannot be converted to the "
-                              f"local layout yet (export, evaluation and fine-tuning need deepspeed or local runs)")
+        raise CheckpointError(
+            f"key '{megablocks}': checkpoints of the megablocks backend cannot be converted to the "
+            f"local layout yet (export, evaluation and fine-tuning need deepspeed or local runs)"
+        )
     prefixes = sorted(k[: -len(DS_GATE_SUFFIX)] for k in state if k.endswith(DS_GATE_SUFFIX))
     out = {k: v for k, v in state.items() if not any(k.startswith(p) for p in prefixes)}
     for prefix in prefixes:
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         local = local_state_from_expert_parallel(sub)
         n_experts = local["experts.w1_EFD"].shape[0]
-        consumed = {DS_GATE_SUFFIX} | {k for k in sub if k.startswith("shared.")} | {
-            k for k in sub if re.match(r"^moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.w[123]\.weight$", k)
-            and int(k.split(".")[4]) < n_experts}
+        consumed = (
+            {DS_GATE_SUFFIX}
+            | {k for k in sub if k.startswith("shared.")}
+            | {
+                k
+                for k in sub
+                if re.match(r"^moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.w[123]\.weight$", k)
+                and int(k.split(".")[4]) < n_experts
+            }
+        )
         left = sorted(set(sub) - consumed)
         if left:
-            raise CheckpointError(f"token MoE '{prefix.rstrip('.')}': key(s) not converted to the local layout: "
-                                  f"{left[:4]} "
-                                  "(expert ids not contiguous from 0, or a layout this exporter does not know)")
+            raise CheckpointError(
+                f"token MoE '{prefix.rstrip('.')}': key(s) not converted to the local layout: "
+                f"{left[:4]} "
+                "(expert ids not contiguous from 0, or a layout this exporter does not know)"
+            )
         out.update({prefix + k: v for k, v in local.items()})
     return out
 

@@ -19,16 +19,21 @@ from nestor_ds.checkpoint.load import load_local_state
 from nestor_ds.checkpoint.safe_load import load_state_strict
 
 
-def save_safetensors(state: Mapping[str, torch.Tensor], run_cfg: Mapping[str, Any], out: str | Path,
-                     source: str = "") -> Path:
+def save_safetensors(
+    state: Mapping[str, torch.Tensor], run_cfg: Mapping[str, Any], out: str | Path, source: str = ""
+) -> Path:
     """Write weights + run config (metadata 'nestor_config', and `<out>.json` beside it)."""
     from safetensors.torch import save_file
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}  # no shared storage
-    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "nestor_config": json.dumps(run_cfg),
-            "source": source}
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "nestor_config": json.dumps(run_cfg),
+        "source": source,
+    }
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(out)

@@ -68,8 +68,10 @@ def read_fp32_master_state(tag_dir: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(shapes, list):
         raise CheckpointError(f"{tag_dir / MODEL_STATES}: no 'param_shapes' beside ZeRO optimizer files")
     if len(shapes) != len(ranks[0]["single_partition_of_fp32_groups"]):
-        raise CheckpointError(f"{tag_dir}: 'param_shapes' lists {len(shapes)} parameter group(s) but the optimizer "
-                              f"files hold {len(ranks[0]['single_partition_of_fp32_groups'])}")
+        raise CheckpointError(
+            f"{tag_dir}: 'param_shapes' lists {len(shapes)} parameter group(s) but the optimizer "
+            f"files hold {len(ranks[0]['single_partition_of_fp32_groups'])}"
+        )
     master: dict[str, torch.Tensor] = {}
     for group, group_shapes in enumerate(shapes):
         for name, tensor in _group_master(tag_dir, ranks, group, group_shapes).items():
@@ -86,8 +88,10 @@ def _optimizer_states(tag_dir: Path) -> list[dict[str, Any]]:
     files = {int(m.group(2)): f for f in tag_dir.iterdir() if (m := OPTIM_FILE_RE.match(f.name))}
     if not files:
         if any(tag_dir.glob("expp_rank_*_optim_states.pt")) or (tag_dir / MODEL_STATES).is_file():
-            raise NoMasterWeights(f"{tag_dir}: no ZeRO optimizer files (ZeRO-0: a bf16/fp16 run keeps its fp32 copies "
-                                  "in 'fp32_groups' of the optimizer state, without parameter names)")
+            raise NoMasterWeights(
+                f"{tag_dir}: no ZeRO optimizer files (ZeRO-0: a bf16/fp16 run keeps its fp32 copies "
+                "in 'fp32_groups' of the optimizer state, without parameter names)"
+            )
         raise CheckpointError(f"{tag_dir}: not a DeepSpeed checkpoint tag (no {MODEL_STATES})")
     if sorted(files) != list(range(len(files))):
         raise CheckpointError(f"{tag_dir}: optimizer files for ranks {sorted(files)}; expected 0..{len(files) - 1}")
@@ -97,8 +101,10 @@ def _optimizer_states(tag_dir: Path) -> list[dict[str, Any]]:
         if not isinstance(osd, dict):
             raise CheckpointError(f"{files[rank]}: missing key 'optimizer_state_dict'")
         if "single_partition_of_fp32_groups" not in osd:
-            raise NoMasterWeights(f"{files[rank]}: no 'single_partition_of_fp32_groups' (zero_stage "
-                                  f"{osd.get('zero_stage')}: only ZeRO-1/2 partitions are read)")
+            raise NoMasterWeights(
+                f"{files[rank]}: no 'single_partition_of_fp32_groups' (zero_stage "
+                f"{osd.get('zero_stage')}: only ZeRO-1/2 partitions are read)"
+            )
         out.append(osd)
     return out
 
@@ -107,17 +113,22 @@ def _expert_layout(tag_dir: Path, ranks: list[dict[str, Any]], group: int) -> in
     """How many expert-parallel ranks group `group` is spread over (1: a plain data-parallel group)."""
     world, split = len(ranks), ranks[0]["partition_count"][group]
     if split < 1 or world % split:
-        raise CheckpointError(f"{tag_dir}: group {group} is split over {split} rank(s), which does not divide the "
-                              f"{world} optimizer files")
+        raise CheckpointError(
+            f"{tag_dir}: group {group} is split over {split} rank(s), which does not divide the {world} optimizer files"
+        )
     ep = world // split
     base = ranks[0].get("base_optimizer_state")
     meta = base["param_groups"][group] if isinstance(base, dict) and "param_groups" in base else {}
     if ep > 1 and not meta.get("moe", True):
-        raise CheckpointError(f"{tag_dir}: group {group} ('{meta.get('name')}') is not a DeepSpeed-MoE group but is "
-                              f"split over {split} of {world} ranks")
+        raise CheckpointError(
+            f"{tag_dir}: group {group} ('{meta.get('name')}') is not a DeepSpeed-MoE group but is "
+            f"split over {split} of {world} ranks"
+        )
     if ep > 1 and meta.get("name", f"ep_size_{ep}") != f"ep_size_{ep}":
-        raise CheckpointError(f"{tag_dir}: MoE group {group} is named '{meta['name']}' but is split over {split} of "
-                              f"{world} ranks (expected ep_size_{ep})")
+        raise CheckpointError(
+            f"{tag_dir}: MoE group {group} is named '{meta['name']}' but is split over {split} of "
+            f"{world} ranks (expected ep_size_{ep})"
+        )
     return ep
 
 
@@ -129,8 +140,10 @@ def _global_names(tag_dir: Path, names: list[str], ep_rank: int, ep: int, group:
     for name in names:
         m = EXPERT_ID_RE.search(name)
         if m is None:
-            raise CheckpointError(f"{tag_dir}: expert group {group} holds '{name}', which is not a DeepSpeed-MoE "
-                                  "expert parameter: its copies on the other expert-parallel ranks cannot be named")
+            raise CheckpointError(
+                f"{tag_dir}: expert group {group} holds '{name}', which is not a DeepSpeed-MoE "
+                "expert parameter: its copies on the other expert-parallel ranks cannot be named"
+            )
         local_ids.setdefault(name[: m.start()], set()).add(int(m.group(2)))
     for prefix, ids in local_ids.items():
         if ids != set(range(len(ids))):
@@ -139,21 +152,23 @@ def _global_names(tag_dir: Path, names: list[str], ep_rank: int, ep: int, group:
     def rename(name: str) -> str:
         m = EXPERT_ID_RE.search(name)
         expert = ep_rank * len(local_ids[name[: m.start()]]) + int(m.group(2))
-        return f"{name[: m.start()]}{m.group(1)}{expert}.{name[m.end():]}"
+        return f"{name[: m.start()]}{m.group(1)}{expert}.{name[m.end() :]}"
 
     return [rename(n) for n in names]
 
 
-def _group_master(tag_dir: Path, ranks: list[dict[str, Any]], group: int,
-                  shapes: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def _group_master(
+    tag_dir: Path, ranks: list[dict[str, Any]], group: int, shapes: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
     """Group `group`'s parameters from the slices of every rank, one expert-parallel rank at a time."""
     ep = _expert_layout(tag_dir, ranks, group)
     names = list(shapes)
     paddings = ranks[0].get("param_alignment_paddings")
     paddings = paddings[group] if paddings else [0] * len(names)
     if len(paddings) != len(names):
-        raise CheckpointError(f"{tag_dir}: group {group}: {len(paddings)} alignment paddings for {len(names)} "
-                              "parameters")
+        raise CheckpointError(
+            f"{tag_dir}: group {group}: {len(paddings)} alignment paddings for {len(names)} parameters"
+        )
     out: dict[str, torch.Tensor] = {}
     for ep_rank in range(ep):
         members = list(range(ep_rank, len(ranks), ep))
@@ -164,40 +179,56 @@ def _group_master(tag_dir: Path, ranks: list[dict[str, Any]], group: int,
         for name, shape, pad in zip(names, shapes.values(), paddings):
             numel = int(torch.Size(shape).numel())
             if offset + numel > flat.numel():
-                raise CheckpointError(f"{tag_dir}: group {group} ends at {flat.numel()} values, before parameter "
-                                      f"'{name}' {tuple(shape)} (param_shapes do not match the optimizer files)")
+                raise CheckpointError(
+                    f"{tag_dir}: group {group} ends at {flat.numel()} values, before parameter "
+                    f"'{name}' {tuple(shape)} (param_shapes do not match the optimizer files)"
+                )
             placed[name] = (offset, numel)
             offset += numel + pad
         for k, r in enumerate(members):
             _check_slice_mapping(tag_dir, r, group, ranks[r], placed, starts[k], parts[k].numel())
         for local, name in zip(names, _global_names(tag_dir, names, ep_rank, ep, group)):
             start, numel = placed[local]
-            out[name] = flat[start:start + numel].view(tuple(shapes[local])).clone()
+            out[name] = flat[start : start + numel].view(tuple(shapes[local])).clone()
     return out
 
 
-def _check_slice_mapping(tag_dir: Path, rank: int, group: int, osd: Mapping[str, Any],
-                         placed: Mapping[str, tuple[int, int]], start: int, size: int) -> None:
+def _check_slice_mapping(
+    tag_dir: Path,
+    rank: int,
+    group: int,
+    osd: Mapping[str, Any],
+    placed: Mapping[str, tuple[int, int]],
+    start: int,
+    size: int,
+) -> None:
     """The rank's own record of which parameter sits where in its slice must agree with the derived layout."""
     mappings = osd.get("param_slice_mappings")
     if not isinstance(mappings, list) or group >= len(mappings):
         return  # older DeepSpeed: param_shapes alone
-    want = {name: (max(o, start) - start, min(o + n, start + size) - max(o, start))
-            for name, (o, n) in placed.items() if o < start + size and o + n > start}
+    want = {
+        name: (max(o, start) - start, min(o + n, start + size) - max(o, start))
+        for name, (o, n) in placed.items()
+        if o < start + size and o + n > start
+    }
     got = {name: (int(a.start), int(a.numel)) for name, a in mappings[group].items()}
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()))[:2]
-        raise CheckpointError(f"rank {rank} of {tag_dir}: group {group}: param_slice_mappings disagree with "
-                              f"param_shapes (name, (start, numel)) e.g. {diff}")
+        raise CheckpointError(
+            f"rank {rank} of {tag_dir}: group {group}: param_slice_mappings disagree with "
+            f"param_shapes (name, (start, numel)) e.g. {diff}"
+        )
 
 
-def _complete(tag_dir: Path, master: dict[str, torch.Tensor], module: Mapping[str, torch.Tensor],
-              shared: Mapping[str, str]) -> dict[str, torch.Tensor]:
+def _complete(
+    tag_dir: Path, master: dict[str, torch.Tensor], module: Mapping[str, torch.Tensor], shared: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
     """Every module key, in module order: the master copy where there is one, else the module value in fp32."""
     extra = sorted(set(master) - set(module))
     if extra:
-        raise CheckpointError(f"{tag_dir}: the optimizer holds {len(extra)} parameter(s) the module state lacks, "
-                              f"e.g. '{extra[0]}'")
+        raise CheckpointError(
+            f"{tag_dir}: the optimizer holds {len(extra)} parameter(s) the module state lacks, e.g. '{extra[0]}'"
+        )
     out = {}
     for key, value in module.items():
         got = master.get(key, master.get(shared.get(key, "")))
@@ -205,7 +236,9 @@ def _complete(tag_dir: Path, master: dict[str, torch.Tensor], module: Mapping[st
             out[key] = value.float() if value.is_floating_point() else value
             continue
         if got.shape != value.shape:
-            raise CheckpointError(f"{tag_dir}: '{key}' is {tuple(got.shape)} in the optimizer files but "
-                                  f"{tuple(value.shape)} in the module state")
+            raise CheckpointError(
+                f"{tag_dir}: '{key}' is {tuple(got.shape)} in the optimizer files but "
+                f"{tuple(value.shape)} in the module state"
+            )
         out[key] = got
     return out

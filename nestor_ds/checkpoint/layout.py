@@ -60,8 +60,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest.is_file():
         tag = latest.read_text().strip()
         if not _is_tag(p / tag):
-            raise CheckpointError(f"{latest}: names tag '{tag}' but {p / tag} holds neither {MODEL_STATES} nor "
-                                  f"{CONSOLIDATED_STATES}")
+            raise CheckpointError(
+                f"{latest}: names tag '{tag}' but {p / tag} holds neither {MODEL_STATES} nor {CONSOLIDATED_STATES}"
+            )
         return p / tag
     raise CheckpointError(f"{p}: not a checkpoint (no {MODEL_STATES}, no 'latest' file)")
 

@@ -39,8 +39,9 @@ def load_local_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return deepspeed_to_local_state(state), run_cfg, str(p)
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
-                    model_overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
+def load_pretrained(
+    path: str | Path, device: str | torch.device = "cpu", model_overrides: Mapping[str, Any] | None = None
+) -> torch.nn.Module:
     """Eval-mode model (local MoE backend, ep_size 1) from a .safetensors export or a DeepSpeed checkpoint.
 
     The run config travels with the model as `model.run_config` (a dict: model, data, ...).

@@ -59,8 +59,10 @@ def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()
         detail = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
-        raise CheckpointError(f"{path}: refused to load: it contains pickled objects other than tensors and plain "
-                              f"containers (weights_only=True); {detail}") from None
+        raise CheckpointError(
+            f"{path}: refused to load: it contains pickled objects other than tensors and plain "
+            f"containers (weights_only=True); {detail}"
+        ) from None
     except (OSError, RuntimeError, EOFError) as err:
         raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({str(err).splitlines()[0]})") from None
 
@@ -86,8 +88,9 @@ def gather_deepspeed_state(tag_dir: str | Path) -> dict[str, torch.Tensor]:
     if (tag_dir / CONSOLIDATED_STATES).is_file():  # ZeRO-3 partitions the weights; the engine also saved them whole
         full = safe_torch_load(tag_dir / CONSOLIDATED_STATES)
         if not isinstance(full, Mapping):
-            raise CheckpointError(f"{tag_dir / CONSOLIDATED_STATES}: expected a dict of tensors, "
-                                  f"got {type(full).__name__}")
+            raise CheckpointError(
+                f"{tag_dir / CONSOLIDATED_STATES}: expected a dict of tensors, got {type(full).__name__}"
+            )
         return dict(full)
     states = safe_torch_load(tag_dir / MODEL_STATES)
     if not isinstance(states, dict) or not isinstance(states.get("module"), Mapping):
@@ -106,14 +109,17 @@ def gather_deepspeed_state(tag_dir: str | Path) -> dict[str, torch.Tensor]:
             experts.setdefault(layer, {})[expert] = f
     declared = states.get("num_experts")
     if isinstance(declared, list) and len(declared) != len(experts) and not (len(experts) == 0 and not declared):
-        raise CheckpointError(f"{tag_dir}: 'num_experts' lists {len(declared)} MoE layer(s) but expert files exist "
-                              f"for {len(experts)}")
+        raise CheckpointError(
+            f"{tag_dir}: 'num_experts' lists {len(declared)} MoE layer(s) but expert files exist for {len(experts)}"
+        )
     for layer, files in sorted(experts.items()):
         want = declared[layer] if isinstance(declared, list) else len(files)
         missing = sorted(set(range(want)) - set(files))
         if missing:
-            raise CheckpointError(f"{tag_dir}: MoE layer {layer} is missing expert file(s) for expert id(s) {missing} "
-                                  f"(expected layer_{layer}_expert_<0..{want - 1}>_mp_rank_00_model_states.pt)")
+            raise CheckpointError(
+                f"{tag_dir}: MoE layer {layer} is missing expert file(s) for expert id(s) {missing} "
+                f"(expected layer_{layer}_expert_<0..{want - 1}>_mp_rank_00_model_states.pt)"
+            )
         for expert in sorted(files):
             part = safe_torch_load(files[expert])
             if not isinstance(part, Mapping):
@@ -131,16 +137,22 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing:
-        raise CheckpointError(f"{source}: {len(missing)} key(s) the model needs are missing, e.g. '{missing[0]}' "
-                              f"{tuple(own[missing[0]].shape)} (model config does not match the weights?)")
+        raise CheckpointError(
+            f"{source}: {len(missing)} key(s) the model needs are missing, e.g. '{missing[0]}' "
+            f"{tuple(own[missing[0]].shape)} (model config does not match the weights?)"
+        )
     if unexpected:
-        raise CheckpointError(f"{source}: {len(unexpected)} key(s) the model does not have, e.g. '{unexpected[0]}' "
-                              f"{tuple(state[unexpected[0]].shape)} (model config does not match the weights?)")
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} key(s) the model does not have, e.g. '{unexpected[0]}' "
+            f"{tuple(state[unexpected[0]].shape)} (model config does not match the weights?)"
+        )
     for key, want in own.items():
         got = state[key]
         if tuple(got.shape) != tuple(want.shape):
-            raise CheckpointError(f"{source}: key '{key}' has shape {tuple(got.shape)} in the checkpoint but "
-                                  f"{tuple(want.shape)} in the model built from its config")
+            raise CheckpointError(
+                f"{source}: key '{key}' has shape {tuple(got.shape)} in the checkpoint but "
+                f"{tuple(want.shape)} in the model built from its config"
+            )
     model.load_state_dict(state, strict=True)
 
 

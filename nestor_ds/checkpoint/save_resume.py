@@ -103,8 +103,9 @@ def _no_space(err: BaseException, root: Path) -> bool:
     return st.f_bavail * st.f_frsize < 2**20
 
 
-def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, Any], run_config: dict[str, Any],
-                    keep_last: int) -> Path:
+def save_checkpoint(
+    engine: Any, root: Path, step: int, client_state: dict[str, Any], run_config: dict[str, Any], keep_last: int
+) -> Path:
     """Collective: every rank calls it. Rank 0 writes our files, the pointer, and prunes old tags afterwards."""
     tag = tag_for(step)
     root.mkdir(parents=True, exist_ok=True)
@@ -117,8 +118,9 @@ def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, 
         _barrier()
         if _rank() == 0:
             (tag_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
-            files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir())
-                     if p.is_file() and p.name != COMPLETE_MARKER}
+            files = {
+                p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != COMPLETE_MARKER
+            }
             seq = 1 + max((marker(t).get("seq", 0) for t in complete_tags(root)), default=0)
             _write_atomic(tag_dir / COMPLETE_MARKER, json.dumps({"step": step, "seq": seq, "files": files}) + "\n")
             _write_atomic(root / POINTER, tag + "\n")
@@ -126,9 +128,12 @@ def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, 
     except (OSError, RuntimeError) as err:
         if _no_space(err, root):
             free = shutil.disk_usage(root).free if root.exists() else 0
-            raise OSError(errno.ENOSPC, f"no space left on {root} while saving {tag} ({free / 2**20:.1f} MiB free); "
-                                        f"the partial {tag} is set aside at the next start, which resumes from the "
-                                        f"previous complete checkpoint") from None
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on {root} while saving {tag} ({free / 2**20:.1f} MiB free); "
+                f"the partial {tag} is set aside at the next start, which resumes from the "
+                f"previous complete checkpoint",
+            ) from None
         raise
     _barrier()
     return tag_dir
@@ -209,8 +214,10 @@ def resume_candidates(resume: str | None, checkpoint_root: Path) -> tuple[list[P
         if (p / COMPLETE_MARKER).is_file():
             return [p], False
         if not complete_tags(p):
-            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (expected a tag directory with "
-                                    f"{COMPLETE_MARKER} or a directory of step_* tags)")
+            raise FileNotFoundError(
+                f"--resume {resume}: no complete checkpoint there (expected a tag directory with "
+                f"{COMPLETE_MARKER} or a directory of step_* tags)"
+            )
         root = p
     tags = complete_tags(root)[::-1]
     pointed = _pointer(root)
@@ -247,8 +254,9 @@ def load_checkpoint(engine: Any, tag_dir: Path) -> dict[str, Any]:
     DeepSpeed unpickles with weights_only=False; every file is first checked to load with weights_only=True.
     """
     verify_checkpoint_files(tag_dir)
-    path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
+    path, client_state = engine.load_checkpoint(
+        str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if path is None:
         raise RuntimeError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     return client_state or {}
@@ -271,8 +279,11 @@ def resume(engine: Any, resume_arg: str | None, checkpoint_root: Path, metrics_p
         if _rank() == 0:
             truncate_metrics(metrics_path, 0)  # steps logged by a run killed before its first save are redone
         if _rank() == 0 and resume_arg is not None:
-            log.warning("--resume auto: no complete checkpoint under %s: starting fresh from step 0 (check --run-name "
-                        "if you meant to continue a run)", checkpoint_root)
+            log.warning(
+                "--resume auto: no complete checkpoint under %s: starting fresh from step 0 (check --run-name "
+                "if you meant to continue a run)",
+                checkpoint_root,
+            )
         return {}
     client: dict[str, Any] | None = None
     loaded: Path | None = None
@@ -284,14 +295,20 @@ def resume(engine: Any, resume_arg: str | None, checkpoint_root: Path, metrics_p
                 raise FileNotFoundError(f"--resume {tag_dir}: cannot load: {problem}")
             if _rank() == 0:
                 nxt = candidates[i + 1] if i + 1 < len(candidates) else None
-                log.warning("checkpoint %s cannot be loaded (%s): %s", tag_dir.name, problem,
-                            f"falling back to {nxt.name}" if nxt else "no older complete checkpoint")
+                log.warning(
+                    "checkpoint %s cannot be loaded (%s): %s",
+                    tag_dir.name,
+                    problem,
+                    f"falling back to {nxt.name}" if nxt else "no older complete checkpoint",
+                )
             continue
         client, loaded = load_checkpoint(engine, tag_dir), tag_dir
         break
     if loaded is None:
-        raise FileNotFoundError(f"--resume {resume_arg}: no loadable checkpoint under {candidates[0].parent} "
-                                f"(tried {', '.join(t.name for t in candidates)})")
+        raise FileNotFoundError(
+            f"--resume {resume_arg}: no loadable checkpoint under {candidates[0].parent} "
+            f"(tried {', '.join(t.name for t in candidates)})"
+        )
     step = int(client.get("step", marker(loaded).get("step", 0)))
     _barrier()  # every rank has read its files before rank 0 moves anything
     if _rank() == 0:
@@ -307,8 +324,9 @@ def _after_resume(root: Path, loaded: Path, step: int) -> None:
     for tag_dir in complete_tags(root):
         if _step_of(tag_dir) > step and tag_dir.resolve() != loaded.resolve():
             dest = set_aside(tag_dir, "abandoned")
-            log.warning("resumed from step %d: %s belongs to an abandoned branch, moved aside to %s",
-                        step, tag_dir.name, dest)
+            log.warning(
+                "resumed from step %d: %s belongs to an abandoned branch, moved aside to %s", step, tag_dir.name, dest
+            )
     root.mkdir(parents=True, exist_ok=True)
     if loaded.parent.resolve() == root.resolve():
         _write_atomic(root / POINTER, loaded.name + "\n")

@@ -37,8 +37,10 @@ def spec_manifest(spec: DatasetSpec) -> dict:
         return load_manifest(spec.path)
     location = location or default_manifest(spec.path)
     if location is None:
-        raise ValueError(f"dataset {spec.name}: path {spec.path!r} is a URL spec whose manifest cannot be "
-                         f"located; set `manifest:` (a path, an http(s) URL or a pipe: command)")
+        raise ValueError(
+            f"dataset {spec.name}: path {spec.path!r} is a URL spec whose manifest cannot be "
+            f"located; set `manifest:` (a path, an http(s) URL or a pipe: command)"
+        )
     return read_manifest_at(location)
 
 
@@ -75,18 +77,18 @@ class DataConfig:
     """
 
     datasets: list[DatasetSpec] = field(default_factory=list)
-    t_in: int = 10                 # past frames fed to the model
-    t_ar: int = 1                  # next frames to predict (training target length)
-    resolution: int = 128          # every dataset is resized (bilinear) to resolution x resolution
-    channels: int = 4              # channels are zero-padded to this many, with a mask
+    t_in: int = 10  # past frames fed to the model
+    t_ar: int = 1  # next frames to predict (training target length)
+    resolution: int = 128  # every dataset is resized (bilinear) to resolution x resolution
+    channels: int = 4  # channels are zero-padded to this many, with a mask
     windows_per_trajectory: int = 4  # random windows cut from each decoded trajectory
-    shuffle_buffer: int = 64       # windows held per dataset per worker for shuffling
-    normalize: bool = False        # (v - mean) / std with the manifest's training-split stats
-    num_workers: int = 0           # DataLoader workers per rank (0: main process, or 2 with pinned memory on
-                                   # GPU machines: stream.py)
-    steps_per_epoch: int = 100     # batches per rank per epoch
-    on_bad_sample: str = "error"   # a window with NaN/Inf: "error" (stop, naming dataset/shard/key) or "skip"
-                                   # (zeroed and masked out of the loss, logged, counted as train/skipped_samples)
+    shuffle_buffer: int = 64  # windows held per dataset per worker for shuffling
+    normalize: bool = False  # (v - mean) / std with the manifest's training-split stats
+    num_workers: int = 0  # DataLoader workers per rank (0: main process, or 2 with pinned memory on
+    # GPU machines: stream.py)
+    steps_per_epoch: int = 100  # batches per rank per epoch
+    on_bad_sample: str = "error"  # a window with NaN/Inf: "error" (stop, naming dataset/shard/key) or "skip"
+    # (zeroed and masked out of the loss, logged, counted as train/skipped_samples)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
@@ -119,8 +121,15 @@ class DataConfig:
 
     def _check_numbers(self) -> None:
         """The scalar options: counts >= 1, num_workers >= 0, a known on_bad_sample."""
-        positive = ("t_in", "t_ar", "resolution", "channels", "windows_per_trajectory",
-                    "shuffle_buffer", "steps_per_epoch")
+        positive = (
+            "t_in",
+            "t_ar",
+            "resolution",
+            "channels",
+            "windows_per_trajectory",
+            "shuffle_buffer",
+            "steps_per_epoch",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -156,14 +165,22 @@ class DataConfig:
         """Windows must fit the manifest's T frames and its channels data.channels; short rollouts are warned."""
         t, _, _, c = manifest["shape"]
         if self.t_in + self.t_ar > t:
-            raise ValueError(f"{where}: t_in + t_ar = {self.t_in + self.t_ar} > T = {t} frames "
-                             f"(shape {manifest['shape']} in the manifest of {spec.path})")
+            raise ValueError(
+                f"{where}: t_in + t_ar = {self.t_in + self.t_ar} > T = {t} frames "
+                f"(shape {manifest['shape']} in the manifest of {spec.path})"
+            )
         if c > self.channels:
             raise ValueError(f"{where}: {c} channels {manifest['channels']} > data.channels = {self.channels}")
         if spec.rollout_steps > t - self.t_in:
             logging.getLogger("nestor_ds.data").warning(
                 "%s: rollout_steps = %d but only T - t_in = %d - %d frames follow the input window: rollouts "
-                "are scored over %d steps", where, spec.rollout_steps, t, self.t_in, t - self.t_in)
+                "are scored over %d steps",
+                where,
+                spec.rollout_steps,
+                t,
+                self.t_in,
+                t - self.t_in,
+            )
 
 
 def _check_spec(spec: DatasetSpec, where: str) -> None:

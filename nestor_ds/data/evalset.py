@@ -55,8 +55,9 @@ def _url_samples(url: str) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
         samples.close()
 
 
-def _test_trajectories(info: DatasetInfo, limit: int | None, rank: int,
-                       world_size: int) -> Iterator[tuple[int, np.ndarray]]:
+def _test_trajectories(
+    info: DatasetInfo, limit: int | None, rank: int, world_size: int
+) -> Iterator[tuple[int, np.ndarray]]:
     """(traj_index, fields [T, X, Y, c]) of this rank's test trajectories (index % world_size == rank);
     other ranks' trajectories are skipped without reading their data."""
     read = _url_samples if info.remote else _local_samples
@@ -76,8 +77,10 @@ WINDOWS = ("all", "first")
 def _check_args(batch_size: int, rank: int, world_size: int, windows: str, horizon: int | None) -> None:
     """One-line ValueError for arguments no evaluation pass can use."""
     if batch_size < 1 or not (0 <= rank < world_size):
-        raise ValueError(f"build_eval_batches: need batch_size >= 1 and 0 <= rank < world_size, "
-                         f"got batch_size={batch_size} rank={rank} world_size={world_size}")
+        raise ValueError(
+            f"build_eval_batches: need batch_size >= 1 and 0 <= rank < world_size, "
+            f"got batch_size={batch_size} rank={rank} world_size={world_size}"
+        )
     if windows not in WINDOWS:
         raise ValueError(f"build_eval_batches: windows={windows!r}, expected one of {WINDOWS}")
     if horizon is not None and horizon < 1:
@@ -94,28 +97,35 @@ def _test_split_info(spec: DatasetSpec, cfg: DataConfig, dataset_id: int) -> Dat
         raise ValueError(f"{spec.path}: {c} channels > data.channels = {cfg.channels}")
     if not info.test:
         if info.remote:
-            raise ValueError(f"dataset {spec.name}: path {spec.path!r} gives no test URLs; write it as "
-                             f"{{train: URLSPEC, test: URLSPEC}} to evaluate")
+            raise ValueError(
+                f"dataset {spec.name}: path {spec.path!r} gives no test URLs; write it as "
+                f"{{train: URLSPEC, test: URLSPEC}} to evaluate"
+            )
         raise ValueError(f"{spec.path}: manifest lists no test shards")
     return info
 
 
-def _make_batch(items: list[tuple[int, int, np.ndarray]], cfg: DataConfig, info: DatasetInfo, n_target: int,
-                stats: tuple[np.ndarray, np.ndarray]) -> dict[str, torch.Tensor]:
+def _make_batch(
+    items: list[tuple[int, int, np.ndarray]],
+    cfg: DataConfig,
+    info: DatasetInfo,
+    n_target: int,
+    stats: tuple[np.ndarray, np.ndarray],
+) -> dict[str, torch.Tensor]:
     """items: (traj_index, start frame s, resized frames [T, X, Y, c]) -> one batch with T_y = n_target."""
     B, res, C, c = len(items), cfg.resolution, cfg.channels, info.shape[3]
     x = torch.zeros(B, res, res, cfg.t_in, C)
     y = torch.zeros(B, res, res, n_target, C)
     steps = []
     for b, (_, s, frames) in enumerate(items):
-        target = frames[s:s + n_target]
-        write_frames(x.numpy()[b], frames[s - cfg.t_in:s])
+        target = frames[s : s + n_target]
+        write_frames(x.numpy()[b], frames[s - cfg.t_in : s])
         if len(target) == n_target:
             write_frames(y.numpy()[b], target)
         else:  # write_frames needs a contiguous destination: stage the short window
             part = np.zeros((res, res, len(target), C), np.float32)
             write_frames(part, target)
-            y[b, :, :, :len(target)] = torch.from_numpy(part)
+            y[b, :, :, : len(target)] = torch.from_numpy(part)
         steps.append(len(target))
     if cfg.normalize:
         mean_BC, std_BC = np.tile(stats[0], (B, 1)), np.tile(stats[1], (B, 1))
@@ -125,15 +135,28 @@ def _make_batch(items: list[tuple[int, int, np.ndarray]], cfg: DataConfig, info:
             y[b, :, :, n:] = 0
     mask = torch.zeros(B, C, dtype=torch.bool)
     mask[:, :c] = True
-    return {"x": x, "y": y, "y_steps": torch.tensor(steps, dtype=torch.long), "channel_mask": mask,
-            "dataset_id": torch.full((B,), info.index, dtype=torch.long),
-            "traj_index": torch.tensor([i for i, _, _ in items], dtype=torch.long),
-            "start_frame": torch.tensor([s for _, s, _ in items], dtype=torch.long)}
+    return {
+        "x": x,
+        "y": y,
+        "y_steps": torch.tensor(steps, dtype=torch.long),
+        "channel_mask": mask,
+        "dataset_id": torch.full((B,), info.index, dtype=torch.long),
+        "traj_index": torch.tensor([i for i, _, _ in items], dtype=torch.long),
+        "start_frame": torch.tensor([s for _, s, _ in items], dtype=torch.long),
+    }
 
 
-def build_eval_batches(spec: DatasetSpec, cfg: DataConfig, dataset_id: int, batch_size: int,
-                       max_trajectories: int | None = None, rank: int = 0, world_size: int = 1,
-                       windows: str = "all", horizon: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def build_eval_batches(
+    spec: DatasetSpec,
+    cfg: DataConfig,
+    dataset_id: int,
+    batch_size: int,
+    max_trajectories: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    windows: str = "all",
+    horizon: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Deterministic batches over the test split of one dataset.
 
     Each batch: x [B, X, Y, T_in, C], y [B, X, Y, T_y, C], y_steps [B] (real target frames in y),

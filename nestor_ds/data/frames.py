@@ -30,8 +30,7 @@ def resize_frames(frames_TXYc: np.ndarray, resolution: int) -> np.ndarray:
     if not frames_TXYc.flags.writeable:  # memory-mapped shard: torch wants writable memory
         frames_TXYc = frames_TXYc.copy()
     t_TcXY = torch.from_numpy(np.ascontiguousarray(frames_TXYc)).permute(0, 3, 1, 2)
-    out = F.interpolate(t_TcXY, size=(resolution, resolution), mode="bilinear",
-                        align_corners=False, antialias=False)
+    out = F.interpolate(t_TcXY, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=False)
     return out.permute(0, 2, 3, 1).contiguous().numpy()
 
 

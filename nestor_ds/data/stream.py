@@ -44,9 +44,9 @@ from nestor_ds.data.trajectories import DatasetInfo, ShardReader, Trajectory, ma
 from nestor_ds.shards.schema import DataFormatError
 
 # Seed-sequence tags: keep the random streams of different purposes independent.
-_TAG_SHARDS = 0x5A4D   # per-epoch shard permutation, shared by all ranks and workers
+_TAG_SHARDS = 0x5A4D  # per-epoch shard permutation, shared by all ranks and workers
 _TAG_WINDOWS = 0x57A1  # per-(epoch, rank, worker, dataset) shard order, window starts, shuffle buffer
-_TAG_MIX = 0x313C      # per-(epoch, rank, worker) dataset choice of each batch element
+_TAG_MIX = 0x313C  # per-(epoch, rank, worker) dataset choice of each batch element
 
 _log = logging.getLogger("nestor_ds.data.stream")
 
@@ -69,17 +69,28 @@ def slot_shares(counts: list[int], perm: np.ndarray, slot: int, n_slots: int) ->
 class _WindowSource:
     """The windows of one dataset for one (epoch, rank, worker): shards -> trajectories -> windows -> shuffle."""
 
-    def __init__(self, info: DatasetInfo, cfg: DataConfig, seed: int, epoch: int, rank: int,
-                 worker: int, n_workers: int, world_size: int):
+    def __init__(
+        self,
+        info: DatasetInfo,
+        cfg: DataConfig,
+        seed: int,
+        epoch: int,
+        rank: int,
+        worker: int,
+        n_workers: int,
+        world_size: int,
+    ):
         self.info, self.cfg = info, cfg
         counts = [c for _, c in info.train]
         perm = np.random.default_rng([seed, _TAG_SHARDS, epoch, info.index]).permutation(len(counts))
         self.share = slot_shares(counts, perm, rank * n_workers + worker, world_size * n_workers)
         got = sum(len(range(res, counts[i], mod)) for i, mod, res in self.share)
         if got == 0:
-            raise ValueError(f"dataset {info.spec.name}: rank {rank} worker {worker} gets no training "
-                             f"trajectory ({len(counts)} shards, {sum(counts)} trajectories, "
-                             f"{world_size * n_workers} rank-worker slots); use fewer workers or ranks")
+            raise ValueError(
+                f"dataset {info.spec.name}: rank {rank} worker {worker} gets no training "
+                f"trajectory ({len(counts)} shards, {sum(counts)} trajectories, "
+                f"{world_size * n_workers} rank-worker slots); use fewer workers or ranks"
+            )
         self.rng = np.random.default_rng([seed, _TAG_WINDOWS, epoch, rank, worker, info.index])
         self.eager = True
         self._it = self._shuffled()
@@ -125,8 +136,9 @@ class _EpochStream:
     def _source(self, d: int) -> _WindowSource:
         if d not in self.sources:
             o = self.owner
-            self.sources[d] = _WindowSource(o.infos[d], o.cfg, o.seed, self.epoch, o.rank,
-                                            self.worker, self.n_workers, o.world_size)
+            self.sources[d] = _WindowSource(
+                o.infos[d], o.cfg, o.seed, self.epoch, o.rank, self.worker, self.n_workers, o.world_size
+            )
         return self.sources[d]
 
     def next_batch(self, materialize: bool = True) -> dict[str, torch.Tensor] | None:
@@ -153,7 +165,7 @@ class _RankDataset(IterableDataset):
         return self.stream.steps(self.start_step, j, n)
 
 
-GPU_DEFAULT_WORKERS = 2   # DataLoader workers per rank when data.num_workers = 0 and a GPU is present
+GPU_DEFAULT_WORKERS = 2  # DataLoader workers per rank when data.num_workers = 0 and a GPU is present
 
 
 def effective_workers(num_workers: int) -> int:
@@ -167,8 +179,10 @@ class TrainStream:
     def __init__(self, cfg: DataConfig, micro_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         cfg.validate()
         if micro_batch < 1 or not (0 <= rank < world_size):
-            raise ValueError(f"TrainStream: need micro_batch >= 1 and 0 <= rank < world_size, "
-                             f"got micro_batch={micro_batch} rank={rank} world_size={world_size}")
+            raise ValueError(
+                f"TrainStream: need micro_batch >= 1 and 0 <= rank < world_size, "
+                f"got micro_batch={micro_batch} rank={rank} world_size={world_size}"
+            )
         self.cfg, self.micro_batch, self.rank, self.world_size, self.seed = cfg, micro_batch, rank, world_size, seed
         self.infos = [DatasetInfo.from_spec(i, s) for i, s in enumerate(cfg.datasets)]
         weights = np.asarray([s.weight for s in cfg.datasets], dtype=np.float64)
@@ -188,8 +202,13 @@ class TrainStream:
             yield from self.steps(start_step, 0, 1)
             return
         # pinned batches: the trainer copies them to the GPU with non_blocking=True (engine/hot_loop.py)
-        loader = DataLoader(_RankDataset(self, start_step), batch_size=None, num_workers=workers,
-                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+        loader = DataLoader(
+            _RankDataset(self, start_step),
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
         yield from loader
 
     def steps(self, start_step: int, j: int, n_workers: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -206,8 +225,8 @@ class TrainStream:
             e = s // spe
             if epoch is None or epoch.epoch != e:
                 epoch = _EpochStream(self, e, w, n_workers)
-                first = e * spe + (w - e * spe) % n_workers   # first step of epoch e owned by w
-                for _ in range((s - first) // n_workers):      # fast-forward: no trajectory reads
+                first = e * spe + (w - e * spe) % n_workers  # first step of epoch e owned by w
+                for _ in range((s - first) // n_workers):  # fast-forward: no trajectory reads
                     epoch.next_batch(materialize=False)
             yield epoch.next_batch()
             s += n_workers
@@ -225,15 +244,15 @@ class TrainStream:
         skipped = torch.zeros(B, dtype=torch.bool)
         for b, (d, traj, t0) in enumerate(windows):
             dataset_id[b] = d
-            window = traj.load()[t0:t0 + cfg.t_in + cfg.t_ar]
+            window = traj.load()[t0 : t0 + cfg.t_in + cfg.t_ar]
             if not np.isfinite(window).all():
                 skipped[b] = self._bad_window(d, traj, t0, window)
                 x[b], y[b] = 0.0, 0.0  # channel mask stays False: out of the relative-L2 loss
                 continue
             frames = resize_frames(window, res)
-            write_frames(xa[b], frames[:cfg.t_in])
-            write_frames(ya[b], frames[cfg.t_in:])
-            mask[b, :frames.shape[3]] = True
+            write_frames(xa[b], frames[: cfg.t_in])
+            write_frames(ya[b], frames[cfg.t_in :])
+            mask[b, : frames.shape[3]] = True
         if cfg.normalize:
             mean = np.stack([self._stats[d][0] for d, _, _ in windows])
             std = np.stack([self._stats[d][1] for d, _, _ in windows])
@@ -247,8 +266,10 @@ class TrainStream:
         Skipping keeps the batch's composition (the element is zeroed and masked out), so the stream, and a
         resumed run, stay exactly the same whatever the data holds."""
         bad = int((~np.isfinite(window)).sum())
-        what = (f"dataset {self.infos[d].spec.name}: {traj.where()}: {bad} NaN/Inf value(s) in frames "
-                f"{t0}..{t0 + window.shape[0] - 1}")
+        what = (
+            f"dataset {self.infos[d].spec.name}: {traj.where()}: {bad} NaN/Inf value(s) in frames "
+            f"{t0}..{t0 + window.shape[0] - 1}"
+        )
         if self.cfg.on_bad_sample != "skip":
             raise DataFormatError(self.infos[d].spec.path, f"{what} (set data.on_bad_sample: skip to train past it)")
         _log.warning("%s: skipped (data.on_bad_sample: skip)", what)

@@ -34,12 +34,12 @@ class DatasetInfo:
 
     index: int
     spec: DatasetSpec
-    remote: bool                              # shards are URLs read by webdataset, not mapped files
-    shape: tuple[int, int, int, int]          # T, X, Y, C of every trajectory
-    train: tuple[tuple[str, int], ...]        # (shard file path or URL, trajectory count), manifest order
-    test: tuple[tuple[str, int], ...]         # empty for a URL spec without test URLs
-    mean: np.ndarray                          # [C] training-split statistics
-    std: np.ndarray                           # [C], zeros replaced by 1 (constant channels)
+    remote: bool  # shards are URLs read by webdataset, not mapped files
+    shape: tuple[int, int, int, int]  # T, X, Y, C of every trajectory
+    train: tuple[tuple[str, int], ...]  # (shard file path or URL, trajectory count), manifest order
+    test: tuple[tuple[str, int], ...]  # empty for a URL spec without test URLs
+    mean: np.ndarray  # [C] training-split statistics
+    std: np.ndarray  # [C], zeros replaced by 1 (constant channels)
     digests: dict[str, str] = field(default_factory=dict, hash=False, compare=False)  # local shard path -> sha256
 
     @classmethod
@@ -52,16 +52,32 @@ class DatasetInfo:
             if remote:
                 urls = split_spec(spec.path, split)
                 return shard_urls(urls, manifest, split, f"dataset {spec.name}") if urls else ()
-            return tuple((str(Path(spec.path) / s["file"]), int(s["count"]))
-                         for s in splits.get(split, {}).get("shards", []))
+            return tuple(
+                (str(Path(spec.path) / s["file"]), int(s["count"])) for s in splits.get(split, {}).get("shards", [])
+            )
 
         std = np.asarray(manifest["stats"]["std"], dtype=np.float32)
-        digests = {} if remote else {str(Path(spec.path) / s["file"]): s["sha256"] for split in splits.values()
-                                     for s in split.get("shards", []) if s.get("sha256")}
-        return cls(index=index, spec=spec, remote=remote, shape=tuple(manifest["shape"]),
-                   train=shards("train"), test=shards("test"), digests=digests,
-                   mean=np.asarray(manifest["stats"]["mean"], dtype=np.float32),
-                   std=np.where(std > 0, std, np.float32(1.0)).astype(np.float32))
+        digests = (
+            {}
+            if remote
+            else {
+                str(Path(spec.path) / s["file"]): s["sha256"]
+                for split in splits.values()
+                for s in split.get("shards", [])
+                if s.get("sha256")
+            }
+        )
+        return cls(
+            index=index,
+            spec=spec,
+            remote=remote,
+            shape=tuple(manifest["shape"]),
+            train=shards("train"),
+            test=shards("test"),
+            digests=digests,
+            mean=np.asarray(manifest["stats"]["mean"], dtype=np.float32),
+            std=np.where(std > 0, std, np.float32(1.0)).astype(np.float32),
+        )
 
     def check(self, arr: np.ndarray, where: str) -> np.ndarray:
         if arr.shape != self.shape:
@@ -118,14 +134,18 @@ def check_shard_once(path: str, sha256: str | None) -> None:
         return
     digest = sha256_file(path)
     if digest != sha256:
-        raise DataFormatError(path, f"sha256 {digest[:12]}... but the manifest says {sha256[:12]}...: the shard "
-                                    f"changed after the build (corrupted copy?); rebuild it or check it with "
-                                    f"nestor_ds.shards --verify")
+        raise DataFormatError(
+            path,
+            f"sha256 {digest[:12]}... but the manifest says {sha256[:12]}...: the shard "
+            f"changed after the build (corrupted copy?); rebuild it or check it with "
+            f"nestor_ds.shards --verify",
+        )
     _VERIFIED.add((path, sha256))
 
 
-def mapped_trajectories(path: str, count: int, mod: int, res: int, info: DatasetInfo,
-                        eager: Callable[[], bool]) -> Iterator[_MappedTrajectory]:
+def mapped_trajectories(
+    path: str, count: int, mod: int, res: int, info: DatasetInfo, eager: Callable[[], bool]
+) -> Iterator[_MappedTrajectory]:
     """ShardReader of a local shard file: memory-mapped, tar headers walked by `iter_shard_samples`."""
     check_shard_once(path, info.digests.get(path))
     fd = os.open(path, os.O_RDONLY)
@@ -143,8 +163,9 @@ def mapped_trajectories(path: str, count: int, mod: int, res: int, info: Dataset
                 traj.load(mm)
             yield traj
         if seen != count:  # a shard replaced or truncated after the build: never spin on a share that yields nothing
-            raise DataFormatError(path, f"holds {seen} samples, the manifest says {count} "
-                                        f"(check it with nestor_ds.shards --verify)")
+            raise DataFormatError(
+                path, f"holds {seen} samples, the manifest says {count} (check it with nestor_ds.shards --verify)"
+            )
     finally:
         os.close(fd)
 
@@ -194,8 +215,9 @@ def _advance(samples: Iterator[UrlSample], n: int, url: str) -> UrlSample:
     return sample
 
 
-def url_trajectories(url: str, count: int, mod: int, res: int, info: DatasetInfo,
-                     eager: Callable[[], bool]) -> Iterator[_UrlTrajectory]:
+def url_trajectories(
+    url: str, count: int, mod: int, res: int, info: DatasetInfo, eager: Callable[[], bool]
+) -> Iterator[_UrlTrajectory]:
     """ShardReader of a shard URL: one sequential webdataset read, opened when the first eager trajectory
     is due. Positions come from the manifest count, so a fast-forward yields lazy trajectories unread."""
     samples: Iterator[UrlSample] | None = None

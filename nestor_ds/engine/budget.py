@@ -24,12 +24,12 @@ import torch
 
 @dataclass
 class Budget:
-    time_s: float | None          # training seconds allowed (None: no time budget)
-    flops: float | None           # training FLOPs allowed (None: no FLOP budget)
-    flops_per_step: float            # analytic training FLOPs of one optimizer step, all ranks together
-    seconds: float = 0.0             # agreed training seconds spent up to `checked_step`
-    step_time: float = 0.0           # agreed seconds per step over the last agreed interval
-    checked_step: int = 0            # step of the last agreement
+    time_s: float | None  # training seconds allowed (None: no time budget)
+    flops: float | None  # training FLOPs allowed (None: no FLOP budget)
+    flops_per_step: float  # analytic training FLOPs of one optimizer step, all ranks together
+    seconds: float = 0.0  # agreed training seconds spent up to `checked_step`
+    step_time: float = 0.0  # agreed seconds per step over the last agreed interval
+    checked_step: int = 0  # step of the last agreement
 
     @property
     def active(self) -> bool:

@@ -107,6 +107,10 @@ def apply_compile(model: nn.Module, compile_: bool, cuda_graphs: bool, device: t
     for name, module in compile_regions(model, static):
         module.compile(fullgraph=True, mode=mode)
         plan.regions.append(name)
-    log.info("train.compile: %d regions compiled (%s)%s", len(plan.regions), ", ".join(plan.regions),
-             ", CUDA graphs on" if plan.cuda_graphs else "")
+    log.info(
+        "train.compile: %d regions compiled (%s)%s",
+        len(plan.regions),
+        ", ".join(plan.regions),
+        ", CUDA graphs on" if plan.cuda_graphs else "",
+    )
     return plan

@@ -58,22 +58,26 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local_rank, local_world, device)
 
 
-def resolve_ep_size(requested: int | str, world_size: int, num_experts: int, backend: str,
-                    zero_stage: int = 0) -> int:
+def resolve_ep_size(requested: int | str, world_size: int, num_experts: int, backend: str, zero_stage: int = 0) -> int:
     """``auto``: the largest size dividing both the world size and the token-expert count (``local`` and the
     legacy ``deepspeed`` backend); 1 under ZeRO-3 (DeepSpeed partitions MoE parameters only up to stage 2), for
     ``megablocks`` (all experts on every rank) and for ``none`` (the AFNO baseline)."""
     if backend in ("megablocks", "none") or zero_stage == 3:
         if requested not in ("auto", 1):
-            why = ("the AFNO baseline has no experts" if backend == "none" else
-                   "ZeRO stage 3 does not partition MoE parameters (DeepSpeed: MoE up to stage 2); use "
-                   "ds_configs/zero2.json" if zero_stage == 3 else
-                   f"model.moe.backend={backend} keeps all token experts on every rank; use model.moe.backend=local")
+            why = (
+                "the AFNO baseline has no experts"
+                if backend == "none"
+                else "ZeRO stage 3 does not partition MoE parameters (DeepSpeed: MoE up to stage 2); use "
+                "ds_configs/zero2.json"
+                if zero_stage == 3
+                else f"model.moe.backend={backend} keeps all token experts on every rank; use model.moe.backend=local"
+            )
             raise ValueError(f"model.moe.ep_size={requested}: {why}")
         return 1
     if requested == "auto":
-        return max(d for d in range(1, min(world_size, num_experts) + 1)
-                   if world_size % d == 0 and num_experts % d == 0)
+        return max(
+            d for d in range(1, min(world_size, num_experts) + 1) if world_size % d == 0 and num_experts % d == 0
+        )
     ep = int(requested)
     if world_size % ep or num_experts % ep:
         raise ValueError(
@@ -83,8 +87,9 @@ def resolve_ep_size(requested: int | str, world_size: int, num_experts: int, bac
     return ep
 
 
-def setup_expert_parallel(model: torch.nn.Module, ep_size: int,
-                          lockstep: bool = False) -> torch.distributed.ProcessGroup | None:
+def setup_expert_parallel(
+    model: torch.nn.Module, ep_size: int, lockstep: bool = False
+) -> torch.distributed.ProcessGroup | None:
     """Create the process groups the model's MoE layers need and hand them over, before deepspeed.initialize.
 
     The expert-parallel groups (consecutive ranks, ep_size > 1) are created in DeepSpeed's group registry

@@ -32,7 +32,8 @@ def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int) -> tupl
     if "train_batch_size" in ds and int(ds["train_batch_size"]) != micro * accum * world_size:
         raise ValueError(
             f"ds_config: train_batch_size={ds['train_batch_size']} != micro ({micro}) x accumulation ({accum}) x "
-            f"data-parallel size ({world_size}); drop train_batch_size and DeepSpeed derives it")
+            f"data-parallel size ({world_size}); drop train_batch_size and DeepSpeed derives it"
+        )
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     if cfg.model.arch == "nestor" and cfg.model.moe.backend == "megablocks" and not ds.get("bf16", {}).get("enabled"):
         raise ValueError("model.moe.backend=megablocks runs its experts in bf16: use a *_bf16.json ds_config")

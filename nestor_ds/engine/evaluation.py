@@ -12,8 +12,16 @@ from nestor_ds.log import get_logger
 log = get_logger(__name__)
 
 
-def evaluate(engine: Any, cfg: RunConfig, dist_info: DistInfo, tracker: Any, step: int, prefix: str = "eval",
-              usage: Any = None, figures: bool = False) -> dict[str, Any]:
+def evaluate(
+    engine: Any,
+    cfg: RunConfig,
+    dist_info: DistInfo,
+    tracker: Any,
+    step: int,
+    prefix: str = "eval",
+    usage: Any = None,
+    figures: bool = False,
+) -> dict[str, Any]:
     """One-step and short-rollout L2RE per dataset on the test split, logged to MLflow.
 
     Each rank scores a disjoint share of the test trajectories and the sums are all-reduced, so every rank gets
@@ -25,11 +33,17 @@ def evaluate(engine: Any, cfg: RunConfig, dist_info: DistInfo, tracker: Any, ste
     model = engine.module
     was_training = model.training
     model.eval()
-    report = evaluate_model(model, cfg.data, rollout_steps=cfg.train.eval_rollout_steps,
-                            batch_size=cfg.train.eval_batch_size, max_trajectories=cfg.train.eval_max_trajectories,
-                            device=engine.device,
-                            progress=dist_info.is_main, dtype=next(model.parameters()).dtype,
-                            windows=cfg.train.eval_windows)
+    report = evaluate_model(
+        model,
+        cfg.data,
+        rollout_steps=cfg.train.eval_rollout_steps,
+        batch_size=cfg.train.eval_batch_size,
+        max_trajectories=cfg.train.eval_max_trajectories,
+        device=engine.device,
+        progress=dist_info.is_main,
+        dtype=next(model.parameters()).dtype,
+        windows=cfg.train.eval_windows,
+    )
     metrics = {}
     for name, ds in report.get("datasets", {}).items():
         metrics[f"{prefix}/{name}/l2re_1step"] = ds["l2re_1step"]

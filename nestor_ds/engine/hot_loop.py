@@ -28,9 +28,9 @@ class DeviceLog:
     """Per-step loss parts, gradient norms and routing, kept where they were computed until :meth:`flush`."""
 
     def __init__(self, usage: Any = None) -> None:
-        self.usage = usage                       # ExpertUsage (tracking) fed at flush time
-        self._rows: list[torch.Tensor] = []      # loss parts of one optimizer step (this rank), order PART_NAMES
-        self._norms: list[Any] = []              # grad norm of that step: tensor, float or None (DeepSpeed's choice)
+        self.usage = usage  # ExpertUsage (tracking) fed at flush time
+        self._rows: list[torch.Tensor] = []  # loss parts of one optimizer step (this rank), order PART_NAMES
+        self._norms: list[Any] = []  # grad norm of that step: tensor, float or None (DeepSpeed's choice)
         self._steps: list[tuple[int, float]] = []  # (step, lr)
         self._routing: list[tuple[list, torch.Tensor]] = []
         self._local_norm: torch.Tensor | None = None  # see note_local_grad_norm
@@ -42,8 +42,17 @@ class DeviceLog:
         replay overwrites, while these records wait until the next logging step.
         """
         if routing and copy:
-            routing = [dataclasses.replace(r, **{f.name: getattr(r, f.name).clone() for f in dataclasses.fields(r)
-                                                 if torch.is_tensor(getattr(r, f.name))}) for r in routing]
+            routing = [
+                dataclasses.replace(
+                    r,
+                    **{
+                        f.name: getattr(r, f.name).clone()
+                        for f in dataclasses.fields(r)
+                        if torch.is_tensor(getattr(r, f.name))
+                    },
+                )
+                for r in routing
+            ]
         if routing:
             self._routing.append((routing, dataset_id_B))
 
@@ -78,11 +87,11 @@ class DeviceLog:
             return []
         rows = torch.stack(self._rows)  # one row per pending step, one column per loss part
         tensor_norms = [i for i, n in enumerate(self._norms) if torch.is_tensor(n)]
-        if tensor_norms:   # one transfer for both: norms appended as an extra column
+        if tensor_norms:  # one transfer for both: norms appended as an extra column
             grad_norms = torch.full((len(self._rows),), float("nan"), dtype=rows.dtype, device=rows.device)
             grad_norms[tensor_norms] = torch.stack([self._norms[i].to(rows) for i in tensor_norms])
             rows = torch.cat([rows, grad_norms[:, None]], dim=1)
-        host = rows.float().cpu()                                          # the one device -> host transfer
+        host = rows.float().cpu()  # the one device -> host transfer
         n_parts = len(PART_NAMES)
         table = torch.cat([all_reduce_mean(host[:, :n_parts].contiguous()), host[:, n_parts:]], dim=1).tolist()
         out = []
@@ -105,8 +114,12 @@ class DeviceFeed:
     batches pass through unchanged (the data already lives where the model runs).
     """
 
-    def __init__(self, batches: Iterator[dict[str, torch.Tensor]], device: torch.device,
-                 keys: tuple[str, ...] = ("x", "y", "channel_mask")) -> None:
+    def __init__(
+        self,
+        batches: Iterator[dict[str, torch.Tensor]],
+        device: torch.device,
+        keys: tuple[str, ...] = ("x", "y", "channel_mask"),
+    ) -> None:
         self.batches, self.device, self.keys = batches, device, keys
         self.active = device.type == "cuda"
         self._next: dict[str, torch.Tensor] | None = None

@@ -18,8 +18,13 @@ class LossConfig:
     token_z_weight: float = 0.0
 
 
-def training_loss(pred: torch.Tensor, target: torch.Tensor, channel_mask: torch.Tensor,
-                  aux_losses: dict[str, torch.Tensor], cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def training_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    channel_mask: torch.Tensor,
+    aux_losses: dict[str, torch.Tensor],
+    cfg: LossConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``loss = mean over samples of the relative L2 over real channels``
     ``+ w_img * image_lb + w_tok * token_lb + w_z * token_z``.
 

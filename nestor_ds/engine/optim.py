@@ -35,14 +35,21 @@ class OptimConfig:
 
     def validate(self) -> None:
         check(self.name in ("adam", "adamw"), "optim.name", f"must be adam or adamw, got {self.name!r}")
-        check(self.schedule in ("onecycle", "cosine", "constant"), "optim.schedule",
-               f"must be onecycle, cosine or constant, got {self.schedule!r}")
+        check(
+            self.schedule in ("onecycle", "cosine", "constant"),
+            "optim.schedule",
+            f"must be onecycle, cosine or constant, got {self.schedule!r}",
+        )
         check(self.lr > 0, "optim.lr", "must be > 0")
         check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        check(self.div_factor >= 1, "optim.div_factor",
-              f"must be >= 1 (start lr = lr / div_factor), got {self.div_factor}")
-        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
-              "must be two numbers in [0, 1)")
+        check(
+            self.div_factor >= 1,
+            "optim.div_factor",
+            f"must be >= 1 (start lr = lr / div_factor), got {self.div_factor}",
+        )
+        check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "must be two numbers in [0, 1)"
+        )
 
 
 def build_param_groups(named_groups: dict[str, tuple[list[torch.nn.Parameter], float]]) -> list[dict]:
@@ -97,4 +104,3 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig, fraction: float | None 
 def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_multiplier", 1.0)
-

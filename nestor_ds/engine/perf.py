@@ -42,8 +42,12 @@ class PerfMeter:
         it times on the host only when it reads the device anyway)."""
         sps = self.samples_per_step / max(seconds, 1e-9)
         flops = 3.0 * self.stats["flops_per_sample"] * sps
-        out = {"perf/samples_per_s": sps, "perf/tokens_per_s": sps * self.tokens_per_sample,
-               "perf/step_time_s": seconds, "perf/tflops": flops / 1e12}
+        out = {
+            "perf/samples_per_s": sps,
+            "perf/tokens_per_s": sps * self.tokens_per_sample,
+            "perf/step_time_s": seconds,
+            "perf/tflops": flops / 1e12,
+        }
         if self.peak:
             out["perf/mfu"] = flops / (self.peak * max(1, torch.distributed.get_world_size()))
         return out

@@ -38,7 +38,7 @@ def _stat(pid: int) -> tuple[int, str, str] | None:
         text = open(f"/proc/{pid}/stat").read()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
     return int(fields[1]), fields[0], fields[19]
 
 
@@ -104,8 +104,9 @@ class Preemption:
             ancestors = launcher_ancestors()
             if ancestors:
                 set_parent_death_signal(signal.SIGTERM)
-                self._thread = threading.Thread(target=self._watch_launchers, args=(ancestors,), daemon=True,
-                                                name="nestor-launcher-watch")
+                self._thread = threading.Thread(
+                    target=self._watch_launchers, args=(ancestors,), daemon=True, name="nestor-launcher-watch"
+                )
                 self._thread.start()
         return self
 

@@ -19,13 +19,18 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True, file=sys.stderr,
-                            mininterval=1.0)
+            self.bar = tqdm(
+                total=total, initial=start, desc=name, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=1.0
+            )
 
     def update(self, metrics: dict[str, float]) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", l2=f"{metrics['train/rel_l2']:.4f}",
-                                 sps=f"{metrics.get('perf/samples_per_s', 0):.1f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{metrics['train/loss']:.4f}",
+                l2=f"{metrics['train/rel_l2']:.4f}",
+                sps=f"{metrics.get('perf/samples_per_s', 0):.1f}",
+                refresh=False,
+            )
             self.bar.update(1)
 
     def note(self, text: str) -> None:
@@ -37,12 +42,24 @@ class Progress:
             self.bar.close()
 
 
-def write_summary(path: Path, cfg: RunConfig, step: int, stats: dict[str, Any], budget: Budget,
-                   final_eval: dict[str, Any], usage: Any) -> None:
+def write_summary(
+    path: Path, cfg: RunConfig, step: int, stats: dict[str, Any], budget: Budget, final_eval: dict[str, Any], usage: Any
+) -> None:
     """run_summary.json beside metrics.jsonl: what a finished run reached and cost (read by tools/study.py)."""
     names = [d.name for d in cfg.data.datasets]
-    experts = {str(b): {"dataset_expert": usage.counts_matrix(b).tolist(), "mi_bits": usage.specialisation(b),
-                        "datasets": names} for b in sorted(usage.blocks)}
-    summary = {"steps": step, "model_stats": stats, **budget.metrics(step), "final_eval": final_eval,
-               "expert_usage": experts}
+    experts = {
+        str(b): {
+            "dataset_expert": usage.counts_matrix(b).tolist(),
+            "mi_bits": usage.specialisation(b),
+            "datasets": names,
+        }
+        for b in sorted(usage.blocks)
+    }
+    summary = {
+        "steps": step,
+        "model_stats": stats,
+        **budget.metrics(step),
+        "final_eval": final_eval,
+        "expert_usage": experts,
+    }
     path.write_text(json.dumps(summary, indent=1))

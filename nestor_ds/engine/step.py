@@ -20,9 +20,18 @@ from nestor_ds.engine.hot_loop import PART_NAMES, DeviceLog
 from nestor_ds.engine.loss import inject_noise, noise_generator, training_loss
 
 
-def optimizer_step(engine: Any, batches: Iterator[dict[str, torch.Tensor]], cfg: RunConfig, rank: int, step: int,
-                   accum: int, input_dtype: torch.dtype, pending: DeviceLog,
-                   compiled: CompilePlan | None = None, local_norm: bool = False) -> torch.Tensor:
+def optimizer_step(
+    engine: Any,
+    batches: Iterator[dict[str, torch.Tensor]],
+    cfg: RunConfig,
+    rank: int,
+    step: int,
+    accum: int,
+    input_dtype: torch.dtype,
+    pending: DeviceLog,
+    compiled: CompilePlan | None = None,
+    local_norm: bool = False,
+) -> torch.Tensor:
     """One optimizer step = ``accum`` micro-batches (DeepSpeed steps the optimizer at the boundary).
 
     Every random draw is seeded by (seed, purpose, rank, step, micro-batch): a resumed run replays them exactly;

@@ -23,7 +23,7 @@ READ_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "nu
 @dataclass
 class HostReads:
     by_kind: dict[str, int] = field(default_factory=lambda: collections.Counter())
-    by_site: dict[str, int] = field(default_factory=lambda: collections.Counter())   # "path:line kind"
+    by_site: dict[str, int] = field(default_factory=lambda: collections.Counter())  # "path:line kind"
 
     @property
     def total(self) -> int:
@@ -46,6 +46,7 @@ def count_host_reads() -> Iterator[HostReads]:
             reads.by_kind[name] += 1
             reads.by_site[f"{frame.f_code.co_filename}:{frame.f_lineno} {name}"] += 1
             return fn(self, *args, **kwargs)
+
         counted.__name__ = name
         return counted
 

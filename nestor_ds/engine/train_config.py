@@ -37,11 +37,20 @@ class TrainConfig:
         check(self.ckpt_every > 0, "train.ckpt_every", "must be > 0")
         check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         check(self.log_every > 0, "train.log_every", "must be > 0")
-        check(not self.cuda_graphs or self.compile, "train.cuda_graphs",
-               "needs train.compile: true (the graphs are captured from the compiled regions)")
-        check(self.eval_windows in ("all", "first"), "train.eval_windows",
-               f"must be all or first, got {self.eval_windows!r}")
+        check(
+            not self.cuda_graphs or self.compile,
+            "train.cuda_graphs",
+            "needs train.compile: true (the graphs are captured from the compiled regions)",
+        )
+        check(
+            self.eval_windows in ("all", "first"),
+            "train.eval_windows",
+            f"must be all or first, got {self.eval_windows!r}",
+        )
         for key in ("time_budget_s", "flop_budget"):
             value = getattr(self, key)
-            check(value is None or (isinstance(value, (int, float)) and value > 0), f"train.{key}",
-                   f"must be a positive number or null, got {value!r}")
+            check(
+                value is None or (isinstance(value, (int, float)) and value > 0),
+                f"train.{key}",
+                f"must be a positive number or null, got {value!r}",
+            )

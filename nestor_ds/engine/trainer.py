@@ -68,10 +68,17 @@ class TrainResult:
     model: torch.nn.Module | None = None  # the trained module (this rank's experts under expert parallelism)
 
 
-def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", run_name: str | None = None,
-                 resume: str | None = None, prepare: PrepareHook | None = None,
-                 parent_run_id: str | None = None, evaluate_before: bool = False,
-                 batch_source: BatchSource | None = None) -> TrainResult:
+def run_training(
+    cfg: RunConfig,
+    ds_config_path: str,
+    entry: str = "pretrain",
+    run_name: str | None = None,
+    resume: str | None = None,
+    prepare: PrepareHook | None = None,
+    parent_run_id: str | None = None,
+    evaluate_before: bool = False,
+    batch_source: BatchSource | None = None,
+) -> TrainResult:
     """Train ``cfg`` with DeepSpeed; returns what tests and entries need (run dir, losses, final evaluation)."""
     trainer = Trainer(cfg, ds_config_path, entry, run_name, resume)
     trainer.build(prepare)
@@ -89,8 +96,9 @@ def run_training(cfg: RunConfig, ds_config_path: str, entry: str = "pretrain", r
 class Trainer:
     """One run on this rank, set up in the order ``run_training`` calls the steps (each needs the ones before)."""
 
-    def __init__(self, cfg: RunConfig, ds_config_path: str, entry: str, run_name: str | None,
-                 resume: str | None) -> None:
+    def __init__(
+        self, cfg: RunConfig, ds_config_path: str, entry: str, run_name: str | None, resume: str | None
+    ) -> None:
         """Process group, threads, the DeepSpeed JSON, ep_size and the run directory (refused when it holds
         checkpoints and this is not a resume)."""
         self.cfg, self.entry = cfg, entry
@@ -98,20 +106,33 @@ class Trainer:
         threads = set_threads(cfg.train.threads_per_rank, self.dist.local_world_size)
         self.ds_config = load_ds_config(ds_config_path)
         self.micro, self.accum, self.zero_stage = check_ds_config(self.ds_config, cfg, self.dist.world_size)
-        self.ep = resolve_ep_size(cfg.ep_size, self.dist.world_size, cfg.model.moe.num_experts,
-                                  cfg.model.moe.backend if cfg.model.arch == "nestor" else "none", self.zero_stage)
+        self.ep = resolve_ep_size(
+            cfg.ep_size,
+            self.dist.world_size,
+            cfg.model.moe.num_experts,
+            cfg.model.moe.backend if cfg.model.arch == "nestor" else "none",
+            self.zero_stage,
+        )
         cfg.model.moe.ep_size = self.ep
         self.run_name = run_name or f"{entry}-{cfg.preset or cfg.model.arch}"
         self.run_dir = Path(cfg.train.output_dir) / self.run_name
         self.ckpt_root = self.run_dir / "checkpoints"
         existing = ckpt.complete_tags(self.ckpt_root)
         if resume is None and existing:
-            raise ValueError(f"{self.run_dir} already holds checkpoints (newest {existing[-1].name}): continue that "
-                             f"run with --resume auto, or start a new one with another --run-name")
+            raise ValueError(
+                f"{self.run_dir} already holds checkpoints (newest {existing[-1].name}): continue that "
+                f"run with --resume auto, or start a new one with another --run-name"
+            )
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            log.info("%s: world size %d, ep_size %d, %d thread(s) per rank, device %s", entry, self.dist.world_size,
-                     self.ep, threads, self.dist.device)
+            log.info(
+                "%s: world size %d, ep_size %d, %d thread(s) per rank, device %s",
+                entry,
+                self.dist.world_size,
+                self.ep,
+                threads,
+                self.dist.device,
+            )
             log.info("resolved configuration:\n%s", format_config(cfg, self.ds_config))
 
     @property
@@ -133,18 +154,28 @@ class Trainer:
         # in place and lazy: state_dict keys unchanged, traced at the first step with the weights DeepSpeed cast
         self.compiled = apply_compile(model, self.cfg.train.compile, self.cfg.train.cuda_graphs, self.dist.device)
         optimizer = build_optimizer(build_param_groups(groups), self.cfg.optim)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 config=self.ds_config)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config
+        )
         # DeepSpeed casts the weights for bf16/fp16; inputs follow them (the loss is computed in fp32)
-        self.input_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled() else
-                            torch.float16 if self.engine.fp16_enabled() else torch.float32)
+        self.input_dtype = (
+            torch.bfloat16
+            if self.engine.bfloat16_enabled()
+            else torch.float16
+            if self.engine.fp16_enabled()
+            else torch.float32
+        )
 
     def resume(self, resume: str | None) -> dict[str, Any]:
         """Load, fall back past broken tags and tidy (``checkpoint/save_resume.py``); the checkpoint's client state."""
         client = ckpt.resume(self.engine, resume, self.ckpt_root, self.run_dir / "metrics.jsonl")
         if client.get("config_digest") not in (None, self.cfg.digest()) and self.dist.is_main:
-            log.warning("the configuration differs from the checkpoint's (digest %s vs %s): the trajectory will not "
-                        "match an uninterrupted run", client.get("config_digest"), self.cfg.digest())
+            log.warning(
+                "the configuration differs from the checkpoint's (digest %s vs %s): the trajectory will not "
+                "match an uninterrupted run",
+                client.get("config_digest"),
+                self.cfg.digest(),
+            )
         self.start_step = self.step = int(client.get("step", 0))
         return client
 
@@ -155,45 +186,87 @@ class Trainer:
         from nestor_ds.tracking.datasets import log_run_inputs
 
         cfg, dist = self.cfg, self.dist
-        self.tracker = Tracker(cfg.tracking, rank=dist.rank, entry=self.entry, run_name=self.run_name,
-                               parent_run_id=parent_run_id, resume_run_id=client.get("mlflow_run_id"),
-                               buffer_dir=self.run_dir / "mlflow_buffer")
+        self.tracker = Tracker(
+            cfg.tracking,
+            rank=dist.rank,
+            entry=self.entry,
+            run_name=self.run_name,
+            parent_run_id=parent_run_id,
+            resume_run_id=client.get("mlflow_run_id"),
+            buffer_dir=self.run_dir / "mlflow_buffer",
+        )
         log_run_inputs(self.tracker, cfg, self.entry)  # dataset lineage (start of run only)
         self.usage = ExpertUsage(num_datasets=len(cfg.data.datasets))
         self.perf = PerfMeter(cfg.model, samples_per_step=self.samples_per_step, device=self.engine.device)
         self.stats = self.perf.model_stats()
         if self.start_step == 0:
-            self.tracker.log_params({"config": cfg.to_dict(), "ds_config": self.ds_config,
-                                     "world_size": dist.world_size, "ep_size": self.ep, "preset": cfg.preset,
-                                     "entry": self.entry, **self.stats})  # flattened by the tracker
-        self.tracker.set_tags({"nestor.preset": cfg.preset or cfg.model.arch,
-                               "nestor.params_total": self.stats["total_params"],
-                               "nestor.params_active": self.stats["active_params"]})
-        self.run_config_json = redact({**cfg.to_dict(), "world_size": dist.world_size, "ep_size": self.ep,
-                                       "mlflow_run_id": self.tracker.run_id or ""})  # no credentials beside the weights
+            self.tracker.log_params(
+                {
+                    "config": cfg.to_dict(),
+                    "ds_config": self.ds_config,
+                    "world_size": dist.world_size,
+                    "ep_size": self.ep,
+                    "preset": cfg.preset,
+                    "entry": self.entry,
+                    **self.stats,
+                }
+            )  # flattened by the tracker
+        self.tracker.set_tags(
+            {
+                "nestor.preset": cfg.preset or cfg.model.arch,
+                "nestor.params_total": self.stats["total_params"],
+                "nestor.params_active": self.stats["active_params"],
+            }
+        )
+        self.run_config_json = redact(
+            {
+                **cfg.to_dict(),
+                "world_size": dist.world_size,
+                "ep_size": self.ep,
+                "mlflow_run_id": self.tracker.run_id or "",
+            }
+        )  # no credentials beside the weights
 
     def open_data(self, batch_source: BatchSource | None) -> None:
         """This rank's batches from the resumed position (default: the shard stream of ``cfg.data``)."""
         if batch_source is None:
             from nestor_ds.data import TrainStream
 
-            stream = TrainStream(self.cfg.data, micro_batch=self.micro, rank=self.dist.rank,
-                                 world_size=self.dist.world_size, seed=self.cfg.train.seed)
+            stream = TrainStream(
+                self.cfg.data,
+                micro_batch=self.micro,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                seed=self.cfg.train.seed,
+            )
             batch_source = stream.batches
         self.batches = DeviceFeed(iter(batch_source(self.start_step * self.accum)), self.engine.device)
-        self.result = TrainResult(run_dir=self.run_dir, steps=self.start_step, run_id=self.tracker.run_id,
-                                  model=self.engine.module)
+        self.result = TrainResult(
+            run_dir=self.run_dir, steps=self.start_step, run_id=self.tracker.run_id, model=self.engine.module
+        )
 
     def evaluate(self, prefix: str = "eval", figures: bool = False) -> dict[str, Any]:
         """Evaluate at the current step (compiled regions run eagerly); with figures, the expert usage is drawn."""
         usage = self.usage if figures else None
-        return evaluate_eager(self.compiled, self.engine, self.cfg, self.dist, self.tracker, step=self.step,
-                              prefix=prefix, usage=usage, figures=figures)
+        return evaluate_eager(
+            self.compiled,
+            self.engine,
+            self.cfg,
+            self.dist,
+            self.tracker,
+            step=self.step,
+            prefix=prefix,
+            usage=usage,
+            figures=figures,
+        )
 
     def start_loop(self, client: dict[str, Any]) -> None:
         """Budget (``engine/budget.py``: the schedule follows the share spent), progress bar, deferred logging."""
-        self.budget = Budget(self.cfg.train.time_budget_s, self.cfg.train.flop_budget,
-                             flops_per_step=3.0 * self.stats["flops_per_sample"] * self.samples_per_step)
+        self.budget = Budget(
+            self.cfg.train.time_budget_s,
+            self.cfg.train.flop_budget,
+            flops_per_step=3.0 * self.stats["flops_per_sample"] * self.samples_per_step,
+        )
         self.budget.load(client.get("budget"), self.start_step)
         total = None if self.budget.active else self.cfg.train.max_steps
         self.progress = Progress(self.dist.is_main, self.start_step, total, self.run_name)
@@ -214,8 +287,14 @@ class Trainer:
             last = step == total or self.budget.exhausted(step)
             checkpoint = last or step % train.ckpt_every == 0 or step == train.stop_at
             evaluate = bool(train.eval_every) and step % train.eval_every == 0
-            if not (step % train.log_every == 0 or last or step == self.start_step + 1 or evaluate or checkpoint
-                    or self.budget.needs_check(step)):
+            if not (
+                step % train.log_every == 0
+                or last
+                or step == self.start_step + 1
+                or evaluate
+                or checkpoint
+                or self.budget.needs_check(step)
+            ):
                 continue
             if self.log_interval():  # the time budget ran out (agreed over the ranks)
                 last = checkpoint = True
@@ -240,12 +319,23 @@ class Trainer:
         """One optimizer step at the scheduled learning rate; its results stay on the device (``pending``)."""
         lr = lr_at(self.step, self.cfg.train.max_steps, self.cfg.optim, fraction=self.budget.fraction(self.step))
         apply_lr(self.optimizer, lr)
-        step_parts = optimizer_step(self.engine, self.batches, self.cfg, self.dist.rank, self.step, self.accum,
-                                 self.input_dtype, self.pending, self.compiled, local_norm=self.own_grad_norm)
+        step_parts = optimizer_step(
+            self.engine,
+            self.batches,
+            self.cfg,
+            self.dist.rank,
+            self.step,
+            self.accum,
+            self.input_dtype,
+            self.pending,
+            self.compiled,
+            local_norm=self.own_grad_norm,
+        )
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
-        self.pending.add_step(self.step, lr, step_parts,
-                              self.pending.take_local_grad_norm() if grad_norm is None else grad_norm)
+        self.pending.add_step(
+            self.step, lr, step_parts, self.pending.take_local_grad_norm() if grad_norm is None else grad_norm
+        )
         self.interval_steps += 1
 
     def log_interval(self) -> bool:
@@ -265,8 +355,10 @@ class Trainer:
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"step": logged_step, **metrics}) + "\n")
             if not math.isfinite(metrics["train/loss"]):
-                raise FloatingPointError(f"step {logged_step}: loss is {metrics['train/loss']} "
-                                         f"(lr {metrics['train/lr']:.3g}); lower optim.lr or check the data")
+                raise FloatingPointError(
+                    f"step {logged_step}: loss is {metrics['train/loss']} "
+                    f"(lr {metrics['train/lr']:.3g}); lower optim.lr or check the data"
+                )
             self.progress.update(metrics)
         self.tracker.log_metrics(metrics, step=self.step)
         return spent
@@ -282,12 +374,17 @@ class Trainer:
         """Checkpoint (collective) with the client state a resume needs to replay the same steps."""
         step = self.step
         state = {
-            "step": step, "samples_seen": step * self.samples_per_step, "data_position": step * self.accum,
-            "rng": ckpt.rng_state(), "config_digest": self.cfg.digest(), "mlflow_run_id": self.tracker.run_id or "",
+            "step": step,
+            "samples_seen": step * self.samples_per_step,
+            "data_position": step * self.accum,
+            "rng": ckpt.rng_state(),
+            "config_digest": self.cfg.digest(),
+            "mlflow_run_id": self.tracker.run_id or "",
             "budget": self.budget.state(step),
         }
-        tag_dir = ckpt.save_checkpoint(self.engine, self.ckpt_root, step, state, self.run_config_json,
-                                       self.cfg.train.keep_last)
+        tag_dir = ckpt.save_checkpoint(
+            self.engine, self.ckpt_root, step, state, self.run_config_json, self.cfg.train.keep_last
+        )
         self.progress.note(f"checkpoint {tag_dir}")
 
     def finish(self) -> TrainResult:
@@ -304,11 +401,22 @@ class Trainer:
             self.tracker.log_metrics(self.usage.metrics("experts"), step=step)
             result.final_eval["after"] = self.evaluate(figures=True)
             if self.dist.is_main:
-                write_summary(self.run_dir / "run_summary.json", self.cfg, step, self.stats, self.budget,
-                              result.final_eval["after"], self.usage)
+                write_summary(
+                    self.run_dir / "run_summary.json",
+                    self.cfg,
+                    step,
+                    self.stats,
+                    self.budget,
+                    result.final_eval["after"],
+                    self.usage,
+                )
                 # end of run only: export, log (and register) the model in MLflow
-                log_trained_model(self.tracker, self.ckpt_root / ckpt.tag_for(step), self.run_dir / "model.safetensors",
-                                  result.final_eval["after"])
+                log_trained_model(
+                    self.tracker,
+                    self.ckpt_root / ckpt.tag_for(step),
+                    self.run_dir / "model.safetensors",
+                    result.final_eval["after"],
+                )
         self.tracker.finish("KILLED" if result.preempted else "FINISHED")
         if self.dist.is_main:
             log.info("run directory: %s (checkpoints in %s)", self.run_dir, self.ckpt_root)

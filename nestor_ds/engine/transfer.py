@@ -46,27 +46,35 @@ class FinetuneConfig:
     pretrained_lr_multiplier: float = 1.0
 
     def validate(self) -> None:
-        check(self.load in PARTS, "finetune.load",
-               f"must be all, embedding+blocks or blocks, got {self.load!r}")
+        check(self.load in PARTS, "finetune.load", f"must be all, embedding+blocks or blocks, got {self.load!r}")
         bad = set(self.freeze) - set(FREEZE)
-        check(not bad, "finetune.freeze",
-              f"unknown part(s) {sorted(bad)}; choose from routers, experts, shared_afno, embedding")
+        check(
+            not bad,
+            "finetune.freeze",
+            f"unknown part(s) {sorted(bad)}; choose from routers, experts, shared_afno, embedding",
+        )
 
 
 @dataclass
 class TransferReport:
     loaded: list[str] = field(default_factory=list)
     reinitialised: list[str] = field(default_factory=list)  # in the selected parts, but the shape changed
-    not_selected: list[str] = field(default_factory=list)   # outside the selected parts: fresh init
-    unused: list[str] = field(default_factory=list)         # in the checkpoint, not in the model
-    resized: list[str] = field(default_factory=list)        # loaded after resizing (positional embedding)
+    not_selected: list[str] = field(default_factory=list)  # outside the selected parts: fresh init
+    unused: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
+    resized: list[str] = field(default_factory=list)  # loaded after resizing (positional embedding)
 
     def summary(self) -> str:
-        lines = [f"pre-trained weights: {len(self.loaded)} tensors loaded, {len(self.reinitialised)} re-initialised "
-                 f"(shape changed), {len(self.not_selected)} freshly initialised (not selected), "
-                 f"{len(self.unused)} unused"]
-        for title, names in (("resized to the new grid", self.resized), ("re-initialised", self.reinitialised),
-                             ("not selected", self.not_selected), ("unused", self.unused)):
+        lines = [
+            f"pre-trained weights: {len(self.loaded)} tensors loaded, {len(self.reinitialised)} re-initialised "
+            f"(shape changed), {len(self.not_selected)} freshly initialised (not selected), "
+            f"{len(self.unused)} unused"
+        ]
+        for title, names in (
+            ("resized to the new grid", self.resized),
+            ("re-initialised", self.reinitialised),
+            ("not selected", self.not_selected),
+            ("unused", self.unused),
+        ):
             if names:
                 lines.append(f"  {title}: " + ", ".join(_compress(names)))
         return "\n".join(lines)
@@ -89,12 +97,14 @@ def to_target_layout(model: nn.Module, local_state: Mapping[str, torch.Tensor]) 
     state = dict(local_state)
     for name, module in model.named_modules():
         if type(module).__name__ == "MegaBlocksTokenMoE":
-            raise ValueError(f"{name}: loading pre-trained weights into the megablocks backend is not supported yet; "
-                             f"fine-tune with model.moe.backend=local")
+            raise ValueError(
+                f"{name}: loading pre-trained weights into the megablocks backend is not supported yet; "
+                f"fine-tune with model.moe.backend=local"
+            )
         if not isinstance(module, ExpertParallelTokenMoE):
             continue
         prefix = name + "."
-        sub = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+        sub = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
         if not sub:
             continue
         converted = expert_parallel_state_from_local(sub, ep_rank=module.ep_rank, ep_size=module.ep_size)
@@ -118,8 +128,9 @@ def load_pretrained_parts(model: nn.Module, local_state: Mapping[str, torch.Tens
         elif key.endswith("pos_embed.pos") and key in source and source[key].shape[:2] == target.shape[:2]:
             # another resolution: the learned [1, D, H, W] table is resized to the new token grid, as the model
             # itself does at run time, instead of being thrown away
-            update[key] = F.interpolate(source[key].float(), size=tuple(target.shape[-2:]), mode="bicubic",
-                                        align_corners=False).to(target.dtype)
+            update[key] = F.interpolate(
+                source[key].float(), size=tuple(target.shape[-2:]), mode="bicubic", align_corners=False
+            ).to(target.dtype)
             report.loaded.append(key)
             report.resized.append(key)
         else:

@@ -24,8 +24,9 @@ def _check_pair(pred: torch.Tensor, true: torch.Tensor, channel_mask: torch.Tens
     if pred.shape != true.shape or pred.dim() != 5:
         raise ValueError(f"metrics: pred {tuple(pred.shape)} and true {tuple(true.shape)} must both be [B, X, Y, T, C]")
     if channel_mask is not None and tuple(channel_mask.shape) != (pred.shape[0], pred.shape[-1]):
-        raise ValueError(f"metrics: channel_mask {tuple(channel_mask.shape)} must be [B, C] = "
-                         f"{(pred.shape[0], pred.shape[-1])}")
+        raise ValueError(
+            f"metrics: channel_mask {tuple(channel_mask.shape)} must be [B, C] = {(pred.shape[0], pred.shape[-1])}"
+        )
 
 
 def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
@@ -131,8 +132,9 @@ def band_edges(k_max: int, cfg: SpectrumConfig) -> list[tuple[int, int]]:
     return edges
 
 
-def spectrum_band_error(pred: torch.Tensor, true: torch.Tensor, channel_mask: torch.Tensor | None = None,
-                        cfg: SpectrumConfig | None = None) -> torch.Tensor:
+def spectrum_band_error(
+    pred: torch.Tensor, true: torch.Tensor, channel_mask: torch.Tensor | None = None, cfg: SpectrumConfig | None = None
+) -> torch.Tensor:
     """Energy-spectrum error per wavenumber band: [B, X, Y, T, C] pair -> [B, Nb, C] (float64).
 
     err_band = sum_{k in band} |E_pred(k) - E_true(k)| / sum_{k in all bands} E_true(k): an L1 distance of
@@ -154,7 +156,7 @@ def spectrum_band_error(pred: torch.Tensor, true: torch.Tensor, channel_mask: to
         if hi < lo:  # grid too coarse for this many bands
             errs.append(torch.full_like(e_true[:, 0], float("nan")))
             continue
-        num = (e_pred[:, lo:hi + 1] - e_true[:, lo:hi + 1]).abs().sum(dim=1)
+        num = (e_pred[:, lo : hi + 1] - e_true[:, lo : hi + 1]).abs().sum(dim=1)
         errs.append(num / den.clamp_min(EPS))
     err_BNbC = torch.stack(errs, dim=1)
     return err_BNbC if channel_mask is None else err_BNbC * channel_mask[:, None, :].to(err_BNbC.dtype)

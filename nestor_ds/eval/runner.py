@@ -43,20 +43,36 @@ class _Sums:
         self.masks: list[torch.Tensor] = []
         self.full: list[torch.Tensor] = []
 
-    def add(self, one_step: torch.Tensor, rollout: torch.Tensor, curve: torch.Tensor,
-            spec_one: torch.Tensor, spec_roll: torch.Tensor, mask: torch.Tensor, full: torch.Tensor) -> None:
+    def add(
+        self,
+        one_step: torch.Tensor,
+        rollout: torch.Tensor,
+        curve: torch.Tensor,
+        spec_one: torch.Tensor,
+        spec_roll: torch.Tensor,
+        mask: torch.Tensor,
+        full: torch.Tensor,
+    ) -> None:
         self.t = max(self.t, curve.shape[1])
         self.c = max(self.c, mask.shape[1])
-        for name, t in zip(("one_step", "rollout", "curve", "spec_one_step", "spec_rollout"),
-                           (one_step, rollout, curve, spec_one, spec_roll), strict=True):
+        for name, t in zip(
+            ("one_step", "rollout", "curve", "spec_one_step", "spec_rollout"),
+            (one_step, rollout, curve, spec_one, spec_roll),
+            strict=True,
+        ):
             self.parts[name].append(t.detach().double().cpu())
         self.masks.append(mask.detach().cpu())
         self.full.append(full.detach().cpu())
 
     def totals(self, t: int, c: int) -> torch.Tensor:
         """Sums and counts packed in one flat float64 vector (for a single all-reduce)."""
-        sums = {"one_step": torch.zeros(c), "rollout": torch.zeros(c), "curve": torch.zeros(t, c),
-                "spec_one_step": torch.zeros(self.n_bands, c), "spec_rollout": torch.zeros(self.n_bands, c)}
+        sums = {
+            "one_step": torch.zeros(c),
+            "rollout": torch.zeros(c),
+            "curve": torch.zeros(t, c),
+            "spec_one_step": torch.zeros(self.n_bands, c),
+            "spec_rollout": torch.zeros(self.n_bands, c),
+        }
         sums = {n: t.double() for n, t in sums.items()}
         count_C = torch.zeros(c, dtype=torch.float64)
         count_roll_C = torch.zeros(c, dtype=torch.float64)
@@ -71,19 +87,27 @@ class _Sums:
             sums["spec_one_step"][:, :cc] += torch.nan_to_num(self.parts["spec_one_step"][i]).sum(0)
             sums["rollout"][:cc] += self.parts["rollout"][i][full_B].sum(0)
             curve = self.parts["curve"][i][full_B]
-            sums["curve"][:curve.shape[1], :cc] += curve.sum(0)
+            sums["curve"][: curve.shape[1], :cc] += curve.sum(0)
             sums["spec_rollout"][:, :cc] += torch.nan_to_num(self.parts["spec_rollout"][i][full_B]).sum(0)
         flat = [t.reshape(-1) for t in sums.values()]
         return torch.cat(flat + [count_C, count_roll_C, windows])
 
 
 def _unpack(flat: torch.Tensor, t: int, c: int, n_bands: int) -> dict[str, torch.Tensor]:
-    sizes = {"one_step": (c,), "rollout": (c,), "curve": (t, c), "spec_one_step": (n_bands, c),
-             "spec_rollout": (n_bands, c), "count": (c,), "count_rollout": (c,), "windows": (2,)}
+    sizes = {
+        "one_step": (c,),
+        "rollout": (c,),
+        "curve": (t, c),
+        "spec_one_step": (n_bands, c),
+        "spec_rollout": (n_bands, c),
+        "count": (c,),
+        "count_rollout": (c,),
+        "windows": (2,),
+    }
     out, i = {}, 0
     for name, shape in sizes.items():
         n = int(torch.tensor(shape).prod())
-        out[name] = flat[i:i + n].reshape(shape)
+        out[name] = flat[i : i + n].reshape(shape)
         i += n
     return out
 
@@ -116,9 +140,12 @@ def _lockstep(batches: Iterable[dict], world_size: int, device: torch.device) ->
             continue
         if last is None:
             _, X, Y, T_in, C, T_rest = agreed
-            last = {"x": torch.zeros(1, X, Y, T_in, C), "y": torch.zeros(1, X, Y, T_rest, C),
-                    "y_steps": torch.full((1,), T_rest, dtype=torch.long),
-                    "channel_mask": torch.ones(1, C, dtype=torch.bool)}
+            last = {
+                "x": torch.zeros(1, X, Y, T_in, C),
+                "y": torch.zeros(1, X, Y, T_rest, C),
+                "y_steps": torch.full((1,), T_rest, dtype=torch.long),
+                "channel_mask": torch.ones(1, C, dtype=torch.bool),
+            }
         yield last, False
 
 
@@ -141,12 +168,22 @@ def _names(spec: Any, i: int) -> tuple[str, list[str]]:
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_cfg: Any = None,
-                   rollout_steps: int | None = None,
-                   batch_size: int = 4, device: str | torch.device = "cpu", rank: int | None = None,
-                   world_size: int | None = None,
-                   *, max_trajectories: int | None = None, spectrum: SpectrumConfig | None = None,
-                   progress: bool = True, dtype: torch.dtype | None = None, windows: str = "all") -> dict[str, Any]:
+def evaluate_model(
+    model: torch.nn.Module,
+    datasets: Sequence[Any] | Any,
+    data_cfg: Any = None,
+    rollout_steps: int | None = None,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    rank: int | None = None,
+    world_size: int | None = None,
+    *,
+    max_trajectories: int | None = None,
+    spectrum: SpectrumConfig | None = None,
+    progress: bool = True,
+    dtype: torch.dtype | None = None,
+    windows: str = "all",
+) -> dict[str, Any]:
     """Evaluate `model` on the test split of each dataset; every rank returns the same report dict.
 
     windows: "all" (default) scores every start frame that has t_in frames before it (DPOT-style);
@@ -182,8 +219,9 @@ def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_c
             want = rollout_steps if rollout_steps is not None else getattr(spec, "rollout_steps", None)
             sums = _Sums(spectrum.n_bands)
             horizon = None if want is None else max(1, int(want))
-            batches = build_eval_batches(spec, data_cfg, ds_id, batch_size, max_trajectories, rank, world_size,
-                                         windows=windows, horizon=horizon)
+            batches = build_eval_batches(
+                spec, data_cfg, ds_id, batch_size, max_trajectories, rank, world_size, windows=windows, horizon=horizon
+            )
             stream = _lockstep(batches, world_size, device) if world_size > 1 else ((b, True) for b in batches)
             bar = tqdm(stream, desc=f"eval {name}", unit="batch", disable=not progress or rank != 0, leave=False)
             for batch, real in bar:
@@ -197,19 +235,33 @@ def evaluate_model(model: torch.nn.Module, datasets: Sequence[Any] | Any, data_c
                     continue
                 full_B = batch["y_steps"] >= t
                 pred1, true1, true_T = pred_T[..., :1, :], y[..., :1, :].float(), y[..., :t, :].float()
-                sums.add(l2re(pred1, true1, mask), l2re(pred_T, true_T, mask), l2re_per_step(pred_T, true_T, mask),
-                         spectrum_band_error(pred1, true1, mask, spectrum),
-                         spectrum_band_error(pred_T, true_T, mask, spectrum), mask, full_B)
+                sums.add(
+                    l2re(pred1, true1, mask),
+                    l2re(pred_T, true_T, mask),
+                    l2re_per_step(pred_T, true_T, mask),
+                    spectrum_band_error(pred1, true1, mask, spectrum),
+                    spectrum_band_error(pred_T, true_T, mask, spectrum),
+                    mask,
+                    full_B,
+                )
             tc = _all_reduce(torch.tensor([sums.t, sums.c], dtype=torch.long), dist.ReduceOp.MAX, world_size).tolist()
             flat = _all_reduce(sums.totals(*tc), dist.ReduceOp.SUM, world_size)
-            report["datasets"][name] = {**_summarise(_unpack(flat, *tc, spectrum.n_bands), channels, spectrum),
-                                        "windows": windows}
+            report["datasets"][name] = {
+                **_summarise(_unpack(flat, *tc, spectrum.n_bands), channels, spectrum),
+                "windows": windows,
+            }
     finally:
         model.train(was_training)
     report["mean"] = _mean_over_datasets(report["datasets"])
-    report["settings"] = {"windows": windows, "rollout_steps": rollout_steps, "batch_size": batch_size,
-                          "max_trajectories": max_trajectories, "world_size": world_size,
-                          "spectrum_bands": spectrum.names(), "spectrum_include_dc": spectrum.include_dc}
+    report["settings"] = {
+        "windows": windows,
+        "rollout_steps": rollout_steps,
+        "batch_size": batch_size,
+        "max_trajectories": max_trajectories,
+        "world_size": world_size,
+        "spectrum_bands": spectrum.names(),
+        "spectrum_include_dc": spectrum.include_dc,
+    }
     return report
 
 
@@ -226,17 +278,28 @@ def _summarise(t: dict[str, torch.Tensor], channels: list[str], spectrum: Spectr
         return s[..., real].sum(-1) / count[real].sum().clamp_min(1)
 
     n_one, n_roll = (int(v) for v in t["windows"].tolist())
-    out: dict[str, Any] = {"n_samples": n_one, "n_rollout_windows": n_roll, "channels": names,
-                           "rollout_steps": int(t["curve"].shape[0])}
-    for key, src, count in (("l2re_1step", "one_step", t["count"]), ("l2re_rollout", "rollout", t["count_rollout"]),
-                            ("l2re_curve", "curve", t["count_rollout"])):
+    out: dict[str, Any] = {
+        "n_samples": n_one,
+        "n_rollout_windows": n_roll,
+        "channels": names,
+        "rollout_steps": int(t["curve"].shape[0]),
+    }
+    for key, src, count in (
+        ("l2re_1step", "one_step", t["count"]),
+        ("l2re_rollout", "rollout", t["count_rollout"]),
+        ("l2re_curve", "curve", t["count_rollout"]),
+    ):
         out[key] = overall(t[src], count).tolist()
         out[f"{key}_per_channel"] = dict(zip(names, per_channel(t[src], count).t().tolist(), strict=True))
-    for key, src, count in (("spectrum_err_1step", "spec_one_step", t["count"]),
-                            ("spectrum_err_rollout", "spec_rollout", t["count_rollout"])):
+    for key, src, count in (
+        ("spectrum_err_1step", "spec_one_step", t["count"]),
+        ("spectrum_err_rollout", "spec_rollout", t["count_rollout"]),
+    ):
         out[key] = dict(zip(bands, overall(t[src], count).tolist(), strict=True))
-        out[f"{key}_per_channel"] = {n: dict(zip(bands, v, strict=True))
-                                     for n, v in zip(names, per_channel(t[src], count).t().tolist(), strict=True)}
+        out[f"{key}_per_channel"] = {
+            n: dict(zip(bands, v, strict=True))
+            for n, v in zip(names, per_channel(t[src], count).t().tolist(), strict=True)
+        }
     if n_roll == 0:  # no window long enough for this horizon: say so instead of reporting 0
         out["l2re_rollout"] = float("nan")
     return out

@@ -1,9 +1,10 @@
 """NESTOR and the AFNO baseline.
 
-    from nestor_ds.model import build_model, get_preset
-    model = build_model(get_preset("nestor-ti"))
-    out = model(x_BXYTC, channel_mask_BC)     # ModelOutput(pred, aux_losses, routing)
+from nestor_ds.model import build_model, get_preset
+model = build_model(get_preset("nestor-ti"))
+out = model(x_BXYTC, channel_mask_BC)     # ModelOutput(pred, aux_losses, routing)
 """
+
 from __future__ import annotations
 
 from torch import nn

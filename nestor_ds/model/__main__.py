@@ -1,4 +1,5 @@
 """`python -m nestor_ds.model --preset NAME [--json] [--set key=value ...]`: parameter and FLOP accounting."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nestor_ds.model", description=__doc__)
     ap.add_argument("--preset", default="nestor-ti", help=f"one of {list_presets()}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a ModelConfig field")
-    ap.add_argument("--json", action="store_true",
-                    help="last line: JSON with total_params, active_params, flops_per_sample")
+    ap.add_argument(
+        "--json", action="store_true", help="last line: JSON with total_params, active_params, flops_per_sample"
+    )
     ap.add_argument("--list", action="store_true", help="list presets and exit")
     args = ap.parse_args(argv)
     if args.list:
@@ -39,12 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"preset            {args.preset} (arch={cfg.arch}, width={cfg.width}, depth={cfg.depth}, "
-          f"resolution={cfg.resolution}, t_in={cfg.t_in})")
+    print(
+        f"preset            {args.preset} (arch={cfg.arch}, width={cfg.width}, depth={cfg.depth}, "
+        f"resolution={cfg.resolution}, t_in={cfg.t_in})"
+    )
     print(f"total params      {acc.total_params:,} ({acc.total_params / 1e6:.2f} M)")
     print(f"active params     {acc.active_params:,} ({acc.active_params / 1e6:.2f} M) per sample")
-    print(f"forward FLOPs     {acc.flops_per_sample / 1e9:.3f} G per sample "
-          f"(matmul/conv/attention {acc.matmul_flops / 1e9:.3f} G + FFT {acc.fft_flops / 1e9:.3f} G)")
+    print(
+        f"forward FLOPs     {acc.flops_per_sample / 1e9:.3f} G per sample "
+        f"(matmul/conv/attention {acc.matmul_flops / 1e9:.3f} G + FFT {acc.fft_flops / 1e9:.3f} G)"
+    )
     print(f"training FLOPs    {3 * acc.flops_per_sample / 1e9:.3f} G per sample (3 x forward)")
     if args.json:
         print(json.dumps(acc.as_dict()))

@@ -15,6 +15,7 @@ Block: x = x + Spectral(GN(x)); x = x + MLP(GN(x)) with a 1x1-conv MLP.
 Shape legend: B samples, D width, H, W token grid, Kx, Ky kept Fourier modes (along H, W). The block-diagonal MLP's
 weights are [2 (re, im), nb blocks, in, out] (no letters: blocks are not a shape of the project legend).
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,8 +48,16 @@ class SpectralMixing(nn.Module):
     non-persistent buffers (not in the state_dict: checkpoints are the same for both modes).
     """
 
-    def __init__(self, dim: int, num_blocks: int = 4, modes: int = 32, sparsity: float = 0.01,
-                 hidden_factor: int = 1, scale: float = 0.02, spectral: str = "dft") -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_blocks: int = 4,
+        modes: int = 32,
+        sparsity: float = 0.01,
+        hidden_factor: int = 1,
+        scale: float = 0.02,
+        spectral: str = "dft",
+    ) -> None:
         super().__init__()
         if dim % num_blocks:
             raise ValueError(f"AFNO: width {dim} not divisible by num_blocks={num_blocks}")
@@ -79,7 +88,7 @@ class SpectralMixing(nn.Module):
     def _dft_mats(self, h: int, w: int, device: torch.device) -> dict[str, torch.Tensor]:
         if self.grid == (h, w):
             return {name: getattr(self, name) for name in DFT_MATRICES}
-        return dft_matrices(h, w, *kept_modes(h, w, self.modes), device=device)   # another grid (evaluation)
+        return dft_matrices(h, w, *kept_modes(h, w, self.modes), device=device)  # another grid (evaluation)
 
     @staticmethod
     def _bias(b: torch.Tensor) -> torch.Tensor:
@@ -90,12 +99,12 @@ class SpectralMixing(nn.Module):
         B, D, H, W = x_BDHW.shape
         Kx, Ky = kept_modes(H, W, self.modes)
         if self.spectral == "fft":
-            xk_BD2KxKy = torch.ops.nestor.rfft2_modes(x_BDHW, Kx, Ky)      # fp32
+            xk_BD2KxKy = torch.ops.nestor.rfft2_modes(x_BDHW, Kx, Ky)  # fp32
         else:
             mats = self._dft_mats(H, W, x_BDHW.device)
             xk_BD2KxKy = dft_forward_modes(x_BDHW, mats)
         dt = xk_BD2KxKy.dtype
-        h = xk_BD2KxKy.view(B, self.nb, self.bs * 2, Kx * Ky)              # channels (c, re/im) interleaved
+        h = xk_BD2KxKy.view(B, self.nb, self.bs * 2, Kx * Ky)  # channels (c, re/im) interleaved
         h = F.gelu(interleaved_left(self.w1.to(dt)) @ h + self._bias(self.b1.to(dt)))
         h = interleaved_left(self.w2.to(dt)) @ h + self._bias(self.b2.to(dt))
         h = F.softshrink(h, self.sparsity) if self.sparsity > 0 else h
@@ -123,8 +132,16 @@ class ConvMLP(nn.Module):
 class AFNOBlock(nn.Module):
     """x = x + Spectral(GN(x)); x = x + MLP(GN(x))."""
 
-    def __init__(self, dim: int, num_blocks: int = 4, modes: int = 32, mlp_ratio: float = 1.0,
-                 sparsity: float = 0.01, norm_groups: int = 8, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_blocks: int = 4,
+        modes: int = 32,
+        mlp_ratio: float = 1.0,
+        sparsity: float = 0.01,
+        norm_groups: int = 8,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(norm_groups, dim)
         self.filter = SpectralMixing(dim, num_blocks, modes, sparsity)

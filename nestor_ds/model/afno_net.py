@@ -1,4 +1,5 @@
 """The AFNO-only baseline (DPOT-style): the same encoder and head as NESTOR, `depth` AFNO blocks between."""
+
 from __future__ import annotations
 
 import torch
@@ -16,9 +17,20 @@ class AFNONet(ForecastModel):
         super().__init__()
         self.cfg = cfg.validate()
         self._init_common(cfg)
-        self.blocks = nn.Sequential(*(AFNOBlock(cfg.width, cfg.afno_num_blocks, cfg.afno_modes, cfg.afno_mlp_ratio,
-                                                cfg.afno_sparsity, cfg.norm_groups, cfg.dropout)
-                                      for _ in range(cfg.depth)))
+        self.blocks = nn.Sequential(
+            *(
+                AFNOBlock(
+                    cfg.width,
+                    cfg.afno_num_blocks,
+                    cfg.afno_modes,
+                    cfg.afno_mlp_ratio,
+                    cfg.afno_sparsity,
+                    cfg.norm_groups,
+                    cfg.dropout,
+                )
+                for _ in range(cfg.depth)
+            )
+        )
         self.configure_spectral()
 
     def forward(self, x: torch.Tensor, channel_mask: torch.Tensor | None = None) -> ModelOutput:

@@ -5,6 +5,7 @@ the config allows it ("auto" or "flash"); otherwise torch's scaled_dot_product_a
 own fused kernel (flash / memory-efficient / CPU flash). The chosen path is logged once per process.
 Attention dropout is applied only in training (the authors kept it on in evaluation).
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,10 @@ def attention_path(backend: str, x: torch.Tensor) -> str:
     """'flash' or 'sdpa' for this input; raises when 'flash' is required but unusable."""
     usable = flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
     if backend == "flash" and not usable:
-        raise RuntimeError("attention='flash' needs flash-attn installed and CUDA bf16/fp16 inputs; "
-                           f"got flash_attn={'yes' if flash_attn_func else 'no'}, device={x.device}, dtype={x.dtype}")
+        raise RuntimeError(
+            "attention='flash' needs flash-attn installed and CUDA bf16/fp16 inputs; "
+            f"got flash_attn={'yes' if flash_attn_func else 'no'}, device={x.device}, dtype={x.dtype}"
+        )
     return "flash" if usable and backend in ("auto", "flash") else "sdpa"
 
 
@@ -57,12 +60,12 @@ class SelfAttention(nn.Module):
         p = self.attn_dropout if self.training else 0.0
         qkv = self.qkv(x_BLD).view(B, L, 3, self.h, self.dh)
         path = attention_path(self.backend, x_BLD)
-        if not torch.compiler.is_compiling():   # logging inside a compiled region would break the graph
+        if not torch.compiler.is_compiling():  # logging inside a compiled region would break the graph
             _log_once(path)
         if path == "flash":
-            q, k, v = qkv.unbind(2)                                          # [B, L, h, dh]
+            q, k, v = qkv.unbind(2)  # [B, L, h, dh]
             o = flash_attn_func(q, k, v, dropout_p=p)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                   # [B, h, L, dh]
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, L, dh]
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2)
         return self.proj(o.reshape(B, L, D))

@@ -4,6 +4,7 @@ temporal aggregation of the T_in frames into one token field, and the output hea
 Shape legend: B samples, X, Y grid, T frames (T_in inputs), C channels, D width, H, W token grid (X/patch,
 Y/patch), L = H*W tokens per sample.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, in_ch: int, hidden: int, dim: int, patch: int) -> None:
         super().__init__()
-        self.proj = nn.Sequential(nn.Conv2d(in_ch, hidden, patch, stride=patch), nn.GELU(),
-                                  nn.Conv2d(hidden, dim, 1))
+        self.proj = nn.Sequential(nn.Conv2d(in_ch, hidden, patch, stride=patch), nn.GELU(), nn.Conv2d(hidden, dim, 1))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """[B*T, C, X, Y] (every frame of every sample) -> [B*T, D, H, W]."""
@@ -80,21 +80,26 @@ class OutputHead(nn.Module):
     def __init__(self, dim: int, hidden: int, patch: int, t_ar: int, c_out: int) -> None:
         super().__init__()
         self.t_ar, self.c_out = t_ar, c_out
-        self.net = nn.Sequential(nn.ConvTranspose2d(dim, hidden, patch, stride=patch), nn.GELU(),
-                                 nn.Conv2d(hidden, hidden, 1), nn.GELU(),
-                                 nn.Conv2d(hidden, t_ar * c_out, 1))
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(dim, hidden, patch, stride=patch),
+            nn.GELU(),
+            nn.Conv2d(hidden, hidden, 1),
+            nn.GELU(),
+            nn.Conv2d(hidden, t_ar * c_out, 1),
+        )
 
     def forward(self, z_BDHW: torch.Tensor) -> torch.Tensor:
-        y = self.net(z_BDHW)                                     # [B, T_ar*C, X, Y]
+        y = self.net(z_BDHW)  # [B, T_ar*C, X, Y]
         B, _, X, Y = y.shape
-        return y.view(B, self.t_ar, self.c_out, X, Y).permute(0, 3, 4, 1, 2)   # [B, X, Y, T_ar, C]
+        return y.view(B, self.t_ar, self.c_out, X, Y).permute(0, 3, 4, 1, 2)  # [B, X, Y, T_ar, C]
 
 
 class Encoder(nn.Module):
     """[B, X, Y, T_in, C] -> token field [B, D, H, W] (grid channels, patches, positions, time)."""
 
-    def __init__(self, in_channels: int, embed_hidden: int, dim: int, patch: int, grid: int, t_in: int,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, embed_hidden: int, dim: int, patch: int, grid: int, t_in: int, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.patch = patch
         self.patch_embed = PatchEmbed(in_channels + 3, embed_hidden, dim, patch)
@@ -107,10 +112,10 @@ class Encoder(nn.Module):
         if X % self.patch or Y % self.patch:
             raise ValueError(f"encoder: grid {X}x{Y} is not divisible by patch_size={self.patch}")
         x = append_grid(x_BXYTC)
-        x = x.permute(0, 3, 4, 1, 2).reshape(B * T, -1, X, Y)               # frames as batch
-        z = self.patch_embed(x)                                             # [B*T, D, H, W]
+        x = x.permute(0, 3, 4, 1, 2).reshape(B * T, -1, X, Y)  # frames as batch
+        z = self.patch_embed(x)  # [B*T, D, H, W]
         D, H, W = z.shape[1:]
         z = z + self.pos_embed(H, W)
-        z = self.time_agg(z.view(B, T, D, H * W).permute(0, 3, 1, 2))       # [B, L, T, D] -> [B, L, D]
+        z = self.time_agg(z.view(B, T, D, H * W).permute(0, 3, 1, 2))  # [B, L, T, D] -> [B, L, D]
         z = z.view(B, H, W, D).permute(0, 3, 1, 2).contiguous()
         return self.drop(z)

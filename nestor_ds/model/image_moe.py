@@ -30,6 +30,7 @@ skipped on every rank. Without expert parallelism there is no padding and no col
 `pad_to` (debug) forces padding of every called expert's group to at least that many samples in a
 single process, so the padding path is testable without a process group.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,9 +52,9 @@ from .config import ModelConfig
 class BlockRouting:
     """Routing record of one NESTOR block (for logging expert specialisation)."""
 
-    image_topk_idx: torch.Tensor   # [B, K] long, selected image experts per sample, best first
-    image_counts: torch.Tensor     # [E_img] long, samples routed to each image expert (before capacity)
-    token_counts: torch.Tensor     # [E_img, E_tok] long, token assignments inside each image expert
+    image_topk_idx: torch.Tensor  # [B, K] long, selected image experts per sample, best first
+    image_counts: torch.Tensor  # [E_img] long, samples routed to each image expert (before capacity)
+    token_counts: torch.Tensor  # [E_img, E_tok] long, token assignments inside each image expert
     # static routing: tokens of samples over an image expert's capacity + token assignments over a token expert's
     # capacity, a device tensor (read it only when logging); None when both levels are dropless
     dropped_tokens: torch.Tensor | None = None
@@ -83,7 +84,7 @@ class ImageExpert(nn.Module):
     def forward(self, h_SLD: torch.Tensor, valid_N: torch.Tensor | None) -> tuple[torch.Tensor, MoEOutput]:
         """The S samples routed to this expert; valid_N [S*L] marks the token rows of real (not padding) samples."""
         S, L, D = h_SLD.shape
-        a = self.norm1(h_SLD + self.drop(self.attn(h_SLD)))        # residual adds the block input
+        a = self.norm1(h_SLD + self.drop(self.attn(h_SLD)))  # residual adds the block input
         m = self.moe(a.reshape(S * L, D), valid_N)
         return self.norm2(a + self.drop(m.out_ND.view(S, L, D))), m
 
@@ -98,13 +99,28 @@ class ImageMoE(nn.Module):
         self.router = FP32Linear(cfg.width, cfg.image_experts, bias=True)
         self.experts = nn.ModuleList(ImageExpert(cfg) for _ in range(cfg.image_experts))
         # the shared global expert; None when shared_afno_layers = 0 (an empty Sequential would be identity)
-        self.shared = nn.Sequential(*(AFNOBlock(cfg.width, cfg.afno_num_blocks, cfg.afno_modes, cfg.afno_mlp_ratio,
-                                                cfg.afno_sparsity, cfg.norm_groups, cfg.dropout)
-                                      for _ in range(cfg.shared_afno_layers))) if cfg.shared_afno_layers else None
-        self.pad_to: int | None = None                   # debug: force padded groups (tests)
+        self.shared = (
+            nn.Sequential(
+                *(
+                    AFNOBlock(
+                        cfg.width,
+                        cfg.afno_num_blocks,
+                        cfg.afno_modes,
+                        cfg.afno_mlp_ratio,
+                        cfg.afno_sparsity,
+                        cfg.norm_groups,
+                        cfg.dropout,
+                    )
+                    for _ in range(cfg.shared_afno_layers)
+                )
+            )
+            if cfg.shared_afno_layers
+            else None
+        )
+        self.pad_to: int | None = None  # debug: force padded groups (tests)
         # given from outside by nestor_ds.model.parallelize.apply_expert_parallel (see group_sizes)
-        self.ep_group: dist.ProcessGroup | None = None         # expert-parallel group of the token MoEs
-        self.lockstep_group: dist.ProcessGroup | None = None   # ZeRO-3: every rank calls the same experts
+        self.ep_group: dist.ProcessGroup | None = None  # expert-parallel group of the token MoEs
+        self.lockstep_group: dist.ProcessGroup | None = None  # ZeRO-3: every rank calls the same experts
 
     @property
     def expert_parallel(self) -> bool:
@@ -126,8 +142,10 @@ class ImageMoE(nn.Module):
             if group is None:
                 group = self.ep_group
             if group is None:
-                raise RuntimeError("ImageMoE: moe.ep_size > 1 but no expert-parallel group was given; call "
-                                   "nestor_ds.model.parallelize.apply_expert_parallel(model, ep_group)")
+                raise RuntimeError(
+                    "ImageMoE: moe.ep_size > 1 but no expert-parallel group was given; call "
+                    "nestor_ds.model.parallelize.apply_expert_parallel(model, ep_group)"
+                )
             dist.all_reduce(kept, op=dist.ReduceOp.MAX, group=group)
         sizes = kept.tolist()
         if self.pad_to is not None:
@@ -164,22 +182,22 @@ class ImageMoE(nn.Module):
         B, D, H, W = h_BDHW.shape
         L, E, K = H * W, self.E, self.K
         Q = self.cfg.image_capacity(B)
-        plan = plan_static(r.experts_NK, r.probs_NE, None, E, Q)           # drop lowest router probability first
+        plan = plan_static(r.experts_NK, r.probs_NE, None, E, Q)  # drop lowest router probability first
         slot_BK = plan.slot_A.view(B, K)
         x_BLD = h_BDHW.flatten(2).transpose(1, 2)
-        x_SLD = dispatch_rows(x_BLD.reshape(B, L * D), slot_BK, plan.rows).view(-1, L, D)   # S = E*Q + drop row
-        sample_N = torch.arange(Q * L, device=h_BDHW.device) // L                # sample of each token row
+        x_SLD = dispatch_rows(x_BLD.reshape(B, L * D), slot_BK, plan.rows).view(-1, L, D)  # S = E*Q + drop row
+        sample_N = torch.arange(Q * L, device=h_BDHW.device) // L  # sample of each token row
         y_pieces, lb, z, counts, dropped = [], [], [], [], plan.dropped * L
         for e in range(E):
             valid_N = sample_N < plan.kept_E[e]
-            y_QLD, m = self.experts[e](x_SLD[e * Q:(e + 1) * Q], valid_N)
+            y_QLD, m = self.experts[e](x_SLD[e * Q : (e + 1) * Q], valid_N)
             y_pieces.append(y_QLD.reshape(Q, L * D))
             lb.append(m.lb_loss.float())
             z.append(m.z_loss.float())
             counts.append(m.tokens_per_expert_E)
             if m.dropped is not None:
                 dropped = dropped + m.dropped
-        y_pieces.append(x_SLD.new_zeros(1, L * D))                             # the drop row's output
+        y_pieces.append(x_SLD.new_zeros(1, L * D))  # the drop row's output
         # token losses averaged over the block's real samples (each expert's loss is ~1 when balanced)
         real_E = plan.kept_E.float()
         real_total = real_E.sum().clamp(min=1.0)
@@ -194,16 +212,16 @@ class ImageMoE(nn.Module):
         """sum_k w_k Expert_k(h), each expert called on exactly its samples (padded under expert parallelism)."""
         B, D, H, W = h_BDHW.shape
         L = H * W
-        slot_BK = sorted_position(r.experts_NK.reshape(-1)).view(B, self.K)   # row of (b, k), grouped by expert
+        slot_BK = sorted_position(r.experts_NK.reshape(-1)).view(B, self.K)  # row of (b, k), grouped by expert
         sizes = self.group_sizes(counts_E)
 
         x_BLD = h_BDHW.flatten(2).transpose(1, 2)
-        x_ALD = dispatch_rows(x_BLD.reshape(B, L * D), slot_BK, B * self.K).view(-1, L, D)   # sorted by expert
-        y_pieces: list[torch.Tensor] = []          # expert outputs in sorted order
-        keep_in_graph = h_BDHW.new_zeros(())      # padding-only calls under expert parallelism (see below)
+        x_ALD = dispatch_rows(x_BLD.reshape(B, L * D), slot_BK, B * self.K).view(-1, L, D)  # sorted by expert
+        y_pieces: list[torch.Tensor] = []  # expert outputs in sorted order
+        keep_in_graph = h_BDHW.new_zeros(())  # padding-only calls under expert parallelism (see below)
         token_counts = torch.zeros(self.E, self.experts[0].moe.num_experts, dtype=torch.long, device=h_BDHW.device)
         token_lb = token_z = h_BDHW.new_zeros((), dtype=torch.float32)
-        dropped = None                             # token-level drops, when the token MoE routes statically
+        dropped = None  # token-level drops, when the token MoE routes statically
         real_total = 0
         start = 0
         for e, (real, size) in enumerate(zip(counts_E.tolist(), sizes, strict=True)):
@@ -238,4 +256,3 @@ class ImageMoE(nn.Module):
         w_BK11 = r.weights_NK.to(y_BKLD.dtype)[:, :, None, None]
         mix_BLD = (w_BK11 * y_BKLD).sum(dim=1) + keep_in_graph
         return mix_BLD, token_lb, token_z, token_counts, dropped
-

@@ -2,6 +2,7 @@
 
 Also holds what both architectures share: ModelOutput, the input checks and the autoregressive rollout.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ class ModelOutput:
     pred: torch.Tensor
     aux_losses: dict[str, torch.Tensor]
     routing: list[BlockRouting] = field(default_factory=list)
-    cls_logits: torch.Tensor | None = None      # [B, num_datasets] when the DPOT classification head is on
+    cls_logits: torch.Tensor | None = None  # [B, num_datasets] when the DPOT classification head is on
 
 
 class ForecastModel(nn.Module):
@@ -33,11 +34,15 @@ class ForecastModel(nn.Module):
 
     def _init_common(self, cfg: ModelConfig) -> None:
         D = cfg.width
-        self.encoder = Encoder(cfg.in_channels, cfg.embed_hidden_dim, D, cfg.patch_size, cfg.grid, cfg.t_in,
-                               cfg.dropout)
+        self.encoder = Encoder(
+            cfg.in_channels, cfg.embed_hidden_dim, D, cfg.patch_size, cfg.grid, cfg.t_in, cfg.dropout
+        )
         self.head = OutputHead(D, cfg.head_dim, cfg.patch_size, cfg.t_ar, cfg.c_out)
-        self.cls_head = (nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D), nn.GELU(),
-                                       nn.Linear(D, cfg.num_datasets)) if cfg.num_datasets else None)
+        self.cls_head = (
+            nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D), nn.GELU(), nn.Linear(D, cfg.num_datasets))
+            if cfg.num_datasets
+            else None
+        )
 
     def configure_spectral(self) -> None:
         """Every AFNO block (baseline blocks and NESTOR's shared ones) gets cfg.afno_spectral and the DFT matrices
@@ -55,8 +60,9 @@ class ForecastModel(nn.Module):
         if channel_mask is not None and tuple(channel_mask.shape) != (x.shape[0], c.c_out):
             raise ValueError(f"channel_mask must be [B={x.shape[0]}, C_out={c.c_out}], got {tuple(channel_mask.shape)}")
 
-    def finish(self, z_BDHW: torch.Tensor, channel_mask: torch.Tensor | None,
-               x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def finish(
+        self, z_BDHW: torch.Tensor, channel_mask: torch.Tensor | None, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Head on the token field; padded channels predicted as exactly 0 (they carry no physics).
 
         With ``predict_residual`` the head predicts the change from the last input frame (every predicted frame is
@@ -74,8 +80,9 @@ class ForecastModel(nn.Module):
     def rollout(self, x: torch.Tensor, steps: int, channel_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Autoregressive forecast [B, X, Y, steps, C]: predictions slide into the T_in window."""
         if self.cfg.c_out != self.cfg.in_channels:
-            raise ValueError(f"rollout needs out_channels == in_channels, got {self.cfg.c_out} != "
-                             f"{self.cfg.in_channels}")
+            raise ValueError(
+                f"rollout needs out_channels == in_channels, got {self.cfg.c_out} != {self.cfg.in_channels}"
+            )
         was_training = self.training
         self.eval()
         try:
@@ -84,7 +91,7 @@ class ForecastModel(nn.Module):
                 p = self(window, channel_mask).pred
                 preds.append(p)
                 done += p.shape[3]
-                window = torch.cat([window, p.to(window.dtype)], dim=3)[:, :, :, -self.cfg.t_in:]
+                window = torch.cat([window, p.to(window.dtype)], dim=3)[:, :, :, -self.cfg.t_in :]
             return torch.cat(preds, dim=3)[:, :, :, :steps]
         finally:
             self.train(was_training)

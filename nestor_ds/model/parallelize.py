@@ -12,6 +12,7 @@ What each group is for:
 
 Parameter names and shapes are unchanged (the groups are plain attributes, not state).
 """
+
 from __future__ import annotations
 
 import torch.distributed as dist
@@ -22,8 +23,9 @@ from nestor_ds.moe.expert_parallel import ExpertParallelTokenMoE
 from .image_moe import ImageMoE
 
 
-def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup | None = None,
-                          lockstep_group: dist.ProcessGroup | None = None) -> int:
+def apply_expert_parallel(
+    model: nn.Module, ep_group: dist.ProcessGroup | None = None, lockstep_group: dist.ProcessGroup | None = None
+) -> int:
     """Give every MoE layer of ``model`` (a NESTOR model, an ImageMoE or a lone token MoE) its process groups.
 
     Returns how many layers (token MoEs + image MoEs) received a group. An expert-parallel token MoE without
@@ -33,8 +35,10 @@ def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup | None =
     for m in model.modules():
         if isinstance(m, ExpertParallelTokenMoE):
             if ep_group is None:
-                raise ValueError("apply_expert_parallel: the model has expert-parallel token MoEs "
-                                 f"(moe.ep_size={m.ep_size}) but no ep_group was given")
+                raise ValueError(
+                    "apply_expert_parallel: the model has expert-parallel token MoEs "
+                    f"(moe.ep_size={m.ep_size}) but no ep_group was given"
+                )
             m.set_group(ep_group)
             given += 1
         elif isinstance(m, ImageMoE) and (ep_group is not None or lockstep_group is not None):

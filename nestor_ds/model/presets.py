@@ -3,6 +3,7 @@
 Ti presets reproduce the authors' models (parameter counts and FLOPs checked in tests/test_model.py);
 the larger ones are for GPUs; the tiny ones for tests and the CPU demo.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,9 +44,19 @@ _PRESETS: dict[str, ModelConfig] = {
     "afno-m": _afno(width=1536, depth=12, num_datasets=12),
     "afno-l": _afno(width=1536, depth=26, num_datasets=12),
     # tiny: tests and the CPU demo
-    "nestor-tiny": _nestor(resolution=32, patch_size=8, width=32, depth=2, num_heads=4, image_experts=4,
-                           afno_modes=4, afno_num_blocks=4, shared_afno_layers=1, head_dim=16,
-                           moe={"num_experts": 4, "top_k": 2}),
+    "nestor-tiny": _nestor(
+        resolution=32,
+        patch_size=8,
+        width=32,
+        depth=2,
+        num_heads=4,
+        image_experts=4,
+        afno_modes=4,
+        afno_num_blocks=4,
+        shared_afno_layers=1,
+        head_dim=16,
+        moe={"num_experts": 4, "top_k": 2},
+    ),
     "afno-tiny": _afno(resolution=32, patch_size=8, width=32, depth=2, afno_modes=4, afno_num_blocks=4, head_dim=16),
 }
 
@@ -62,8 +73,11 @@ def get_preset(name: str, overrides: dict[str, Any] | None = None) -> ModelConfi
     return merge_model_config({**fields, "preset": name}).validate()
 
 
-def merge_model_config(fields: Mapping[str, Any] | None = None, base: Mapping[str, Any] | None = None,
-                       data_fields: Mapping[str, Any] | None = None) -> ModelConfig:
+def merge_model_config(
+    fields: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
+    data_fields: Mapping[str, Any] | None = None,
+) -> ModelConfig:
     """The one merge of a model config, layer over layer: preset -> base -> fields -> data-bound fields.
 
     - preset: ``fields["preset"]`` (a registry name), else the ModelConfig defaults. An explicit preset replaces

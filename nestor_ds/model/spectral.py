@@ -22,6 +22,7 @@ two linear maps, selected by ``ModelConfig.afno_spectral``:
 Both equal the complex FFT (``torch.fft.rfft2`` / ``irfft2``) to float32 round-off, value and gradient
 (tests/test_spectral.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,7 @@ import math
 import torch
 
 SPECTRAL_MODES = ("dft", "fft")
-DFT_MATRICES = ("fw_W2Ky", "fh_2Kx2H", "gh_2H2Kx", "gw_2KyW")   # the names dft_matrices returns, in this order
+DFT_MATRICES = ("fw_W2Ky", "fh_2Kx2H", "gh_2H2Kx", "gw_2KyW")  # the names dft_matrices returns, in this order
 
 
 def kept_modes(h: int, w: int, modes: int) -> tuple[int, int]:
@@ -40,8 +41,9 @@ def kept_modes(h: int, w: int, modes: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------- real DFT matrices
 
 
-def dft_matrices(h: int, w: int, kx: int, ky: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def dft_matrices(
+    h: int, w: int, kx: int, ky: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """The four real matrices of the separable truncated DFT (built in float64, then cast).
 
     fw_W2Ky [W, 2Ky]      columns (c, k_y): cos, -sin of 2 pi k_y w / W, / sqrt(W)   (rfft along W)
@@ -50,12 +52,14 @@ def dft_matrices(h: int, w: int, kx: int, ky: int, device: torch.device | str | 
     gw_2KyW [2Ky, W]      rows (c, k_y): alpha cos, -alpha sin, / sqrt(W); alpha = 1 at k_y = 0 and Nyquist, else 2
                           (the c2r transform: the imaginary parts at k_y = 0 and Nyquist drop out as sin = 0 there)
     """
-    f64, cpu = torch.float64, torch.device("cpu")    # explicit: also right under a `with torch.device("meta")`
-    phi_WKy = 2 * math.pi * torch.outer(torch.arange(w, dtype=f64, device=cpu),
-                                        torch.arange(ky, dtype=f64, device=cpu)) / w
+    f64, cpu = torch.float64, torch.device("cpu")  # explicit: also right under a `with torch.device("meta")`
+    phi_WKy = (
+        2 * math.pi * torch.outer(torch.arange(w, dtype=f64, device=cpu), torch.arange(ky, dtype=f64, device=cpu)) / w
+    )
     fw = torch.cat([phi_WKy.cos(), -phi_WKy.sin()], dim=1) / math.sqrt(w)
-    theta_KxH = 2 * math.pi * torch.outer(torch.arange(kx, dtype=f64, device=cpu),
-                                          torch.arange(h, dtype=f64, device=cpu)) / h
+    theta_KxH = (
+        2 * math.pi * torch.outer(torch.arange(kx, dtype=f64, device=cpu), torch.arange(h, dtype=f64, device=cpu)) / h
+    )
     c, s = theta_KxH.cos() / math.sqrt(h), theta_KxH.sin() / math.sqrt(h)
     # forward along H: Re' = C Re + S Im, Im' = C Im - S Re   (e^{-i theta})
     fh = torch.stack([torch.stack([c, s], dim=-1), torch.stack([-s, c], dim=-1)], dim=0).reshape(2 * kx, 2 * h)
@@ -71,7 +75,7 @@ def dft_forward_modes(x_BDHW: torch.Tensor, mats: dict[str, torch.Tensor]) -> to
     lead, H = x_BDHW.shape[:-2], x_BDHW.shape[-2]
     fw, fh = mats["fw_W2Ky"].to(x_BDHW.dtype), mats["fh_2Kx2H"].to(x_BDHW.dtype)
     Ky, Kx = fw.shape[1] // 2, fh.shape[0] // 2
-    a_BD2HKy = (x_BDHW @ fw).view(*lead, 2 * H, Ky)        # rows (h, c): the layout fh contracts over
+    a_BD2HKy = (x_BDHW @ fw).view(*lead, 2 * H, Ky)  # rows (h, c): the layout fh contracts over
     return (fh @ a_BD2HKy).view(*lead, 2, Kx, Ky)
 
 
@@ -80,7 +84,7 @@ def dft_inverse_modes(y_BD2KxKy: torch.Tensor, mats: dict[str, torch.Tensor]) ->
     lead, (Kx, Ky) = y_BD2KxKy.shape[:-3], y_BD2KxKy.shape[-2:]
     gh, gw = mats["gh_2H2Kx"].to(y_BD2KxKy.dtype), mats["gw_2KyW"].to(y_BD2KxKy.dtype)
     H = gh.shape[0] // 2
-    z_BD2HKy = gh @ y_BD2KxKy.reshape(*lead, 2 * Kx, Ky)    # rows (h, c)
+    z_BD2HKy = gh @ y_BD2KxKy.reshape(*lead, 2 * Kx, Ky)  # rows (h, c)
     return z_BD2HKy.view(*lead, H, 2 * Ky) @ gw
 
 

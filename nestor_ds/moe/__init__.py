@@ -26,9 +26,21 @@ from .router import (
 )
 
 __all__ = [
-    "MoEConfig", "MoEOutput", "TokenMoE", "build_token_moe", "LocalTokenMoE", "GroupedSwiGLU", "SwiGLU",
-    "TopKRouter", "Routing", "route_from_logits", "load_balancing_loss", "router_z_loss", "tokens_per_expert",
-    "expert_load_stats", "grouped_mm_supported",
+    "MoEConfig",
+    "MoEOutput",
+    "TokenMoE",
+    "build_token_moe",
+    "LocalTokenMoE",
+    "GroupedSwiGLU",
+    "SwiGLU",
+    "TopKRouter",
+    "Routing",
+    "route_from_logits",
+    "load_balancing_loss",
+    "router_z_loss",
+    "tokens_per_expert",
+    "expert_load_stats",
+    "grouped_mm_supported",
 ]
 
 
@@ -46,4 +58,3 @@ def build_token_moe(cfg: MoEConfig, dim: int) -> TokenMoE:
     from .megablocks_backend import MegaBlocksTokenMoE
 
     return MegaBlocksTokenMoE(cfg, dim)
-

@@ -38,8 +38,9 @@ def check_input(x_ND: torch.Tensor, valid_N: torch.Tensor | None, dim: int) -> N
     if x_ND.dim() != 2 or x_ND.shape[1] != dim:
         raise ValueError(f"TokenMoE: x_ND must be [N, {dim}], got {tuple(x_ND.shape)}")
     if valid_N is not None and (valid_N.dtype != torch.bool or tuple(valid_N.shape) != (x_ND.shape[0],)):
-        raise ValueError(f"TokenMoE: valid_N must be a bool tensor [{x_ND.shape[0]}], "
-                         f"got {valid_N.dtype} {tuple(valid_N.shape)}")
+        raise ValueError(
+            f"TokenMoE: valid_N must be a bool tensor [{x_ND.shape[0]}], got {valid_N.dtype} {tuple(valid_N.shape)}"
+        )
 
 
 class ExternalRoutedMoE(TokenMoE):
@@ -82,18 +83,24 @@ class ExternalRoutedMoE(TokenMoE):
         x_VD = x_ND if rows_V is None else x_ND.index_select(0, rows_V)
         if self.shared is not None:
             shared_VD = self.shared(x_VD)
-            out_ND = out_ND + (shared_VD if rows_V is None
-                               else torch.zeros_like(out_ND).index_copy(0, rows_V, shared_VD))
+            out_ND = out_ND + (
+                shared_VD if rows_V is None else torch.zeros_like(out_ND).index_copy(0, rows_V, shared_VD)
+            )
         if valid_N is not None:
             out_ND = torch.where(valid_N.unsqueeze(1), out_ND, torch.zeros_like(out_ND))
         # losses and counts from the library's own gate weight, valid rows only (it routes identically)
         routing = route_from_logits(torch.nn.functional.linear(x_VD.float(), self.gate_weight.float()), self.top_k)
-        return MoEOutput(out_ND, load_balancing_loss(routing.probs_NE, routing.experts_NK),
-                         router_z_loss(routing.logits_NE), tokens_per_expert(routing.experts_NK, self.num_experts))
+        return MoEOutput(
+            out_ND,
+            load_balancing_loss(routing.probs_NE, routing.experts_NK),
+            router_z_loss(routing.logits_NE),
+            tokens_per_expert(routing.experts_NK, self.num_experts),
+        )
 
 
-def static_output(y_SD: torch.Tensor, plan, routing, x_ND: torch.Tensor, valid_N: torch.Tensor | None,
-                  shared: nn.Module | None) -> MoEOutput:
+def static_output(
+    y_SD: torch.Tensor, plan, routing, x_ND: torch.Tensor, valid_N: torch.Tensor | None, shared: nn.Module | None
+) -> MoEOutput:
     """Combine of a static-routing call: each row's K expert outputs (the drop row for dropped assignments, weight 0)
     summed in fp32 with the router weights, + the shared expert, padding rows zeroed, losses on valid rows."""
     from .dispatch import gather_rows
@@ -107,5 +114,10 @@ def static_output(y_SD: torch.Tensor, plan, routing, x_ND: torch.Tensor, valid_N
         out_ND = out_ND + shared(x_ND)
     if valid_N is not None:
         out_ND = torch.where(valid_N.unsqueeze(1), out_ND, torch.zeros_like(out_ND))
-    return MoEOutput(out_ND, load_balancing_loss(routing.probs_NE, routing.experts_NK, valid_N),
-                     router_z_loss(routing.logits_NE, valid_N), plan.routed_E, plan.dropped)
+    return MoEOutput(
+        out_ND,
+        load_balancing_loss(routing.probs_NE, routing.experts_NK, valid_N),
+        router_z_loss(routing.logits_NE, valid_N),
+        plan.routed_E,
+        plan.dropped,
+    )

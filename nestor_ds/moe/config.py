@@ -65,8 +65,11 @@ class MoEConfig:
         if self.backend in LEGACY_BACKENDS:
             import logging
 
-            logging.getLogger("nestor_ds").warning("moe.backend=%r was removed; running %r (same parameter layout)",
-                                                   self.backend, LEGACY_BACKENDS[self.backend])
+            logging.getLogger("nestor_ds").warning(
+                "moe.backend=%r was removed; running %r (same parameter layout)",
+                self.backend,
+                LEGACY_BACKENDS[self.backend],
+            )
             self.backend = LEGACY_BACKENDS[self.backend]
         if self.backend not in BACKENDS:
             raise ValueError(f"moe.backend={self.backend!r}: expected one of {BACKENDS}")
@@ -88,17 +91,23 @@ class MoEConfig:
             raise ValueError(f"moe.capacity_factor={self.capacity_factor}: must be > 0 with moe.routing='static'")
         if not self.static and self.capacity_factor not in (None, 0, 0.0):
             # older configs meant "capacity_factor > 0 = drop tokens"; the switch is explicit now
-            raise ValueError(f"moe.capacity_factor={self.capacity_factor} is used only by moe.routing='static' "
-                             f"(set moe.routing: static, or remove capacity_factor for dropless)")
+            raise ValueError(
+                f"moe.capacity_factor={self.capacity_factor} is used only by moe.routing='static' "
+                f"(set moe.routing: static, or remove capacity_factor for dropless)"
+            )
         if self.router_noise < 0:
             raise ValueError(f"moe.router_noise={self.router_noise}: must be >= 0")
         if self.backend == "megablocks":
             if self.ep_size != 1:
-                raise ValueError(f"moe.ep_size={self.ep_size}: moe.backend='megablocks' has no expert parallelism; "
-                                 "use moe.backend='local'")
+                raise ValueError(
+                    f"moe.ep_size={self.ep_size}: moe.backend='megablocks' has no expert parallelism; "
+                    "use moe.backend='local'"
+                )
             if self.static:
                 raise ValueError("moe.routing='static' is not supported by moe.backend='megablocks' (dropless only)")
             if self.router_noise > 0:
-                raise ValueError("moe.router_noise > 0 is not supported by moe.backend='megablocks' "
-                                 "(its router jitter is multiplicative, not Gaussian logit noise); use 0")
+                raise ValueError(
+                    "moe.router_noise > 0 is not supported by moe.backend='megablocks' "
+                    "(its router jitter is multiplicative, not Gaussian logit noise); use 0"
+                )
         return self

@@ -54,7 +54,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_I: torch.Tensor):  # type: ignore[override]
         (index_I,) = ctx.saved_tensors
-        grad_S = grad_I.new_zeros(ctx.rows, *grad_I.shape[index_I.dim():])
+        grad_S = grad_I.new_zeros(ctx.rows, *grad_I.shape[index_I.dim() :])
         grad_S[index_I] = grad_I
         return grad_S, None
 
@@ -96,17 +96,18 @@ def capacity(factor: float, rows: int, top_k: int, num_experts: int, multiple: i
 class CapacityPlan:
     """Where each assignment sits in the static expert-major buffer [E*Q + 1, ...] (last row: drop row)."""
 
-    slot_A: torch.Tensor      # long [A]: e*Q + position inside expert e, or E*Q when dropped / padding
-    keep_A: torch.Tensor      # bool [A]: the assignment got a row (valid and within capacity)
-    kept_E: torch.Tensor      # long [E]: rows used in each expert's buffer (<= Q)
-    routed_E: torch.Tensor    # long [E]: valid assignments per expert before capacity (the dropless counts)
-    dropped: torch.Tensor     # long scalar: valid assignments over capacity
-    capacity: int             # Q
-    rows: int                 # E*Q + 1
+    slot_A: torch.Tensor  # long [A]: e*Q + position inside expert e, or E*Q when dropped / padding
+    keep_A: torch.Tensor  # bool [A]: the assignment got a row (valid and within capacity)
+    kept_E: torch.Tensor  # long [E]: rows used in each expert's buffer (<= Q)
+    routed_E: torch.Tensor  # long [E]: valid assignments per expert before capacity (the dropless counts)
+    dropped: torch.Tensor  # long scalar: valid assignments over capacity
+    capacity: int  # Q
+    rows: int  # E*Q + 1
 
 
-def plan_capacity(expert_A: torch.Tensor, weight_A: torch.Tensor, valid_A: torch.Tensor | None,
-                  num_experts: int, cap: int) -> CapacityPlan:
+def plan_capacity(
+    expert_A: torch.Tensor, weight_A: torch.Tensor, valid_A: torch.Tensor | None, num_experts: int, cap: int
+) -> CapacityPlan:
     """Static layout: inside each expert, assignments ordered by weight, highest first (ties: row order), the
     first Q kept; padding assignments (valid_A False) are absent. One sort on (expert, -weight), all on device.
     Callers pass the router probability of the chosen expert as weight (GShard/Switch's priority): top-1's
@@ -131,11 +132,12 @@ def plan_capacity(expert_A: torch.Tensor, weight_A: torch.Tensor, valid_A: torch
     return CapacityPlan(slot_A, keep_A, kept_E, routed_E, routed_E.sum() - kept_E.sum(), cap, E * cap + 1)
 
 
-def plan_static(experts_NK: torch.Tensor, probs_NE: torch.Tensor, valid_N: torch.Tensor | None, num_experts: int,
-                capacity_rows: int) -> CapacityPlan:
+def plan_static(
+    experts_NK: torch.Tensor, probs_NE: torch.Tensor, valid_N: torch.Tensor | None, num_experts: int, capacity_rows: int
+) -> CapacityPlan:
     """The capacity plan of one static-routing call (both the local and the expert-parallel backend): the N*K
     assignments of the valid rows, each expert keeping its `capacity_rows` highest router probabilities."""
     N, K = experts_NK.shape
     valid_A = None if valid_N is None else valid_N.unsqueeze(1).expand(N, K).reshape(-1)
-    prob_NK = probs_NE.gather(-1, experts_NK)              # drop priority (lowest first)
+    prob_NK = probs_NE.gather(-1, experts_NK)  # drop priority (lowest first)
     return plan_capacity(experts_NK.reshape(-1), prob_NK.reshape(-1), valid_A, num_experts, capacity_rows)

@@ -57,8 +57,9 @@ class _AllToAllV(torch.autograd.Function):
     """all_to_all_single with split sizes (None = equal); the backward is the inverse exchange."""
 
     @staticmethod
-    def forward(ctx, x_SD: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None,
-                group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+    def forward(
+        ctx, x_SD: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None, group: dist.ProcessGroup
+    ) -> torch.Tensor:  # type: ignore[override]
         ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
         rows = x_SD.shape[0] if out_splits is None else sum(out_splits)
         out_UD = x_SD.new_empty(rows, *x_SD.shape[1:])
@@ -73,8 +74,9 @@ class _AllToAllV(torch.autograd.Function):
         return grad_SD, None, None, None
 
 
-def all_to_all_v(x_SD: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None,
-                 group: dist.ProcessGroup) -> torch.Tensor:
+def all_to_all_v(
+    x_SD: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None, group: dist.ProcessGroup
+) -> torch.Tensor:
     """Send in_splits[p] rows of x_SD to rank p, receive out_splits[p] rows from rank p (None: equal splits)."""
     return _AllToAllV.apply(x_SD, out_splits, in_splits, group)
 
@@ -95,14 +97,15 @@ def _deepspeed_layout_class():
             self.num_experts, self.ep_size = num_experts, ep_size
             self.num_local_experts = num_experts // ep_size
             self.expert_group_name = f"ep_size_{ep_size}"
-            self.ep_group: dist.ProcessGroup | None = None   # given by ExpertParallelTokenMoE.set_group
+            self.ep_group: dist.ProcessGroup | None = None  # given by ExpertParallelTokenMoE.set_group
             self.deepspeed_moe = nn.Module()
             self.deepspeed_moe.gate = nn.Module()
             self.deepspeed_moe.gate.wg = FP32Linear(dim, num_experts, bias=False)
             self.deepspeed_moe.experts = nn.Module()
             self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList(
-                SwiGLU(dim, hidden) for _ in range(self.num_local_experts))
-            for p in self.deepspeed_moe.experts.parameters():   # DeepSpeed's tags for expert parameters
+                SwiGLU(dim, hidden) for _ in range(self.num_local_experts)
+            )
+            for p in self.deepspeed_moe.experts.parameters():  # DeepSpeed's tags for expert parameters
                 p.allreduce = False
                 p.group_name = self.expert_group_name
 
@@ -110,9 +113,11 @@ def _deepspeed_layout_class():
             """Called by deepspeed.initialize (DeepSpeed's own MoE creates its groups here): ours were created by the
             engine and given to the model already, so this only checks that they were."""
             if self.ep_group is None:
-                raise RuntimeError(f"expert-parallel group {self.expert_group_name} was not given to the model: call "
-                                   "nestor_ds.engine.distributed.setup_expert_parallel(model, ep_size) before "
-                                   "deepspeed.initialize")
+                raise RuntimeError(
+                    f"expert-parallel group {self.expert_group_name} was not given to the model: call "
+                    "nestor_ds.engine.distributed.setup_expert_parallel(model, ep_size) before "
+                    "deepspeed.initialize"
+                )
 
         def forward(self, *args, **kwargs):  # pragma: no cover - the math is ExpertParallelTokenMoE's
             raise RuntimeError("DeepSpeedMoELayout holds parameters only; call ExpertParallelTokenMoE")
@@ -143,7 +148,7 @@ class ExpertParallelTokenMoE(TokenMoE):
         self.local_experts = cfg.num_experts // cfg.ep_size
         self.dim, self.hidden = dim, cfg.hidden_dim(dim)
         self.ep_rank = default_ep_rank(cfg.ep_size)
-        self.kernel: str | None = None                   # None = per device, as LocalTokenMoE
+        self.kernel: str | None = None  # None = per device, as LocalTokenMoE
         # Initial weights are a function of the seed, not of the parallel layout: draw every expert as the local
         # backend does (same RNG stream), then keep this rank's slice. ep 1 and ep P start from the same model.
         import dataclasses
@@ -152,8 +157,12 @@ class ExpertParallelTokenMoE(TokenMoE):
         with torch.random.fork_rng(devices=[]):
             self.moe = _deepspeed_layout_class()(cfg.num_experts, cfg.ep_size, dim, self.hidden)
         self.shared = reference.shared
-        self.load_state_dict({k: v for k, v in expert_parallel_state_from_local(
-            reference.state_dict(), self.ep_rank, self.ep_size).items()})
+        self.load_state_dict(
+            {
+                k: v
+                for k, v in expert_parallel_state_from_local(reference.state_dict(), self.ep_rank, self.ep_size).items()
+            }
+        )
 
     # -- parameters -------------------------------------------------------------------------------------------
     @property
@@ -165,8 +174,11 @@ class ExpertParallelTokenMoE(TokenMoE):
         """This rank's expert weights stacked as [E_l, F, D], [E_l, F, D], [E_l, D, F] (one copy per call; the
         per-expert parameters are what DeepSpeed's per-expert checkpoint files need)."""
         experts = self.moe.deepspeed_moe.experts.deepspeed_experts
-        return (torch.stack([e.w1.weight for e in experts]), torch.stack([e.w3.weight for e in experts]),
-                torch.stack([e.w2.weight for e in experts]))
+        return (
+            torch.stack([e.w1.weight for e in experts]),
+            torch.stack([e.w3.weight for e in experts]),
+            torch.stack([e.w2.weight for e in experts]),
+        )
 
     @property
     def ep_group(self) -> dist.ProcessGroup | None:
@@ -176,11 +188,14 @@ class ExpertParallelTokenMoE(TokenMoE):
     def set_group(self, group: dist.ProcessGroup) -> None:
         """Take the expert-parallel group to exchange tokens over (called by apply_expert_parallel)."""
         if dist.get_world_size(group) != self.ep_size:
-            raise ValueError(f"expert-parallel group has {dist.get_world_size(group)} ranks, "
-                             f"moe.ep_size={self.ep_size}")
+            raise ValueError(
+                f"expert-parallel group has {dist.get_world_size(group)} ranks, moe.ep_size={self.ep_size}"
+            )
         if dist.get_rank(group) != self.ep_rank:
-            raise ValueError(f"rank {dist.get_rank()} is rank {dist.get_rank(group)} of its expert-parallel group but "
-                             f"holds experts of group rank {self.ep_rank}: groups must be consecutive ranks")
+            raise ValueError(
+                f"rank {dist.get_rank()} is rank {dist.get_rank(group)} of its expert-parallel group but "
+                f"holds experts of group rank {self.ep_rank}: groups must be consecutive ranks"
+            )
         self.moe.ep_group = group
 
     # -- forward ----------------------------------------------------------------------------------------------
@@ -193,8 +208,10 @@ class ExpertParallelTokenMoE(TokenMoE):
     def forward(self, x_ND: torch.Tensor, valid_N: torch.Tensor | None = None) -> MoEOutput:
         check_input(x_ND, valid_N, self.dim)
         if self.ep_group is None:
-            raise RuntimeError("ExpertParallelTokenMoE: no expert-parallel group; call "
-                               "nestor_ds.model.parallelize.apply_expert_parallel(model, group) first")
+            raise RuntimeError(
+                "ExpertParallelTokenMoE: no expert-parallel group; call "
+                "nestor_ds.model.parallelize.apply_expert_parallel(model, group) first"
+            )
         if self.cfg.static and self.training:
             return self._forward_static(x_ND, valid_N)
         return self._forward_dropless(x_ND, valid_N)
@@ -223,11 +240,12 @@ class ExpertParallelTokenMoE(TokenMoE):
         expert_U = torch.repeat_interleave(torch.arange(E_l, device=x_ND.device).repeat(P), recv_PE)
         counts_local = recv_PE.view(P, E_l).sum(0)
         w1, w3, w2 = self.local_weights()
-        if U == 0:   # nothing to compute here; stay in the graph so the backward exchanges run on this rank too
+        if U == 0:  # nothing to compute here; stay in the graph so the backward exchanges run on this rank too
             y_UD = recv_UD * 0.0 + 0.0 * (w1.sum() + w3.sum() + w2.sum()).to(recv_UD.dtype)
         else:
-            kernel = self.kernel or ("grouped" if grouped_mm_supported(x_ND.device, x_ND.dtype, self.dim, self.hidden)
-                                     else "padded")
+            kernel = self.kernel or (
+                "grouped" if grouped_mm_supported(x_ND.device, x_ND.dtype, self.dim, self.hidden) else "padded"
+            )
             if kernel not in KERNELS:
                 raise ValueError(f"ExpertParallelTokenMoE.kernel={kernel!r}: expected one of {KERNELS}")
             slot_U, layout = plan_layout(expert_U, counts_local, kernel)
@@ -240,8 +258,12 @@ class ExpertParallelTokenMoE(TokenMoE):
         if self.shared is not None:
             y_VD = y_VD + self.shared(x_VD)
         out_ND = y_VD if rows_V is None else torch.zeros_like(x_ND).index_copy(0, rows_V, y_VD)
-        return MoEOutput(out_ND, load_balancing_loss(routing.probs_NE, routing.experts_NK),
-                         router_z_loss(routing.logits_NE), counts_E)
+        return MoEOutput(
+            out_ND,
+            load_balancing_loss(routing.probs_NE, routing.experts_NK),
+            router_z_loss(routing.logits_NE),
+            counts_E,
+        )
 
     def _forward_static(self, x_ND: torch.Tensor, valid_N: torch.Tensor | None) -> MoEOutput:
         N, E, P, E_l, K, D = x_ND.shape[0], self.num_experts, self.ep_size, self.local_experts, self.top_k, self.dim
@@ -250,7 +272,7 @@ class ExpertParallelTokenMoE(TokenMoE):
         plan = plan_static(routing.experts_NK, routing.probs_NE, valid_N, E, Q)
 
         x_SD = dispatch_rows(x_ND, plan.slot_A.view(N, K), plan.rows)
-        recv_SD = all_to_all_v(x_SD[:E * Q], None, None, self.ep_group)        # [P sources, E_l, Q, D]
+        recv_SD = all_to_all_v(x_SD[: E * Q], None, None, self.ep_group)  # [P sources, E_l, Q, D]
         mine_SD = recv_SD.view(P, E_l, Q, D).transpose(0, 1).reshape(E_l * P * Q, D)
         layout = ExpertLayout("padded", E_l * P * Q, chunk=P * Q, one_chunk_per_expert=True)
         y_mine_SD = run_experts(mine_SD, layout, *self.local_weights())
@@ -262,8 +284,10 @@ class ExpertParallelTokenMoE(TokenMoE):
 
 # ----------------------------------------------------------------------------------- layout conversion
 
-def expert_parallel_state_from_local(local_state: Mapping[str, torch.Tensor], ep_rank: int = 0,
-                                     ep_size: int = 1) -> dict[str, torch.Tensor]:
+
+def expert_parallel_state_from_local(
+    local_state: Mapping[str, torch.Tensor], ep_rank: int = 0, ep_size: int = 1
+) -> dict[str, torch.Tensor]:
     """State dict of the ExpertParallelTokenMoE on EP rank `ep_rank` from a LocalTokenMoE state dict."""
     w1_EFD = local_state[_LOCAL_EXPERT["w1"]]
     num_experts = w1_EFD.shape[0]
@@ -280,7 +304,8 @@ def expert_parallel_state_from_local(local_state: Mapping[str, torch.Tensor], ep
 
 
 def local_state_from_expert_parallel(
-        states: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    states: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
     """LocalTokenMoE state dict from ExpertParallelTokenMoE state dicts, one per EP rank in EP-rank order, or one
     mapping holding every expert under its global id (DeepSpeed's per-expert checkpoint files). The gate and
     shared weights are replicated: taken from the first."""
@@ -295,8 +320,9 @@ def local_state_from_expert_parallel(
                 experts[w].append(state[_DS_EXPERT.format(i=i, w=w)])
             i += 1
         if i == 0:
-            raise ValueError(f"local_state_from_expert_parallel: state {rank} has no key "
-                             f"{_DS_EXPERT.format(i=0, w='w1')}")
+            raise ValueError(
+                f"local_state_from_expert_parallel: state {rank} has no key {_DS_EXPERT.format(i=0, w='w1')}"
+            )
     out = {"router.gate.weight": states[0][_DS_GATE].clone()}
     out.update({_LOCAL_EXPERT[w]: torch.stack(ws) for w, ws in experts.items()})
     out.update({k: v.clone() for k, v in states[0].items() if k.startswith(_SHARED_PREFIX)})

@@ -120,23 +120,23 @@ class ExpertLayout:
 
     kernel: str
     rows: int
-    offs_E: torch.Tensor | None = None      # grouped: int32 [E]
-    chunk: int = 0                          # padded: G
-    expert_J: torch.Tensor | None = None    # padded: long [J]
-    one_chunk_per_expert: bool = False      # padded: expert_J == arange(E): use the weights as they are
+    offs_E: torch.Tensor | None = None  # grouped: int32 [E]
+    chunk: int = 0  # padded: G
+    expert_J: torch.Tensor | None = None  # padded: long [J]
+    one_chunk_per_expert: bool = False  # padded: expert_J == arange(E): use the weights as they are
 
 
 def plan_layout(expert_A: torch.Tensor, counts_E: torch.Tensor, kernel: str) -> tuple[torch.Tensor, ExpertLayout]:
     """slot_A: the buffer row of each assignment (experts in order, assignments in order inside an expert),
     and the buffer layout for `kernel`. One stable argsort; the padded kernel also reads counts_E on the host."""
     A = expert_A.numel()
-    rank_A = sorted_position(expert_A)                           # row in the sorted (grouped) layout
+    rank_A = sorted_position(expert_A)  # row in the sorted (grouped) layout
     if kernel == "grouped":
         return rank_A, ExpertLayout("grouped", A, offs_E=counts_E.cumsum(0).to(torch.int32))
     counts = counts_E.tolist()
     G = chunk_rows(counts)
     chunks_E = (counts_E + G - 1) // G
-    start_E = counts_E.cumsum(0) - counts_E                       # first sorted row of each expert
+    start_E = counts_E.cumsum(0) - counts_E  # first sorted row of each expert
     first_chunk_E = chunks_E.cumsum(0) - chunks_E
     slot_A = rank_A + (first_chunk_E * G - start_E).index_select(0, expert_A)
     expert_J = torch.repeat_interleave(torch.arange(len(counts), device=expert_A.device), chunks_E)
@@ -172,8 +172,9 @@ class GroupedSwiGLU(nn.Module):
         return run_experts(x_SD, layout, self.w1_EFD, self.w3_EFD, self.w2_EDF)
 
 
-def run_experts(x_SD: torch.Tensor, layout: ExpertLayout, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
-                w2_EDF: torch.Tensor) -> torch.Tensor:
+def run_experts(
+    x_SD: torch.Tensor, layout: ExpertLayout, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor
+) -> torch.Tensor:
     """E SwiGLU experts with weights [E, F, D], [E, F, D], [E, D, F] over the expert-major buffer x_SD (see
     ExpertLayout). A function of the weights, so the expert-parallel backend runs it on its local experts."""
     if layout.kernel == "grouped":
@@ -181,8 +182,9 @@ def run_experts(x_SD: torch.Tensor, layout: ExpertLayout, w1_EFD: torch.Tensor, 
     return _forward_padded(x_SD, layout, w1_EFD, w3_EFD, w2_EDF)
 
 
-def _forward_grouped(x_SD: torch.Tensor, offs_E: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
-                     w2_EDF: torch.Tensor) -> torch.Tensor:
+def _forward_grouped(
+    x_SD: torch.Tensor, offs_E: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor
+) -> torch.Tensor:
     def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         # a [S, in] @ w[e]^T for the rows of expert e; w is [E, out, in]
         return _ContiguousGrad.apply(torch._grouped_mm(a, w.to(a.dtype).transpose(-2, -1), offs=offs_E))
@@ -191,14 +193,15 @@ def _forward_grouped(x_SD: torch.Tensor, offs_E: torch.Tensor, w1_EFD: torch.Ten
     return mm(h_SF, w2_EDF)
 
 
-def _forward_padded(x_SD: torch.Tensor, layout: ExpertLayout, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
-                    w2_EDF: torch.Tensor) -> torch.Tensor:
+def _forward_padded(
+    x_SD: torch.Tensor, layout: ExpertLayout, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor
+) -> torch.Tensor:
     J, G = layout.rows // max(layout.chunk, 1), layout.chunk
     dim = w2_EDF.shape[1]
     if J == 0:
         return x_SD.new_zeros(0, dim)
 
-    def weights(w: torch.Tensor) -> torch.Tensor:            # [E, out, in] -> [J, in, out]
+    def weights(w: torch.Tensor) -> torch.Tensor:  # [E, out, in] -> [J, in, out]
         w = w if layout.one_chunk_per_expert else w.index_select(0, layout.expert_J)
         return w.to(x_SD.dtype).transpose(1, 2)
 

@@ -82,6 +82,6 @@ class LocalTokenMoE(TokenMoE):
         plan = plan_static(routing.experts_NK, routing.probs_NE, valid_N, E, Q)
 
         x_SD = dispatch_rows(x_ND, plan.slot_A.view(N, K), plan.rows)
-        layout = ExpertLayout("padded", E * Q, chunk=Q, one_chunk_per_expert=True)   # [E, Q, D] batched matmul
-        y_SD = torch.cat([self.experts(x_SD[:E * Q], layout), x_SD.new_zeros(1, self.dim)])  # + the drop row
+        layout = ExpertLayout("padded", E * Q, chunk=Q, one_chunk_per_expert=True)  # [E, Q, D] batched matmul
+        y_SD = torch.cat([self.experts(x_SD[: E * Q], layout), x_SD.new_zeros(1, self.dim)])  # + the drop row
         return static_output(y_SD, plan, routing, x_ND, valid_N, self.shared)

@@ -30,8 +30,10 @@ def _import_megablocks():
         from megablocks.layers.arguments import Arguments
         from megablocks.layers.dmoe import dMoE
     except Exception as err:  # ImportError, or CUDA-extension load errors on CPU machines
-        raise RuntimeError(f"moe.backend='megablocks' needs MegaBlocks on a CUDA machine ({INSTALL_HINT}); "
-                           f"import failed: {type(err).__name__}: {err}") from err
+        raise RuntimeError(
+            f"moe.backend='megablocks' needs MegaBlocks on a CUDA machine ({INSTALL_HINT}); "
+            f"import failed: {type(err).__name__}: {err}"
+        ) from err
     return Arguments, dMoE
 
 
@@ -46,19 +48,32 @@ class MegaBlocksTokenMoE(ExternalRoutedMoE):
         cfg.validate()
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.dim, self.hidden = dim, cfg.hidden_dim(dim)
-        bound_d, bound_f = 1.0 / dim ** 0.5, 1.0 / self.hidden ** 0.5
+        bound_d, bound_f = 1.0 / dim**0.5, 1.0 / self.hidden**0.5
         args = Arguments(
-            hidden_size=dim, ffn_hidden_size=self.hidden, bias=False, return_bias=False,
-            activation_fn=F.silu, mlp_type="glu", mlp_impl="grouped",
-            moe_num_experts=cfg.num_experts, moe_top_k=cfg.top_k, moe_normalize_expert_weights=1,
-            moe_loss_weight=0.0, moe_jitter_eps=None,
-            fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, device=torch.cuda.current_device(),
+            hidden_size=dim,
+            ffn_hidden_size=self.hidden,
+            bias=False,
+            return_bias=False,
+            activation_fn=F.silu,
+            mlp_type="glu",
+            mlp_impl="grouped",
+            moe_num_experts=cfg.num_experts,
+            moe_top_k=cfg.top_k,
+            moe_normalize_expert_weights=1,
+            moe_loss_weight=0.0,
+            moe_jitter_eps=None,
+            fp16=dtype == torch.float16,
+            bf16=dtype == torch.bfloat16,
+            device=torch.cuda.current_device(),
             init_method=lambda w: torch.nn.init.uniform_(w, -bound_d, bound_d),
             output_layer_init_method=lambda w: torch.nn.init.uniform_(w, -bound_f, bound_f),
         )
         self.dmoe = dMoE(args)
-        self.shared = (SwiGLU(dim, cfg.shared_hidden_dim(dim)).to(device=args.device, dtype=dtype)
-                       if cfg.num_shared_experts > 0 else None)
+        self.shared = (
+            SwiGLU(dim, cfg.shared_hidden_dim(dim)).to(device=args.device, dtype=dtype)
+            if cfg.num_shared_experts > 0
+            else None
+        )
 
     @property
     def gate_weight(self) -> torch.Tensor:
@@ -69,6 +84,7 @@ class MegaBlocksTokenMoE(ExternalRoutedMoE):
         out_ND = (res[0] if isinstance(res, tuple) else res).squeeze(1)
         try:  # MegaBlocks keeps per-call router outputs for its own loss: drop them (ours is computed by the base)
             from megablocks.layers.moe import clear_load_balancing_loss
+
             clear_load_balancing_loss()
         except ImportError:
             pass
@@ -84,5 +100,6 @@ class MegaBlocksTokenMoE(ExternalRoutedMoE):
         mlp.v1.copy_(local_state["experts.w3_EFD"].reshape(E * Fh, D))
         mlp.w2.copy_(local_state["experts.w2_EDF"].transpose(1, 2).reshape(E * Fh, D))
         if self.shared is not None:
-            self.shared.load_state_dict({k[len("shared."):]: v for k, v in local_state.items()
-                                         if k.startswith("shared.")})
+            self.shared.load_state_dict(
+                {k[len("shared.") :]: v for k, v in local_state.items() if k.startswith("shared.")}
+            )

@@ -66,8 +66,7 @@ class TopKRouter(nn.Module):
         return route_from_logits(logits_NE, self.top_k)
 
 
-def tokens_per_expert(experts_NK: torch.Tensor, num_experts: int,
-                      valid_N: torch.Tensor | None = None) -> torch.Tensor:
+def tokens_per_expert(experts_NK: torch.Tensor, num_experts: int, valid_N: torch.Tensor | None = None) -> torch.Tensor:
     """counts_E (long): how many of the K*N assignments (of valid rows, when valid_N is given) went to each expert."""
     from .dispatch import count_per_expert
 
@@ -75,8 +74,9 @@ def tokens_per_expert(experts_NK: torch.Tensor, num_experts: int,
     return count_per_expert(experts_NK.reshape(-1), num_experts, valid_A)
 
 
-def load_balancing_loss(probs_NE: torch.Tensor, experts_NK: torch.Tensor,
-                        valid_N: torch.Tensor | None = None) -> torch.Tensor:
+def load_balancing_loss(
+    probs_NE: torch.Tensor, experts_NK: torch.Tensor, valid_N: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch/GShard balance loss lb = E * sum_i f_i * P_i.
 
     f_i: share of the K*N assignments routed to expert i (no gradient); P_i: mean router probability

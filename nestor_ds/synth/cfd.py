@@ -16,8 +16,7 @@ from tqdm import tqdm
 from nestor_ds.synth.common import march, smooth_random_field
 from nestor_ds.synth.finite_volume import fv_divergence, ssp_rk2
 
-STABILITY = ("CFL: dt <= cfl * dx / max(|u| + c) (cfl=0.4); viscous: dt <= 0.8 * dx^2 * rho_min / "
-             "(4 (4/3 eta + zeta))")
+STABILITY = "CFL: dt <= cfl * dx / max(|u| + c) (cfl=0.4); viscous: dt <= 0.8 * dx^2 * rho_min / (4 (4/3 eta + zeta))"
 
 
 @dataclass

@@ -41,8 +41,15 @@ def demo_items(tiny: bool) -> list[DemoItem]:
             DemoItem("ns", "fno-mat", "ns_V1e-3_N2_T6.mat", 2, 16, 6, {"visc": 1e-3, "record_interval": 0.25}),
             DemoItem("dr", "pdebench-groups", "2D_diff-react_NA_NA.h5", 2, 16, 12, {"record_interval": 0.1}),
             DemoItem("swe", "pdebench-groups", "2D_rdb_NA_NA.h5", 2, 16, 12, {"record_interval": 0.05}),
-            DemoItem("cfd", "pdebench-cfd", "2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_16_Train.hdf5", 2, 16, 12,
-                     {"record_interval": 0.01}),
+            DemoItem(
+                "cfd",
+                "pdebench-cfd",
+                "2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_16_Train.hdf5",
+                2,
+                16,
+                12,
+                {"record_interval": 0.01},
+            ),
         ]
     return [
         DemoItem("ns", "fno-mat", "ns_V1e-3_N24_T20.mat", 24, 64, 20, {"visc": 1e-3}),
@@ -57,8 +64,17 @@ def write_demo(out_dir: Path, tiny: bool = False, seed: int = 0, progress: bool 
     paths = []
     for i, item in enumerate(demo_items(tiny)):
         t0 = time.perf_counter()
-        p = write_dataset(item.pde, item.layout, out_dir / item.filename, item.n, item.res, item.steps,
-                          seed + i, progress=progress, **item.params)
+        p = write_dataset(
+            item.pde,
+            item.layout,
+            out_dir / item.filename,
+            item.n,
+            item.res,
+            item.steps,
+            seed + i,
+            progress=progress,
+            **item.params,
+        )
         if progress:
             print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         paths.append(p)
@@ -74,6 +90,7 @@ NON_NEGATIVE_FLOATS = ("eta", "zeta")
 
 def check_args(args: argparse.Namespace) -> None:
     """One-line ValueError naming the option for values no simulation can use."""
+
     def flag(key: str) -> str:
         return "--" + key.replace("_", "-")
 
@@ -162,8 +179,18 @@ def main(argv: list[str] | None = None) -> int:
             kw["split"] = args.split
         if args.dataset_name:
             kw["dataset_name"] = args.dataset_name
-        path = write_dataset(args.pde, layout, args.out, args.n, args.res, args.steps, args.seed,
-                             progress=not args.quiet, batch_size=args.batch_size, **kw)
+        path = write_dataset(
+            args.pde,
+            layout,
+            args.out,
+            args.n,
+            args.res,
+            args.steps,
+            args.seed,
+            progress=not args.quiet,
+            batch_size=args.batch_size,
+            **kw,
+        )
         if not args.quiet:
             print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)", file=sys.stderr)
         return 0

@@ -46,8 +46,9 @@ def _pad2(U_RCXY: np.ndarray, axis: int, bc: str, normal_var: int | None) -> np.
 FluxFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
-def fv_divergence(U_RCXY: np.ndarray, dxs: tuple[float, float], flux: FluxFn, bc: str,
-                  normals: tuple[int, int]) -> np.ndarray:
+def fv_divergence(
+    U_RCXY: np.ndarray, dxs: tuple[float, float], flux: FluxFn, bc: str, normals: tuple[int, int]
+) -> np.ndarray:
     """-(dF/dx + dG/dy) for cell averages U with MUSCL-minmod faces and the Rusanov (local Lax-Friedrichs) flux.
 
     ``flux(U, axis)`` returns (physical flux along axis, local max wave speed [R, X, Y]).
@@ -67,8 +68,9 @@ def fv_divergence(U_RCXY: np.ndarray, dxs: tuple[float, float], flux: FluxFn, bc
     return out
 
 
-def ssp_rk2(U: np.ndarray, dt: float, rhs: Callable[[np.ndarray], np.ndarray],
-            fix: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+def ssp_rk2(
+    U: np.ndarray, dt: float, rhs: Callable[[np.ndarray], np.ndarray], fix: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
     """One strong-stability-preserving RK2 (Heun) step; `fix` clamps the state (floors) after each stage."""
     U1 = fix(U + dt * rhs(U))
     return fix(0.5 * (U + U1 + dt * rhs(U1)))

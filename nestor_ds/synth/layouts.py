@@ -115,8 +115,9 @@ def write_fno_mat_v5(path: str | Path, sim: Simulation, float64: bool = False) -
 
 
 def _yaml_params(sim: Simulation, i: int) -> str:
-    sim_cfg = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-               for k, v in sim.params.items()}
+    sim_cfg = {
+        k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in sim.params.items()
+    }
     for k, v in sim.per_sample.items():
         sim_cfg[k] = v[i].item()
     return yaml.safe_dump({"pde": sim.pde, "sim": sim_cfg}, sort_keys=True)
@@ -219,8 +220,9 @@ def write_the_well(path: str | Path, sim: Simulation, dataset_name: str | None =
             d.attrs["sample_varying"] = False
 
         bcs = f.create_group("boundary_conditions")
-        bc_type = {"periodic": "PERIODIC", "neumann": "WALL", "reflective": "WALL",
-                   "transmissive": "OPEN"}[sim.boundary]
+        bc_type = {"periodic": "PERIODIC", "neumann": "WALL", "reflective": "WALL", "transmissive": "OPEN"}[
+            sim.boundary
+        ]
         for dname, arr in (("x", sim.x_X), ("y", sim.y_Y)):
             b = bcs.create_group(f"{dname}_{sim.boundary}")
             b.attrs["bc_type"] = bc_type
@@ -257,8 +259,14 @@ def write_the_well(path: str | Path, sim: Simulation, dataset_name: str | None =
 # --------------------------------------------------------------------------------------------------
 
 
-def write_layout(layout: str, path: str | Path, sim: Simulation, float64: bool = False, split: str = "train",
-                 dataset_name: str | None = None) -> Path:
+def write_layout(
+    layout: str,
+    path: str | Path,
+    sim: Simulation,
+    float64: bool = False,
+    split: str = "train",
+    dataset_name: str | None = None,
+) -> Path:
     """Write ``sim`` in ``layout`` at ``path`` (parent folders created); returns the path."""
     check_compatible(sim.pde, layout)
     path = Path(path)

@@ -17,8 +17,10 @@ from tqdm import tqdm
 
 from nestor_ds.synth.common import grf_2d, march
 
-STABILITY = ("advection CFL: dt <= cfl * dx / max(|u|+|v|) (cfl=0.5); diffusion is implicit (Crank-Nicolson) "
-             "or exact (integrating-factor RK4), so unconditionally stable")
+STABILITY = (
+    "advection CFL: dt <= cfl * dx / max(|u|+|v|) (cfl=0.5); diffusion is implicit (Crank-Nicolson) "
+    "or exact (integrating-factor RK4), so unconditionally stable"
+)
 
 
 @dataclass

@@ -96,12 +96,14 @@ def simulate(
     bar.close()
     channels, primary, xs, boundary = _grid_and_channels(pde, cfg, res)
     t = cfg.record_interval * np.arange(frames)
-    return Simulation(pde, np.concatenate(chunks, axis=0), channels, primary, xs, xs.copy(), t, asdict(cfg),
-                      per_sample, boundary)
+    return Simulation(
+        pde, np.concatenate(chunks, axis=0), channels, primary, xs, xs.copy(), t, asdict(cfg), per_sample, boundary
+    )
 
 
-def _grid_and_channels(pde: str, cfg: NSConfig | DRConfig | SWEConfig | CFDConfig,
-                       res: int) -> tuple[list[str], list[str], np.ndarray, str]:
+def _grid_and_channels(
+    pde: str, cfg: NSConfig | DRConfig | SWEConfig | CFDConfig, res: int
+) -> tuple[list[str], list[str], np.ndarray, str]:
     """(channels, primary channels, grid coordinates of one axis, boundary) of a family's output."""
     if pde == "ns":
         return ["vorticity", "vx", "vy"], ["vorticity"], np.arange(res) / res, "periodic"

@@ -41,10 +41,18 @@ JOURNAL = "pending.jsonl"
 FILES = "files"
 DEFAULT_MAX_BYTES = 256 * 2**20
 # MLflow error codes that say "this request will never succeed": drop the entry, keep tracking.
-PERMANENT_ERRORS = frozenset({
-    "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST",
-    "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "MALFORMED_REQUEST",
-})
+PERMANENT_ERRORS = frozenset(
+    {
+        "INVALID_PARAMETER_VALUE",
+        "RESOURCE_DOES_NOT_EXIST",
+        "RESOURCE_ALREADY_EXISTS",
+        "BAD_REQUEST",
+        "INVALID_STATE",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "MALFORMED_REQUEST",
+    }
+)
 
 Entry = dict[str, Any]
 
@@ -81,8 +89,13 @@ def deliver(client: Any, entry: Entry) -> None:
 class Outbox:
     """Background delivery of entries; see the module docstring. Create on rank 0 only."""
 
-    def __init__(self, send: Callable[[Entry], None], directory: str | Path | None,
-                 max_bytes: int = DEFAULT_MAX_BYTES, retry_max_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        send: Callable[[Entry], None],
+        directory: str | Path | None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        retry_max_s: float = 30.0,
+    ) -> None:
         self._send = send
         self.directory = Path(directory) if directory is not None else None
         self.max_bytes = max_bytes
@@ -134,8 +147,12 @@ class Outbox:
             self._give_up.set()  # the request in flight ends within the HTTP timeout
             self._thread.join(120)
         if self._dropped:
-            log.warning("MLflow: %d metric batches were dropped because the outage buffer was full (%d MiB); "
-                        "they are in metrics.jsonl", self._dropped, self.max_bytes // 2**20)
+            log.warning(
+                "MLflow: %d metric batches were dropped because the outage buffer was full (%d MiB); "
+                "they are in metrics.jsonl",
+                self._dropped,
+                self.max_bytes // 2**20,
+            )
         return len(self._journal)
 
     # ------------------------------------------------------------------ delivery thread
@@ -189,8 +206,11 @@ class Outbox:
         if self._outage_since is None:
             self._outage_since = now
             where = self.directory / JOURNAL if self.directory is not None else "memory"
-            log.warning("MLflow unreachable (%s): buffering to %s and retrying with backoff; training goes on",
-                        one_line(exc), where)
+            log.warning(
+                "MLflow unreachable (%s): buffering to %s and retrying with backoff; training goes on",
+                one_line(exc),
+                where,
+            )
             self._backoff = 1.0
         else:
             self._backoff = min(self._backoff * 2, self.retry_max_s)
@@ -207,8 +227,11 @@ class Outbox:
         if sent:
             self._save_journal()
         if not self._journal and self._outage_since is not None:
-            log.warning("MLflow reachable again after %.0f s: %d buffered entries sent",
-                        time.monotonic() - self._outage_since, sent)
+            log.warning(
+                "MLflow reachable again after %.0f s: %d buffered entries sent",
+                time.monotonic() - self._outage_since,
+                sent,
+            )
             self._outage_since = None
 
     def _drain_queue_to_journal(self) -> None:
@@ -293,5 +316,3 @@ def stage_dir(outbox: Outbox | None) -> Path:
     d = Path(tempfile.gettempdir()) / f"nestor-mlflow-{os.getpid()}"
     d.mkdir(exist_ok=True)
     return d
-
-

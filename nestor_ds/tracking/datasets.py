@@ -47,8 +47,10 @@ def _read_manifest(spec: Any) -> dict[str, Any] | None:
 def digest(manifest: dict[str, Any] | None, weight: float, path: str) -> str:
     """Hex digest of (every shard's sha256 per split, source files, mixture weight); path only without a manifest."""
     if manifest is not None:
-        shards = {split: [[s["file"], s["sha256"]] for s in entry.get("shards", [])]
-                  for split, entry in sorted(manifest.get("splits", {}).items())}
+        shards = {
+            split: [[s["file"], s["sha256"]] for s in entry.get("shards", [])]
+            for split, entry in sorted(manifest.get("splits", {}).items())
+        }
         key = {"shards": shards, "sources": manifest.get("sources", []), "weight": float(weight)}
     else:
         key = {"path": path, "weight": float(weight)}
@@ -68,13 +70,22 @@ def describe(spec: Any, context: str) -> dict[str, Any]:
             sources=manifest.get("sources", []),
             trajectories={s: e.get("count", 0) for s, e in manifest.get("splits", {}).items()},
             shards={s: len(e.get("shards", [])) for s, e in manifest.get("splits", {}).items()},
-            frame_shape=manifest.get("shape"), channels=manifest.get("channels"), dtype=manifest.get("dtype"))
+            frame_shape=manifest.get("shape"),
+            channels=manifest.get("channels"),
+            dtype=manifest.get("dtype"),
+        )
     else:
         profile["manifest"] = "unavailable when this run was logged"
     is_local = isinstance(path, str) and "://" not in path and not path.startswith("pipe:")
     source = {"uri": str(Path(path).resolve())} if is_local else {"url": where}
-    return {"name": name, "digest": digest(manifest, weight, where), "source_type": "local" if is_local else "url",
-            "source": json.dumps(source), "profile": json.dumps(profile), "context": context}
+    return {
+        "name": name,
+        "digest": digest(manifest, weight, where),
+        "source_type": "local" if is_local else "url",
+        "source": json.dumps(source),
+        "profile": json.dumps(profile),
+        "context": context,
+    }
 
 
 def describe_all(specs: Iterable[Any], context: str) -> list[dict[str, Any]]:
@@ -85,9 +96,19 @@ def dataset_inputs(described: list[dict[str, Any]]) -> list[Any]:
     """MLflow `DatasetInput` entities for `MlflowClient.log_inputs`."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    return [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"],
-                                 profile=d.get("profile")),
-                         tags=[InputTag(CONTEXT_TAG, d["context"])]) for d in described]
+    return [
+        DatasetInput(
+            Dataset(
+                name=d["name"],
+                digest=d["digest"],
+                source_type=d["source_type"],
+                source=d["source"],
+                profile=d.get("profile"),
+            ),
+            tags=[InputTag(CONTEXT_TAG, d["context"])],
+        )
+        for d in described
+    ]
 
 
 def parent_run_config(pretrained: str) -> dict[str, Any] | None:

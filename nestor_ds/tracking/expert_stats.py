@@ -164,8 +164,11 @@ class ExpertUsage:
         parts = []
         for b in blocks:
             c = self.blocks[b]
-            parts += [c.dataset_expert_MEimg.ravel(), c.token_EimgEtok.ravel(),
-                      np.array([c.dropped_tokens, c.dropped_seen])]
+            parts += [
+                c.dataset_expert_MEimg.ravel(),
+                c.token_EimgEtok.ravel(),
+                np.array([c.dropped_tokens, c.dropped_seen]),
+            ]
         if not parts:
             return
         flat = torch.from_numpy(np.concatenate(parts).astype(np.float64))

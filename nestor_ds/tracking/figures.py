@@ -37,8 +37,15 @@ def _annotate(ax, values: np.ndarray, fmt: str = "{:.2f}") -> None:
     if values.size > 144:
         return
     for (i, j), v in np.ndenumerate(values):
-        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
-                color="white" if v > 0.5 * max(values.max(), 1e-12) else "black")
+        ax.text(
+            j,
+            i,
+            fmt.format(v),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if v > 0.5 * max(values.max(), 1e-12) else "black",
+        )
 
 
 def prediction_panels(pred_XYC, true_XYC, channel_names: Sequence[str], title: str = "") -> Figure:
@@ -96,8 +103,10 @@ def expert_usage_heatmap(
     _annotate(ax, shares)
     fig.colorbar(im, ax=ax, label="share of dataset's routings")
     max_mi = np.log2(min(d, e)) if min(d, e) > 1 else 0.0
-    ax.set_title(f"{title + chr(10) if title else ''}specialisation I(dataset;expert) = {mi:.3f} bits "
-                 f"(max {max_mi:.2f})", fontsize=9)
+    ax.set_title(
+        f"{title + chr(10) if title else ''}specialisation I(dataset;expert) = {mi:.3f} bits (max {max_mi:.2f})",
+        fontsize=9,
+    )
     return fig
 
 

@@ -52,15 +52,25 @@ def model_signature(run_config: Mapping[str, Any]) -> Any:
 
     m = inference_model_config(run_config)
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, m.t_in, m.in_channels), "x"),
-                       TensorSpec(np.dtype(np.float32), (-1, m.c_out), "channel_mask")]),
+        inputs=Schema(
+            [
+                TensorSpec(np.dtype(np.float32), (-1, -1, -1, m.t_in, m.in_channels), "x"),
+                TensorSpec(np.dtype(np.float32), (-1, m.c_out), "channel_mask"),
+            ]
+        ),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1, m.c_out))]),
         params=ParamSchema([ParamSpec("steps", "long", 1)]),
     )
 
 
-def log_pyfunc_model(tracking_uri: str, run_id: str, weights: str | Path, run_config: Mapping[str, Any],
-                     register_as: str | None = None, tags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def log_pyfunc_model(
+    tracking_uri: str,
+    run_id: str,
+    weights: str | Path,
+    run_config: Mapping[str, Any],
+    register_as: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Log `weights` (an exported .safetensors) as the run's pyfunc model; register it when `register_as` is set.
 
     Returns {"model_uri", "model_id", "version" (None unless registered)}. Raises what MLflow raises.
@@ -81,7 +91,10 @@ def log_pyfunc_model(tracking_uri: str, run_id: str, weights: str | Path, run_co
         cfg_file = Path(tmp) / "run_config.json"
         cfg_file.write_text(json.dumps(redact(dict(run_config)), indent=2))
         info = Model.log(
-            artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
+            artifact_path=None,
+            name=MODEL_NAME,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
             python_model=str(PYFUNC_FILE),
             artifacts={"weights": str(weights), "run_config": str(cfg_file)},
             code_paths=[str(PACKAGE_DIR)],
@@ -124,8 +137,14 @@ def log_trained_model(tracker: Any, checkpoint_tag: Path, out: Path, final_eval:
         weights = export_checkpoint(checkpoint_tag, out)
         tracker.flush()  # the model's params copy and the Datasets panel should see what the run logged
         _, run_config = read_safetensors(weights)
-        log_pyfunc_model(tracker.tracking_uri, tracker.run_id, weights, run_config, cfg.register_model,
-                         eval_tags(final_eval))
+        log_pyfunc_model(
+            tracker.tracking_uri, tracker.run_id, weights, run_config, cfg.register_model, eval_tags(final_eval)
+        )
     except Exception as exc:  # noqa: BLE001 - never fail a finished training over its MLflow model
-        log.warning("MLflow: model not logged (%s); later: python -m nestor_ds.checkpoint --checkpoint %s --out %s "
-                    "--register NAME", one_line(exc), checkpoint_tag, out)
+        log.warning(
+            "MLflow: model not logged (%s); later: python -m nestor_ds.checkpoint --checkpoint %s --out %s "
+            "--register NAME",
+            one_line(exc),
+            checkpoint_tag,
+            out,
+        )

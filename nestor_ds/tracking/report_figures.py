@@ -13,8 +13,9 @@ from nestor_ds.tracking import figures
 
 
 @torch.no_grad()
-def log_eval_figures(tracker: Any, model: torch.nn.Module, cfg: Any, report: dict[str, Any], usage: Any,
-                     device: torch.device, step: int) -> None:
+def log_eval_figures(
+    tracker: Any, model: torch.nn.Module, cfg: Any, report: dict[str, Any], usage: Any, device: torch.device, step: int
+) -> None:
     """Prediction/truth/error panels of the first test trajectory of each dataset, the dataset x image-expert
     heat map and token-expert heat map per block, and the rollout error curves.
 
@@ -31,11 +32,16 @@ def log_eval_figures(tracker: Any, model: torch.nn.Module, cfg: Any, report: dic
             continue
         mask = batch["channel_mask"].to(device)
         pred = model(batch["x"].to(device, dtype=next(model.parameters()).dtype), mask).pred.float().cpu()
-        channels = (report.get("datasets", {}).get(spec.name, {}).get("channels")
-                    or [f"c{i}" for i in range(int(mask.sum()))])
+        channels = report.get("datasets", {}).get(spec.name, {}).get("channels") or [
+            f"c{i}" for i in range(int(mask.sum()))
+        ]
         n = len(channels)
-        fig = figures.prediction_panels(pred[0, :, :, 0, :n], batch["y"][0, :, :, 0, :n], channels,
-                                        title=f"{spec.name}: one-step prediction, step {step}")
+        fig = figures.prediction_panels(
+            pred[0, :, :, 0, :n],
+            batch["y"][0, :, :, 0, :n],
+            channels,
+            title=f"{spec.name}: one-step prediction, step {step}",
+        )
         tracker.log_figure(fig, f"predictions/{spec.name}_step{step:08d}.png")
     model.train(was_training)
 
@@ -48,9 +54,14 @@ def log_eval_figures(tracker: Any, model: torch.nn.Module, cfg: Any, report: dic
         names = [d.name for d in cfg.data.datasets]
         for block in sorted(getattr(usage, "blocks", {})):
             counts = usage.counts_matrix(block)
-            fig = figures.expert_usage_heatmap(counts, names, [f"E{i}" for i in range(counts.shape[1])],
-                                               title=f"block {block}: samples per image expert")
+            fig = figures.expert_usage_heatmap(
+                counts,
+                names,
+                [f"E{i}" for i in range(counts.shape[1])],
+                title=f"block {block}: samples per image expert",
+            )
             tracker.log_figure(fig, f"experts/block{block}_image_experts_step{step:08d}.png")
-            fig = figures.token_expert_heatmap(usage.token_counts(block),
-                                               title=f"block {block}: tokens per token expert")
+            fig = figures.token_expert_heatmap(
+                usage.token_counts(block), title=f"block {block}: tokens per token expert"
+            )
             tracker.log_figure(fig, f"experts/block{block}_token_experts_step{step:08d}.png")

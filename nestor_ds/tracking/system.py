@@ -25,9 +25,7 @@ _VERSIONED_PACKAGES = ("torch", "deepspeed", "mlflow", "numpy", "webdataset", "m
 def _git(*args: str) -> str | None:
     """Run a read-only git command in the repository; None when git or the repo is unavailable."""
     try:
-        out = subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
-        )
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()

@@ -88,7 +88,7 @@ def _artifact_location(uri: str) -> str | None:
     """For a SQLite store keep artifacts beside the database (not in whatever the cwd happens to be)."""
     if not uri.startswith("sqlite:///"):
         return None
-    db = Path(uri[len("sqlite:///"):]).expanduser().resolve()
+    db = Path(uri[len("sqlite:///") :]).expanduser().resolve()
     return (db.parent / "mlruns").as_uri()
 
 
@@ -131,14 +131,16 @@ class Tracker:
             self._start(run_name, parent_run_id, resume_run_id)
         except Exception as exc:  # noqa: BLE001 - any failure means "no tracking", never "no training"
             kept = f"; checkpoints keep MLflow run {resume_run_id}, a later resume re-opens it" if resume_run_id else ""
-            log.warning("MLflow tracking disabled: cannot use %s (%s)%s", mask_secrets(self.tracking_uri),
-                        one_line(exc), kept)
+            log.warning(
+                "MLflow tracking disabled: cannot use %s (%s)%s", mask_secrets(self.tracking_uri), one_line(exc), kept
+            )
             self._disable_quietly()
             self.run_id = resume_run_id  # not active, but the run this training belongs to stays named
             return
         client = self._client
-        self._outbox = Outbox(lambda e: deliver(client, e), buffer_dir, max_bytes=cfg.buffer_max_mb * 2**20,
-                              retry_max_s=cfg.retry_max_s)
+        self._outbox = Outbox(
+            lambda e: deliver(client, e), buffer_dir, max_bytes=cfg.buffer_max_mb * 2**20, retry_max_s=cfg.retry_max_s
+        )
         for left in self._outbox.leftover():  # sent before anything new: they count as "already logged"
             if left["op"] == "metrics" and left["run"] == self.run_id:
                 for key, _value, _ts, step in left["rows"]:
@@ -165,8 +167,9 @@ class Tracker:
             self._existing_params.update(run.data.params)
             # MLflow's latest value of a metric is the one with the highest step: that is how far it got
             self._logged_upto = {m.key: int(m.step) for m in run.data._metric_objs}
-            self._pending_tags = {_clip(k, KEY_LIMIT): _clip(mask_secrets(str(v)), TAG_VALUE_LIMIT)
-                                  for k, v in env_tags.items()}
+            self._pending_tags = {
+                _clip(k, KEY_LIMIT): _clip(mask_secrets(str(v)), TAG_VALUE_LIMIT) for k, v in env_tags.items()
+            }
         else:
             self.experiment_id = self._experiment_id(client)
             if parent_run_id and self._same_experiment(client, parent_run_id):
@@ -188,8 +191,9 @@ class Tracker:
         if exp is not None:
             return exp.experiment_id
         try:
-            return client.create_experiment(self.cfg.experiment,
-                                            artifact_location=_artifact_location(self.tracking_uri))
+            return client.create_experiment(
+                self.cfg.experiment, artifact_location=_artifact_location(self.tracking_uri)
+            )
         except Exception:  # another process created it first
             exp = client.get_experiment_by_name(self.cfg.experiment)
             if exp is None:
@@ -241,8 +245,14 @@ class Tracker:
         left = outbox.close(self.cfg.finish_timeout_s) if outbox is not None else 0
         if left:
             where = outbox.directory or "memory (lost at exit: no buffer directory)"
-            log.warning("MLflow still unreachable after %.0f s: %d entries of run %s kept in %s; they are sent when "
-                        "this run is resumed", self.cfg.finish_timeout_s, left, self.run_id, where)
+            log.warning(
+                "MLflow still unreachable after %.0f s: %d entries of run %s kept in %s; they are sent when "
+                "this run is resumed",
+                self.cfg.finish_timeout_s,
+                left,
+                self.run_id,
+                where,
+            )
         self.run_id = None
         self._client = None
 
@@ -297,8 +307,11 @@ class Tracker:
             items[key] = text
             self._existing_params[key] = text
         if changed:
-            log.warning("MLflow: %d params differ from the resumed run and were not re-logged: %s",
-                        len(changed), ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
+            log.warning(
+                "MLflow: %d params differ from the resumed run and were not re-logged: %s",
+                len(changed),
+                ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""),
+            )
         keys = list(items)
         for i in range(0, len(keys), PARAMS_PER_BATCH):
             self._put({"op": "params", "params": {k: items[k] for k in keys[i : i + PARAMS_PER_BATCH]}})
@@ -377,8 +390,9 @@ class Tracker:
         return d / filename
 
     def _put_artifact(self, path: Path, artifact_dir: str) -> None:
-        self._put({"op": "artifact", "file": str(path), "dir": "" if artifact_dir == "." else artifact_dir,
-                   "staged": True})
+        self._put(
+            {"op": "artifact", "file": str(path), "dir": "" if artifact_dir == "." else artifact_dir, "staged": True}
+        )
 
     def _disable_quietly(self) -> None:
         """Stop the sampler thread and forget the run without further requests."""

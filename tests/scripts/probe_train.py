@@ -4,16 +4,15 @@ The global batch of each step is drawn by the real shard stream as if there were
 its contiguous slice: 1 rank x micro G and 2 ranks x micro G/2 see exactly the same samples per step.
 Writes ``<out>/losses.json`` and (rank 0) ``<out>/probe.pt``: the probe input and the trained model's output on it.
 
-    torchrun --nproc_per_node 2 -m tests.scripts.probe_train --config C.yaml --ds_config D.json --global-batch 4 --out DIR
+    torchrun --nproc_per_node 2 -m tests.scripts.probe_train --config C.yaml --ds_config D.json \
+        --global-batch 4 --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
 
 import torch
 import torch.distributed as dist
@@ -37,8 +36,10 @@ def main() -> None:
     def global_batches(start: int):
         rank, world = dist.get_rank(), dist.get_world_size()
         per = args.global_batch // world
-        for batch in TrainStream(cfg.data, micro_batch=args.global_batch, rank=0, world_size=1, seed=cfg.train.seed).batches(start):
-            yield {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+        for batch in TrainStream(
+            cfg.data, micro_batch=args.global_batch, rank=0, world_size=1, seed=cfg.train.seed
+        ).batches(start):
+            yield {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
 
     result = run_training(cfg, args.ds_config, entry="pretrain", run_name=args.run_name, batch_source=global_batches)
     out = Path(args.out)
@@ -49,10 +50,14 @@ def main() -> None:
         pred = model(probe["x"], probe["channel_mask"]).pred.contiguous()
     gathered = [torch.empty_like(pred) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, pred)
-    full = next(TrainStream(cfg.data, micro_batch=args.global_batch, rank=0, world_size=1, seed=cfg.train.seed).batches(0))
+    full = next(
+        TrainStream(cfg.data, micro_batch=args.global_batch, rank=0, world_size=1, seed=cfg.train.seed).batches(0)
+    )
     if dist.get_rank() == 0:
         (out / "losses.json").write_text(json.dumps(result.losses))
-        torch.save({"x": full["x"], "channel_mask": full["channel_mask"], "pred": torch.cat(gathered)}, out / "probe.pt")
+        torch.save(
+            {"x": full["x"], "channel_mask": full["channel_mask"], "pred": torch.cat(gathered)}, out / "probe.pt"
+        )
 
 
 if __name__ == "__main__":
