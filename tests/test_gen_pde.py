@@ -1,4 +1,4 @@
-"""PDE generators (nestor_ds.synth.solvers), raw-layout writers (layout_writers) and nestor_ds.synth.
+"""PDE generators (nestor_ds.synth), raw-layout writers (nestor_ds.synth.layouts) and `python -m nestor_ds.synth`.
 
 Physics checks use cases with known answers (a decaying shear mode of Navier-Stokes, conservation laws of
 the finite-volume schemes); layout checks read the files back with h5py / scipy and with the project's

@@ -26,7 +26,7 @@ Parameters are stored under DeepSpeed-MoE's names (`moe.deepspeed_moe.gate.wg.we
 `deepspeed.moe.layer.MoE` to DeepSpeed's engine (its forward is never called): the engine then treats the
 expert weights as MoE parameters (gradients averaged over the expert-data-parallel group only, ZeRO-1/2
 partitions per that group) and writes one checkpoint file per expert with global ids, which
-`nestor_ds.checkpoint.files` exports to the single-file local layout. The helpers at the bottom convert
+`nestor_ds.checkpoint.export` turns into the single-file local layout. The helpers at the bottom convert
 between this layout and LocalTokenMoE's.
 
 The process group is given from outside (`nestor_ds.model.parallelize.apply_expert_parallel`, called by the
