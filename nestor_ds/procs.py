@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -54,3 +55,11 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path | No
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s{tail()}")
+
+
+def torchrun(nproc: int, *target: str, port: int | None = None) -> list[str]:
+    """The command that starts ``nproc`` local ranks of ``target`` (``"-m", "pkg.mod", args...`` or a script and its
+    arguments) with torchrun on a free loopback port."""
+    port = free_port() if port is None else port
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    return [*run, "--master_addr", "127.0.0.1", "--master_port", str(port), *target]

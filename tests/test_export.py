@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nestor_ds.procs import torchrun
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_OVERRIDES = {
     "in_channels": 2,
@@ -95,18 +97,7 @@ def ds_run(tmp_path_factory) -> Path:
     with socket.socket() as sock:  # torchrun's static rendezvous needs a real port (0 hangs)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        str(Path(__file__).resolve()),
-        "--worker",
-        str(out),
-    ]
+    cmd = torchrun(2, str(Path(__file__).resolve()), "--worker", str(out), port=port)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     if proc.returncode != 0:
         pytest.fail(

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from nestor_ds.procs import free_port
+from nestor_ds.procs import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,18 +141,7 @@ def worker() -> None:
 def test_ep2_equals_single_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        __file__,
-    ]
+    cmd = torchrun(2, __file__)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=880, cwd=tmp_path)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("EP_RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout[-2000:], proc.stderr[-4000:])

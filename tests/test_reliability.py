@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from nestor_ds.procs import torchrun
+
 from train_fixtures import ds_config, launch, tiny_config
 
 TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
@@ -228,15 +230,7 @@ def test_sigterm_to_the_launcher_checkpoints_and_ends_the_run_killed(tiny_shards
     if launcher == "deepspeed":
         cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port())]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
-        ]
+        cmd = torchrun(2)
     cmd += [
         "--module" if launcher == "deepspeed" else "-m",
         TRAIN,

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nestor_ds.procs import torchrun
+
 from train_fixtures import ds_config, launch, tiny_config
 
 TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
@@ -327,10 +329,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tiny_shards, tmp_path):
     import os
     import signal
     import subprocess
-    import sys
     import time
-
-    from train_fixtures import _free_port
 
     root, shards = tiny_shards
     cfg = tiny_config(
@@ -341,23 +340,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tiny_shards, tmp_path):
         tracking={"enabled": False},
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        TRAIN,
-        "--ds_config",
-        str(ds_config(tmp_path)),
-        "--config",
-        str(cfg),
-        "--run-name",
-        "pre",
-    ]
+    cmd = torchrun(2, "-m", TRAIN, "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg), "--run-name", "pre")
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from nestor_ds.procs import free_port
+from nestor_ds.procs import free_port, torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {  # name: (pde, layout, trajectories, frames)
@@ -130,18 +130,7 @@ def launch(
     elif ranks == 1:
         cmd = [sys.executable, "-m", module, *rest]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(ranks),
-            "--master_port",
-            str(_free_port()),
-            "-m",
-            module,
-            *rest,
-        ]
+        cmd = torchrun(ranks, "-m", module, *rest)
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from nestor_ds.procs import free_port
+from nestor_ds.procs import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,20 +193,7 @@ def main() -> None:
         worker(args)
         return
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "tools.bench_moe_ep",
-        *sys.argv[1:],
-    ]
+    cmd = torchrun(2, "-m", "tools.bench_moe_ep", *sys.argv[1:])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
     if proc.returncode != 0 or not lines:
