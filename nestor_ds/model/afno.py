@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ModelConfig
 from .spectral import DFT_MATRICES, SPECTRAL_MODES, dft_forward_modes, dft_inverse_modes, dft_matrices, kept_modes
 
 
@@ -151,3 +152,9 @@ class AFNOBlock(nn.Module):
     def forward(self, x_BDHW: torch.Tensor) -> torch.Tensor:
         x = x_BDHW + self.filter(self.norm1(x_BDHW))
         return x + self.mlp(self.norm2(x))
+
+
+def afno_stack(cfg: ModelConfig, n: int) -> nn.Sequential:
+    """`n` AFNO blocks as the model config sets them: the baseline's body and NESTOR's shared global expert."""
+    args = (cfg.width, cfg.afno_num_blocks, cfg.afno_modes, cfg.afno_mlp_ratio, cfg.afno_sparsity, cfg.norm_groups)
+    return nn.Sequential(*(AFNOBlock(*args, cfg.dropout) for _ in range(n)))

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .afno import AFNOBlock
+from .afno import afno_stack
 from .config import ModelConfig
 from .nestor import AUX_KEYS, ForecastModel, ModelOutput
 
@@ -17,20 +16,7 @@ class AFNONet(ForecastModel):
         super().__init__()
         self.cfg = cfg.validate()
         self._init_common(cfg)
-        self.blocks = nn.Sequential(
-            *(
-                AFNOBlock(
-                    cfg.width,
-                    cfg.afno_num_blocks,
-                    cfg.afno_modes,
-                    cfg.afno_mlp_ratio,
-                    cfg.afno_sparsity,
-                    cfg.norm_groups,
-                    cfg.dropout,
-                )
-                for _ in range(cfg.depth)
-            )
-        )
+        self.blocks = afno_stack(cfg, cfg.depth)
         self.configure_spectral()
 
     def forward(self, x: torch.Tensor, channel_mask: torch.Tensor | None = None) -> ModelOutput:

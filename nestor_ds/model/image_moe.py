@@ -43,7 +43,7 @@ from nestor_ds.moe import MoEOutput, build_token_moe
 from nestor_ds.moe.dispatch import dispatch_rows, gather_rows, plan_static, sorted_position
 from nestor_ds.moe.router import FP32Linear, load_balancing_loss, route_from_logits, tokens_per_expert
 
-from .afno import AFNOBlock
+from .afno import afno_stack
 from .attention import SelfAttention
 from .config import ModelConfig
 
@@ -99,24 +99,7 @@ class ImageMoE(nn.Module):
         self.router = FP32Linear(cfg.width, cfg.image_experts, bias=True)
         self.experts = nn.ModuleList(ImageExpert(cfg) for _ in range(cfg.image_experts))
         # the shared global expert; None when shared_afno_layers = 0 (an empty Sequential would be identity)
-        self.shared = (
-            nn.Sequential(
-                *(
-                    AFNOBlock(
-                        cfg.width,
-                        cfg.afno_num_blocks,
-                        cfg.afno_modes,
-                        cfg.afno_mlp_ratio,
-                        cfg.afno_sparsity,
-                        cfg.norm_groups,
-                        cfg.dropout,
-                    )
-                    for _ in range(cfg.shared_afno_layers)
-                )
-            )
-            if cfg.shared_afno_layers
-            else None
-        )
+        self.shared = afno_stack(cfg, cfg.shared_afno_layers) if cfg.shared_afno_layers else None
         self.pad_to: int | None = None  # debug: force padded groups (tests)
         # given from outside by nestor_ds.model.parallelize.apply_expert_parallel (see group_sizes)
         self.ep_group: dist.ProcessGroup | None = None  # expert-parallel group of the token MoEs
