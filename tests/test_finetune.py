@@ -111,28 +111,19 @@ def pretrained(tiny_shards, tmp_path_factory) -> Pretrained:
     )
 
 
+def _finetune(p: Pretrained, cfg: Path, source: Path, name: str, *extra: str, ranks: int):
+    """`python -m nestor_ds.finetune` from `source` (checkpoint root or export) as run `name`."""
+    args = ["--ds_config", str(p.ds), "--config", str(cfg), "--pretrained", str(source), "--run-name", name, *extra]
+    return launch([FINETUNE, *args], ranks=ranks, cwd=p.work)
+
+
 @pytest.fixture(scope="module")
 def ft_local(pretrained):
     """Fine-tune from the DeepSpeed checkpoint root in ONE plain process (local MoE backend, ep_size 1) on the
     1-channel dataset: another world size, ep_size and channel count than the pre-training."""
     p = pretrained
     cfg = finetune_config(p, "local", "local", train={"max_steps": 40, "ckpt_every": 40})
-    proc = launch(
-        [
-            FINETUNE,
-            "--ds_config",
-            str(p.ds),
-            "--config",
-            str(cfg),
-            "--pretrained",
-            str(p.ckpt_root),
-            "--run-name",
-            "ft-local",
-        ],
-        ranks=1,
-        cwd=p.work,
-    )
-    return proc
+    return _finetune(p, cfg, p.ckpt_root, "ft-local", ranks=1)
 
 
 @pytest.fixture(scope="module")
@@ -156,26 +147,18 @@ def ft_export(pretrained, exported):
     and freezing routers + embedding; checkpoints at steps 10 and 20 to compare the frozen tensors."""
     p = pretrained
     cfg = finetune_config(p, "export", "local", train={"max_steps": 20, "ckpt_every": 10, "keep_last": 3})
-    proc = launch(
-        [
-            FINETUNE,
-            "--ds_config",
-            str(p.ds),
-            "--config",
-            str(cfg),
-            "--pretrained",
-            str(exported),
-            "--run-name",
-            "ft-export",
-            "--set",
-            "model.moe.ep_size=2",
-            "--load",
-            "blocks",
-            "--freeze",
-            "routers,embedding",
-        ],
+    proc = _finetune(
+        p,
+        cfg,
+        exported,
+        "ft-export",
+        "--set",
+        "model.moe.ep_size=2",
+        "--load",
+        "blocks",
+        "--freeze",
+        "routers,embedding",
         ranks=2,
-        cwd=p.work,
     )
     return proc
 

@@ -284,16 +284,7 @@ def test_cli_help_errors_and_options(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "KEY=VALUE" in capsys.readouterr().err
     rc = cli.main(
         [
-            "--pde",
-            "ns",
-            "--layout",
-            "pdearena-ns",
-            "--n",
-            "1",
-            "--res",
-            "16",
-            "--steps",
-            "3",
+            *TINY_NS,
             "--split",
             "valid",
             "--visc",
@@ -333,16 +324,7 @@ def test_cli_rejects_nonpositive_numbers(
     out = tmp_path / "x.h5"
     rc = cli.main(
         [
-            "--pde",
-            "ns",
-            "--layout",
-            "pdearena-ns",
-            "--n",
-            "1",
-            "--res",
-            "16",
-            "--steps",
-            "3",
+            *TINY_NS,
             *argv,
             "--out",
             str(out),
