@@ -28,6 +28,7 @@ from nestor_ds.synth.swe import SWEConfig, solve_swe, swe_initial
 REPO = Path(__file__).resolve().parents[1]
 
 R, RES, STEPS = 2, 16, 4
+TINY_NS = ["--pde", "ns", "--layout", "pdearena-ns", "--n", "1", "--res", "16", "--steps", "3"]  # CLI checks
 COMBOS = [(pde, layout) for layout in LAYOUTS for pde in COMPATIBLE[layout]]
 
 
