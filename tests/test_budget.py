@@ -12,7 +12,7 @@ import pytest
 from nestor_ds.engine.budget import Budget
 from nestor_ds.engine.optim import OptimConfig, lr_at
 
-from train_fixtures import ds_config, launch, tiny_config
+from train_fixtures import ds_config, entry_args, launch, tiny_config
 
 TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
 pytestmark = pytest.mark.timeout(900)
@@ -81,19 +81,7 @@ def test_flop_budget_stops_anneals_and_resumes_exactly(tiny_shards, tmp_path):
     assert summary["steps"] == 6 and "l2re_1step" in summary["final_eval"]["mean"]
     # resumed half-way: the same steps, the same losses
     cut = launch(
-        [
-            TRAIN,
-            "--ds_config",
-            ds,
-            "--config",
-            str(cfg),
-            "--run-name",
-            "cut",
-            "--set",
-            flops,
-            "--set",
-            "train.stop_at=3",
-        ],
+        entry_args(TRAIN, ds, str(cfg), "--run-name", "cut", "--set", flops, "--set", "train.stop_at=3"),
         ranks=1,
         cwd=tmp_path,
     )

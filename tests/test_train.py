@@ -11,7 +11,7 @@ import torch
 
 from nestor_ds.procs import torchrun
 
-from train_fixtures import ds_config, launch, tiny_config
+from train_fixtures import ds_config, entry_args, launch, tiny_config
 
 TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
 PROBE = "tests.scripts.probe_train"
@@ -374,19 +374,7 @@ def test_resume_refuses_a_checkpoint_with_pickled_objects(tiny_shards, tmp_path)
     state["payload"] = _Payload()
     torch.save(state, optim)
     again = launch(
-        [
-            TRAIN,
-            "--ds_config",
-            ds,
-            "--config",
-            str(cfg),
-            "--run-name",
-            "t",
-            "--resume",
-            "auto",
-            "--set",
-            "train.max_steps=4",
-        ],
+        entry_args(TRAIN, ds, str(cfg), "--run-name", "t", "--resume", "auto", "--set", "train.max_steps=4"),
         ranks=1,
         cwd=tmp_path,
     )

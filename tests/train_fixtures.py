@@ -106,6 +106,11 @@ def ds_config(root: Path, stage: int = 2, micro: int = 2, accum: int = 1, suffix
     return path
 
 
+def entry_args(module: str, ds_config: str | Path, config: str | Path, *extra: str) -> list[str]:
+    """``[module, --ds_config, --config, *extra]``: what `launch` runs."""
+    return [module, "--ds_config", str(ds_config), "--config", str(config), *extra]
+
+
 def launch(
     args: list[str],
     ranks: int,
