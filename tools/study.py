@@ -281,7 +281,10 @@ def train_and_score(
         log,
         env,
     )
-    return {"test": json.loads(report.read_text()), **read_run(run_dir), "wall_s": wall}
+    test = json.loads(report.read_text())
+    if str(test.get("checkpoint", "")).startswith(str(work)):  # no machine paths in the report
+        test["checkpoint"] = str(Path(test["checkpoint"]).relative_to(work))
+    return {"test": test, **read_run(run_dir), "wall_s": wall}
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
