@@ -673,7 +673,9 @@ def test_export_cli_bad_checkpoint_is_one_line_without_progress_bar(tmp_path: Pa
         code = cli.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "x.safetensors")])
         err = capsys.readouterr().err
         assert code == 2
-        assert err.strip().splitlines() == [err.strip()] and err.startswith("export_checkpoint: error: "), err
+        assert err.strip().splitlines() == [err.strip()] and err.startswith(
+            "python -m nestor_ds.checkpoint: error: "
+        ), err
         assert needle in err and "%|" not in err, err
     assert not (tmp_path / "x.safetensors").exists()
 

@@ -22,7 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mlflow_procs import MLFLOW, free_port, start, stop, wait_http
-from train_fixtures import REPO, ds_config, launch, tiny_config
+from train_fixtures import ds_config, launch, tiny_config
 
 pytestmark = pytest.mark.timeout(900)
 PRETRAIN_NAME, FINETUNE_NAME = "nestor-tiny-test", "nestor-tiny-test-ft"
@@ -75,7 +75,7 @@ def trained(tiny_shards, tmp_path_factory) -> Trained:
     _ok(
         launch(
             [
-                str(REPO / "nestor_ds" / "finetune.py"),
+                "nestor_ds.finetune",
                 "--ds_config",
                 str(ds),
                 "--config",
