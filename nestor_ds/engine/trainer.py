@@ -113,7 +113,6 @@ class Trainer:
             cfg.model.moe.backend if cfg.model.arch == "nestor" else "none",
             self.zero_stage,
         )
-        cfg.model.moe.ep_size = self.ep
         self.run_name = run_name or f"{entry}-{cfg.preset or cfg.model.arch}"
         self.run_dir = Path(cfg.train.output_dir) / self.run_name
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -147,7 +146,7 @@ class Trainer:
         from nestor_ds.model import build_model
 
         torch.manual_seed(derive_seed(self.cfg.train.seed, "init"))  # identical initial weights on every rank
-        model = build_model(self.cfg.model)
+        model = build_model(self.cfg.model, ep_size=self.ep)  # the run config keeps what was asked
         # process groups given to the model from outside; ZeRO-3 gathers weights per module call: lock-step dispatch
         setup_expert_parallel(model, self.ep, lockstep=self.zero_stage == 3)
         groups = prepare(model, self.cfg, self.dist) if prepare else {"model": (list(model.parameters()), 1.0)}
