@@ -45,21 +45,26 @@ class NoMasterWeights(CheckpointError):
     """The tag holds no fp32 master copy this module can read (ZeRO-0, ZeRO-3); str() says which and why."""
 
 
-def gather_fp32_master_state(tag_dir: str | Path) -> dict[str, torch.Tensor] | None:
+def gather_fp32_master_state(
+    tag_dir: str | Path, module: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor] | None:
     """Full fp32 master weights of a ZeRO-1/2 tag in the module state's naming, or None (reason logged).
 
     Keys and shapes are exactly those of `gather_deepspeed_state` (module + expert files). Keys the optimizer
     does not hold (buffers, frozen parameters) keep the module's value, floating ones converted to fp32. A tag
     that has master weights but does not read consistently raises CheckpointError (never a silent fallback).
+    `module`: the tag's `gather_deepspeed_state`, when the caller already read it.
     """
     try:
-        return read_fp32_master_state(tag_dir)
+        return read_fp32_master_state(tag_dir, module)
     except NoMasterWeights as why:
         log.info("no fp32 master weights, using the module state: %s", why)
         return None
 
 
-def read_fp32_master_state(tag_dir: str | Path) -> dict[str, torch.Tensor]:
+def read_fp32_master_state(
+    tag_dir: str | Path, module: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """As `gather_fp32_master_state`, but raises NoMasterWeights with the reason instead of returning None."""
     tag_dir = Path(tag_dir)
     ranks = _optimizer_states(tag_dir)
@@ -78,7 +83,8 @@ def read_fp32_master_state(tag_dir: str | Path) -> dict[str, torch.Tensor]:
             if name in master:
                 raise CheckpointError(f"{tag_dir}: parameter '{name}' appears in two optimizer groups")
             master[name] = tensor
-    return _complete(tag_dir, master, gather_deepspeed_state(tag_dir), states.get("shared_params") or {})
+    module = gather_deepspeed_state(tag_dir) if module is None else module
+    return _complete(tag_dir, master, module, states.get("shared_params") or {})
 
 
 def _optimizer_states(tag_dir: Path) -> list[dict[str, Any]]:

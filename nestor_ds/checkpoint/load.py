@@ -25,17 +25,18 @@ log = get_logger(__name__)
 def load_local_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """(local-layout state, run config, source description) from a .safetensors, tag dir or checkpoint root.
 
-    From a DeepSpeed tag: the fp32 master weights when the tag has them (ZeRO-1/2), else the module state."""
+    From a DeepSpeed tag: the module state, or for a 16-bit ZeRO-1/2 run the fp32 master weights."""
     p = resolve_checkpoint(path)
     if p.is_file():
         state, run_cfg = read_safetensors(p)
         return state, run_cfg, str(p)
     run_cfg = read_run_config(p)
-    state = gather_fp32_master_state(p)
-    if state is None:
-        state = gather_deepspeed_state(p)
-    else:
-        log.info("%s: fp32 master weights from the ZeRO optimizer files", p)
+    state = gather_deepspeed_state(p)
+    if any(v.is_floating_point() and v.dtype != torch.float32 for v in state.values()):  # fp32 runs: module = master
+        master = gather_fp32_master_state(p, state)
+        if master is not None:
+            log.info("%s: fp32 master weights from the ZeRO optimizer files", p)
+            state = master
     return deepspeed_to_local_state(state), run_cfg, str(p)
 
 
