@@ -25,7 +25,13 @@ D, E, N_RANK = 16, 4, 10  # width, experts, rows per rank
 
 
 def run_case(
-    name: str, k: int, x_global: torch.Tensor, valid_global: torch.Tensor, gate=None, routing: str = "dropless"
+    name: str,
+    k: int,
+    x_global: torch.Tensor,
+    valid_global: torch.Tensor,
+    gate=None,
+    routing: str = "dropless",
+    kernel: str | None = None,
 ) -> dict:
     """Forward + backward on both ranks (training mode) and on the 1-process reference; returns this rank's errors."""
     import torch.distributed as dist
@@ -46,6 +52,7 @@ def run_case(
         MoEConfig(num_experts=E, top_k=k, ep_size=world, routing=routing, capacity_factor=cf), D
     ).train()
     assert apply_expert_parallel(ep, dist.group.WORLD) == 1
+    ep.kernel = kernel  # None: per device (grouped on CPU at these sizes)
     if gate is not None:
         with torch.no_grad():
             ep.gate_weight.copy_(gate)
@@ -76,6 +83,7 @@ def run_case(
     per_rank_ref = ref(x, valid)  # statistics are per rank
     return {
         "case": name,
+        "kernel": kernel,
         "rank": rank,
         "init_same": init_same,
         "valid_rows": int(valid.sum()),
@@ -97,6 +105,8 @@ def _ep_state(local_state, ep_rank, ep_size):
 
 
 CASES = ("random", "empty_expert_on_rank1", "padding_rank1_empty")
+# dropless runs each kernel: grouped keeps the received rows in arrival order, padded moves them to expert-major chunks
+ROUTINGS = (("dropless", "grouped"), ("dropless", "padded"), ("static", None))
 
 
 def worker() -> None:
@@ -121,13 +131,12 @@ def worker() -> None:
     x_pad = torch.randn(n_global, D, generator=gen)
     x_pad[~valid] = 0.0
     results = []
-    for routing in ("dropless", "static"):
+    for routing, kernel in ROUTINGS:
         for k in (1, 2):
-            results.append(run_case(f"random/k{k}/{routing}", k, x_random, all_valid, routing=routing))
-            results.append(
-                run_case(f"empty_expert_on_rank1/k{k}/{routing}", k, x_empty, all_valid, gate=gate, routing=routing)
-            )
-            results.append(run_case(f"padding_rank1_empty/k{k}/{routing}", k, x_pad, valid, routing=routing))
+            opts = {"routing": routing, "kernel": kernel}
+            results.append(run_case(f"random/k{k}/{routing}", k, x_random, all_valid, **opts))
+            results.append(run_case(f"empty_expert_on_rank1/k{k}/{routing}", k, x_empty, all_valid, gate=gate, **opts))
+            results.append(run_case(f"padding_rank1_empty/k{k}/{routing}", k, x_pad, valid, **opts))
 
     everything = [None] * dist.get_world_size()
     dist.all_gather_object(everything, results)
@@ -146,19 +155,20 @@ def test_ep2_equals_single_process(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("EP_RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout[-2000:], proc.stderr[-4000:])
     results = json.loads(lines[-1][len("EP_RESULT ") :])
-    assert len(results) == 2 * 2 * 2 * len(CASES)
+    assert len(results) == 2 * 2 * len(ROUTINGS) * len(CASES)
     for r in results:
         assert r["init_same"], r  # ep 2 starts from the ep 1 weights
         assert r["out_err"] < 1e-5 and r["grad_err"] < 1e-5, r
         assert r["lb_err"] < 1e-5 and r["z_err"] < 1e-5 and r["counts_equal"] and r["finite"], r
         assert r["dropped"] == (0 if r["case"].endswith("static") else None), r
-    by = {(r["case"], r["rank"]): r for r in results}
+    by = {(r["case"], r["kernel"], r["rank"]): r for r in results}
     for k in (1, 2):
-        for routing in ("dropless", "static"):
+        for routing, kernel in ROUTINGS:
             case = f"empty_expert_on_rank1/k{k}/{routing}"
-            assert by[(case, 1)]["counts"][0] == 0 and by[(case, 0)]["counts"][0] > 0  # really an empty expert
+            empty = by[(case, kernel, 1)]["counts"][0] == 0 and by[(case, kernel, 0)]["counts"][0] > 0
+            assert empty  # really an empty expert
             case = f"padding_rank1_empty/k{k}/{routing}"
-            assert by[(case, 1)]["valid_rows"] == 0 and by[(case, 1)]["counts"] == [0] * E
+            assert by[(case, kernel, 1)]["valid_rows"] == 0 and by[(case, kernel, 1)]["counts"] == [0] * E
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ sys.path.insert(0, "tests")
 from train_fixtures import build_tiny_shards, ds_config, tiny_config
 work, steps = Path(sys.argv[1]), int(sys.argv[2])
 shards = build_tiny_shards(work)
-cfg = tiny_config(work, shards, model={"moe": {"backend": "deepspeed"}},
+cfg = tiny_config(work, shards, model={"moe": {"backend": "local"}},
                   train={"max_steps": steps, "ckpt_every": 3, "keep_last": 2, "eval_every": 0, "input_noise": 5e-4},
                   tracking={"enabled": False})
 print(cfg, ds_config(work))
@@ -62,7 +62,8 @@ descendants() {  # all processes below $1 (torchrun starts its workers in their 
   local c; for c in $(pgrep -P "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done; }
 ranks_of() { local p; for p in $(descendants "$1"); do
   tr '\0' ' ' </proc/$p/cmdline 2>/dev/null | grep -q "nestor_ds.train" &&
-    ! tr '\0' ' ' </proc/$p/cmdline | grep -q "torch.distributed.run\|deepspeed.launcher\|bin/deepspeed" && echo "$p"; done; }
+    ! tr '\0' ' ' </proc/$p/cmdline | grep -q "torch.distributed.run\|deepspeed.launcher\|bin/deepspeed" && echo "$p"
+  done; return 0; }  # status 0 even when the last process is no rank: `set -e` must not end the soak here
 
 rm -rf "$WORK/runs/soak" "$WORK/runs/ref" "$WORK/soak.log" "$WORK/ref.log"
 echo "soak.sh: reference run ($STEPS steps, $LAUNCHER, seed $SEED)"
@@ -80,7 +81,7 @@ for i in $(seq 1 "$CYCLES"); do
   done
   job=("$JOB" $(descendants "$JOB"))
   case $action in
-    0) what="kill -9 one rank"; victim=$(ranks_of "$JOB" | head -1); [ -n "$victim" ] && kill -9 "$victim" || what="$what (none left)";;
+    0) what="kill -9 one rank"; victim=$(ranks_of "$JOB" | head -1 || true); [ -n "$victim" ] && kill -9 "$victim" || what="$what (none left)";;
     1) what="kill -9 the launcher and every rank"; kill -9 "${job[@]}" 2>/dev/null || true;;
     2) what="SIGTERM to the launcher and every rank"; kill -TERM "${job[@]}" 2>/dev/null || true;;
     3) what="SIGTERM to the launcher only"; kill -TERM "$JOB" 2>/dev/null || true;;

@@ -77,3 +77,26 @@ def inference_model_config(run_cfg: Mapping[str, Any], overrides: Mapping[str, A
         return ModelConfig.from_dict(model).validate()
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"model config in the checkpoint: {err}") from None
+
+
+def to_model_layout(model: torch.nn.Module, local_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Token-MoE tensors of the local layout -> the layout of ``model``'s MoE modules (this rank's experts), so a
+    state of any saved world size / ep_size loads into a model built for this one (fine-tuning, elastic resume)."""
+    from nestor_ds.moe.expert_parallel import ExpertParallelTokenMoE, expert_parallel_state_from_local
+
+    state = dict(local_state)
+    for name, module in model.named_modules():
+        if type(module).__name__ == "MegaBlocksTokenMoE":
+            raise ValueError(
+                f"{name}: loading pre-trained weights into the megablocks backend is not supported yet; "
+                f"fine-tune with model.moe.backend=local"
+            )
+        if not isinstance(module, ExpertParallelTokenMoE):
+            continue
+        prefix = name + "."
+        sub = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+        if not sub:
+            continue
+        converted = expert_parallel_state_from_local(sub, ep_rank=module.ep_rank, ep_size=module.ep_size)
+        state.update({prefix + k: v for k, v in converted.items()})
+    return state

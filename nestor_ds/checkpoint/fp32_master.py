@@ -25,7 +25,7 @@ ZeRO-0 (bf16: `FP16_UnfusedOptimizer.fp32_groups`, per-parameter tensors but no 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,61 @@ def read_fp32_master_state(
             master[name] = tensor
     module = gather_deepspeed_state(tag_dir) if module is None else module
     return _complete(tag_dir, master, module, states.get("shared_params") or {})
+
+
+def read_optimizer_moments(tag_dir: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Full per-parameter optimizer state of a ZeRO-1/2 tag: ({state key: {name: tensor}}, {key: scalar state}).
+
+    Tensor states laid out like the fp32 partition (Adam's `exp_avg`, `exp_avg_sq`) are cut per parameter exactly as
+    the masters are (names: the module state's, expert ids global); DeepSpeed pads the last rank's moments to the
+    partition size, the padding is dropped. Scalar states (Adam's `step`) are the same in every group and rank
+    (checked) and returned once. Raises NoMasterWeights for ZeRO-0/3 tags."""
+    tag_dir = Path(tag_dir)
+    ranks = _optimizer_states(tag_dir)
+    shapes = safe_torch_load(tag_dir / MODEL_STATES, mmap=True).get("param_shapes")
+    if not isinstance(shapes, list):
+        raise CheckpointError(f"{tag_dir / MODEL_STATES}: no 'param_shapes' beside ZeRO optimizer files")
+    group_states = [[_base_state(tag_dir, r, osd, g) for g in range(len(shapes))] for r, osd in enumerate(ranks)]
+    first = group_states[0][0]
+    keys = [k for k, v in first.items() if torch.is_tensor(v) and v.dim() == 1]
+    scalars = {k: v for k, v in first.items() if k not in keys}
+    for r, groups in enumerate(group_states):
+        for g, st in enumerate(groups):
+            same = {k: v for k, v in st.items() if k not in keys}
+            if set(st) != set(first) or any(_differs(same[k], v) for k, v in scalars.items()):
+                raise CheckpointError(
+                    f"{tag_dir}: rank {r} group {g} holds optimizer state {sorted(st)} / {same}, rank 0 group 0 "
+                    f"{sorted(first)} / {scalars}"
+                )
+    moments: dict[str, dict[str, torch.Tensor]] = {}
+    for key in keys:
+
+        def partition(r: int, group: int, key: str = key) -> torch.Tensor:
+            return group_states[r][group][key][: ranks[r]["single_partition_of_fp32_groups"][group].numel()]
+
+        moments[key] = {}
+        for group, group_shapes in enumerate(shapes):
+            moments[key].update(_group_master(tag_dir, ranks, group, group_shapes, partition))
+    return moments, scalars
+
+
+def _base_state(tag_dir: Path, rank: int, osd: Mapping[str, Any], group: int) -> dict[str, Any]:
+    """Rank `rank`'s base-optimizer state of group `group` (torch's state_dict form: state keyed by the group's one
+    flat parameter, or DeepSpeed's elastic form: a list with one state per group)."""
+    base = osd.get("base_optimizer_state")
+    if isinstance(base, list) and group < len(base):
+        return dict(base[group])
+    if isinstance(base, dict) and "state" in base and group < len(base.get("param_groups", [])):
+        index = base["param_groups"][group]["params"][0]
+        if index in base["state"]:
+            return dict(base["state"][index])
+    raise CheckpointError(f"{tag_dir}: rank {rank} has no base optimizer state for group {group} (no optimizer step?)")
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return not torch.equal(torch.as_tensor(a).float(), torch.as_tensor(b).float())
+    return a != b
 
 
 def _optimizer_states(tag_dir: Path) -> list[dict[str, Any]]:
@@ -164,10 +219,17 @@ def _global_names(tag_dir: Path, names: list[str], ep_rank: int, ep: int, group:
 
 
 def _group_master(
-    tag_dir: Path, ranks: list[dict[str, Any]], group: int, shapes: Mapping[str, Any]
+    tag_dir: Path,
+    ranks: list[dict[str, Any]],
+    group: int,
+    shapes: Mapping[str, Any],
+    partition: Callable[[int, int], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Group `group`'s parameters from the slices of every rank, one expert-parallel rank at a time."""
+    """Group `group`'s parameters from the slices of every rank, one expert-parallel rank at a time. `partition(rank,
+    group)` gives a rank's flat slice (default: the fp32 masters; Adam's moments are laid out the same way)."""
     ep = _expert_layout(tag_dir, ranks, group)
+    if partition is None:
+        partition = lambda r, g: ranks[r]["single_partition_of_fp32_groups"][g]  # noqa: E731
     names = list(shapes)
     paddings = ranks[0].get("param_alignment_paddings")
     paddings = paddings[group] if paddings else [0] * len(names)
@@ -178,7 +240,7 @@ def _group_master(
     out: dict[str, torch.Tensor] = {}
     for ep_rank in range(ep):
         members = list(range(ep_rank, len(ranks), ep))
-        parts = [ranks[r]["single_partition_of_fp32_groups"][group] for r in members]
+        parts = [partition(r, group) for r in members]
         flat = torch.cat([p.reshape(-1) for p in parts])
         starts = [sum(p.numel() for p in parts[:k]) for k in range(len(parts))]
         offset, placed = 0, {}

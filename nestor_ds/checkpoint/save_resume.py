@@ -36,6 +36,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nestor_ds.checkpoint.elastic import (
+    RunLayout,
+    check_reshardable,
+    load_resharded,
+    refuse_changed_model,
+    saved_layout,
+)
 from nestor_ds.checkpoint.layout import COMPLETE_MARKER, CONFIG_FILE, CONSOLIDATED_STATES, POINTER, CheckpointError
 from nestor_ds.checkpoint.safe_load import verify_checkpoint_files
 from nestor_ds.log import get_logger
@@ -248,12 +255,21 @@ def check_tag(tag_dir: Path) -> str | None:
     return None
 
 
-def load_checkpoint(engine: Any, tag_dir: Path) -> dict[str, Any]:
+def load_checkpoint(engine: Any, tag_dir: Path, layout: RunLayout | None = None) -> dict[str, Any]:
     """Load weights, optimizer state and our client state into a freshly initialised engine.
 
     DeepSpeed unpickles with weights_only=False; every file is first checked to load with weights_only=True.
+    With `layout` (the trainer's): a tag saved on another world size or ep_size is re-sharded (`elastic.py`), and a
+    model that no longer matches the saved one is refused before anything is loaded.
     """
     verify_checkpoint_files(tag_dir)
+    if layout is not None:
+        saved = saved_layout(tag_dir)
+        if saved != (layout.world_size, layout.ep_size):
+            check_reshardable(tag_dir, layout.zero_stage, (layout.world_size, layout.ep_size), saved)
+            client = load_resharded(engine, tag_dir, layout.model)
+            return {**client, "resharded_from": {"world_size": saved[0], "ep_size": saved[1]}}
+        refuse_changed_model(tag_dir, engine.module, layout.model)
     path, client_state = engine.load_checkpoint(
         str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
     )
@@ -262,7 +278,9 @@ def load_checkpoint(engine: Any, tag_dir: Path) -> dict[str, Any]:
     return client_state or {}
 
 
-def resume(engine: Any, resume_arg: str | None, checkpoint_root: Path, metrics_path: Path) -> dict[str, Any]:
+def resume(
+    engine: Any, resume_arg: str | None, checkpoint_root: Path, metrics_path: Path, layout: RunLayout | None = None
+) -> dict[str, Any]:
     """Collective resume: choose a tag, fall back past broken ones, load, then tidy this run's directory.
 
     Order matters for a crash at any point: nothing is moved, truncated or announced before a load succeeded.
@@ -302,7 +320,7 @@ def resume(engine: Any, resume_arg: str | None, checkpoint_root: Path, metrics_p
                     f"falling back to {nxt.name}" if nxt else "no older complete checkpoint",
                 )
             continue
-        client, loaded = load_checkpoint(engine, tag_dir), tag_dir
+        client, loaded = load_checkpoint(engine, tag_dir, layout), tag_dir
         break
     if loaded is None:
         raise FileNotFoundError(

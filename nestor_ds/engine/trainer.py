@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from nestor_ds.checkpoint import save_resume as ckpt
+from nestor_ds.checkpoint.elastic import RunLayout
 from nestor_ds.collectives import any_rank
 from nestor_ds.config import RunConfig, format_config
 from nestor_ds.engine.budget import Budget
@@ -167,7 +168,8 @@ class Trainer:
 
     def resume(self, resume: str | None) -> dict[str, Any]:
         """Load, fall back past broken tags and tidy (``checkpoint/save_resume.py``); the checkpoint's client state."""
-        client = ckpt.resume(self.engine, resume, self.ckpt_root, self.run_dir / "metrics.jsonl")
+        layout = RunLayout(self.dist.world_size, self.ep, self.zero_stage, self.cfg.model.to_dict())
+        client = ckpt.resume(self.engine, resume, self.ckpt_root, self.run_dir / "metrics.jsonl", layout)
         if client.get("config_digest") not in (None, self.cfg.digest()) and self.dist.is_main:
             log.warning(
                 "the configuration differs from the checkpoint's (digest %s vs %s): the trajectory will not "
@@ -176,6 +178,17 @@ class Trainer:
                 self.cfg.digest(),
             )
         self.start_step = self.step = int(client.get("step", 0))
+        # samples, not steps, are what carries over when the layout changed (elastic resume, docs/reliability.md):
+        # each rank's stream continues at samples seen / (micro-batch x ranks), = step x accum on the same layout
+        self.start_samples = int(client.get("samples_seen", self.start_step * self.samples_per_step))
+        self.data_position = self.start_samples // (self.micro * self.dist.world_size)
+        if "resharded_from" in client and self.dist.is_main:
+            log.info(
+                "elastic resume at step %d: %d samples seen; each rank's data stream continues at micro-batch %d",
+                self.start_step,
+                self.start_samples,
+                self.data_position,
+            )
         return client
 
     def start_tracking(self, client: dict[str, Any], parent_run_id: str | None) -> None:
@@ -239,7 +252,7 @@ class Trainer:
                 seed=self.cfg.train.seed,
             )
             batch_source = stream.batches
-        self.batches = DeviceFeed(iter(batch_source(self.start_step * self.accum)), self.engine.device)
+        self.batches = DeviceFeed(iter(batch_source(self.data_position)), self.engine.device)
         self.result = TrainResult(
             run_dir=self.run_dir, steps=self.start_step, run_id=self.tracker.run_id, model=self.engine.module
         )
@@ -374,8 +387,8 @@ class Trainer:
         step = self.step
         state = {
             "step": step,
-            "samples_seen": step * self.samples_per_step,
-            "data_position": step * self.accum,
+            "samples_seen": self.start_samples + (step - self.start_step) * self.samples_per_step,
+            "data_position": self.data_position + (step - self.start_step) * self.accum,
             "rng": ckpt.rng_state(),
             "config_digest": self.cfg.digest(),
             "mlflow_run_id": self.tracker.run_id or "",

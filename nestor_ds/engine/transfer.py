@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nestor_ds.checkpoint.convert import to_model_layout
 from nestor_ds.typed_config import check
 
 # which parameter-name prefixes each --load choice carries over
@@ -90,32 +91,10 @@ def _compress(names: list[str], limit: int = 12) -> list[str]:
     return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
 
 
-def to_target_layout(model: nn.Module, local_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert token-MoE weights of the local layout to the layout of ``model``'s MoE modules (this rank's experts)."""
-    from nestor_ds.moe.expert_parallel import ExpertParallelTokenMoE, expert_parallel_state_from_local
-
-    state = dict(local_state)
-    for name, module in model.named_modules():
-        if type(module).__name__ == "MegaBlocksTokenMoE":
-            raise ValueError(
-                f"{name}: loading pre-trained weights into the megablocks backend is not supported yet; "
-                f"fine-tune with model.moe.backend=local"
-            )
-        if not isinstance(module, ExpertParallelTokenMoE):
-            continue
-        prefix = name + "."
-        sub = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
-        if not sub:
-            continue
-        converted = expert_parallel_state_from_local(sub, ep_rank=module.ep_rank, ep_size=module.ep_size)
-        state.update({prefix + k: v for k, v in converted.items()})
-    return state
-
-
 def load_pretrained_parts(model: nn.Module, local_state: Mapping[str, torch.Tensor], load: str) -> TransferReport:
     """Copy the selected, shape-compatible tensors into ``model``; report everything else."""
     prefixes = PARTS[load]
-    source = to_target_layout(model, local_state)
+    source = to_model_layout(model, local_state)
     own = model.state_dict()
     report = TransferReport()
     update = {}

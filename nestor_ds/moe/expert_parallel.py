@@ -10,9 +10,10 @@ Rank p holds experts [p*E_l, (p+1)*E_l). Both routings exchange only routed rows
 - dropless: the A assignments of the valid rows are sorted by expert (= by destination rank); the [E] counts
   go through one all_to_all (each rank learns how many rows of each of its experts every source sends), one
   host read gives the split sizes, then `all_to_all_single` with exact split sizes (all-to-all-v) moves the
-  rows, the local experts run with the grouped kernels of `experts.py` on an expert-major buffer, and the
-  inverse all-to-all-v brings the outputs home. Padding rows are never routed, sent or counted; a rank with
-  no valid row, or an expert with no row, still joins every collective (forward and backward).
+  rows, the local experts run on them with the grouped kernel of `experts.py` in arrival order (P * E_l groups,
+  source rank then local expert, each with its expert's weights; the padded kernel moves them to expert-major
+  chunks first), and the inverse all-to-all-v brings the outputs home. Padding rows are never routed, sent or
+  counted; a rank with no valid row, or an expert with no row, still joins every collective (forward and backward).
 - static (training): `plan_capacity` gives every expert Q rows on every rank (overflow dropped lowest router
   probability first, padding absent), so the exchange has equal, fixed splits: no count exchange, no host
   sync. The received [P, E_l, Q, D] buffer is one batched matmul per projection on [E_l, P*Q, D]. Needs the
@@ -170,10 +171,11 @@ class ExpertParallelTokenMoE(TokenMoE):
         """Router weight [E, D] (all experts: every rank routes its own rows)."""
         return self.moe.deepspeed_moe.gate.wg.weight
 
-    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's expert weights stacked as [E_l, F, D], [E_l, F, D], [E_l, D, F] (one copy per call; the
-        per-expert parameters are what DeepSpeed's per-expert checkpoint files need)."""
-        experts = self.moe.deepspeed_moe.experts.deepspeed_experts
+    def local_weights(self, times: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's expert weights stacked as [times * E_l, F, D], [.., F, D], [.., D, F]: the E_l experts, repeated
+        `times` times (one copy per call; the per-expert parameters are what DeepSpeed's per-expert checkpoint files
+        need, and repeated entries add their gradients)."""
+        experts = list(self.moe.deepspeed_moe.experts.deepspeed_experts) * times
         return (
             torch.stack([e.w1.weight for e in experts]),
             torch.stack([e.w3.weight for e in experts]),
@@ -235,22 +237,7 @@ class ExpertParallelTokenMoE(TokenMoE):
         send_splits, recv_splits = sizes[:P], sizes[P:]
         recv_UD = all_to_all_v(send_AD, recv_splits, send_splits, self.ep_group)
 
-        # received rows come grouped by source rank, then by local expert: give them expert-major slots
-        U = recv_UD.shape[0]
-        expert_U = torch.repeat_interleave(torch.arange(E_l, device=x_ND.device).repeat(P), recv_PE)
-        counts_local = recv_PE.view(P, E_l).sum(0)
-        w1, w3, w2 = self.local_weights()
-        if U == 0:  # nothing to compute here; stay in the graph so the backward exchanges run on this rank too
-            y_UD = recv_UD * 0.0 + 0.0 * (w1.sum() + w3.sum() + w2.sum()).to(recv_UD.dtype)
-        else:
-            kernel = self.kernel or (
-                "grouped" if grouped_mm_supported(x_ND.device, x_ND.dtype, self.dim, self.hidden) else "padded"
-            )
-            if kernel not in KERNELS:
-                raise ValueError(f"ExpertParallelTokenMoE.kernel={kernel!r}: expected one of {KERNELS}")
-            slot_U, layout = plan_layout(expert_U, counts_local, kernel)
-            y_SD = run_experts(dispatch_rows(recv_UD, slot_U.view(U, 1), layout.rows), layout, w1, w3, w2)
-            y_UD = gather_rows(y_SD, slot_U)
+        y_UD = self._run_received(recv_UD, recv_PE)
         back_AD = all_to_all_v(y_UD, send_splits, recv_splits, self.ep_group)
 
         y_VKD = gather_rows(back_AD, sorted_A.view(V, K))
@@ -264,6 +251,29 @@ class ExpertParallelTokenMoE(TokenMoE):
             router_z_loss(routing.logits_NE),
             counts_E,
         )
+
+    def _run_received(self, recv_UD: torch.Tensor, recv_PE: torch.Tensor) -> torch.Tensor:
+        """This rank's experts on the U received rows, which arrive as P * E_l contiguous groups (source rank, then
+        local expert; sizes recv_PE). grouped kernel: group (p, e) runs with expert e's weights, the weights stacked P
+        times, so the rows never leave arrival order (no permutation into expert-major slots and back: two [U, D]
+        copies forward and two in the backward saved, docs/benchmarks.md). padded kernel: rows go to expert-major
+        chunks as in LocalTokenMoE."""
+        P, E_l, U = self.ep_size, self.local_experts, recv_UD.shape[0]
+        kernel = self.kernel or (
+            "grouped" if grouped_mm_supported(recv_UD.device, recv_UD.dtype, self.dim, self.hidden) else "padded"
+        )
+        if kernel not in KERNELS:
+            raise ValueError(f"ExpertParallelTokenMoE.kernel={kernel!r}: expected one of {KERNELS}")
+        if U == 0:  # nothing to compute here; stay in the graph so the backward exchanges run on this rank too
+            w1, w3, w2 = self.local_weights()
+            return recv_UD * 0.0 + 0.0 * (w1.sum() + w3.sum() + w2.sum()).to(recv_UD.dtype)
+        if kernel == "grouped":
+            layout = ExpertLayout("grouped", U, offs_E=recv_PE.cumsum(0).to(torch.int32))
+            return run_experts(recv_UD, layout, *self.local_weights(times=P))
+        expert_U = torch.repeat_interleave(torch.arange(E_l, device=recv_UD.device).repeat(P), recv_PE)
+        slot_U, layout = plan_layout(expert_U, recv_PE.view(P, E_l).sum(0), kernel)
+        y_SD = run_experts(dispatch_rows(recv_UD, slot_U.view(U, 1), layout.rows), layout, *self.local_weights())
+        return gather_rows(y_SD, slot_U)
 
     def _forward_static(self, x_ND: torch.Tensor, valid_N: torch.Tensor | None) -> MoEOutput:
         N, E, P, E_l, K, D = x_ND.shape[0], self.num_experts, self.ep_size, self.local_experts, self.top_k, self.dim

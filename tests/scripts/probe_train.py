@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--global-batch", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--run-name", default="probe")
+    p.add_argument("--resume", default=None, help="as train.py's --resume (auto or a checkpoint path)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
@@ -41,7 +42,9 @@ def main() -> None:
         ).batches(start):
             yield {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
 
-    result = run_training(cfg, args.ds_config, entry="pretrain", run_name=args.run_name, batch_source=global_batches)
+    result = run_training(
+        cfg, args.ds_config, entry="pretrain", run_name=args.run_name, resume=args.resume, batch_source=global_batches
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     probe = next(global_batches(0))

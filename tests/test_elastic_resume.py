@@ -1,0 +1,101 @@
+"""Elastic resume (docs/reliability.md, §6): a ZeRO-2 checkpoint continued on another number of ranks and another
+ep_size follows the uninterrupted run's trajectory; a changed model or a layout that cannot be re-sharded is refused
+with one line naming what to do.
+
+Every run trains on one global batch sequence whatever its rank count (tests/scripts/probe_train.py), so a run
+saved on 2 ranks (ep 2) and continued on 1 rank must reproduce the 1-rank run step for step, up to the summation
+order of the gradient all-reduce. Dropping Adam's moments at the switch moves the weights by ~lr per step, far
+outside the tolerance, so the comparison checks the optimizer state too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_fixtures import ds_config, launch, tiny_config
+
+PROBE = "tests.scripts.probe_train"
+pytestmark = pytest.mark.timeout(900)
+GLOBAL_BATCH = 4
+
+
+def _probe(tmp: Path, cfg: Path, ranks: int, run: str, out: str, *extra: str, stage: int = 2):
+    ds = ds_config(tmp, stage=stage, micro=GLOBAL_BATCH // ranks)
+    args = [PROBE, "--config", str(cfg), "--ds_config", str(ds), "--global-batch", str(GLOBAL_BATCH)]
+    return launch([*args, "--out", out, "--run-name", run, *extra], ranks=ranks, cwd=tmp)
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-6000:]}"
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def elastic_cfg(tiny_shards, tmp_path) -> Path:
+    _, shards = tiny_shards
+    return tiny_config(
+        tmp_path,
+        shards,
+        model={"moe": {"backend": "local"}},
+        loss={"image_lb_weight": 0.0, "token_lb_weight": 0.0},
+        train={"max_steps": 6, "ckpt_every": 3, "log_every": 1},
+        tracking={"enabled": False},
+    )
+
+
+def test_resume_on_other_world_and_ep_size_follows_the_uninterrupted_run(elastic_cfg, tmp_path):
+    """1 rank uninterrupted vs (2 ranks, ep 2 -> 1 rank, ep 1) and (1 rank -> 2 ranks, ep 2), switching at step 3."""
+    _ok(_probe(tmp_path, elastic_cfg, 1, "ref", "ref"))
+    ref = _rows(tmp_path / "runs" / "ref")
+    ref_pred = torch.load(tmp_path / "ref" / "probe.pt", weights_only=True)["pred"]
+    for first, second in ((2, 1), (1, 2)):
+        run = f"from{first}to{second}"
+        _ok(_probe(tmp_path, elastic_cfg, first, run, f"{run}_a", "--set", "train.stop_at=3"))
+        proc = _probe(tmp_path, elastic_cfg, second, run, run, "--resume", "auto")
+        _ok(proc)
+        log = proc.stderr + proc.stdout
+        assert f"saved on world size {first}, ep_size {first}" in log and "re-sharded" in log, log[-3000:]
+        assert "elastic resume at step 3: 12 samples seen" in log, log[-3000:]
+        rows = _rows(tmp_path / "runs" / run)
+        assert [r["step"] for r in rows] == [r["step"] for r in ref] == list(range(1, 7))
+        for a, b in zip(ref, rows, strict=True):
+            assert abs(a["train/loss"] - b["train/loss"]) <= 1e-5 * abs(a["train/loss"]), (run, a, b)
+            assert abs(a["train/lr"] - b["train/lr"]) <= 1e-12, (run, a, b)
+        pred = torch.load(tmp_path / run / "probe.pt", weights_only=True)["pred"]
+        worst = (pred - ref_pred).abs().max().item()
+        assert worst <= 1e-4, (run, worst)
+        # the continued run saves on its own layout, and a plain resume of that works (no re-sharding)
+        saved = json.loads(
+            (tmp_path / "runs" / run / "checkpoints" / "step_00000006" / "nestor_config.json").read_text()
+        )
+        assert (saved["world_size"], saved["ep_size"]) == (second, second)
+
+
+def test_changed_model_is_refused_before_loading(elastic_cfg, tmp_path):
+    """Same layout (DeepSpeed's loader) and another layout (re-sharding): one line naming the tensor, both shapes
+    and the config key that changed; nothing of the run directory is touched."""
+    _ok(_probe(tmp_path, elastic_cfg, 2, "r", "a", "--set", "train.stop_at=3"))
+    ckpts = sorted(p.name for p in (tmp_path / "runs" / "r" / "checkpoints").iterdir())
+    for ranks in (2, 1):
+        proc = _probe(tmp_path, elastic_cfg, ranks, "r", "b", "--resume", "auto", "--set", "model.width=24")
+        assert proc.returncode != 0
+        err = proc.stderr
+        assert "the model changed since this checkpoint" in err, err[-3000:]
+        assert "model.width 16 -> 24" in err and "(16," in err and "(24," in err, err[-3000:]
+        assert "--load all" in err
+        assert sorted(p.name for p in (tmp_path / "runs" / "r" / "checkpoints").iterdir()) == ckpts
+
+
+def test_zero0_checkpoint_on_another_world_size_names_the_supported_path(elastic_cfg, tmp_path):
+    """ZeRO-0 keeps no partitioned fp32 state to re-shard: the error says how to go on (fine-tune --load all)."""
+    _ok(_probe(tmp_path, elastic_cfg, 2, "z0", "a", "--set", "train.stop_at=3", stage=0))
+    proc = _probe(tmp_path, elastic_cfg, 1, "z0", "b", "--resume", "auto", stage=0)
+    assert proc.returncode != 0
+    assert "ZeRO stage 1 or 2" in proc.stderr and "nestor_ds.finetune --pretrained" in proc.stderr, proc.stderr[-3000:]
