@@ -1,7 +1,7 @@
 """Expert parallelism of the local token-MoE backend (all-to-all-v, nestor_ds.moe.expert_parallel): 2 gloo ranks
 with ep_size=2 must equal the single-process local backend on the same global batch (outputs, losses, gradients),
 for top-1 and top-2, dropless and static routing, including a batch where one expert gets no token on one rank
-and a rank whose rows are all padding.
+and a rank whose rows are all padding; and the static path under torch.compile(fullgraph=True) equals eager.
 
 One launch of `python -m torch.distributed.run --nproc_per_node 2 tests/test_moe_ep.py` runs every case;
 rank 0 prints one JSON line of maximum errors that the pytest test checks.
@@ -98,6 +98,38 @@ def run_case(
     }
 
 
+def compiled_static_case() -> dict:
+    """The static expert-parallel MoE under torch.compile(fullgraph=True): the exchange is PyTorch's functional
+    collective, so the forward and backward trace as one graph each; outputs and gradients equal eager's."""
+    import torch.distributed as dist
+
+    from nestor_ds.model.parallelize import apply_expert_parallel
+    from nestor_ds.moe import MoEConfig, build_token_moe
+
+    rank = dist.get_rank()
+    torch.manual_seed(1234)
+    ep = build_token_moe(MoEConfig(num_experts=E, top_k=2, ep_size=2, routing="static", capacity_factor=1.5), D)
+    apply_expert_parallel(ep.train(), dist.group.WORLD)
+    x = torch.randn(N_RANK, D, generator=torch.Generator().manual_seed(50 + rank))
+    valid = torch.arange(N_RANK) < (N_RANK if rank == 0 else 6)  # padding on rank 1 only
+    g = torch.randn(N_RANK, D, generator=torch.Generator().manual_seed(60 + rank))
+
+    def step(module):
+        for p in ep.parameters():
+            p.grad = None
+        out = module(x, valid)
+        (out.out_ND * g).sum().add(out.lb_loss + out.z_loss).backward()
+        return out.out_ND.detach(), {n: p.grad.clone() for n, p in ep.named_parameters()}
+
+    eager_out, eager_grads = step(ep)
+    compiled_out, compiled_grads = step(torch.compile(ep, fullgraph=True))
+    return {
+        "rank": rank,
+        "out_err": (compiled_out - eager_out).abs().max().item(),
+        "grad_err": max((compiled_grads[n] - eager_grads[n]).abs().max().item() for n in eager_grads),
+    }
+
+
 def _ep_state(local_state, ep_rank, ep_size):
     from nestor_ds.moe.expert_parallel import expert_parallel_state_from_local
 
@@ -140,8 +172,11 @@ def worker() -> None:
 
     everything = [None] * dist.get_world_size()
     dist.all_gather_object(everything, results)
+    compiled = [None] * dist.get_world_size()
+    dist.all_gather_object(compiled, compiled_static_case())
     if dist.get_rank() == 0:
         print("EP_RESULT " + json.dumps([r for rank_results in everything for r in rank_results]), flush=True)
+        print("EP_COMPILED " + json.dumps(compiled), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -155,6 +190,9 @@ def test_ep2_equals_single_process(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("EP_RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout[-2000:], proc.stderr[-4000:])
     results = json.loads(lines[-1][len("EP_RESULT ") :])
+    compiled = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("EP_COMPILED "))[12:])
+    assert [c["rank"] for c in compiled] == [0, 1]
+    assert all(c["out_err"] < 1e-5 and c["grad_err"] < 1e-5 for c in compiled), compiled
     assert len(results) == 2 * 2 * len(ROUTINGS) * len(CASES)
     for r in results:
         assert r["init_same"], r  # ep 2 starts from the ep 1 weights

@@ -39,17 +39,26 @@ SKEW = 0.5 / 8  # shift along expert 0's gate row (x sqrt(D)): expert 0 gets ~1/
 
 
 def _count_all_to_all():
-    """Wrap torch.distributed.all_to_all_single to add up the bytes each call sends (DeepSpeed's comm calls it too)."""
+    """Add up the bytes each all-to-all sends, per rank, forward and backward: torch.distributed.all_to_all_single
+    calls (DeepSpeed's layer and our count exchange) as made, and the functional collective of our row exchange as
+    its input (forward) plus its output (what its backward sends back)."""
     import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
 
     counter = {"bytes": 0}
-    original = dist.all_to_all_single
+    original, functional = dist.all_to_all_single, funcol.all_to_all_single_autograd
 
     def counted(output, input, *args, **kwargs):
         counter["bytes"] += input.numel() * input.element_size()
         return original(output, input, *args, **kwargs)
 
+    def counted_functional(input, *args, **kwargs):
+        out = functional(input, *args, **kwargs)
+        counter["bytes"] += (input.numel() + out.numel()) * input.element_size()
+        return out
+
     dist.all_to_all_single = counted
+    funcol.all_to_all_single_autograd = counted_functional
     return counter
 
 

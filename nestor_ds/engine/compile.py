@@ -9,7 +9,8 @@ is compiled before ``deepspeed.initialize``; compilation is lazy, so it traces t
 
 Regions:
 - AFNO baseline: the encoder, each AFNO block, the head, each with ``fullgraph=True``.
-- NESTOR with static routing: the encoder, each NESTOR block (``fullgraph=True``), the head.
+- NESTOR with static routing: the encoder, each NESTOR block (``fullgraph=True``; under expert parallelism too: the
+  token exchange is a functional collective, which Dynamo traces), the head.
 - NESTOR with dropless routing: the group sizes are read on the host and shapes depend on the data, so the
   NESTOR blocks stay eager; the encoder, the head and the shared AFNO blocks inside them are compiled.
 Evaluation runs the regions eagerly (:func:`eager_for_evaluation`): it routes dropless and uses other batch sizes.

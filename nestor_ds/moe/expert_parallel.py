@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from .base import MoEOutput, TokenMoE, check_input, static_output
@@ -54,32 +55,14 @@ _LOCAL_EXPERT = {"w1": "experts.w1_EFD", "w3": "experts.w3_EFD", "w2": "experts.
 _SHARED_PREFIX = "shared."
 
 
-class _AllToAllV(torch.autograd.Function):
-    """all_to_all_single with split sizes (None = equal); the backward is the inverse exchange."""
-
-    @staticmethod
-    def forward(
-        ctx, x_SD: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None, group: dist.ProcessGroup
-    ) -> torch.Tensor:  # type: ignore[override]
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        rows = x_SD.shape[0] if out_splits is None else sum(out_splits)
-        out_UD = x_SD.new_empty(rows, *x_SD.shape[1:])
-        dist.all_to_all_single(out_UD, x_SD.contiguous(), out_splits, in_splits, group=group)
-        return out_UD
-
-    @staticmethod
-    def backward(ctx, grad_UD: torch.Tensor):  # type: ignore[override]
-        rows = grad_UD.shape[0] if ctx.in_splits is None else sum(ctx.in_splits)
-        grad_SD = grad_UD.new_empty(rows, *grad_UD.shape[1:])
-        dist.all_to_all_single(grad_SD, grad_UD.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return grad_SD, None, None, None
-
-
 def all_to_all_v(
     x_SD: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None, group: dist.ProcessGroup
 ) -> torch.Tensor:
-    """Send in_splits[p] rows of x_SD to rank p, receive out_splits[p] rows from rank p (None: equal splits)."""
-    return _AllToAllV.apply(x_SD, out_splits, in_splits, group)
+    """Send in_splits[p] rows of x_SD to rank p, receive out_splits[p] rows from rank p (None: equal splits).
+
+    PyTorch's functional collective: differentiable (the backward is the inverse exchange) and traced by
+    torch.compile, so the static path compiles as one graph under expert parallelism too."""
+    return funcol.all_to_all_single_autograd(x_SD.contiguous(), out_splits, in_splits, group)
 
 
 def _deepspeed_layout_class():
