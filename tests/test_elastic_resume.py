@@ -99,3 +99,24 @@ def test_zero0_checkpoint_on_another_world_size_names_the_supported_path(elastic
     proc = _probe(tmp_path, elastic_cfg, 1, "z0", "b", "--resume", "auto", stage=0)
     assert proc.returncode != 0
     assert "ZeRO stage 1 or 2" in proc.stderr and "nestor_ds.finetune --pretrained" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_zero3_resume_checks_the_model_against_the_gathered_weights(tiny_shards, tmp_path):
+    """ZeRO-3 tags hold partitions, not a module file: the changed-model check reads the full weights gathered at
+    save time and compares them with the parameters' full shapes, so a plain resume still works."""
+    _, shards = tiny_shards
+    sections = {"model": {"moe": {"backend": "local"}}, "tracking": {"enabled": False}}
+    train = {"max_steps": 5, "ckpt_every": 3, "eval_every": 0}
+    ds = str(ds_config(tmp_path, stage=3, micro=2))
+
+    def run(cfg: Path, *extra: str):
+        args = ["nestor_ds.train", "--ds_config", ds, "--config", str(cfg), "--run-name", "z3", *extra]
+        return launch(args, ranks=1, cwd=tmp_path)
+
+    _ok(run(tiny_config(tmp_path, shards, train={**train, "stop_at": 3}, **sections)))
+    cfg = tiny_config(tmp_path, shards, train=train, **sections)
+    changed = run(cfg, "--resume", "auto", "--set", "model.width=24")
+    assert changed.returncode != 0 and "model.width 16 -> 24" in changed.stderr, changed.stderr[-3000:]
+    resumed = run(cfg, "--resume", "auto")
+    _ok(resumed)
+    assert "resumed from" in resumed.stderr and len(_rows(tmp_path / "runs" / "z3")) == 5

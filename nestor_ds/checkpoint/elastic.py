@@ -35,7 +35,7 @@ import torch
 
 from nestor_ds.checkpoint.convert import deepspeed_to_local_state, to_model_layout
 from nestor_ds.checkpoint.fp32_master import NoMasterWeights, read_fp32_master_state, read_optimizer_moments
-from nestor_ds.checkpoint.layout import MODEL_STATES, CheckpointError, read_run_config
+from nestor_ds.checkpoint.layout import CONSOLIDATED_STATES, MODEL_STATES, CheckpointError, read_run_config
 from nestor_ds.checkpoint.safe_load import gather_deepspeed_state, safe_torch_load
 from nestor_ds.log import get_logger
 
@@ -112,16 +112,30 @@ def _shape_error(tag_dir: Path, key: str, saved: Any, now: Any, changes: str) ->
 
 
 def refuse_changed_model(tag_dir: Path, module: torch.nn.Module, model_cfg: Mapping[str, Any]) -> None:
-    """Before DeepSpeed loads a tag saved on this same layout: the saved module state (rank 0's file, memory-mapped:
-    cheap) must have exactly `module`'s keys, token experts aside (their own files), with the same shapes."""
-    saved = safe_torch_load(tag_dir / MODEL_STATES, mmap=True).get("module") or {}
-    own = {k: v for k, v in module.state_dict().items() if _EXPERT_KEY not in k or k in saved}
+    """Before DeepSpeed loads a tag saved on this same layout: the saved module state (memory-mapped: cheap) must
+    have exactly `module`'s keys, token experts aside (their own files), with the same shapes. The saved state is
+    rank 0's module file, or for ZeRO-3 (which saves partitions) the full weights gathered at save time; ZeRO-3
+    parameters of `module` are compared by their full shape (`ds_shape`)."""
+    saved = _saved_shapes(tag_dir)
+    if saved is None:
+        return  # nothing readable to compare with: DeepSpeed's loader reports it
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items() if _EXPERT_KEY not in k or k in saved}
+    own.update({k: tuple(p.ds_shape) for k, p in module.named_parameters() if hasattr(p, "ds_shape") and k in own})
     for key in sorted(set(saved) | set(own)):
-        a = tuple(saved[key].shape) if key in saved else "absent"
-        b = tuple(own[key].shape) if key in own else "absent"
+        a, b = saved.get(key, "absent"), own.get(key, "absent")
         if a != b:
             changes = config_changes(read_run_config(tag_dir)["model"], model_cfg)
             raise _shape_error(tag_dir, key, a, b, changes)
+
+
+def _saved_shapes(tag_dir: Path) -> dict[str, tuple[int, ...]] | None:
+    if (tag_dir / MODEL_STATES).is_file():
+        state = safe_torch_load(tag_dir / MODEL_STATES, mmap=True).get("module") or {}
+    elif (tag_dir / CONSOLIDATED_STATES).is_file():
+        state = safe_torch_load(tag_dir / CONSOLIDATED_STATES, mmap=True)
+    else:
+        return None
+    return {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)}
 
 
 def check_reshardable(tag_dir: Path, zero_stage: int, layout: tuple[int, int], saved: tuple[int, int]) -> None:
