@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from nestor_ds.checkpoint.convert import deepspeed_to_local_state, to_model_layout
-from nestor_ds.checkpoint.fp32_master import NoMasterWeights, read_fp32_master_state, read_optimizer_moments
+from nestor_ds.checkpoint.fp32_master import OPTIM_FILE_RE, read_fp32_master_state, read_optimizer_moments
 from nestor_ds.checkpoint.layout import CONSOLIDATED_STATES, MODEL_STATES, CheckpointError, read_run_config
 from nestor_ds.checkpoint.safe_load import gather_deepspeed_state, safe_torch_load
 from nestor_ds.log import get_logger
@@ -149,18 +149,9 @@ def check_reshardable(tag_dir: Path, zero_stage: int, layout: tuple[int, int], s
     )
     if zero_stage not in (1, 2):
         raise ElasticResumeError(f"{how} needs ZeRO stage 1 or 2 in this run (it has {zero_stage}); {fix}")
-    try:
-        read_optimizer_moments_meta(tag_dir)
-    except NoMasterWeights as why:
-        raise ElasticResumeError(f"{how}: {why}; {fix}") from None
-
-
-def read_optimizer_moments_meta(tag_dir: Path) -> None:
-    """Raise NoMasterWeights when `tag_dir` holds no ZeRO-1/2 optimizer partitions (cheap: file names only)."""
-    from nestor_ds.checkpoint.fp32_master import OPTIM_FILE_RE
-
     if not any(OPTIM_FILE_RE.match(f.name) for f in tag_dir.iterdir()):
-        raise NoMasterWeights(f"{tag_dir} holds no ZeRO-1/2 optimizer partitions (a ZeRO-0 or ZeRO-3 checkpoint)")
+        why = f"{tag_dir} holds no ZeRO-1/2 optimizer partitions (a ZeRO-0 or ZeRO-3 checkpoint)"
+        raise ElasticResumeError(f"{how}: {why}; {fix}")
 
 
 def _targets(tag_dir: Path, module: torch.nn.Module) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
@@ -170,11 +161,11 @@ def _targets(tag_dir: Path, module: torch.nn.Module) -> tuple[dict[str, dict[str
     moments, scalars = read_optimizer_moments(tag_dir)
     out = {"param": to_model_layout(module, deepspeed_to_local_state(master))}
     for key, tensors in moments.items():
-        out[key] = to_model_layout(module, deepspeed_to_local_state(_with_all_experts(tensors, master)))
+        out[key] = to_model_layout(module, deepspeed_to_local_state(_zeros_where_missing(tensors, master)))
     return out, scalars
 
 
-def _with_all_experts(partial: Mapping[str, torch.Tensor], full: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _zeros_where_missing(partial: Mapping[str, torch.Tensor], full: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """`partial` (optimized tensors only) completed with zeros where `full` has a tensor it lacks (buffers, frozen
     parameters), so the layout conversions see every key they expect."""
     return {k: partial[k] if k in partial else torch.zeros_like(v, dtype=torch.float32) for k, v in full.items()}
