@@ -359,7 +359,7 @@ def test_screenshot_of_a_run_page(store, tmp_path, view):
             "--render-ms",
             "3000",
             "--browser-timeout",
-            "600",
+            "180",
         ],
         capture_output=True,
         text=True,
@@ -369,6 +369,38 @@ def test_screenshot_of_a_run_page(store, tmp_path, view):
     assert ("compare-runs" in res.stdout) == (view == "compare")
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert matplotlib.image.imread(out).shape[:2] == (1200, 1600)
+
+
+def test_screenshot_ends_a_hung_browser_and_retries(tmp_path, capsys):
+    """Headless Chromium can hang before or after writing its screenshot; a stand-in browser does both: the first
+    run hangs with nothing written, the second writes the PNG and then hangs. The tool must end both and succeed."""
+    from tools.screenshot_mlflow import screenshot
+
+    png = tmp_path / "real.png"
+    matplotlib.image.imsave(png, np.zeros((4, 6, 3), dtype=np.uint8))
+    browser = tmp_path / "browser.sh"
+    browser.write_text(
+        "#!/bin/sh\n"
+        f"if [ -e {tmp_path}/ran ]; then\n"
+        '  for a in "$@"; do case "$a" in --screenshot=*) cp ' + str(png) + ' "${a#--screenshot=}";; esac; done\n'
+        "fi\n"
+        f"touch {tmp_path}/ran\n"
+        "exec sleep 600\n"
+    )
+    browser.chmod(0o755)
+    out = tmp_path / "shot.png"
+    out.write_bytes(b"an older file")
+    screenshot(str(browser), "http://127.0.0.1:9/", out, "6,4", render_ms=0, timeout_s=3, attempts=2)
+    written = out.read_bytes()
+    assert written == png.read_bytes()
+    assert "attempt 1: no screenshot within 3 s" in capsys.readouterr().err
+    # a browser that never writes fails with every attempt named, and leaves the earlier file alone
+    (tmp_path / "ran").unlink()
+    png.unlink()
+    with pytest.raises(RuntimeError, match="attempt 1: .*attempt 2: "):
+        screenshot(str(browser), "http://127.0.0.1:9/", out, "6,4", render_ms=0, timeout_s=2, attempts=2)
+    assert out.read_bytes() == written
+    assert not list(tmp_path.glob(".shot.png.part"))
 
 
 def test_resume_with_unreachable_store_keeps_the_run_id(caplog):

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from nestor_ds.procs import free_port, wait_http  # noqa: E402  (standard library only)
@@ -47,50 +48,96 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--browser-timeout",
         type=float,
-        default=300.0,
-        help="seconds Chromium may take beyond --render-ms (a loaded machine needs minutes)",
+        default=120.0,
+        help="seconds one Chromium attempt may take beyond --render-ms before it is ended and retried",
     )
+    p.add_argument("--attempts", type=int, default=3, help="Chromium attempts before giving up (it can hang)")
     p.add_argument("--chromium", default=None, help="browser binary (default: chromium / chromium-browser)")
     return p.parse_args(argv)
 
 
-def screenshot(browser: str, url: str, out: Path, window: str, render_ms: int, timeout_s: float = 300.0) -> None:
-    """Headless Chromium screenshot with networking, sync and updates switched off.
+PNG_END = b"IEND\xaeB`\x82"  # the last chunk of every PNG: once it is on disk the image is whole
 
-    Chromium runs in its own process group, ended after the screenshot: helpers it forks (crash handler,
-    zygotes) may outlive the browser and keep writing to the profile directory.
+
+def _whole_png(path: Path) -> bool:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return data[:8] == PNG_MAGIC and data[-8:] == PNG_END
+
+
+def _chromium_once(cmd: list[str], shot: Path, timeout_s: float) -> tuple[bool, str]:
+    """One Chromium run; True once `shot` is a whole PNG.
+
+    Headless Chromium sometimes never exits: it can hang with a virtual-time budget that never expires, or after
+    writing the screenshot (crbug-style reports in chrome-headless-render-pdf#29, html2image#97, cypress#27264).
+    So the file is watched rather than the exit: a whole PNG ends the browser, a deadline ends the attempt.
+    Chromium runs in its own process group, ended every time: helpers it forks (crash handler, zygotes) may
+    outlive the browser and keep writing to the profile directory.
     """
-    # the profile is removed best effort: a helper still exiting must not fail a written screenshot
-    with tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True) as profile:
-        cmd = [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            f"--user-data-dir={profile}",
-            f"--screenshot={out.resolve()}",
-            f"--window-size={window}",
-            f"--virtual-time-budget={render_ms}",
-            url,
-        ]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
         try:
-            stdout, stderr = proc.communicate(timeout=timeout_s + render_ms / 1000)
+            while time.monotonic() < deadline:
+                if _whole_png(shot):
+                    return True, ""
+                if proc.poll() is not None:
+                    ok = _whole_png(shot)
+                    log.seek(0)
+                    lines = log.read().strip().splitlines()
+                    return ok, f"exit {proc.returncode}: {(lines[-1:] or [''])[0][:300]}"
+                time.sleep(0.2)
+            return False, f"no screenshot within {timeout_s:.0f} s"
         finally:
-            stop(proc)
+            stop(proc, timeout_s=5)
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group, if any
             except ProcessLookupError:
                 pass
-    if proc.returncode != 0 or not out.exists():
-        tail = (stderr or stdout).strip().splitlines()[-1:] or [""]
-        raise RuntimeError(f"chromium failed (exit {proc.returncode}): {tail[0][:300]}")
+
+
+def screenshot(
+    browser: str, url: str, out: Path, window: str, render_ms: int, timeout_s: float = 120.0, attempts: int = 3
+) -> None:
+    """Headless Chromium screenshot of `url` into `out`, with networking, sync and updates switched off.
+
+    Each attempt gets a fresh profile and `timeout_s` seconds beyond `render_ms`; the image is written next to
+    nothing the user owns until it is whole, then moved to `out` (an earlier file there is replaced only then).
+    """
+    errors = []
+    for attempt in range(1, attempts + 1):
+        # the profile is removed best effort: a helper still exiting must not fail a written screenshot
+        with tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True) as profile:
+            shot = Path(profile) / "shot.png"
+            cmd = [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}/profile",
+                f"--screenshot={shot}",
+                f"--window-size={window}",
+                f"--virtual-time-budget={render_ms}",
+                url,
+            ]
+            ok, why = _chromium_once(cmd, shot, timeout_s + render_ms / 1000)
+            if ok:
+                tmp = out.with_name(f".{out.name}.part")
+                shutil.copyfile(shot, tmp)
+                os.replace(tmp, out)
+                return
+        errors.append(f"attempt {attempt}: {why}")
+        if attempt < attempts:
+            print(f"screenshot_mlflow: chromium {errors[-1]}; retrying", file=sys.stderr)
+    raise RuntimeError("chromium wrote no screenshot (" + "; ".join(errors) + ")")
 
 
 def page_url(base: str, runs: list, model: str | None, page: str) -> str:
@@ -162,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_http(f"{base}/health", proc, args.start_timeout)
         url = page_url(base, runs, args.model, args.page)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        screenshot(browser, url, args.out, args.window_size, args.render_ms, args.browser_timeout)
+        screenshot(browser, url, args.out, args.window_size, args.render_ms, args.browser_timeout, args.attempts)
     except Exception as exc:  # noqa: BLE001 - one line; the server log has the details
         print(f"screenshot_mlflow: {exc} (server log: {log.name})", file=sys.stderr)
         return 1
