@@ -75,6 +75,9 @@ def load_spec(path: str) -> dict[str, Any]:
             raise ValueError(f"{p}: missing key 'data.{key}'")
     if not isinstance(spec["models"], dict) or not spec["models"]:
         raise ValueError(f"{p}: 'models' must map names to config sections")
+    for m in (spec.get("bare") or {}).get("models", []):
+        if m not in spec["models"]:
+            raise ValueError(f"{p}: bare.models names {m!r}, which is not one of models")
     transfer = spec.get("transfer")
     if transfer and transfer.get("held_out") not in data["families"]:
         raise ValueError(f"{p}: transfer.held_out={transfer.get('held_out')!r} is not one of data.families")
@@ -259,6 +262,20 @@ def train_and_score(
     )
     wall = time.time() - t0
     run_dir = run_root / trial_id
+    test = score(spec, trial_id, run_dir / "checkpoints", test_dirs, work, log, env)
+    return {"test": test, **read_run(run_dir), "wall_s": wall}
+
+
+def score(
+    spec: dict[str, Any],
+    trial_id: str,
+    checkpoint: Path,
+    test_dirs: list[Path],
+    work: Path,
+    log: Path,
+    env: dict[str, str],
+) -> dict[str, Any]:
+    """`python -m nestor_ds.evaluate` of a checkpoint (root or exported file) on `test_dirs`: the test report."""
     report = work / "reports" / f"{trial_id}.json"
     run(
         [
@@ -266,7 +283,7 @@ def train_and_score(
             "-m",
             "nestor_ds.evaluate",
             "--checkpoint",
-            str(run_dir / "checkpoints"),
+            str(checkpoint),
             "--data",
             *map(str, test_dirs),
             "--rollout-steps",
@@ -284,7 +301,28 @@ def train_and_score(
     test = json.loads(report.read_text())
     if str(test.get("checkpoint", "")).startswith(str(work)):  # no machine paths in the report
         test["checkpoint"] = str(Path(test["checkpoint"]).relative_to(work))
-    return {"test": test, **read_run(run_dir), "wall_s": wall}
+    return test
+
+
+def bare_and_score(
+    spec: dict[str, Any], trial_id: str, cfg: dict[str, Any], test_dirs: list[Path], work: Path
+) -> dict[str, Any]:
+    """The same trial trained by `tools/bare_loop.py` (no engine, no stream, no logging), scored identically."""
+    out = Path(cfg["train"]["output_dir"]) / trial_id
+    if out.exists():
+        shutil.rmtree(out)
+    cfg_path = work / "configs" / f"{trial_id}.yaml"
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = work / "logs" / f"{trial_id}.log"
+    if log.exists():
+        log.unlink()
+    t0 = time.time()
+    run([sys.executable, "-m", "tools.bare_loop", "--config", str(cfg_path), "--out", str(out)], log, env)
+    wall = time.time() - t0
+    test = score(spec, trial_id, out / "model.safetensors", test_dirs, work, log, env)
+    return {"test": test, **json.loads((out / "summary.json").read_text()), "wall_s": wall}
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -324,21 +362,32 @@ def main(argv: list[str] | None = None) -> int:
         fams = spec["data"]["families"]
         matrix = [(m, s, b) for b in spec["budgets_s"] for s in spec["seeds"] for m in spec["models"]]
         plan = [(f"{m}-s{s}-b{int(b)}", "matrix", m, s, b) for m, s, b in matrix]
+        bare = spec.get("bare") or {}
+        for m in bare.get("models", []):
+            for s in bare.get("seeds", spec["seeds"]):
+                for b in bare.get("budgets_s", spec["budgets_s"]):
+                    plan.append((f"bare-{m}-s{s}-b{int(b)}", "bare", m, s, b))
         tr = spec.get("transfer")
         if tr:
             held, rest = tr["held_out"], [f for f in fams if f != tr["held_out"]]
             for s in spec["seeds"]:
                 for m in tr.get("models", list(spec["models"])):
                     plan.append((f"transfer-{m}-s{s}", "transfer", m, s, tr["finetune_budget_s"]))
-        todo = [p for p in plan if not (trials_dir / f"{p[0]}.json").is_file() and (args.only or "") in p[0]]
-        print(f"study {name}: {len(plan)} trials, {len(plan) - len(todo)} done, {len(todo)} to run", flush=True)
+        done = [p for p in plan if (trials_dir / f"{p[0]}.json").is_file()]
+        todo = [p for p in plan if p not in done and (args.only or "") in p[0]]
+        skipped = f", {len(plan) - len(done) - len(todo)} not matching --only" if args.only else ""
+        print(f"study {name}: {len(plan)} trials, {len(done)} done, {len(todo)} to run{skipped}", flush=True)
         for n, (trial_id, kind, model, seed, budget) in enumerate(todo, 1):
             t0 = time.time()
             print(f"[{n}/{len(todo)}] {trial_id} ...", flush=True)
             runs = work / "runs"
-            if kind == "matrix":
+            if kind in ("matrix", "bare"):
                 cfg = trial_config(spec, model, seed, budget, data_section(spec, data, fams), runs)
-                record = train_and_score(spec, trial_id, cfg, [data[f]["test"] for f in fams], work)
+                test_dirs = [data[f]["test"] for f in fams]
+                if kind == "matrix":
+                    record = train_and_score(spec, trial_id, cfg, test_dirs, work)
+                else:
+                    record = bare_and_score(spec, trial_id, cfg, test_dirs, work)
             else:
                 record = run_transfer(spec, trial_id, model, seed, data, held, rest, runs, work)
             record.update({"id": trial_id, "kind": kind, "model": model, "seed": seed, "budget_s": budget})

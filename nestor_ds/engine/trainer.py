@@ -47,6 +47,7 @@ from nestor_ds.engine.preemption import Preemption
 from nestor_ds.engine.report import Progress, write_summary
 from nestor_ds.engine.step import optimizer_step
 from nestor_ds.log import get_logger
+from nestor_ds.procs import skip_exit_gc
 
 log = get_logger(__name__)
 
@@ -81,6 +82,7 @@ def run_training(
     batch_source: BatchSource | None = None,
 ) -> TrainResult:
     """Train ``cfg`` with DeepSpeed; returns what tests and entries need (run dir, losses, final evaluation)."""
+    skip_exit_gc()  # a training process's exit would otherwise sweep every object torch and DeepSpeed made
     trainer = Trainer(cfg, ds_config_path, entry, run_name, resume)
     trainer.build(prepare)
     client = trainer.resume(resume)
