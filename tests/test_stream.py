@@ -118,6 +118,39 @@ def test_rank_worker_split_over_an_epoch(dirs):
     assert set(owned) == set(range(8))
 
 
+def test_short_epochs_reach_every_trajectory_of_a_big_shard(tmp_path, monkeypatch):
+    """One shard of 24 training trajectories and epochs of 2 steps (far shorter than a pass): every epoch builds its
+    sources afresh, and each must start its shard at a seeded position, or the later trajectories are never read
+    (before the fix: only the first few of the shard ever were)."""
+    big = build_dataset(tmp_path, "big", n=30, t=8, res=RES, c=4, per_shard=30, test_fraction=0.2, seed=3)
+    cfg = DataConfig.from_dict(
+        {
+            "datasets": [{"name": "big", "path": str(big), "weight": 1.0}],
+            "t_in": T_IN,
+            "t_ar": T_AR,
+            "resolution": RES,
+            "channels": 4,
+            "steps_per_epoch": 2,
+            "shuffle_buffer": 4,
+            "windows_per_trajectory": 2,
+        }
+    )
+    seen: list[str] = []
+    assemble = TrainStream.assemble
+
+    def recording(self, windows):
+        seen.extend(traj.key for _, traj, _ in windows)
+        return assemble(self, windows)
+
+    monkeypatch.setattr(TrainStream, "assemble", recording)
+    stream = TrainStream(cfg, micro_batch=2, rank=0, world_size=1, seed=0)
+    assert sum(n for _, n in stream.infos[0].train) == 24
+    take(stream, 200)
+    counts = {key: seen.count(key) for key in set(seen)}
+    assert len(counts) == 24, sorted(counts)
+    assert max(counts.values()) < 3 * len(seen) / 24, counts  # no few favourites: all within 3x of the mean
+
+
 def test_deterministic_and_seed_dependent(dirs):
     cfg = make_cfg(dirs)
     a = take(TrainStream(cfg, 4, seed=3), 8)

@@ -21,9 +21,11 @@ def test_quick_study_runs_reports_and_resumes(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "3 trials, 0 done, 3 to run" in first.stdout
     trials = {p.stem: json.loads(p.read_text()) for p in (out / "trials").glob("*.json")}
-    assert set(trials) == {"afno-s0-b4", "nestor-s0-b4", "bare-afno-s0-b4"}
-    bare = trials.pop("bare-afno-s0-b4")
+    assert set(trials) == {"afno-s0-b4", "nestor-s0-b4", "gap-afno-s0-b4"}
+    gap = trials.pop("gap-afno-s0-b4")
     # the bare loop spent the same budget and was scored by the same evaluator on the same test split
+    bare, product = gap["bare"], gap["product"]
+    assert product["steps"] >= 1 and product["test"]["settings"] == bare["test"]["settings"]
     assert bare["steps"] >= 1 and bare["train_seconds"] >= 4.0 and bare["test"]["settings"]["windows"] == "all"
     assert set(bare["test"]["datasets"]) == {"dr_test", "swe_test"} and 0 < bare["test"]["mean"]["l2re_1step"] < 10
     for t in trials.values():
@@ -34,7 +36,7 @@ def test_quick_study_runs_reports_and_resumes(tmp_path):
     assert trials["nestor-s0-b4"]["expert_usage"]["0"]["datasets"] == ["dr_dev", "swe_dev"]
     report = (out / "report.md").read_text()
     assert "| afno | 4 | 1 |" in report and "| nestor | 4 | 1 |" in report
-    ratio = trials["afno-s0-b4"]["test"]["mean"]["l2re_1step"] / bare["test"]["mean"]["l2re_1step"]
+    ratio = product["test"]["mean"]["l2re_1step"] / bare["test"]["mean"]["l2re_1step"]
     assert "## Product vs a bare loop" in report and f"| {ratio:.3f} |" in report
     for png in ("l2re_vs_time.png", "l2re_vs_flops.png", "rollout_growth.png", "expert_heatmap.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png})" in report

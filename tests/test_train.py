@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -305,23 +306,35 @@ def test_zero3_trains_exports_and_survives_unreachable_tracking(tiny_shards, tmp
     assert sum(p.numel() for p in restored.parameters()) > 0
 
 
-def test_bad_configs_fail_at_start_with_one_line(tiny_shards, tmp_path):
+def test_bad_configs_fail_at_start_with_one_line(tiny_shards, tmp_path, monkeypatch, capsys):
     root, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, tracking={"enabled": False})
     ds = str(ds_config(tmp_path))
+    # errors in the YAML are found before any process group exists: the entry's own CLI, called in this process
+    from nestor_ds.cli import run_cli
+    from nestor_ds.train import main
+
     cases = [
         (["--set", "model.widht=3"], "unknown key 'model.widht'"),
         (["--set", "train.max_steps=abc"], "train.max_steps must be an integer"),
-        (["--set", "model.moe.backend=local", "--set", "model.moe.ep_size=3"], "must divide both the world size"),
         (["--set", "model.t_in=7"], "model.t_in = 7 disagrees with data.t_in = 4"),
     ]
     for extra, message in cases:
-        proc = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), *extra], ranks=1, cwd=tmp_path)
+        monkeypatch.setattr(sys, "argv", ["train", "--ds_config", ds, "--config", str(cfg), *extra])
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(main)
+        assert exit_.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("error:") and message in last, last
+    # errors found against the launch (world size, DeepSpeed JSON): a real launch
+    for extra, message in [
+        (["--ds_config", ds, "--set", "model.moe.backend=local", "--set", "model.moe.ep_size=3"], "must divide both"),
+        (["--ds_config", str(tmp_path / "nope.json")], "nope.json: file not found"),
+    ]:
+        proc = launch([TRAIN, "--config", str(cfg), *extra], ranks=1, cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr[-2000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and message in last, last
-    missing = launch([TRAIN, "--ds_config", str(tmp_path / "nope.json"), "--config", str(cfg)], ranks=1, cwd=tmp_path)
-    assert missing.returncode == 2 and "nope.json: file not found" in missing.stderr
 
 
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tiny_shards, tmp_path):

@@ -93,51 +93,73 @@ class InMemoryWindows:
         return {"x": x, "y": y, "channel_mask": mask}
 
 
+class BareTrainer:
+    """Model, optimizer and in-memory windows of one bare run; `step()` is one optimizer step."""
+
+    def __init__(self, cfg: RunConfig, micro: int, clip: float):
+        from nestor_ds.model import build_model
+
+        t = cfg.train
+        self.cfg, self.micro, self.clip = cfg, micro, clip
+        if t.threads_per_rank:
+            torch.set_num_threads(t.threads_per_rank)
+        self.windows = InMemoryWindows(cfg, t.seed)
+        torch.manual_seed(derive_seed(t.seed, "init"))  # the trainer's initial weights
+        self.model = build_model(cfg.model)
+        self.model.train()
+        self.optimizer = build_optimizer(build_param_groups({"model": (list(self.model.parameters()), 1.0)}), cfg.optim)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.noise = torch.Generator().manual_seed(derive_seed(t.seed, "noise"))
+        self.steps = 0
+
+    def step(self, fraction: float | None) -> torch.Tensor:
+        """One step at the schedule's learning rate for `fraction` of the budget spent; returns the loss."""
+        cfg = self.cfg
+        apply_lr(self.optimizer, lr_at(self.steps, cfg.train.max_steps, cfg.optim, fraction=fraction))
+        batch = self.windows.batch(self.micro)
+        x = inject_noise(batch["x"], cfg.train.input_noise, self.noise)
+        out = self.model(x, batch["channel_mask"])
+        loss, _ = training_loss(out.pred.float(), batch["y"], batch["channel_mask"], out.aux_losses, cfg.loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        self.steps += 1
+        return loss.detach()
+
+
 def train(cfg: RunConfig, micro: int, clip: float) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The loop: until train.time_budget_s of loop time (or train.max_steps) is spent; returns model and summary."""
-    from nestor_ds.model import build_model
-
-    t = cfg.train
-    if t.threads_per_rank:
-        torch.set_num_threads(t.threads_per_rank)
-    windows = InMemoryWindows(cfg, t.seed)
-    torch.manual_seed(derive_seed(t.seed, "init"))  # the trainer's initial weights
-    model = build_model(cfg.model)
-    model.train()
-    optimizer = build_optimizer(build_param_groups({"model": (list(model.parameters()), 1.0)}), cfg.optim)
-    params = [p for p in model.parameters() if p.requires_grad]
-    budget = t.time_budget_s
-    spent, step, curve = 0.0, 0, []
-    noise = torch.Generator().manual_seed(derive_seed(t.seed, "noise"))
-    print(f"bare loop: {sum(len(f) for f in windows.frames)} trajectories in memory; budget {budget} s", flush=True)
-    while step < t.max_steps and (budget is None or spent < budget):
+    bare = BareTrainer(cfg, micro, clip)
+    budget, every = cfg.train.time_budget_s, max(1, cfg.train.log_every)
+    spent, curve = 0.0, []
+    n_traj = sum(len(f) for f in bare.windows.frames)
+    print(f"bare loop: {n_traj} trajectories in memory; budget {budget} s", flush=True)
+    while bare.steps < cfg.train.max_steps and (budget is None or spent < budget):
         t0 = time.perf_counter()
-        apply_lr(optimizer, lr_at(step, t.max_steps, cfg.optim, fraction=None if budget is None else spent / budget))
-        batch = windows.batch(micro)
-        x = inject_noise(batch["x"], t.input_noise, noise)
-        out = model(x, batch["channel_mask"])
-        loss, _ = training_loss(out.pred.float(), batch["y"], batch["channel_mask"], out.aux_losses, cfg.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        step += 1
+        loss = bare.step(None if budget is None else spent / budget)
         spent += time.perf_counter() - t0
-        if step % max(1, t.log_every) == 0:
-            curve.append((step, round(spent, 3), float(loss)))
-    summary = {"steps": step, "train_seconds": spent, "samples_per_s": step * micro / max(spent, 1e-9)}
+        if bare.steps % every == 0:
+            curve.append((bare.steps, round(spent, 3), float(loss)))
+    summary = {"steps": bare.steps, "train_seconds": spent, "samples_per_s": bare.steps * micro / max(spent, 1e-9)}
     summary["loss_curve"] = curve
     summary["final_loss"] = curve[-1][2] if curve else None
-    return model, summary
+    return bare.model, summary
+
+
+def micro_and_clip(ds_config: str | Path) -> tuple[int, float]:
+    """Samples per step (micro-batch x accumulation) and gradient clipping from a DeepSpeed JSON."""
+    ds = json.loads(Path(ds_config).read_text())
+    micro = int(ds.get("train_micro_batch_size_per_gpu", 1)) * int(ds.get("gradient_accumulation_steps", 1))
+    return micro, float(ds.get("gradient_clipping", 0.0))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
-    ds = json.loads(Path(args.ds_config).read_text())
-    micro = int(ds.get("train_micro_batch_size_per_gpu", 1)) * int(ds.get("gradient_accumulation_steps", 1))
-    model, summary = train(cfg, micro, float(ds.get("gradient_clipping", 0.0)))
+    micro, clip = micro_and_clip(args.ds_config)
+    model, summary = train(cfg, micro, clip)
     args.out.mkdir(parents=True, exist_ok=True)
     save_safetensors(model.state_dict(), cfg.to_dict(), args.out / "model.safetensors", source="tools.bare_loop")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -94,10 +94,11 @@ class Trajectory(Protocol):
     def where(self) -> str: ...
 
 
-# A trajectory source: (shard location, trajectory count, modulus, residue, info, eager) -> the shard's
-# trajectories at positions p with p % modulus == residue, in tar order. While `eager()` is True each one is
-# read as it is yielded; otherwise (resume fast-forward) it is read on its first `load()`, if ever.
-ShardReader = Callable[[str, int, int, int, DatasetInfo, Callable[[], bool]], Iterator[Trajectory]]
+# A trajectory source: (shard location, trajectory count, modulus, residue, info, eager, first, stop) -> the
+# shard's trajectories at positions p with p % modulus == residue, in tar order, from the `first`-th of them up to
+# (not including) the `stop`-th (None: to the end). While `eager()` is True each one is read as it is yielded;
+# otherwise (resume fast-forward) it is read on its first `load()`, if ever.
+ShardReader = Callable[[str, int, int, int, DatasetInfo, Callable[[], bool], int, "int | None"], Iterator[Trajectory]]
 
 
 class _MappedTrajectory:
@@ -144,9 +145,17 @@ def check_shard_once(path: str, sha256: str | None) -> None:
 
 
 def mapped_trajectories(
-    path: str, count: int, mod: int, res: int, info: DatasetInfo, eager: Callable[[], bool]
+    path: str,
+    count: int,
+    mod: int,
+    res: int,
+    info: DatasetInfo,
+    eager: Callable[[], bool],
+    first: int = 0,
+    stop: int | None = None,
 ) -> Iterator[_MappedTrajectory]:
-    """ShardReader of a local shard file: memory-mapped, tar headers walked by `iter_shard_samples`."""
+    """ShardReader of a local shard file: memory-mapped, tar headers walked by `iter_shard_samples` (positions
+    before `first` are passed over by their headers only)."""
     check_shard_once(path, info.digests.get(path))
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -155,6 +164,11 @@ def mapped_trajectories(
         for pos, (key, members) in enumerate(iter_shard_samples(fd, path)):
             seen = pos + 1
             if pos % mod != res:
+                continue
+            k = (pos - res) // mod  # index of this trajectory within the share
+            if stop is not None and k >= stop:
+                return
+            if k < first:
                 continue
             if FIELDS_EXT not in members:
                 raise DataFormatError(path, f"sample '{key}' has no .{FIELDS_EXT} member")
@@ -216,14 +230,22 @@ def _advance(samples: Iterator[UrlSample], n: int, url: str) -> UrlSample:
 
 
 def url_trajectories(
-    url: str, count: int, mod: int, res: int, info: DatasetInfo, eager: Callable[[], bool]
+    url: str,
+    count: int,
+    mod: int,
+    res: int,
+    info: DatasetInfo,
+    eager: Callable[[], bool],
+    first: int = 0,
+    stop: int | None = None,
 ) -> Iterator[_UrlTrajectory]:
     """ShardReader of a shard URL: one sequential webdataset read, opened when the first eager trajectory
-    is due. Positions come from the manifest count, so a fast-forward yields lazy trajectories unread."""
+    is due. Positions come from the manifest count, so a fast-forward yields lazy trajectories unread (and a
+    read starting at `first` streams past the samples before it without decoding them)."""
     samples: Iterator[UrlSample] | None = None
     at = 0  # position of the next sample of `samples`
     try:
-        for pos in range(res, count, mod):
+        for pos in range(res, count, mod)[first:stop]:
             if not eager():
                 yield _UrlTrajectory(url, pos, info)
                 continue

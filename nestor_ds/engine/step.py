@@ -31,6 +31,7 @@ def optimizer_step(
     pending: DeviceLog,
     compiled: CompilePlan | None = None,
     local_norm: bool = False,
+    clip: float = 0.0,
 ) -> torch.Tensor:
     """One optimizer step = ``accum`` micro-batches (DeepSpeed steps the optimizer at the boundary).
 
@@ -38,6 +39,8 @@ def optimizer_step(
     the input noise is drawn on the device. Returns this rank's loss parts averaged over the micro-batches as a
     1-D device tensor (order PART_NAMES); reads nothing back to the host. ``local_norm``: DeepSpeed reports no
     gradient norm (ZeRO-0 in fp32), so the norm of the gradients about to be applied is taken here, on the device.
+    ``clip`` > 0 (with ``local_norm``): the trainer took gradient clipping over from DeepSpeed (one process, ZeRO-0,
+    fp32), and the same norm both clips and is logged.
     """
     device = engine.device
     step_parts: torch.Tensor | None = None
@@ -55,7 +58,11 @@ def optimizer_step(
         loss, parts = training_loss(out.pred.float(), y_BXYTC, mask_BC, out.aux_losses, cfg.loss)
         engine.backward(loss)
         if local_norm and micro_i == accum - 1:  # after the boundary's gradient all-reduce, before the step
-            pending.note_local_grad_norm(_grad_norm(engine.module))
+            if clip > 0:  # one norm for clipping and logging (torch's foreach kernels), not DeepSpeed's and ours
+                params = [p for p in engine.module.parameters() if p.grad is not None]
+                pending.note_local_grad_norm(torch.nn.utils.clip_grad_norm_(params, clip, foreach=True))
+            else:
+                pending.note_local_grad_norm(_grad_norm(engine.module))
         engine.step()
         # the skipped-window count (data.on_bad_sample: skip) is summed over the micro-batches, the loss parts averaged
         counts = {"skipped_samples": _skipped_count(batch, device)}

@@ -156,9 +156,18 @@ class Trainer:
         # in place and lazy: state_dict keys unchanged, traced at the first step with the weights DeepSpeed cast
         self.compiled = apply_compile(model, self.cfg.train.compile, self.cfg.train.cuda_graphs, self.dist.device)
         optimizer = build_optimizer(build_param_groups(groups), self.cfg.optim)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=self.ds_config
-        )
+        engine_config, self.own_clip = self.ds_config, 0.0
+        precision = {k: bool((self.ds_config.get(k) or {}).get("enabled")) for k in ("bf16", "fp16")}
+        if self.dist.world_size == 1 and self.zero_stage == 0 and not any(precision.values()):
+            # one fp32 process: DeepSpeed clips with its own per-tensor norm and we take the norm again for the log;
+            # clip here instead, with torch's foreach norm, once (5% of a small model's CPU step, docs/benchmarks.md)
+            self.own_clip = float(self.ds_config.get("gradient_clipping") or 0.0)
+            engine_config = {**self.ds_config, "gradient_clipping": 0.0}
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=engine_config)
+        if self.dist.world_size == 1 and self.zero_stage == 0:
+            # one process: DeepSpeed would still flatten, all-reduce over itself and copy back every gradient at each
+            # step (10% of a small model's step on CPU, docs/benchmarks.md); its own switch for "no data parallelism"
+            self.engine.enable_backward_allreduce = False
         # DeepSpeed casts the weights for bf16/fp16; inputs follow them (the loss is computed in fp32)
         self.input_dtype = (
             torch.bfloat16
@@ -344,6 +353,7 @@ class Trainer:
             self.pending,
             self.compiled,
             local_norm=self.own_grad_norm,
+            clip=self.own_clip,
         )
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
