@@ -7,7 +7,8 @@ The product side is the trainer itself (`nestor_ds.engine.trainer.Trainer`: the 
 `optimizer_step`, and the logging step every `train.log_every` steps); the bare side is `tools/bare_loop.py`'s
 `BareTrainer` (the same model, loss, optimizer, schedule and clipping over in-memory windows). Rounds alternate
 product and bare blocks of `--steps` steps, so a machine whose speed drifts (a shared host) slows both alike; the
-ratio is the median over rounds. Tracking is off: MLflow's cost is measured by `tools/bench_tracking.py`.
+ratio is the median over rounds. Tracking is off unless `--tracking` (then the product also logs every logging step
+to a fresh SQLite store, as a study trial does).
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (the ratio is their median)")
     p.add_argument("--steps", type=int, default=30, help="steps per block")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps of each side first")
+    p.add_argument(
+        "--tracking",
+        action="store_true",
+        help="keep MLflow tracking on (a fresh SQLite store in a temp dir; system metrics off), as the config says",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
 
@@ -45,12 +51,17 @@ def main(argv: list[str] | None = None) -> int:
 
     skip_exit_gc()
     out = tempfile.mkdtemp(prefix="bench_loop-")
-    overrides = [*args.set, "tracking.enabled=false", f"train.output_dir={out}", "train.time_budget_s=null"]
+    tracking = (
+        [f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", "tracking.system_metrics=false"]
+        if args.tracking
+        else ["tracking.enabled=false"]
+    )
+    overrides = [*args.set, *tracking, f"train.output_dir={out}", "train.time_budget_s=null"]
     cfg = load_config(args.config, [*overrides, "train.max_steps=1000000"])
     trainer = Trainer(cfg, args.ds_config, "pretrain", "bench", None)
     trainer.build(None)
     client = trainer.resume(None)
-    trainer.start_tracking(client, None)  # tracking.enabled=false: a tracker that logs nothing
+    trainer.start_tracking(client, None)  # without --tracking: a tracker that logs nothing
     trainer.open_data(None)
     trainer.start_loop(client)
     every = max(1, cfg.train.log_every)
@@ -81,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 fn()
             pair[name] = (time.perf_counter() - t0) / args.steps
         rounds.append(pair)
+    trainer.tracker.finish()
     shutil.rmtree(out, ignore_errors=True)
     ratios = [p["product"] / p["bare"] for p in rounds]
     result = {
@@ -88,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "ds_config": args.ds_config,
         "samples_per_step": micro,
         "threads": cfg.train.threads_per_rank,
+        "tracking": args.tracking,
         "product_ms_per_step": [round(p["product"] * 1e3, 2) for p in rounds],
         "bare_ms_per_step": [round(p["bare"] * 1e3, 2) for p in rounds],
         "product_over_bare": round(statistics.median(ratios), 3),

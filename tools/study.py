@@ -274,9 +274,15 @@ def score(
     work: Path,
     log: Path,
     env: dict[str, str],
+    mlflow: bool = True,
 ) -> dict[str, Any]:
     """`python -m nestor_ds.evaluate` of a checkpoint (root or exported file) on `test_dirs`: the test report."""
     report = work / "reports" / f"{trial_id}.json"
+    tracking = (
+        ["--tracking-uri", os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")]
+        if mlflow
+        else ["--no-mlflow"]
+    )
     run(
         [
             sys.executable,
@@ -292,8 +298,7 @@ def score(
             str(report),
             "--run-name",
             f"{trial_id}-test",
-            "--tracking-uri",
-            os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}"),
+            *tracking,
         ],
         log,
         env,
@@ -321,20 +326,27 @@ def bare_and_score(
     t0 = time.time()
     run([sys.executable, "-m", "tools.bare_loop", "--config", str(cfg_path), "--out", str(out)], log, env)
     wall = time.time() - t0
-    test = score(spec, trial_id, out / "model.safetensors", test_dirs, work, log, env)
+    # not an MLflow run: it runs beside the product's trial, whose runs own the SQLite store
+    test = score(spec, trial_id, out / "model.safetensors", test_dirs, work, log, env, mlflow=False)
     return {"test": test, **json.loads((out / "summary.json").read_text()), "wall_s": wall}
 
 
 def product_vs_bare(
-    spec: dict[str, Any], trial_id: str, cfg: dict[str, Any], test_dirs: list[Path], work: Path, seed: int
+    spec: dict[str, Any], trial_id: str, cfg: dict[str, Any], test_dirs: list[Path], work: Path
 ) -> dict[str, Any]:
-    """The product and the bare loop on one trial config, back to back (the order alternates with the seed, so a
-    machine whose speed drifts favours neither): {"product": record, "bare": record}."""
-    sides = [("product", train_and_score), ("bare", bare_and_score)]
-    out = {}
-    for side, fn in sides if seed % 2 == 0 else sides[::-1]:
-        out[side] = fn(spec, f"{trial_id}-{side}", cfg, test_dirs, work)
-    return out
+    """The product and the bare loop on one trial config, at the same time, one thread each: {"product": record,
+    "bare": record}.
+
+    Why at the same time: this shared machine's speed drifts by up to 2x over minutes, so two runs one after the
+    other got budgets worth 958 and 1399 steps of the same per-step cost (py-spy: equal CPU per step). Running side by
+    side, both see the same machine; each gets one of the two cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    one_thread = deep_merge(cfg, {"train": {"threads_per_rank": 1}})
+    with ThreadPoolExecutor(2) as pool:
+        product = pool.submit(train_and_score, spec, f"{trial_id}-product", one_thread, test_dirs, work)
+        bare = pool.submit(bare_and_score, spec, f"{trial_id}-bare", one_thread, test_dirs, work)
+        return {"product": product.result(), "bare": bare.result()}
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -399,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                 if kind == "matrix":
                     record = train_and_score(spec, trial_id, cfg, test_dirs, work)
                 else:
-                    record = product_vs_bare(spec, trial_id, cfg, test_dirs, work, seed)
+                    record = product_vs_bare(spec, trial_id, cfg, test_dirs, work)
             else:
                 record = run_transfer(spec, trial_id, model, seed, data, held, rest, runs, work)
             record.update({"id": trial_id, "kind": kind, "model": model, "seed": seed, "budget_s": budget})
