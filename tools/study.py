@@ -222,6 +222,21 @@ def trial_config(
     return cfg
 
 
+def prepare_trial(trial_id: str, cfg: dict[str, Any], work: Path) -> tuple[Path, Path, dict[str, str]]:
+    """A trial starts over: its run directory and log are removed (it was interrupted before its JSON was written),
+    its config written. Returns (config path, log path, environment)."""
+    run_dir = Path(cfg["train"]["output_dir"]) / trial_id
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg_path = work / "configs" / f"{trial_id}.yaml"
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    log = work / "logs" / f"{trial_id}.log"
+    if log.exists():
+        log.unlink()
+    return cfg_path, log, {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
 def train_and_score(
     spec: dict[str, Any],
     trial_id: str,
@@ -234,15 +249,7 @@ def train_and_score(
     """`python -m nestor_ds.train` (or `nestor_ds.finetune`) with `cfg`, then evaluate on `test_dirs`; returns
     the trial record."""
     run_root = Path(cfg["train"]["output_dir"])
-    if (run_root / trial_id).exists():
-        shutil.rmtree(run_root / trial_id)  # a trial interrupted before its JSON was written starts over
-    cfg_path = work / "configs" / f"{trial_id}.yaml"
-    cfg_path.parent.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = work / "logs" / f"{trial_id}.log"
-    if log.exists():
-        log.unlink()
+    cfg_path, log, env = prepare_trial(trial_id, cfg, work)
     t0 = time.time()
     run(
         [
@@ -314,15 +321,7 @@ def bare_and_score(
 ) -> dict[str, Any]:
     """The same trial trained by `tools/bare_loop.py` (no engine, no stream, no logging), scored identically."""
     out = Path(cfg["train"]["output_dir"]) / trial_id
-    if out.exists():
-        shutil.rmtree(out)
-    cfg_path = work / "configs" / f"{trial_id}.yaml"
-    cfg_path.parent.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = work / "logs" / f"{trial_id}.log"
-    if log.exists():
-        log.unlink()
+    cfg_path, log, env = prepare_trial(trial_id, cfg, work)
     t0 = time.time()
     run([sys.executable, "-m", "tools.bare_loop", "--config", str(cfg_path), "--out", str(out)], log, env)
     wall = time.time() - t0
