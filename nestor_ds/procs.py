@@ -25,9 +25,9 @@ def skip_exit_gc() -> None:
 
     A training process holds millions of objects (torch, DeepSpeed, and inductor, which DeepSpeed's ZeRO optimizer
     check imports); the collections run while the interpreter shuts down walked all of them and took 15-40 s of a
-    70 s CPU test run on a busy 2-core machine (py-spy: ``gc_collect_main`` after the last line of output). The
-    handler is registered first, so it runs after every later atexit handler (MLflow, logging, tqdm); reference-
-    count releases still run, only cyclic garbage is left to the operating system. Idempotent.
+    70 s CPU test run on a busy 2-core machine (py-spy: ``gc_collect_main`` after the last line of output). Freezing
+    changes nothing for any atexit handler (they all still run, before or after it); reference-count releases still
+    run, only cyclic garbage is left to the operating system. Idempotent.
     """
     import atexit
     import gc

@@ -122,7 +122,7 @@ def figure_heatmap(trial: dict[str, Any], path: Path) -> bool:
 
 
 def bare_loop_section(trials: list[dict[str, Any]]) -> list[str]:
-    """Product vs `tools/bare_loop.py` on the same trial config, run back to back: the product must be within 5%."""
+    """Product vs `tools/bare_loop.py` on the same trial config, run side by side: the product must be within 5%."""
     by_key = defaultdict(list)
     for t in trials:
         if t["kind"] == "gap":
@@ -132,10 +132,11 @@ def bare_loop_section(trials: list[dict[str, Any]]) -> list[str]:
     lines = [
         "## Product vs a bare loop",
         "",
-        "Each pair trains one trial config twice, back to back: through the product (`nestor_ds.train`) and by "
-        "`tools/bare_loop.py` (the same model, initial weights, loss, optimizer, schedule and clipping; the training "
-        "trajectories in memory, uniformly random windows; no DeepSpeed, no stream, no logging), both scored by "
-        "`nestor_ds.evaluate` on the test split. Ratio = mean product / mean bare (target <= 1.05).",
+        "Each pair trains one trial config twice at the same time, one thread each: through the product "
+        "(`nestor_ds.train`) and by `tools/bare_loop.py` (the same model, initial weights, loss, optimizer, schedule "
+        "and clipping; the training trajectories in memory, uniformly random windows; no DeepSpeed, no stream, no "
+        "logging), both scored by `nestor_ds.evaluate` on the test split. Ratio = mean product / mean bare "
+        "(target <= 1.05).",
         "",
         "| model | budget s | n | product test 1-step | bare test 1-step | ratio 1-step | product rollout "
         "| bare rollout | ratio rollout | product steps | bare steps |",
