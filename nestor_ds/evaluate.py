@@ -213,9 +213,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> None:
     """Expected failures (bad checkpoint, bad shard dir, config mismatch) -> one line on stderr, exit 2."""
-    from nestor_ds.procs import skip_exit_gc
-
-    skip_exit_gc()
     try:
         sys.exit(main())
     except (ValueError, FileNotFoundError) as err:  # CheckpointError and DataFormatError are ValueErrors

@@ -4,8 +4,6 @@
 - :func:`wait_http`: poll a local URL until it answers 200, failing early when the process serving it dies.
 - :func:`stop_group`: end a child started with ``start_new_session=True`` and everything it forked (MLflow servers
   fork workers), SIGTERM first, SIGKILL after a bounded wait; always reaps.
-- :func:`skip_exit_gc`: let a process that loaded torch and DeepSpeed exit without the interpreter's final
-  garbage collections.
 """
 
 from __future__ import annotations
@@ -18,27 +16,6 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-
-
-def skip_exit_gc() -> None:
-    """Freeze the garbage collector's objects at exit, so the interpreter's final collections skip them.
-
-    A training process holds millions of objects (torch, DeepSpeed, and inductor, which DeepSpeed's ZeRO optimizer
-    check imports); the collections run while the interpreter shuts down walked all of them and took 15-40 s of a
-    70 s CPU test run on a busy 2-core machine (py-spy: ``gc_collect_main`` after the last line of output). Freezing
-    changes nothing for any atexit handler (they all still run, before or after it); reference-count releases still
-    run, only cyclic garbage is left to the operating system. Idempotent.
-    """
-    import atexit
-    import gc
-
-    global _EXIT_GC_SKIPPED
-    if not _EXIT_GC_SKIPPED:
-        atexit.register(gc.freeze)
-        _EXIT_GC_SKIPPED = True
-
-
-_EXIT_GC_SKIPPED = False
 
 
 def free_port() -> int:

@@ -394,20 +394,3 @@ def test_resume_refuses_a_checkpoint_with_pickled_objects(tiny_shards, tmp_path)
     assert again.returncode == 2
     last = again.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and optim.name in last and "refused to load" in last, last
-
-
-def test_training_processes_exit_with_the_collector_frozen(tmp_path):
-    """`skip_exit_gc` (called by run_training and evaluate) freezes the collector at exit, so the interpreter's final
-    collections skip torch's and DeepSpeed's objects: an atexit handler registered before it sees them frozen."""
-    import subprocess
-
-    code = (
-        "import atexit, gc\n"
-        "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n"
-        "from nestor_ds.procs import skip_exit_gc\n"
-        "skip_exit_gc(); skip_exit_gc()\n"
-        "print('handlers registered')\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["handlers", "registered", "frozen", "True"], proc.stdout

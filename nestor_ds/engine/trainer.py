@@ -47,7 +47,6 @@ from nestor_ds.engine.preemption import Preemption
 from nestor_ds.engine.report import Progress, write_summary
 from nestor_ds.engine.step import optimizer_step
 from nestor_ds.log import get_logger
-from nestor_ds.procs import skip_exit_gc
 
 log = get_logger(__name__)
 
@@ -82,28 +81,6 @@ def run_training(
     batch_source: BatchSource | None = None,
 ) -> TrainResult:
     """Train ``cfg`` with DeepSpeed; returns what tests and entries need (run dir, losses, final evaluation)."""
-    trainer = start_training(
-        cfg, ds_config_path, entry, run_name, resume, prepare, parent_run_id, evaluate_before, batch_source
-    )
-    with Preemption() as preempt:
-        trainer.loop(preempt)
-    return trainer.finish()
-
-
-def start_training(
-    cfg: RunConfig,
-    ds_config_path: str,
-    entry: str = "pretrain",
-    run_name: str | None = None,
-    resume: str | None = None,
-    prepare: PrepareHook | None = None,
-    parent_run_id: str | None = None,
-    evaluate_before: bool = False,
-    batch_source: BatchSource | None = None,
-) -> Trainer:
-    """Everything before the first step (engine, resume, tracking, data): a trainer whose ``train_step`` and
-    ``loop`` can run (``run_training``, and ``tools/bench_loop.py`` stepping it by hand)."""
-    skip_exit_gc()  # a training process's exit would otherwise sweep every object torch and DeepSpeed made
     trainer = Trainer(cfg, ds_config_path, entry, run_name, resume)
     trainer.build(prepare)
     client = trainer.resume(resume)
@@ -112,7 +89,9 @@ def start_training(
     if evaluate_before and trainer.start_step == 0:
         trainer.result.final_eval["before"] = trainer.evaluate(prefix="eval_before")
     trainer.start_loop(client)
-    return trainer
+    with Preemption() as preempt:
+        trainer.loop(preempt)
+    return trainer.finish()
 
 
 class Trainer:
@@ -175,18 +154,17 @@ class Trainer:
         # in place and lazy: state_dict keys unchanged, traced at the first step with the weights DeepSpeed cast
         self.compiled = apply_compile(model, self.cfg.train.compile, self.cfg.train.cuda_graphs, self.dist.device)
         optimizer = build_optimizer(build_param_groups(groups), self.cfg.optim)
-        one_process = self.dist.world_size == 1 and self.zero_stage == 0
-        fp32 = not any((self.ds_config.get(k) or {}).get("enabled") for k in ("bf16", "fp16"))
         engine_config, self.own_clip = self.ds_config, 0.0
-        if one_process and fp32:
-            # DeepSpeed clips with its own per-tensor norm and we take the norm again for the log; clip here
-            # instead, with torch's foreach norm, once (5% of a small model's CPU step, docs/benchmarks.md)
+        precision = {k: bool((self.ds_config.get(k) or {}).get("enabled")) for k in ("bf16", "fp16")}
+        if self.dist.world_size == 1 and self.zero_stage == 0 and not any(precision.values()):
+            # one fp32 process: DeepSpeed clips with its own per-tensor norm and we take the norm again for the log;
+            # clip here instead, with torch's foreach norm, once (5% of a small model's CPU step, docs/benchmarks.md)
             self.own_clip = float(self.ds_config.get("gradient_clipping") or 0.0)
             engine_config = {**self.ds_config, "gradient_clipping": 0.0}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=engine_config)
-        if one_process:
-            # DeepSpeed would still flatten, all-reduce over itself and copy back every gradient at each step (10% of
-            # a small model's step on CPU, docs/benchmarks.md); its own switch for "no data parallelism"
+        if self.dist.world_size == 1 and self.zero_stage == 0:
+            # one process: DeepSpeed would still flatten, all-reduce over itself and copy back every gradient at each
+            # step (10% of a small model's step on CPU, docs/benchmarks.md); its own switch for "no data parallelism"
             self.engine.enable_backward_allreduce = False
         # DeepSpeed casts the weights for bf16/fp16; inputs follow them (the loss is computed in fp32)
         self.input_dtype = (
