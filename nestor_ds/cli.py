@@ -64,3 +64,14 @@ def run_cli(main: Callable[[], int]) -> None:
             raise
         print(f"error: {e.strerror}", file=sys.stderr, flush=True)
         sys.exit(2)
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Destroy the process group before the interpreter exits: left to exit-time destruction, gloo's worker threads
+    can abort the process ("terminate called without an active exception", seen in a 2-rank CI run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

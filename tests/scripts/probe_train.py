@@ -61,6 +61,7 @@ def main() -> None:
         torch.save(
             {"x": full["x"], "channel_mask": full["channel_mask"], "pred": torch.cat(gathered)}, out / "probe.pt"
         )
+    dist.destroy_process_group()  # as the entries do (nestor_ds/cli.py): no gloo threads left to exit-time teardown
 
 
 if __name__ == "__main__":
