@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from nestor_ds.config import load_config
-    from nestor_ds.engine.trainer import Trainer
+    from nestor_ds.engine.trainer import start_training
     from tools.bare_loop import BareTrainer, micro_and_clip
 
     out = tempfile.mkdtemp(prefix="bench_loop-")
@@ -56,11 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     overrides = [*args.set, *tracking, f"train.output_dir={out}", "train.time_budget_s=null"]
     cfg = load_config(args.config, [*overrides, "train.max_steps=1000000"])
-    trainer = Trainer(cfg, args.ds_config, "pretrain", "bench", None)
-    trainer.build(None)
-    client = trainer.resume(None)
-    trainer.start_tracking(client, None)  # without --tracking: a tracker that logs nothing
-    trainer.open_data(None)
+    trainer, client = start_training(cfg, args.ds_config, run_name="bench")  # without --tracking: logs nothing
     trainer.start_loop(client)
     every = max(1, cfg.train.log_every)
 

@@ -1,14 +1,31 @@
-"""What a run shows and leaves besides metrics: the rank-0 progress bar and ``run_summary.json``."""
+"""What a run shows and leaves besides metrics: the rank-0 progress bar, ``run_summary.json`` and the result an entry
+reads."""
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nestor_ds.config import RunConfig
 from nestor_ds.engine.budget import Budget
+
+
+@dataclass
+class TrainResult:
+    """What an entry and the tests read after a run."""
+
+    run_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # all-reduced loss per optimizer step, this process's run
+    final_eval: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
+    preempted: bool = False
+    model: torch.nn.Module | None = None  # the trained module (this rank's experts under expert parallelism)
 
 
 class Progress:

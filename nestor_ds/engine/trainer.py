@@ -18,7 +18,6 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from nestor_ds.engine.hot_loop import DeviceFeed, DeviceLog
 from nestor_ds.engine.optim import apply_lr, build_optimizer, build_param_groups, lr_at
 from nestor_ds.engine.perf import PerfMeter
 from nestor_ds.engine.preemption import Preemption
-from nestor_ds.engine.report import Progress, write_summary
+from nestor_ds.engine.report import Progress, TrainResult, write_summary
 from nestor_ds.engine.step import optimizer_step
 from nestor_ds.log import get_logger
 
@@ -56,20 +55,21 @@ PrepareHook = Callable[[torch.nn.Module, RunConfig, DistInfo], dict[str, tuple[l
 BatchSource = Callable[[int], Iterator[dict[str, torch.Tensor]]]
 
 
-@dataclass
-class TrainResult:
-    """What an entry and the tests read after a run."""
+def run_training(cfg: RunConfig, ds_config_path: str, evaluate_before: bool = False, **setup: Any) -> TrainResult:
+    """Train ``cfg`` with DeepSpeed; returns what tests and entries need (run dir, losses, final evaluation).
 
-    run_dir: Path
-    steps: int
-    losses: list[float] = field(default_factory=list)  # all-reduced loss per optimizer step, this process's run
-    final_eval: dict[str, Any] = field(default_factory=dict)
-    run_id: str | None = None
-    preempted: bool = False
-    model: torch.nn.Module | None = None  # the trained module (this rank's experts under expert parallelism)
+    ``setup``: :func:`start_training`'s keywords (entry, run_name, resume, prepare, parent_run_id, batch_source).
+    ``evaluate_before``: score the weights before the first step too (fine-tuning's "before" column)."""
+    trainer, client = start_training(cfg, ds_config_path, **setup)
+    if evaluate_before and trainer.start_step == 0:
+        trainer.result.final_eval["before"] = trainer.evaluate(prefix="eval_before")
+    trainer.start_loop(client)
+    with Preemption() as preempt:
+        trainer.loop(preempt)
+    return trainer.finish()
 
 
-def run_training(
+def start_training(
     cfg: RunConfig,
     ds_config_path: str,
     entry: str = "pretrain",
@@ -77,21 +77,17 @@ def run_training(
     resume: str | None = None,
     prepare: PrepareHook | None = None,
     parent_run_id: str | None = None,
-    evaluate_before: bool = False,
     batch_source: BatchSource | None = None,
-) -> TrainResult:
-    """Train ``cfg`` with DeepSpeed; returns what tests and entries need (run dir, losses, final evaluation)."""
+) -> tuple[Trainer, dict[str, Any]]:
+    """A run set up to its loop (engine, resume, tracking, data): shared by ``run_training`` and the per-step
+    benchmark ``tools/bench_loop.py``, so the benchmark measures the product's own set-up. Returns (trainer, the
+    resumed client state)."""
     trainer = Trainer(cfg, ds_config_path, entry, run_name, resume)
     trainer.build(prepare)
     client = trainer.resume(resume)
     trainer.start_tracking(client, parent_run_id)
     trainer.open_data(batch_source)
-    if evaluate_before and trainer.start_step == 0:
-        trainer.result.final_eval["before"] = trainer.evaluate(prefix="eval_before")
-    trainer.start_loop(client)
-    with Preemption() as preempt:
-        trainer.loop(preempt)
-    return trainer.finish()
+    return trainer, client
 
 
 class Trainer:
