@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,10 +20,18 @@ def test_quick_study_runs_reports_and_resumes(tmp_path):
     cmd = [sys.executable, "-m", "tools.study", "--quick", "--out", str(out), "--work", str(work)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=880, env=env, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "3 trials, 0 done, 3 to run" in first.stdout
+    assert "4 trials, 0 done, 4 to run" in first.stdout
     trials = {p.stem: json.loads(p.read_text()) for p in (out / "trials").glob("*.json")}
-    assert set(trials) == {"afno-s0-b4", "nestor-s0-b4", "gap-afno-s0-b4"}
+    assert set(trials) == {"search-nestor-lr2e3-s0-b4", "afno-s0-b4", "nestor-s0-b4", "gap-afno-s0-b4"}
     gap = trials.pop("gap-afno-s0-b4")
+    # the recipe-search variant: its base model with the override, scored on validation only (no test report)
+    search = trials.pop("search-nestor-lr2e3-s0-b4")
+    assert search["overrides"]["optim"]["lr"] == 2.0e-3 and search["overrides"]["model"]["preset"] == "nestor-tiny"
+    assert "test" not in search and set(search["validation"]["datasets"]) == {"dr_dev", "swe_dev"}
+    assert not (work / "reports" / "search-nestor-lr2e3-s0-b4.json").exists()
+    # parallel: 2 -> the matrix's two models ran at the same time, one thread each
+    a, b = trials["afno-s0-b4"], trials["nestor-s0-b4"]
+    assert max(a["started"], b["started"]) < min(a["ended"], b["ended"]) and a["threads_per_rank"] == 1
     # the bare loop spent the same budget and was scored by the same evaluator on the same test split
     bare, product = gap["bare"], gap["product"]
     assert product["steps"] >= 1 and product["test"]["settings"] == bare["test"]["settings"]
@@ -38,6 +47,14 @@ def test_quick_study_runs_reports_and_resumes(tmp_path):
     assert "| afno | 4 | 1 |" in report and "| nestor | 4 | 1 |" in report
     ratio = product["test"]["mean"]["l2re_1step"] / bare["test"]["mean"]["l2re_1step"]
     assert "## Product vs a bare loop" in report and f"| {ratio:.3f} |" in report
+    assert (
+        "## Recipe search (validation split only)" in report
+        and "| nestor-lr2e3 | nestor | nestor + {optim: {lr: 0.002}} |" in report
+    )
+    assert "trials ran 2 at a time side by side" in report
+    r1 = trials["nestor-s0-b4"]["test"]["mean"]["l2re_1step"] / trials["afno-s0-b4"]["test"]["mean"]["l2re_1step"]
+    rr = trials["nestor-s0-b4"]["test"]["mean"]["l2re_rollout"] / trials["afno-s0-b4"]["test"]["mean"]["l2re_rollout"]
+    assert "## NESTOR vs AFNO at equal wall-clock" in report and f"| afno | nestor | {r1:.3f} / {rr:.3f} |" in report
     for png in ("l2re_vs_time.png", "l2re_vs_flops.png", "rollout_growth.png", "expert_heatmap.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png})" in report
     # every trial is an MLflow run of one experiment (training + its test evaluation)
@@ -48,5 +65,60 @@ def test_quick_study_runs_reports_and_resumes(tmp_path):
     assert {r.info.run_name for r in runs} >= {"afno-s0-b4", "nestor-s0-b4"}
     # resumable: finished trials are skipped, the report is rebuilt from their JSONs
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert second.returncode == 0 and "3 trials, 3 done, 0 to run" in second.stdout, second.stderr[-3000:]
+    assert second.returncode == 0 and "4 trials, 4 done, 0 to run" in second.stdout, second.stderr[-3000:]
     assert (out / "report.md").read_text() == report
+
+
+def test_head_to_head_crossings_follow_the_power_laws():
+    """The report's NESTOR-vs-AFNO row: ratios per budget, where the two power laws cross, and the step cost NESTOR
+    would need (checked against values worked out by hand for laws err = c * x^b)."""
+    from tools.study_report import head_to_head_section
+
+    def trial(err, steps, flops):
+        return {"test": {"mean": {"l2re_1step": err, "l2re_rollout": 2 * err}}, "steps": steps, "train_flops": flops}
+
+    # AFNO: err = 0.1 * steps^-0.2 at 100 and 400 s (10 ms per step); NESTOR: err = 1.0 * steps^-0.4 (40 ms per step)
+    groups = {
+        ("afno", 100.0): [trial(0.1 * 10000**-0.2, 10000, 1e12)],
+        ("afno", 400.0): [trial(0.1 * 40000**-0.2, 40000, 4e12)],
+        ("nestor", 100.0): [trial(2500**-0.4, 2500, 1e12)],
+        ("nestor", 400.0): [trial(10000**-0.4, 10000, 4e12)],
+    }
+    row = [
+        line for line in head_to_head_section({"compare": [["afno", "nestor"]]}, groups) if line.startswith("| afno")
+    ]
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    r100, r400 = (2500**-0.4) / (0.1 * 10000**-0.2), (10000**-0.4) / (0.1 * 40000**-0.2)
+    assert cells[2] == f"{r100:.3f} / {r100:.3f}" and cells[3] == f"{r400:.3f} / {r400:.3f}"
+    # time: where 0.1 (100 t)^-0.2 = (25 t)^-0.4, found by bisection on the laws themselves
+    lo, hi = 1.0, 1e9
+    for _ in range(200):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if 0.1 * (100 * mid) ** -0.2 < (25 * mid) ** -0.4 else (lo, mid)
+    assert cells[4] == f"{lo:.0f}"
+    assert cells[5] == "100000"  # steps: 0.1 s^-0.2 = s^-0.4 -> s^0.2 = 10
+    assert cells[6] == f"{lo * 1e10 / 1e12:.2f}"  # both models spend 1e10 FLOPs per second here
+    # NESTOR now: 400 s / 10000 steps; AFNO reaches NESTOR's 400 s error (10000^-0.4) after (0.1 / 10000^-0.4)^5
+    # = 1000 steps = 10 s, so NESTOR's 10000 steps would have to take 1 ms each
+    assert cells[7] == "40.00" and cells[8] == "1.00"
+
+
+@pytest.mark.parametrize("arch", ["nestor", "afno"])
+def test_recipe_presets_are_the_study_winners_and_load(arch, tiny_shards):
+    """configs/recipe_<arch>_small.yaml carries the model, optimiser and loss of the cpu32 study's `<arch>-tuned`
+    (common sections <- the model's), and is a valid run config once `data:` names existing shards."""
+    import yaml
+
+    from nestor_ds.config import config_from_dict, deep_merge
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = yaml.safe_load((repo / "configs" / "study_cpu32.yaml").read_text())
+    preset = yaml.safe_load((repo / "configs" / f"recipe_{arch}_small.yaml").read_text())
+    study = deep_merge(spec["common"], spec["models"][f"{arch}-tuned"])
+    for section in ("model", "optim", "loss"):
+        assert preset[section] == study[section], section
+    assert preset["train"]["input_noise"] == study["train"]["input_noise"]
+    _, shards = tiny_shards
+    data = {"datasets": [{"name": n, "path": str(p), "weight": 1.0} for n, p in shards.items()]}
+    cfg = config_from_dict(deep_merge(preset, {"data": data}))
+    assert cfg.model.depth == preset["model"]["depth"] and cfg.optim.lr == preset["optim"]["lr"]

@@ -1,13 +1,20 @@
 """Equal-compute study: a matrix {model} x {seed} x {budget} trained and scored through the real pipeline.
 
     python -m tools.study --spec configs/study_cpu32.yaml            # docs/study/cpu32/ (resumable)
-    python -m tools.study --quick --out /tmp/study_quick              # two tiny trials, a few minutes
+    python -m tools.study --quick --out /tmp/study_quick              # four tiny trials, about a minute
     python -m tools.study --spec configs/study_cpu32.yaml --report-only
 
 Every trial runs the commands a user runs: ``python -m nestor_ds.synth`` -> ``python -m nestor_ds.shards`` ->
 ``python -m nestor_ds.train`` (one process, ZeRO-0, a wall-clock budget ``train.time_budget_s`` that the learning-rate
-schedule follows) -> ``python -m nestor_ds.evaluate`` on the test split. Trials run one at a time (so they do
-not share the CPU); a trial whose JSON exists is skipped, so an interrupted study continues where it stopped.
+schedule follows) -> ``python -m nestor_ds.evaluate`` on the test split. A trial whose JSON exists is skipped, so an
+interrupted study continues where it stopped.
+
+Side by side: with ``parallel: N`` in the spec, N consecutive trials of the plan (the models of one seed and budget)
+run at the same time, each with ``train.threads_per_rank`` threads (1 on a 2-core machine). On a shared machine whose
+speed drifts over minutes this is what makes two models' budgets equal: both see the same machine.
+
+Recipe search: the spec's ``search:`` section trains variants (a model of ``models:`` plus config overrides) and
+scores them on the validation split only (no test evaluation), so hyper-parameters are never chosen on test.
 
 Splits: each family's data comes from two seeded raw files. The first holds train + validation trajectories and
 is built with the validation share as its `test` split (the validation split is cut from the training file);
@@ -47,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="study YAML (see configs/study_cpu32.yaml); default with --quick: configs/study_quick.yaml",
     )
-    p.add_argument("--quick", action="store_true", help="the two-trial tiny study (CI); implies --spec study_quick")
+    p.add_argument("--quick", action="store_true", help="the tiny study (CI, four trials); implies --spec study_quick")
     p.add_argument("--out", default=None, help="report directory (default docs/study/<name>)")
     p.add_argument("--work", default=None, help="data and run directory (default .cache/study/<name>)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the trial JSONs and exit")
@@ -78,6 +85,14 @@ def load_spec(path: str) -> dict[str, Any]:
     for m in (spec.get("bare") or {}).get("models", []):
         if m not in spec["models"]:
             raise ValueError(f"{p}: bare.models names {m!r}, which is not one of models")
+    for v, sec in ((spec.get("search") or {}).get("variants") or {}).items():
+        if not isinstance(sec, dict) or sec.get("base") not in spec["models"]:
+            raise ValueError(f"{p}: search.variants.{v}.base must name one of models")
+    for m in spec.get("model_budgets_s") or {}:
+        if m not in spec["models"]:
+            raise ValueError(f"{p}: model_budgets_s names {m!r}, which is not one of models")
+    if int(spec.get("parallel", 1)) < 1:
+        raise ValueError(f"{p}: parallel must be >= 1, got {spec.get('parallel')!r}")
     transfer = spec.get("transfer")
     if transfer and transfer.get("held_out") not in data["families"]:
         raise ValueError(f"{p}: transfer.held_out={transfer.get('held_out')!r} is not one of data.families")
@@ -198,11 +213,19 @@ def data_section(spec: dict[str, Any], data: dict[str, dict[str, Path]], familie
 # -------------------------------------------------------------------------------------------- trials
 
 
+def model_sections(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    """The config sections of a model of `models:` or of a search variant (its base model <- its overrides)."""
+    if name in spec["models"]:
+        return spec["models"][name] or {}
+    variant = dict(spec["search"]["variants"][name])
+    return deep_merge(spec["models"][variant.pop("base")] or {}, variant)
+
+
 def trial_config(
     spec: dict[str, Any], model: str, seed: int, budget_s: float, data: dict[str, Any], run_dir: Path
 ) -> dict[str, Any]:
     """Run config YAML of one trial: common sections <- the model's sections <- seed, budget, data, output."""
-    cfg = deep_merge(spec.get("common") or {}, spec["models"][model] or {})
+    cfg = deep_merge(spec.get("common") or {}, model_sections(spec, model))
     cfg = deep_merge(
         cfg,
         {
@@ -330,6 +353,16 @@ def bare_and_score(
     return {"test": test, **json.loads((out / "summary.json").read_text()), "wall_s": wall}
 
 
+def train_only(spec: dict[str, Any], trial_id: str, cfg: dict[str, Any], work: Path) -> dict[str, Any]:
+    """A recipe-search trial: trained like a matrix trial, scored on the validation split only (the trainer's final
+    evaluation); the test split is not read."""
+    cfg_path, log, env = prepare_trial(trial_id, cfg, work)
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "nestor_ds.train", "--ds_config", "ds_configs/zero0.json", "--config", str(cfg_path)]
+    run([*cmd, "--run-name", trial_id], log, env)
+    return {**read_run(Path(cfg["train"]["output_dir"]) / trial_id), "wall_s": time.time() - t0}
+
+
 def product_vs_bare(
     spec: dict[str, Any], trial_id: str, cfg: dict[str, Any], test_dirs: list[Path], work: Path
 ) -> dict[str, Any]:
@@ -367,7 +400,78 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
+Trial = tuple[str, str, str, int, float]  # (trial id, kind, model or variant, seed, budget s)
+
+
+def make_plan(spec: dict[str, Any]) -> list[Trial]:
+    """Every trial of the study in run order: recipe search (validation only), the matrix (budgets outer, then seeds,
+    then models: side-by-side batches hold the models of one seed and budget), product-vs-bare pairs, transfer."""
+    plan: list[Trial] = []
+    search = spec.get("search") or {}
+    for b in search.get("budgets_s", [180]):
+        for s in search.get("seeds", [0]):
+            plan += [(f"search-{v}-s{s}-b{int(b)}", "search", v, s, b) for v in search.get("variants") or {}]
+    only = spec.get("model_budgets_s") or {}
+    for b in spec["budgets_s"]:
+        for s in spec["seeds"]:
+            plan += [(f"{m}-s{s}-b{int(b)}", "matrix", m, s, b) for m in spec["models"] if b in only.get(m, [b])]
+    bare = spec.get("bare") or {}
+    for s in bare.get("seeds", spec["seeds"]):  # seeds outer: a partial run already covers every model
+        for m in bare.get("models", []):
+            for b in bare.get("budgets_s", spec["budgets_s"]):
+                plan.append((f"gap-{m}-s{s}-b{int(b)}", "gap", m, s, b))
+    tr = spec.get("transfer")
+    if tr:
+        for s in tr.get("seeds", spec["seeds"]):
+            for m in tr.get("models", list(spec["models"])):
+                plan.append((f"transfer-{m}-s{s}", "transfer", m, s, tr["finetune_budget_s"]))
+    return plan
+
+
+def batches(todo: list[Trial], parallel: int) -> list[list[Trial]]:
+    """Groups of up to `parallel` consecutive trials of one kind and budget that run at the same time; a gap pair
+    (already two processes side by side) runs alone."""
+    out: list[list[Trial]] = []
+    for t in todo:
+        last = out[-1] if out else None
+        if last and len(last) < parallel and t[1] != "gap" and (last[0][1], last[0][4]) == (t[1], t[4]):
+            last.append(t)
+        else:
+            out.append([t])
+    return out
+
+
+def run_trial(spec: dict[str, Any], trial: Trial, data: dict[str, dict[str, Path]], work: Path) -> dict[str, Any]:
+    """Train and score one trial of any kind; returns its record (what the trial JSON holds)."""
+    trial_id, kind, model, seed, budget = trial
+    fams, runs, started = spec["data"]["families"], work / "runs", time.time()
+    if kind == "transfer":
+        held = spec["transfer"]["held_out"]
+        record = run_transfer(spec, trial_id, model, seed, data, held, [f for f in fams if f != held], runs, work)
+    else:
+        cfg = trial_config(spec, model, seed, budget, data_section(spec, data, fams), runs)
+        test_dirs = [data[f]["test"] for f in fams]
+        if kind == "matrix":
+            record = train_and_score(spec, trial_id, cfg, test_dirs, work)
+        elif kind == "search":
+            own = {k: v for k, v in spec["search"]["variants"][model].items() if k != "base"}
+            describe = f"{spec['search']['variants'][model]['base']}" + (
+                f" + {yaml.safe_dump(own, default_flow_style=True, width=10**6).strip()}" if own else ""
+            )
+            record = {**train_only(spec, trial_id, cfg, work), "overrides": model_sections(spec, model)}
+            record["describe"] = describe
+        else:
+            record = product_vs_bare(spec, trial_id, cfg, test_dirs, work)
+    threads = ((spec.get("common") or {}).get("train") or {}).get("threads_per_rank")
+    record.update({"id": trial_id, "kind": kind, "model": model, "seed": seed, "budget_s": budget})
+    record.update({"parallel": int(spec.get("parallel", 1)), "threads_per_rank": threads})
+    record.update({"started": started, "ended": time.time()})  # epoch s: shows which trials ran side by side
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     from tools import study_report
 
     args = parse_args(argv)
@@ -380,47 +484,38 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     work.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
+        if os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite:"):  # schema made once, not by two trials at once
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_experiments(max_results=1)
         print(f"study {name}: data -> {work / 'shards'}", flush=True)
         data = build_data(spec, work)
-        fams = spec["data"]["families"]
-        matrix = [(m, s, b) for b in spec["budgets_s"] for s in spec["seeds"] for m in spec["models"]]
-        plan = [(f"{m}-s{s}-b{int(b)}", "matrix", m, s, b) for m, s, b in matrix]
-        bare = spec.get("bare") or {}
-        for s in bare.get("seeds", spec["seeds"]):  # seeds outer: a partial run already covers every model
-            for m in bare.get("models", []):
-                for b in bare.get("budgets_s", spec["budgets_s"]):
-                    plan.append((f"gap-{m}-s{s}-b{int(b)}", "gap", m, s, b))
-        tr = spec.get("transfer")
-        if tr:
-            held, rest = tr["held_out"], [f for f in fams if f != tr["held_out"]]
-            for s in spec["seeds"]:
-                for m in tr.get("models", list(spec["models"])):
-                    plan.append((f"transfer-{m}-s{s}", "transfer", m, s, tr["finetune_budget_s"]))
+        plan = make_plan(spec)
         done = [p for p in plan if (trials_dir / f"{p[0]}.json").is_file()]
         todo = [p for p in plan if p not in done and (args.only or "") in p[0]]
         skipped = f", {len(plan) - len(done) - len(todo)} not matching --only" if args.only else ""
         print(f"study {name}: {len(plan)} trials, {len(done)} done, {len(todo)} to run{skipped}", flush=True)
-        for n, (trial_id, kind, model, seed, budget) in enumerate(todo, 1):
+        parallel = int(spec.get("parallel", 1))
+        for n, batch in enumerate(batches(todo, parallel), 1):
             t0 = time.time()
-            print(f"[{n}/{len(todo)}] {trial_id} ...", flush=True)
-            runs = work / "runs"
-            if kind in ("matrix", "gap"):
-                cfg = trial_config(spec, model, seed, budget, data_section(spec, data, fams), runs)
-                test_dirs = [data[f]["test"] for f in fams]
-                if kind == "matrix":
-                    record = train_and_score(spec, trial_id, cfg, test_dirs, work)
-                else:
-                    record = product_vs_bare(spec, trial_id, cfg, test_dirs, work)
-            else:
-                record = run_transfer(spec, trial_id, model, seed, data, held, rest, runs, work)
-            record.update({"id": trial_id, "kind": kind, "model": model, "seed": seed, "budget_s": budget})
-            (trials_dir / f"{trial_id}.json").write_text(json.dumps(record, indent=1))
-            scored = record.get("product", record)
-            print(
-                f"[{n}/{len(todo)}] {trial_id}: test one-step {scored['test']['mean']['l2re_1step']:.4f} "
-                f"({time.time() - t0:.0f} s)",
-                flush=True,
-            )
+            print(f"[batch {n}] {' + '.join(t[0] for t in batch)} ...", flush=True)
+            failed: list[BaseException] = []
+            with ThreadPoolExecutor(len(batch)) as pool:  # a failed trial does not lose its partner's record
+                for future in as_completed([pool.submit(run_trial, spec, t, data, work) for t in batch]):
+                    if future.exception() is not None:
+                        failed.append(future.exception())
+                        continue
+                    record = future.result()
+                    (trials_dir / f"{record['id']}.json").write_text(json.dumps(record, indent=1))
+                    scored = record.get("product", record)
+                    split = "validation" if record["kind"] == "search" else "test"
+                    print(
+                        f"[batch {n}] {record['id']}: {split} one-step {scored[split]['mean']['l2re_1step']:.4f} "
+                        f"({time.time() - t0:.0f} s)",
+                        flush=True,
+                    )
+            if failed:
+                raise failed[0]
     study_report.write_report(spec, out)
     print(f"report: {out / 'report.md'}")
     return 0

@@ -31,8 +31,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def fmt(values: list[float], digits: int = 4) -> str:
+    """ "mean ± std" over seeds; one value alone (no spread to show) as itself."""
     m, s = mean_std(values)
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if math.isfinite(m) else "n/a"
+    if not math.isfinite(m):
+        return "n/a"
+    return (
+        f"{m:.{digits}f}"
+        if sum(v is not None and math.isfinite(v) for v in values) == 1
+        else f"{m:.{digits}f} ± {s:.{digits}f}"
+    )
 
 
 def load_trials(out: Path) -> list[dict[str, Any]]:
@@ -159,6 +166,130 @@ def bare_loop_section(trials: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def power_law(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(a, b) of log(err) = a + b log(x) through the (x, err) points (least squares; None with < 2 distinct x)."""
+    pts = [(math.log(x), math.log(e)) for x, e in points if x and e and x > 0 and e > 0]
+    if len({x for x, _ in pts}) < 2:
+        return None
+    mx, my = statistics.fmean(x for x, _ in pts), statistics.fmean(y for _, y in pts)
+    b = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    return my - b * mx, b
+
+
+def crossing(fit_a: tuple[float, float] | None, fit_b: tuple[float, float] | None) -> float | None:
+    """x where two power laws cross (None when parallel, missing, or crossing at a non-finite x)."""
+    if fit_a is None or fit_b is None or abs(fit_a[1] - fit_b[1]) < 1e-9:
+        return None
+    x = (fit_a[0] - fit_b[0]) / (fit_b[1] - fit_a[1])
+    return math.exp(x) if abs(x) < 700 else None
+
+
+def head_to_head_section(spec: dict[str, Any], groups) -> list[str]:
+    """NESTOR vs AFNO pairs of the spec's `compare:` at equal wall-clock, and where their curves cross in time, steps
+    and FLOPs (two-point power laws per model over the budgets: an extrapolation, labelled as one)."""
+    pairs = [tuple(p) for p in spec.get("compare") or [] if all(any(m == g[0] for g in groups) for m in p)]
+    if not pairs:
+        return []
+    budgets = sorted({b for _, b in groups})
+    lines = [
+        "## NESTOR vs AFNO at equal wall-clock",
+        "",
+        "Ratio = mean NESTOR test L2RE / mean AFNO test L2RE at the same budget (< 1: NESTOR wins). Crossings: each "
+        "model's mean test one-step L2RE over the budgets fitted as a power law of training time, optimizer steps "
+        "and training FLOPs; the x where the two lines meet (beyond the budgets run it is an extrapolation). "
+        "'Step cost needed': the time per step at which NESTOR's steps at the largest budget would take no longer "
+        "than AFNO needs (on its fit) to reach NESTOR's error.",
+        "",
+        "| AFNO | NESTOR | "
+        + " | ".join(f"ratio 1-step / rollout at {b:.0f} s" for b in budgets)
+        + " | crossing: time s "
+        "| steps | TFLOPs | NESTOR ms/step now | step cost needed ms |",
+        "|---|---|" + "---|" * len(budgets) + "---|---|---|---|---|",
+    ]
+
+    def mean(ts, f):
+        return statistics.fmean(f(t) for t in ts)
+
+    for a, n in pairs:
+        cells, fits = [], {}
+        for b in budgets:
+            ta, tn = groups.get((a, b)), groups.get((n, b))
+            if not ta or not tn:
+                cells.append("n/a")
+                continue
+            r1 = mean(tn, lambda t: t["test"]["mean"]["l2re_1step"]) / mean(
+                ta, lambda t: t["test"]["mean"]["l2re_1step"]
+            )
+            rr = mean(tn, lambda t: t["test"]["mean"]["l2re_rollout"]) / mean(
+                ta, lambda t: t["test"]["mean"]["l2re_rollout"]
+            )
+            cells.append(f"{r1:.3f} / {rr:.3f}")
+        for m in (a, n):
+            rows = [(b, groups[(m, b)]) for b in budgets if (m, b) in groups]
+            err = [(b, mean(ts, lambda t: t["test"]["mean"]["l2re_1step"])) for b, ts in rows]
+            fits[m] = {
+                "time": power_law(err),
+                "steps": power_law([(mean(ts, lambda t: t["steps"]), e) for (_, ts), (_, e) in zip(rows, err)]),
+                "flops": power_law([(mean(ts, lambda t: _flops(t) or 0), e) for (_, ts), (_, e) in zip(rows, err)]),
+            }
+        cross = {k: crossing(fits[a][k], fits[n][k]) for k in ("time", "steps", "flops")}
+        top = budgets[-1]
+        needed = now = None
+        if (n, top) in groups and (a, top) in groups and fits[a]["steps"]:
+            tn, ta = groups[(n, top)], groups[(a, top)]
+            e_n = mean(tn, lambda t: t["test"]["mean"]["l2re_1step"])
+            a_fit, b_fit = fits[a]["steps"]
+            steps_a = math.exp((math.log(e_n) - a_fit) / b_fit)  # AFNO steps to reach NESTOR's error
+            ms_a = 1e3 * top / mean(ta, lambda t: t["steps"])
+            now = 1e3 * top / mean(tn, lambda t: t["steps"])
+            needed = steps_a * ms_a / mean(tn, lambda t: t["steps"])
+
+        def show(x, scale=1.0, digits=0):
+            return "n/a" if x is None else f"{x / scale:.{digits}f}"
+
+        lines.append(
+            f"| {a} | {n} | " + " | ".join(cells) + f" | {show(cross['time'])} | {show(cross['steps'])} | "
+            f"{show(cross['flops'], 1e12, 2)} | {show(now, digits=2)} | {show(needed, digits=2)} |"
+        )
+    return [*lines, ""]
+
+
+def search_section(spec: dict[str, Any], trials: list[dict[str, Any]]) -> list[str]:
+    """The recipe search: each variant's validation score against its base model's, same seeds and budget."""
+    search = [t for t in trials if t["kind"] == "search"]
+    if not search:
+        return []
+    order = list((spec.get("search") or {}).get("variants") or {})
+    by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for t in sorted(search, key=lambda t: order.index(t["model"]) if t["model"] in order else len(order)):
+        by_variant[t["model"]].append(t)
+    lines = [
+        "## Recipe search (validation split only)",
+        "",
+        "Each variant is a model of the matrix with the overrides shown, trained like a matrix trial and scored by "
+        "the trainer's final evaluation of the validation split; the test split is not read. Ratio = mean "
+        "validation one-step L2RE / that of the first variant of the same architecture (the baseline row).",
+        "",
+        "| variant | arch | overrides vs its base | n | steps | GFLOPs/sample | val 1-step | val rollout "
+        "| ratio 1-step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    first: dict[str, float] = {}
+    for v, ts in by_variant.items():
+        model = ts[0].get("overrides", {}).get("model", {})
+        arch = "afno" if str(model.get("preset", "")).startswith("afno") else "nestor"
+        one = statistics.fmean(_val(t, "l2re_1step") for t in ts)
+        first.setdefault(arch, one)
+        st = ts[0].get("stats") or {}
+        lines.append(
+            f"| {v} | {arch} | {ts[0].get('describe', '')} | {len(ts)} | "
+            f"{statistics.fmean(t['steps'] for t in ts):.0f} | "
+            f"{st.get('flops_per_sample', 0) / 1e9:.4f} | {fmt([_val(t, 'l2re_1step') for t in ts])} | "
+            f"{fmt([_val(t, 'l2re_rollout') for t in ts])} | {one / first[arch]:.3f} |"
+        )
+    return [*lines, ""]
+
+
 def write_report(spec: dict[str, Any], out: Path) -> Path:
     """report.md + figures in `out` from `out/trials/*.json`."""
     trials = load_trials(out)
@@ -176,7 +307,13 @@ def write_report(spec: dict[str, Any], out: Path) -> Path:
     lines += [
         f"Data: {', '.join(d['families'])} at {d['resolution']}², {d['frames']} frames, t_in {d['t_in']}, "
         f"{d['train']} train / {d['val']} validation / {d['test']} test trajectories per family; "
-        f"seeds {spec['seeds']}; budgets {spec['budgets_s']} s of training time (evaluation excluded).",
+        f"seeds {spec['seeds']}; budgets {spec['budgets_s']} s of training time (evaluation excluded); "
+        + (
+            f"trials ran {spec['parallel']} at a time side by side (the models of one seed and budget), "
+            f"{((spec.get('common') or {}).get('train') or {}).get('threads_per_rank', 'default')} thread(s) each."
+            if int(spec.get("parallel", 1)) > 1
+            else "trials ran one at a time."
+        ),
         "",
     ]
     if not groups:
@@ -246,6 +383,8 @@ def write_report(spec: dict[str, Any], out: Path) -> Path:
                 "![dataset x image expert](expert_heatmap.png)",
                 "",
             ]
+    lines += head_to_head_section(spec, groups)
+    lines += search_section(spec, trials)
     lines += bare_loop_section(trials)
     transfer = [t for t in trials if t["kind"] == "transfer"]
     if transfer:
