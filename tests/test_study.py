@@ -52,6 +52,8 @@ def test_quick_study_runs_reports_and_resumes(tmp_path):
         and "| nestor-lr2e3 | nestor | nestor + {optim: {lr: 0.002}} |" in report
     )
     assert "trials ran 2 at a time side by side" in report
+    mi = trials["nestor-s0-b4"]["expert_usage"]["0"]["mi_bits"]
+    assert f"nestor block 0: {mi:.3f}. Heat map: nestor-s0-b4." in report  # one seed: the value, no spread
     r1 = trials["nestor-s0-b4"]["test"]["mean"]["l2re_1step"] / trials["afno-s0-b4"]["test"]["mean"]["l2re_1step"]
     rr = trials["nestor-s0-b4"]["test"]["mean"]["l2re_rollout"] / trials["afno-s0-b4"]["test"]["mean"]["l2re_rollout"]
     assert "## NESTOR vs AFNO at equal wall-clock" in report and f"| afno | nestor | {r1:.3f} / {rr:.3f} |" in report

@@ -369,16 +369,17 @@ def write_report(spec: dict[str, Any], out: Path) -> Path:
         ]
         nestor = [t for (m, b), ts in groups.items() if b == top for t in ts if t.get("expert_usage")]
         if nestor and figure_heatmap(nestor[0], out / "expert_heatmap.png"):
-            mis = defaultdict(list)
+            mis: dict[tuple[str, str], list[float]] = defaultdict(list)  # (model, block) -> MI of each seed
             for t in nestor:
                 for block, u in t["expert_usage"].items():
-                    mis[block].append(u.get("mi_bits"))
+                    mis[(t["model"], block)].append(u.get("mi_bits"))
             lines += [
                 "## Expert specialisation",
                 "",
-                "Mutual information between dataset and image expert at the end of training (bits; "
+                f"Mutual information between dataset and image expert at the end of training at {top:.0f} s (bits; "
                 "0 = no specialisation, log2(min(#datasets, #experts)) = full): "
-                + ", ".join(f"block {b}: {fmt(v, 3)}" for b, v in sorted(mis.items())),
+                + "; ".join(f"{m} block {b}: {fmt(v, 3)}" for (m, b), v in sorted(mis.items()))
+                + f". Heat map: {nestor[0]['id']}.",
                 "",
                 "![dataset x image expert](expert_heatmap.png)",
                 "",
