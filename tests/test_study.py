@@ -107,8 +107,9 @@ def test_head_to_head_crossings_follow_the_power_laws():
 
 @pytest.mark.parametrize("arch", ["nestor", "afno"])
 def test_recipe_presets_are_the_study_winners_and_load(arch, tiny_shards):
-    """configs/recipe_<arch>_small.yaml carries the model, optimiser and loss of the cpu32 study's `<arch>-tuned`
-    (common sections <- the model's), and is a valid run config once `data:` names existing shards."""
+    """configs/recipe_nestor_small.yaml and configs/recipe_afno_small.yaml carry the model, optimiser and loss of the
+    cpu32 study's `nestor-tuned` and `afno-tuned` (common sections <- the model's), and each is a valid run config
+    once `data:` names existing shards."""
     import yaml
 
     from nestor_ds.config import config_from_dict, deep_merge
@@ -124,3 +125,25 @@ def test_recipe_presets_are_the_study_winners_and_load(arch, tiny_shards):
     data = {"datasets": [{"name": n, "path": str(p), "weight": 1.0} for n, p in shards.items()]}
     cfg = config_from_dict(deep_merge(preset, {"data": data}))
     assert cfg.model.depth == preset["model"]["depth"] and cfg.optim.lr == preset["optim"]["lr"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"search": {"variants": {"fast": {"base": "nope"}}}}, "search.variants.fast.base must name one of models"),
+        ({"search": {"variants": {"afno": {"base": "afno"}}}}, "search.variants.afno has the name of a model"),
+        ({"parallel": 0}, "parallel must be >= 1"),
+        ({"bare": {"models": ["nope"]}}, "bare.models names 'nope'"),
+    ],
+)
+def test_bad_study_specs_fail_with_one_line_naming_the_key(tmp_path, change, message):
+    import yaml
+
+    from tools.study import QUICK_SPEC, load_spec
+
+    spec = {**yaml.safe_load(QUICK_SPEC.read_text()), **change}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=message) as err:
+        load_spec(str(path))
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)

@@ -88,9 +88,8 @@ def load_spec(path: str) -> dict[str, Any]:
     for v, sec in ((spec.get("search") or {}).get("variants") or {}).items():
         if not isinstance(sec, dict) or sec.get("base") not in spec["models"]:
             raise ValueError(f"{p}: search.variants.{v}.base must name one of models")
-    for m in spec.get("model_budgets_s") or {}:
-        if m not in spec["models"]:
-            raise ValueError(f"{p}: model_budgets_s names {m!r}, which is not one of models")
+        if v in spec["models"]:
+            raise ValueError(f"{p}: search.variants.{v} has the name of a model; give the variant its own name")
     if int(spec.get("parallel", 1)) < 1:
         raise ValueError(f"{p}: parallel must be >= 1, got {spec.get('parallel')!r}")
     transfer = spec.get("transfer")
@@ -411,10 +410,9 @@ def make_plan(spec: dict[str, Any]) -> list[Trial]:
     for b in search.get("budgets_s", [180]):
         for s in search.get("seeds", [0]):
             plan += [(f"search-{v}-s{s}-b{int(b)}", "search", v, s, b) for v in search.get("variants") or {}]
-    only = spec.get("model_budgets_s") or {}
     for b in spec["budgets_s"]:
         for s in spec["seeds"]:
-            plan += [(f"{m}-s{s}-b{int(b)}", "matrix", m, s, b) for m in spec["models"] if b in only.get(m, [b])]
+            plan += [(f"{m}-s{s}-b{int(b)}", "matrix", m, s, b) for m in spec["models"]]
     bare = spec.get("bare") or {}
     for s in bare.get("seeds", spec["seeds"]):  # seeds outer: a partial run already covers every model
         for m in bare.get("models", []):
