@@ -220,6 +220,13 @@ def model_sections(spec: dict[str, Any], name: str) -> dict[str, Any]:
     return deep_merge(spec["models"][variant.pop("base")] or {}, variant)
 
 
+def describe_variant(spec: dict[str, Any], name: str) -> str:
+    """A search variant as the report shows it: `<base> + {its overrides}` in one line."""
+    own = {k: v for k, v in spec["search"]["variants"][name].items() if k != "base"}
+    flow = yaml.safe_dump(own, default_flow_style=True, width=10**6).strip()
+    return spec["search"]["variants"][name]["base"] + (f" + {flow}" if own else "")
+
+
 def trial_config(
     spec: dict[str, Any], model: str, seed: int, budget_s: float, data: dict[str, Any], run_dir: Path
 ) -> dict[str, Any]:
@@ -452,12 +459,8 @@ def run_trial(spec: dict[str, Any], trial: Trial, data: dict[str, dict[str, Path
         if kind == "matrix":
             record = train_and_score(spec, trial_id, cfg, test_dirs, work)
         elif kind == "search":
-            own = {k: v for k, v in spec["search"]["variants"][model].items() if k != "base"}
-            describe = f"{spec['search']['variants'][model]['base']}" + (
-                f" + {yaml.safe_dump(own, default_flow_style=True, width=10**6).strip()}" if own else ""
-            )
             record = {**train_only(spec, trial_id, cfg, work), "overrides": model_sections(spec, model)}
-            record["describe"] = describe
+            record["describe"] = describe_variant(spec, model)
         else:
             record = product_vs_bare(spec, trial_id, cfg, test_dirs, work)
     threads = ((spec.get("common") or {}).get("train") or {}).get("threads_per_rank")
