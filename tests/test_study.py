@@ -54,10 +54,24 @@ def test_quick_study_runs_reports_and_resumes(tmp_path):
     assert "trials ran 2 at a time side by side" in report
     mi = trials["nestor-s0-b4"]["expert_usage"]["0"]["mi_bits"]
     assert f"nestor block 0: {mi:.3f}. Heat map: nestor-s0-b4." in report  # one seed: the value, no spread
+    # specialisation over training: a record every 5 steps (train.usage_every) and one at the end
+    curve = trials["nestor-s0-b4"]["usage_curve"]
+    steps = [r["step"] for r in curve]
+    assert len(curve) >= 2 and steps[-1] == trials["nestor-s0-b4"]["steps"], steps
+    assert all(s % 5 == 0 for s in steps[:-1]) and all(0 <= r["mi_bits"]["0"] <= 1 for r in curve)
+    assert curve[-1]["mi_bits"]["0"] == mi  # the end of the run: run_summary.json's usage is the last record
+    assert "### Over training" in report and f"nestor-s0-b4 block 0: {curve[0]['mi_bits']['0']:.3f} at" in report
+    assert trials["afno-s0-b4"]["usage_curve"] == []  # no experts, no records
     r1 = trials["nestor-s0-b4"]["test"]["mean"]["l2re_1step"] / trials["afno-s0-b4"]["test"]["mean"]["l2re_1step"]
     rr = trials["nestor-s0-b4"]["test"]["mean"]["l2re_rollout"] / trials["afno-s0-b4"]["test"]["mean"]["l2re_rollout"]
     assert "## NESTOR vs AFNO at equal wall-clock" in report and f"| afno | nestor | {r1:.3f} / {rr:.3f} |" in report
-    for png in ("l2re_vs_time.png", "l2re_vs_flops.png", "rollout_growth.png", "expert_heatmap.png"):
+    for png in (
+        "l2re_vs_time.png",
+        "l2re_vs_flops.png",
+        "rollout_growth.png",
+        "expert_heatmap.png",
+        "specialisation_over_training.png",
+    ):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png})" in report
     # every trial is an MLflow run of one experiment (training + its test evaluation)
     from mlflow.tracking import MlflowClient

@@ -131,25 +131,36 @@ def test_one_mlflow_run_with_params_metrics_and_figures(zero2_ep2_run):
         assert width > 50 and height > 50
 
 
+def _usage_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "expert_usage.jsonl").read_text().splitlines()]
+
+
 def test_resume_reproduces_the_uninterrupted_run(tiny_shards, tmp_path):
+    """Losses of a run stopped at step 3 and resumed equal the uninterrupted run's; so do the expert-usage rows
+    (train.usage_every: 3, recorded without evaluating), which also count only the steps since the previous row."""
     root, shards = tiny_shards
     cfg = tiny_config(
         tmp_path,
         shards,
         model={"moe": {"backend": "local"}},
-        train={"max_steps": 8, "ckpt_every": 100, "input_noise": 5e-4},
+        train={"max_steps": 8, "ckpt_every": 100, "input_noise": 5e-4, "usage_every": 3},
         tracking={"enabled": False},
     )
     ds = str(ds_config(tmp_path))
     full = launch([TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "full"], ranks=2, cwd=tmp_path)
     _ok(full)
+    usage = _usage_rows(tmp_path / "runs" / "full")
+    assert [r["step"] for r in usage] == [3, 6, 8]  # every 3 steps and the end of the run
+    totals = [sum(map(sum, r["blocks"]["0"]["dataset_expert"])) for r in usage]  # image assignments per row
+    assert totals[0] == totals[1] > 0 and totals[2] * 3 == totals[0] * 2, totals  # 3, 3 and 2 steps
+    assert all(0 <= r["blocks"]["1"]["mi_bits"] <= 1 and "budget/seconds" not in r for r in usage)  # no budget
     first = launch(
-        [TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--set", "train.stop_at=4"],
+        [TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--set", "train.stop_at=3"],
         ranks=2,
         cwd=tmp_path,
     )
     _ok(first)
-    assert "stopped cleanly at step 4" in first.stderr
+    assert "stopped cleanly at step 3" in first.stderr
     second = launch(
         [TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--resume", "auto"], ranks=2, cwd=tmp_path
     )
@@ -159,6 +170,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_shards, tmp_path):
     assert len(a) == len(b) == 8
     for x, y in zip(a, b, strict=True):
         assert abs(x - y) <= 1e-6 * abs(x), (a, b)
+    resumed = _usage_rows(tmp_path / "runs" / "cut")
+    assert [r["blocks"] for r in resumed] == [r["blocks"] for r in usage]  # same routing, each step counted once
 
 
 def test_two_ranks_equal_one_rank_and_export_matches_engine(tiny_shards, tmp_path):

@@ -403,7 +403,24 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "stats": summary.get("model_stats", {}),
         "validation": summary.get("final_eval", {}),
         "expert_usage": summary.get("expert_usage", {}),
+        "usage_curve": usage_curve(run_dir / "expert_usage.jsonl"),
     }
+
+
+def usage_curve(path: Path) -> list[dict[str, Any]]:
+    """Specialisation over training from the trainer's expert_usage.jsonl (``train.usage_every``): per record its
+    step, training seconds and, per block, the mutual information of the steps since the previous record."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [
+        {
+            "step": r["step"],
+            "seconds": r.get("budget/seconds"),
+            "mi_bits": {b: u["mi_bits"] for b, u in r["blocks"].items()},
+        }
+        for r in rows
+    ]
 
 
 Trial = tuple[str, str, str, int, float]  # (trial id, kind, model or variant, seed, budget s)

@@ -128,6 +128,45 @@ def figure_heatmap(trial: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def specialisation_over_training(trials: list[dict[str, Any]], path: Path) -> list[str]:
+    """Mutual information between dataset and image expert over training (trials with a usage curve: the trainer's
+    ``train.usage_every`` records): a figure, one line per trial and block, and a sentence with first, middle and
+    last records. Empty when no trial has a curve."""
+    curves = [t for t in trials if len(t.get("usage_curve") or []) > 1]
+    if not curves:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    said = []
+    for t in curves:
+        rows = t["usage_curve"]
+        for block in sorted(rows[-1]["mi_bits"]):
+            pts = [(r["seconds"], r["mi_bits"][block]) for r in rows if block in r["mi_bits"]]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".", label=f"{t['id']} block {block}")
+            mid = pts[len(pts) // 2]
+            said.append(
+                f"{t['id']} block {block}: {pts[0][1]:.3f} at {pts[0][0]:.0f} s, {mid[1]:.3f} at {mid[0]:.0f} s, "
+                f"{pts[-1][1]:.3f} at {pts[-1][0]:.0f} s"
+            )
+    ax.set_xlabel("training seconds")
+    ax.set_ylabel("I(dataset; image expert), bits")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    every = sorted({r["step"] - q["step"] for t in curves for q, r in zip(t["usage_curve"], t["usage_curve"][1:])})
+    return [
+        "### Over training",
+        "",
+        f"Each point is the routing of the steps since the previous record (every {every[-1]} steps, "
+        "`train.usage_every`; the last record ends with the run): " + "; ".join(said) + ".",
+        "",
+        f"![specialisation over training]({path.name})",
+        "",
+    ]
+
+
 def bare_loop_section(trials: list[dict[str, Any]]) -> list[str]:
     """Product vs `tools/bare_loop.py` on the same trial config, run side by side: the product must be within 5%."""
     by_key = defaultdict(list)
@@ -377,13 +416,15 @@ def write_report(spec: dict[str, Any], out: Path) -> Path:
                 "## Expert specialisation",
                 "",
                 f"Mutual information between dataset and image expert at the end of training at {top:.0f} s (bits; "
-                "0 = no specialisation, log2(min(#datasets, #experts)) = full): "
+                "0 = no specialisation, log2(min(#datasets, #experts)) = full; counted over the last usage record, "
+                "or the whole run for a trial without `train.usage_every`): "
                 + "; ".join(f"{m} block {b}: {fmt(v, 3)}" for (m, b), v in sorted(mis.items()))
                 + f". Heat map: {nestor[0]['id']}.",
                 "",
                 "![dataset x image expert](expert_heatmap.png)",
                 "",
             ]
+            lines += specialisation_over_training(nestor, out / "specialisation_over_training.png")
     lines += head_to_head_section(spec, groups)
     lines += search_section(spec, trials)
     lines += bare_loop_section(trials)

@@ -279,15 +279,19 @@ def load_checkpoint(engine: Any, tag_dir: Path, layout: RunLayout | None = None)
 
 
 def resume(
-    engine: Any, resume_arg: str | None, checkpoint_root: Path, metrics_path: Path, layout: RunLayout | None = None
+    engine: Any,
+    resume_arg: str | None,
+    checkpoint_root: Path,
+    step_logs: tuple[Path, ...],
+    layout: RunLayout | None = None,
 ) -> dict[str, Any]:
     """Collective resume: choose a tag, fall back past broken ones, load, then tidy this run's directory.
 
     Order matters for a crash at any point: nothing is moved, truncated or announced before a load succeeded.
     Afterwards (rank 0): complete tags of this run with a higher step than the loaded one are an abandoned
-    branch and are set aside; the pointer names the loaded tag; ``metrics.jsonl`` drops the steps to be redone.
-    Returns the client state ({} for a fresh start, which also drops metrics.jsonl rows of a run killed before
-    its first save).
+    branch and are set aside; the pointer names the loaded tag; the run's per-step logs (``step_logs``:
+    metrics.jsonl, expert_usage.jsonl) drop the steps to be redone. Returns the client state ({} for a fresh
+    start, which also drops the rows of a run killed before its first save).
     """
     from nestor_ds.collectives import any_rank
 
@@ -295,7 +299,8 @@ def resume(
     candidates, may_fall_back = resume_candidates(resume_arg, checkpoint_root)
     if not candidates:
         if _rank() == 0:
-            truncate_metrics(metrics_path, 0)  # steps logged by a run killed before its first save are redone
+            for path in step_logs:  # steps logged by a run killed before its first save are redone
+                truncate_metrics(path, 0)
         if _rank() == 0 and resume_arg is not None:
             log.warning(
                 "--resume auto: no complete checkpoint under %s: starting fresh from step 0 (check --run-name "
@@ -332,7 +337,8 @@ def resume(
     if _rank() == 0:
         log.info("resumed from %s (step %d)", loaded, step)
         _after_resume(checkpoint_root, loaded, step)
-        truncate_metrics(metrics_path, step)
+        for path in step_logs:
+            truncate_metrics(path, step)
     _barrier()
     return client
 
@@ -351,7 +357,7 @@ def _after_resume(root: Path, loaded: Path, step: int) -> None:
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop the steps a resumed run will redo (logged after its checkpoint), so metrics.jsonl has each step once.
+    """Drop the steps a resumed run will redo (logged after its checkpoint), so a step log has each step once.
     Atomic (write-then-rename): a kill here leaves the old file, never a truncated one."""
     if not path.is_file():
         return

@@ -63,20 +63,23 @@ def write_summary(
     path: Path, cfg: RunConfig, step: int, stats: dict[str, Any], budget: Budget, final_eval: dict[str, Any], usage: Any
 ) -> None:
     """run_summary.json beside metrics.jsonl: what a finished run reached and cost (read by tools/study.py)."""
-    names = [d.name for d in cfg.data.datasets]
-    experts = {
-        str(b): {
-            "dataset_expert": usage.counts_matrix(b).tolist(),
-            "mi_bits": usage.specialisation(b),
-            "datasets": names,
-        }
-        for b in sorted(usage.blocks)
-    }
     summary = {
         "steps": step,
         "model_stats": stats,
         **budget.metrics(step),
         "final_eval": final_eval,
-        "expert_usage": experts,
+        "expert_usage": usage.summary([d.name for d in cfg.data.datasets]),
     }
     path.write_text(json.dumps(summary, indent=1))
+
+
+USAGE_LOG = "expert_usage.jsonl"  # one row per usage record (train.usage_every, evaluations, end of run)
+
+
+def append_usage_row(path: Path, cfg: RunConfig, step: int, budget: Budget, usage: Any) -> None:
+    """A row of expert_usage.jsonl: the step, the budget spent (budgeted runs) and, per block, the dataset x image-expert counts of
+    the steps since the previous row and their mutual information (read by tools/study.py)."""
+    spent = budget.metrics(step) if budget.active else {}  # budgeted runs: training seconds and FLOPs so far
+    row = {"step": step, **spent, "blocks": usage.summary([d.name for d in cfg.data.datasets])}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")

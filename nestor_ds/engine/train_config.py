@@ -17,6 +17,9 @@ class TrainConfig:
     input_noise: float = 5e-4  # DPOT's noise injection: x += s * ||x||_2 * N(0, 1), per sample and channel
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic evaluation (the final one still runs)
+    # expert usage (MLflow experts/..., a row of expert_usage.jsonl) every N steps without evaluating; 0: only at
+    # evaluations and the end of the run. Each row covers the steps since the previous one
+    usage_every: int = 0
     eval_batch_size: int = 4
     eval_max_trajectories: int | None = 8
     eval_rollout_steps: int | None = 5  # None -> every dataset's rollout_steps
@@ -37,6 +40,7 @@ class TrainConfig:
         check(self.ckpt_every > 0, "train.ckpt_every", "must be > 0")
         check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         check(self.log_every > 0, "train.log_every", "must be > 0")
+        check(self.usage_every >= 0, "train.usage_every", "must be >= 0 (0: expert usage only at evaluations)")
         check(
             not self.cuda_graphs or self.compile,
             "train.cuda_graphs",

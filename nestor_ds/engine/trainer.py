@@ -43,7 +43,7 @@ from nestor_ds.engine.hot_loop import DeviceFeed, DeviceLog
 from nestor_ds.engine.optim import apply_lr, build_optimizer, build_param_groups, lr_at
 from nestor_ds.engine.perf import PerfMeter
 from nestor_ds.engine.preemption import Preemption
-from nestor_ds.engine.report import Progress, TrainResult, write_summary
+from nestor_ds.engine.report import USAGE_LOG, Progress, TrainResult, append_usage_row, write_summary
 from nestor_ds.engine.step import optimizer_step
 from nestor_ds.log import get_logger
 
@@ -174,7 +174,8 @@ class Trainer:
     def resume(self, resume: str | None) -> dict[str, Any]:
         """Load, fall back past broken tags and tidy (``checkpoint/save_resume.py``); the checkpoint's client state."""
         layout = RunLayout(self.dist.world_size, self.ep, self.zero_stage, self.cfg.model.to_dict())
-        client = ckpt.resume(self.engine, resume, self.ckpt_root, self.run_dir / "metrics.jsonl", layout)
+        logs = (self.run_dir / "metrics.jsonl", self.run_dir / USAGE_LOG)
+        client = ckpt.resume(self.engine, resume, self.ckpt_root, logs, layout)
         if client.get("config_digest") not in (None, self.cfg.digest()) and self.dist.is_main:
             log.warning(
                 "the configuration differs from the checkpoint's (digest %s vs %s): the trajectory will not "
@@ -304,11 +305,13 @@ class Trainer:
             last = step == total or self.budget.exhausted(step)
             checkpoint = last or step % train.ckpt_every == 0 or step == train.stop_at
             evaluate = bool(train.eval_every) and step % train.eval_every == 0
+            usage = bool(train.usage_every) and step % train.usage_every == 0
             if not (
                 step % train.log_every == 0
                 or last
                 or step == self.start_step + 1
                 or evaluate
+                or usage
                 or checkpoint
                 or self.budget.needs_check(step)
             ):
@@ -320,6 +323,8 @@ class Trainer:
             stop = any_rank(preempt.requested) or step == train.stop_at
             if evaluate:
                 self.periodic_evaluation()
+            elif usage and not last:  # the end of the run logs its own
+                self.log_usage()
             if stop or checkpoint:
                 self.save()
             if stop and not last:
@@ -382,11 +387,20 @@ class Trainer:
         return spent
 
     def periodic_evaluation(self) -> None:
-        """Expert usage since the last evaluation (reduced over ranks), then the evaluation with figures."""
-        self.usage.reduce()
-        self.tracker.log_metrics(self.usage.metrics("experts"), step=self.step)
+        """Expert usage since the last record, then the evaluation with figures (its heat map from the same counts)."""
+        self.log_usage(reset=False)
         self.evaluate(figures=True)
         self.usage.reset()
+
+    def log_usage(self, reset: bool = True) -> None:
+        """Expert usage since the last record, summed over ranks (a collective): MLflow ``experts/...`` metrics and a
+        row of expert_usage.jsonl, so specialisation can be followed over training without evaluating."""
+        self.usage.reduce()
+        self.tracker.log_metrics(self.usage.metrics("experts"), step=self.step)
+        if self.dist.is_main and self.usage.blocks:
+            append_usage_row(self.run_dir / USAGE_LOG, self.cfg, self.step, self.budget, self.usage)
+        if reset:
+            self.usage.reset()
 
     def save(self) -> None:
         """Checkpoint (collective) with the client state a resume needs to replay the same steps."""
@@ -415,18 +429,12 @@ class Trainer:
         result.steps = step
         if not result.preempted:
             self.pending.flush_usage()
-            self.usage.reduce()
-            self.tracker.log_metrics(self.usage.metrics("experts"), step=step)
+            self.log_usage(reset=False)
             result.final_eval["after"] = self.evaluate(figures=True)
             if self.dist.is_main:
+                after = result.final_eval["after"]
                 write_summary(
-                    self.run_dir / "run_summary.json",
-                    self.cfg,
-                    step,
-                    self.stats,
-                    self.budget,
-                    result.final_eval["after"],
-                    self.usage,
+                    self.run_dir / "run_summary.json", self.cfg, step, self.stats, self.budget, after, self.usage
                 )
                 # end of run only: export, log (and register) the model in MLflow
                 log_trained_model(

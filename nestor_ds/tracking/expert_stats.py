@@ -129,6 +129,18 @@ class ExpertUsage:
         """Mutual information between dataset and routed image expert, in bits."""
         return mutual_information_bits(self.blocks[block].dataset_expert_MEimg)
 
+    def summary(self, dataset_names: list[str]) -> dict[str, dict]:
+        """Per block (JSON keys): the dataset x image-expert counts, their mutual information and the dataset
+        names of the rows; what run_summary.json and expert_usage.jsonl keep."""
+        return {
+            str(b): {
+                "dataset_expert": self.counts_matrix(b).tolist(),
+                "mi_bits": self.specialisation(b),
+                "datasets": list(dataset_names),
+            }
+            for b in sorted(self.blocks)
+        }
+
     def metrics(self, prefix: str = "experts") -> dict[str, float]:
         """Flat MLflow metrics `<prefix>/block<i>/...` for every block seen (names in docs/review_runs.md)."""
         out: dict[str, float] = {}
