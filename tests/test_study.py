@@ -148,6 +148,7 @@ def test_recipe_presets_are_the_study_winners_and_load(arch, tiny_shards):
         ({"search": {"variants": {"afno": {"base": "afno"}}}}, "search.variants.afno has the name of a model"),
         ({"parallel": 0}, "parallel must be >= 1"),
         ({"bare": {"models": ["nope"]}}, "bare.models names 'nope'"),
+        ({"usage": {"models": ["nope"], "budgets_s": [4]}}, "usage.models names 'nope'"),
     ],
 )
 def test_bad_study_specs_fail_with_one_line_naming_the_key(tmp_path, change, message):
@@ -161,3 +162,22 @@ def test_bad_study_specs_fail_with_one_line_naming_the_key(tmp_path, change, mes
     with pytest.raises(ValueError, match=message) as err:
         load_spec(str(path))
     assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+
+
+def test_usage_runs_are_planned_apart_from_the_matrix():
+    """`usage:` trials (e.g. re-runs that record expert usage over training) get their own ids and kind, after the
+    rest of the plan, in side-by-side batches like the matrix; the matrix is unchanged by them."""
+    import yaml
+
+    from tools.study import QUICK_SPEC, batches, make_plan
+
+    spec = yaml.safe_load(QUICK_SPEC.read_text())
+    before = make_plan(spec)
+    spec["usage"] = {"models": ["afno", "nestor"], "seeds": [0], "budgets_s": [8]}
+    plan = make_plan(spec)
+    assert plan[: len(before)] == before
+    assert plan[len(before) :] == [
+        ("usage-afno-s0-b8", "usage", "afno", 0, 8),
+        ("usage-nestor-s0-b8", "usage", "nestor", 0, 8),
+    ]
+    assert batches(plan[len(before) :], 2) == [plan[len(before) :]]

@@ -96,6 +96,21 @@ def test_run_records_params_metrics_tags_figures(store, tmp_path):
     assert len(params["note"]) == 900  # the artifact keeps the unclipped value
 
 
+def test_metrics_of_close_calls_go_in_one_request(store):
+    """Logging steps within metrics_every_s share one MLflow request; flush sends what is held, in step order."""
+    tracker = Tracker(_cfg(store, "coalesce", system_metrics=False, metrics_every_s=3600), rank=0, entry="pretrain")
+    for step in range(1, 31):
+        tracker.log_metrics({"train/loss": 1.0 / step, "train/lr": 1e-3}, step=step)
+    assert tracker.flush(30)
+    assert tracker._outbox.sent == 2  # the first call at once, the 29 after it in one request
+    history = MlflowClient(store).get_metric_history(tracker.run_id, "train/loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, 31))
+    tracker.log_metrics({"train/loss": 0.01}, step=31)  # held, then sent by finish
+    run_id = tracker.run_id
+    tracker.finish()
+    assert max(m.step for m in MlflowClient(store).get_metric_history(run_id, "train/loss")) == 31
+
+
 def test_nonzero_rank_writes_nothing_and_one_run_per_training(store, tmp_path):
     unused = f"sqlite:///{tmp_path / 'never.db'}"
     other = Tracker(_cfg(unused, "ranks"), rank=1, entry="pretrain")

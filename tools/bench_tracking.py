@@ -6,6 +6,11 @@ Both write the same per-step metric batch (20 metrics) to the same kind of store
 is `Tracker.log_metrics` (queue put; a background thread sends). Reports the median time per call on the
 calling thread and the ratio. A fresh SQLite store in a temp dir, or --tracking-uri for a server.
 
+Then what delivery costs the process, coalesced or not: the same steps logged through a tracker that sends every
+call (`tracking.metrics_every_s: 0`) and one with the default interval, each followed by `finish`; process CPU
+seconds (all threads: the delivery thread competes with training for cores and the GIL) and requests sent, per
+logged step.
+
     python -m tools.bench_tracking --json
 """
 
@@ -55,6 +60,23 @@ def main(argv: list[str] | None = None) -> int:
         outbox.finish()
         drain_s = time.perf_counter() - t0
         sync.finish()
+        delivery = {}
+        for label, every in (("every_call", 0.0), ("coalesced", TrackingConfig.metrics_every_s)):
+            tracker = Tracker(
+                TrackingConfig(
+                    tracking_uri=uri, experiment="bench-tracking", system_metrics=False, metrics_every_s=every
+                ),
+                rank=0,
+                entry="bench",
+                run_name=label,
+            )
+            cpu0 = time.process_time()
+            for step in range(1, args.steps + 1):
+                tracker.log_metrics({n: 1.0 / step for n in names}, step)
+            tracker.flush()
+            requests = tracker._outbox.sent
+            tracker.finish()
+            delivery[label] = {"cpu_ms_per_step": (time.process_time() - cpu0) * 1e3 / args.steps, "requests": requests}
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "steps": args.steps,
@@ -64,12 +86,16 @@ def main(argv: list[str] | None = None) -> int:
         "outbox_median_ms": med["outbox"] * 1e3,
         "sync_over_outbox": med["sync"] / med["outbox"],
         "outbox_drain_at_finish_s": drain_s,
+        "delivery_every_call": delivery["every_call"],
+        "delivery_coalesced": delivery["coalesced"],
+        "delivery_cpu_every_call_over_coalesced": delivery["every_call"]["cpu_ms_per_step"]
+        / delivery["coalesced"]["cpu_ms_per_step"],
     }
     if args.json:
         print(json.dumps(result))
     else:
         for k, v in result.items():
-            print(f"{k:26s} {v:.4g}" if isinstance(v, float) else f"{k:26s} {v}")
+            print(f"{k:40s} {v:.4g}" if isinstance(v, float) else f"{k:40s} {v}")
     return 0
 
 

@@ -82,9 +82,10 @@ def load_spec(path: str) -> dict[str, Any]:
             raise ValueError(f"{p}: missing key 'data.{key}'")
     if not isinstance(spec["models"], dict) or not spec["models"]:
         raise ValueError(f"{p}: 'models' must map names to config sections")
-    for m in (spec.get("bare") or {}).get("models", []):
-        if m not in spec["models"]:
-            raise ValueError(f"{p}: bare.models names {m!r}, which is not one of models")
+    for section in ("bare", "usage"):
+        for m in (spec.get(section) or {}).get("models", []):
+            if m not in spec["models"]:
+                raise ValueError(f"{p}: {section}.models names {m!r}, which is not one of models")
     for v, sec in ((spec.get("search") or {}).get("variants") or {}).items():
         if not isinstance(sec, dict) or sec.get("base") not in spec["models"]:
             raise ValueError(f"{p}: search.variants.{v}.base must name one of models")
@@ -428,7 +429,9 @@ Trial = tuple[str, str, str, int, float]  # (trial id, kind, model or variant, s
 
 def make_plan(spec: dict[str, Any]) -> list[Trial]:
     """Every trial of the study in run order: recipe search (validation only), the matrix (budgets outer, then seeds,
-    then models: side-by-side batches hold the models of one seed and budget), product-vs-bare pairs, transfer."""
+    then models: side-by-side batches hold the models of one seed and budget), product-vs-bare pairs, transfer, and
+    the `usage:` runs (matrix trials of their own, e.g. re-run later with ``train.usage_every`` to follow expert
+    specialisation over training, kept out of the matrix's means)."""
     plan: list[Trial] = []
     search = spec.get("search") or {}
     for b in search.get("budgets_s", [180]):
@@ -447,6 +450,10 @@ def make_plan(spec: dict[str, Any]) -> list[Trial]:
         for s in tr.get("seeds", spec["seeds"]):
             for m in tr.get("models", list(spec["models"])):
                 plan.append((f"transfer-{m}-s{s}", "transfer", m, s, tr["finetune_budget_s"]))
+    usage = spec.get("usage") or {}
+    for b in usage.get("budgets_s", []):
+        for s in usage.get("seeds", [0]):
+            plan += [(f"usage-{m}-s{s}-b{int(b)}", "usage", m, s, b) for m in usage.get("models", [])]
     return plan
 
 
@@ -473,7 +480,7 @@ def run_trial(spec: dict[str, Any], trial: Trial, data: dict[str, dict[str, Path
     else:
         cfg = trial_config(spec, model, seed, budget, data_section(spec, data, fams), runs)
         test_dirs = [data[f]["test"] for f in fams]
-        if kind == "matrix":
+        if kind in ("matrix", "usage"):
             record = train_and_score(spec, trial_id, cfg, test_dirs, work)
         elif kind == "search":
             record = {**train_only(spec, trial_id, cfg, work), "overrides": model_sections(spec, model)}

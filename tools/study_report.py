@@ -424,7 +424,8 @@ def write_report(spec: dict[str, Any], out: Path) -> Path:
                 "![dataset x image expert](expert_heatmap.png)",
                 "",
             ]
-            lines += specialisation_over_training(nestor, out / "specialisation_over_training.png")
+            curves = nestor + [t for t in trials if t["kind"] == "usage"]  # matrix and `usage:` trials
+            lines += specialisation_over_training(curves, out / "specialisation_over_training.png")
     lines += head_to_head_section(spec, groups)
     lines += search_section(spec, trials)
     lines += bare_loop_section(trials)

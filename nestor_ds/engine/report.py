@@ -77,8 +77,8 @@ USAGE_LOG = "expert_usage.jsonl"  # one row per usage record (train.usage_every,
 
 
 def append_usage_row(path: Path, cfg: RunConfig, step: int, budget: Budget, usage: Any) -> None:
-    """A row of expert_usage.jsonl: the step, the budget spent (budgeted runs) and, per block, the dataset x image-expert counts of
-    the steps since the previous row and their mutual information (read by tools/study.py)."""
+    """A row of expert_usage.jsonl: the step, the budget spent (budgeted runs) and, per block, the dataset x
+    image-expert counts of the steps since the previous row and their mutual information (read by tools/study.py)."""
     spent = budget.metrics(step) if budget.active else {}  # budgeted runs: training seconds and FLOPs so far
     row = {"step": step, **spent, "blocks": usage.summary([d.name for d in cfg.data.datasets])}
     with open(path, "a") as f:

@@ -9,6 +9,10 @@ Why this shape:
   directory's `mlflow_buffer/`) and sent, in order, when the server is back -- so the MLflow history
   ends equal to `metrics.jsonl`. MLflow's own HTTP retries are turned off and timeouts shortened before
   the first request (the outbox does the retrying, off the training thread).
+- Metrics go out in one request at most every `metrics_every_s` seconds (rows held in between, sent at
+  once by `flush` and `finish`): a SQLite commit or HTTP request per logging step cost a small model's
+  training 3% of a core, and the delivery thread takes the GIL from the training loop while it runs
+  (docs/benchmarks.md); metrics.jsonl has every step at once.
 - A resumed run re-opens its MLflow run (id kept in every checkpoint) and does not log a (metric, step)
   that the run already holds, so steps redone after a resume appear once.
 - Credentials in the tracking URI are masked in everything logged (`redact.py`).
@@ -59,8 +63,16 @@ class TrackingConfig:
     buffer_max_mb: int = 256  # on-disk outage buffer of one run (metrics beyond it are dropped, counted)
     retry_max_s: float = 30.0  # longest wait between two delivery attempts during an outage
     finish_timeout_s: float = 60.0  # at the end, how long to wait for a server that is down before leaving the buffer
+    metrics_every_s: float = 10.0  # metrics reach MLflow in one request at most this often (0: every logging step)
     log_model: bool = True  # log the final weights as an MLflow pyfunc model (docs/review_runs.md)
     register_model: str | None = None  # also register that model under this name in the Model Registry
+
+    def validate(self) -> None:
+        from nestor_ds.typed_config import check
+
+        for key in ("metrics_every_s", "system_metrics_interval_s", "retry_max_s", "finish_timeout_s"):
+            value = getattr(self, key)
+            check(value >= 0, f"tracking.{key}", f"must be >= 0 seconds, got {value!r}")
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -120,6 +132,8 @@ class Tracker:
         self._logged_upto: dict[str, int] = {}  # resume: highest step per metric the run already holds
         self._artifact_seq = 0
         self._pending_tags: dict[str, str] = {}  # resume: the environment tags, sent once the outbox runs
+        self._held_rows: list[list] = []  # metric rows waiting for the next request (metrics_every_s)
+        self._metrics_sent_at = -math.inf  # time.monotonic() of the last metrics request: the first goes at once
         if rank != 0 or not cfg.enabled:
             return
         # Must be set before the first request: MLflow reads them per request.
@@ -224,6 +238,7 @@ class Tracker:
         """Wait (at most `timeout_s`, default `finish_timeout_s`) until everything logged so far reached MLflow."""
         if self._outbox is None:
             return True
+        self._send_held_metrics()
         return self._outbox.flush(self.cfg.finish_timeout_s if timeout_s is None else timeout_s)
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -240,6 +255,7 @@ class Tracker:
                 monitor.finish()  # joins the sampler thread and flushes what it holds
             except Exception as exc:  # noqa: BLE001
                 log.warning("MLflow system metrics did not stop cleanly: %s", one_line(exc))
+        self._send_held_metrics()
         self._put({"op": "terminate", "status": status})
         outbox, self._outbox = self._outbox, None
         left = outbox.close(self.cfg.finish_timeout_s) if outbox is not None else 0
@@ -327,7 +343,8 @@ class Tracker:
             self._put({"op": "tags", "tags": {k: items[k] for k in keys[i : i + PARAMS_PER_BATCH]}})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """One batched request per call, sent off the calling thread; tensors and numpy scalars accepted.
+        """Queued for delivery off the calling thread, rows of calls within ``metrics_every_s`` seconds in one
+        request (``flush`` and ``finish`` send what is held); tensors and numpy scalars accepted.
 
         A (metric, step) the run already holds from before a resume is skipped: MLflow keeps every value
         logged, so a redone step would otherwise appear twice in the history.
@@ -351,6 +368,14 @@ class Tracker:
             if int(step) <= self._logged_upto.get(key, -1):
                 continue
             rows.append([key, number, now, int(step)])
+        self._held_rows += rows
+        if time.monotonic() - self._metrics_sent_at >= self.cfg.metrics_every_s:
+            self._send_held_metrics()
+
+    def _send_held_metrics(self) -> None:
+        """The held metric rows as requests of at most METRICS_PER_BATCH rows, in logging order."""
+        rows, self._held_rows = self._held_rows, []
+        self._metrics_sent_at = time.monotonic()
         for i in range(0, len(rows), METRICS_PER_BATCH):
             self._put({"op": "metrics", "rows": rows[i : i + METRICS_PER_BATCH]})
 
