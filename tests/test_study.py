@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.timeout(900)
@@ -61,6 +62,10 @@ def test_quick_study_runs_reports_and_resumes(tmp_path):
     assert all(s % 5 == 0 for s in steps[:-1]) and all(0 <= r["mi_bits"]["0"] <= 1 for r in curve)
     assert curve[-1]["mi_bits"]["0"] == mi  # the end of the run: run_summary.json's usage is the last record
     assert "### Over training" in report and f"nestor-s0-b4 block 0: {curve[0]['mi_bits']['0']:.3f} at" in report
+    from nestor_ds.tracking import mutual_information_bits
+
+    pooled = mutual_information_bits(sum(np.array(r["dataset_expert"]["0"]) for r in curve))  # counts of all records
+    assert f"pooled over the run {pooled:.3f}" in report
     assert trials["afno-s0-b4"]["usage_curve"] == []  # no experts, no records
     r1 = trials["nestor-s0-b4"]["test"]["mean"]["l2re_1step"] / trials["afno-s0-b4"]["test"]["mean"]["l2re_1step"]
     rr = trials["nestor-s0-b4"]["test"]["mean"]["l2re_rollout"] / trials["afno-s0-b4"]["test"]["mean"]["l2re_rollout"]

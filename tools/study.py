@@ -410,7 +410,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
 def usage_curve(path: Path) -> list[dict[str, Any]]:
     """Specialisation over training from the trainer's expert_usage.jsonl (``train.usage_every``): per record its
-    step, training seconds and, per block, the mutual information of the steps since the previous record."""
+    step, training seconds and, per block, the dataset x image-expert counts of the steps since the previous record
+    and their mutual information."""
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line]
@@ -419,6 +420,7 @@ def usage_curve(path: Path) -> list[dict[str, Any]]:
             "step": r["step"],
             "seconds": r.get("budget/seconds"),
             "mi_bits": {b: u["mi_bits"] for b, u in r["blocks"].items()},
+            "dataset_expert": {b: u["dataset_expert"] for b, u in r["blocks"].items()},
         }
         for r in rows
     ]

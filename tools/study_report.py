@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
+
+from nestor_ds.tracking.expert_stats import mutual_information_bits
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -143,9 +146,11 @@ def specialisation_over_training(trials: list[dict[str, Any]], path: Path) -> li
             pts = [(r["seconds"], r["mi_bits"][block]) for r in rows if block in r["mi_bits"]]
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".", label=f"{t['id']} block {block}")
             mid = pts[len(pts) // 2]
+            pooled = [r["dataset_expert"][block] for r in rows if block in r.get("dataset_expert", {})]
+            whole = f"; pooled over the run {mutual_information_bits(np.sum(pooled, axis=0)):.3f}" if pooled else ""
             said.append(
                 f"{t['id']} block {block}: {pts[0][1]:.3f} at {pts[0][0]:.0f} s, {mid[1]:.3f} at {mid[0]:.0f} s, "
-                f"{pts[-1][1]:.3f} at {pts[-1][0]:.0f} s"
+                f"{pts[-1][1]:.3f} at {pts[-1][0]:.0f} s{whole}"
             )
     ax.set_xlabel("training seconds")
     ax.set_ylabel("I(dataset; image expert), bits")
@@ -160,7 +165,10 @@ def specialisation_over_training(trials: list[dict[str, Any]], path: Path) -> li
         "### Over training",
         "",
         f"Each point is the routing of the steps since the previous record (every {every[-1]} steps, "
-        "`train.usage_every`; the last record ends with the run): " + "; ".join(said) + ".",
+        "`train.usage_every`; the last record ends with the run); 'pooled' is the MI of all records' counts summed, "
+        "which is lower than the records' when the dataset-to-expert mapping drifts over training: "
+        + "; ".join(said)
+        + ".",
         "",
         f"![specialisation over training]({path.name})",
         "",
