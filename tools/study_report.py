@@ -460,7 +460,8 @@ def write_report(spec: dict[str, Any], out: Path) -> Path:
             )
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    (out / "study.json").write_text(json.dumps({"spec": spec, "trials": trials}, indent=1))
+    # the spec and which trials the report read; each trial's record (loss curve included) is trials/<id>.json only
+    (out / "study.json").write_text(json.dumps({"spec": spec, "trials": [t["id"] for t in trials]}, indent=1))
     return path
 
 
