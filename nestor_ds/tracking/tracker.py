@@ -12,7 +12,7 @@ Why this shape:
 - Metrics go out in one request at most every `metrics_every_s` seconds (rows held in between, sent at
   once by `flush` and `finish`): a SQLite commit or HTTP request per logging step cost a small model's
   training 3% of a core, and the delivery thread takes the GIL from the training loop while it runs
-  (docs/benchmarks.md); metrics.jsonl has every step at once.
+  (docs/review_runs.md); metrics.jsonl has every step at once.
 - A resumed run re-opens its MLflow run (id kept in every checkpoint) and does not log a (metric, step)
   that the run already holds, so steps redone after a resume appear once.
 - Credentials in the tracking URI are masked in everything logged (`redact.py`).
