@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from nestor_ds.config import deep_merge  # one merge for run configs
+from nestor_ds.engine.report import USAGE_LOG  # the trainer's expert-usage records
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -404,7 +405,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "stats": summary.get("model_stats", {}),
         "validation": summary.get("final_eval", {}),
         "expert_usage": summary.get("expert_usage", {}),
-        "usage_curve": usage_curve(run_dir / "expert_usage.jsonl"),
+        "usage_curve": usage_curve(run_dir / USAGE_LOG),
     }
 
 

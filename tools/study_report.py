@@ -160,11 +160,11 @@ def specialisation_over_training(trials: list[dict[str, Any]], path: Path) -> li
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    every = sorted({r["step"] - q["step"] for t in curves for q, r in zip(t["usage_curve"], t["usage_curve"][1:])})
+    every = max(r["step"] - q["step"] for t in curves for q, r in zip(t["usage_curve"], t["usage_curve"][1:]))
     return [
         "### Over training",
         "",
-        f"Each point is the routing of the steps since the previous record (every {every[-1]} steps, "
+        f"Each point is the routing of the steps since the previous record (every {every} steps, "
         "`train.usage_every`; the last record ends with the run); 'pooled' is the MI of all records' counts summed, "
         "which is lower than the records' when the dataset-to-expert mapping drifts over training: "
         + "; ".join(said)

@@ -11,7 +11,7 @@ Why this shape:
   the first request (the outbox does the retrying, off the training thread).
 - Metrics go out in one request at most every `metrics_every_s` seconds (rows held in between, sent at
   once by `flush` and `finish`): a SQLite commit or HTTP request per logging step cost a small model's
-  training 3% of a core, and the delivery thread takes the GIL from the training loop while it runs
+  training 3% of a core, and the delivery thread holds the GIL while it runs its Python
   (docs/review_runs.md); metrics.jsonl has every step at once.
 - A resumed run re-opens its MLflow run (id kept in every checkpoint) and does not log a (metric, step)
   that the run already holds, so steps redone after a resume appear once.
@@ -36,7 +36,7 @@ from typing import Any
 from nestor_ds.redact import mask_secrets, redact
 from nestor_ds.tracking.buffer import Outbox, deliver, one_line, stage_dir
 from nestor_ds.tracking.system import run_environment, system_metrics_available
-from nestor_ds.typed_config import flatten  # noqa: F401  (re-exported: nestor_ds.tracking.flatten)
+from nestor_ds.typed_config import check, flatten  # noqa: F401  (re-exported: nestor_ds.tracking.flatten)
 
 log = logging.getLogger("nestor_ds.tracking")
 
@@ -68,8 +68,6 @@ class TrackingConfig:
     register_model: str | None = None  # also register that model under this name in the Model Registry
 
     def validate(self) -> None:
-        from nestor_ds.typed_config import check
-
         for key in ("metrics_every_s", "system_metrics_interval_s", "retry_max_s", "finish_timeout_s"):
             value = getattr(self, key)
             check(value >= 0, f"tracking.{key}", f"must be >= 0 seconds, got {value!r}")
