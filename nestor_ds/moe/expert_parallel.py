@@ -8,12 +8,13 @@ rank receives (for its experts), S rows of an expert-major buffer, Q capacity: r
 Rank p holds experts [p*E_l, (p+1)*E_l). Both routings exchange only routed rows:
 
 - dropless: the A assignments of the valid rows are sorted by expert (= by destination rank); the [E] counts
-  go through one all_to_all (each rank learns how many rows of each of its experts every source sends), one
-  host read gives the split sizes, then `all_to_all_single` with exact split sizes (all-to-all-v) moves the
-  rows, the local experts run on them with the grouped kernel of `experts.py` in arrival order (P * E_l groups,
-  source rank then local expert, each with its expert's weights; the padded kernel moves them to expert-major
-  chunks first), and the inverse all-to-all-v brings the outputs home. Padding rows are never routed, sent or
-  counted; a rank with no valid row, or an expert with no row, still joins every collective (forward and backward).
+  go through one all_to_all (each rank learns how many rows of each of its experts every source sends; the send
+  buffer is built meanwhile), one host read gives the split sizes, then `all_to_all_single` with exact split sizes
+  (all-to-all-v) moves the rows (the replicated shared expert runs meanwhile), the local experts run on them with
+  the grouped kernel of `experts.py` in arrival order (P * E_l groups, source rank then local expert, each with its
+  expert's weights; the padded kernel moves them to expert-major chunks first), and the inverse all-to-all-v brings
+  the outputs home. Padding rows are never routed, sent or counted; a rank with no valid row, or an expert with no
+  row, still joins every collective (forward and backward).
 - static (training): `plan_capacity` gives every expert Q rows on every rank (overflow dropped lowest router
   probability first, padding absent), so the exchange has equal, fixed splits: no count exchange, no host
   sync. The received [P, E_l, Q, D] buffer is one batched matmul per projection on [E_l, P*Q, D]. Needs the
@@ -209,24 +210,27 @@ class ExpertParallelTokenMoE(TokenMoE):
         routing = self.route(x_VD)
         counts_E = tokens_per_expert(routing.experts_NK, self.num_experts)
 
-        # assignments sorted by expert = by destination rank; one row each in the send buffer
+        # counts per (source rank, local expert) in flight while the send buffer is built: the assignments sorted
+        # by expert = by destination rank, one row each
+        recv_PE = torch.empty_like(counts_E)
+        counts_sent = dist.all_to_all_single(recv_PE, counts_E.contiguous(), group=self.ep_group, async_op=True)
         sorted_A = sorted_position(routing.experts_NK.reshape(-1))
         send_AD = dispatch_rows(x_VD, sorted_A.view(V, K), V * K)
-
-        # counts per (source rank, local expert), then one host read of every split size
-        recv_PE = torch.empty_like(counts_E)
-        dist.all_to_all_single(recv_PE, counts_E.contiguous(), group=self.ep_group)
-        sizes = torch.cat([counts_E.view(P, E_l).sum(1), recv_PE.view(P, E_l).sum(1)]).tolist()
+        counts_sent.wait()
+        sizes = torch.cat([counts_E.view(P, E_l).sum(1), recv_PE.view(P, E_l).sum(1)]).tolist()  # one host read
         send_splits, recv_splits = sizes[:P], sizes[P:]
         recv_UD = all_to_all_v(send_AD, recv_splits, send_splits, self.ep_group)
+        # the shared expert needs no exchange: it runs while the rows travel (the functional collective's result
+        # is waited for on first use, in _run_received)
+        shared_VD = self.shared(x_VD) if self.shared is not None else None
 
         y_UD = self._run_received(recv_UD, recv_PE)
         back_AD = all_to_all_v(y_UD, send_splits, recv_splits, self.ep_group)
 
         y_VKD = gather_rows(back_AD, sorted_A.view(V, K))
         y_VD = (routing.weights_NK.unsqueeze(-1) * y_VKD.float()).sum(dim=1).to(x_VD.dtype)
-        if self.shared is not None:
-            y_VD = y_VD + self.shared(x_VD)
+        if shared_VD is not None:
+            y_VD = y_VD + shared_VD
         out_ND = y_VD if rows_V is None else torch.zeros_like(x_ND).index_copy(0, rows_V, y_VD)
         return MoEOutput(
             out_ND,
