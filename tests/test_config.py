@@ -107,6 +107,10 @@ def test_ep_size_resolution():
     assert resolve_ep_size("auto", 6, 4, "local") == 2
     assert resolve_ep_size("auto", 8, 6, "local") == 2
     assert resolve_ep_size("auto", 4, 4, "local") == 4
+    # groups are consecutive ranks: auto keeps them inside a node (3 nodes x 8 GPUs, 6 experts: not 6)
+    assert resolve_ep_size("auto", 24, 6, "local", ranks_per_node=8) == 2
+    assert resolve_ep_size("auto", 24, 6, "local", ranks_per_node=24) == 6
+    assert resolve_ep_size("auto", 12, 6, "local", ranks_per_node=6) == 6
     assert resolve_ep_size(2, 2, 4, "local") == 2
     with pytest.raises(ValueError, match="must divide both the world size"):
         resolve_ep_size(3, 4, 6, "local")

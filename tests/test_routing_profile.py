@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tools.routing_profile import Calls, main, replay
+from tools.routing_profile import Calls, main, replay, uniform_calls
 
 from train_fixtures import tiny_config
 
@@ -30,11 +30,14 @@ def test_replay_counts_padding_and_the_busiest_rank():
     assert row["expert_rows_ratio"] == pytest.approx(8 / 8)
     # image-expert bodies: ep 1 rank 0 runs 3+1 samples; ep 2 every rank runs 3+1 (padding included)
     assert row["body_rows_ratio"] == pytest.approx(4 / 4)
+    # one exchange for both image experts: rank 0 receives 5+1, rank 1 3+3 -> 6; bodies: rank 0 runs 3+1 samples
+    assert row["one_exchange_per_block"] == {"expert_rows_ratio": pytest.approx(8 / 6), "body_rows_ratio": 1.0}
 
 
 def test_replay_without_expert_parallelism_is_balanced_by_definition():
     row = replay(_two_ranks(), ep=1)
-    assert row == {"expert_rows_ratio": 1.0, "body_rows_ratio": 1.0, "rank_imbalance": 1.0, "padding_fraction": 0.0}
+    assert row["expert_rows_ratio"] == row["body_rows_ratio"] == row["rank_imbalance"] == 1.0
+    assert row["padding_fraction"] == 0.0 and row["one_exchange_per_block"]["expert_rows_ratio"] == 1.0
 
 
 def test_replay_refuses_a_group_size_that_does_not_divide():
@@ -44,6 +47,15 @@ def test_replay_refuses_a_group_size_that_does_not_divide():
         replay(six_ranks, ep=4)
     with pytest.raises(ValueError, match="ep 3 must divide the ranks \\(2\\)"):
         replay(calls, ep=3)
+
+
+def test_uniform_router_routes_every_sample_and_token_k_times():
+    calls = uniform_calls((3, 2, 2, 6, 4), micro_batch=10, tokens=16, image_k=2, token_k=2, seed=0)
+    assert (calls.image_SRBE.sum(-1) == 10 * 2).all()
+    assert (calls.token_SRBET.sum(-1) == calls.image_SRBE * 16 * 2).all()
+    assert calls.image_SRBE.std() > 0  # sampled, not an even split
+    row = replay(calls, ep=2)
+    assert row["rank_imbalance"] > 1.0 and row["padding_fraction"] > 0.0
 
 
 def test_cli_profiles_a_model_export_on_its_training_stream(tiny_shards, tmp_path, capsys):
@@ -67,6 +79,7 @@ def test_cli_profiles_a_model_export_on_its_training_stream(tiny_shards, tmp_pat
     expected = steps * ranks * micro * result["tokens_per_sample"] * m.image_top_k * m.moe.top_k * m.depth
     assert result["token_assignments"] == expected
     assert result["ep"]["1"]["padding_fraction"] == 0.0
+    assert set(result["uniform_router"]) == {"1", "2"} and result["uniform_router"]["1"]["rank_imbalance"] == 1.0
     ep2 = result["ep"]["2"]
     assert 0.0 <= ep2["padding_fraction"] < 1.0 and ep2["rank_imbalance"] >= 1.0
     assert 0.0 < ep2["expert_rows_ratio"] and 0.0 < ep2["body_rows_ratio"] <= 1.0

@@ -18,6 +18,9 @@ bytes, this rank's own chunk included) forward + backward, per rank. Reported: t
     (valid_N False: the legacy layer routes, sends and computes them, as the removed backend did) and a router
     skewed towards expert 0 (rows shifted along its gate row; the dropless capacity of the legacy layer is the
     largest expert load, so every expert's buffer grows to it).
+  - `profiled` (with `--profile PROFILE.json` from `tools.routing_profile --ep 2`): a trained model's routing: the
+    profile's padding fraction, and rows shifted towards rank 0's experts (along the difference of the mean gate
+    rows of experts 0-2 and 3-5) until rank 0 receives the profile's `rank_imbalance` / 2 of the assignments.
 """
 
 from __future__ import annotations
@@ -93,6 +96,46 @@ def _legacy_layer():
     return run, list(layer.modules())
 
 
+def rank0_share(x_TD, gate_ED, k: int) -> float:
+    """Share of the top-k assignments of rows x that go to the experts of EP rank 0 of 2 (the first half)."""
+    experts = (x_TD.float() @ gate_ED.float().T).topk(k, dim=-1).indices
+    return float((experts < gate_ED.shape[0] // 2).float().mean())
+
+
+def shift_for_share(gate_ED, target: float, k: int, rows: int = 16384) -> tuple[object, float]:
+    """(shift [D], share reached): the vector added to standard-normal rows so that rank 0's experts get `target` of the
+    top-k assignments. Bisection on the length along the difference of the two halves' mean gate rows (the share
+    grows with it); a target at or below the unshifted share needs no shift."""
+    import torch
+
+    half = gate_ED.shape[0] // 2
+    direction = gate_ED[:half].mean(0) - gate_ED[half:].mean(0)
+    direction = direction / direction.norm()
+    x = torch.randn(rows, gate_ED.shape[1], generator=torch.Generator().manual_seed(7))
+    share = rank0_share(x, gate_ED, k)
+    if target <= share:
+        return torch.zeros_like(direction), share
+    lo, hi = 0.0, 1.0
+    while rank0_share(x + hi * direction, gate_ED, k) < target:
+        hi *= 2
+        if hi > 1e3:
+            raise ValueError(f"no shift gives rank 0 a share of {target}")
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rank0_share(x + mid * direction, gate_ED, k) < target else (lo, mid)
+    return hi * direction, rank0_share(x + hi * direction, gate_ED, k)
+
+
+def load_profile(path: str) -> dict[str, float]:
+    """The ep-2 row of a tools.routing_profile JSON: rank_imbalance and padding_fraction."""
+    data = json.loads(Path(path).read_text())
+    try:
+        row = data["ep"]["2"]
+        return {"rank_imbalance": float(row["rank_imbalance"]), "padding_fraction": float(row["padding_fraction"])}
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: no ep 2 row (run tools.routing_profile with --ep 2)") from None
+
+
 def worker(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
@@ -113,11 +156,18 @@ def worker(args: argparse.Namespace) -> None:
     legacy_run, legacy_modules = _legacy_layer()
 
     legacy_gate = next(m for m in legacy_modules if hasattr(m, "wg")).wg.weight
-    with torch.no_grad():  # same routing in the new and legacy layers
+    with torch.no_grad():  # same routing in all three
         legacy_gate.copy_(new.gate_weight)
-    direction = new.gate_weight.detach()[0] / new.gate_weight.detach()[0].norm()
-    results = {"tokens": {}, "skewed_padded": {}}
-    for scenario, tokens in [(s, t) for s in args.scenarios for t in args.tokens]:
+        local.router.gate.weight.copy_(new.gate_weight)
+    gate_ED = new.gate_weight.detach()
+    direction = gate_ED[0] / gate_ED[0].norm()
+    scenarios = list(args.scenarios) + (["profiled"] if args.profile else [])
+    results: dict = {s: {} for s in scenarios}
+    if args.profile:
+        profile = load_profile(args.profile)
+        shift, reached = shift_for_share(gate_ED, profile["rank_imbalance"] / 2, K)
+        results["profiled"] = {"profile": {**profile, "file": args.profile, "rank0_share_target": reached}}
+    for scenario, tokens in [(s, t) for s in scenarios for t in args.tokens]:
         gen = torch.Generator().manual_seed(100 + rank)
         x = torch.randn(tokens, D, generator=gen)
         g = torch.randn(tokens, D, generator=gen)
@@ -125,6 +175,9 @@ def worker(args: argparse.Namespace) -> None:
         if scenario == "skewed_padded":
             x = x + SKEW * direction * D**0.5
             valid = torch.arange(tokens) < tokens - tokens // 4
+        if scenario == "profiled":
+            x = x + shift
+            valid = torch.arange(tokens) < tokens - round(tokens * profile["padding_fraction"])
         contenders = {
             "new": lambda x, valid=valid: new(x, valid).out_ND,
             "local": lambda x, valid=valid: local(x, valid).out_ND,
@@ -132,7 +185,11 @@ def worker(args: argparse.Namespace) -> None:
         }
         with torch.no_grad():
             counts = local(x, valid).tokens_per_expert_E.float()
-        row = {"max_expert_share": float(counts.max() / counts.sum())}
+        row = {
+            "max_expert_share": float(counts.max() / counts.sum()),
+            "rank0_expert_share": float(counts[: E // 2].sum() / counts.sum()),
+            "padding_fraction": 0.0 if valid is None else float(1 - valid.float().mean()),
+        }
         for name in args.contenders:
             fn = contenders[name]
             times, sent = [], []
@@ -195,9 +252,20 @@ def main() -> None:
         choices=("tokens", "skewed_padded"),
         help="inputs (see above; default both)",
     )
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="PROFILE.json",
+        help="add the `profiled` input, calibrated to a tools.routing_profile result (its ep 2 row)",
+    )
     args = ap.parse_args()
     if any(t <= 0 for t in args.tokens) or args.reps < 1 or args.threads < 1:
         ap.error("--tokens, --reps and --threads must be positive")
+    if args.profile:
+        try:
+            load_profile(args.profile)
+        except (OSError, ValueError) as err:
+            ap.error(str(err))
     if "RANK" in os.environ:
         worker(args)
         return
@@ -211,8 +279,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    for scenario in args.scenarios:
+    for scenario in [s for s in result if isinstance(result[s], dict) and s in (*args.scenarios, "profiled")]:
         for tokens, row in result[scenario].items():
+            if tokens == "profile":
+                continue
             parts = [
                 f"{n} {row[n]['tokens_per_s_per_rank']:.0f} tok/s "
                 f"({row[n]['all_to_all_bytes_per_rank'] / 1e6:.1f} MB a2a)"

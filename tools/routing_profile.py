@@ -19,6 +19,10 @@ expert-parallel groups of P consecutive ranks. Per P:
   rank_imbalance      rows received by the busiest rank of a call over the group's mean, pooled over calls (>= 1);
                       `tools.bench_moe_ep --profile` builds a 2-rank input with this imbalance and padding fraction
   padding_fraction    share of the token-MoE rows that are padding
+`one_exchange_per_block` models a design this project does not have (yet): every rank runs all image experts of a
+block, then one token exchange serves all their token MoEs, so a block waits once instead of once per image expert.
+`uniform_router` gives the same for a router that picks experts uniformly at random with the same batch: the part of
+the imbalance that sampling alone causes (what a perfect load-balancing loss would leave).
 
 Step times are modelled as rows: ep 1 syncs once per step (gradients), so a step costs the largest rank's sum over
 calls; ep P syncs at every call, so a step costs the sum over calls of the busiest rank's rows.
@@ -64,13 +68,43 @@ def replay(calls: Calls, ep: int) -> dict[str, float]:
     body_ep1 = image_SGPC.sum(axis=-1).reshape(S, R).max(axis=1)
     body_epP = size_SGC.sum(axis=-1).max(axis=1)
     busiest, mean = received_SGCQ.max(axis=-1).sum(), received_SGCQ.mean(axis=-1).sum()
+    # one exchange per block for all its image experts: each rank runs all its image-expert bodies first
+    received_SGBQ = received_SGCQ.reshape(S, G, B, E_img, ep).sum(axis=3)
+    pooled_expert_epP = received_SGBQ.max(axis=-1).sum(axis=-1).max(axis=1)
+    pooled_body_epP = image_SGPC.reshape(S, G, ep, B, E_img).sum(axis=-1).max(axis=2).sum(axis=-1).max(axis=1)
     padded = (size_SGC[:, :, None, :] - image_SGPC).sum()
     return {
         "expert_rows_ratio": float(expert_ep1.sum() / max(expert_epP.sum(), 1.0)),
         "body_rows_ratio": float(body_ep1.sum() / max(body_epP.sum(), 1.0)),
         "rank_imbalance": float(busiest / mean) if mean > 0 else 1.0,
         "padding_fraction": float(padded / max(size_SGC.sum() * ep, 1.0)),
+        "one_exchange_per_block": {
+            "expert_rows_ratio": float(expert_ep1.sum() / max(pooled_expert_epP.sum(), 1.0)),
+            "body_rows_ratio": float(body_ep1.sum() / max(pooled_body_epP.sum(), 1.0)),
+        },
     }
+
+
+def uniform_calls(
+    shape: tuple[int, ...], micro_batch: int, tokens: int, image_k: int, token_k: int, seed: int
+) -> Calls:
+    """Counts of a router that picks its top-k experts uniformly at random (image and token level), for the same
+    steps, ranks, blocks, micro-batch and tokens per sample as a recording of `shape` [S, R, B, E_img, E_tok]: the
+    imbalance that sampling alone causes, which no load-balancing loss removes at this batch size."""
+    S, R, B, E_img, E_tok = shape
+    rng = np.random.default_rng(seed)
+
+    def topk_counts(n: int, experts: int, k: int) -> np.ndarray:
+        picks = np.argpartition(rng.random((n, experts)), k - 1, axis=1)[:, :k]  # k distinct experts per row
+        return np.bincount(picks.ravel(), minlength=experts)
+
+    image = np.zeros((S, R, B, E_img), dtype=np.int64)
+    token = np.zeros((S, R, B, E_img, E_tok), dtype=np.int64)
+    for idx in np.ndindex(S, R, B):
+        image[idx] = topk_counts(micro_batch, E_img, image_k)
+        for e in range(E_img):
+            token[idx + (e,)] = topk_counts(int(image[idx + (e,)]) * tokens, E_tok, token_k)
+    return Calls(image, token)
 
 
 def record(model: Any, data_cfg: Any, micro_batch: int, ranks: int, steps: int, seed: int) -> Calls:
@@ -116,6 +150,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     data_cfg.t_in, data_cfg.resolution, data_cfg.channels = cfg.t_in, cfg.resolution, cfg.in_channels
     calls = record(model, data_cfg, args.micro_batch, args.ranks, args.steps, args.seed)
     token = calls.token_SRBET.astype(np.float64)
+    uniform = uniform_calls(token.shape, args.micro_batch, cfg.grid**2, cfg.image_top_k, cfg.moe.top_k, args.seed)
     return {
         "checkpoint": str(args.checkpoint),
         "micro_batch": args.micro_batch,
@@ -129,6 +164,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         "token_assignments": int(token.sum()),
         "max_token_expert_share": float((token.sum(axis=(0, 1, 2, 3)) / token.sum()).max()),
         "ep": {str(p): replay(calls, p) for p in args.ep},
+        "uniform_router": {str(p): replay(uniform, p) for p in args.ep},
     }
 
 
@@ -175,11 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         f"largest token-expert share {result['max_token_expert_share']:.3f}"
     )
     for p, row in result["ep"].items():
-        print(
-            f"  ep {p}: expert rows ep1/epP {row['expert_rows_ratio']:.3f}, image-expert body rows "
-            f"{row['body_rows_ratio']:.3f}, busiest rank / mean {row['rank_imbalance']:.3f}, "
-            f"padding {row['padding_fraction']:.3f}"
-        )
+        for name, r in (("model", row), ("uniform router", result["uniform_router"][p])):
+            print(
+                f"  ep {p} {name:>14}: expert rows ep1/epP {r['expert_rows_ratio']:.3f}, image-expert body rows "
+                f"{r['body_rows_ratio']:.3f}, busiest rank / mean {r['rank_imbalance']:.3f}, "
+                f"padding {r['padding_fraction']:.3f}"
+            )
     return 0
 
 

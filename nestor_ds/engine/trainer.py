@@ -109,6 +109,7 @@ class Trainer:
             cfg.model.moe.num_experts,
             cfg.model.moe.backend if cfg.model.arch == "nestor" else "none",
             self.zero_stage,
+            self.dist.local_world_size,
         )
         self.run_name = run_name or f"{entry}-{cfg.preset or cfg.model.arch}"
         self.run_dir = Path(cfg.train.output_dir) / self.run_name

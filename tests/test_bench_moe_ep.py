@@ -1,0 +1,58 @@
+"""tools/bench_moe_ep.py's `profiled` input: rows shifted until rank 0's experts get the share a routing profile
+measured, with its padding fraction; checked on the shift alone and on a real 2-rank run (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tools.bench_moe_ep import rank0_share, shift_for_share
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("target", [0.56, 0.7])
+def test_shift_gives_rank0_the_target_share(target):
+    gate_ED = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)) * 0.05
+    shift, reached = shift_for_share(gate_ED, target, k=2)
+    assert reached == pytest.approx(target, abs=0.01)
+    # on fresh rows, not the calibration sample: the share carries over
+    x = torch.randn(8192, 64, generator=torch.Generator().manual_seed(11)) + shift
+    assert rank0_share(x, gate_ED, 2) == pytest.approx(target, abs=0.02)
+
+
+def test_a_target_below_the_unshifted_share_needs_no_shift():
+    gate_ED = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    shift, reached = shift_for_share(gate_ED, 0.0, k=2)
+    assert torch.count_nonzero(shift) == 0 and 0.0 < reached < 1.0
+
+
+def test_profiled_input_on_two_ranks_matches_the_profile(tmp_path):
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"ep": {"2": {"rank_imbalance": 1.2, "padding_fraction": 0.125}}}))
+    cmd = [sys.executable, "-m", "tools.bench_moe_ep", "--tokens", "256", "--reps", "1", "--scenarios", "tokens"]
+    cmd += ["--contenders", "new", "local", "--profile", str(profile), "--json"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout)["profiled"]["256"]
+    assert row["padding_fraction"] == 0.125  # 32 of 256 rows
+    assert row["rank0_expert_share"] == pytest.approx(0.6, abs=0.05)  # imbalance 1.2 = rank 0 gets 0.6
+    assert row["ratio_vs_local_ep1"] > 0 and row["new"]["all_to_all_bytes_per_rank"] > 0
+
+
+def test_a_profile_without_an_ep2_row_is_refused(tmp_path):
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"ep": {"3": {}}}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.bench_moe_ep", "--profile", str(profile)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "no ep 2 row" in proc.stderr
