@@ -22,11 +22,17 @@ router weight first and counted; they keep the shared-AFNO path and the skip). A
 with Q samples each, unused rows passed as valid_N = False: no host sync, shapes fixed by B, and every
 rank of an expert-parallel group calls every expert with the same N without any collective.
 
-Dropless (default, and always in evaluation) under expert parallelism (cfg.moe.ep_size > 1): every rank of
-the expert-parallel group must call each expert's TokenMoE with the same number of rows. Each expert's
+Dropless (default, and always in evaluation) under expert parallelism (cfg.moe.ep_size > 1), token MoEs dropless
+too: one exchange per block. Every image expert runs its attention on this rank's own samples (none when it has
+none), then the token MoEs of all image experts share one all-to-all-v round trip
+(`nestor_ds.moe.expert_parallel.exchange_token_moes`), then each expert finishes: no padding, and the block waits
+for the other ranks once instead of once per image expert (docs/scaling.md, "What a trained model's routing costs").
+
+Otherwise, where the token MoEs are called one at a time with the same rows on every rank (static token routing in
+training; ZeRO-3's lockstep, where every rank calls the same experts to gather their weights): each expert's
 sample group is padded to the group-wide maximum of that expert's sample count (one all_reduce MAX of
 counts_E per block), and padded rows are passed as valid_N = False. An expert whose group maximum is 0 is
-skipped on every rank. Without expert parallelism there is no padding and no collective.
+skipped on every rank. Without expert parallelism or lockstep there is no padding and no collective.
 `pad_to` (debug) forces padding of every called expert's group to at least that many samples in a
 single process, so the padding path is testable without a process group.
 """
@@ -41,6 +47,7 @@ from torch import nn
 
 from nestor_ds.moe import MoEOutput, build_token_moe
 from nestor_ds.moe.dispatch import dispatch_rows, gather_rows, plan_static, sorted_position
+from nestor_ds.moe.expert_parallel import ExpertParallelTokenMoE, exchange_token_moes
 from nestor_ds.moe.router import FP32Linear, load_balancing_loss, route_from_logits, tokens_per_expert
 
 from .afno import afno_stack
@@ -84,9 +91,17 @@ class ImageExpert(nn.Module):
     def forward(self, h_SLD: torch.Tensor, valid_N: torch.Tensor | None) -> tuple[torch.Tensor, MoEOutput]:
         """The S samples routed to this expert; valid_N [S*L] marks the token rows of real (not padding) samples."""
         S, L, D = h_SLD.shape
-        a = self.norm1(h_SLD + self.drop(self.attn(h_SLD)))  # residual adds the block input
+        a = self.attend(h_SLD)
         m = self.moe(a.reshape(S * L, D), valid_N)
-        return self.norm2(a + self.drop(m.out_ND.view(S, L, D))), m
+        return self.finish(a, m), m
+
+    def attend(self, h_SLD: torch.Tensor) -> torch.Tensor:
+        """The part before the token MoE (its input a)."""
+        return self.norm1(h_SLD + self.drop(self.attn(h_SLD)))  # residual adds the block input
+
+    def finish(self, a_SLD: torch.Tensor, m: MoEOutput) -> torch.Tensor:
+        """The part after the token MoE."""
+        return self.norm2(a_SLD + self.drop(m.out_ND.view(a_SLD.shape)))
 
 
 class ImageMoE(nn.Module):
@@ -191,15 +206,54 @@ class ImageMoE(nn.Module):
         mix_BLD = (w_BK.to(y_BKLD.dtype)[:, :, None, None] * y_BKLD).sum(dim=1)
         return mix_BLD, token_lb, token_z, torch.stack(counts), dropped
 
+    def _one_exchange(self) -> bool:
+        """Dropless token MoEs under expert parallelism run as one exchange per block (`exchange_token_moes`)."""
+        moes = [ex.moe for ex in self.experts]
+        return (
+            self.lockstep_group is None
+            and self.pad_to is None
+            and all(isinstance(m, ExpertParallelTokenMoE) for m in moes)
+            and not (self.cfg.moe.static and self.training)
+        )
+
+    def _experts_exchanged(self, x_ALD: torch.Tensor, counts_E: torch.Tensor):
+        """Expert outputs in sorted order when every token MoE of the block shares one exchange: each expert's
+        attention on its own samples (no padding), then the token MoEs together, then each expert's finish.
+
+        Every rank runs the same operations in the same order (an expert that any rank of the group calls is called
+        here too, on one zero sample whose output is dropped when this rank has none), so every parameter gets a
+        gradient on every rank in the same order: ZeRO-2 reduces gradients in buckets filled in that order."""
+        sizes, called_anywhere = counts_E.tolist(), self.group_sizes(counts_E)
+        _, L, D = x_ALD.shape
+        a_pieces = list(torch.split(x_ALD, sizes))
+        called = [e for e, n in enumerate(called_anywhere) if n > 0]
+        for e in called:
+            if sizes[e]:
+                a_pieces[e] = self.experts[e].attend(a_pieces[e])
+            else:  # no empty-batch attention kernels: one zero sample, none of it kept
+                a_pieces[e] = self.experts[e].attend(x_ALD.new_zeros(1, L, D))[:0]
+        outs = exchange_token_moes([ex.moe for ex in self.experts], [a.reshape(-1, D) for a in a_pieces])
+        y_pieces = [self.experts[e].finish(a_pieces[e], outs[e]) for e in called]
+        real = counts_E.float()
+        token_lb = (torch.stack([o.lb_loss.float() for o in outs]) * real).sum() / real.sum().clamp(min=1.0)
+        token_z = (torch.stack([o.z_loss.float() for o in outs]) * real).sum() / real.sum().clamp(min=1.0)
+        return y_pieces, token_lb, token_z, torch.stack([o.tokens_per_expert_E for o in outs])
+
     def _experts_dropless(self, h_BDHW: torch.Tensor, r, counts_E: torch.Tensor):
-        """sum_k w_k Expert_k(h), each expert called on exactly its samples (padded under expert parallelism)."""
+        """sum_k w_k Expert_k(h), each expert called on exactly its samples (padded under expert parallelism, unless
+        the block's token MoEs share one exchange)."""
         B, D, H, W = h_BDHW.shape
         L = H * W
         slot_BK = sorted_position(r.experts_NK.reshape(-1)).view(B, self.K)  # row of (b, k), grouped by expert
-        sizes = self.group_sizes(counts_E)
 
         x_BLD = h_BDHW.flatten(2).transpose(1, 2)
         x_ALD = dispatch_rows(x_BLD.reshape(B, L * D), slot_BK, B * self.K).view(-1, L, D)  # sorted by expert
+        if self.expert_parallel and self._one_exchange():
+            y_pieces, token_lb, token_z, token_counts = self._experts_exchanged(x_ALD, counts_E)
+            y_BKLD = gather_rows(torch.cat(y_pieces, dim=0), slot_BK)
+            mix_BLD = (r.weights_NK.to(y_BKLD.dtype)[:, :, None, None] * y_BKLD).sum(dim=1)
+            return mix_BLD, token_lb, token_z, token_counts, None
+        sizes = self.group_sizes(counts_E)
         y_pieces: list[torch.Tensor] = []  # expert outputs in sorted order
         keep_in_graph = h_BDHW.new_zeros(())  # padding-only calls under expert parallelism (see below)
         token_counts = torch.zeros(self.E, self.experts[0].moe.num_experts, dtype=torch.long, device=h_BDHW.device)

@@ -20,6 +20,10 @@ Rank p holds experts [p*E_l, (p+1)*E_l). Both routings exchange only routed rows
   sync. The received [P, E_l, Q, D] buffer is one batched matmul per projection on [E_l, P*Q, D]. Needs the
   same N on every rank of the group (the image MoE calls every expert with Q samples on every rank).
 
+A NESTOR block runs the dropless token MoEs of all its image experts through one exchange round trip
+(`exchange_token_moes`: assignments sorted by destination rank, image expert, local expert; one grouped kernel over
+the image experts' local experts), so it waits for the other ranks once per block and pads nothing.
+
 Losses (load balancing, z-loss) and counts are this rank's valid rows, exactly as `LocalTokenMoE` on this
 rank's rows; gradients of replicated parameters (router, shared expert) are averaged by the engine.
 
@@ -240,27 +244,16 @@ class ExpertParallelTokenMoE(TokenMoE):
         )
 
     def _run_received(self, recv_UD: torch.Tensor, recv_PE: torch.Tensor) -> torch.Tensor:
-        """This rank's experts on the U received rows, which arrive as P * E_l contiguous groups (source rank, then
-        local expert; sizes recv_PE). grouped kernel: group (p, e) runs with expert e's weights, the weights stacked P
-        times, so the rows never leave arrival order (no permutation into expert-major slots and back: two [U, D]
-        copies forward and two in the backward saved, docs/benchmarks.md). padded kernel: rows go to expert-major
-        chunks as in LocalTokenMoE."""
-        P, E_l, U = self.ep_size, self.local_experts, recv_UD.shape[0]
+        """This rank's experts on the U received rows (P * E_l groups in arrival order; see run_arrival_groups)."""
+        return run_arrival_groups(recv_UD, recv_PE, self.local_weights(), self.ep_size, self._kernel(recv_UD))
+
+    def _kernel(self, x_UD: torch.Tensor) -> str:
         kernel = self.kernel or (
-            "grouped" if grouped_mm_supported(recv_UD.device, recv_UD.dtype, self.dim, self.hidden) else "padded"
+            "grouped" if grouped_mm_supported(x_UD.device, x_UD.dtype, self.dim, self.hidden) else "padded"
         )
         if kernel not in KERNELS:
             raise ValueError(f"ExpertParallelTokenMoE.kernel={kernel!r}: expected one of {KERNELS}")
-        if U == 0:  # nothing to compute here; stay in the graph so the backward exchanges run on this rank too
-            w1, w3, w2 = self.local_weights()
-            return recv_UD * 0.0 + 0.0 * (w1.sum() + w3.sum() + w2.sum()).to(recv_UD.dtype)
-        if kernel == "grouped":
-            layout = ExpertLayout("grouped", U, offs_E=recv_PE.cumsum(0).to(torch.int32))
-            return run_experts(recv_UD, layout, *self.local_weights(times=P))
-        expert_U = torch.repeat_interleave(torch.arange(E_l, device=recv_UD.device).repeat(P), recv_PE)
-        slot_U, layout = plan_layout(expert_U, recv_PE.view(P, E_l).sum(0), kernel)
-        y_SD = run_experts(dispatch_rows(recv_UD, slot_U.view(U, 1), layout.rows), layout, *self.local_weights())
-        return gather_rows(y_SD, slot_U)
+        return kernel
 
     def _forward_static(self, x_ND: torch.Tensor, valid_N: torch.Tensor | None) -> MoEOutput:
         N, E, P, E_l, K, D = x_ND.shape[0], self.num_experts, self.ep_size, self.local_experts, self.top_k, self.dim
@@ -277,6 +270,80 @@ class ExpertParallelTokenMoE(TokenMoE):
         y_SD = torch.cat([all_to_all_v(back_SD, None, None, self.ep_group), x_SD.new_zeros(1, D)])  # + drop row
 
         return static_output(y_SD, plan, routing, x_ND, valid_N, self.shared)
+
+
+def run_arrival_groups(
+    recv_UD: torch.Tensor,
+    sizes_G: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    P: int,
+    kernel: str,
+) -> torch.Tensor:
+    """Experts on received rows that arrive as G = P * X contiguous groups (source rank, then local expert x; sizes
+    sizes_G), X experts with weights [X, F, D], [X, F, D], [X, D, F]. grouped kernel: group (p, x) runs with expert
+    x's weights, the weights stacked P times, so the rows never leave arrival order (no permutation into expert-major
+    slots and back: two [U, D] copies forward and two in the backward saved, docs/benchmarks.md). padded kernel: rows
+    go to expert-major chunks as in LocalTokenMoE."""
+    w1, w3, w2 = weights
+    X, U = w1.shape[0], recv_UD.shape[0]
+    if U == 0:  # nothing to compute here; stay in the graph so the backward exchanges run on this rank too
+        return recv_UD * 0.0 + 0.0 * (w1.sum() + w3.sum() + w2.sum()).to(recv_UD.dtype)
+    if kernel == "grouped":
+        layout = ExpertLayout("grouped", U, offs_E=sizes_G.cumsum(0).to(torch.int32))
+        return run_experts(recv_UD, layout, w1.repeat(P, 1, 1), w3.repeat(P, 1, 1), w2.repeat(P, 1, 1))
+    expert_U = torch.repeat_interleave(torch.arange(X, device=recv_UD.device).repeat(P), sizes_G)
+    slot_U, layout = plan_layout(expert_U, sizes_G.view(P, X).sum(0), kernel)
+    y_SD = run_experts(dispatch_rows(recv_UD, slot_U.view(U, 1), layout.rows), layout, w1, w3, w2)
+    return gather_rows(y_SD, slot_U)
+
+
+def exchange_token_moes(moes: Sequence[ExpertParallelTokenMoE], xs_ND: Sequence[torch.Tensor]) -> list[MoEOutput]:
+    """The dropless token MoEs of M image experts of one block in ONE exchange round trip: moes[m] on the rows
+    xs_ND[m] (this rank's valid rows for image expert m; N_m may be 0). Equal to calling each moe on its rows.
+
+    A rank that calls the token MoEs one at a time waits at each call for the rank with the most samples of that image
+    expert, and pads its call to that count; here every rank runs all its image experts' attention first and the block
+    waits once (docs/scaling.md, "What a trained model's routing costs": the image-expert bodies lose ~15% at ep 2
+    otherwise). Assignments travel sorted by (destination rank, image expert m, local expert): every rank receives
+    P * M * E_l groups in arrival order and runs them with one grouped kernel over the M token MoEs' local experts."""
+    first = moes[0]
+    P, E_l, K, E, group = first.ep_size, first.local_experts, first.top_k, first.num_experts, first.ep_group
+    M, D = len(moes), first.dim
+    if group is None:
+        raise RuntimeError("exchange_token_moes: no expert-parallel group; call apply_expert_parallel first")
+    routings = [moe.route(x) for moe, x in zip(moes, xs_ND, strict=True)]
+    counts_ME = torch.stack([tokens_per_expert(r.experts_NK, E) for r in routings])
+    send_PX = counts_ME.view(M, P, E_l).transpose(0, 1).reshape(P, M * E_l)  # X = (m, local expert)
+    recv_PX = torch.empty_like(send_PX)
+    counts_sent = dist.all_to_all_single(recv_PX, send_PX.contiguous(), group=group, async_op=True)
+    key_A = torch.cat(
+        [(r.experts_NK // E_l) * (M * E_l) + m * E_l + r.experts_NK % E_l for m, r in enumerate(routings)]
+    ).reshape(-1)
+    sorted_A = sorted_position(key_A)  # row of each assignment in the send buffer
+    x_VD = torch.cat([x.reshape(-1, D) for x in xs_ND])
+    send_AD = dispatch_rows(x_VD, sorted_A.view(-1, K), key_A.numel())
+    counts_sent.wait()
+    sizes = torch.cat([send_PX.sum(1), recv_PX.sum(1)]).tolist()  # one host read
+    send_splits, recv_splits = sizes[:P], sizes[P:]
+    recv_UD = all_to_all_v(send_AD, recv_splits, send_splits, group)
+    shared_VD = [moe.shared(x) if moe.shared is not None else None for moe, x in zip(moes, xs_ND, strict=True)]
+
+    weights = tuple(torch.cat(ws) for ws in zip(*(moe.local_weights() for moe in moes), strict=True))
+    y_UD = run_arrival_groups(recv_UD, recv_PX.reshape(-1), weights, P, first._kernel(recv_UD))
+    back_AD = all_to_all_v(y_UD, send_splits, recv_splits, group)
+    y_VKD = gather_rows(back_AD, sorted_A.view(-1, K))
+
+    outs, start = [], 0
+    for m, (r, x) in enumerate(zip(routings, xs_ND, strict=True)):
+        y_NKD = y_VKD[start : start + x.shape[0]]
+        start += x.shape[0]
+        y_ND = (r.weights_NK.unsqueeze(-1) * y_NKD.float()).sum(dim=1).to(x.dtype)
+        if shared_VD[m] is not None:
+            y_ND = y_ND + shared_VD[m]
+        outs.append(
+            MoEOutput(y_ND, load_balancing_loss(r.probs_NE, r.experts_NK), router_z_loss(r.logits_NE), counts_ME[m])
+        )
+    return outs
 
 
 # ----------------------------------------------------------------------------------- layout conversion
