@@ -116,6 +116,7 @@ class ImageMoE(nn.Module):
         # the shared global expert; None when shared_afno_layers = 0 (an empty Sequential would be identity)
         self.shared = afno_stack(cfg, cfg.shared_afno_layers) if cfg.shared_afno_layers else None
         self.pad_to: int | None = None  # debug: force padded groups (tests)
+        self.one_exchange = True  # False: token MoEs one at a time even where one exchange applies (benchmarks)
         # given from outside by nestor_ds.model.parallelize.apply_expert_parallel (see group_sizes)
         self.ep_group: dist.ProcessGroup | None = None  # expert-parallel group of the token MoEs
         self.lockstep_group: dist.ProcessGroup | None = None  # ZeRO-3: every rank calls the same experts
@@ -210,7 +211,8 @@ class ImageMoE(nn.Module):
         """Dropless token MoEs under expert parallelism run as one exchange per block (`exchange_token_moes`)."""
         moes = [ex.moe for ex in self.experts]
         return (
-            self.lockstep_group is None
+            self.one_exchange
+            and self.lockstep_group is None
             and self.pad_to is None
             and all(isinstance(m, ExpertParallelTokenMoE) for m in moes)
             and not (self.cfg.moe.static and self.training)
@@ -232,12 +234,15 @@ class ImageMoE(nn.Module):
                 a_pieces[e] = self.experts[e].attend(a_pieces[e])
             else:  # no empty-batch attention kernels: one zero sample, none of it kept
                 a_pieces[e] = self.experts[e].attend(x_ALD.new_zeros(1, L, D))[:0]
-        outs = exchange_token_moes([ex.moe for ex in self.experts], [a.reshape(-1, D) for a in a_pieces])
-        y_pieces = [self.experts[e].finish(a_pieces[e], outs[e]) for e in called]
-        real = counts_E.float()
+        # only experts some rank calls take part (the same list on every rank): the others have no row anywhere
+        outs = exchange_token_moes([self.experts[e].moe for e in called], [a_pieces[e].reshape(-1, D) for e in called])
+        y_pieces = [self.experts[e].finish(a_pieces[e], out) for e, out in zip(called, outs, strict=True)]
+        real = counts_E[called].float()
         token_lb = (torch.stack([o.lb_loss.float() for o in outs]) * real).sum() / real.sum().clamp(min=1.0)
         token_z = (torch.stack([o.z_loss.float() for o in outs]) * real).sum() / real.sum().clamp(min=1.0)
-        return y_pieces, token_lb, token_z, torch.stack([o.tokens_per_expert_E for o in outs])
+        token_counts = torch.zeros(self.E, self.experts[0].moe.num_experts, dtype=torch.long, device=x_ALD.device)
+        token_counts[called] = torch.stack([o.tokens_per_expert_E for o in outs]).to(token_counts.device)
+        return y_pieces, token_lb, token_z, token_counts
 
     def _experts_dropless(self, h_BDHW: torch.Tensor, r, counts_E: torch.Tensor):
         """sum_k w_k Expert_k(h), each expert called on exactly its samples (padded under expert parallelism, unless

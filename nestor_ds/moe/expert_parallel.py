@@ -280,15 +280,17 @@ def run_arrival_groups(
     kernel: str,
 ) -> torch.Tensor:
     """Experts on received rows that arrive as G = P * X contiguous groups (source rank, then local expert x; sizes
-    sizes_G), X experts with weights [X, F, D], [X, F, D], [X, D, F]. grouped kernel: group (p, x) runs with expert
-    x's weights, the weights stacked P times, so the rows never leave arrival order (no permutation into expert-major
-    slots and back: two [U, D] copies forward and two in the backward saved, docs/benchmarks.md). padded kernel: rows
-    go to expert-major chunks as in LocalTokenMoE."""
+    sizes_G), X experts with weights [X, F, D], [X, F, D], [X, D, F]. grouped kernel, two ways, whichever copies
+    less: group (p, x) runs with expert x's weights, the weights repeated P times, so the rows never leave arrival
+    order ((P-1) * X * 3 * F * D more weight elements, docs/benchmarks.md); or the rows are permuted into
+    expert-major order and back (2 * U * D elements, forward and backward alike). Many received rows favour the
+    first, many experts (one exchange for a block's image experts) and few rows the second. padded kernel: rows go
+    to expert-major chunks as in LocalTokenMoE."""
     w1, w3, w2 = weights
     X, U = w1.shape[0], recv_UD.shape[0]
     if U == 0:  # nothing to compute here; stay in the graph so the backward exchanges run on this rank too
         return recv_UD * 0.0 + 0.0 * (w1.sum() + w3.sum() + w2.sum()).to(recv_UD.dtype)
-    if kernel == "grouped":
+    if kernel == "grouped" and (P - 1) * X * 3 * w1.shape[1] <= 2 * U:
         layout = ExpertLayout("grouped", U, offs_E=sizes_G.cumsum(0).to(torch.int32))
         return run_experts(recv_UD, layout, w1.repeat(P, 1, 1), w3.repeat(P, 1, 1), w2.repeat(P, 1, 1))
     expert_U = torch.repeat_interleave(torch.arange(X, device=recv_UD.device).repeat(P), sizes_G)
@@ -311,6 +313,8 @@ def exchange_token_moes(moes: Sequence[ExpertParallelTokenMoE], xs_ND: Sequence[
     M, D = len(moes), first.dim
     if group is None:
         raise RuntimeError("exchange_token_moes: no expert-parallel group; call apply_expert_parallel first")
+    if len(moes) != len(xs_ND):
+        raise ValueError(f"exchange_token_moes: {len(moes)} token MoEs but {len(xs_ND)} row blocks")
     routings = [moe.route(x) for moe, x in zip(moes, xs_ND, strict=True)]
     counts_ME = torch.stack([tokens_per_expert(r.experts_NK, E) for r in routings])
     send_PX = counts_ME.view(M, P, E_l).transpose(0, 1).reshape(P, M * E_l)  # X = (m, local expert)
