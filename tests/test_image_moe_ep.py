@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-from nestor_ds.procs import torchrun
+from train_fixtures import marked_json, run_two_rank_script
 
-REPO = Path(__file__).resolve().parents[1]
 SAMPLES = (3, 5)  # per rank
 WIDTH, GRID, IMAGE_EXPERTS = 16, 4, 4
 
@@ -125,12 +121,9 @@ def worker() -> None:
 
 @pytest.mark.timeout(600)
 def test_block_with_one_exchange_equals_single_process(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    proc = subprocess.run(torchrun(2, __file__), env=env, capture_output=True, text=True, timeout=580, cwd=tmp_path)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BLOCK_EP_RESULT ")]
-    assert proc.returncode == 0 and lines, (proc.stdout[-2000:], proc.stderr[-4000:])
-    results = json.loads(lines[-1][len("BLOCK_EP_RESULT ") :])
+    proc = run_two_rank_script(__file__, tmp_path, timeout=580)
+    results = marked_json(proc.stdout, "BLOCK_EP_RESULT ")
+    assert proc.returncode == 0 and results, (proc.stdout[-2000:], proc.stderr[-4000:])
     assert sorted((r["k"], r["rank"]) for r in results) == [(1, 0), (1, 1), (2, 0), (2, 1)]
     for r in results:
         assert all(v < 1e-5 for v in r["errors"].values()), r

@@ -10,16 +10,11 @@ rank 0 prints one JSON line of maximum errors that the pytest test checks.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-from nestor_ds.procs import torchrun
-
-REPO = Path(__file__).resolve().parents[1]
+from train_fixtures import marked_json, run_two_rank_script
 
 D, E, N_RANK = 16, 4, 10  # width, experts, rows per rank
 
@@ -183,14 +178,10 @@ def worker() -> None:
 
 @pytest.mark.timeout(900)
 def test_ep2_equals_single_process(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    cmd = torchrun(2, __file__)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=880, cwd=tmp_path)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("EP_RESULT ")]
-    assert proc.returncode == 0 and lines, (proc.stdout[-2000:], proc.stderr[-4000:])
-    results = json.loads(lines[-1][len("EP_RESULT ") :])
-    compiled = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("EP_COMPILED "))[12:])
+    proc = run_two_rank_script(__file__, tmp_path)
+    results = marked_json(proc.stdout, "EP_RESULT ")
+    assert proc.returncode == 0 and results, (proc.stdout[-2000:], proc.stderr[-4000:])
+    compiled = marked_json(proc.stdout, "EP_COMPILED ")
     assert [c["rank"] for c in compiled] == [0, 1]
     assert all(c["out_err"] < 1e-5 and c["grad_err"] < 1e-5 for c in compiled), compiled
     assert len(results) == 2 * 2 * len(ROUTINGS) * len(CASES)

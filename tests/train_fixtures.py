@@ -141,3 +141,17 @@ def launch(
 
 def _free_port() -> int:
     return free_port()
+
+
+def run_two_rank_script(script: str | Path, cwd: Path, timeout: int = 880) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 <script>` (a test file that is its own worker) with the repository importable and
+    one thread per rank."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    return subprocess.run(torchrun(2, str(script)), env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def marked_json(stdout: str, marker: str) -> Any:
+    """The JSON after `marker` on the last stdout line that starts with it (None when no line does)."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(marker)]
+    return json.loads(lines[-1][len(marker) :]) if lines else None

@@ -18,14 +18,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-from nestor_ds.procs import torchrun
+from tools.two_ranks import emit, launch
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = {  # the equal-compute study's nestor-64 (configs/study_cpu32.yaml)
     "width": 64, "patch_size": 4, "depth": 2, "num_heads": 4, "image_experts": 6, "image_top_k": 2, "head_dim": 32,
     "resolution": 32, "t_in": 10, "in_channels": 4, "out_channels": 4, "shared_afno_layers": 2, "afno_modes": 4,
@@ -102,7 +99,7 @@ def worker(args: argparse.Namespace) -> None:
             "speedup_per_round": speedups,
             "forward_collectives_per_step": collectives,
         }
-        print("BENCH_RESULT " + json.dumps(result), flush=True)
+        emit(result)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -123,13 +120,7 @@ def main() -> None:
     if "RANK" in os.environ:
         worker(args)
         return
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
-    cmd = torchrun(2, "-m", "tools.bench_block_ep", *sys.argv[1:])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"bench_block_ep: the 2-rank run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1][len("BENCH_RESULT ") :])
+    result = launch("tools.bench_block_ep", sys.argv[1:], args.threads)
     if args.json:
         print(json.dumps(result, indent=1))
         return

@@ -28,14 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from nestor_ds.procs import torchrun
-
-REPO = Path(__file__).resolve().parents[1]
+from tools.two_ranks import emit, launch
 
 D, E, K, SHARED_HIDDEN = 512, 6, 2, 341
 SKEW = 0.5 / 8  # shift along expert 0's gate row (x sqrt(D)): expert 0 gets ~1/3 of the assignments
@@ -216,20 +213,16 @@ def worker(args: argparse.Namespace) -> None:
                 row[key] = row["new"]["tokens_per_s_per_rank"] / row[den]["tokens_per_s_per_rank"]
         results[scenario][str(tokens)] = row
     if rank == 0:
-        print(
-            "BENCH_RESULT "
-            + json.dumps(
-                {
-                    "world": dist.get_world_size(),
-                    "threads_per_rank": args.threads,
-                    "routing": args.routing,
-                    "D": D,
-                    "experts": E,
-                    "top_k": K,
-                    **results,
-                }
-            ),
-            flush=True,
+        emit(
+            {
+                "world": dist.get_world_size(),
+                "threads_per_rank": args.threads,
+                "routing": args.routing,
+                "D": D,
+                "experts": E,
+                "top_k": K,
+                **results,
+            }
         )
     dist.barrier()
     dist.destroy_process_group()
@@ -269,13 +262,7 @@ def main() -> None:
     if "RANK" in os.environ:
         worker(args)
         return
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
-    cmd = torchrun(2, "-m", "tools.bench_moe_ep", *sys.argv[1:])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"bench_moe_ep: the 2-rank run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1][len("BENCH_RESULT ") :])
+    result = launch("tools.bench_moe_ep", sys.argv[1:], args.threads)
     if args.json:
         print(json.dumps(result, indent=1))
         return
