@@ -159,11 +159,10 @@ class ExpertParallelTokenMoE(TokenMoE):
         """Router weight [E, D] (all experts: every rank routes its own rows)."""
         return self.moe.deepspeed_moe.gate.wg.weight
 
-    def local_weights(self, times: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's expert weights stacked as [times * E_l, F, D], [.., F, D], [.., D, F]: the E_l experts, repeated
-        `times` times (one copy per call; the per-expert parameters are what DeepSpeed's per-expert checkpoint files
-        need, and repeated entries add their gradients)."""
-        experts = list(self.moe.deepspeed_moe.experts.deepspeed_experts) * times
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's E_l expert weights stacked as [E_l, F, D], [E_l, F, D], [E_l, D, F] (a copy per call: the
+        per-expert parameters are what DeepSpeed's per-expert checkpoint files need)."""
+        experts = list(self.moe.deepspeed_moe.experts.deepspeed_experts)
         return (
             torch.stack([e.w1.weight for e in experts]),
             torch.stack([e.w3.weight for e in experts]),
@@ -245,9 +244,10 @@ class ExpertParallelTokenMoE(TokenMoE):
 
     def _run_received(self, recv_UD: torch.Tensor, recv_PE: torch.Tensor) -> torch.Tensor:
         """This rank's experts on the U received rows (P * E_l groups in arrival order; see run_arrival_groups)."""
-        return run_arrival_groups(recv_UD, recv_PE, self.local_weights(), self.ep_size, self._kernel(recv_UD))
+        return run_arrival_groups(recv_UD, recv_PE, self.local_weights(), self.ep_size, self.kernel_for(recv_UD))
 
-    def _kernel(self, x_UD: torch.Tensor) -> str:
+    def kernel_for(self, x_UD: torch.Tensor) -> str:
+        """The expert kernel for rows like x_UD: `self.kernel`, or per device and dtype (as LocalTokenMoE)."""
         kernel = self.kernel or (
             "grouped" if grouped_mm_supported(x_UD.device, x_UD.dtype, self.dim, self.hidden) else "padded"
         )
@@ -333,7 +333,7 @@ def exchange_token_moes(moes: Sequence[ExpertParallelTokenMoE], xs_ND: Sequence[
     shared_VD = [moe.shared(x) if moe.shared is not None else None for moe, x in zip(moes, xs_ND, strict=True)]
 
     weights = tuple(torch.cat(ws) for ws in zip(*(moe.local_weights() for moe in moes), strict=True))
-    y_UD = run_arrival_groups(recv_UD, recv_PX.reshape(-1), weights, P, first._kernel(recv_UD))
+    y_UD = run_arrival_groups(recv_UD, recv_PX.reshape(-1), weights, P, first.kernel_for(recv_UD))
     back_AD = all_to_all_v(y_UD, send_splits, recv_splits, group)
     y_VKD = gather_rows(back_AD, sorted_A.view(-1, K))
 
