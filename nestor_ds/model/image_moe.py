@@ -255,14 +255,26 @@ class ImageMoE(nn.Module):
         x_ALD = dispatch_rows(x_BLD.reshape(B, L * D), slot_BK, B * self.K).view(-1, L, D)  # sorted by expert
         if self.expert_parallel and self._one_exchange():
             y_pieces, token_lb, token_z, token_counts = self._experts_exchanged(x_ALD, counts_E)
-            y_BKLD = gather_rows(torch.cat(y_pieces, dim=0), slot_BK)
-            mix_BLD = (r.weights_NK.to(y_BKLD.dtype)[:, :, None, None] * y_BKLD).sum(dim=1)
-            return mix_BLD, token_lb, token_z, token_counts, None
+            keep_in_graph, dropped = h_BDHW.new_zeros(()), None
+        else:
+            one_by_one = self._experts_one_by_one(x_ALD, counts_E)
+            y_pieces, token_lb, token_z, token_counts, dropped, keep_in_graph = one_by_one
+
+        # back to (sample, k) order, then the router-weighted sum over the K experts of each sample
+        y_BKLD = gather_rows(torch.cat(y_pieces, dim=0), slot_BK)
+        w_BK11 = r.weights_NK.to(y_BKLD.dtype)[:, :, None, None]
+        mix_BLD = (w_BK11 * y_BKLD).sum(dim=1) + keep_in_graph
+        return mix_BLD, token_lb, token_z, token_counts, dropped
+
+    def _experts_one_by_one(self, x_ALD: torch.Tensor, counts_E: torch.Tensor):
+        """Expert outputs in sorted order, each expert's token MoE called on its own (padded under expert parallelism
+        to the group's largest sample count)."""
+        _, L, D = x_ALD.shape
         sizes = self.group_sizes(counts_E)
         y_pieces: list[torch.Tensor] = []  # expert outputs in sorted order
-        keep_in_graph = h_BDHW.new_zeros(())  # padding-only calls under expert parallelism (see below)
-        token_counts = torch.zeros(self.E, self.experts[0].moe.num_experts, dtype=torch.long, device=h_BDHW.device)
-        token_lb = token_z = h_BDHW.new_zeros((), dtype=torch.float32)
+        keep_in_graph = x_ALD.new_zeros(())  # padding-only calls under expert parallelism (see below)
+        token_counts = torch.zeros(self.E, self.experts[0].moe.num_experts, dtype=torch.long, device=x_ALD.device)
+        token_lb = token_z = x_ALD.new_zeros((), dtype=torch.float32)
         dropped = None  # token-level drops, when the token MoE routes statically
         real_total = 0
         start = 0
@@ -292,9 +304,4 @@ class ImageMoE(nn.Module):
             real_total += real
         if real_total > 0:
             token_lb, token_z = token_lb / real_total, token_z / real_total
-
-        # back to (sample, k) order, then the router-weighted sum over the K experts of each sample
-        y_BKLD = gather_rows(torch.cat(y_pieces, dim=0), slot_BK)
-        w_BK11 = r.weights_NK.to(y_BKLD.dtype)[:, :, None, None]
-        mix_BLD = (w_BK11 * y_BKLD).sum(dim=1) + keep_in_graph
-        return mix_BLD, token_lb, token_z, token_counts, dropped
+        return y_pieces, token_lb, token_z, token_counts, dropped, keep_in_graph
