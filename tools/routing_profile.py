@@ -127,28 +127,37 @@ def record(model: Any, data_cfg: Any, micro_batch: int, ranks: int, steps: int, 
                 per_rank_token.append(torch.stack([r.token_counts for r in out.routing]).numpy())
             image.append(per_rank_image)
             token.append(per_rank_token)
-            print(f"routing_profile: step {step + 1}/{steps}", file=sys.stderr, flush=True)
+            print(f"recording routing: step {step + 1}/{steps}", file=sys.stderr, flush=True)
     return Calls(np.asarray(image), np.asarray(token))
+
+
+def stream_config(model: Any, checkpoint: str | Path, data_dirs: list[str] | None) -> Any:
+    """The DataConfig of `model`'s training stream (its run config's data, or `data_dirs`), read in this process."""
+    from nestor_ds.data import DataConfig
+
+    data = dict(model.run_config.get("data") or {})
+    if data_dirs:
+        data["datasets"] = [{"name": Path(d).name, "path": d} for d in data_dirs]
+    if not data.get("datasets"):
+        raise ValueError(f"{checkpoint}: its run config names no training data; pass --data SHARD_DIR ...")
+    data_cfg = DataConfig.from_dict({**data, "num_workers": 0})  # in this process: no loader workers
+    cfg = model.cfg
+    data_cfg.t_in, data_cfg.resolution, data_cfg.channels = cfg.t_in, cfg.resolution, cfg.in_channels
+    return data_cfg
 
 
 def profile(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from nestor_ds.checkpoint.load import load_pretrained
-    from nestor_ds.data import DataConfig
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = load_pretrained(args.checkpoint)
     cfg = model.cfg
-    data = dict(model.run_config.get("data") or {})
-    if args.data:
-        data["datasets"] = [{"name": Path(d).name, "path": d} for d in args.data]
-    if not data.get("datasets"):
-        raise ValueError(f"{args.checkpoint}: its run config names no training data; pass --data SHARD_DIR ...")
-    data_cfg = DataConfig.from_dict({**data, "num_workers": 0})  # in this process: no loader workers
-    data_cfg.t_in, data_cfg.resolution, data_cfg.channels = cfg.t_in, cfg.resolution, cfg.in_channels
-    calls = record(model, data_cfg, args.micro_batch, args.ranks, args.steps, args.seed)
+    calls = record(
+        model, stream_config(model, args.checkpoint, args.data), args.micro_batch, args.ranks, args.steps, args.seed
+    )
     token = calls.token_SRBET.astype(np.float64)
     uniform = uniform_calls(token.shape, args.micro_batch, cfg.grid**2, cfg.image_top_k, cfg.moe.top_k, args.seed)
     return {
