@@ -83,6 +83,13 @@ def test_cli_profiles_a_model_export_on_its_training_stream(tiny_shards, tmp_pat
     ep2 = result["ep"]["2"]
     assert 0.0 <= ep2["padding_fraction"] < 1.0 and ep2["rank_imbalance"] >= 1.0
     assert 0.0 < ep2["expert_rows_ratio"] and 0.0 < ep2["body_rows_ratio"] <= 1.0
+    # the text form names both paths' numbers, ep 2's as in the JSON
+    assert main(["--checkpoint", str(export), "--steps", str(steps), "--ranks", str(ranks), "--micro-batch",
+                 str(micro), "--ep", "2"]) == 0  # fmt: skip
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("ep 2") and "model" in x)
+    one = ep2["one_exchange_per_block"]
+    assert f"busiest rank / mean {ep2['rank_imbalance']:.3f}" in line
+    assert f"one exchange per block: expert rows {one['expert_rows_ratio']:.3f}" in line
 
 
 def test_cli_names_a_model_without_image_moe(tiny_shards, tmp_path):

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from tools.routing_profile import Calls, record, replay, stream_config
+from tools.routing_profile import Calls, add_recording_arguments, record, replay, stream_config
 
 
 def image_moes(model: Any) -> list[Any]:
@@ -135,16 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    p.add_argument("--checkpoint", required=True, help="exported .safetensors, a checkpoint root or a tag directory")
+    add_recording_arguments(p, ranks_default="--ep")
     p.add_argument("--ep", type=int, required=True, help="the expert-parallel size to place the experts for (>= 2)")
     p.add_argument("--out", required=True, help="the re-ordered model's .safetensors (written only if it checks out)")
-    p.add_argument("--data", nargs="+", default=None, metavar="SHARD_DIR", help="default: the run's training data")
-    p.add_argument("--micro-batch", type=int, default=32, help="samples per rank and step (default 32)")
-    p.add_argument("--ranks", type=int, default=None, help="data-parallel ranks to draw batches for (default --ep)")
-    p.add_argument("--steps", type=int, default=32, help="steps to record, >= 2 (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="the training stream's seed (default 0)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = p.parse_args(argv)
     args.ranks = args.ranks or args.ep
     if args.ep < 2:

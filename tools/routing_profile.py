@@ -19,8 +19,9 @@ expert-parallel groups of P consecutive ranks. Per P:
   rank_imbalance      rows received by the busiest rank of a call over the group's mean, pooled over calls (>= 1);
                       `tools.bench_moe_ep --profile` builds a 2-rank input with this imbalance and padding fraction
   padding_fraction    share of the token-MoE rows that are padding
-`one_exchange_per_block` models a design this project does not have (yet): every rank runs all image experts of a
-block, then one token exchange serves all their token MoEs, so a block waits once instead of once per image expert.
+The quantities above are for token MoEs called one at a time (static token routing's path, and ZeRO-3's);
+`one_exchange_per_block` gives the first two for what dropless training and evaluation run: every rank runs all image
+experts of a block on its own samples, then one token exchange serves all their token MoEs, so a block waits once.
 `uniform_router` gives the same for a router that picks experts uniformly at random with the same batch: the part of
 the imbalance that sampling alone causes (what a perfect load-balancing loss would leave).
 
@@ -177,6 +178,20 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def add_recording_arguments(p: argparse.ArgumentParser, ranks_default: str) -> None:
+    """The options of a tool that runs a model on its training stream (`record`): model, data, batches, --json."""
+    p.add_argument("--checkpoint", required=True, help="exported .safetensors, a checkpoint root or a tag directory")
+    p.add_argument("--data", nargs="+", default=None, metavar="SHARD_DIR", help="default: the run's training data")
+    p.add_argument("--micro-batch", type=int, default=32, help="samples per rank and step (default 32)")
+    p.add_argument(
+        "--ranks", type=int, default=None, help=f"data-parallel ranks to draw batches for (default {ranks_default})"
+    )
+    p.add_argument("--steps", type=int, default=32, help="steps to record (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="the training stream's seed (default 0)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tools.routing_profile",
@@ -184,17 +199,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    p.add_argument("--checkpoint", required=True, help="exported .safetensors, a checkpoint root or a tag directory")
-    p.add_argument("--data", nargs="+", default=None, metavar="SHARD_DIR", help="default: the run's training data")
-    p.add_argument("--micro-batch", type=int, default=32, help="samples per rank and step (default 32)")
-    p.add_argument("--ranks", type=int, default=2, help="data-parallel ranks to draw batches for (default 2)")
+    add_recording_arguments(p, ranks_default="2")
     p.add_argument("--ep", type=int, nargs="+", default=[2], help="expert-parallel sizes to replay (default 2)")
-    p.add_argument("--steps", type=int, default=32, help="steps to record (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="the training stream's seed (default 0)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", default=None, help="also write the JSON here (input of tools.bench_moe_ep --profile)")
     args = p.parse_args(argv)
+    args.ranks = args.ranks or 2
     if min(args.micro_batch, args.ranks, args.steps, args.threads, *args.ep) < 1:
         p.error("--micro-batch, --ranks, --ep, --steps and --threads must be >= 1")
     bad = [e for e in args.ep if args.ranks % e]
@@ -224,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  ep {p} {name:>14}: expert rows ep1/epP {r['expert_rows_ratio']:.3f}, image-expert body rows "
                 f"{r['body_rows_ratio']:.3f}, busiest rank / mean {r['rank_imbalance']:.3f}, "
-                f"padding {r['padding_fraction']:.3f}"
+                f"padding {r['padding_fraction']:.3f}; one exchange per block: expert rows "
+                f"{r['one_exchange_per_block']['expert_rows_ratio']:.3f}, body rows "
+                f"{r['one_exchange_per_block']['body_rows_ratio']:.3f}"
             )
     return 0
 
