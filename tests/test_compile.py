@@ -72,6 +72,26 @@ def test_dropless_nestor_does_break_the_graph():
     assert explanation.graph_break_count > 0
 
 
+def test_tracing_a_dropless_token_moe_leaves_the_eager_kernel_choice_alone():
+    """The grouped-kernel probe is not run on Dynamo's fake tensors (whose _grouped_mm wants bf16): traced after an
+    eager call (probe cached as supported) it does not fail, traced first it does not cache "unsupported"."""
+    from nestor_ds.moe import LocalTokenMoE, MoEConfig
+    from nestor_ds.moe.experts import _grouped_mm_runs, grouped_mm_supported
+
+    torch.manual_seed(0)
+    moe = LocalTokenMoE(MoEConfig(num_experts=4, top_k=2), dim=32)
+    x_ND = torch.randn(48, 32)
+    sizes = (torch.device("cpu"), torch.float32, 32, moe.hidden)
+    for probed_first in (True, False):
+        _grouped_mm_runs.cache_clear()
+        if probed_first:
+            assert moe.experts.default_kernel(x_ND) == "grouped"  # the CPU kernel runs fp32 eagerly
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(lambda x: moe(x).out_ND.sum())(x_ND)
+        assert explanation.graph_break_count > 0  # the host read of the group sizes
+        assert grouped_mm_supported(*sizes)
+
+
 @pytest.mark.parametrize("case", ["afno-dft", "nestor-static-fft"])
 def test_forward_and_backward_compile_fullgraph_and_match_eager(case):
     """fullgraph=True forward + backward (AOT autograd traces the backward too) equals eager, fp32."""

@@ -64,13 +64,23 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-@functools.cache
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dim: int, hidden: int) -> bool:
     """Whether torch._grouped_mm runs forward and backward for these sizes on this device/dtype.
 
     It needs fp32/bf16/fp16, 16-byte aligned row strides, and (on CUDA) a recent GPU; probing once
-    with tiny tensors is more reliable than encoding those rules here.
+    with tiny tensors is more reliable than encoding those rules here. False while torch.compile traces: the probe
+    would run on fake tensors, whose _grouped_mm (torch 2.13) accepts bf16 only although the CPU kernel runs fp32,
+    and its failure must not be remembered as the eager answer (the padded kernel traces everywhere; the regions
+    that compile a token MoE use it anyway).
     """
+    if torch.compiler.is_compiling():
+        return False
+    return _grouped_mm_runs(device, dtype, dim, hidden)
+
+
+@functools.cache
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype, dim: int, hidden: int) -> bool:
+    """grouped_mm_supported's eager answer, probed once per device, dtype and sizes."""
     if not hasattr(torch, "_grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     itemsize = torch.empty((), dtype=dtype).element_size()
