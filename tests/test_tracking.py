@@ -251,6 +251,21 @@ def test_load_metrics_by_hand():
         usage.update(0, torch.zeros(2, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, 2))
 
 
+def test_busiest_rank_metrics_under_expert_parallelism_by_hand():
+    one_sample = (torch.zeros(1, dtype=torch.long), torch.tensor([[0]]))
+    # image expert 0's token MoE: experts 0, 1 (rank 0) get 5 + 5, experts 2, 3 (rank 1) 1 + 1 -> rank 0 holds 10 of
+    # 12, i.e. 2 x 10/12 of the mean; re-ordered {0, 2} {1, 3}: 6 of 12 -> 1.0. Image expert 1's: 3, 1 | 1, 3 -> 1.0
+    counts = torch.tensor([[5, 5, 1, 1], [3, 1, 1, 3]])
+    usage = ExpertUsage(num_datasets=1, ep_size=2)
+    usage.update(0, *one_sample, counts)
+    m = usage.metrics("experts")
+    assert m["experts/token_ep_busiest_rank"] == pytest.approx((2 * 10 + 2 * 4) / (12 + 8))  # weighted by assignments
+    assert m["experts/token_ep_busiest_rank_placed"] == pytest.approx(1.0)
+    without_ep = ExpertUsage(num_datasets=1)
+    without_ep.update(0, *one_sample, counts)
+    assert not any("token_ep_busiest" in k for k in without_ep.metrics("experts"))
+
+
 def _reduce_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     usage = ExpertUsage(num_datasets=2)

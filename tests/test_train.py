@@ -117,6 +117,8 @@ def test_one_mlflow_run_with_params_metrics_and_figures(zero2_ep2_run):
         "experts/block0/specialisation_mi",
     ):
         assert key in metrics, key
+    # ep 2: how much more than the mean the busiest rank's token experts got, now and after the best re-ordering
+    assert 1.0 <= metrics["experts/token_ep_busiest_rank_placed"] <= metrics["experts/token_ep_busiest_rank"] <= 2.0
     history = client.get_metric_history(run.info.run_id, "eval/dr_tiny/l2re_1step")
     assert sorted(m.step for m in history) == [15, 30]
     art = Path(run.info.artifact_uri.replace("file://", ""))

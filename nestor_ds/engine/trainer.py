@@ -215,7 +215,7 @@ class Trainer:
             buffer_dir=self.run_dir / "mlflow_buffer",
         )
         log_run_inputs(self.tracker, cfg, self.entry)  # dataset lineage (start of run only)
-        self.usage = ExpertUsage(num_datasets=len(cfg.data.datasets))
+        self.usage = ExpertUsage(num_datasets=len(cfg.data.datasets), ep_size=self.ep)
         self.perf = PerfMeter(cfg.model, samples_per_step=self.samples_per_step, device=self.engine.device)
         self.stats = self.perf.model_stats()
         if self.start_step == 0:

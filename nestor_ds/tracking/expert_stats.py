@@ -63,6 +63,7 @@ class ExpertUsage:
     """Accumulates routing counts per block; see the module docstring for the statistics."""
 
     num_datasets: int
+    ep_size: int = 1  # expert-parallel group size of the run: adds the busiest-rank metrics when > 1
     blocks: dict[int, _BlockCounts] = field(default_factory=dict)
 
     def reset(self) -> None:
@@ -163,7 +164,34 @@ class ExpertUsage:
                 out[f"{base}/expert{expert}/token_min_share"] = float(share.min())
             if c.dropped_seen:
                 out[f"{base}/dropped_tokens"] = float(c.dropped_tokens)
+        out.update(self._rank_balance(prefix))
         return out
+
+    def _rank_balance(self, prefix: str) -> dict[str, float]:
+        """Under expert parallelism: the busiest rank's share of each token MoE's assignments over the interval, times
+        ep_size (1.0 = every rank's experts got the same), averaged over the token MoEs weighted by assignments; and
+        the same for the best re-ordering of the experts on these counts (`nestor_ds.moe.placement`, what
+        tools/place_experts.py would reach). Interval totals: the static skew that placement can remove; a single
+        call's imbalance also has sampling noise on top (tools/routing_profile.py)."""
+        from nestor_ds.moe.placement import balanced_order, rank_loads
+
+        P = self.ep_size
+        now = placed = weight = 0.0
+        for c in self.blocks.values():
+            for tokens_Etok in c.token_EimgEtok:
+                total = float(tokens_Etok.sum())
+                if P <= 1 or total <= 0 or tokens_Etok.size % P:
+                    continue
+                load = tokens_Etok.tolist()
+                now += max(rank_loads(load, range(len(load)), P)) * P
+                placed += max(rank_loads(load, balanced_order(load, P), P)) * P
+                weight += total
+        if weight <= 0:
+            return {}
+        return {
+            f"{prefix}/token_ep_busiest_rank": now / weight,
+            f"{prefix}/token_ep_busiest_rank_placed": placed / weight,
+        }
 
     def reduce(self, group=None) -> None:
         """Sum counts over the ranks of `group` (no-op without an initialised process group).
