@@ -96,7 +96,8 @@ class RunConfig:
         for volatile in ("tracking",):
             d.pop(volatile, None)
         # fields that do not change the training trajectory (max_steps does: it shapes the lr schedule)
-        volatile = ("output_dir", "ckpt_every", "keep_last", "log_every", "stop_at", "threads_per_rank")
+        # (expert_order: the same function with the experts of each token MoE in another order)
+        volatile = ("output_dir", "ckpt_every", "keep_last", "log_every", "stop_at", "threads_per_rank", "expert_order")
         d["train"] = {k: v for k, v in d["train"].items() if k not in volatile and not k.startswith("eval_")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

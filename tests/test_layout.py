@@ -18,7 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "model": {"moe"},
     "checkpoint": {"model", "moe", "config"},
     "eval": {"model", "data"},
-    "tracking": {"checkpoint", "eval", "model", "data"},
+    "tracking": {"checkpoint", "eval", "model", "moe", "data"},
     "engine": {"synth", "shards", "data", "moe", "model", "checkpoint", "eval", "tracking", "config"},
 }
 SHARED = {"log", "procs", "typed_config", "cli", "redact", "collectives"}  # small helpers every package may use

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from nestor_ds.moe import LocalTokenMoE, MoEConfig
-from nestor_ds.moe.placement import _greedy_split, balanced_order, place_token_experts, rank_loads
+from nestor_ds.moe.placement import _greedy_split, balanced_order, rank_loads, read_expert_order, reorder_local_state
 from tools.place_experts import main
 
 from train_fixtures import tiny_config
+
+_EXPERT = ("router.gate.weight", "experts.w1_EFD", "experts.w3_EFD", "experts.w2_EDF")
 
 
 def test_two_popular_experts_go_to_different_ranks():
@@ -62,13 +64,18 @@ def test_a_reordered_token_moe_computes_the_same_function():
     valid_N = torch.rand(64) > 0.2
     before = moe(x_ND, valid_N)
     order = [3, 0, 5, 1, 4, 2]
-    place_token_experts(moe, order)
+    state = reorder_local_state(moe.state_dict(), {"": order})
+    assert torch.equal(state["experts.w2_EDF"][1], moe.state_dict()["experts.w2_EDF"][0])
+    assert torch.equal(state["shared.w1.weight"], moe.state_dict()["shared.w1.weight"])  # not an expert tensor
+    moe.load_state_dict(state)
     after = moe(x_ND, valid_N)
     torch.testing.assert_close(after.out_ND, before.out_ND, rtol=1e-5, atol=1e-6)
     assert torch.equal(after.tokens_per_expert_E, before.tokens_per_expert_E[order])
     torch.testing.assert_close(after.lb_loss, before.lb_loss)
-    with pytest.raises(ValueError, match="not an order of the 6 experts"):
-        place_token_experts(moe, [0, 0, 1, 2, 3, 4])
+    with pytest.raises(ValueError, match="is not an order of 6 experts"):
+        reorder_local_state(moe.state_dict(), {"": [0, 0, 1, 2, 3, 4]})
+    with pytest.raises(ValueError, match="'blocks.9.': the model has no tensor blocks.9.router.gate.weight"):
+        reorder_local_state(moe.state_dict(), {"blocks.9.": order})
 
 
 def _export(tiny_shards, tmp_path, **model):
@@ -92,18 +99,16 @@ def test_cli_writes_a_reordered_export_with_the_same_outputs(tiny_shards, tmp_pa
                  "--json"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out)
     original, placed = load_pretrained(export), load_pretrained(out)
-    assert result["out"] == str(out) and result["token_moes"] == len(result["orders"]) * len(result["orders"][0])
+    assert result["out"] == str(out) and result["token_moes"] == len(result["orders"]) == 2 * 4  # depth x E_img
     state, placed_state = read_safetensors(export)[0], read_safetensors(out)[0]
-    moved = 0
-    for b, orders_b in enumerate(result["orders"]):
-        for e, order in enumerate(orders_b):
-            prefix = f"blocks.{b}.moe.experts.{e}.moe."
-            for name in ("router.gate.weight", "experts.w1_EFD", "experts.w3_EFD", "experts.w2_EDF"):
-                assert torch.equal(placed_state[prefix + name], state[prefix + name][order])
-            moved += order != sorted(order)
+    for prefix, order in result["orders"].items():
+        for name in ("router.gate.weight", "experts.w1_EFD", "experts.w3_EFD", "experts.w2_EDF"):
+            assert torch.equal(placed_state[prefix + name], state[prefix + name][order])
+    moved = sum(order != sorted(order) for order in result["orders"].values())
     assert moved == result["token_moes_reordered"]
     assert moved > 0  # a random init routes unevenly enough for at least one MoE to move
-    others = [k for k in state if ".moe.experts." not in k or ".attn." in k or ".norm" in k]
+    others = [k for k in state if not any(k.startswith(p) and k[len(p) :] in _EXPERT for p in result["orders"])]
+    assert len(others) == len(state) - 4 * len(result["orders"])
     assert all(torch.equal(placed_state[k], state[k]) for k in others)
     from nestor_ds.data.stream import TrainStream
     from tools.routing_profile import stream_config
@@ -114,6 +119,20 @@ def test_cli_writes_a_reordered_export_with_the_same_outputs(tiny_shards, tmp_pa
         torch.testing.assert_close(placed(x, mask).pred, original(x, mask).pred, rtol=1e-5, atol=1e-5)
     for key in ("held_out_before", "held_out_after"):
         assert result[key]["rank_imbalance"] >= 1.0 and 0.0 < result[key]["expert_rows_ratio"]
+
+
+def test_cli_writes_an_order_file_for_a_resume(tiny_shards, tmp_path, capsys):
+    export = _export(tiny_shards, tmp_path, moe={"num_experts": 4, "top_k": 2})
+    order_file = tmp_path / "order.json"
+    assert main(["--checkpoint", str(export), "--ep", "2", "--steps", "2", "--micro-batch", "3", "--order-out",
+                 str(order_file)]) == 0  # fmt: skip
+    assert "order.json: " in capsys.readouterr().out
+    order = read_expert_order(order_file)
+    assert order.ep_size == 2 and order.checkpoint_step is None  # from an export: no checkpoint step to resume
+    assert set(order.orders) == {f"blocks.{b}.moe.experts.{e}.moe." for b in range(2) for e in range(4)}
+    order_file.write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="order.json: not an expert-order file"):
+        read_expert_order(order_file)
 
 
 def test_cli_refuses_what_it_cannot_place(tiny_shards, tmp_path):
@@ -127,4 +146,6 @@ def test_cli_refuses_what_it_cannot_place(tiny_shards, tmp_path):
     afno = _export(tiny_shards, tmp_path / "afno", preset="afno-tiny")
     with pytest.raises(SystemExit, match="no token experts"):
         main(["--checkpoint", str(afno), "--ep", "2", "--out", str(out)])
+    with pytest.raises(SystemExit):  # argparse: nothing to write
+        main(["--checkpoint", str(export), "--ep", "2"])
     assert not out.exists()

@@ -1,7 +1,8 @@
 """Re-order a trained NESTOR's token experts so that each rank of an expert-parallel group carries an equal load.
 
     python -m tools.place_experts --checkpoint runs/x/model.safetensors --ep 2 --out runs/x/model-ep2.safetensors
-    python -m tools.place_experts --checkpoint runs/x/checkpoints --ep 2 --out placed.safetensors --json
+    python -m tools.place_experts --checkpoint runs/x/checkpoints --ep 2 --order-out runs/x/expert_order.json
+    python -m nestor_ds.train ... --run-name x --resume auto --set train.expert_order=runs/x/expert_order.json
 
 Under expert parallelism (moe.ep_size P) rank p holds token experts [p*E/P, (p+1)*E/P) of every token MoE, and
 every exchange waits for the rank whose experts received the most rows; a trained router is not uniform, so the
@@ -10,7 +11,9 @@ This tool runs the model on its own training stream (as tools/routing_profile.py
 assignments per expert, and re-orders that MoE's experts (router rows and weights together,
 `nestor_ds.moe.placement`) so that the P groups carry loads as equal as a split can make them. The re-ordered model
 computes the same function: the tool checks it on a recorded batch (outputs to 1e-5, token counts permuted) before
-writing anything. The result is an ordinary export: fine-tune, evaluate or continue from it at ep_size P.
+writing anything. `--out` writes an ordinary export (fine-tune or evaluate it at ep_size P); `--order-out` writes the
+order, with the step of the checkpoint it came from, for the run to continue from that checkpoint re-ordered, Adam's
+moments and the data stream included (`train.expert_order`, docs/scaling.md "Placing the experts").
 
 Printed: busiest rank over the group's mean per token-MoE call and the token-expert rows ratio ep 1 / ep P
 (per call, and with one exchange per block as dropless training runs it), before and after, measured on steps the
@@ -22,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,11 +35,16 @@ import numpy as np
 from tools.routing_profile import Calls, add_recording_arguments, record, replay, stream_config
 
 
-def image_moes(model: Any) -> list[Any]:
-    """The model's image MoEs in block order (the order of ModelOutput.routing)."""
+def token_moe_prefixes(model: Any) -> list[list[str]]:
+    """prefixes[b][e]: the state-dict prefix of block b's image expert e's token MoE (the order of
+    ModelOutput.routing and of its token_counts rows)."""
     from nestor_ds.model.image_moe import ImageMoE
 
-    return [m for m in model.modules() if isinstance(m, ImageMoE)]
+    return [
+        [f"{name}.experts.{e}.moe." for e in range(len(m.experts))]
+        for name, m in model.named_modules()
+        if isinstance(m, ImageMoE)
+    ]
 
 
 def orders_for(token_SRBET: np.ndarray, ep: int) -> list[list[list[int]]]:
@@ -54,6 +64,14 @@ def permuted(calls: Calls, orders: list[list[list[int]]]) -> Calls:
     return Calls(calls.image_SRBE, token)
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of a DeepSpeed tag (`step_00001200`), None for an export."""
+    from nestor_ds.checkpoint.layout import resolve_checkpoint
+
+    match = re.fullmatch(r"step_(\d+)", resolve_checkpoint(path).name)
+    return int(match.group(1)) if match else None
+
+
 def _summary(row: dict[str, Any]) -> dict[str, float]:
     return {
         "rank_imbalance": row["rank_imbalance"],
@@ -69,63 +87,67 @@ def place(args: argparse.Namespace) -> dict[str, Any]:
     from nestor_ds.checkpoint.load import inference_model_config, load_local_state, load_state_strict
     from nestor_ds.data.stream import TrainStream
     from nestor_ds.model import build_model
-    from nestor_ds.moe.placement import place_token_experts
+    from nestor_ds.moe.placement import ExpertOrder, reorder_local_state, write_expert_order
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     state, run_cfg, source = load_local_state(args.checkpoint)
-    model = build_model(inference_model_config(run_cfg)).eval()
-    load_state_strict(model, state, source)
-    model.run_config = run_cfg
-    moes = image_moes(model)
-    if not moes:
+
+    def model_with(weights: dict[str, torch.Tensor]) -> Any:
+        model = build_model(inference_model_config(run_cfg)).eval()
+        load_state_strict(model, weights, source)
+        model.run_config = run_cfg
+        return model
+
+    model = model_with(state)
+    prefixes = token_moe_prefixes(model)
+    if not prefixes:
         raise ValueError(f"{args.checkpoint}: the model has no token experts (an AFNO baseline?): nothing to place")
-    E_tok = moes[0].experts[0].moe.num_experts
+    E_tok = state[prefixes[0][0] + "router.gate.weight"].shape[0]
     if E_tok % args.ep:
         raise ValueError(f"--ep {args.ep} must divide the model's {E_tok} token experts")
     data_cfg = stream_config(model, args.checkpoint, args.data)
     calls = record(model, data_cfg, args.micro_batch, args.ranks, args.steps, args.seed)
 
     half = args.steps // 2
-    fitted = permuted(
-        Calls(calls.image_SRBE[half:], calls.token_SRBET[half:]), orders_for(calls.token_SRBET[:half], args.ep)
-    )
     held_out = Calls(calls.image_SRBE[half:], calls.token_SRBET[half:])
+    fitted = permuted(held_out, orders_for(calls.token_SRBET[:half], args.ep))
     before, after = _summary(replay(held_out, args.ep)), _summary(replay(fitted, args.ep))
 
-    orders = orders_for(calls.token_SRBET, args.ep)
+    nested = orders_for(calls.token_SRBET, args.ep)
+    orders = {p: o for ps, os in zip(prefixes, nested, strict=True) for p, o in zip(ps, os, strict=True)}
+    placed = reorder_local_state(state, orders)
+    # the same function: outputs on a batch of the stream, and token counts that are the originals permuted
     batch = next(TrainStream(data_cfg, args.micro_batch, rank=0, world_size=args.ranks, seed=args.seed).batches())
     with torch.no_grad():
         reference = model(batch["x"], batch["channel_mask"])
-        for image_moe, orders_b in zip(moes, orders, strict=True):
-            for expert, order in zip(image_moe.experts, orders_b, strict=True):
-                place_token_experts(expert.moe, order)
-        check = model(batch["x"], batch["channel_mask"])
+        check = model_with(placed)(batch["x"], batch["channel_mask"])
     if not torch.allclose(check.pred, reference.pred, rtol=1e-5, atol=1e-5):
         raise ValueError("the re-ordered model's outputs differ from the original's: nothing written")  # a bug
-    for r_ref, r_new, orders_b in zip(reference.routing, check.routing, orders, strict=True):
+    for r_ref, r_new, orders_b in zip(reference.routing, check.routing, nested, strict=True):
         expected = torch.stack([r_ref.token_counts[e, order] for e, order in enumerate(orders_b)])
         if not torch.equal(r_new.token_counts, expected):
             raise ValueError("the re-ordered model's token counts are not the permuted originals: nothing written")
 
-    placed = {k: v.to(state[k].dtype) for k, v in model.state_dict().items()}  # an export's dtype stays
-    moved = sum(order != sorted(order) for orders_b in orders for order in orders_b)
-    out = save_safetensors(
-        placed, run_cfg, args.out, source=f"{source}, token experts placed for ep_size {args.ep} by tools.place_experts"
+    result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "ep": args.ep}
+    if args.out:
+        how = f"{source}, token experts placed for ep_size {args.ep} by tools.place_experts"
+        result["out"] = str(save_safetensors(placed, run_cfg, args.out, source=how))
+    if args.order_out:
+        order = ExpertOrder(args.ep, checkpoint_step(args.checkpoint), orders)
+        result["order_out"] = str(write_expert_order(args.order_out, order))
+        result["checkpoint_step"] = order.checkpoint_step
+    result.update(
+        micro_batch=args.micro_batch,
+        ranks=args.ranks,
+        steps=args.steps,
+        token_moes=len(orders),
+        token_moes_reordered=sum(o != sorted(o) for o in orders.values()),
+        held_out_before=before,
+        held_out_after=after,
+        orders=orders,
     )
-    return {
-        "checkpoint": str(args.checkpoint),
-        "out": str(out),
-        "ep": args.ep,
-        "micro_batch": args.micro_batch,
-        "ranks": args.ranks,
-        "steps": args.steps,
-        "token_moes": sum(len(o) for o in orders),
-        "token_moes_reordered": int(moved),
-        "held_out_before": before,
-        "held_out_after": after,
-        "orders": orders,
-    }
+    return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,9 +159,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_recording_arguments(p, ranks_default="--ep")
     p.add_argument("--ep", type=int, required=True, help="the expert-parallel size to place the experts for (>= 2)")
-    p.add_argument("--out", required=True, help="the re-ordered model's .safetensors (written only if it checks out)")
+    p.add_argument("--out", default=None, help="write the re-ordered model here (.safetensors; only if it checks out)")
+    p.add_argument(
+        "--order-out",
+        default=None,
+        help="write the expert order here (JSON) for a resume with --set train.expert_order=FILE (Adam state kept)",
+    )
     args = p.parse_args(argv)
     args.ranks = args.ranks or args.ep
+    if not (args.out or args.order_out):
+        p.error(
+            "nothing to write: give --out (a re-ordered export) and/or --order-out (an expert order to resume with)"
+        )
     if args.ep < 2:
         p.error("--ep must be >= 2: with one rank per group there is nothing to balance")
     if min(args.micro_batch, args.ranks, args.threads) < 1 or args.steps < 2:
@@ -159,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=1))
         return 0
     b, a = result["held_out_before"], result["held_out_after"]
+    written = " and ".join(result[k] for k in ("out", "order_out") if k in result)
     print(
-        f"{result['out']}: {result['token_moes_reordered']} of {result['token_moes']} token MoEs re-ordered for ep "
+        f"{written}: {result['token_moes_reordered']} of {result['token_moes']} token MoEs re-ordered for ep "
         f"{result['ep']}\n"
         f"  held-out steps, before -> after: busiest rank / mean per call {b['rank_imbalance']:.3f} -> "
         f"{a['rank_imbalance']:.3f}; token-expert rows ep1/epP per call {b['expert_rows_ratio']:.3f} -> "

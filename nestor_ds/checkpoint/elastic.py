@@ -26,7 +26,7 @@ re-sharded, fresh optimizer).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ class RunLayout:
     ep_size: int
     zero_stage: int
     model: Mapping[str, Any]
+    expert_order: str | None = None  # train.expert_order: re-order the token experts of the tag it was computed from
 
 
 def saved_layout(tag_dir: Path) -> tuple[int, int]:
@@ -154,14 +155,24 @@ def check_reshardable(tag_dir: Path, zero_stage: int, layout: tuple[int, int], s
         raise ElasticResumeError(f"{how}: {why}; {fix}")
 
 
-def _targets(tag_dir: Path, module: torch.nn.Module) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """({"param": weights, "<state key>": moments}, scalar optimizer state), each in `module`'s layout."""
+def _targets(
+    tag_dir: Path, module: torch.nn.Module, orders: Mapping[str, Sequence[int]] | None = None
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """({"param": weights, "<state key>": moments}, scalar optimizer state), each in `module`'s layout; with
+    `orders`, every token MoE's experts re-ordered in the weights and the moments alike (nestor_ds.moe.placement)."""
+    from nestor_ds.moe.placement import reorder_local_state
+
     saved_module = gather_deepspeed_state(tag_dir)
     master = read_fp32_master_state(tag_dir, saved_module)
     moments, scalars = read_optimizer_moments(tag_dir)
-    out = {"param": to_model_layout(module, deepspeed_to_local_state(master))}
+
+    def local(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        state = deepspeed_to_local_state(state)
+        return to_model_layout(module, reorder_local_state(state, orders) if orders else state)
+
+    out = {"param": local(master)}
     for key, tensors in moments.items():
-        out[key] = to_model_layout(module, deepspeed_to_local_state(_zeros_where_missing(tensors, master)))
+        out[key] = local(_zeros_where_missing(tensors, master))
     return out, scalars
 
 
@@ -171,13 +182,16 @@ def _zeros_where_missing(partial: Mapping[str, torch.Tensor], full: Mapping[str,
     return {k: partial[k] if k in partial else torch.zeros_like(v, dtype=torch.float32) for k, v in full.items()}
 
 
-def load_resharded(engine: Any, tag_dir: Path, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+def load_resharded(
+    engine: Any, tag_dir: Path, model_cfg: Mapping[str, Any], orders: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, Any]:
     """Collective-free: load `tag_dir` into this rank's freshly initialised ZeRO-1/2 engine whatever world size and
-    ep_size saved it. Returns the client state (our keys of the saved model-state file)."""
+    ep_size saved it, token experts re-ordered by `orders` if given. Returns the client state (our keys of the saved
+    model-state file)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     module = engine.module
-    targets, scalars = _targets(tag_dir, module)
+    targets, scalars = _targets(tag_dir, module, orders)
     own = module.state_dict()
     changes = config_changes(read_run_config(tag_dir)["model"], model_cfg)
     for key, value in own.items():

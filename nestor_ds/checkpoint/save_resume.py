@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from nestor_ds.checkpoint.elastic import (
+    ElasticResumeError,
     RunLayout,
     check_reshardable,
     load_resharded,
@@ -46,6 +47,7 @@ from nestor_ds.checkpoint.elastic import (
 from nestor_ds.checkpoint.layout import COMPLETE_MARKER, CONFIG_FILE, CONSOLIDATED_STATES, POINTER, CheckpointError
 from nestor_ds.checkpoint.safe_load import verify_checkpoint_files
 from nestor_ds.log import get_logger
+from nestor_ds.moe.placement import ExpertOrder, read_expert_order
 
 log = get_logger(__name__)
 
@@ -265,10 +267,12 @@ def load_checkpoint(engine: Any, tag_dir: Path, layout: RunLayout | None = None)
     verify_checkpoint_files(tag_dir)
     if layout is not None:
         saved = saved_layout(tag_dir)
-        if saved != (layout.world_size, layout.ep_size):
+        order = _expert_order_for(tag_dir, layout)
+        if saved != (layout.world_size, layout.ep_size) or order is not None:
             check_reshardable(tag_dir, layout.zero_stage, (layout.world_size, layout.ep_size), saved)
-            client = load_resharded(engine, tag_dir, layout.model)
-            return {**client, "resharded_from": {"world_size": saved[0], "ep_size": saved[1]}}
+            client = load_resharded(engine, tag_dir, layout.model, order.orders if order else None)
+            reordered = {"experts_reordered_by": layout.expert_order} if order else {}
+            return {**client, "resharded_from": {"world_size": saved[0], "ep_size": saved[1]}, **reordered}
         refuse_changed_model(tag_dir, engine.module, layout.model)
     path, client_state = engine.load_checkpoint(
         str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
@@ -276,6 +280,33 @@ def load_checkpoint(engine: Any, tag_dir: Path, layout: RunLayout | None = None)
     if path is None:
         raise RuntimeError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     return client_state or {}
+
+
+def _expert_order_for(tag_dir: Path, layout: RunLayout) -> ExpertOrder | None:
+    """The run's expert order (train.expert_order) if it was computed from `tag_dir`'s step, else None: tags saved
+    after the re-ordering hold re-ordered experts already. (Applying an order twice would still give the same
+    function, the experts permuted consistently everywhere, only not the balanced placement.)"""
+    if not layout.expert_order:
+        return None
+    order = read_expert_order(layout.expert_order)
+    if layout.zero_stage not in (1, 2):
+        raise ElasticResumeError(
+            f"train.expert_order re-orders the experts in the fp32 masters and Adam's moments of a ZeRO-1/2 run; this "
+            f"run has ZeRO stage {layout.zero_stage} (re-order an export instead: tools.place_experts --out)"
+        )
+    step = _step_of(tag_dir)
+    if order.checkpoint_step != step:
+        log.info(
+            "train.expert_order %s was computed from step %s, this checkpoint is step %d: the experts keep their order",
+            layout.expert_order,
+            order.checkpoint_step,
+            step,
+        )
+        return None
+    if order.ep_size != layout.ep_size:
+        log.warning("train.expert_order balances ep_size %d; this run has ep_size %d", order.ep_size, layout.ep_size)
+    log.info("re-ordering the token experts of %d token MoEs by %s", len(order.orders), layout.expert_order)
+    return order
 
 
 def resume(
@@ -301,6 +332,8 @@ def resume(
         if _rank() == 0:
             for path in step_logs:  # steps logged by a run killed before its first save are redone
                 truncate_metrics(path, 0)
+        if _rank() == 0 and layout is not None and layout.expert_order:
+            log.warning("train.expert_order %s: no checkpoint to re-order, ignored", layout.expert_order)
         if _rank() == 0 and resume_arg is not None:
             log.warning(
                 "--resume auto: no complete checkpoint under %s: starting fresh from step 0 (check --run-name "

@@ -34,6 +34,9 @@ class TrainConfig:
     cuda_graphs: bool = False  # CUDA graphs for the compiled regions (needs compile, CUDA and static routing)
     time_budget_s: float | None = None  # stop after this many seconds of training (evaluation/saves excluded)
     flop_budget: float | None = None  # stop after this many training FLOPs (3 x forward, analytic)
+    # a tools/place_experts.py --order-out file: on resuming the checkpoint it was computed from, re-order each token
+    # MoE's experts (weights, fp32 masters, Adam's moments) for a balanced expert-parallel group; ZeRO-1/2
+    expert_order: str | None = None
 
     def validate(self) -> None:
         check(self.max_steps > 0, "train.max_steps", "must be > 0")

@@ -96,8 +96,7 @@ class Trainer:
     def __init__(
         self, cfg: RunConfig, ds_config_path: str, entry: str, run_name: str | None, resume: str | None
     ) -> None:
-        """Process group, threads, the DeepSpeed JSON, ep_size and the run directory (refused when it holds
-        checkpoints and this is not a resume)."""
+        """Process group, threads, DeepSpeed JSON, ep_size, run directory (refused if it has checkpoints, no resume)."""
         self.cfg, self.entry = cfg, entry
         self.dist = init_distributed()
         threads = set_threads(cfg.train.threads_per_rank, self.dist.local_world_size)
@@ -174,7 +173,8 @@ class Trainer:
 
     def resume(self, resume: str | None) -> dict[str, Any]:
         """Load, fall back past broken tags and tidy (``checkpoint/save_resume.py``); the checkpoint's client state."""
-        layout = RunLayout(self.dist.world_size, self.ep, self.zero_stage, self.cfg.model.to_dict())
+        cfg = self.cfg
+        layout = RunLayout(self.dist.world_size, self.ep, self.zero_stage, cfg.model.to_dict(), cfg.train.expert_order)
         logs = (self.run_dir / "metrics.jsonl", self.run_dir / USAGE_LOG)
         client = ckpt.resume(self.engine, resume, self.ckpt_root, logs, layout)
         if client.get("config_digest") not in (None, self.cfg.digest()) and self.dist.is_main:

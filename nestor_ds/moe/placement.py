@@ -8,18 +8,22 @@ model's routing costs"): when two popular experts sit on the same rank, that ran
 call. The experts of a token MoE are interchangeable up to their index: permuting the router's rows and the expert
 weights together gives the same function, so a model can be re-ordered so that each rank's experts carry an equal
 share of the load, with no change to any output. `balanced_order` chooses the order from measured loads
-(`tools/place_experts.py` measures them on the model's own training stream); `place_token_experts` applies it.
+(`tools/place_experts.py` measures them on the model's own training stream); `reorder_local_state` applies it to a
+state dict in the local layout: weights for an export, or weights and Adam's moments when a run resumes with
+`train.expert_order` (`nestor_ds.checkpoint.elastic`). An expert-order file (`write_expert_order`) records the orders,
+the ep_size they balance and the checkpoint step they were computed from.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-
-from .local import LocalTokenMoE
 
 _EXACT_LIMIT = 50_000  # set partitions searched exhaustively (E 12 at P 2: 462; E 8 at P 4: 105; E 16 at P 4: 2.6M)
 
@@ -91,13 +95,64 @@ def _greedy_split(load_E: Sequence[float], ep: int) -> list[list[int]]:
     return groups
 
 
-@torch.no_grad()
-def place_token_experts(moe: LocalTokenMoE, order: Sequence[int]) -> None:
-    """Re-order moe's experts in place: new expert i is old expert order[i] (router row and the three weights).
-    The function the module computes is unchanged; its per-expert counts come out in the new order."""
-    E = moe.num_experts
-    if sorted(order) != list(range(E)):
-        raise ValueError(f"place_token_experts: {list(order)} is not an order of the {E} experts")
-    index = torch.as_tensor(list(order), dtype=torch.long)
-    for weight in (moe.router.gate.weight, moe.experts.w1_EFD, moe.experts.w3_EFD, moe.experts.w2_EDF):
-        weight.copy_(weight.index_select(0, index.to(weight.device)))
+# the tensors of a LocalTokenMoE (local layout) whose first dimension is the expert
+EXPERT_TENSORS = ("router.gate.weight", "experts.w1_EFD", "experts.w3_EFD", "experts.w2_EDF")
+ORDER_FORMAT = "nestor-ds-expert-order"
+
+
+def reorder_local_state(
+    state: Mapping[str, torch.Tensor], orders: Mapping[str, Sequence[int]]
+) -> dict[str, torch.Tensor]:
+    """`state` (local layout: weights, or an optimizer moment per weight) with the token experts of every MoE
+    `prefix` in `orders` re-ordered: new expert i is old expert orders[prefix][i]. Other tensors are passed as they
+    are. Raises ValueError naming the prefix when a tensor is missing or an order is not a permutation."""
+    out = dict(state)
+    for prefix, order in orders.items():
+        for name in EXPERT_TENSORS:
+            tensor = state.get(prefix + name)
+            if tensor is None:
+                raise ValueError(f"expert order for {prefix!r}: the model has no tensor {prefix + name}")
+            if sorted(order) != list(range(tensor.shape[0])):
+                raise ValueError(
+                    f"expert order for {prefix!r}: {list(order)} is not an order of {tensor.shape[0]} experts"
+                )
+            out[prefix + name] = tensor.index_select(0, torch.as_tensor(list(order), device=tensor.device))
+    return out
+
+
+@dataclass(frozen=True)
+class ExpertOrder:
+    """An expert-order file: per token MoE (state-dict prefix) the order, the ep_size it balances, and the step of the
+    checkpoint it was computed from (None: from an export)."""
+
+    ep_size: int
+    checkpoint_step: int | None
+    orders: dict[str, list[int]]
+
+
+def write_expert_order(path: str | Path, order: ExpertOrder) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"format": ORDER_FORMAT, "format_version": 1, "ep_size": order.ep_size}
+    body.update({"checkpoint_step": order.checkpoint_step, "orders": order.orders})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_expert_order(path: str | Path) -> ExpertOrder:
+    """An expert-order file written by tools/place_experts.py --order-out; ValueError in one line if it is not one."""
+    try:
+        body = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable expert-order file ({err})") from err
+    if not isinstance(body, dict) or body.get("format") != ORDER_FORMAT:
+        raise ValueError(f"{path}: not an expert-order file (format {ORDER_FORMAT!r} expected)")
+    orders = body.get("orders")
+    if not isinstance(orders, dict) or not all(
+        isinstance(o, list) and all(isinstance(i, int) for i in o) for o in orders.values()
+    ):
+        raise ValueError(f"{path}: 'orders' must map token-MoE prefixes to lists of expert indices")
+    step = body.get("checkpoint_step")
+    return ExpertOrder(int(body.get("ep_size", 1)), None if step is None else int(step), orders)
