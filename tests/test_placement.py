@@ -149,3 +149,20 @@ def test_cli_refuses_what_it_cannot_place(tiny_shards, tmp_path):
     with pytest.raises(SystemExit):  # argparse: nothing to write
         main(["--checkpoint", str(export), "--ep", "2"])
     assert not out.exists()
+
+
+def test_an_order_applies_to_the_checkpoint_it_was_computed_from_only(tmp_path):
+    from nestor_ds.checkpoint.elastic import ElasticResumeError, RunLayout
+    from nestor_ds.checkpoint.save_resume import _expert_order_for
+    from nestor_ds.moe.placement import ExpertOrder, write_expert_order
+
+    order_file = write_expert_order(tmp_path / "order.json", ExpertOrder(2, 3, {"blocks.0.": [1, 0]}))
+    zero2 = RunLayout(world_size=2, ep_size=2, zero_stage=2, model={}, expert_order=str(order_file))
+    assert _expert_order_for(tmp_path / "step_00000003", zero2).orders == {"blocks.0.": [1, 0]}
+    assert _expert_order_for(tmp_path / "step_00000006", zero2) is None  # saved after the re-ordering
+    assert _expert_order_for(tmp_path / "step_00000003", RunLayout(2, 2, 2, {})) is None  # no train.expert_order
+    with pytest.raises(ElasticResumeError, match="ZeRO stage 3"):
+        _expert_order_for(tmp_path / "step_00000003", RunLayout(2, 1, 3, {}, str(order_file)))
+    from_export = write_expert_order(tmp_path / "export_order.json", ExpertOrder(2, None, {"blocks.0.": [1, 0]}))
+    with pytest.raises(ValueError, match="computed from an export, not from a checkpoint"):
+        _expert_order_for(tmp_path / "step_00000003", RunLayout(2, 2, 2, {}, str(from_export)))

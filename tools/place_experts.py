@@ -111,8 +111,8 @@ def place(args: argparse.Namespace) -> dict[str, Any]:
 
     half = args.steps // 2
     held_out = Calls(calls.image_SRBE[half:], calls.token_SRBET[half:])
-    fitted = permuted(held_out, orders_for(calls.token_SRBET[:half], args.ep))
-    before, after = _summary(replay(held_out, args.ep)), _summary(replay(fitted, args.ep))
+    held_out_placed = permuted(held_out, orders_for(calls.token_SRBET[:half], args.ep))  # orders from the first half
+    before, after = _summary(replay(held_out, args.ep)), _summary(replay(held_out_placed, args.ep))
 
     nested = orders_for(calls.token_SRBET, args.ep)
     orders = {p: o for ps, os in zip(prefixes, nested, strict=True) for p, o in zip(ps, os, strict=True)}

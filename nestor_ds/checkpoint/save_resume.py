@@ -289,10 +289,10 @@ def _expert_order_for(tag_dir: Path, layout: RunLayout) -> ExpertOrder | None:
     if not layout.expert_order:
         return None
     order = read_expert_order(layout.expert_order)
-    if layout.zero_stage not in (1, 2):
-        raise ElasticResumeError(
-            f"train.expert_order re-orders the experts in the fp32 masters and Adam's moments of a ZeRO-1/2 run; this "
-            f"run has ZeRO stage {layout.zero_stage} (re-order an export instead: tools.place_experts --out)"
+    if order.checkpoint_step is None:
+        raise ValueError(
+            f"train.expert_order {layout.expert_order} was computed from an export, not from a checkpoint of this run: "
+            "write it with python -m tools.place_experts --checkpoint <run>/checkpoints --order-out FILE"
         )
     step = _step_of(tag_dir)
     if order.checkpoint_step != step:
@@ -303,6 +303,11 @@ def _expert_order_for(tag_dir: Path, layout: RunLayout) -> ExpertOrder | None:
             step,
         )
         return None
+    if layout.zero_stage not in (1, 2):
+        raise ElasticResumeError(
+            f"train.expert_order re-orders the experts in the fp32 masters and Adam's moments of a ZeRO-1/2 run; this "
+            f"run has ZeRO stage {layout.zero_stage} (re-order an export instead: tools.place_experts --out)"
+        )
     if order.ep_size != layout.ep_size:
         log.warning("train.expert_order balances ep_size %d; this run has ep_size %d", order.ep_size, layout.ep_size)
     log.info("re-ordering the token experts of %d token MoEs by %s", len(order.orders), layout.expert_order)

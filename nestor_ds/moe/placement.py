@@ -131,6 +131,7 @@ class ExpertOrder:
 
 
 def write_expert_order(path: str | Path, order: ExpertOrder) -> Path:
+    """Write `order` as JSON (atomically: a resume never reads half a file); the path written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"format": ORDER_FORMAT, "format_version": 1, "ep_size": order.ep_size}
