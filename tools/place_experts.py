@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,9 +66,10 @@ def permuted(calls: Calls, orders: list[list[list[int]]]) -> Calls:
 def checkpoint_step(path: str | Path) -> int | None:
     """The step of a DeepSpeed tag (`step_00001200`), None for an export."""
     from nestor_ds.checkpoint.layout import resolve_checkpoint
+    from nestor_ds.checkpoint.save_resume import tag_step
 
-    match = re.fullmatch(r"step_(\d+)", resolve_checkpoint(path).name)
-    return int(match.group(1)) if match else None
+    step = tag_step(resolve_checkpoint(path))
+    return step if step >= 0 else None
 
 
 def _summary(row: dict[str, Any]) -> dict[str, float]:

@@ -157,7 +157,8 @@ def marker(tag_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {"step": int(data)} if isinstance(data, int) else {}
 
 
-def _step_of(tag_dir: Path) -> int:
+def tag_step(tag_dir: Path) -> int:
+    """The step in a tag's name (`step_00001200` -> 1200); -1 for a directory that is not a tag."""
     try:
         return int(tag_dir.name.split("_", 1)[1])
     except (IndexError, ValueError):
@@ -169,7 +170,7 @@ def complete_tags(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     tags = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / COMPLETE_MARKER).is_file()]
-    return sorted(tags, key=lambda p: (marker(p).get("seq", 0), _step_of(p)))
+    return sorted(tags, key=lambda p: (marker(p).get("seq", 0), tag_step(p)))
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -294,7 +295,7 @@ def _expert_order_for(tag_dir: Path, layout: RunLayout) -> ExpertOrder | None:
             f"train.expert_order {layout.expert_order} was computed from an export, not from a checkpoint of this run: "
             "write it with python -m tools.place_experts --checkpoint <run>/checkpoints --order-out FILE"
         )
-    step = _step_of(tag_dir)
+    step = tag_step(tag_dir)
     if order.checkpoint_step != step:
         log.info(
             "train.expert_order %s was computed from step %s, this checkpoint is step %d: the experts keep their order",
@@ -384,7 +385,7 @@ def resume(
 def _after_resume(root: Path, loaded: Path, step: int) -> None:
     """Set aside this run's tags past the resumed step (the abandoned branch) and point at the loaded tag."""
     for tag_dir in complete_tags(root):
-        if _step_of(tag_dir) > step and tag_dir.resolve() != loaded.resolve():
+        if tag_step(tag_dir) > step and tag_dir.resolve() != loaded.resolve():
             dest = set_aside(tag_dir, "abandoned")
             log.warning(
                 "resumed from step %d: %s belongs to an abandoned branch, moved aside to %s", step, tag_dir.name, dest

@@ -176,11 +176,13 @@ class ExpertUsage:
         from nestor_ds.moe.placement import balanced_order, rank_loads
 
         P = self.ep_size
+        if P <= 1:
+            return {}
         now = placed = weight = 0.0
         for c in self.blocks.values():
             for tokens_Etok in c.token_EimgEtok:
                 total = float(tokens_Etok.sum())
-                if P <= 1 or total <= 0 or tokens_Etok.size % P:
+                if total <= 0 or tokens_Etok.size % P:
                     continue
                 load = tokens_Etok.tolist()
                 now += max(rank_loads(load, range(len(load)), P)) * P
