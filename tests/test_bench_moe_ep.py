@@ -36,13 +36,19 @@ def test_profiled_input_on_two_ranks_matches_the_profile(tmp_path):
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"ep": {"2": {"rank_imbalance": 1.2, "padding_fraction": 0.125}}}))
     cmd = [sys.executable, "-m", "tools.bench_moe_ep", "--tokens", "256", "--reps", "1", "--scenarios", "tokens"]
-    cmd += ["--contenders", "new", "local", "--profile", str(profile), "--json"]
+    cmd += ["--contenders", "new", "legacy", "local", "--profile", str(profile), "--json"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(proc.stdout)["profiled"]["256"]
     assert row["padding_fraction"] == 0.125  # 32 of 256 rows
     assert row["rank0_expert_share"] == pytest.approx(0.6, abs=0.05)  # imbalance 1.2 = rank 0 gets 0.6
     assert row["ratio_vs_local_ep1"] > 0 and row["new"]["all_to_all_bytes_per_rank"] > 0
+    # the ceiling is local ep 1 against the legacy layer, and the speedup factors through it
+    rate = {name: row[name]["tokens_per_s_per_rank"] for name in ("new", "legacy", "local")}
+    assert row["ceiling_vs_legacy"] == pytest.approx(rate["local"] / rate["legacy"], rel=1e-9)
+    assert row["speedup_vs_legacy"] == pytest.approx(row["ratio_vs_local_ep1"] * row["ceiling_vs_legacy"], rel=1e-9)
+    # the legacy layer routes, sends and computes the padding rows: it moves more bytes than the new path
+    assert row["legacy"]["all_to_all_bytes_per_rank"] > row["new"]["all_to_all_bytes_per_rank"]
 
 
 def test_a_profile_without_an_ep2_row_is_refused(tmp_path):
@@ -56,3 +62,23 @@ def test_a_profile_without_an_ep2_row_is_refused(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and "no ep 2 row" in proc.stderr
+
+
+def test_one_device_compares_local_with_the_legacy_layer_in_one_process(tmp_path):
+    """`--one-device` (what tools.gpu_check runs on a GPU): no ranks, local ep 1 against the legacy layer at ep 1,
+    same routing; here on the CPU in fp32."""
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"ep": {"2": {"rank_imbalance": 1.2, "padding_fraction": 0.125}}}))
+    cmd = [sys.executable, "-m", "tools.bench_moe_ep", "--one-device", "--tokens", "256", "--reps", "1", "--json"]
+    proc = subprocess.run(cmd + ["--profile", str(profile)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert (result["device"], result["dtype"]) == ("cpu", "float32")
+    for scenario, padding in (("tokens", 0.0), ("skewed_padded", 0.25), ("profiled", 0.125)):
+        row = result[scenario]["256"]
+        assert set(row) >= {"local", "legacy", "ceiling_vs_legacy"} and "new" not in row
+        assert row["padding_fraction"] == padding
+        rate = {name: row[name]["tokens_per_s_per_rank"] for name in ("local", "legacy")}
+        assert row["ceiling_vs_legacy"] == pytest.approx(rate["local"] / rate["legacy"], rel=1e-9)
+    # the skewed input's largest expert gets more than a balanced router gives it
+    assert result["skewed_padded"]["256"]["max_expert_share"] > result["tokens"]["256"]["max_expert_share"] + 0.1

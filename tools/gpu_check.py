@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check the GPU paths of NESTOR-DS on one CUDA device, in one short run, and write what was measured.
 
-    python -m tools.gpu_check --out gpu_check.json [--parts equivalence,kernels,bench,train]
+    python -m tools.gpu_check --out gpu_check.json [--parts equivalence,kernels,bench,legacy,train]
 
 1. CUDA vs CPU: the same weights give the same fp32 output (local MoE backend, grouped_mm on both).
 2. bf16 autocast forward + backward is finite; which attention kernel SDPA can use (flash / efficient / math),
@@ -11,7 +11,10 @@
    samples/s, TFLOP/s, MFU against the dense bf16 peak, kernels and host syncs per step, best micro-batch
    (the value for ds_configs/*_bf16.json); token MoE (static and dropless) vs a dense SwiGLU of equal FLOPs.
    `python -m tools.gpu_check --parts bench --out docs/gpu_bench_h200.json` runs in about 6 minutes on an H200.
-4. train: the real entry on one GPU with NCCL: tiny generated data -> shards -> `python -m nestor_ds.train`
+4. legacy: our token MoE (ep 1, grouped kernel) against DeepSpeed's legacy MoE layer (ep 1) on one GPU in bf16,
+   on balanced, skewed + padded and trained-routing inputs (`python -m tools.bench_moe_ep --one-device`):
+   `ceiling_vs_legacy`, the most an expert-parallel path can gain over that layer (docs/benchmarks.md).
+5. train: the real entry on one GPU with NCCL: tiny generated data -> shards -> `python -m nestor_ds.train`
    with ds_configs/zero2_bf16.json (DeepSpeed-MoE backend) and zero3_bf16.json (AFNO baseline).
 Without CUDA it says so and exits 0.
 """
@@ -180,6 +183,21 @@ def bench_models(batches: list[int], res: int, budget_s: float) -> dict:
     return out
 
 
+def legacy_ceiling() -> dict:
+    """tools/bench_moe_ep.py --one-device in its own process (it starts a process group of one, which must not
+    leak into the training runs of the `train` part), on the routing profile of a trained model."""
+    profile = ROOT / "docs" / "routing_profiles" / "nestor-64-s0-b480.json"
+    cmd = [sys.executable, "-m", "tools.bench_moe_ep", "--one-device", "--json", "--reps", "5"]
+    cmd += ["--tokens", "4096", "16384", "--profile", str(profile)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}: {proc.stderr[-500:]}"}
+    return json.loads(proc.stdout)
+
+
 def train_entry(workdir: Path) -> dict:
     from nestor_ds.shards.build import BuildConfig, build
     from nestor_ds.synth.layouts import write_dataset
@@ -248,8 +266,8 @@ def main() -> int:
     p.add_argument("--res", type=int, default=128)
     p.add_argument(
         "--parts",
-        default="equivalence,kernels,bench,train",
-        help="comma-separated subset of: equivalence, kernels, bench, train (default: all)",
+        default="equivalence,kernels,bench,legacy,train",
+        help="comma-separated subset of: equivalence, kernels, bench, legacy, train (default: all)",
     )
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -261,6 +279,7 @@ def main() -> int:
         ("equivalence", check_equivalence),
         ("kernels", check_kernels),
         ("bench", lambda: bench_models([int(b) for b in args.batches.split(",")], args.res, args.bench_budget)),
+        ("legacy", legacy_ceiling),
     ):
         if name not in parts:
             continue
