@@ -142,6 +142,27 @@ def load_profile(path: str) -> dict[str, float]:
         raise ValueError(f"{path}: no ep 2 row (run tools.routing_profile with --ep 2)") from None
 
 
+def copy_gate(legacy_modules, gate_ED) -> None:
+    """Give the legacy layer our gate, so that every contender routes alike."""
+    import torch
+
+    gate = next(m for m in legacy_modules.modules() if hasattr(m, "wg")).wg.weight
+    with torch.no_grad():
+        gate.copy_(gate_ED)
+
+
+def plan_inputs(args: argparse.Namespace, gate_ED) -> tuple[dict, object, float]:
+    """(results keyed by input, the `profiled` input's shift and padding): the inputs asked for, plus `profiled`
+    with the profile's row and the share its shift reached when --profile is given."""
+    results: dict = {s: {} for s in args.scenarios}
+    if not args.profile:
+        return results, None, 0.0
+    profile = load_profile(args.profile)
+    shift, reached = shift_for_share(gate_ED, profile["rank_imbalance"] / 2, K)
+    results["profiled"] = {"profile": {**profile, "file": args.profile, "rank0_share_target": reached}}
+    return results, shift, profile["padding_fraction"]
+
+
 def make_input(scenario: str, tokens: int, gate_ED, seed: int, shift=None, padding: float = 0.0):
     """(x [T, D], g [T, D], valid [T] or None): the rows of one input (module docstring) and the output gradient.
     `shift` and `padding` are the `profiled` input's (from `shift_for_share` and the profile)."""
@@ -234,19 +255,11 @@ def worker(args: argparse.Namespace) -> None:
     local = build_token_moe(MoEConfig(**cfg), D).train()
     legacy_run, legacy_modules = _legacy_layer()
 
-    legacy_gate = next(m for m in legacy_modules.modules() if hasattr(m, "wg")).wg.weight
     with torch.no_grad():  # same routing in all three
-        legacy_gate.copy_(new.gate_weight)
         local.router.gate.weight.copy_(new.gate_weight)
     gate_ED = new.gate_weight.detach()
-    scenarios = list(args.scenarios) + (["profiled"] if args.profile else [])
-    results: dict = {s: {} for s in scenarios}
-    shift, padding = None, 0.0
-    if args.profile:
-        profile = load_profile(args.profile)
-        shift, reached = shift_for_share(gate_ED, profile["rank_imbalance"] / 2, K)
-        padding = profile["padding_fraction"]
-        results["profiled"] = {"profile": {**profile, "file": args.profile, "rank0_share_target": reached}}
+    copy_gate(legacy_modules, gate_ED)
+    results, shift, padding = plan_inputs(args, gate_ED)
 
     def start() -> float:
         dist.barrier()
@@ -257,7 +270,7 @@ def worker(args: argparse.Namespace) -> None:
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when the slower rank ends
         return float(elapsed)
 
-    for scenario, tokens in [(s, t) for s in scenarios for t in args.tokens]:
+    for scenario, tokens in [(s, t) for s in results for t in args.tokens]:
         x, g, valid = make_input(scenario, tokens, gate_ED, 100 + rank, shift, padding)
         contenders = {
             "new": lambda x, valid=valid: new(x, valid).out_ND,
@@ -300,20 +313,11 @@ def one_device(args: argparse.Namespace) -> dict:
     cfg = dict(num_experts=E, top_k=K, shared_hidden_ratio=SHARED_HIDDEN / D)
     local = build_token_moe(MoEConfig(**cfg), D).train()
     legacy_run, legacy_modules = _legacy_layer(ep_size=1)
-    legacy_gate = next(m for m in legacy_modules.modules() if hasattr(m, "wg")).wg.weight
-    with torch.no_grad():
-        legacy_gate.copy_(local.router.gate.weight)
     gate_ED = local.router.gate.weight.detach().clone()
+    copy_gate(legacy_modules, gate_ED)
     local.to(device, dtype)
     legacy_modules.to(device, dtype)
-    scenarios = list(args.scenarios) + (["profiled"] if args.profile else [])
-    results: dict = {s: {} for s in scenarios}
-    shift, padding = None, 0.0
-    if args.profile:
-        profile = load_profile(args.profile)
-        shift, _ = shift_for_share(gate_ED, profile["rank_imbalance"] / 2, K)
-        padding = profile["padding_fraction"]
-        results["profiled"] = {"profile": {**profile, "file": args.profile}}
+    results, shift, padding = plan_inputs(args, gate_ED)
 
     def start() -> float:
         if device.type == "cuda":
@@ -323,7 +327,7 @@ def one_device(args: argparse.Namespace) -> dict:
     def stop(t0: float) -> float:
         return start() - t0
 
-    for scenario, tokens in [(s, t) for s in scenarios for t in args.tokens]:
+    for scenario, tokens in [(s, t) for s in results for t in args.tokens]:
         x, g, valid = make_input(scenario, tokens, gate_ED, 100, shift, padding)
         x, g = x.to(device, dtype), g.to(device, dtype)
         valid = None if valid is None else valid.to(device)
