@@ -82,3 +82,14 @@ def test_one_device_compares_local_with_the_legacy_layer_in_one_process(tmp_path
         assert row["ceiling_vs_legacy"] == pytest.approx(rate["local"] / rate["legacy"], rel=1e-9)
     # the skewed input's largest expert gets more than a balanced router gives it
     assert result["skewed_padded"]["256"]["max_expert_share"] > result["tokens"]["256"]["max_expert_share"] + 0.1
+
+
+def test_gpu_check_legacy_part_reads_the_one_device_result():
+    """tools.gpu_check's `legacy` part (run on a GPU) is the one-device bench in a child process, its stdout parsed
+    as JSON: here on the CPU with a small input, on the trained-routing profile it ships with."""
+    from tools.gpu_check import legacy_ceiling
+
+    result = legacy_ceiling(tokens=(256,), reps=1)
+    assert "error" not in result, result
+    assert result["profiled"]["profile"]["file"].endswith("nestor-64-s0-b480.json")
+    assert result["profiled"]["256"]["ceiling_vs_legacy"] > 0

@@ -15,7 +15,7 @@
    on balanced, skewed + padded and trained-routing inputs (`python -m tools.bench_moe_ep --one-device`):
    `ceiling_vs_legacy`, the most an expert-parallel path can gain over that layer (docs/benchmarks.md).
 5. train: the real entry on one GPU with NCCL: tiny generated data -> shards -> `python -m nestor_ds.train`
-   with ds_configs/zero2_bf16.json (DeepSpeed-MoE backend) and zero3_bf16.json (AFNO baseline).
+   with ds_configs/zero2_bf16.json (NESTOR, local token-MoE backend) and zero3_bf16.json (AFNO baseline).
 Without CUDA it says so and exits 0.
 """
 
@@ -183,12 +183,12 @@ def bench_models(batches: list[int], res: int, budget_s: float) -> dict:
     return out
 
 
-def legacy_ceiling() -> dict:
+def legacy_ceiling(tokens: tuple[int, ...] = (4096, 16384), reps: int = 5) -> dict:
     """tools/bench_moe_ep.py --one-device in its own process (it starts a process group of one, which must not
     leak into the training runs of the `train` part), on the routing profile of a trained model."""
     profile = ROOT / "docs" / "routing_profiles" / "nestor-64-s0-b480.json"
-    cmd = [sys.executable, "-m", "tools.bench_moe_ep", "--one-device", "--json", "--reps", "5"]
-    cmd += ["--tokens", "4096", "16384", "--profile", str(profile)]
+    cmd = [sys.executable, "-m", "tools.bench_moe_ep", "--one-device", "--json", "--reps", str(reps)]
+    cmd += ["--tokens", *map(str, tokens), "--profile", str(profile)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
