@@ -197,10 +197,10 @@ def routing_row(local, x, valid) -> dict[str, float]:
 
 def take_turns(contenders: dict, x, g, reps: int, start, stop, bytes_sent=None) -> dict[str, dict]:
     """Forward + backward of sum(fn(x) * g) per contender; the contenders take turns inside every repetition (the
-    first is a warm-up), so that a drift of the machine or of the allocator's state (the first large buffers of a
-    size cost page faults) hits all alike. `start()` lines the step up and returns its start time, `stop(t0)` waits
-    for it and returns its time (the slower rank's under expert parallelism); `bytes_sent` (reset before each step)
-    counts the all-to-all bytes."""
+    first is a warm-up), so that a drift of the machine or of the process's state hits all alike (run one after
+    another, the contender that ran first was up to 15% slower: docs/benchmarks.md). `start()` lines the step up
+    and returns its start time, `stop(t0)` waits for it and returns its time (the slower rank's under expert
+    parallelism); `bytes_sent` (reset before each step) counts the all-to-all bytes."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
     sent: dict[str, list[int]] = {name: [] for name in contenders}
     for rep in range(reps + 1):
@@ -226,6 +226,7 @@ def take_turns(contenders: dict, x, g, reps: int, start, stop, bytes_sent=None) 
 
 
 def add_ratios(row: dict) -> dict:
+    """The row with the ratios of the contenders it has (module docstring)."""
     for key, num, den in (
         ("speedup_vs_legacy", "new", "legacy"),
         ("ratio_vs_local_ep1", "new", "local"),
