@@ -21,7 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "tracking": {"checkpoint", "eval", "model", "moe", "data"},
     "engine": {"synth", "shards", "data", "moe", "model", "checkpoint", "eval", "tracking", "config"},
 }
-SHARED = {"log", "procs", "typed_config", "cli", "redact", "collectives"}  # small helpers every package may use
+# small helpers every package may use
+SHARED = {"log", "procs", "typed_config", "cli", "redact", "collectives", "files"}
 ENTRIES = {"cli.py", "__main__.py"}  # a package's command line is an entry: it may use any package
 
 

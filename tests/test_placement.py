@@ -11,12 +11,17 @@ import pytest
 import torch
 
 from nestor_ds.moe import LocalTokenMoE, MoEConfig
-from nestor_ds.moe.placement import _greedy_split, balanced_order, rank_loads, read_expert_order, reorder_local_state
+from nestor_ds.moe.placement import (
+    EXPERT_TENSORS,
+    _greedy_split,
+    balanced_order,
+    rank_loads,
+    read_expert_order,
+    reorder_local_state,
+)
 from tools.place_experts import main
 
 from train_fixtures import tiny_config
-
-_EXPERT = ("router.gate.weight", "experts.w1_EFD", "experts.w3_EFD", "experts.w2_EDF")
 
 
 def test_two_popular_experts_go_to_different_ranks():
@@ -102,12 +107,12 @@ def test_cli_writes_a_reordered_export_with_the_same_outputs(tiny_shards, tmp_pa
     assert result["out"] == str(out) and result["token_moes"] == len(result["orders"]) == 2 * 4  # depth x E_img
     state, placed_state = read_safetensors(export)[0], read_safetensors(out)[0]
     for prefix, order in result["orders"].items():
-        for name in ("router.gate.weight", "experts.w1_EFD", "experts.w3_EFD", "experts.w2_EDF"):
+        for name in EXPERT_TENSORS:
             assert torch.equal(placed_state[prefix + name], state[prefix + name][order])
     moved = sum(order != sorted(order) for order in result["orders"].values())
     assert moved == result["token_moes_reordered"]
     assert moved > 0  # a random init routes unevenly enough for at least one MoE to move
-    others = [k for k in state if not any(k.startswith(p) and k[len(p) :] in _EXPERT for p in result["orders"])]
+    others = [k for k in state if not any(k.startswith(p) and k[len(p) :] in EXPERT_TENSORS for p in result["orders"])]
     assert len(others) == len(state) - 4 * len(result["orders"])
     assert all(torch.equal(placed_state[k], state[k]) for k in others)
     from nestor_ds.data.stream import TrainStream

@@ -198,7 +198,7 @@ def routing_row(local, x, valid) -> dict[str, float]:
 def take_turns(contenders: dict, x, g, reps: int, start, stop, bytes_sent=None) -> dict[str, dict]:
     """Forward + backward of sum(fn(x) * g) per contender; the contenders take turns inside every repetition (the
     first is a warm-up), so that a drift of the machine or of the process's state hits all alike (run one after
-    another, the contender that ran first was up to 15% slower: docs/benchmarks.md). `start()` lines the step up
+    another, the contender that ran first was 13.5% slower in one case: docs/benchmarks.md). `start()` lines the step up
     and returns its start time, `stop(t0)` waits for it and returns its time (the slower rank's under expert
     parallelism); `bytes_sent` (reset before each step) counts the all-to-all bytes."""
     times: dict[str, list[float]] = {name: [] for name in contenders}

@@ -46,6 +46,7 @@ from nestor_ds.checkpoint.elastic import (
 )
 from nestor_ds.checkpoint.layout import COMPLETE_MARKER, CONFIG_FILE, CONSOLIDATED_STATES, POINTER, CheckpointError
 from nestor_ds.checkpoint.safe_load import verify_checkpoint_files
+from nestor_ds.files import write_atomic
 from nestor_ds.log import get_logger
 from nestor_ds.moe.placement import ExpertOrder, read_expert_order
 
@@ -82,16 +83,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write-then-rename: a reader sees the old or the new content, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _no_space(err: BaseException, root: Path) -> bool:
@@ -131,8 +122,8 @@ def save_checkpoint(
                 p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != COMPLETE_MARKER
             }
             seq = 1 + max((marker(t).get("seq", 0) for t in complete_tags(root)), default=0)
-            _write_atomic(tag_dir / COMPLETE_MARKER, json.dumps({"step": step, "seq": seq, "files": files}) + "\n")
-            _write_atomic(root / POINTER, tag + "\n")
+            write_atomic(tag_dir / COMPLETE_MARKER, json.dumps({"step": step, "seq": seq, "files": files}) + "\n")
+            write_atomic(root / POINTER, tag + "\n")
             prune(root, keep_last)
     except (OSError, RuntimeError) as err:
         if _no_space(err, root):
@@ -392,7 +383,7 @@ def _after_resume(root: Path, loaded: Path, step: int) -> None:
             )
     root.mkdir(parents=True, exist_ok=True)
     if loaded.parent.resolve() == root.resolve():
-        _write_atomic(root / POINTER, loaded.name + "\n")
+        write_atomic(root / POINTER, loaded.name + "\n")
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -401,7 +392,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and _row_step(line) <= last_step]
-    _write_atomic(path, "".join(line + "\n" for line in kept))
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _row_step(line: str) -> int:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from nestor_ds.files import write_atomic
+
 _EXACT_LIMIT = 50_000  # set partitions searched exhaustively (E 12 at P 2: 462; E 8 at P 4: 105; E 16 at P 4: 2.6M)
 
 
@@ -136,10 +138,7 @@ def write_expert_order(path: str | Path, order: ExpertOrder) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"format": ORDER_FORMAT, "format_version": 1, "ep_size": order.ep_size}
     body.update({"checkpoint_step": order.checkpoint_step, "orders": order.orders})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, json.dumps(body, indent=1) + "\n")
 
 
 def read_expert_order(path: str | Path) -> ExpertOrder:
