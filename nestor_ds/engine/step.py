@@ -58,6 +58,7 @@ def optimizer_step(
         loss, parts = training_loss(out.pred.float(), y_BXYTC, mask_BC, out.aux_losses, cfg.loss)
         engine.backward(loss)
         if local_norm and micro_i == accum - 1:  # after the boundary's gradient all-reduce, before the step
+            _zero_missing_grads(engine.module)
             if clip > 0:  # one norm for clipping and logging (torch's foreach kernels), not DeepSpeed's and ours
                 params = [p for p in engine.module.parameters() if p.grad is not None]
                 pending.note_local_grad_norm(torch.nn.utils.clip_grad_norm_(params, clip, foreach=True))
@@ -71,6 +72,18 @@ def optimizer_step(
         pending.add_micro(out.routing, batch["dataset_id"], copy=compiled is not None and compiled.cuda_graphs)
     assert step_parts is not None
     return step_parts
+
+
+def _zero_missing_grads(module: torch.nn.Module) -> None:
+    """A zero gradient for every parameter that got none (an image expert no sample of the step chose).
+
+    DeepSpeed gives such parameters a zero gradient under ZeRO 1-3 (flat gradient buffers) and under ZeRO-0 on
+    several ranks (its all-reduce fills them), so Adam moves them by their momentum there; torch's Adam skips a
+    parameter whose gradient is None. Only one fp32 ZeRO-0 process would keep None, so without this 1 rank would
+    follow another trajectory than N ranks with the same global batch (and than an elastic resume on N ranks)."""
+    for p in module.parameters():
+        if p.grad is None and p.requires_grad:
+            p.grad = torch.zeros_like(p)
 
 
 def _grad_norm(module: torch.nn.Module) -> torch.Tensor:

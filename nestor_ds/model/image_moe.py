@@ -28,10 +28,16 @@ none), then the token MoEs of all image experts share one all-to-all-v round tri
 (`nestor_ds.moe.expert_parallel.exchange_token_moes`), then each expert finishes: no padding, and the block waits
 for the other ranks once instead of once per image expert (docs/scaling.md, "What a trained model's routing costs").
 
-Otherwise, where the token MoEs are called one at a time with the same rows on every rank (static token routing in
-training; ZeRO-3's lockstep, where every rank calls the same experts to gather their weights): each expert's
-sample group is padded to the group-wide maximum of that expert's sample count (one all_reduce MAX of
-counts_E per block), and padded rows are passed as valid_N = False. An expert whose group maximum is 0 is
+Otherwise the token MoEs are called one at a time. Under expert parallelism they need the same rows on every rank of
+the group (static token routing in training): each expert's sample group is padded to the group-wide maximum of that
+expert's sample count (one all_reduce MAX of counts_E per block), padded rows passed as valid_N = False.
+
+Lock-step (data parallelism under ZeRO 1-3, `lockstep_group`): every rank calls every image expert that any rank of
+the data-parallel world calls, in the same order, so that DeepSpeed reduces (ZeRO-1/2) or gathers (ZeRO-3) the same
+parameters on every rank: one all_reduce MAX of counts_E per block, and an expert this rank has no sample for runs on
+one zero sample whose output is dropped (its parameters get a zero gradient; no other padding). ZeRO-1/2 need this only
+while gradients are taken (`lockstep_mode="backward"`), ZeRO-3 on every call. The alternative, every rank calling
+all E experts always, saves the collective but computes experts no rank needs. An expert whose group maximum is 0 is
 skipped on every rank. Without expert parallelism or lockstep there is no padding and no collective.
 `pad_to` (debug) forces padding of every called expert's group to at least that many samples in a
 single process, so the padding path is testable without a process group.
@@ -119,7 +125,8 @@ class ImageMoE(nn.Module):
         self.one_exchange = True  # False: token MoEs one at a time even where one exchange applies (benchmarks)
         # given from outside by nestor_ds.model.parallelize.apply_expert_parallel (see group_sizes)
         self.ep_group: dist.ProcessGroup | None = None  # expert-parallel group of the token MoEs
-        self.lockstep_group: dist.ProcessGroup | None = None  # ZeRO-3: every rank calls the same experts
+        self.lockstep_group: dist.ProcessGroup | None = None  # ZeRO 1-3: every rank calls the same experts
+        self.lockstep_mode = "always"  # ZeRO-3: every call; "backward" (ZeRO-1/2): calls that record a backward
 
     @property
     def expert_parallel(self) -> bool:
@@ -130,23 +137,35 @@ class ImageMoE(nn.Module):
         """Static image routing applies in training; evaluation is dropless (no coupling between samples)."""
         return self.cfg.image_routing == "static" and self.training
 
-    def group_sizes(self, counts_E: torch.Tensor) -> list[int]:
-        """Dropless: rows (samples) each expert is called with; 0 = skip. Same on every rank under EP (and
-        lockstep)."""
-        synced = self.expert_parallel or self.lockstep_group is not None
-        kept = counts_E
-        if synced:
-            kept = kept.clone()
-            group = self.lockstep_group  # the whole data-parallel world contains every expert-parallel group
-            if group is None:
-                group = self.ep_group
-            if group is None:
+    def _sync_group(self) -> dist.ProcessGroup | None:
+        """The group whose ranks must call the same image experts now (lock-step, else expert-parallel), or None."""
+        lockstep = self.lockstep_group is not None and (self.lockstep_mode == "always" or torch.is_grad_enabled())
+        if lockstep:
+            return self.lockstep_group  # the whole data-parallel world contains every expert-parallel group
+        if self.expert_parallel:
+            if self.ep_group is None:
                 raise RuntimeError(
                     "ImageMoE: moe.ep_size > 1 but no expert-parallel group was given; call "
                     "nestor_ds.model.parallelize.apply_expert_parallel(model, ep_group)"
                 )
-            dist.all_reduce(kept, op=dist.ReduceOp.MAX, group=group)
-        sizes = kept.tolist()
+            return self.ep_group
+        return None
+
+    def group_sizes(self, counts_E: torch.Tensor) -> list[int]:
+        """Dropless: rows (samples) each expert is called with on this rank; 0 = skip. Alone: this rank's counts.
+        Under a group (`_sync_group`): every expert some rank of it calls, on every rank; padded to the group's
+        largest count under expert parallelism (its token MoEs want the same rows on every rank), else to one
+        sample where this rank has none."""
+        group = self._sync_group()
+        if group is None:
+            sizes = counts_E.tolist()
+        else:
+            top = counts_E.clone()
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+            if self.expert_parallel:
+                sizes = top.tolist()
+            else:
+                sizes = [max(n, 1) if m > 0 else 0 for n, m in zip(counts_E.tolist(), top.tolist(), strict=True)]
         if self.pad_to is not None:
             sizes = [max(s, self.pad_to) if s > 0 else 0 for s in sizes]
         return sizes
@@ -212,7 +231,6 @@ class ImageMoE(nn.Module):
         moes = [ex.moe for ex in self.experts]
         return (
             self.one_exchange
-            and self.lockstep_group is None
             and self.pad_to is None
             and all(isinstance(m, ExpertParallelTokenMoE) for m in moes)
             and not (self.cfg.moe.static and self.training)

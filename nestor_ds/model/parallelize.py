@@ -7,8 +7,10 @@ What each group is for:
 - ep_group: the expert-parallel group of the token MoEs (moe.ep_size > 1). Each ExpertParallelTokenMoE runs its
   all-to-all-v token exchange over it, and each ImageMoE agrees its dropless sample-group sizes over it (every
   rank of the group must call each image expert's token MoE with the same number of rows).
-- lockstep_group: ZeRO-3 gathers a module's parameters when it is called, collectively, so every rank of this
-  group must call the same image experts: the ImageMoEs agree their group sizes over it instead.
+- lockstep_group: every rank of this group (the data-parallel world) must call the same image experts in the same
+  order, so the ImageMoEs agree which experts to call over it instead. ZeRO-3 gathers a module's parameters when it
+  is called (``lockstep_mode="always"``); ZeRO-1/2 reduce gradients parameter by parameter, so there the experts
+  agree only while gradients are taken (``"backward"``; evaluation and inference stay rank-local).
 
 Parameter names and shapes are unchanged (the groups are plain attributes, not state).
 """
@@ -24,13 +26,19 @@ from .image_moe import ImageMoE
 
 
 def apply_expert_parallel(
-    model: nn.Module, ep_group: dist.ProcessGroup | None = None, lockstep_group: dist.ProcessGroup | None = None
+    model: nn.Module,
+    ep_group: dist.ProcessGroup | None = None,
+    lockstep_group: dist.ProcessGroup | None = None,
+    lockstep_mode: str = "always",
 ) -> int:
     """Give every MoE layer of ``model`` (a NESTOR model, an ImageMoE or a lone token MoE) its process groups.
 
+    ``lockstep_mode``: ``"always"`` (ZeRO-3) or ``"backward"`` (ZeRO-1/2: only calls that record a backward).
     Returns how many layers (token MoEs + image MoEs) received a group. An expert-parallel token MoE without
     ``ep_group`` is an error: its experts are a shard and it cannot run alone.
     """
+    if lockstep_mode not in ("always", "backward"):
+        raise ValueError(f"apply_expert_parallel: lockstep_mode={lockstep_mode!r} must be 'always' or 'backward'")
     given = 0
     for m in model.modules():
         if isinstance(m, ExpertParallelTokenMoE):
@@ -42,6 +50,6 @@ def apply_expert_parallel(
             m.set_group(ep_group)
             given += 1
         elif isinstance(m, ImageMoE) and (ep_group is not None or lockstep_group is not None):
-            m.ep_group, m.lockstep_group = ep_group, lockstep_group
+            m.ep_group, m.lockstep_group, m.lockstep_mode = ep_group, lockstep_group, lockstep_mode
             given += 1
     return given

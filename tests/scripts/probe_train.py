@@ -12,14 +12,29 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from nestor_ds.config import load_config
+from nestor_ds.config import RunConfig, load_config
 from nestor_ds.data import TrainStream
 from nestor_ds.engine import run_training
+
+
+def global_batch_source(cfg: RunConfig, global_batch: int) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
+    """A ``batch_source`` for run_training: the stream's batches of ``global_batch`` samples drawn as if there were
+    one rank, this rank's contiguous slice of each (call it after the process group exists)."""
+
+    def batches(start: int) -> Iterator[dict[str, torch.Tensor]]:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        per = global_batch // world
+        stream = TrainStream(cfg.data, micro_batch=global_batch, rank=0, world_size=1, seed=cfg.train.seed)
+        for batch in stream.batches(start):
+            yield {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
+
+    return batches
 
 
 def main() -> None:
@@ -33,15 +48,7 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
-
-    def global_batches(start: int):
-        rank, world = dist.get_rank(), dist.get_world_size()
-        per = args.global_batch // world
-        for batch in TrainStream(
-            cfg.data, micro_batch=args.global_batch, rank=0, world_size=1, seed=cfg.train.seed
-        ).batches(start):
-            yield {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
-
+    global_batches = global_batch_source(cfg, args.global_batch)
     result = run_training(
         cfg, args.ds_config, entry="pretrain", run_name=args.run_name, resume=args.resume, batch_source=global_batches
     )
