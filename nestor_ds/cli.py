@@ -1,14 +1,18 @@
 """Argument parsing and error reporting shared by the entries (``train.py``, ``finetune.py``).
 
-Entries run as modules from the repository root (``python -m nestor_ds.train``, ``deepspeed --module
-nestor_ds.train``, ``torchrun -m nestor_ds.train``), so ``import nestor_ds`` needs no path patching.
+Entries run as modules (``python -m nestor_ds.train``, ``deepspeed --module nestor_ds.train``, ``torchrun -m
+nestor_ds.train``) from the repository root, or from anywhere once the project is installed (``pip install .`` or
+``pip install -e .``), which also puts the console commands of pyproject.toml on the PATH (``nestor-train``,
+``nestor-finetune``, ...: `train_entry` and `finetune_entry` below). Relative paths, the default ``--config``
+included, are read from the working directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 DEFAULT_CONFIG = "configs/pretrain_demo.yaml"
 
@@ -22,7 +26,11 @@ def base_parser(description: str, default_config: str = DEFAULT_CONFIG) -> argpa
         required=True,
         help="DeepSpeed JSON (ZeRO stage, precision, micro-batch, accumulation), e.g. ds_configs/zero2.json",
     )
-    p.add_argument("--config", default=default_config, help=f"YAML run configuration (default: {default_config})")
+    p.add_argument(
+        "--config",
+        default=default_config,
+        help=f"YAML run configuration (default: {default_config}, from the working directory)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -48,15 +56,78 @@ def base_parser(description: str, default_config: str = DEFAULT_CONFIG) -> argpa
     return p
 
 
+def restart_resume(
+    resume: str | None, cfg: Any, entry: str, run_name: str | None, env: Mapping[str, str] | None = None
+) -> str | None:
+    """The ``--resume`` value for this attempt: ``auto`` when torchrun's elastic agent restarted the workers and this
+    run already has a complete checkpoint, else ``resume`` unchanged.
+
+    Why: under ``torchrun --max-restarts N`` a failed worker makes the agent restart every worker with the *same*
+    command line, so a run started without ``--resume`` would refuse its own checkpoints (or, with ``--resume PATH``,
+    roll back to PATH and set aside everything saved since). torchrun tells the new attempt apart by
+    ``TORCHELASTIC_RESTART_COUNT > 0``: the attempt then continues from this run's newest complete checkpoint, exactly
+    as ``--resume auto`` with the same ``--run-name`` does. Without a checkpoint of its own yet (killed before the
+    first save), it starts as the first attempt did (from PATH, or fresh). Every rank decides from the shared file
+    system before the process group exists; the previous attempt's workers are all stopped by then, so all ranks
+    see the same tags. One line on rank 0 says why. ``cfg`` is the run's ``RunConfig``; ``run_name`` as passed to
+    ``run_training`` (None: the trainer's default ``<entry>-<preset or arch>``).
+    """
+    import os
+    from pathlib import Path
+
+    env = os.environ if env is None else env
+    try:
+        restarts = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        restarts = 0
+    if restarts <= 0:
+        return resume
+    from nestor_ds.checkpoint.save_resume import complete_tags
+    from nestor_ds.log import get_logger
+
+    name = run_name or f"{entry}-{cfg.preset or cfg.model.arch}"  # = Trainer.__init__'s default run name
+    root = Path(cfg.train.output_dir) / name / "checkpoints"
+    tags = complete_tags(root)
+    main = env.get("RANK", "0") == "0"
+    log = get_logger("nestor_ds.cli")
+    if not tags:
+        if main:
+            log.info(
+                "torchrun restart %d (TORCHELASTIC_RESTART_COUNT): no complete checkpoint of run %s under %s yet: "
+                "starting as the first attempt did (%s)",
+                restarts,
+                name,
+                root,
+                f"--resume {resume}" if resume else "from step 0",
+            )
+        return resume
+    if main:
+        log.info(
+            "torchrun restart %d (TORCHELASTIC_RESTART_COUNT): resuming run %s from its newest complete checkpoint "
+            "under %s (as --resume auto%s)",
+            restarts,
+            name,
+            root,
+            "" if resume in (None, "auto") else f"; --resume {resume} was for the first attempt",
+        )
+    return "auto"
+
+
 def run_cli(main: Callable[[], int]) -> None:
-    """Turn expected failures (bad config, missing files) into one clear line and exit status 2."""
+    """Run an entry: the user's mistakes become one line on stderr and exit status 2, our bugs keep their traceback.
+
+    One line: `UserError` (config, data, paths, DeepSpeed JSON, checkpoints, library versions; `ConfigError` and
+    `CheckpointError` are UserErrors), the shard format's `DataFormatError`, a missing file, a full disk. Any other
+    exception, a plain ValueError included, is a bug in our code: it propagates with its traceback (exit status 1).
+    """
     import errno
 
-    from nestor_ds.config import ConfigError
+    from nestor_ds.errors import UserError
+    from nestor_ds.shards.schema import DataFormatError
 
     try:
         sys.exit(main())
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (UserError, DataFormatError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except OSError as e:  # a full disk is the user's to fix: one line (the checkpoint code names the path)
@@ -66,6 +137,20 @@ def run_cli(main: Callable[[], int]) -> None:
         sys.exit(2)
     finally:
         _end_process_group()
+
+
+def train_entry() -> None:
+    """``nestor-train``: the console command of ``python -m nestor_ds.train`` (same arguments, same errors)."""
+    from nestor_ds.train import main
+
+    run_cli(main)
+
+
+def finetune_entry() -> None:
+    """``nestor-finetune``: the console command of ``python -m nestor_ds.finetune``."""
+    from nestor_ds.finetune import main
+
+    run_cli(main)
 
 
 def _end_process_group() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tracking-uri",
         default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the training run's, else sqlite:///mlflow.db)",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; never the URI a checkpoint "
+        "names)",
     )
     p.add_argument("--run-name", default=None, help="MLflow run name (default: evaluate-<checkpoint name>)")
     args = p.parse_args(argv)
@@ -112,15 +112,17 @@ def log_to_mlflow(report: dict[str, Any], args: argparse.Namespace, run_cfg: dic
     """Metrics, the rollout-curve figure and the report as an artifact; skipped if tracking is unavailable."""
     try:
         from nestor_ds.tracking import Tracker, TrackingConfig, flatten, rollout_error_curve
+        from nestor_ds.tracking.tracker import resolve_tracking_uri
     except ImportError:
         return
     tracking = TrackingConfig(
         **{k: v for k, v in (run_cfg.get("tracking") or {}).items() if k in TrackingConfig.__dataclass_fields__}
     )
-    # --no-mlflow decides, not whether the training run tracked; a URI given for this evaluation (flag or
-    # $MLFLOW_TRACKING_URI) wins over the one the training run saved, which may name another machine's store
+    # --no-mlflow decides, not whether the training run tracked. The store is this evaluation's own (flag,
+    # $MLFLOW_TRACKING_URI, else the local default), never the one a checkpoint names: a checkpoint from someone else
+    # must not make this machine contact a server it chose
     tracking.enabled = True
-    tracking.tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.tracking_uri
+    tracking.tracking_uri = resolve_tracking_uri(args.tracking_uri)
     tracking.system_metrics = False
     name = args.run_name or f"evaluate-{Path(args.checkpoint).resolve().name}"
     tracker = Tracker(tracking, rank=0, entry="evaluate", run_name=name)
@@ -212,12 +214,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """Expected failures (bad checkpoint, bad shard dir, config mismatch) -> one line on stderr, exit 2."""
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as err:  # CheckpointError and DataFormatError are ValueErrors
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    """The user's mistakes (bad checkpoint, bad shard dir, config mismatch) -> one line on stderr, exit 2; bugs keep
+    their traceback (nestor_ds.cli.run_cli, as every entry)."""
+    from nestor_ds.cli import run_cli
+
+    run_cli(main)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nestor_ds.cli import base_parser, run_cli
+from nestor_ds.cli import base_parser, restart_resume, run_cli
+from nestor_ds.errors import UserError
 
 
 def build_finetune_config(raw: dict[str, Any], config_path: str | None, pretrained_model: dict[str, Any]):
@@ -69,7 +70,7 @@ def main() -> int:
     raw = deep_merge(read_yaml(args.config) if args.config else {}, parse_overrides(extra))
     pretrained = (raw.get("finetune") or {}).get("pretrained")
     if not pretrained:
-        raise ValueError("no pre-trained checkpoint: pass --pretrained PATH (or set finetune.pretrained)")
+        raise UserError("no pre-trained checkpoint: pass --pretrained PATH (or set finetune.pretrained)")
     state, source_cfg, source = load_local_state(pretrained)
     cfg = build_finetune_config(raw, args.config, source_cfg["model"])
 
@@ -95,7 +96,7 @@ def main() -> int:
         args.ds_config,
         entry="finetune",
         run_name=args.run_name or "finetune",
-        resume=args.resume,
+        resume=restart_resume(args.resume, cfg, "finetune", args.run_name or "finetune"),  # torchrun restarts
         prepare=prepare,
         parent_run_id=source_cfg.get("mlflow_run_id") or None,
         evaluate_before=True,

@@ -2,6 +2,7 @@
 
 - :func:`free_port`: a TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous or a local server).
 - :func:`wait_http`: poll a local URL until it answers 200, failing early when the process serving it dies.
+- :func:`kill_tree`: signal a process and all its descendants at once (a lost node, in the multi-node tests).
 - :func:`stop_group`: end a child started with ``start_new_session=True`` and everything it forked (MLflow servers
   fork workers), SIGTERM first, SIGKILL after a bounded wait; always reaps.
 """
@@ -63,3 +64,32 @@ def torchrun(nproc: int, *target: str, port: int | None = None) -> list[str]:
     port = free_port() if port is None else port
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     return [*run, "--master_addr", "127.0.0.1", "--master_port", str(port), *target]
+
+
+def _children() -> dict[int, list[int]]:
+    """parent pid -> child pids, from /proc (Linux)."""
+    out: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                text = (entry / "stat").read_text()
+            except OSError:
+                continue
+            out.setdefault(int(text[text.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
+    return out
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
+    """Send `sig` to `pid` and every process below it (what losing a node does to its launcher and ranks): torchrun
+    starts its workers in sessions of their own, so killing the launcher's process group would leave them running.
+    The tree is listed before anything is signalled; returns the pids signalled (Linux: reads /proc)."""
+    children, tree, i = _children(), [pid], 0
+    while i < len(tree):
+        tree.extend(children.get(tree[i], []))
+        i += 1
+    for p in tree:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+    return tree

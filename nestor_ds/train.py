@@ -10,7 +10,7 @@ The loop lives in ``nestor_ds.engine`` (shared with ``finetune.py``); this file 
 
 from __future__ import annotations
 
-from nestor_ds.cli import base_parser, run_cli
+from nestor_ds.cli import base_parser, restart_resume, run_cli
 
 
 def main() -> int:
@@ -19,7 +19,8 @@ def main() -> int:
     from nestor_ds.engine import run_training
 
     cfg = load_config(args.config, args.overrides)
-    result = run_training(cfg, args.ds_config, entry="pretrain", run_name=args.run_name, resume=args.resume)
+    resume = restart_resume(args.resume, cfg, "pretrain", args.run_name)  # torchrun --max-restarts: continue
+    result = run_training(cfg, args.ds_config, entry="pretrain", run_name=args.run_name, resume=resume)
     return 0 if result.steps > 0 else 1
 
 

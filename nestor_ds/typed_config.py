@@ -12,8 +12,10 @@ import types
 import typing
 from typing import Any, Union
 
+from nestor_ds.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration problem, with the file and dotted key in the message."""
 
 

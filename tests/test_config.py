@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
+import yaml
 
+from nestor_ds.cli import run_cli
 from nestor_ds.config import ConfigError, config_from_dict, flatten, load_config, parse_overrides
 from nestor_ds.engine.distributed import resolve_ep_size
 from nestor_ds.engine.optim import OptimConfig, lr_at
+from nestor_ds.errors import UserError
 
 
 @pytest.fixture
@@ -76,13 +81,16 @@ def test_overrides_parse_yaml_values_and_numbers_like_3e_3(tmp_path):
         ({"bogus": {}}, "unknown key 'bogus'"),
         ({"optim": {"div_factor": 0.5}}, "optim.div_factor must be >= 1"),
         ({"train": {"eval_windows": "last"}}, "train.eval_windows must be all or first"),
+        ({"model": {"moe": {"top_k": 9}}}, "moe.top_k=9"),
+        ({"data": {"num_workers": -1}}, "data.num_workers: must be an integer >= 0"),
+        ({"data": {"datasets": [{"name": "d", "path": "/nonexistent/shards"}]}}, "/nonexistent/shards does not exist"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, patch, message):
     raw = _base(tmp_path)
     for k, v in patch.items():
         raw[k] = {**raw.get(k, {}), **v}
-    with pytest.raises((ConfigError, ValueError), match=None) as err:
+    with pytest.raises(UserError) as err:  # a UserError: the entries print it as one line (run_cli)
         config_from_dict(raw)
     assert message in str(err.value)
 
@@ -97,24 +105,57 @@ def test_missing_file_and_bad_yaml(tmp_path_factory):
         load_config(bad)
 
 
+def test_cli_gives_one_line_for_the_users_mistake_and_a_traceback_for_our_bug(
+    tmp_path, tmp_path_factory, capsys, monkeypatch
+):
+    """run_cli: a bad config key is one line and exit 2; a plain ValueError raised inside our code (a bug: here
+    `balanced_order` given an ep_size that does not divide the experts, which no user input reaches) keeps its
+    traceback and exits 1 -- it used to be printed as one line, hiding where it came from."""
+    from nestor_ds.train import main
+
+    cfg = tmp_path_factory.mktemp("cli") / "run.yaml"
+    cfg.write_text(yaml.safe_dump({**_base(tmp_path), "train": {"max_steps": 1}}))
+    argv = ["train", "--ds_config", "ds.json", "--config", str(cfg), "--set", "model.widht=3"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.splitlines() == [err], err
+    assert err.startswith("error:") and "unknown key 'model.widht'" in err
+
+    bug = (
+        "from nestor_ds.cli import run_cli\n"
+        "from nestor_ds.moe.placement import balanced_order\n"
+        "run_cli(lambda: balanced_order([1.0, 2.0, 3.0, 4.0], 3) and 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", bug], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr and "placement.py" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("ValueError: balanced_order"), proc.stderr
+
+
 def test_flatten_names_every_leaf(tmp_path):
     flat = flatten(config_from_dict(_base(tmp_path)).to_dict())
     assert flat["data.datasets.0.name"] == "d" and flat["model.moe.num_experts"] == 4 and "optim.lr" in flat
 
 
 def test_ep_size_resolution():
-    assert resolve_ep_size("auto", 2, 4, "local") == 2
-    assert resolve_ep_size("auto", 6, 4, "local") == 2
-    assert resolve_ep_size("auto", 8, 6, "local") == 2
-    assert resolve_ep_size("auto", 4, 4, "local") == 4
+    # one node (ranks per node = world, also when the launcher says nothing): data parallel, as docs/scaling.md advises
+    assert resolve_ep_size("auto", 2, 4, "local") == 1
+    assert resolve_ep_size("auto", 8, 6, "local", ranks_per_node=8) == 1
+    # several nodes: the largest size dividing the world, the experts and the ranks per node
+    assert resolve_ep_size("auto", 16, 6, "local", ranks_per_node=8) == 2
+    assert resolve_ep_size("auto", 8, 4, "local", ranks_per_node=4) == 4
+    assert resolve_ep_size("auto", 4, 4, "local", ranks_per_node=2) == 2
     # groups are consecutive ranks: auto keeps them inside a node (3 nodes x 8 GPUs, 6 experts: not 6)
     assert resolve_ep_size("auto", 24, 6, "local", ranks_per_node=8) == 2
-    assert resolve_ep_size("auto", 24, 6, "local", ranks_per_node=24) == 6
+    assert resolve_ep_size("auto", 24, 6, "local", ranks_per_node=24) == 1  # one node of 24
     assert resolve_ep_size("auto", 12, 6, "local", ranks_per_node=6) == 6
     assert resolve_ep_size(2, 2, 4, "local") == 2
     with pytest.raises(ValueError, match="must divide both the world size"):
         resolve_ep_size(3, 4, 6, "local")
-    assert resolve_ep_size("auto", 4, 4, "local", zero_stage=3) == 1  # DeepSpeed: MoE params up to ZeRO-2
+    # DeepSpeed: MoE params up to ZeRO-2
+    assert resolve_ep_size("auto", 4, 4, "local", ranks_per_node=2, zero_stage=3) == 1
     with pytest.raises(ValueError, match="ZeRO stage 3 does not partition MoE parameters"):
         resolve_ep_size(2, 2, 4, "local", zero_stage=3)
     with pytest.raises(ValueError, match="backend=megablocks keeps all token experts on every rank"):

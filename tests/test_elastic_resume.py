@@ -24,8 +24,12 @@ GLOBAL_BATCH = 4
 
 
 def _probe(tmp: Path, cfg: Path, ranks: int, run: str, out: str, *extra: str, stage: int = 2):
+    """The probe on `ranks` ranks; ZeRO 0-2 runs expert parallel over all of them (ep_size = ranks: `auto` would
+    keep one node data parallel), so each switch of world size also switches ep_size."""
     ds = ds_config(tmp, stage=stage, micro=GLOBAL_BATCH // ranks)
     args = [PROBE, "--config", str(cfg), "--ds_config", str(ds), "--global-batch", str(GLOBAL_BATCH)]
+    if stage < 3:
+        args += ["--set", f"model.moe.ep_size={ranks}"]
     return launch([*args, "--out", out, "--run-name", run, *extra], ranks=ranks, cwd=tmp)
 
 

@@ -1,8 +1,9 @@
 """Export of a real 2-rank, ep_size-2 DeepSpeed checkpoint -> safetensors -> load_pretrained.
 
 The module fixture trains a tiny NESTOR (expert-parallel local token MoE, ep_size 2, ZeRO-2, gloo) for one
-step under torchrun, saves it with the engine's own checkpoint writer, and records the DeepSpeed
-engine model's eval output on a fixed input. This file is also that worker (`--worker OUT_DIR`).
+step under torchrun through the training entry's own set-up (``run_training``: ``Trainer.build``, its data stream,
+its checkpoint save with the COMPLETE marker), and records the trained DeepSpeed engine model's eval output on a
+fixed input. This file is also that worker (`--worker OUT_DIR CONFIG DS_CONFIG`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from nestor_ds.procs import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
+CKPT = Path("runs") / "export" / "checkpoints"  # the trainer's checkpoint root under the fixture's directory
 MODEL_OVERRIDES = {
     "in_channels": 2,
     "t_in": 3,
@@ -50,44 +52,40 @@ def fixed_input() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.ones(3, 2, dtype=torch.bool)
 
 
-def worker(out: Path) -> None:
-    """2 ranks: build, one ZeRO-2 step on rank-specific data, save, record eval outputs on rank 0."""
-    import deepspeed
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+def worker(out: Path, config: Path, ds_config_path: Path) -> None:
+    """2 ranks: one ZeRO-2 step of ``run_training`` (what ``python -m nestor_ds.train`` runs, so the engine is the
+    one users get from ``Trainer.build``), then the trained engine module's eval outputs, recorded on rank 0."""
+    from nestor_ds.config import load_config
+    from nestor_ds.engine.trainer import run_training
 
-    from nestor_ds.checkpoint.save_resume import rng_state, save_checkpoint
-    from nestor_ds.engine.distributed import setup_expert_parallel
-    from nestor_ds.model import build_model
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank = torch.distributed.get_rank()
-    cfg = tiny_config()
-    torch.manual_seed(1000 + rank)  # experts differ per rank (DeepSpeed broadcasts the non-expert weights)
-    model = build_model(cfg)
-    setup_expert_parallel(model, cfg.moe.ep_size)  # the engine gives the model its expert-parallel group
-    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "all"})
-    ds_cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=ds_cfg)
-    x_train = torch.randn(2, 16, 16, 3, 2, generator=torch.Generator().manual_seed(rank))
-    mask = torch.ones(2, 2, dtype=torch.bool)
-    out_train = engine(x_train, mask)
-    engine.backward(out_train.pred.square().mean() + sum(out_train.aux_losses.values()))
-    engine.step()
-
-    run_cfg = {"model": cfg.to_dict(), "data": {"datasets": []}, "world_size": 2, "ep_size": 2}
-    save_checkpoint(engine, out / "ckpt", 1, {"step": 1, "rng": rng_state()}, run_cfg, keep_last=2)
-    engine.module.eval()
+    result = run_training(load_config(str(config)), str(ds_config_path), run_name="export")
+    model = result.model
+    model.eval()
     x, mask = fixed_input()
-    with torch.no_grad():
-        pred = engine.module(x, mask).pred
-        roll = engine.module.rollout(x, 2, mask)
-    if rank == 0:
+    with torch.no_grad():  # both ranks: the token experts' all-to-all needs the whole expert-parallel group
+        pred = model(x, mask).pred
+        roll = model.rollout(x, 2, mask)
+    if torch.distributed.get_rank() == 0:
         torch.save({"x": x, "pred": pred, "rollout": roll}, out / "reference.pt")
+    torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def ds_run(tmp_path_factory) -> Path:
+def ds_run(tiny_shards, tmp_path_factory) -> Path:
+    from train_fixtures import ds_config
+    from train_fixtures import tiny_config as run_config
+
     out = tmp_path_factory.mktemp("ds_ep2")
+    root, shards = tiny_shards
+    model = {k: v for k, v in MODEL_OVERRIDES.items() if k not in ("in_channels", "t_in", "resolution")}
+    config = run_config(
+        out,
+        shards,
+        data={"t_in": 3, "channels": 2, "resolution": 16},
+        model={**model, "preset": "nestor-tiny"},
+        train={"max_steps": 1, "ckpt_every": 1, "eval_max_trajectories": 1},
+        tracking={"enabled": False},
+    )
     env = {
         **os.environ,
         "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
@@ -97,8 +95,9 @@ def ds_run(tmp_path_factory) -> Path:
     with socket.socket() as sock:  # torchrun's static rendezvous needs a real port (0 hangs)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = torchrun(2, str(Path(__file__).resolve()), "--worker", str(out), port=port)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    args = ("--worker", str(out), str(config), str(ds_config(out, stage=2, micro=2)))
+    cmd = torchrun(2, str(Path(__file__).resolve()), *args, port=port)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=out)
     if proc.returncode != 0:
         pytest.fail(
             f"2-rank DeepSpeed worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -110,7 +109,7 @@ def test_deepspeed_files_are_what_we_expect(ds_run):
     from nestor_ds.checkpoint.layout import resolve_checkpoint
     from nestor_ds.checkpoint.safe_load import gather_deepspeed_state
 
-    tag = resolve_checkpoint(ds_run / "ckpt")
+    tag = resolve_checkpoint(ds_run / CKPT)
     assert tag.name == "step_00000001"
     names = sorted(p.name for p in tag.iterdir())
     # 1 DeepSpeed token-MoE layer (depth 1 x 2 image experts = 2 layers) x 4 global experts, ranks 0 and 1
@@ -130,7 +129,7 @@ def test_export_then_load_pretrained_matches_engine_model(ds_run, tmp_path):
     from nestor_ds import load_pretrained
     from nestor_ds.checkpoint.export import export_checkpoint
 
-    out = export_checkpoint(ds_run / "ckpt", tmp_path / "tiny.safetensors")
+    out = export_checkpoint(ds_run / CKPT, tmp_path / "tiny.safetensors")
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
         keys = list(f.keys())
@@ -149,7 +148,7 @@ def test_export_then_load_pretrained_matches_engine_model(ds_run, tmp_path):
     torch.testing.assert_close(model.rollout(ref["x"], 2, mask), ref["rollout"], atol=1e-6, rtol=0)
 
     # the DeepSpeed directory itself (root -> latest tag) loads to the same weights
-    direct = load_pretrained(ds_run / "ckpt")
+    direct = load_pretrained(ds_run / CKPT)
     for (k, a), (_, b) in zip(model.state_dict().items(), direct.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 
@@ -159,7 +158,7 @@ def test_missing_expert_file_is_named(ds_run, tmp_path):
     from nestor_ds.checkpoint.layout import CheckpointError
 
     tag = tmp_path / "step_00000001"
-    shutil.copytree(ds_run / "ckpt" / "step_00000001", tag)
+    shutil.copytree(ds_run / CKPT / "step_00000001", tag)
     (tag / "layer_1_expert_2_mp_rank_00_model_states.pt").unlink()
     with pytest.raises(CheckpointError, match=r"MoE layer 1 is missing expert file\(s\) for expert id\(s\) \[2\]"):
         export_checkpoint(tag, tmp_path / "x.safetensors")
@@ -171,10 +170,10 @@ def test_root_resolves_to_newest_complete_tag_not_latest(ds_run, tmp_path):
     from nestor_ds.checkpoint.layout import resolve_checkpoint
 
     root = tmp_path / "ckpt"
-    shutil.copytree(ds_run / "ckpt", root)
+    shutil.copytree(ds_run / CKPT, root)
     good = root / "step_00000001"
-    if not (good / "COMPLETE").is_file():
-        (good / "COMPLETE").write_text("1\n")
+    assert json.loads((good / "COMPLETE").read_text())["step"] == 1  # written by the trainer's save
+    (root / "nestor_latest").unlink()  # without the run's pointer, only the COMPLETE markers decide
     cut = root / "step_00000002"
     shutil.copytree(good, cut)
     (cut / "COMPLETE").unlink()
@@ -207,7 +206,7 @@ def test_config_mismatch_names_key_and_both_shapes(ds_run, tmp_path):
     from nestor_ds.checkpoint.layout import CheckpointError
     from nestor_ds.checkpoint.load import load_local_state
 
-    state, run_cfg, _ = load_local_state(ds_run / "ckpt")
+    state, run_cfg, _ = load_local_state(ds_run / CKPT)
     run_cfg["model"]["head_dim"] = 12  # the weights were trained with head_dim 8
     bad = save_safetensors(state, run_cfg, tmp_path / "bad.safetensors")
     with pytest.raises(
@@ -224,7 +223,7 @@ def test_evaluate_cli_on_exported_checkpoint(ds_run, tmp_path):
     from shard_fixtures import build_dataset
 
     shards = build_dataset(tmp_path, "tiny2", n=6, t=6, res=16, c=2, per_shard=2, test_fraction=0.5)
-    model_file = export_checkpoint(ds_run / "ckpt", tmp_path / "m.safetensors")
+    model_file = export_checkpoint(ds_run / CKPT, tmp_path / "m.safetensors")
     report_file = tmp_path / "report.json"
     cmd = [
         sys.executable,
@@ -297,5 +296,5 @@ def test_bad_paths_are_one_line_errors(tmp_path):
         resolve_checkpoint(tmp_path)
 
 
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
-    worker(Path(sys.argv[2]))
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
+    worker(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))

@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "engine": {"synth", "shards", "data", "moe", "model", "checkpoint", "eval", "tracking", "config"},
 }
 # small helpers every package may use
-SHARED = {"log", "procs", "typed_config", "cli", "redact", "collectives", "files"}
+SHARED = {"log", "procs", "typed_config", "cli", "redact", "collectives", "files", "errors", "compat"}
 ENTRIES = {"cli.py", "__main__.py"}  # a package's command line is an entry: it may use any package
 
 

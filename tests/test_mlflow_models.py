@@ -170,6 +170,56 @@ def test_registered_pyfunc_predicts_the_rollout(trained, name, weights):
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 
+SERVE_WITHOUT_CHECKOUT = """
+import json, sys
+# the package may be installed in this environment (`pip install -e .` of requirements.txt): take its finder away, as
+# on a machine that has only MLflow and the model
+sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "") + repr(f)]
+import numpy as np
+import mlflow.pyfunc
+try:
+    import nestor_ds
+    sys.exit(f"nestor_ds importable before loading the model: {nestor_ds.__file__}")
+except ImportError:
+    pass
+model = mlflow.pyfunc.load_model(sys.argv[1])
+example = np.load(sys.argv[2])
+out = model.predict({"x": example["x"], "channel_mask": example["mask"]}, params={"steps": 2})
+np.save(sys.argv[3], out)
+import nestor_ds
+print(json.dumps({"nestor_ds": nestor_ds.__file__}))
+"""
+
+
+def test_pyfunc_model_serves_without_our_code_checked_out(trained, tmp_path):
+    """The logged model carries its code: a fresh interpreter with no PYTHONPATH (``-I``: no environment, no
+    working directory on sys.path), run outside the repository, loads and predicts with the nestor_ds package
+    copied into the model's own code directory."""
+    import mlflow
+
+    from nestor_ds.checkpoint.load import load_pretrained
+
+    mlflow.set_tracking_uri(trained.uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{PRETRAIN_NAME}/1", dst_path=str(tmp_path / "m")))
+    model = load_pretrained(trained.work / "runs" / "pre" / "model.safetensors")
+    x, mask = _example(2, model.cfg.in_channels)
+    want = model.rollout(torch.from_numpy(x), 2, torch.from_numpy(mask)).detach().numpy()
+    np.savez(tmp_path / "example.npz", x=x, mask=mask)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    res = subprocess.run(
+        [sys.executable, "-I", "-c", SERVE_WITHOUT_CHECKOUT, str(local), "example.npz", "out.npy"],
+        cwd=tmp_path,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    served_from = Path(json.loads(res.stdout.strip().splitlines()[-1])["nestor_ds"]).resolve()
+    assert served_from.is_relative_to(local.resolve() / "code"), served_from
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), want, atol=1e-6, rtol=0)
+
+
 def test_mlflow_models_serve_answers_with_the_rollout(trained):
     from nestor_ds.checkpoint.load import load_pretrained
 

@@ -244,20 +244,25 @@ def test_bad_input_and_config_errors():
         moe(torch.randn(3, D + 1))
     with pytest.raises(ValueError, match="valid_N must be a bool tensor"):
         moe(torch.randn(3, D), torch.ones(3))
-    for bad in [
-        dict(backend="tutel"),
-        dict(top_k=7),
-        dict(backend="megablocks", ep_size=2),
-        dict(capacity_factor=1.0),
-        dict(routing="bucketed"),
-        dict(routing="static", capacity_factor=0.0),
-        dict(num_experts=6, ep_size=4),
-        dict(mlp_ratio=0.0),
-        dict(backend="megablocks", router_noise=0.1),
-        dict(backend="megablocks", routing="static"),
+    # each bad config must fail for its own reason: the whole message, not just the section name every one has
+    for bad, message in [
+        (dict(backend="tutel"), "moe.backend='tutel': expected one of ('local', 'megablocks')"),
+        (dict(top_k=7), "moe.top_k=7: must be in [1, num_experts=6]"),
+        (
+            dict(backend="megablocks", ep_size=2),
+            "moe.ep_size=2: moe.backend='megablocks' has no expert parallelism; use moe.backend='local'",
+        ),
+        (dict(capacity_factor=1.0), "moe.capacity_factor=1.0 is used only by moe.routing='static'"),
+        (dict(routing="bucketed"), "moe.routing='bucketed': expected one of ('dropless', 'static')"),
+        (dict(routing="static", capacity_factor=0.0), "moe.capacity_factor=0.0: must be > 0 with moe.routing='static'"),
+        (dict(num_experts=6, ep_size=4), "moe.ep_size=4: must be >= 1 and divide num_experts=6"),
+        (dict(mlp_ratio=0.0), "moe.mlp_ratio=0.0: must be > 0"),
+        (dict(backend="megablocks", router_noise=0.1), "moe.router_noise > 0 is not supported by moe.backend="),
+        (dict(backend="megablocks", routing="static"), "moe.routing='static' is not supported by moe.backend="),
     ]:
-        with pytest.raises(ValueError, match="moe"):
+        with pytest.raises(ValueError) as err:
             MoEConfig(**bad).validate()
+        assert str(err.value).startswith(message), (bad, str(err.value))
 
 
 # ---- static routing (fixed capacity per expert, no data-dependent shapes) ----

@@ -122,8 +122,9 @@ def test_cli_writes_a_reordered_export_with_the_same_outputs(tiny_shards, tmp_pa
     x, mask = batch["x"], batch["channel_mask"]
     with torch.no_grad():
         torch.testing.assert_close(placed(x, mask).pred, original(x, mask).pred, rtol=1e-5, atol=1e-5)
-    for key in ("held_out_before", "held_out_after"):
-        assert result[key]["rank_imbalance"] >= 1.0 and 0.0 < result[key]["expert_rows_ratio"]
+    # held_out_before/after: replay() rows (their arithmetic is checked by hand in test_routing_profile.py); the
+    # former ranges here (busiest / mean >= 1, ratio > 0) held by construction and were removed
+    assert {"held_out_before", "held_out_after"} <= set(result)
 
 
 def test_cli_writes_an_order_file_for_a_resume(tiny_shards, tmp_path, capsys):

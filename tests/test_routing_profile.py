@@ -81,8 +81,8 @@ def test_cli_profiles_a_model_export_on_its_training_stream(tiny_shards, tmp_pat
     assert result["ep"]["1"]["padding_fraction"] == 0.0
     assert set(result["uniform_router"]) == {"1", "2"} and result["uniform_router"]["1"]["rank_imbalance"] == 1.0
     ep2 = result["ep"]["2"]
-    assert 0.0 <= ep2["padding_fraction"] < 1.0 and ep2["rank_imbalance"] >= 1.0
-    assert 0.0 < ep2["expert_rows_ratio"] and 0.0 < ep2["body_rows_ratio"] <= 1.0
+    # (ranges such as 0 <= padding < 1 or busiest / mean >= 1 hold by construction and were removed: the replay's
+    # arithmetic is checked exactly by hand in test_replay_counts_padding_and_the_busiest_rank)
     # the text form names both paths' numbers, ep 2's as in the JSON
     assert main(["--checkpoint", str(export), "--steps", str(steps), "--ranks", str(ranks), "--micro-batch",
                  str(micro), "--ep", "2"]) == 0  # fmt: skip

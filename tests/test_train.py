@@ -12,7 +12,7 @@ import torch
 
 from nestor_ds.procs import torchrun
 
-from train_fixtures import ds_config, entry_args, launch, tiny_config
+from train_fixtures import ds_config, entry_args, launch, reference_mi_bits, tiny_config
 
 TRAIN = "nestor_ds.train"  # run as a module (tests/conftest.py puts the repository on PYTHONPATH)
 PROBE = "tests.scripts.probe_train"
@@ -118,7 +118,8 @@ def test_one_mlflow_run_with_params_metrics_and_figures(zero2_ep2_run):
     ):
         assert key in metrics, key
     # ep 2: how much more than the mean the busiest rank's token experts got, now and after the best re-ordering
-    assert 1.0 <= metrics["experts/token_ep_busiest_rank_placed"] <= metrics["experts/token_ep_busiest_rank"] <= 2.0
+    # (both are >= 1 and <= ep by construction; what can fail: the re-ordering never makes the busiest rank busier)
+    assert metrics["experts/token_ep_busiest_rank_placed"] <= metrics["experts/token_ep_busiest_rank"]
     history = client.get_metric_history(run.info.run_id, "eval/dr_tiny/l2re_1step")
     assert sorted(m.step for m in history) == [15, 30]
     art = Path(run.info.artifact_uri.replace("file://", ""))
@@ -155,7 +156,10 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_shards, tmp_path):
     assert [r["step"] for r in usage] == [3, 6, 8]  # every 3 steps and the end of the run
     totals = [sum(map(sum, r["blocks"]["0"]["dataset_expert"])) for r in usage]  # image assignments per row
     assert totals[0] == totals[1] > 0 and totals[2] * 3 == totals[0] * 2, totals  # 3, 3 and 2 steps
-    assert all(0 <= r["blocks"]["1"]["mi_bits"] <= 1 and "budget/seconds" not in r for r in usage)  # no budget
+    for r in usage:  # each row's mutual information is that of its own counts; no budget keys without a budget
+        block = r["blocks"]["1"]
+        assert block["mi_bits"] == pytest.approx(reference_mi_bits(block["dataset_expert"]), abs=1e-9)
+        assert "budget/seconds" not in r
     first = launch(
         [TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "cut", "--set", "train.stop_at=3"],
         ranks=2,
@@ -208,6 +212,7 @@ def test_two_ranks_equal_one_rank_and_export_matches_engine(tiny_shards, tmp_pat
                 f"probe{ranks}",
                 "--run-name",
                 f"r{ranks}",
+                *(["--set", "model.moe.ep_size=2"] if ranks == 2 else []),  # auto is 1 on one node
             ],
             ranks=ranks,
             cwd=tmp_path,
@@ -227,33 +232,6 @@ def test_two_ranks_equal_one_rank_and_export_matches_engine(tiny_shards, tmp_pat
     with torch.no_grad():
         pred = model(probe["x"], probe["channel_mask"]).pred
     assert torch.allclose(pred, probe["pred"], rtol=0, atol=1e-6), (pred - probe["pred"]).abs().max()
-
-
-@pytest.mark.parametrize(
-    "stage, suffix, launcher", [(0, "", "deepspeed"), (1, "", "torchrun"), (2, "_offload", "torchrun")]
-)
-def test_other_zero_configs_train(tiny_shards, tmp_path, stage, suffix, launcher):
-    root, shards = tiny_shards
-    cfg = tiny_config(
-        tmp_path,
-        shards,
-        model={"moe": {"backend": "local"}},
-        train={"max_steps": 3, "ckpt_every": 3},
-        tracking={"enabled": False},
-    )
-    proc = launch(
-        [TRAIN, "--ds_config", str(ds_config(tmp_path, stage=stage, suffix=suffix)), "--config", str(cfg)],
-        ranks=2,
-        cwd=tmp_path,
-        launcher=launcher,
-    )
-    _ok(proc)
-    assert "world size 2, ep_size 2" in proc.stderr + proc.stdout
-    assert len(_losses(tmp_path / "runs" / "pretrain-nestor-tiny")) == 3
-    metrics_file = tmp_path / "runs" / "pretrain-nestor-tiny" / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    # every stage logs the gradient norm (ZeRO-0 keeps none in DeepSpeed: the trainer takes it itself)
-    assert all(r["train/grad_norm"] > 0 for r in rows), rows
 
 
 def test_bf16_config_with_gradient_accumulation(tiny_shards, tmp_path):
@@ -318,7 +296,24 @@ def test_zero3_trains_exports_and_survives_unreachable_tracking(tiny_shards, tmp
     assert (tag / "COMPLETE").is_file() and (tag / "consolidated_model_states.pt").is_file()
     out = export_checkpoint(tag.parent, tmp_path / "z3.safetensors")  # ZeRO-3 partitions, gathered at save time
     restored = load_pretrained(out)
-    assert sum(p.numel() for p in restored.parameters()) > 0
+    # the engine's own weights, rebuilt independently of our gathered copy: DeepSpeed's zero_to_fp32 joins every
+    # rank's fp32 partitions (fp32 run: the masters are the weights); the export must hold each one exactly
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from nestor_ds.checkpoint.convert import deepspeed_to_local_state, to_model_layout
+
+    ds_only = tmp_path / "ds_only" / tag.name  # DeepSpeed's files only: zero_to_fp32 takes any *_model_states.pt
+    ds_only.mkdir(parents=True)
+    for f in tag.glob("*_states.pt"):
+        if f.name != "consolidated_model_states.pt":
+            (ds_only / f.name).symlink_to(f)
+    engine = get_fp32_state_dict_from_zero_checkpoint(str(ds_only.parent), tag=tag.name)
+    expected = to_model_layout(restored, deepspeed_to_local_state(engine))
+    exported = restored.state_dict()
+    params = dict(restored.named_parameters())
+    assert set(params) <= set(expected), sorted(set(params) - set(expected))
+    for name in params:
+        torch.testing.assert_close(exported[name], expected[name], rtol=0, atol=0, msg=name)
 
 
 def test_bad_configs_fail_at_start_with_one_line(tiny_shards, tmp_path, monkeypatch, capsys):
@@ -353,8 +348,11 @@ def test_bad_configs_fail_at_start_with_one_line(tiny_shards, tmp_path, monkeypa
 
 
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tiny_shards, tmp_path):
-    """Cluster preemption: SIGTERM to every rank -> checkpoint at the next step boundary, clean stop, resumable."""
+    """Cluster preemption with the default ``log_every`` (10): SIGTERM to rank 1 only, between logging steps. Both
+    ranks must agree and save within 2 steps of the step at which the signal arrived (not at the next logging
+    step: launchers SIGKILL 30 s after SIGTERM), stop cleanly, and a resume must continue from that checkpoint."""
     import os
+    import re
     import signal
     import subprocess
     import time
@@ -364,26 +362,56 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tiny_shards, tmp_path):
         tmp_path,
         shards,
         model={"moe": {"backend": "local"}},
-        train={"max_steps": 100000, "ckpt_every": 100000},
+        train={"max_steps": 100000, "ckpt_every": 100000, "log_every": 10},
         tracking={"enabled": False},
     )
+    ds = str(ds_config(tmp_path))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = torchrun(2, "-m", TRAIN, "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg), "--run-name", "pre")
+    cmd = torchrun(2, "-m", TRAIN, "--ds_config", ds, "--config", str(cfg), "--run-name", "pre")
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
-    metrics = tmp_path / "runs" / "pre" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGTERM)  # the whole job, as a scheduler does
-    _, err = proc.communicate(timeout=300)
-    assert "received SIGTERM" in err
-    tags = [p for p in (tmp_path / "runs" / "pre" / "checkpoints").iterdir() if p.name.startswith("step_")]
+
+    def rank_pid(rank: int) -> int | None:
+        """The live process of this job's ``rank`` (its environment says RANK=<rank>)."""
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and str(cfg) in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    if f"RANK={rank}" in (d / "environ").read_bytes().decode(errors="replace").split("\0"):
+                        return int(d.name)
+            except OSError:
+                continue
+        return None
+
+    run = tmp_path / "runs" / "pre"
+    metrics = run / "metrics.jsonl"
+    try:
+        deadline = time.time() + 300  # a bound against hanging, not a timing assertion
+        while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 10):
+            time.sleep(0.2)
+        assert len(metrics.read_text().splitlines()) >= 10  # step 10 logged: the next logging step is 20
+        os.kill(rank_pid(1), signal.SIGTERM)  # one rank: rank 0 must learn it from the agreement
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    requested = [int(n) for n in re.findall(r"received SIGTERM: preemption requested at step (\d+)", err)]
+    assert len(requested) == 1, err[-3000:]  # rank 1 only
+    tags = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")]
     assert len(tags) == 1 and (tags[0] / "COMPLETE").is_file(), err[-3000:]
     stopped_at = int(tags[0].name.split("_")[1])
+    # posted after the step that was running (N+1), read after the next: never later, whatever log_every is
+    assert requested[0] + 1 <= stopped_at <= requested[0] + 2, (requested, stopped_at)
+    assert json.loads((tags[0] / "COMPLETE").read_text())["step"] == stopped_at
     assert f"preempted: stopped cleanly at step {stopped_at}" in err
-    assert len(_losses(tmp_path / "runs" / "pre")) == stopped_at
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, stopped_at + 1))
+    resume = ["--run-name", "pre", "--resume", "auto", "--set", f"train.max_steps={stopped_at + 3}"]
+    again = launch(entry_args(TRAIN, ds, str(cfg), *resume), ranks=2, cwd=tmp_path)
+    _ok(again)
+    assert f"resumed from {tags[0]} (step {stopped_at})" in again.stderr + again.stdout
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, stopped_at + 4))
 
 
 class _Payload:

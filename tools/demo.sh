@@ -38,6 +38,7 @@ build ns2d_pda_demo demo/raw/NavierStokes2D_train_7_0.5.h5 demo/raw/NavierStokes
 step "3/6 pre-train NESTOR on $RANKS ranks (ZeRO-2, expert parallel)"
 deepspeed --num_gpus "$RANKS" --module nestor_ds.train --ds_config ds_configs/zero2.json \
   --config configs/pretrain_demo.yaml --run-name demo-pretrain --resume auto --set tracking.register_model=nestor-demo \
+  --set model.moe.ep_size="$(( RANKS % 2 == 0 ? 2 : 1 ))" \
   ${STEPS_ARGS[@]+"${STEPS_ARGS[@]}"}
 
 step "4/6 export the expert-parallel checkpoint to one safetensors file"

@@ -19,6 +19,8 @@ import os
 import re
 import sys
 
+from nestor_ds.compat import metric_objs
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 
 # Where each header row is looked up, in order: tags, then params, then metrics.
@@ -134,10 +136,7 @@ def build_table(runs: list, extra_metrics: list[str], show_eval: bool = True) ->
         ["params total"] + [_lookup(r, PARAM_COUNT_KEYS) for r in runs],
         ["params active"] + [_lookup(r, ACTIVE_COUNT_KEYS) for r in runs],
         ["last step"]
-        + [
-            str(max((m.step for m in r.data._metric_objs if not m.key.startswith("system/")), default="-"))
-            for r in runs
-        ],
+        + [str(max((m.step for m in metric_objs(r) if not m.key.startswith("system/")), default="-")) for r in runs],
     ]
     for key in list(BASE_METRICS) + [m for m in extra_metrics if m not in BASE_METRICS]:
         rows.append([key] + [_fmt(r.data.metrics[key]) if key in r.data.metrics else "-" for r in runs])

@@ -133,15 +133,24 @@ def record(model: Any, data_cfg: Any, micro_batch: int, ranks: int, steps: int, 
 
 
 def stream_config(model: Any, checkpoint: str | Path, data_dirs: list[str] | None) -> Any:
-    """The DataConfig of `model`'s training stream (its run config's data, or `data_dirs`), read in this process."""
-    from nestor_ds.data import DataConfig
+    """The DataConfig of `model`'s training stream, read in this process: `data_dirs` (the user's own command line),
+    else the datasets saved in the checkpoint's run config.
 
-    data = dict(model.run_config.get("data") or {})
+    Saved datasets are SavedDatasetSpecs: a checkpoint or export may be someone else's file, so a saved `pipe:`
+    command or URL is refused with one line naming --data when the stream opens it, and only local shard
+    directories that exist here are read (`nestor_ds.data.config.check_saved`)."""
+    from nestor_ds.data import DataConfig, DatasetSpec
+    from nestor_ds.data.config import saved_dataset_specs
+
+    settings = {k: v for k, v in (model.run_config.get("data") or {}).items() if k != "datasets"}
     if data_dirs:
-        data["datasets"] = [{"name": Path(d).name, "path": d} for d in data_dirs]
-    if not data.get("datasets"):
+        datasets = [DatasetSpec(name=Path(d).name, path=d) for d in data_dirs]
+    else:
+        datasets = saved_dataset_specs(model.run_config, str(checkpoint))
+    if not datasets:
         raise ValueError(f"{checkpoint}: its run config names no training data; pass --data SHARD_DIR ...")
-    data_cfg = DataConfig.from_dict({**data, "num_workers": 0})  # in this process: no loader workers
+    data_cfg = DataConfig.from_dict({**settings, "num_workers": 0})  # in this process: no loader workers
+    data_cfg.datasets = datasets
     cfg = model.cfg
     data_cfg.t_in, data_cfg.resolution, data_cfg.channels = cfg.t_in, cfg.resolution, cfg.in_channels
     return data_cfg
@@ -181,7 +190,13 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 def add_recording_arguments(p: argparse.ArgumentParser, ranks_default: str) -> None:
     """The options of a tool that runs a model on its training stream (`record`): model, data, batches, --json."""
     p.add_argument("--checkpoint", required=True, help="exported .safetensors, a checkpoint root or a tag directory")
-    p.add_argument("--data", nargs="+", default=None, metavar="SHARD_DIR", help="default: the run's training data")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        metavar="SHARD_DIR",
+        help="default: the run's training data, if saved as local shard directories (a saved URL or pipe: is refused)",
+    )
     p.add_argument("--micro-batch", type=int, default=32, help="samples per rank and step (default 32)")
     p.add_argument(
         "--ranks", type=int, default=None, help=f"data-parallel ranks to draw batches for (default {ranks_default})"

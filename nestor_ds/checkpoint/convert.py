@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from nestor_ds.checkpoint.layout import CheckpointError
+from nestor_ds.errors import UserError
 
 # marks an expert-parallel token MoE (nestor_ds/moe/expert_parallel.py)
 DS_GATE_SUFFIX = "moe.deepspeed_moe.gate.wg.weight"
@@ -87,7 +88,7 @@ def to_model_layout(model: torch.nn.Module, local_state: Mapping[str, torch.Tens
     state = dict(local_state)
     for name, module in model.named_modules():
         if type(module).__name__ == "MegaBlocksTokenMoE":
-            raise ValueError(
+            raise UserError(
                 f"{name}: loading pre-trained weights into the megablocks backend is not supported yet; "
                 f"fine-tune with model.moe.backend=local"
             )

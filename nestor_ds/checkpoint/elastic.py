@@ -34,38 +34,24 @@ from typing import Any
 import torch
 
 from nestor_ds.checkpoint.convert import deepspeed_to_local_state, to_model_layout
-from nestor_ds.checkpoint.fp32_master import OPTIM_FILE_RE, read_fp32_master_state, read_optimizer_moments
+from nestor_ds.checkpoint.fp32_master import read_fp32_master_state, read_optimizer_moments
 from nestor_ds.checkpoint.layout import CONSOLIDATED_STATES, MODEL_STATES, CheckpointError, read_run_config
 from nestor_ds.checkpoint.safe_load import gather_deepspeed_state, safe_torch_load
+from nestor_ds.compat import (
+    DEEPSPEED_MODEL_STATE_KEYS,
+    EXPERT_KEY,
+    GLOBAL_SAMPLES,
+    GLOBAL_STEPS,
+    MODULE,
+    OPTIM_FILE_RE,
+    has_hp_mapping,
+    link_hp_fragments,
+    set_full_fp32_param,
+    set_full_optimizer_state,
+)
 from nestor_ds.log import get_logger
 
 log = get_logger(__name__)
-
-# keys DeepSpeed writes into mp_rank_00_model_states.pt for itself (engine `_save_checkpoint`); the rest is ours
-_DEEPSPEED_KEYS = {
-    "module",
-    "buffer_names",
-    "optimizer",
-    "param_shapes",
-    "frozen_param_shapes",
-    "shared_params",
-    "frozen_param_fragments",
-    "lr_scheduler",
-    "data_sampler",
-    "random_ltd",
-    "sparse_tensor_module_names",
-    "skipped_steps",
-    "global_steps",
-    "global_samples",
-    "dp_world_size",
-    "mp_world_size",
-    "checkpoint_parallel_dimensions",
-    "ds_config",
-    "ds_version",
-    "num_experts",
-    "ds_autoep_layers",
-}
-_EXPERT_KEY = ".deepspeed_moe.experts."  # expert parameters live in their own files, not in the module state
 
 
 class ElasticResumeError(CheckpointError):
@@ -120,7 +106,7 @@ def refuse_changed_model(tag_dir: Path, module: torch.nn.Module, model_cfg: Mapp
     saved = _saved_shapes(tag_dir)
     if saved is None:
         return  # nothing readable to compare with: DeepSpeed's loader reports it
-    own = {k: tuple(v.shape) for k, v in module.state_dict().items() if _EXPERT_KEY not in k or k in saved}
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items() if EXPERT_KEY not in k or k in saved}
     own.update({k: tuple(p.ds_shape) for k, p in module.named_parameters() if hasattr(p, "ds_shape") and k in own})
     for key in sorted(set(saved) | set(own)):
         a, b = saved.get(key, "absent"), own.get(key, "absent")
@@ -131,7 +117,7 @@ def refuse_changed_model(tag_dir: Path, module: torch.nn.Module, model_cfg: Mapp
 
 def _saved_shapes(tag_dir: Path) -> dict[str, tuple[int, ...]] | None:
     if (tag_dir / MODEL_STATES).is_file():
-        state = safe_torch_load(tag_dir / MODEL_STATES, mmap=True).get("module") or {}
+        state = safe_torch_load(tag_dir / MODEL_STATES, mmap=True).get(MODULE) or {}
     elif (tag_dir / CONSOLIDATED_STATES).is_file():
         state = safe_torch_load(tag_dir / CONSOLIDATED_STATES, mmap=True)
     else:
@@ -188,8 +174,6 @@ def load_resharded(
     """Collective-free: load `tag_dir` into this rank's freshly initialised ZeRO-1/2 engine whatever world size and
     ep_size saved it, token experts re-ordered by `orders` if given. Returns the client state (our keys of the saved
     model-state file)."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     module = engine.module
     targets, scalars = _targets(tag_dir, module, orders)
     own = module.state_dict()
@@ -211,17 +195,17 @@ def load_resharded(
             for flat in group["params"]:
                 base.state[flat] = {k: _scalar_like(v, flat, group) for k, v in scalars.items()}
                 base.state[flat].update({k: torch.zeros_like(flat) for k in moments})
-        optimizer._lazy_init_hp_params_optimizer_state()  # link the fragments (DeepSpeed does this after a step)
+        link_hp_fragments(optimizer)  # link the fragments (DeepSpeed does this after a step)
         for name, param in module.named_parameters():
-            if getattr(param, "_hp_mapping", None) is None:
+            if not has_hp_mapping(param):
                 continue  # frozen, or not in this rank's partition
-            safe_set_full_fp32_param(param, targets["param"][name].to(param.device))
+            set_full_fp32_param(param, targets["param"][name].to(param.device))
             for key in moments:
-                safe_set_full_optimizer_state(param, targets[key][name].to(param.device), key)
+                set_full_optimizer_state(param, targets[key][name].to(param.device), key)
     states = safe_torch_load(tag_dir / MODEL_STATES, mmap=True)
-    client = {k: v for k, v in states.items() if k not in _DEEPSPEED_KEYS}
-    engine.global_steps = int(client.get("step", states.get("global_steps", 0)))
-    engine.global_samples = int(client.get("samples_seen", states.get("global_samples", 0)))
+    client = {k: v for k, v in states.items() if k not in DEEPSPEED_MODEL_STATE_KEYS}
+    engine.global_steps = int(client.get("step", states.get(GLOBAL_STEPS, 0)))
+    engine.global_samples = int(client.get("samples_seen", states.get(GLOBAL_SAMPLES, 0)))
     log.info(
         "%s (saved on world size %d, ep_size %d): weights, fp32 masters and optimizer state %s re-sharded for "
         "this run's layout",

@@ -17,13 +17,18 @@ from nestor_ds.checkpoint.convert import inference_model_config
 from nestor_ds.checkpoint.layout import FORMAT_NAME, FORMAT_VERSION
 from nestor_ds.checkpoint.load import load_local_state
 from nestor_ds.checkpoint.safe_load import load_state_strict
+from nestor_ds.errors import UserError
 
 
 def save_safetensors(
     state: Mapping[str, torch.Tensor], run_cfg: Mapping[str, Any], out: str | Path, source: str = ""
 ) -> Path:
-    """Write weights + run config (metadata 'nestor_config', and `<out>.json` beside it)."""
+    """Write weights + run config (metadata 'nestor_config', and `<out>.json` beside it), credentials masked."""
     from safetensors.torch import save_file
+
+    from nestor_ds.redact import mask_secrets, redact
+
+    run_cfg, source = redact(dict(run_cfg)), mask_secrets(source)  # a checkpoint saved before masking covered it
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +56,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
     freshly built local model first, so a file that would not load is never written.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+        raise UserError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     state, run_cfg, source = load_local_state(checkpoint)
     from nestor_ds.model import build_model
 

@@ -24,7 +24,6 @@ ZeRO-0 (bf16: `FP16_UnfusedOptimizer.fp32_groups`, per-parameter tensors but no 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,25 @@ import torch
 
 from nestor_ds.checkpoint.layout import CONSOLIDATED_STATES, MODEL_STATES, CheckpointError
 from nestor_ds.checkpoint.safe_load import gather_deepspeed_state, safe_torch_load
+from nestor_ds.compat import (
+    ALIGNMENT_PADDINGS,
+    BASE_OPTIMIZER_STATE,
+    EXPERT_ID_RE,
+    EXPERT_OPTIM_FILES,
+    FP32_PARTITIONS,
+    OPTIM_FILE_RE,
+    OPTIMIZER_STATE_DICT,
+    PARAM_SHAPES,
+    PARTITION_COUNT,
+    SHARED_PARAMS,
+    SLICE_MAPPINGS,
+    ZERO3_MODEL_FILES,
+    ZERO_STAGE,
+    expert_group_name,
+)
 from nestor_ds.log import get_logger
 
 log = get_logger(__name__)
-
-OPTIM_FILE_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-EXPERT_ID_RE = re.compile(r"(\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)\.")  # DeepSpeed-MoE's expert names
 
 
 class NoMasterWeights(CheckpointError):
@@ -69,13 +81,13 @@ def read_fp32_master_state(
     tag_dir = Path(tag_dir)
     ranks = _optimizer_states(tag_dir)
     states = safe_torch_load(tag_dir / MODEL_STATES, mmap=True)
-    shapes = states.get("param_shapes") if isinstance(states, dict) else None
+    shapes = states.get(PARAM_SHAPES) if isinstance(states, dict) else None
     if not isinstance(shapes, list):
         raise CheckpointError(f"{tag_dir / MODEL_STATES}: no 'param_shapes' beside ZeRO optimizer files")
-    if len(shapes) != len(ranks[0]["single_partition_of_fp32_groups"]):
+    if len(shapes) != len(ranks[0][FP32_PARTITIONS]):
         raise CheckpointError(
             f"{tag_dir}: 'param_shapes' lists {len(shapes)} parameter group(s) but the optimizer "
-            f"files hold {len(ranks[0]['single_partition_of_fp32_groups'])}"
+            f"files hold {len(ranks[0][FP32_PARTITIONS])}"
         )
     master: dict[str, torch.Tensor] = {}
     for group, group_shapes in enumerate(shapes):
@@ -84,7 +96,7 @@ def read_fp32_master_state(
                 raise CheckpointError(f"{tag_dir}: parameter '{name}' appears in two optimizer groups")
             master[name] = tensor
     module = gather_deepspeed_state(tag_dir) if module is None else module
-    return _complete(tag_dir, master, module, states.get("shared_params") or {})
+    return _complete(tag_dir, master, module, states.get(SHARED_PARAMS) or {})
 
 
 def read_optimizer_moments(tag_dir: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
@@ -96,7 +108,7 @@ def read_optimizer_moments(tag_dir: str | Path) -> tuple[dict[str, dict[str, tor
     (checked) and returned once. Raises NoMasterWeights for ZeRO-0/3 tags."""
     tag_dir = Path(tag_dir)
     ranks = _optimizer_states(tag_dir)
-    shapes = safe_torch_load(tag_dir / MODEL_STATES, mmap=True).get("param_shapes")
+    shapes = safe_torch_load(tag_dir / MODEL_STATES, mmap=True).get(PARAM_SHAPES)
     if not isinstance(shapes, list):
         raise CheckpointError(f"{tag_dir / MODEL_STATES}: no 'param_shapes' beside ZeRO optimizer files")
     group_states = [[_base_state(tag_dir, r, osd, g) for g in range(len(shapes))] for r, osd in enumerate(ranks)]
@@ -115,7 +127,7 @@ def read_optimizer_moments(tag_dir: str | Path) -> tuple[dict[str, dict[str, tor
     for key in keys:
 
         def partition(r: int, group: int, key: str = key) -> torch.Tensor:
-            return group_states[r][group][key][: ranks[r]["single_partition_of_fp32_groups"][group].numel()]
+            return group_states[r][group][key][: ranks[r][FP32_PARTITIONS][group].numel()]
 
         moments[key] = {}
         for group, group_shapes in enumerate(shapes):
@@ -126,7 +138,7 @@ def read_optimizer_moments(tag_dir: str | Path) -> tuple[dict[str, dict[str, tor
 def _base_state(tag_dir: Path, rank: int, osd: Mapping[str, Any], group: int) -> dict[str, Any]:
     """Rank `rank`'s base-optimizer state of group `group` (torch's state_dict form: state keyed by the group's one
     flat parameter, or DeepSpeed's elastic form: a list with one state per group)."""
-    base = osd.get("base_optimizer_state")
+    base = osd.get(BASE_OPTIMIZER_STATE)
     if isinstance(base, list) and group < len(base):
         return dict(base[group])
     if isinstance(base, dict) and "state" in base and group < len(base.get("param_groups", [])):
@@ -144,11 +156,11 @@ def _differs(a: Any, b: Any) -> bool:
 
 def _optimizer_states(tag_dir: Path) -> list[dict[str, Any]]:
     """Every rank's `optimizer_state_dict`, rank order; NoMasterWeights when the tag is not ZeRO-1/2."""
-    if (tag_dir / CONSOLIDATED_STATES).is_file() or any(tag_dir.glob("zero_pp_rank_*_model_states.pt")):
+    if (tag_dir / CONSOLIDATED_STATES).is_file() or any(tag_dir.glob(ZERO3_MODEL_FILES)):
         raise NoMasterWeights(f"{tag_dir}: a ZeRO-3 checkpoint (its fp32 partitions, 'fp32_flat_groups', are not read)")
     files = {int(m.group(2)): f for f in tag_dir.iterdir() if (m := OPTIM_FILE_RE.match(f.name))}
     if not files:
-        if any(tag_dir.glob("expp_rank_*_optim_states.pt")) or (tag_dir / MODEL_STATES).is_file():
+        if any(tag_dir.glob(EXPERT_OPTIM_FILES)) or (tag_dir / MODEL_STATES).is_file():
             raise NoMasterWeights(
                 f"{tag_dir}: no ZeRO optimizer files (ZeRO-0: a bf16/fp16 run keeps its fp32 copies "
                 "in 'fp32_groups' of the optimizer state, without parameter names)"
@@ -158,13 +170,13 @@ def _optimizer_states(tag_dir: Path) -> list[dict[str, Any]]:
         raise CheckpointError(f"{tag_dir}: optimizer files for ranks {sorted(files)}; expected 0..{len(files) - 1}")
     out = []
     for rank in range(len(files)):  # memory-mapped: Adam's moments, 2/3 of each file, are never read
-        osd = safe_torch_load(files[rank], mmap=True).get("optimizer_state_dict")
+        osd = safe_torch_load(files[rank], mmap=True).get(OPTIMIZER_STATE_DICT)
         if not isinstance(osd, dict):
             raise CheckpointError(f"{files[rank]}: missing key 'optimizer_state_dict'")
-        if "single_partition_of_fp32_groups" not in osd:
+        if FP32_PARTITIONS not in osd:
             raise NoMasterWeights(
                 f"{files[rank]}: no 'single_partition_of_fp32_groups' (zero_stage "
-                f"{osd.get('zero_stage')}: only ZeRO-1/2 partitions are read)"
+                f"{osd.get(ZERO_STAGE)}: only ZeRO-1/2 partitions are read)"
             )
         out.append(osd)
     return out
@@ -172,20 +184,20 @@ def _optimizer_states(tag_dir: Path) -> list[dict[str, Any]]:
 
 def _expert_layout(tag_dir: Path, ranks: list[dict[str, Any]], group: int) -> int:
     """How many expert-parallel ranks group `group` is spread over (1: a plain data-parallel group)."""
-    world, split = len(ranks), ranks[0]["partition_count"][group]
+    world, split = len(ranks), ranks[0][PARTITION_COUNT][group]
     if split < 1 or world % split:
         raise CheckpointError(
             f"{tag_dir}: group {group} is split over {split} rank(s), which does not divide the {world} optimizer files"
         )
     ep = world // split
-    base = ranks[0].get("base_optimizer_state")
+    base = ranks[0].get(BASE_OPTIMIZER_STATE)
     meta = base["param_groups"][group] if isinstance(base, dict) and "param_groups" in base else {}
     if ep > 1 and not meta.get("moe", True):
         raise CheckpointError(
             f"{tag_dir}: group {group} ('{meta.get('name')}') is not a DeepSpeed-MoE group but is "
             f"split over {split} of {world} ranks"
         )
-    if ep > 1 and meta.get("name", f"ep_size_{ep}") != f"ep_size_{ep}":
+    if ep > 1 and meta.get("name", expert_group_name(ep)) != expert_group_name(ep):
         raise CheckpointError(
             f"{tag_dir}: MoE group {group} is named '{meta['name']}' but is split over {split} of "
             f"{world} ranks (expected ep_size_{ep})"
@@ -229,9 +241,9 @@ def _group_master(
     group)` gives a rank's flat slice (default: the fp32 masters; Adam's moments are laid out the same way)."""
     ep = _expert_layout(tag_dir, ranks, group)
     if partition is None:
-        partition = lambda r, g: ranks[r]["single_partition_of_fp32_groups"][g]  # noqa: E731
+        partition = lambda r, g: ranks[r][FP32_PARTITIONS][g]  # noqa: E731
     names = list(shapes)
-    paddings = ranks[0].get("param_alignment_paddings")
+    paddings = ranks[0].get(ALIGNMENT_PADDINGS)
     paddings = paddings[group] if paddings else [0] * len(names)
     if len(paddings) != len(names):
         raise CheckpointError(
@@ -271,7 +283,7 @@ def _check_slice_mapping(
     size: int,
 ) -> None:
     """The rank's own record of which parameter sits where in its slice must agree with the derived layout."""
-    mappings = osd.get("param_slice_mappings")
+    mappings = osd.get(SLICE_MAPPINGS)
     if not isinstance(mappings, list) or group >= len(mappings):
         return  # older DeepSpeed: param_shapes alone
     want = {

@@ -11,21 +11,21 @@ exporter (``export``) share these names and must not import each other for them.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
+
+from nestor_ds.compat import EXPERT_FILE_RE, MODEL_STATES  # noqa: F401  (DeepSpeed's names, re-exported)
+from nestor_ds.errors import UserError
 
 CONFIG_FILE = "nestor_config.json"
 COMPLETE_MARKER = "COMPLETE"  # written last by the engine, after every rank finished saving
 POINTER = "nestor_latest"  # the tag a run continues from (rewritten after every save and resume; a rollback moves it)
-MODEL_STATES = "mp_rank_00_model_states.pt"
 CONSOLIDATED_STATES = "consolidated_model_states.pt"  # ZeRO-3 only: full weights gathered at save time (engine)
-EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 FORMAT_NAME = "nestor-ds-local"
 FORMAT_VERSION = "1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """Bad or unsafe checkpoint; str() is one line naming the file (and key / shapes where relevant)."""
 
 

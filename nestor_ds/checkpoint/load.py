@@ -3,10 +3,16 @@
 A DeepSpeed tag of a bf16/fp16 ZeRO-1/2 run holds its module weights rounded to 16 bits; the fp32 master weights the
 optimizer updates live in the optimizer files. Export, fine-tuning and evaluation start from those fp32 masters when
 the tag has them (`fp32_master.py`), so nothing downstream starts from rounded weights.
+
+The run config returned with the weights is data from a file that may be someone else's (a downloaded export):
+its model section builds the model, but its dataset paths may name a `pipe:` command or a URL. Whoever needs
+its datasets reads them with `nestor_ds.data.config.saved_dataset_specs`, which the data layer never runs or
+fetches from (`check_saved`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +21,7 @@ import torch
 
 from nestor_ds.checkpoint.convert import deepspeed_to_local_state, inference_model_config
 from nestor_ds.checkpoint.fp32_master import gather_fp32_master_state
-from nestor_ds.checkpoint.layout import read_run_config, resolve_checkpoint
+from nestor_ds.checkpoint.layout import CheckpointError, read_run_config, resolve_checkpoint
 from nestor_ds.checkpoint.safe_load import gather_deepspeed_state, load_state_strict, read_safetensors
 from nestor_ds.log import get_logger
 
@@ -38,6 +44,21 @@ def load_local_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             log.info("%s: fp32 master weights from the ZeRO optimizer files", p)
             state = master
     return deepspeed_to_local_state(state), run_cfg, str(p)
+
+
+def read_saved_config(path: str | Path) -> dict[str, Any]:
+    """The run config saved with a checkpoint (its tag's nestor_config.json) or an export (its metadata), without
+    reading any weights. Its data specs are the saver's text: read them with `saved_dataset_specs`."""
+    p = resolve_checkpoint(path)
+    if p.is_dir():
+        return read_run_config(p)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:  # metadata only, no tensors read
+            return json.loads((f.metadata() or {})["nestor_config"])
+    except Exception as err:  # safetensors raises its own error types; a file without our metadata
+        raise CheckpointError(f"{p}: no readable run config ({str(err).splitlines()[0]})") from None
 
 
 def load_pretrained(

@@ -27,15 +27,7 @@ from nestor_ds.checkpoint.layout import (
     MODEL_STATES,
     CheckpointError,
 )
-
-# DeepSpeed's optimizer-state files pickle a few of its own small classes besides tensors and containers.
-# These (plain state holders, no code run on load) are the only globals a checkpoint may contain.
-DEEPSPEED_SAFE_GLOBALS = (
-    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
-    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-    ("deepspeed.utils.tensor_fragment", "fragment_address"),
-)
+from nestor_ds.compat import DEEPSPEED_SAFE_GLOBALS, MODULE, NUM_EXPERTS, TENSOR_PARALLEL_MODEL_FILES
 
 
 def _deepspeed_safe_globals() -> list[Any]:
@@ -93,11 +85,11 @@ def gather_deepspeed_state(tag_dir: str | Path) -> dict[str, torch.Tensor]:
             )
         return dict(full)
     states = safe_torch_load(tag_dir / MODEL_STATES)
-    if not isinstance(states, dict) or not isinstance(states.get("module"), Mapping):
+    if not isinstance(states, dict) or not isinstance(states.get(MODULE), Mapping):
         raise CheckpointError(f"{tag_dir / MODEL_STATES}: missing key 'module' (not a DeepSpeed model-state file)")
-    if any(tag_dir.glob("mp_rank_0[1-9]*_model_states.pt")):
+    if any(tag_dir.glob(TENSOR_PARALLEL_MODEL_FILES)):
         raise CheckpointError(f"{tag_dir}: tensor-parallel shards (mp_rank > 0) are not supported")
-    out: dict[str, torch.Tensor] = dict(states["module"])
+    out: dict[str, torch.Tensor] = dict(states[MODULE])
 
     experts: dict[int, dict[int, Path]] = {}
     for f in sorted(tag_dir.iterdir()):
@@ -107,7 +99,7 @@ def gather_deepspeed_state(tag_dir: str | Path) -> dict[str, torch.Tensor]:
             if mp != 0:
                 raise CheckpointError(f"{f}: tensor-parallel expert shards (mp_rank > 0) are not supported")
             experts.setdefault(layer, {})[expert] = f
-    declared = states.get("num_experts")
+    declared = states.get(NUM_EXPERTS)
     if isinstance(declared, list) and len(declared) != len(experts) and not (len(experts) == 0 and not declared):
         raise CheckpointError(
             f"{tag_dir}: 'num_experts' lists {len(declared)} MoE layer(s) but expert files exist for {len(experts)}"

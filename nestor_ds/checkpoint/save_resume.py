@@ -30,6 +30,9 @@ import errno
 import json
 import os
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ from nestor_ds.checkpoint.elastic import (
 )
 from nestor_ds.checkpoint.layout import COMPLETE_MARKER, CONFIG_FILE, CONSOLIDATED_STATES, POINTER, CheckpointError
 from nestor_ds.checkpoint.safe_load import verify_checkpoint_files
+from nestor_ds.errors import UserError
 from nestor_ds.files import write_atomic
 from nestor_ds.log import get_logger
 from nestor_ds.moe.placement import ExpertOrder, read_expert_order
@@ -53,6 +57,7 @@ from nestor_ds.moe.placement import ExpertOrder, read_expert_order
 log = get_logger(__name__)
 
 SET_ASIDE = "set_aside"
+State = dict[str, Any]  # client state, run config: JSON-like
 
 
 def tag_for(step: int) -> str:
@@ -103,18 +108,54 @@ def _no_space(err: BaseException, root: Path) -> bool:
     return st.f_bavail * st.f_frsize < 2**20
 
 
+LAST_SAVE: dict[str, float] = {}  # this process's newest save (`_save_stats`), the same on every rank
+
+
+@contextmanager
+def _files_written(engine: Any) -> Iterator[list[str]]:
+    """The paths this rank writes in the block: DeepSpeed 0.19.8 writes every checkpoint file through
+    ``engine.checkpoint_engine.save(state, path)`` and names files by the data-parallel, the expert-parallel or no
+    rank, so wrapping that method of this engine instance is how a rank knows its own bytes (none there: 0 bytes)."""
+    paths: list[str] = []
+    ce = getattr(engine, "checkpoint_engine", None)
+    original = getattr(ce, "save", None)
+    if original is not None:
+        ce.save = lambda *a, **k: (paths.append(str(k["path"] if "path" in k else a[1])), original(*a, **k))[1]
+    try:
+        yield paths
+    finally:
+        if original is not None:
+            del ce.save  # the class's method again
+
+
+def _save_stats(seconds: float, write_s: float, nbytes: int) -> dict[str, float]:
+    """ckpt/save_s: training blocked on this rank (call to final barrier: the slowest rank sets it); over the ranks,
+    from one small all-gather: the slowest rank's own writes, the largest rank's bytes, the tag's bytes."""
+    mine = torch.tensor([write_s, float(nbytes)], dtype=torch.float64)
+    every = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+    (w, b), total = torch.stack(every).max(0).values.tolist(), float(sum(t[1] for t in every))
+    return {"ckpt/save_s": seconds, "ckpt/write_s_max_rank": w, "ckpt/bytes_max_rank": b, "ckpt/bytes_total": total}
+
+
 def save_checkpoint(
-    engine: Any, root: Path, step: int, client_state: dict[str, Any], run_config: dict[str, Any], keep_last: int
+    engine: Any, root: Path, step: int, client_state: State, run_config: State, keep_last: int, tracker: Any = None
 ) -> Path:
-    """Collective: every rank calls it. Rank 0 writes our files, the pointer, and prunes old tags afterwards."""
+    """Collective: every rank calls it. Rank 0 writes our files, the pointer, and prunes old tags afterwards. Timed
+    (rank 0 logs seconds and bytes per rank; ``LAST_SAVE``; ``tracker.log_metrics``, MLflow): docs/reliability.md."""
     tag = tag_for(step)
     root.mkdir(parents=True, exist_ok=True)
     tag_dir = root / tag
+    start = time.perf_counter()
     try:
-        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
-        if engine.zero_optimization_stage() == 3:
-            # ZeRO-3 files hold partitions only: also gather the full weights (collective) for export and fine-tuning
-            engine.save_16bit_model(str(tag_dir), CONSOLIDATED_STATES)
+        with _files_written(engine) as written:
+            engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
+            if engine.zero_optimization_stage() == 3:
+                # ZeRO-3 files hold partitions only: also gather the full weights (collective) for export
+                engine.save_16bit_model(str(tag_dir), CONSOLIDATED_STATES)
+        write_s, nbytes = time.perf_counter() - start, sum(os.path.getsize(p) for p in set(written))
         _barrier()
         if _rank() == 0:
             (tag_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
@@ -136,6 +177,13 @@ def save_checkpoint(
             ) from None
         raise
     _barrier()
+    LAST_SAVE.update(_save_stats(time.perf_counter() - start, write_s, nbytes))
+    if _rank() == 0:
+        t, w, b, total = LAST_SAVE.values()
+        msg = "saved %s in %.2f s (slowest rank's writes %.2f s): %.1f MiB per rank at most, %.1f MiB in all"
+        log.info(msg, tag, t, w, b / 2**20, total / 2**20)
+    if tracker is not None:
+        tracker.log_metrics(dict(LAST_SAVE), step=step)
     return tag_dir
 
 
@@ -282,7 +330,7 @@ def _expert_order_for(tag_dir: Path, layout: RunLayout) -> ExpertOrder | None:
         return None
     order = read_expert_order(layout.expert_order)
     if order.checkpoint_step is None:
-        raise ValueError(
+        raise UserError(
             f"train.expert_order {layout.expert_order} was computed from an export, not from a checkpoint of this run: "
             "write it with python -m tools.place_experts --checkpoint <run>/checkpoints --order-out FILE"
         )

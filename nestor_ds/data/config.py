@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nestor_ds.errors import UserError
+from nestor_ds.redact import mask_secrets
 from nestor_ds.shards.schema import MANIFEST_NAME, read_manifest
 from nestor_ds.shards.urls import check_path, default_manifest, is_url_spec, read_manifest_at, shard_urls, split_spec
 
@@ -30,14 +32,16 @@ def spec_manifest(spec: DatasetSpec) -> dict:
     """The validated manifest of a dataset: `spec.manifest` if given (local path, http(s) URL or pipe:
     command), else `<path>/manifest.json` for a directory or the default of a URL spec (urls.default_manifest).
 
-    Raises ValueError naming the dataset when a URL spec has no manifest location.
+    Raises ValueError naming the dataset when a URL spec has no manifest location, or when the spec was read from
+    a saved file and is not a local shard directory (`check_saved`: nothing from a checkpoint is run or fetched).
     """
+    check_saved(spec)
     location = spec.manifest
     if location is None and not is_url_spec(spec.path):
         return load_manifest(spec.path)
     location = location or default_manifest(spec.path)
     if location is None:
-        raise ValueError(
+        raise UserError(
             f"dataset {spec.name}: path {spec.path!r} is a URL spec whose manifest cannot be "
             f"located; set `manifest:` (a path, an http(s) URL or a pipe: command)"
         )
@@ -68,6 +72,80 @@ class DatasetSpec:
 
 
 @dataclass
+class SavedDatasetSpec(DatasetSpec):
+    """A dataset entry read from a file this process did not write from the user's own config: the run config
+    inside a checkpoint, an export or an MLflow artifact (`saved_in` names that file).
+
+    Why a type of its own: a saved `path` or `manifest` may be a `pipe:` command or a URL, and such a file may come
+    from someone else (a downloaded model), so opening it would run that command or fetch from that host on this
+    machine. `spec_manifest` -- through which every reader of a dataset's manifest and shards passes
+    (`DatasetInfo.from_spec`, `DataConfig.validate`, dataset lineage) -- refuses such a spec unless it is a local
+    shard directory that exists (`check_saved`). Never built from YAML: only `saved_dataset_specs` makes them.
+    """
+
+    saved_in: str = ""
+
+
+def saved_dataset_specs(run_cfg: Any, saved_in: str) -> list[SavedDatasetSpec]:
+    """The `data.datasets` entries of a saved run config (checkpoint, export, MLflow artifact), as
+    SavedDatasetSpec: the saved strings kept as text, never opened here. Entries that are not a mapping with a
+    name and a path are skipped (a run config from another version, or a crafted one)."""
+    data = run_cfg.get("data") if isinstance(run_cfg, dict) else None
+    entries = data.get("datasets") if isinstance(data, dict) else None
+    out = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict) or "path" not in entry:
+            continue
+        path = entry["path"]
+        if isinstance(path, dict):
+            path = {str(k): str(v) for k, v in path.items()}
+        weight, steps, manifest = entry.get("weight", 1.0), entry.get("rollout_steps", 10), entry.get("manifest")
+        out.append(
+            SavedDatasetSpec(
+                name=str(entry.get("name") or f"dataset{len(out)}"),
+                path=path if isinstance(path, dict) else str(path),
+                weight=float(weight) if isinstance(weight, (int, float)) and weight > 0 else 1.0,
+                rollout_steps=steps if isinstance(steps, int) and steps >= 1 else 10,
+                manifest=None if manifest is None else str(manifest),
+                saved_in=saved_in,
+            )
+        )
+    return out
+
+
+def check_saved(spec: DatasetSpec) -> None:
+    """Refuse to open a SavedDatasetSpec that is not a local shard directory (with, if set, a local manifest file):
+    a `pipe:` command, a URL, a brace pattern or a mapping of them from a saved file is never run or fetched.
+
+    Raises UserError (a ValueError; one line, naming the file it was saved in) that tells the user to pass --data.
+    """
+    if not isinstance(spec, SavedDatasetSpec):
+        return  # the user's own config or command line
+
+    def local(p: Any) -> bool:
+        return isinstance(p, str) and not is_url_spec(p) and "://" not in p
+
+    path_ok = local(spec.path) and Path(spec.path).is_dir()
+    manifest_ok = spec.manifest is None or (local(spec.manifest) and Path(spec.manifest).is_file())
+    if path_ok and manifest_ok:
+        return
+    if not path_ok:
+        problem = f"path {spec.path!r} " + (
+            "is not a local shard directory here" if local(spec.path) else "is a URL spec (it could run or fetch)"
+        )
+    else:
+        problem = f"manifest {spec.manifest!r} " + (
+            "is not a local file here" if local(spec.manifest) else "is a URL or command (it could run or fetch)"
+        )
+    raise UserError(
+        mask_secrets(
+            f"dataset {spec.name}: {problem}, saved in {spec.saved_in}; data named by a checkpoint or export is "
+            f"never opened unless it is a local shard directory: pass --data SHARD_DIR"
+        )
+    )
+
+
+@dataclass
 class DataConfig:
     """The `data` section of a run config.
 
@@ -84,6 +162,8 @@ class DataConfig:
     windows_per_trajectory: int = 4  # random windows cut from each decoded trajectory
     shuffle_buffer: int = 64  # windows held per dataset per worker for shuffling
     normalize: bool = False  # (v - mean) / std with the manifest's training-split stats
+    device_windows: bool = False  # send each trajectory to the device once and cut its windows there (same batches;
+    # 1/windows_per_trajectory of the host-to-device bytes: docs/data_pipeline.md, "Loader capacity")
     num_workers: int = 0  # DataLoader workers per rank (0: main process, or 2 with pinned memory on
     # GPU machines: stream.py)
     steps_per_epoch: int = 100  # batches per rank per epoch
@@ -107,12 +187,12 @@ class DataConfig:
         window (t_in + t_ar <= T), whose channel count fits `channels`, and that lists training shards.
         """
         if not self.datasets:
-            raise ValueError("data.datasets: empty; list at least one built shard directory")
+            raise UserError("data.datasets: empty; list at least one built shard directory")
         self._check_numbers()
         names = [s.name for s in self.datasets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"data.datasets: duplicate name(s) {dupes}")
+            raise UserError(f"data.datasets: duplicate name(s) {dupes}")
         for i, spec in enumerate(self.datasets):
             where = f"data.datasets[{i}] ({spec.name})"
             _check_spec(spec, where)
@@ -133,25 +213,25 @@ class DataConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"data.{name}: must be an integer >= 1, got {value!r}")
+                raise UserError(f"data.{name}: must be an integer >= 1, got {value!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise ValueError(f"data.num_workers: must be an integer >= 0, got {self.num_workers!r}")
+            raise UserError(f"data.num_workers: must be an integer >= 0, got {self.num_workers!r}")
         if self.on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_sample: must be 'error' or 'skip', got {self.on_bad_sample!r}")
+            raise UserError(f"data.on_bad_sample: must be 'error' or 'skip', got {self.on_bad_sample!r}")
 
     def _check_shards(self, spec: DatasetSpec, where: str) -> None:
         """The dataset's manifest against this config, and its shards: listed files exist, URLs match."""
         remote = is_url_spec(spec.path)
         if not remote and not Path(spec.path).is_dir():
-            raise ValueError(f"{where}: path {spec.path} does not exist (build it with nestor_ds.shards)")
+            raise UserError(f"{where}: path {spec.path} does not exist (build it with nestor_ds.shards)")
         try:
             manifest = spec_manifest(spec)
         except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+            raise UserError(f"{where}: {err}") from None
         self._check_shape(spec, manifest, where)
         train = manifest["splits"].get("train", {})
         if not train.get("shards"):
-            raise ValueError(f"{where}: no training shards listed in the manifest of {spec.path}")
+            raise UserError(f"{where}: no training shards listed in the manifest of {spec.path}")
         if remote:  # shard URLs must match the manifest; reachability is checked when read
             for split in ("train", "test"):
                 if split_spec(spec.path, split):
@@ -159,18 +239,18 @@ class DataConfig:
             return
         for shard in train["shards"]:
             if not (Path(spec.path) / shard["file"]).is_file():
-                raise ValueError(f"{where}: shard {spec.path}/{shard['file']} listed in the manifest is missing")
+                raise UserError(f"{where}: shard {spec.path}/{shard['file']} listed in the manifest is missing")
 
     def _check_shape(self, spec: DatasetSpec, manifest: dict, where: str) -> None:
         """Windows must fit the manifest's T frames and its channels data.channels; short rollouts are warned."""
         t, _, _, c = manifest["shape"]
         if self.t_in + self.t_ar > t:
-            raise ValueError(
+            raise UserError(
                 f"{where}: t_in + t_ar = {self.t_in + self.t_ar} > T = {t} frames "
                 f"(shape {manifest['shape']} in the manifest of {spec.path})"
             )
         if c > self.channels:
-            raise ValueError(f"{where}: {c} channels {manifest['channels']} > data.channels = {self.channels}")
+            raise UserError(f"{where}: {c} channels {manifest['channels']} > data.channels = {self.channels}")
         if spec.rollout_steps > t - self.t_in:
             logging.getLogger("nestor_ds.data").warning(
                 "%s: rollout_steps = %d but only T - t_in = %d - %d frames follow the input window: rollouts "
@@ -186,9 +266,12 @@ class DataConfig:
 def _check_spec(spec: DatasetSpec, where: str) -> None:
     """One dataset entry on its own: weight, rollout_steps, path and manifest types."""
     if not (isinstance(spec.weight, (int, float)) and spec.weight > 0):
-        raise ValueError(f"{where}: weight must be > 0, got {spec.weight!r}")
+        raise UserError(f"{where}: weight must be > 0, got {spec.weight!r}")
     if not isinstance(spec.rollout_steps, int) or spec.rollout_steps < 1:
-        raise ValueError(f"{where}: rollout_steps must be an integer >= 1, got {spec.rollout_steps!r}")
-    check_path(spec.path, where)
+        raise UserError(f"{where}: rollout_steps must be an integer >= 1, got {spec.rollout_steps!r}")
+    try:
+        check_path(spec.path, where)
+    except ValueError as err:  # shards.urls checks the shape of the user's path spec: its errors are about that input
+        raise UserError(str(err)) from None
     if spec.manifest is not None and not isinstance(spec.manifest, str):
-        raise ValueError(f"{where}: manifest must be a path or URL string, got {spec.manifest!r}")
+        raise UserError(f"{where}: manifest must be a path or URL string, got {spec.manifest!r}")

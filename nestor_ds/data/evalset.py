@@ -27,6 +27,7 @@ import torch
 from nestor_ds.data.config import DataConfig, DatasetSpec
 from nestor_ds.data.frames import normalize_, padded_stats, resize_frames, write_frames
 from nestor_ds.data.trajectories import DatasetInfo
+from nestor_ds.errors import UserError
 from nestor_ds.shards.schema import FIELDS_EXT, DataFormatError
 from nestor_ds.shards.tar import decode_sample, iter_shard_samples, read_fields
 from nestor_ds.shards.urls import iter_url_samples
@@ -92,16 +93,16 @@ def _test_split_info(spec: DatasetSpec, cfg: DataConfig, dataset_id: int) -> Dat
     info = DatasetInfo.from_spec(dataset_id, spec)
     T, _, _, c = info.shape
     if T <= cfg.t_in:
-        raise ValueError(f"{spec.path}: T = {T} frames leaves no rollout target after t_in = {cfg.t_in}")
+        raise UserError(f"{spec.path}: T = {T} frames leaves no rollout target after t_in = {cfg.t_in}")
     if c > cfg.channels:
-        raise ValueError(f"{spec.path}: {c} channels > data.channels = {cfg.channels}")
+        raise UserError(f"{spec.path}: {c} channels > data.channels = {cfg.channels}")
     if not info.test:
         if info.remote:
-            raise ValueError(
+            raise UserError(
                 f"dataset {spec.name}: path {spec.path!r} gives no test URLs; write it as "
                 f"{{train: URLSPEC, test: URLSPEC}} to evaluate"
             )
-        raise ValueError(f"{spec.path}: manifest lists no test shards")
+        raise UserError(f"{spec.path}: manifest lists no test shards")
     return info
 
 

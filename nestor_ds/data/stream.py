@@ -26,6 +26,14 @@ whose epoch `e = s // steps_per_epoch` stream is seeded by (seed, e, r, w). Resu
 that epoch stream and fast-forwards it without reading trajectory data. The shard positions come from
 the manifest, so a URL dataset gives the same batches as the same shards in a local directory.
 
+Device windowing (`TrainStream.packed_batches` + `WindowCutter`): the same sampler, windows, shuffle and
+mixture, but instead of cutting each window on the host (t_in + t_ar frames copied per window, then copied
+again to the device), a packed batch carries each trajectory once, the first time one of its windows is
+used, plus (trajectory key, t0) per element; `WindowCutter` keeps the trajectories on the device and cuts,
+resizes, pads and normalises there. Bytes moved per window drop from (t_in + t_ar) frames to
+T / windows_per_trajectory frames, and the host's per-window copy disappears (docs/data_pipeline.md,
+"Loader capacity"). The batches equal `batches()` element for element (tests/test_device_windows.py).
+
 Shape legend: B samples in a batch, X, Y grid points (X = Y = data.resolution in a batch), T frames (T_in
 inputs, T_ar targets), C channels (data.channels; a dataset's own c <= C, the rest is padding), M datasets.
 """
@@ -33,15 +41,18 @@ inputs, T_ar targets), C channels (data.channels; a dataset's own c <= C, the re
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nestor_ds.data.config import DataConfig
+from nestor_ds.data.device_windows import WindowCutter
 from nestor_ds.data.frames import new_batch_tensor, normalize_, padded_stats, resize_frames, write_frames
 from nestor_ds.data.trajectories import DatasetInfo, ShardReader, Trajectory, mapped_trajectories, url_trajectories
+from nestor_ds.errors import UserError
 from nestor_ds.shards.schema import DataFormatError
 
 # Seed-sequence tags: keep the random streams of different purposes independent.
@@ -87,7 +98,7 @@ class _WindowSource:
         self.share = slot_shares(counts, perm, rank * n_workers + worker, world_size * n_workers)
         got = sum(len(range(res, counts[i], mod)) for i, mod, res in self.share)
         if got == 0:
-            raise ValueError(
+            raise UserError(
                 f"dataset {info.spec.name}: rank {rank} worker {worker} gets no training "
                 f"trajectory ({len(counts)} shards, {sum(counts)} trajectories, "
                 f"{world_size * n_workers} rank-worker slots); use fewer workers or ranks"
@@ -151,7 +162,9 @@ class _EpochStream:
             )
         return self.sources[d]
 
-    def next_batch(self, materialize: bool = True) -> dict[str, torch.Tensor] | None:
+    def next_batch(self, materialize: bool = True, packer: _Packer | None = None) -> dict[str, torch.Tensor] | None:
+        """The next batch: assembled on the host, or packed for device windowing when a packer is given (which
+        also counts the windows a resume fast-forward skips, so each trajectory is released after its last)."""
         o = self.owner
         choice = self.rng.choice(len(o.infos), size=o.micro_batch, p=o.probs)
         windows = []
@@ -159,20 +172,22 @@ class _EpochStream:
             src = self._source(int(d))
             src.eager = materialize
             windows.append((int(d), *src.next()))
+        if packer is not None:
+            return packer.pack(windows) if materialize else packer.skip(windows)
         return o.assemble(windows) if materialize else None
 
 
 class _RankDataset(IterableDataset):
     """IterableDataset whose DataLoader workers each produce whole batches (batch_size=None)."""
 
-    def __init__(self, stream: TrainStream, start_step: int):
+    def __init__(self, stream: TrainStream, start_step: int, packed: bool = False):
         super().__init__()
-        self.stream, self.start_step = stream, start_step
+        self.stream, self.start_step, self.packed = stream, start_step, packed
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         j, n = (0, 1) if info is None else (info.id, info.num_workers)
-        return self.stream.steps(self.start_step, j, n)
+        return self.stream.steps(self.start_step, j, n, packed=self.packed)
 
 
 GPU_DEFAULT_WORKERS = 2  # DataLoader workers per rank when data.num_workers = 0 and a GPU is present
@@ -205,15 +220,45 @@ class TrainStream:
 
     def batches(self, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Yield batches start_step, start_step + 1, ... forever (identical to an uninterrupted run)."""
+        yield from self._loader(start_step, packed=False)
+
+    def packed_batches(self, start_step: int = 0) -> Iterator[dict]:
+        """The batches of `batches(start_step)` packed for device windowing: feed them, in order, to one
+        `WindowCutter` (`self.cutter(device)`), which returns batches equal to `batches()`'s.
+
+        A packed batch: `worker` (logical worker, a key namespace), `new_keys` [n] and `new_data` (n host
+        tensors [T, X, Y, c] float32: trajectories sent for the first time), `key`, `t0`, `dataset_id`,
+        `skipped` [B] (one window per element), `release` [r] (keys whose last window this batch uses)."""
+        yield from self._loader(start_step, packed=True)
+
+    def source(self, device: torch.device) -> Callable[[int], Iterator[dict]]:
+        """What the trainer iterates from a step on: `batches` (windows cut on the host), or with
+        ``data.device_windows`` the same batches cut on `device` from trajectories sent there once."""
+        if not self.cfg.device_windows:
+            return self.batches
+        _log.info("data: windows cut on %s from trajectories sent there once (data.device_windows)", device)
+
+        def cut_on_device(start_step: int) -> Iterator[dict]:
+            cutter = self.cutter(device)
+            for packed in self.packed_batches(start_step):
+                yield cutter(packed)
+
+        return cut_on_device
+
+    def cutter(self, device: torch.device | str) -> WindowCutter:
+        """A fresh `WindowCutter` for one pass of `packed_batches` (its trajectory cache starts empty)."""
+        return WindowCutter(self.cfg, self._stats, device)
+
+    def _loader(self, start_step: int, packed: bool) -> Iterator[dict]:
         if start_step < 0:
             raise ValueError(f"TrainStream.batches: start_step must be >= 0, got {start_step}")
         workers = effective_workers(self.cfg.num_workers)
         if workers == 0:
-            yield from self.steps(start_step, 0, 1)
+            yield from self.steps(start_step, 0, 1, packed=packed)
             return
         # pinned batches: the trainer copies them to the GPU with non_blocking=True (engine/hot_loop.py)
         loader = DataLoader(
-            _RankDataset(self, start_step),
+            _RankDataset(self, start_step, packed),
             batch_size=None,
             num_workers=workers,
             persistent_workers=False,
@@ -221,24 +266,28 @@ class TrainStream:
         )
         yield from loader
 
-    def steps(self, start_step: int, j: int, n_workers: int) -> Iterator[dict[str, torch.Tensor]]:
+    def steps(self, start_step: int, j: int, n_workers: int, packed: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of DataLoader worker j of n: steps start_step + j, start_step + j + n, ...
 
         They all belong to logical worker w = (start_step + j) % n, so the round-robin order of the
-        DataLoader reproduces the global step order no matter where the run resumed.
+        DataLoader reproduces the global step order no matter where the run resumed. `packed`: packed
+        batches for device windowing (see `packed_batches`) instead of assembled ones.
         """
         spe = self.cfg.steps_per_epoch
         w = (start_step + j) % n_workers
         s = start_step + j
         epoch: _EpochStream | None = None
+        packer = _Packer(self, w) if packed else None
         while True:
             e = s // spe
             if epoch is None or epoch.epoch != e:
+                if packer is not None:
+                    packer.new_epoch()
                 epoch = _EpochStream(self, e, w, n_workers)
                 first = e * spe + (w - e * spe) % n_workers  # first step of epoch e owned by w
                 for _ in range((s - first) // n_workers):  # fast-forward: no trajectory reads
-                    epoch.next_batch(materialize=False)
-            yield epoch.next_batch()
+                    epoch.next_batch(materialize=False, packer=packer)
+            yield epoch.next_batch(packer=packer)
             s += n_workers
 
     def assemble(self, windows: list[tuple[int, Trajectory, int]]) -> dict[str, torch.Tensor]:
@@ -284,3 +333,85 @@ class TrainStream:
             raise DataFormatError(self.infos[d].spec.path, f"{what} (set data.on_bad_sample: skip to train past it)")
         _log.warning("%s: skipped (data.on_bad_sample: skip)", what)
         return True
+
+
+class _Packer:
+    """Host side of device windowing for one logical worker: which trajectories the device holds, and how many of
+    each trajectory's windows are still to come.
+
+    Every trajectory yields exactly windows_per_trajectory windows, so after its last one it is released (the
+    device frees it); windows still in a shuffle buffer when an epoch ends are never used, so all trajectories of
+    that epoch are released at the next batch. Keys grow without reuse within a stream."""
+
+    def __init__(self, owner: TrainStream, worker: int):
+        self.owner, self.worker = owner, worker
+        self.k = owner.cfg.windows_per_trajectory
+        self.used: dict[Trajectory, int] = {}  # windows taken so far, for trajectories with windows still to come
+        self.sent: dict[Trajectory, tuple[int, np.ndarray]] = {}  # on the device: (key, finite flag per frame)
+        self.next_key = 0
+        self.release: list[int] = []  # keys to free with the next packed batch
+
+    def new_epoch(self) -> None:
+        self.release += [key for key, _ in self.sent.values()]
+        self.used.clear()
+        self.sent.clear()
+
+    def _take(self, traj: Trajectory) -> None:
+        n = self.used.get(traj, 0) + 1
+        if n < self.k:
+            self.used[traj] = n
+            return
+        self.used.pop(traj, None)
+        if traj in self.sent:
+            self.release.append(self.sent.pop(traj)[0])
+
+    def skip(self, windows: list[tuple[int, Trajectory, int]]) -> None:
+        """A batch passed over by a resume fast-forward: count its windows, send nothing."""
+        for _, traj, _ in windows:
+            self._take(traj)
+
+    def pack(self, windows: list[tuple[int, Trajectory, int]]) -> dict:
+        o, cfg = self.owner, self.owner.cfg
+        length = cfg.t_in + cfg.t_ar
+        B = len(windows)
+        key, t0s = torch.empty(B, dtype=torch.long), torch.empty(B, dtype=torch.long)
+        dataset_id, skipped = torch.empty(B, dtype=torch.long), torch.zeros(B, dtype=torch.bool)
+        new_keys: list[int] = []
+        new_data: list[torch.Tensor] = []
+        for b, (d, traj, t0) in enumerate(windows):
+            if traj not in self.sent:
+                arr = traj.load()
+                # one pass per trajectory instead of an isfinite pass per window: a frame whose sum is finite holds
+                # no NaN/Inf; a non-finite sum (NaN/Inf, or an overflow) is settled exactly
+                finite = np.isfinite(arr.reshape(arr.shape[0], -1).sum(axis=1, dtype=np.float32))
+                for t in np.flatnonzero(~finite):
+                    finite[t] = np.isfinite(arr[t]).all()
+                self.sent[traj] = (self.next_key, finite)
+                new_keys.append(self.next_key)
+                new_data.append(_as_tensor(arr))
+                self.next_key += 1
+            k, finite = self.sent[traj]
+            key[b], t0s[b], dataset_id[b] = k, t0, d
+            if not finite[t0 : t0 + length].all():
+                skipped[b] = o._bad_window(d, traj, t0, traj.load()[t0 : t0 + length])
+            self._take(traj)
+        release, self.release = self.release, []
+        return {
+            "worker": torch.tensor(self.worker),
+            "new_keys": torch.tensor(new_keys, dtype=torch.long),
+            "new_data": new_data,
+            "key": key,
+            "t0": t0s,
+            "dataset_id": dataset_id,
+            "skipped": skipped,
+            "release": torch.tensor(release, dtype=torch.long),
+        }
+
+
+def _as_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A tensor sharing the trajectory's memory (often a read-only view of a mapped shard) without a copy: the one
+    copy that is needed is made on the way to the device anyway (into shared memory by a DataLoader worker, into
+    pinned memory by the pin thread or by the host-to-device copy itself), and the cutter only reads it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nestor_ds.config import RunConfig
+from nestor_ds.errors import UserError
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
@@ -20,7 +21,7 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"--ds_config {p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise UserError(f"--ds_config {p}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int) -> tuple[int, int, int]:
@@ -28,13 +29,13 @@ def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int) -> tupl
     micro = int(ds.get("train_micro_batch_size_per_gpu", 0))
     accum = int(ds.get("gradient_accumulation_steps", 1))
     if micro <= 0:
-        raise ValueError("ds_config: train_micro_batch_size_per_gpu must be set to a positive integer")
+        raise UserError("ds_config: train_micro_batch_size_per_gpu must be set to a positive integer")
     if "train_batch_size" in ds and int(ds["train_batch_size"]) != micro * accum * world_size:
-        raise ValueError(
+        raise UserError(
             f"ds_config: train_batch_size={ds['train_batch_size']} != micro ({micro}) x accumulation ({accum}) x "
             f"data-parallel size ({world_size}); drop train_batch_size and DeepSpeed derives it"
         )
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     if cfg.model.arch == "nestor" and cfg.model.moe.backend == "megablocks" and not ds.get("bf16", {}).get("enabled"):
-        raise ValueError("model.moe.backend=megablocks runs its experts in bf16: use a *_bf16.json ds_config")
+        raise UserError("model.moe.backend=megablocks runs its experts in bf16: use a *_bf16.json ds_config")
     return micro, accum, stage

@@ -131,6 +131,8 @@ class DeviceFeed:
         batch = dict(next(self.batches))
         for k in self.keys:
             t = batch[k]
+            if t.device.type != "cpu":  # cut on the device already (data.device_windows)
+                continue
             if not t.is_pinned():
                 t = t.pin_memory()
             batch[k] = t.to(self.device, non_blocking=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nestor_ds.errors import UserError
 from nestor_ds.typed_config import check
 
 
@@ -57,7 +58,7 @@ class OptimConfig:
 
 def build_param_groups(named_groups: dict[str, tuple[list[torch.nn.Parameter], float]]) -> list[dict]:
     """``{"pretrained": (params, lr_multiplier), ...}`` -> torch param groups, experts split out for DeepSpeed."""
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    from nestor_ds.compat import split_moe_param_groups
 
     groups = [
         {"name": name, "params": [p for p in params if p.requires_grad], "lr_multiplier": mult}
@@ -65,8 +66,8 @@ def build_param_groups(named_groups: dict[str, tuple[list[torch.nn.Parameter], f
     ]
     groups = [g for g in groups if g["params"]]
     if not groups:
-        raise ValueError("no trainable parameters (is everything frozen?)")
-    return [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
+        raise UserError("no trainable parameters (is everything frozen?)")
+    return [g for g in split_moe_param_groups(groups) if g["params"]]
 
 
 def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -37,6 +37,10 @@ class TrainConfig:
     # a tools/place_experts.py --order-out file: on resuming the checkpoint it was computed from, re-order each token
     # MoE's experts (weights, fp32 masters, Adam's moments) for a balanced expert-parallel group; ZeRO-1/2
     expert_order: str | None = None
+    # bound on any wait in a collective (the process-group timeout of every group): a rank whose peer died or froze
+    # (a lost node) stops within it, naming the peer, instead of hanging; raise it when one rank can work alone for
+    # longer between collectives (first-use sha256 of very large shards, slow checkpoint storage). docs/multinode.md
+    collective_timeout_s: float = 120.0
 
     def validate(self) -> None:
         check(self.max_steps > 0, "train.max_steps", "must be > 0")
@@ -53,6 +57,11 @@ class TrainConfig:
             self.eval_windows in ("all", "first"),
             "train.eval_windows",
             f"must be all or first, got {self.eval_windows!r}",
+        )
+        check(
+            isinstance(self.collective_timeout_s, (int, float)) and self.collective_timeout_s > 0,
+            "train.collective_timeout_s",
+            f"must be a positive number of seconds, got {self.collective_timeout_s!r}",
         )
         for key in ("time_budget_s", "flop_budget"):
             value = getattr(self, key)

@@ -25,13 +25,13 @@ import torch
 
 from nestor_ds.checkpoint import save_resume as ckpt
 from nestor_ds.checkpoint.elastic import RunLayout
-from nestor_ds.collectives import any_rank
 from nestor_ds.config import RunConfig, format_config
 from nestor_ds.engine.budget import Budget
 from nestor_ds.engine.compile import apply_compile
 from nestor_ds.engine.distributed import (
     DistInfo,
     derive_seed,
+    exit_on_lost_peer,
     init_distributed,
     resolve_ep_size,
     set_threads,
@@ -64,9 +64,9 @@ def run_training(cfg: RunConfig, ds_config_path: str, evaluate_before: bool = Fa
     if evaluate_before and trainer.start_step == 0:
         trainer.result.final_eval["before"] = trainer.evaluate(prefix="eval_before")
     trainer.start_loop(client)
-    with Preemption() as preempt:
+    with Preemption(step=trainer.start_step) as preempt, exit_on_lost_peer(trainer.dist, trainer.ckpt_root):
         trainer.loop(preempt)
-    return trainer.finish()
+        return trainer.finish()
 
 
 def start_training(
@@ -98,7 +98,7 @@ class Trainer:
     ) -> None:
         """Process group, threads, DeepSpeed JSON, ep_size, run directory (refused if it has checkpoints, no resume)."""
         self.cfg, self.entry = cfg, entry
-        self.dist = init_distributed()
+        self.dist = init_distributed(cfg.train.collective_timeout_s)
         threads = set_threads(cfg.train.threads_per_rank, self.dist.local_world_size)
         self.ds_config = load_ds_config(ds_config_path)
         self.micro, self.accum, self.zero_stage = check_ds_config(self.ds_config, cfg, self.dist.world_size)
@@ -115,7 +115,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         existing = ckpt.complete_tags(self.ckpt_root)
         if resume is None and existing:
-            raise ValueError(
+            raise ckpt.CheckpointError(
                 f"{self.run_dir} already holds checkpoints (newest {existing[-1].name}): continue that "
                 f"run with --resume auto, or start a new one with another --run-name"
             )
@@ -144,8 +144,8 @@ class Trainer:
 
         torch.manual_seed(derive_seed(self.cfg.train.seed, "init"))  # identical initial weights on every rank
         model = build_model(self.cfg.model, ep_size=self.ep)  # the run config keeps what was asked
-        # process groups given to the model from outside; ZeRO-3 gathers weights per module call: lock-step dispatch
-        setup_expert_parallel(model, self.ep, lockstep=self.zero_stage == 3)
+        # process groups given to the model from outside; ZeRO 1-3: every rank calls the same image experts
+        setup_expert_parallel(model, self.ep, self.zero_stage)
         groups = prepare(model, self.cfg, self.dist) if prepare else {"model": (list(model.parameters()), 1.0)}
         # in place and lazy: state_dict keys unchanged, traced at the first step with the weights DeepSpeed cast
         self.compiled = apply_compile(model, self.cfg.train.compile, self.cfg.train.cuda_graphs, self.dist.device)
@@ -258,7 +258,7 @@ class Trainer:
                 world_size=self.dist.world_size,
                 seed=self.cfg.train.seed,
             )
-            batch_source = stream.batches
+            batch_source = stream.source(self.engine.device)  # windows cut on the host, or on the device
         self.batches = DeviceFeed(iter(batch_source(self.data_position)), self.engine.device)
         self.result = TrainResult(
             run_dir=self.run_dir, steps=self.start_step, run_id=self.tracker.run_id, model=self.engine.module
@@ -303,8 +303,10 @@ class Trainer:
         while self.step < total:
             self.train_step()
             step = self.step
+            # preemption agreed over the ranks within 2 steps of a request, no host sync (preemption.py)
+            stop = preempt.poll(step) or step == train.stop_at
             last = step == total or self.budget.exhausted(step)
-            checkpoint = last or step % train.ckpt_every == 0 or step == train.stop_at
+            checkpoint = last or stop or step % train.ckpt_every == 0
             evaluate = bool(train.eval_every) and step % train.eval_every == 0
             usage = bool(train.usage_every) and step % train.usage_every == 0
             if not (
@@ -320,8 +322,6 @@ class Trainer:
             if self.log_interval():  # the time budget ran out (agreed over the ranks)
                 last = checkpoint = True
             evaluate = evaluate and not last  # the final evaluation runs after the loop
-            # preemption agreed on here (a collective)
-            stop = any_rank(preempt.requested) or step == train.stop_at
             if evaluate:
                 self.periodic_evaluation()
             elif usage and not last:  # the end of the run logs its own
@@ -416,7 +416,7 @@ class Trainer:
             "budget": self.budget.state(step),
         }
         tag_dir = ckpt.save_checkpoint(
-            self.engine, self.ckpt_root, step, state, self.run_config_json, self.cfg.train.keep_last
+            self.engine, self.ckpt_root, step, state, self.run_config_json, self.cfg.train.keep_last, self.tracker
         )
         self.progress.note(f"checkpoint {tag_dir}")
 

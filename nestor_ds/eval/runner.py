@@ -158,12 +158,12 @@ def _share(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 def _names(spec: Any, i: int) -> tuple[str, list[str]]:
     """Dataset name and channel names (from the shard manifest; c0, c1, ... when it has none)."""
-    from nestor_ds.data import load_manifest
+    from nestor_ds.data.config import DatasetSpec, load_manifest, spec_manifest
 
     name = getattr(spec, "name", None) or f"dataset{i}"
     channels = getattr(spec, "channels", None)
-    if channels is None and getattr(spec, "path", None):
-        channels = load_manifest(spec.path).get("channels")
+    if channels is None and getattr(spec, "path", None):  # a URL spec's manifest is not under its path
+        channels = (spec_manifest(spec) if isinstance(spec, DatasetSpec) else load_manifest(spec.path)).get("channels")
     return str(name), [str(c) for c in channels or []]
 
 

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from nestor_ds.errors import UserError
 from nestor_ds.moe import MoEConfig
 
 ARCHS = ("nestor", "afno")
@@ -82,7 +83,7 @@ class ModelConfig:
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
-                raise ValueError(f"model config: {msg}")
+                raise UserError(f"model config: {msg}")
 
         need(self.arch in ARCHS, f"arch={self.arch!r} not in {ARCHS}")
         need(self.afno_spectral in ("dft", "fft"), f"afno_spectral={self.afno_spectral!r} not in ('dft', 'fft')")

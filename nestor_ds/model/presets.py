@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from nestor_ds.errors import UserError
 from nestor_ds.moe import MoEConfig
 from nestor_ds.typed_config import build_dataclass, deep_merge
 
@@ -92,7 +93,7 @@ def merge_model_config(
     preset = own.pop("preset", None)
     if preset is not None:
         if preset not in _PRESETS:
-            raise ValueError(f"unknown model preset {preset!r}; known: {list_presets()}")
+            raise UserError(f"unknown model preset {preset!r}; known: {list_presets()}")
         merged = dataclasses.asdict(_PRESETS[preset])
     else:
         merged = dataclasses.asdict(ModelConfig())

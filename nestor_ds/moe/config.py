@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nestor_ds.errors import UserError
+
 BACKENDS = ("local", "megablocks")
 # "deepspeed" named the removed wrapper of deepspeed.moe.layer.MoE; its checkpoints use the same parameter names as
 # the local backend's expert-parallel layout, so old configs and checkpoints run on "local" (docs/scaling.md)
@@ -72,41 +74,41 @@ class MoEConfig:
             )
             self.backend = LEGACY_BACKENDS[self.backend]
         if self.backend not in BACKENDS:
-            raise ValueError(f"moe.backend={self.backend!r}: expected one of {BACKENDS}")
+            raise UserError(f"moe.backend={self.backend!r}: expected one of {BACKENDS}")
         if self.num_experts < 1:
-            raise ValueError(f"moe.num_experts={self.num_experts}: must be >= 1")
+            raise UserError(f"moe.num_experts={self.num_experts}: must be >= 1")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"moe.top_k={self.top_k}: must be in [1, num_experts={self.num_experts}]")
+            raise UserError(f"moe.top_k={self.top_k}: must be in [1, num_experts={self.num_experts}]")
         if self.num_shared_experts < 0:
-            raise ValueError(f"moe.num_shared_experts={self.num_shared_experts}: must be >= 0")
+            raise UserError(f"moe.num_shared_experts={self.num_shared_experts}: must be >= 0")
         if self.mlp_ratio <= 0:
-            raise ValueError(f"moe.mlp_ratio={self.mlp_ratio}: must be > 0")
+            raise UserError(f"moe.mlp_ratio={self.mlp_ratio}: must be > 0")
         if self.shared_hidden_ratio is not None and self.shared_hidden_ratio <= 0:
-            raise ValueError(f"moe.shared_hidden_ratio={self.shared_hidden_ratio}: must be > 0 (or None = mlp_ratio)")
+            raise UserError(f"moe.shared_hidden_ratio={self.shared_hidden_ratio}: must be > 0 (or None = mlp_ratio)")
         if self.ep_size < 1 or self.num_experts % self.ep_size != 0:
-            raise ValueError(f"moe.ep_size={self.ep_size}: must be >= 1 and divide num_experts={self.num_experts}")
+            raise UserError(f"moe.ep_size={self.ep_size}: must be >= 1 and divide num_experts={self.num_experts}")
         if self.routing not in ROUTINGS:
-            raise ValueError(f"moe.routing={self.routing!r}: expected one of {ROUTINGS}")
+            raise UserError(f"moe.routing={self.routing!r}: expected one of {ROUTINGS}")
         if self.static and self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"moe.capacity_factor={self.capacity_factor}: must be > 0 with moe.routing='static'")
+            raise UserError(f"moe.capacity_factor={self.capacity_factor}: must be > 0 with moe.routing='static'")
         if not self.static and self.capacity_factor not in (None, 0, 0.0):
             # older configs meant "capacity_factor > 0 = drop tokens"; the switch is explicit now
-            raise ValueError(
+            raise UserError(
                 f"moe.capacity_factor={self.capacity_factor} is used only by moe.routing='static' "
                 f"(set moe.routing: static, or remove capacity_factor for dropless)"
             )
         if self.router_noise < 0:
-            raise ValueError(f"moe.router_noise={self.router_noise}: must be >= 0")
+            raise UserError(f"moe.router_noise={self.router_noise}: must be >= 0")
         if self.backend == "megablocks":
             if self.ep_size != 1:
-                raise ValueError(
+                raise UserError(
                     f"moe.ep_size={self.ep_size}: moe.backend='megablocks' has no expert parallelism; "
                     "use moe.backend='local'"
                 )
             if self.static:
-                raise ValueError("moe.routing='static' is not supported by moe.backend='megablocks' (dropless only)")
+                raise UserError("moe.routing='static' is not supported by moe.backend='megablocks' (dropless only)")
             if self.router_noise > 0:
-                raise ValueError(
+                raise UserError(
                     "moe.router_noise > 0 is not supported by moe.backend='megablocks' "
                     "(its router jitter is multiplicative, not Gaussian logit noise); use 0"
                 )

@@ -75,9 +75,9 @@ def _deepspeed_layout_class():
     global _LAYOUT_CLASS
     if _LAYOUT_CLASS is not None:
         return _LAYOUT_CLASS
-    from deepspeed.moe.layer import MoE
+    from nestor_ds.compat import deepspeed_moe_class, expert_group_name, tag_expert_params
 
-    class DeepSpeedMoELayout(MoE):
+    class DeepSpeedMoELayout(deepspeed_moe_class()):
         """Router weight and this rank's experts under DeepSpeed-MoE's parameter names and tags, so that
         DeepSpeed's engine sees an MoE layer (see the module docstring). Holds parameters only."""
 
@@ -85,7 +85,7 @@ def _deepspeed_layout_class():
             nn.Module.__init__(self)  # not MoE.__init__: no DeepSpeed gate or dispatch is built
             self.num_experts, self.ep_size = num_experts, ep_size
             self.num_local_experts = num_experts // ep_size
-            self.expert_group_name = f"ep_size_{ep_size}"
+            self.expert_group_name = expert_group_name(ep_size)
             self.ep_group: dist.ProcessGroup | None = None  # given by ExpertParallelTokenMoE.set_group
             self.deepspeed_moe = nn.Module()
             self.deepspeed_moe.gate = nn.Module()
@@ -94,9 +94,7 @@ def _deepspeed_layout_class():
             self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList(
                 SwiGLU(dim, hidden) for _ in range(self.num_local_experts)
             )
-            for p in self.deepspeed_moe.experts.parameters():  # DeepSpeed's tags for expert parameters
-                p.allreduce = False
-                p.group_name = self.expert_group_name
+            tag_expert_params(self.deepspeed_moe.experts.parameters(), ep_size)  # DeepSpeed's expert tags
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
             """Called by deepspeed.initialize (DeepSpeed's own MoE creates its groups here): ours were created by the

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from nestor_ds.errors import UserError
 from nestor_ds.files import write_atomic
 
 _EXACT_LIMIT = 50_000  # set partitions searched exhaustively (E 12 at P 2: 462; E 8 at P 4: 105; E 16 at P 4: 2.6M)
@@ -113,9 +114,9 @@ def reorder_local_state(
         for name in EXPERT_TENSORS:
             tensor = state.get(prefix + name)
             if tensor is None:
-                raise ValueError(f"expert order for {prefix!r}: the model has no tensor {prefix + name}")
+                raise UserError(f"expert order for {prefix!r}: the model has no tensor {prefix + name}")
             if sorted(order) != list(range(tensor.shape[0])):
-                raise ValueError(
+                raise UserError(
                     f"expert order for {prefix!r}: {list(order)} is not an order of {tensor.shape[0]} experts"
                 )
             out[prefix + name] = tensor.index_select(0, torch.as_tensor(list(order), device=tensor.device))
@@ -146,13 +147,13 @@ def read_expert_order(path: str | Path) -> ExpertOrder:
     try:
         body = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable expert-order file ({err})") from err
+        raise UserError(f"{path}: not a readable expert-order file ({err})") from err
     if not isinstance(body, dict) or body.get("format") != ORDER_FORMAT:
-        raise ValueError(f"{path}: not an expert-order file (format {ORDER_FORMAT!r} expected)")
+        raise UserError(f"{path}: not an expert-order file (format {ORDER_FORMAT!r} expected)")
     orders = body.get("orders")
     if not isinstance(orders, dict) or not all(
         isinstance(o, list) and all(isinstance(i, int) for i in o) for o in orders.values()
     ):
-        raise ValueError(f"{path}: 'orders' must map token-MoE prefixes to lists of expert indices")
+        raise UserError(f"{path}: 'orders' must map token-MoE prefixes to lists of expert indices")
     step = body.get("checkpoint_step")
     return ExpertOrder(int(body.get("ep_size", 1)), None if step is None else int(step), orders)

@@ -12,6 +12,8 @@ Why it is shaped this way:
   and so are the parent directories of the target that this build created.
 - Concurrent builds into one output cannot both "succeed" (output.py: an exclusive lock beside the
   output, a last re-check before the final rename, leftovers of killed builds removed).
+- An `s3://bucket/prefix` output is built the same way in a local staging directory (under $TMPDIR: it needs the
+  disk space of one dataset's shards) and then uploaded by output.publish_s3, shards first and manifest.json last.
 - The same file reached through two paths (`raw/x.h5`, `raw/../raw/x.h5`, a symlink) is read once
   (inputs are de-duplicated by device and inode), and no (source file, index) may be in both splits.
 
@@ -21,6 +23,7 @@ Shape legend: T frames, X, Y grid points, C channels (of one trajectory).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import io
 import math
@@ -28,6 +31,7 @@ import multiprocessing as mp
 import os
 import shutil
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +40,18 @@ import numpy as np
 from tqdm import tqdm
 
 from nestor_ds.log import get_logger
-from nestor_ds.shards import schema
-from nestor_ds.shards.ingest import READ_ERRORS, Entry, SourceInfo, open_reader
-from nestor_ds.shards.output import make_parents, output_lock, prepare_out, remove_dirs, remove_stale, swap_into_place
+from nestor_ds.shards import s3, schema
+from nestor_ds.shards.ingest import READ_ERRORS, Entry, SourceInfo, is_case_file, open_reader
+from nestor_ds.shards.output import (
+    check_s3_out,
+    make_parents,
+    output_lock,
+    prepare_out,
+    publish_s3,
+    remove_dirs,
+    remove_stale,
+    swap_into_place,
+)
 from nestor_ds.shards.schema import LAYOUTS, DataFormatError
 from nestor_ds.shards.stats import ChannelStats
 
@@ -185,7 +198,8 @@ def write_shard(task: ShardTask) -> ShardResult:
 # ----------------------------------------------------------------------------- planning
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files given directly, plus source files found recursively under given directories; sorted.
+    """Files given directly, plus source files found recursively under given directories (HDF5 / .mat files and
+    CFDBench `case.json` files); sorted.
 
     One file reached by several paths (`..`, symlinks, hard links) is kept once (by device and inode), so its
     trajectories cannot be read twice or land in both splits."""
@@ -193,7 +207,8 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            found = [str(q) for q in p.rglob("*") if q.is_file() and q.suffix.lower() in SOURCE_SUFFIXES]
+            found = [str(q) for q in p.rglob("*")
+                     if q.is_file() and (q.suffix.lower() in SOURCE_SUFFIXES or is_case_file(q))]  # CFDBench cases
             if not found:
                 raise DataFormatError(raw, f"directory holds no {'/'.join(SOURCE_SUFFIXES)} files")
             files.update(found)
@@ -320,8 +335,11 @@ def check_config(cfg: BuildConfig) -> None:
 
 
 def build(cfg: BuildConfig) -> dict[str, Any]:
-    """Build shards + manifest into `cfg.out`; returns the manifest. Raises DataFormatError on bad input."""
+    """Build shards + manifest into `cfg.out` (a directory or s3://bucket/prefix); returns the manifest. Raises
+    DataFormatError on bad input."""
     check_config(cfg)
+    if s3.is_s3(cfg.out):
+        return _build_to_s3(cfg)
     out = Path(cfg.out)
     prepare_out(out, cfg.overwrite)
     files = expand_inputs(cfg.inputs)
@@ -335,6 +353,17 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     except BaseException:
         remove_dirs(created)
         raise
+
+
+def _build_to_s3(cfg: BuildConfig) -> dict[str, Any]:
+    """Build into a local staging directory, then upload it (shards, then the manifest); the staging directory
+    is removed whatever happens, so an interrupted build or upload leaves nothing locally and no manifest in S3."""
+    check_s3_out(cfg.out, cfg.overwrite)  # before the work: a taken prefix or bad credentials fail at once
+    with tempfile.TemporaryDirectory(prefix="nestor-shards-") as tmp:
+        local = Path(tmp) / "build"
+        manifest = build(dataclasses.replace(cfg, out=str(local), overwrite=False))
+        publish_s3(local, cfg.out, manifest, cfg.overwrite)
+    return manifest
 
 
 def _build_locked(cfg: BuildConfig, out: Path, name: str, infos: list[SourceInfo]) -> dict[str, Any]:

@@ -3,9 +3,12 @@
 
   python -m nestor_ds.shards --input ns_V1e-3_N5000_T50.mat --out shards/ns2d_fno_1e-3 --test-fraction 0.04
   python -m nestor_ds.shards --verify shards/ns2d_fno_1e-3
+  python -m nestor_ds.shards --input raw/ns --out s3://bucket/shards/ns2d   (then --verify s3://bucket/shards/ns2d)
 
 The format is described in docs/data_format.md. Errors are one line naming file, key and shape,
-with a non-zero exit status; nothing is left in the output directory after a failed build.
+with a non-zero exit status; nothing is left in the output directory after a failed build. An s3:// output is
+built locally and uploaded shards first, manifest.json last (endpoint and credentials: the standard AWS_* variables
+or profiles; docs/data_pipeline.md, "Shards in S3").
 """
 
 from __future__ import annotations
@@ -54,8 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = BuildConfig(inputs=[], out="")
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", metavar="PATH", help="source files or directories (searched recursively)")
-    p.add_argument("--out", metavar="DIR", help="output shard directory (built atomically)")
-    p.add_argument("--verify", metavar="DIR", help="verify a built directory against its manifest and exit")
+    p.add_argument("--out", metavar="DIR",
+                   help="output shard directory (built atomically), or s3://BUCKET/PREFIX (manifest uploaded last)")
+    p.add_argument("--verify", metavar="DIR",
+                   help="verify a built directory or s3://BUCKET/PREFIX against its manifest and exit")
     p.add_argument("--format", default=d.layout, choices=("auto", *LAYOUTS), help="raw layout (default: auto-detect)")
     p.add_argument("--name", default=None, help="dataset name used in sample keys (default: first input's stem)")
     p.add_argument("--test-fraction", type=float, default=d.test_fraction,

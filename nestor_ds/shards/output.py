@@ -4,6 +4,11 @@ and the atomic swap that publishes a finished build.
 Concurrent builds into one output cannot both "succeed": an exclusive `flock` on `.<name>.lock` beside the
 output is held for the whole build, and the output is re-checked just before the final rename. Temporary
 directories of builds killed with `kill -9` (dead pid) are removed by the next build into the same output.
+
+An `s3://bucket/prefix` output has no rename: the build happens in a local staging directory and `publish_s3`
+uploads the shards first and manifest.json last, so a reader that finds the manifest finds every shard it lists;
+an interrupted upload leaves no manifest, and a rerun finishes it (objects already there with the same sha256 are
+not sent again) or, with --overwrite, replaces it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nestor_ds.log import get_logger
-from nestor_ds.shards import schema
+from nestor_ds.shards import s3, schema
 from nestor_ds.shards.schema import DataFormatError
 
 log = get_logger(__name__)
@@ -129,3 +134,48 @@ def swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         if out.is_dir():
             out.rmdir()
         os.replace(tmp, out)
+
+
+SHA256_META = "sha256"  # user metadata of an uploaded shard (x-amz-meta-sha256): lets a rerun skip it
+
+
+def check_s3_out(url: str, overwrite: bool) -> None:
+    """Refuse an s3:// output that already holds a built dataset (its manifest) unless --overwrite; checked before
+    the build, so a wrong URL or bad credentials fail at once with one line. An output with shards but no manifest
+    is an interrupted upload: the build goes on and finishes it."""
+    bucket, prefix = s3.split_url(url)
+    if not prefix.strip("/"):
+        raise DataFormatError(url, "give a prefix under the bucket (s3://BUCKET/PREFIX): the build owns it")
+    if s3.head(s3.join(url, schema.MANIFEST_NAME)) is not None and not overwrite:
+        raise DataFormatError(url, "holds a built dataset (manifest.json): pass --overwrite to replace it")
+
+
+def publish_s3(local: Path, url: str, manifest: dict, overwrite: bool) -> None:
+    """Upload a finished local build to `url`: shards, then manifest.json last, then remove shard objects the new
+    manifest does not list (left by an older build with more shards).
+
+    With --overwrite an existing manifest is deleted before any shard changes, so no reader ever pairs the old
+    manifest with new shards. A shard object whose size and recorded sha256 match is left as it is (a rerun after an
+    interrupted upload sends only what is missing)."""
+    check_s3_out(url, overwrite)  # again: another build may have finished while this one ran
+    manifest_url = s3.join(url, schema.MANIFEST_NAME)
+    if overwrite and s3.head(manifest_url) is not None:
+        s3.delete(manifest_url)
+    listed = [s for split in schema.SPLITS for s in manifest["splits"][split]["shards"]]
+    sent = 0
+    for shard in listed:
+        path, target = local / shard["file"], s3.join(url, shard["file"])
+        there = s3.head(target)
+        if (there is not None and int(there.get("ContentLength", -1)) == path.stat().st_size
+                and there.get("Metadata", {}).get(SHA256_META) == shard["sha256"]):
+            continue
+        s3.upload(path, target, {SHA256_META: shard["sha256"]})
+        sent += 1
+    s3.upload(local / schema.MANIFEST_NAME, manifest_url)
+    names = {s["file"] for s in listed}
+    for obj in s3.list_keys(url):
+        name = obj.rsplit("/", 1)[1]
+        if name.endswith(".tar") and name.startswith(tuple(f"{sp}-" for sp in schema.SPLITS)) and name not in names:
+            s3.delete(obj)
+    log.info("build_shards: %s: uploaded %d of %d shards (%d already there) and manifest.json", url, sent,
+             len(listed), len(listed) - sent)

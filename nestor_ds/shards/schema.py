@@ -28,7 +28,7 @@ BUILDER_VERSION = "1"
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "test")
 DTYPES = ("float32", "float16")
-LAYOUTS = ("fno-mat", "pdebench-cfd", "pdebench-groups", "pdebench-1d", "pdearena-ns", "the-well")
+LAYOUTS = ("fno-mat", "pdebench-cfd", "pdebench-groups", "pdebench-1d", "pdearena-ns", "the-well", "cfdbench")
 
 # Tar member suffixes of one sample: `<key>.fields.npy` and `<key>.meta.json`.
 FIELDS_EXT = "fields.npy"

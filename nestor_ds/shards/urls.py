@@ -9,7 +9,11 @@ cannot cover both). A URL's shard is identified by the shard file name it contai
 which must match the manifest: the manifest gives each shard's trajectory count, which the sampler needs
 to deal out shards and to resume without reading data.
 
-Kept free of torch and webdataset at import time (config.py imports this module); `iter_url_samples`
+`s3://` URLs are read by the Python S3 client of `s3.py` (boto3: endpoint, region and credentials from the
+standard AWS variables and profiles; a dropped connection resumes at the same byte), never through a shell;
+`gs://` runs `gsutil cat URL` (webdataset, an argument list, no shell); `http(s)://` runs curl the same way.
+
+Kept free of torch, webdataset and boto3 at import time (config.py imports this module); `iter_url_samples`
 imports webdataset when it first reads.
 """
 
@@ -27,6 +31,7 @@ from urllib.parse import urlparse
 
 import braceexpand
 
+from nestor_ds.shards import s3
 from nestor_ds.shards.schema import MANIFEST_NAME, SPLITS, DataFormatError, validate_manifest
 from nestor_ds.shards.tar import group_members
 
@@ -85,12 +90,12 @@ def expand(spec: str) -> list[str]:
 
 def default_manifest(path: str | Mapping[str, str]) -> str | None:
     """`<dirname of the first training URL>/manifest.json` when that can be read without a command
-    (a local file or an http(s) URL); None for pipe:, s3:// and gs:// specs, which must name it."""
+    (a local file, an http(s) or an s3:// URL); None for pipe: and gs:// specs, which must name it."""
     spec = split_spec(path, "train")
     if not spec:
         return None
     first = expand(spec)[0]
-    if first.startswith(("http://", "https://")):
+    if first.startswith(("http://", "https://", s3.SCHEME)):
         return first.rsplit("/", 1)[0] + "/" + MANIFEST_NAME
     if urlparse(first).scheme in ("", "file") and not first.startswith("pipe:"):
         return str(Path(first.removeprefix("file://")).parent / MANIFEST_NAME)
@@ -98,10 +103,15 @@ def default_manifest(path: str | Mapping[str, str]) -> str | None:
 
 
 def read_manifest_at(location: str) -> dict[str, Any]:
-    """Load and validate a manifest from a local file or directory, an http(s) URL (urllib) or a `pipe:`
-    command (its stdout, e.g. `pipe:aws s3 cp s3://bucket/ns/manifest.json -`)."""
+    """Load and validate a manifest from a local file or directory, an http(s) URL (urllib), an s3:// object
+    (s3.py: the file or, for a prefix not ending in .json, `<prefix>/manifest.json`) or a `pipe:` command (its
+    stdout)."""
     try:
-        if location.startswith(("http://", "https://")):
+        if s3.is_s3(location):
+            if not location.endswith(".json"):
+                location = s3.join(location, MANIFEST_NAME)
+            text = s3.read_bytes(location).decode("utf-8")
+        elif location.startswith(("http://", "https://")):
             with urllib.request.urlopen(location, timeout=FETCH_TIMEOUT_S) as response:
                 text = response.read().decode("utf-8")
         elif location.startswith("pipe:"):
@@ -114,8 +124,10 @@ def read_manifest_at(location: str) -> dict[str, Any]:
             p = Path(location.removeprefix("file://"))
             text = (p / MANIFEST_NAME if p.is_dir() else p).read_text()
         else:
-            raise OSError("unsupported scheme: give a local path, an http(s):// URL or a pipe: command")
+            raise OSError("unsupported scheme: give a local path, an http(s):// or s3:// URL or a pipe: command")
         manifest = json.loads(text)
+    except DataFormatError as exc:  # s3.py's one line already names the object
+        raise DataFormatError(exc.file, f"cannot read manifest ({exc.message})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, subprocess.TimeoutExpired) as exc:
         raise DataFormatError(location, f"cannot read manifest ({exc})") from None
     validate_manifest(manifest, location)
@@ -149,10 +161,12 @@ def shard_urls(spec: str, manifest: dict[str, Any], split: str, where: str) -> t
 
 
 def _open(url: str):
+    """A readable stream of one shard URL: s3:// through the resuming reader of s3.py (webdataset has no s3
+    scheme of its own), everything else through webdataset's gopen."""
+    if s3.is_s3(url):
+        return s3.open_object(url)
     import webdataset as wds
 
-    if url.startswith("s3://"):  # webdataset has no s3 scheme: stream it with the AWS CLI
-        url = f"pipe:aws s3 cp {url} -"
     return wds.gopen(url)
 
 
@@ -173,8 +187,8 @@ def iter_url_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield from group_members(members, url)
         finished = True
     except (OSError, tarfile.TarError, ValueError) as exc:
-        if isinstance(exc, DataFormatError):
-            raise
+        if isinstance(exc, DataFormatError):  # rebuilt: webdataset appends its stream's repr to the args
+            raise DataFormatError(exc.file, exc.message) from None
         reason = _reason(exc)
         try:  # a failed command or download usually explains the broken tar stream: report its status
             if stream is not None:

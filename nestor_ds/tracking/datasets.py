@@ -11,7 +11,9 @@ same data. Each shard dataset becomes one MLflow dataset whose
 The context tag (`mlflow.data.context`) says what the run did with it: `training` (its own mixture; its
 test split is also what in-training evaluation scores), `evaluation` (`nestor_ds/evaluate.py`), or
 `pretraining` (a fine-tune's parent data, so a fine-tune shows both). Nothing here reads shard contents:
-the manifest already holds the hashes the builder computed.
+the manifest already holds the hashes the builder computed. A parent's data specs come from its checkpoint or
+export, which may be someone else's file: they are recorded as the saved text, and read (a local manifest only)
+when they name a local shard directory here; a `pipe:` command or URL from them is never run or fetched.
 """
 
 from __future__ import annotations
@@ -32,16 +34,22 @@ def _spec_field(spec: Any, key: str, default: Any = None) -> Any:
     return spec.get(key, default) if isinstance(spec, dict) else getattr(spec, key, default)
 
 
-def _read_manifest(spec: Any) -> dict[str, Any] | None:
-    """The dataset's manifest, or None when it cannot be read (lineage is best effort, never an error)."""
-    from nestor_ds.data.config import DatasetSpec, spec_manifest
+def _read_manifest(spec: Any) -> tuple[dict[str, Any] | None, str]:
+    """(the dataset's manifest, "") or (None, why not): lineage is best effort, never an error.
 
+    A SavedDatasetSpec (a parent's entry) is opened only when it is a local shard directory here
+    (`nestor_ds.data.config.check_saved`); otherwise its saved text is all that is recorded."""
+    from nestor_ds.data.config import SavedDatasetSpec, check_saved, spec_manifest
+
+    if isinstance(spec, SavedDatasetSpec):
+        try:
+            check_saved(spec)
+        except ValueError:
+            return None, f"not opened: named by {spec.saved_in} and not a local shard directory here (text only)"
     try:
-        if isinstance(spec, dict):
-            spec = DatasetSpec(**{k: v for k, v in spec.items() if k in DatasetSpec.__dataclass_fields__})
-        return spec_manifest(spec)
+        return spec_manifest(spec), ""
     except Exception:  # noqa: BLE001 - a moved parent dataset, an offline URL: log what the config says
-        return None
+        return None, "unavailable when this run was logged"
 
 
 def digest(manifest: dict[str, Any] | None, weight: float, path: str) -> str:
@@ -58,12 +66,17 @@ def digest(manifest: dict[str, Any] | None, weight: float, path: str) -> str:
 
 
 def describe(spec: Any, context: str) -> dict[str, Any]:
-    """One JSON-able dataset description (DatasetSpec or its dict form) for `Tracker.log_inputs`."""
+    """One JSON-able dataset description (DatasetSpec, or a dict as saved configs hold them) for
+    `Tracker.log_inputs`."""
+    if isinstance(spec, dict):  # what a saved file holds: read as such (`_read_manifest`)
+        from nestor_ds.data.config import saved_dataset_specs
+
+        spec = saved_dataset_specs({"data": {"datasets": [spec]}}, "a saved run config")[0]
     name = str(_spec_field(spec, "name"))
     path = _spec_field(spec, "path")
     weight = float(_spec_field(spec, "weight", 1.0))
     where = mask_secrets(json.dumps(path) if isinstance(path, dict) else str(path))
-    manifest = _read_manifest(spec)
+    manifest, why_not = _read_manifest(spec)
     profile: dict[str, Any] = {"weight": weight}
     if manifest is not None:
         profile.update(
@@ -75,7 +88,7 @@ def describe(spec: Any, context: str) -> dict[str, Any]:
             dtype=manifest.get("dtype"),
         )
     else:
-        profile["manifest"] = "unavailable when this run was logged"
+        profile["manifest"] = why_not
     is_local = isinstance(path, str) and "://" not in path and not path.startswith("pipe:")
     source = {"uri": str(Path(path).resolve())} if is_local else {"url": where}
     return {
@@ -113,28 +126,31 @@ def dataset_inputs(described: list[dict[str, Any]]) -> list[Any]:
 
 def parent_run_config(pretrained: str) -> dict[str, Any] | None:
     """The run config saved with a pre-trained checkpoint or export (None if it cannot be read)."""
-    from nestor_ds.checkpoint.layout import read_run_config, resolve_checkpoint
+    from nestor_ds.checkpoint.load import read_saved_config
 
     try:
-        p = resolve_checkpoint(pretrained)
-        if p.is_dir():
-            return read_run_config(p)
-        from safetensors import safe_open
-
-        with safe_open(str(p), framework="pt") as f:  # metadata only, no tensors read
-            return json.loads((f.metadata() or {})["nestor_config"])
+        return read_saved_config(pretrained)
     except Exception:  # noqa: BLE001 - lineage is best effort
         return None
 
 
 def log_run_inputs(tracker: Any, cfg: Any, entry: str) -> None:
-    """Start of a training run: its mixture (`training`); a fine-tune also its parent's data (`pretraining`)."""
+    """Start of a training run: its mixture (`training`); a fine-tune also its parent's data (`pretraining`).
+
+    The parent's entries come from a file that may be someone else's (a downloaded export): they are
+    SavedDatasetSpecs, recorded as the saved text unless they are local shard directories here, and never run or
+    fetched (`nestor_ds.data.config.check_saved`)."""
+    from nestor_ds.data.config import saved_dataset_specs
+
     if not tracker.active:
         return
     described = describe_all(cfg.data.datasets, "training")
     if entry == "finetune" and cfg.finetune.pretrained:
         parent = parent_run_config(cfg.finetune.pretrained) or {}
-        described += describe_all((parent.get("data") or {}).get("datasets", []), "pretraining")
+        try:
+            described += describe_all(saved_dataset_specs(parent, str(cfg.finetune.pretrained)), "pretraining")
+        except (OSError, ValueError, TypeError):  # a path no file system takes (NUL): the fine-tune goes on
+            pass
     tracker.log_inputs(merge_contexts(described))
 
 

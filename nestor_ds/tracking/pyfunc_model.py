@@ -2,9 +2,11 @@
 
 Loading (`mlflow.pyfunc.load_model`, `mlflow models serve`) executes this file, which defines
 :class:`NestorRollout` and hands an instance to `mlflow.models.set_model`; no Python object is pickled.
-`load_context` reads the weights with `nestor_ds.checkpoint.safe_load.load_pretrained` from the model's
+`load_context` reads the weights with `nestor_ds.checkpoint.load.load_pretrained` from the model's
 `weights` artifact, a safetensors file (tensors and JSON metadata only). The `nestor_ds` package travels
-with the model (`code/`), so loading needs no checkout of this repository.
+with the model (`code/`, which MLflow puts first on sys.path when it loads the model), so loading needs no
+checkout of this repository (tests/test_mlflow_models.py runs it from a fresh `python -I` outside the
+repository). The run config inside the weights only builds the model: its dataset paths are never opened here.
 
 Input (named tensor `x`): float32 [B, X, Y, T_in, C], the last T_in frames, channels-last as in the shards.
 Named tensor `channel_mask`: float32 [B, C], 1 for channels the sample's dataset has, 0 for padding. Parameter

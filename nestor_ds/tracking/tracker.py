@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nestor_ds.compat import metric_objs, resolve_context_tags, stop_system_metrics_now, system_metrics_monitor
 from nestor_ds.redact import mask_secrets, redact
 from nestor_ds.tracking.buffer import Outbox, deliver, one_line, stage_dir
 from nestor_ds.tracking.system import run_environment, system_metrics_available
@@ -178,7 +179,7 @@ class Tracker:
             client.update_run(resume_run_id, status="RUNNING", name=run_name)
             self._existing_params.update(run.data.params)
             # MLflow's latest value of a metric is the one with the highest step: that is how far it got
-            self._logged_upto = {m.key: int(m.step) for m in run.data._metric_objs}
+            self._logged_upto = {m.key: int(m.step) for m in metric_objs(run)}
             self._pending_tags = {
                 _clip(k, KEY_LIMIT): _clip(mask_secrets(str(v)), TAG_VALUE_LIMIT) for k, v in env_tags.items()
             }
@@ -187,9 +188,7 @@ class Tracker:
             if parent_run_id and self._same_experiment(client, parent_run_id):
                 env_tags["mlflow.parentRunId"] = parent_run_id  # nests fine-tunes under the pre-training in the UI
             try:
-                from mlflow.tracking.context.registry import resolve_tags
-
-                env_tags = resolve_tags(env_tags)  # adds user, source name, ... like mlflow.start_run
+                env_tags = resolve_context_tags(env_tags)  # adds user, source name, ... like mlflow.start_run
             except Exception:  # noqa: BLE001 - the context tags are a nicety
                 pass
             run = client.create_run(self.experiment_id, tags=redact(env_tags), run_name=run_name)
@@ -222,9 +221,7 @@ class Tracker:
         if not system_metrics_available():
             log.warning("MLflow system metrics off: psutil is not installed (pip install psutil)")
             return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        self._monitor = SystemMetricsMonitor(
+        self._monitor = system_metrics_monitor(
             self.run_id,
             sampling_interval=self.cfg.system_metrics_interval_s,
             resume_logging=resume,
@@ -422,7 +419,7 @@ class Tracker:
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             try:
-                monitor._shutdown_event.set()  # no flush: the store is the thing that failed
+                stop_system_metrics_now(monitor)  # no flush: the store is the thing that failed
             except Exception:  # noqa: BLE001
                 pass
         self.run_id = None

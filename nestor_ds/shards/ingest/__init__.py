@@ -9,6 +9,7 @@ This package: `base.py` (the Reader interface and shared helpers), one module pe
   pdebench-1d      `tensor` [R, T, X]
   pdearena-ns      split groups with `u`, `vx`, `vy` [R, T, X, Y]
   the-well         `t0_fields`/`t1_fields`/`t2_fields` groups of [R, T, X, Y, (2, (2))] datasets
+  cfdbench         a case folder: `case.json` (the source file) beside `u.npy`, `v.npy` (T, height, width)
 
 Shape legend: R trajectories (of a file), T frames, X, Y grid points, C channels.
 """
@@ -28,15 +29,16 @@ from nestor_ds.shards.ingest.base import (
     open_h5,
     unwritten_trajectories,
 )
+from nestor_ds.shards.ingest.cfdbench import CfdbenchReader, is_case_file
 from nestor_ds.shards.ingest.fno import FnoMat5Reader, FnoMat73Reader, is_mat5
 from nestor_ds.shards.ingest.pdearena import PdearenaNsReader
 from nestor_ds.shards.ingest.pdebench import Pdebench1dReader, PdebenchCfdReader, PdebenchGroupsReader
 from nestor_ds.shards.ingest.the_well import TheWellReader
 from nestor_ds.shards.schema import LAYOUTS, DataFormatError
 
-__all__ = ["H5_READERS", "READ_ERRORS", "Entry", "FnoMat5Reader", "FnoMat73Reader", "H5Reader", "Pdebench1dReader",
-           "PdebenchCfdReader", "PdebenchGroupsReader", "PdearenaNsReader", "Reader", "SourceInfo", "TheWellReader",
-           "detect_layout", "open_h5", "open_reader", "unwritten_trajectories"]
+__all__ = ["H5_READERS", "READ_ERRORS", "CfdbenchReader", "Entry", "FnoMat5Reader", "FnoMat73Reader", "H5Reader",
+           "Pdebench1dReader", "PdebenchCfdReader", "PdebenchGroupsReader", "PdearenaNsReader", "Reader", "SourceInfo",
+           "TheWellReader", "detect_layout", "is_case_file", "open_h5", "open_reader", "unwritten_trajectories"]
 
 H5_READERS: dict[str, type[H5Reader]] = {
     # Order matters for detection: the most specific signatures first.
@@ -47,7 +49,7 @@ H5_READERS: dict[str, type[H5Reader]] = {
     "fno-mat": FnoMat73Reader,
     "pdebench-groups": PdebenchGroupsReader,
 }
-assert set(H5_READERS) == set(LAYOUTS)
+assert set(H5_READERS) | {CfdbenchReader.layout} == set(LAYOUTS)
 
 
 def detect_layout(path: str | Path) -> str:
@@ -55,6 +57,8 @@ def detect_layout(path: str | Path) -> str:
     path = str(path)
     if not Path(path).is_file():
         raise DataFormatError(path, "no such file")
+    if is_case_file(path):
+        return CfdbenchReader.layout
     if not h5py.is_hdf5(path):
         if is_mat5(path):
             return "fno-mat"
@@ -76,6 +80,11 @@ def open_reader(path: str | Path, layout: str = "auto") -> Reader:
         raise ValueError(f"unknown layout {layout!r}: expected auto or one of {LAYOUTS}")
     if not Path(path).is_file():
         raise DataFormatError(path, "no such file")
+    if layout == CfdbenchReader.layout or is_case_file(path):
+        if layout != CfdbenchReader.layout or not is_case_file(path):
+            raise DataFormatError(path, f"layout {layout} cannot read {Path(path).name}: the cfdbench layout reads "
+                                        f"a case's case.json, and case.json is read by no other layout")
+        return CfdbenchReader(path)
     if layout == "fno-mat" and not h5py.is_hdf5(path):
         if not is_mat5(path):
             raise DataFormatError(path, "unreadable: neither MATLAB v7.3 (HDF5) nor v5 .mat")

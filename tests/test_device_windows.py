@@ -1,0 +1,144 @@
+"""Device windowing (`TrainStream.packed_batches` + `WindowCutter`) gives the batches of the host path, bit for bit.
+
+Why it exists: cutting windows on the host copies t_in + t_ar frames per window; sending each trajectory once and
+cutting on the device moves T / windows_per_trajectory frames per window (docs/data_pipeline.md, "Loader capacity").
+The device here is the CPU: the cut code is the same on a GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nestor_ds.data import DataConfig, TrainStream
+from nestor_ds.shards import schema
+from nestor_ds.shards.tar import iter_shard_samples
+
+from shard_fixtures import assert_batches_equal, build_dataset, take
+
+T_IN, T_AR, RES = 3, 2, 16
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("shards")
+    return {
+        "cfd": build_dataset(root, "cfd", n=20, t=14, res=RES, c=4, per_shard=2, seed=1),  # native size, 4 channels
+        "grp": build_dataset(root, "grp", n=10, t=12, res=8, c=2, per_shard=3, seed=2),  # resized, padded
+    }
+
+
+def make_cfg(dirs: dict[str, Path], **kw: object) -> DataConfig:
+    d = {
+        "datasets": [{"name": n, "path": str(p), "weight": w} for (n, p), w in zip(dirs.items(), (1.0, 3.0))],
+        "t_in": T_IN,
+        "t_ar": T_AR,
+        "resolution": RES,
+        "channels": 4,
+        "steps_per_epoch": 6,
+        "shuffle_buffer": 8,
+        "windows_per_trajectory": 2,
+    }
+    d.update(kw)
+    return DataConfig.from_dict(d)
+
+
+def cut(stream: TrainStream, n: int, start: int = 0) -> tuple[list[dict], int]:
+    """The first n device-windowed batches from `start`, and the trajectories still cached after them."""
+    cutter = stream.cutter("cpu")
+    out = [cutter(p) for p in itertools.islice(stream.packed_batches(start), n)]
+    return out, len(cutter.cache)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_device_windows_equal_host_batches(dirs: dict[str, Path], normalize: bool) -> None:
+    cfg = make_cfg(dirs, normalize=normalize)
+    host = take(TrainStream(cfg, 4, seed=5), 20)  # 3+ epochs of 6 steps
+    device, cached = cut(TrainStream(cfg, 4, seed=5), 20)
+    assert_batches_equal(device, host)
+    # bounded: what a shuffle buffer of 8 windows (2 per trajectory) can hold per dataset, plus the one being read
+    assert cached <= 2 * (8 + 1)
+
+
+@pytest.mark.parametrize("start", [1, 6, 7, 13])
+def test_device_windows_resume(dirs: dict[str, Path], start: int) -> None:
+    cfg = make_cfg(dirs)
+    full = take(TrainStream(cfg, 4, seed=9), 16)
+    assert_batches_equal(cut(TrainStream(cfg, 4, seed=9), 16 - start, start)[0], full[start:])
+
+
+def test_device_windows_with_dataloader_workers(dirs: dict[str, Path]) -> None:
+    cfg = make_cfg(dirs, num_workers=2, steps_per_epoch=5)
+    full = take(TrainStream(cfg, 4, seed=2), 12)
+    assert_batches_equal(cut(TrainStream(cfg, 4, seed=2), 12)[0], full)
+    assert_batches_equal(cut(TrainStream(cfg, 4, seed=2), 5, 7)[0], full[7:])
+
+
+def test_each_trajectory_is_sent_once_per_epoch(dirs: dict[str, Path]) -> None:
+    """Fewer bytes: one trajectory per windows_per_trajectory windows, not t_in + t_ar frames per window."""
+    cfg = make_cfg(dirs, windows_per_trajectory=4, steps_per_epoch=1000)
+    packed = list(itertools.islice(TrainStream(cfg, 4, seed=1).packed_batches(), 40))
+    keys = torch.cat([p["new_keys"] for p in packed]).tolist()
+    assert len(keys) == len(set(keys))
+    used = torch.cat([p["key"] for p in packed]).tolist()
+    assert set(used) <= set(keys) and len(keys) < len(used) / 2
+    released = torch.cat([p["release"] for p in packed]).tolist()
+    assert len(released) == len(set(released)) and set(released) <= set(keys)
+
+
+def _poison_frame0(shard_dir: Path) -> None:
+    """NaN in frame 0 of every trajectory of train shard 0, manifest digest updated (bad data, not corruption)."""
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    shard = shard_dir / manifest["splits"]["train"]["shards"][0]["file"]
+    fd = os.open(shard, os.O_RDWR)
+    try:
+        for key, members in iter_shard_samples(fd, str(shard)):
+            off, size = members["fields.npy"]
+            _, _, start = schema.parse_npy_header(np.frombuffer(os.pread(fd, 256, off), dtype=np.uint8), key)
+            os.pwrite(fd, np.float32("nan").tobytes(), off + start)
+    finally:
+        os.close(fd)
+    manifest["splits"]["train"]["shards"][0]["sha256"] = schema.sha256_file(shard)
+    (shard_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_bad_windows_are_skipped_or_raised_alike(tmp_path: Path) -> None:
+    d = build_dataset(tmp_path, "bad", n=6, t=8, res=8, c=4, per_shard=3, test_fraction=0.0, seed=3)
+    _poison_frame0(d)
+    data = {"datasets": [{"name": "bad", "path": str(d)}], "t_in": 2, "t_ar": 1, "resolution": 8, "channels": 4}
+    data.update(steps_per_epoch=4, shuffle_buffer=4, windows_per_trajectory=3, normalize=True)
+    cfg = DataConfig.from_dict({**data, "on_bad_sample": "skip"})
+    host = take(TrainStream(cfg, 4, seed=0), 10)
+    assert sum(int(b["skipped"].sum()) for b in host) > 0
+    assert_batches_equal(cut(TrainStream(cfg, 4, seed=0), 10)[0], host)
+    strict = DataConfig.from_dict(data)
+    with pytest.raises(schema.DataFormatError, match="NaN/Inf") as host_err:
+        take(TrainStream(strict, 4, seed=0), 10)
+    with pytest.raises(schema.DataFormatError, match="NaN/Inf") as dev_err:
+        cut(TrainStream(strict, 4, seed=0), 10)
+    assert str(dev_err.value) == str(host_err.value)
+
+
+def test_training_with_device_windows_follows_the_host_path(tiny_shards, tmp_path: Path) -> None:
+    """`data.device_windows: true` through the real entry (trainer, DeviceFeed, resume position): the same loss at
+    every step as the host-cut default."""
+    from train_fixtures import ds_config, launch, tiny_config
+
+    _, shards = tiny_shards
+    losses = {}
+    for on in (False, True):
+        cfg = tiny_config(tmp_path, shards, data={"device_windows": on}, tracking={"enabled": False})
+        name = f"dw{int(on)}"
+        args = ["nestor_ds.train", "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg), "--run-name", name]
+        proc = launch(args, ranks=1, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("windows cut on cpu from trajectories sent there once" in proc.stderr) == on
+        rows = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        losses[on] = [json.loads(r)["train/loss"] for r in rows]
+    assert len(losses[True]) == 6 and losses[True] == losses[False]

@@ -1,0 +1,327 @@
+"""Shards in S3 against a real S3 server (SeaweedFS on 127.0.0.1, tests/s3_server.py): build to S3 with the
+manifest last and --verify; the training stream, its resume, its rank/worker split and the evaluation batches over
+s3:// equal those of the same shards on local disk; a dropped connection in mid-shard (the server restarted during a
+training run) changes nothing; bad endpoint, missing object and denied access are each one line naming the URL.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from nestor_ds.data import DataConfig, TrainStream, build_eval_batches
+from nestor_ds.procs import free_port
+from nestor_ds.shards import s3
+from nestor_ds.shards.build import META_BYTES_ESTIMATE, BuildConfig, build
+from nestor_ds.shards.cli import main as shards_main
+from nestor_ds.shards.schema import DataFormatError
+from nestor_ds.synth.layouts import write_dataset
+
+from s3_server import BUCKET, CuttingProxy, aws_env, raw_client, s3_env_fixture, s3_server_fixture  # noqa: F401
+from shard_fixtures import assert_batches_equal, take
+from train_fixtures import build_tiny_shards, ds_config, launch, tiny_config
+
+pytestmark = pytest.mark.timeout(900)
+T_IN, T_AR, RES = 3, 2, 16
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two attempts 50 ms apart: the error tests need the retry policy's outcome, not its 15 s of waiting."""
+    monkeypatch.setattr(s3, "ATTEMPTS", 2)
+    monkeypatch.setattr(s3, "FIRST_DELAY_S", 0.05)
+
+
+@pytest.fixture(scope="module")
+def raw_ns(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 simulated Navier-Stokes trajectories (T=14) in the FNO layout."""
+    root = tmp_path_factory.mktemp("s3_raw")
+    return write_dataset("ns", "fno-mat", root / "ns.mat", n=6, res=RES, steps=14, seed=0)
+
+
+def build_args(raw: Path, out: str, *extra: str) -> list[str]:
+    """One trajectory per shard: 4 train and 2 test shards, so ranks and workers get shards of their own."""
+    size = (14 * RES * RES * 4 + META_BYTES_ESTIMATE + 0.5) / 2**20
+    return [
+        "--input",
+        str(raw),
+        "--out",
+        out,
+        "--name",
+        "ns",
+        "--test-fraction",
+        "0.34",
+        "--shard-size-mb",
+        str(size),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def objects(prefix: str) -> dict[str, bytes]:
+    """name -> bytes of every object under s3://BUCKET/prefix/ (read with a client of the test's own)."""
+    c = raw_client(s3.client().meta.endpoint_url)
+    listed = c.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("Contents", [])
+    return {o["Key"].rsplit("/", 1)[1]: c.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read() for o in listed}
+
+
+def one_line(capsys: pytest.CaptureFixture, rc: int) -> str:
+    """The CLI's error output, which must be exactly one line, with exit status 1."""
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_build_to_s3_verify_interrupted_upload_and_rerun(s3_env, raw_ns, tmp_path, capsys, monkeypatch):
+    """The uploaded objects are the local build's bytes; --verify passes; an upload interrupted after two shards
+    leaves no manifest, and the rerun sends only what is missing; a changed shard fails --verify (one line), and
+    --overwrite puts it right."""
+    url = f"s3://{BUCKET}/build/ns"
+    assert shards_main(build_args(raw_ns, str(tmp_path / "local"))) == 0
+    assert shards_main(build_args(raw_ns, url)) == 0
+    local = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
+    assert objects("build/ns") == local and len(local) == 7  # 4 train + 2 test shards + manifest
+    capsys.readouterr()
+    assert shards_main(["--verify", url, "--no-progress"]) == 0
+    assert f"ok: {url}" in capsys.readouterr().out
+    err = one_line(capsys, shards_main(build_args(raw_ns, url)))
+    assert url in err and "pass --overwrite" in err
+
+    # interrupted: the third upload dies (the manifest would be the seventh)
+    url2 = f"s3://{BUCKET}/build/ns-interrupted"
+    real_upload, calls = s3.upload, []
+
+    def dying_upload(path, target, metadata=None):
+        calls.append(target)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_upload(path, target, metadata)
+
+    monkeypatch.setattr(s3, "upload", dying_upload)
+    with pytest.raises(KeyboardInterrupt):
+        build(BuildConfig(inputs=[str(raw_ns)], **_cfg(url2)))
+    monkeypatch.setattr(s3, "upload", real_upload)
+    assert sorted(objects("build/ns-interrupted")) == ["train-000000.tar", "train-000001.tar"]  # and no manifest
+    with pytest.raises(ValueError, match="ns-interrupted/manifest.json: cannot read manifest .cannot read: no such"):
+        DataConfig.from_dict(
+            {
+                "datasets": [{"name": "ns", "path": url2 + "/train-{000000..000003}.tar"}],
+                "t_in": T_IN,
+                "t_ar": T_AR,
+                "resolution": RES,
+                "channels": 2,
+            }
+        ).validate()
+    capsys.readouterr()
+    assert shards_main(build_args(raw_ns, url2)) == 0  # finishes without --overwrite: there was no manifest
+    assert objects("build/ns-interrupted") == local
+
+    # a changed shard: --verify names it; --overwrite replaces it (and only it is sent again)
+    raw_client(s3.client().meta.endpoint_url).put_object(
+        Bucket=BUCKET, Key="build/ns/train-000001.tar", Body=_flip(local["train-000001.tar"], 3000)
+    )
+    capsys.readouterr()
+    err = one_line(capsys, shards_main(["--verify", url, "--no-progress"]))
+    assert err.startswith(f"build_shards: error: {url}/train-000001.tar: sha256"), err
+    assert shards_main(build_args(raw_ns, url, "--overwrite")) == 0
+    assert objects("build/ns") == local
+    assert shards_main(["--verify", url, "--no-progress"]) == 0
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    """`data` with one byte changed (inside the first trajectory's fields.npy)."""
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+
+
+def _cfg(out: str) -> dict:
+    size = (14 * RES * RES * 4 + META_BYTES_ESTIMATE + 0.5) / 2**20
+    return {"out": out, "name": "ns", "test_fraction": 0.34, "shard_size_mb": size, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def ns_both(s3_server, raw_ns, tmp_path_factory) -> tuple[Path, str]:
+    """The same shards in a local directory and under s3://BUCKET/stream/ns."""
+    local = tmp_path_factory.mktemp("s3_stream") / "ns"
+    build(BuildConfig(inputs=[str(raw_ns)], **_cfg(str(local))))
+    c = raw_client(s3_server.endpoint)
+    for p in sorted(local.iterdir()):
+        c.put_object(Bucket=BUCKET, Key=f"stream/ns/{p.name}", Body=p.read_bytes())
+    return local, f"s3://{BUCKET}/stream/ns"
+
+
+def make_cfg(path, **kw) -> DataConfig:
+    d = {
+        "datasets": [{"name": "ns", "path": path}],
+        "t_in": T_IN,
+        "t_ar": T_AR,
+        "resolution": RES,
+        "channels": 2,
+        "steps_per_epoch": 8,
+        "shuffle_buffer": 6,
+        "windows_per_trajectory": 2,
+        "normalize": True,
+    }
+    d.update(kw)
+    return DataConfig.from_dict(d)
+
+
+def s3_spec(url: str) -> dict[str, str]:
+    return {"train": f"{url}/train-{{000000..000003}}.tar", "test": f"{url}/test-{{000000..000001}}.tar"}
+
+
+def test_stream_ranks_workers_resume_and_eval_over_s3_equal_local(s3_env, ns_both):
+    """2 ranks x 2 logical workers, 2 DataLoader worker processes, a resume inside an epoch, and the evaluation
+    batches of 2 ranks: over s3:// (manifest found beside the shards) exactly the batches of the local directory."""
+    local_dir, url = ns_both
+    remote, local = make_cfg(s3_spec(url)), make_cfg(str(local_dir))
+    remote.validate()
+    for rank in range(2):
+        u = TrainStream(remote, 2, rank=rank, world_size=2, seed=5)
+        v = TrainStream(local, 2, rank=rank, world_size=2, seed=5)
+        for w in range(2):
+            assert_batches_equal(
+                list(itertools.islice(u.steps(0, w, 2), 4)), list(itertools.islice(v.steps(0, w, 2), 4))
+            )
+    # DataLoader worker processes (forked after this process made its S3 client: each makes its own)
+    workers = take(TrainStream(make_cfg(s3_spec(url), num_workers=2), 2, seed=1), 4)
+    assert_batches_equal(workers, take(TrainStream(make_cfg(str(local_dir), num_workers=2), 2, seed=1), 4))
+    full = take(TrainStream(local, 3, seed=9), 12)
+    assert_batches_equal(take(TrainStream(remote, 3, seed=9), 7, 5), full[5:])  # resumed at step 5 (and epoch 1)
+    for rank in range(2):
+        kw = {"batch_size": 1, "rank": rank, "world_size": 2}
+        got = list(build_eval_batches(remote.datasets[0], remote, 0, **kw))
+        assert {int(b["traj_index"][0]) for b in got} == {rank}  # test trajectories 0 and 1, one per rank
+        assert_batches_equal(got, list(build_eval_batches(local.datasets[0], local, 0, **kw)))
+
+
+def test_s3_errors_are_one_line(s3_env, ns_both, fast_retries, capsys, monkeypatch):
+    """Bad endpoint (after the retries), missing object, wrong secret: one line naming the s3:// URL from the CLI
+    and from the training stream; the secret never appears."""
+    _, url = ns_both
+    err = one_line(capsys, shards_main(["--verify", f"s3://{BUCKET}/nothing-here", "--no-progress"]))
+    assert f"s3://{BUCKET}/nothing-here/manifest.json" in err and "no such object (NoSuchKey)" in err
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-42")
+    err = one_line(capsys, shards_main(["--verify", url, "--no-progress"]))
+    assert f"{url}/manifest.json" in err and "access denied (SignatureDoesNotMatch)" in err
+    assert "wrong-secret-42" not in err
+    with pytest.raises(ValueError, match="access denied") as denied:
+        make_cfg(s3_spec(url)).validate()
+    assert len(str(denied.value).splitlines()) == 1
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env["AWS_SECRET_ACCESS_KEY"])
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    err = one_line(capsys, shards_main(["--verify", url, "--no-progress"]))
+    assert f"{url}/manifest.json" in err and "after 2 attempts" in err and dead in err
+    # the stream: a shard missing behind a good manifest is named when it is read
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env["AWS_ENDPOINT_URL"])
+    spec = {"train": f"s3://{BUCKET}/stream/ns/train-{{000000..000003}}.tar"}
+    cfg = make_cfg(spec, datasets=[{"name": "ns", "path": spec, "manifest": f"{url}/manifest.json"}])
+    c = raw_client(s3_env["AWS_ENDPOINT_URL"])
+    kept = c.get_object(Bucket=BUCKET, Key="stream/ns/train-000002.tar")["Body"].read()
+    c.delete_object(Bucket=BUCKET, Key="stream/ns/train-000002.tar")
+    try:
+        with pytest.raises(DataFormatError) as missing:
+            take(TrainStream(cfg, 2, seed=0), 8)
+    finally:
+        c.put_object(Bucket=BUCKET, Key="stream/ns/train-000002.tar", Body=kept)
+    text = str(missing.value)
+    assert text.startswith(f"{url}/train-000002.tar: ") and "NoSuchKey" in text and len(text.splitlines()) == 1
+
+
+def test_a_connection_that_stays_down_ends_with_one_line(s3_env, s3_server, ns_both, fast_retries, monkeypatch):
+    """Cut in mid-shard and no server behind the proxy any more: after the retries one DataFormatError line naming
+    the shard's URL (no tarfile.ReadError)."""
+    _, url = ns_both
+    proxy = CuttingProxy(s3_server.ports["s3.port"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    proxy.arm(8000)
+
+    def go_down() -> None:
+        if proxy.held.wait(60):
+            proxy.upstream = free_port()  # every new connection is refused from now on
+            proxy.release()
+
+    threading.Thread(target=go_down, daemon=True).start()
+    with pytest.raises(DataFormatError) as exc:
+        take(TrainStream(make_cfg(s3_spec(url)), 2, seed=0), 8)
+    proxy.close()
+    text = str(exc.value)
+    assert proxy.held.is_set() and len(text.splitlines()) == 1, text
+    assert text.startswith(f"{url}/train-0000") and "cannot read at byte " in text and "after 2 attempts" in text
+    print(text)
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train/loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def _final_eval(run_dir: Path) -> dict:
+    """The end-of-run evaluation on the test split (run_summary.json): per-dataset metrics, their mean, settings."""
+    return json.loads((run_dir / "run_summary.json").read_text())["final_eval"]
+
+
+def test_training_from_s3_survives_a_server_restart_and_resumes_like_local(s3_server, tmp_path):
+    """A 1-rank run on local shards; the same run on s3:// stopped at step 3, then resumed with `--resume auto`
+    while the server is stopped and restarted in the middle of a shard's body: every loss and evaluation metric equals
+    the local run's."""
+    root = tmp_path / "data"
+    shards = build_tiny_shards(root)
+    c = raw_client(s3_server.endpoint)
+    spec = {}
+    for name, d in shards.items():
+        for p in sorted(d.iterdir()):
+            c.put_object(Bucket=BUCKET, Key=f"train/{name}/{p.name}", Body=p.read_bytes())
+        spec[name] = {
+            "train": f"s3://{BUCKET}/train/{name}/train-000000.tar",
+            "test": f"s3://{BUCKET}/train/{name}/test-000000.tar",
+        }
+    train = {"max_steps": 6, "ckpt_every": 3}
+    local_cfg = tiny_config(tmp_path, shards, train=train, tracking={"enabled": False})
+    s3_cfg = tiny_config(
+        tmp_path,
+        shards,
+        train=train,
+        tracking={"enabled": False},
+        data={"datasets": [{"name": n, "path": spec[n], "weight": 1.0, "rollout_steps": 3} for n in shards]},
+    )
+    ds = ds_config(tmp_path)
+    proxy = CuttingProxy(s3_server.ports["s3.port"])
+    env = aws_env(proxy.endpoint, tmp_path)
+
+    def run(cfg: Path, name: str, *extra: str):
+        proc = launch(
+            ["nestor_ds.train", "--ds_config", str(ds), "--config", str(cfg), "--run-name", name, *extra],
+            ranks=1,
+            cwd=tmp_path,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc
+
+    run(local_cfg, "local")
+    first = run(s3_cfg, "s3", "--set", "train.stop_at=3")
+    assert "stopped cleanly at step 3" in first.stderr
+
+    proxy.arm(40_000)  # more than a manifest, less than a training shard
+
+    def restart_in_mid_body() -> None:
+        if proxy.held.wait(600):
+            s3_server.stop()
+            s3_server.start()
+            proxy.release()
+
+    restarter = threading.Thread(target=restart_in_mid_body, daemon=True)
+    restarter.start()
+    second = run(s3_cfg, "s3", "--resume", "auto")
+    restarter.join(60)
+    proxy.close()
+    assert proxy.held.is_set() and "resumed from" in second.stderr
+    assert "s3: s3://" in second.stderr and "attempt 2 of" in second.stderr, second.stderr[-3000:]
+    local, remote = tmp_path / "runs" / "local", tmp_path / "runs" / "s3"
+    assert [step for step, _ in _losses(remote)] == list(range(1, 7))
+    assert _losses(remote) == _losses(local)
+    assert _final_eval(remote) == _final_eval(local) and _final_eval(local)["datasets"]
