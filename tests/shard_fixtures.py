@@ -123,3 +123,34 @@ def window_positions(batch: dict, d: int, table: dict, length: int, channels: in
         assert hits == [(p, t0 + k) for k in range(length)]
         found.append(p)
     return found
+
+
+# the two-dataset mixture of the stream tests (tests/test_stream.py, tests/test_device_windows.py)
+T_IN, T_AR, RES = 3, 2, 16
+
+
+def stream_datasets(root: Path) -> dict[str, Path]:
+    """Two datasets built by the real builder: "cfd" with 4 channels at the run resolution (16 train trajectories in 8
+    shards, 4 test) and "grp" with 2 channels at 8x8 (resized to 16 and padded to 4; 8 train in 3 shards, 2 test)."""
+    return {
+        "cfd": build_dataset(root, "cfd", n=20, t=14, res=RES, c=4, per_shard=2, seed=1),
+        "grp": build_dataset(root, "grp", n=10, t=12, res=8, c=2, per_shard=3, seed=2),
+    }
+
+
+def stream_config(dirs: dict[str, Path], weights: tuple[float, ...] = (1.0, 3.0), **kw: object):
+    """A small DataConfig over `dirs` (name -> shard dir) with the stream tests' sizes; `kw` overrides."""
+    from nestor_ds.data import DataConfig
+
+    d = {
+        "datasets": [{"name": n, "path": str(p), "weight": w} for (n, p), w in zip(dirs.items(), weights)],
+        "t_in": T_IN,
+        "t_ar": T_AR,
+        "resolution": RES,
+        "channels": 4,
+        "steps_per_epoch": 6,
+        "shuffle_buffer": 8,
+        "windows_per_trajectory": 2,
+    }
+    d.update(kw)
+    return DataConfig.from_dict(d)

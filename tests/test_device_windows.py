@@ -20,33 +20,13 @@ from nestor_ds.data import DataConfig, TrainStream
 from nestor_ds.shards import schema
 from nestor_ds.shards.tar import iter_shard_samples
 
-from shard_fixtures import assert_batches_equal, build_dataset, take
-
-T_IN, T_AR, RES = 3, 2, 16
+from shard_fixtures import assert_batches_equal, build_dataset, stream_datasets, take
+from shard_fixtures import stream_config as make_cfg
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("shards")
-    return {
-        "cfd": build_dataset(root, "cfd", n=20, t=14, res=RES, c=4, per_shard=2, seed=1),  # native size, 4 channels
-        "grp": build_dataset(root, "grp", n=10, t=12, res=8, c=2, per_shard=3, seed=2),  # resized, padded
-    }
-
-
-def make_cfg(dirs: dict[str, Path], **kw: object) -> DataConfig:
-    d = {
-        "datasets": [{"name": n, "path": str(p), "weight": w} for (n, p), w in zip(dirs.items(), (1.0, 3.0))],
-        "t_in": T_IN,
-        "t_ar": T_AR,
-        "resolution": RES,
-        "channels": 4,
-        "steps_per_epoch": 6,
-        "shuffle_buffer": 8,
-        "windows_per_trajectory": 2,
-    }
-    d.update(kw)
-    return DataConfig.from_dict(d)
+def dirs(tmp_path_factory) -> dict[str, Path]:
+    return stream_datasets(tmp_path_factory.mktemp("shards"))
 
 
 def cut(stream: TrainStream, n: int, start: int = 0) -> tuple[list[dict], int]:

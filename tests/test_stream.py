@@ -15,36 +15,23 @@ from nestor_ds.data import DataConfig, DatasetSpec, TrainStream, build_eval_batc
 from nestor_ds.data.stream import slot_shares
 from nestor_ds.shards.tar import iter_shard_samples, read_fields
 
-from shard_fixtures import assert_batches_equal, build_dataset, frame_table, take, window_positions
-
-T_IN, T_AR, RES = 3, 2, 16
+from shard_fixtures import (
+    RES,
+    T_AR,
+    T_IN,
+    assert_batches_equal,
+    build_dataset,
+    frame_table,
+    stream_datasets,
+    take,
+    window_positions,
+)
+from shard_fixtures import stream_config as make_cfg
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("shards")
-    return {
-        # 4 channels at the run resolution: 16 train trajectories in 8 shards, 4 test.
-        "cfd": build_dataset(root, "cfd", n=20, t=14, res=RES, c=4, per_shard=2, seed=1),
-        # 2 channels at 8x8 (resized to 16, padded to 4): 8 train in 3 shards, 2 test.
-        "grp": build_dataset(root, "grp", n=10, t=12, res=8, c=2, per_shard=3, seed=2),
-    }
-
-
-def make_cfg(dirs, weights=(1.0, 3.0), **kw) -> DataConfig:
-    datasets = zip(dirs.items(), weights, strict=False)
-    d = {
-        "datasets": [{"name": n, "path": str(p), "weight": w} for (n, p), w in datasets],
-        "t_in": T_IN,
-        "t_ar": T_AR,
-        "resolution": RES,
-        "channels": 4,
-        "steps_per_epoch": 6,
-        "shuffle_buffer": 8,
-        "windows_per_trajectory": 2,
-    }
-    d.update(kw)
-    return DataConfig.from_dict(d)
+    return stream_datasets(tmp_path_factory.mktemp("shards"))
 
 
 def frame_index(shard_dir: Path) -> tuple[dict[bytes, tuple[int, int]], list[int]]:

