@@ -85,7 +85,7 @@ def restart_resume(
     from nestor_ds.checkpoint.save_resume import complete_tags
     from nestor_ds.log import get_logger
 
-    name = run_name or f"{entry}-{cfg.preset or cfg.model.arch}"  # = Trainer.__init__'s default run name
+    name = cfg.run_name(entry, run_name)
     root = Path(cfg.train.output_dir) / name / "checkpoints"
     tags = complete_tags(root)
     main = env.get("RANK", "0") == "0"

@@ -64,6 +64,11 @@ class RunConfig:
     ep_size: int | str = "auto"  # from model.moe.ep_size in YAML; resolved against the world size at start
     preset: str | None = None  # from model.preset in YAML: the registry entry the model fields override
 
+    def run_name(self, entry: str, given: str | None = None) -> str:
+        """``--run-name`` when given, else ``<entry>-<preset or arch>``: the run directory's name under
+        ``train.output_dir`` (the trainer and a restarted attempt looking for its checkpoints agree on it)."""
+        return given or f"{entry}-{self.preset or self.model.arch}"
+
     def validate(self) -> None:
         for part in (self.data, self.model, self.optim, self.train, self.finetune):
             if hasattr(part, "validate"):

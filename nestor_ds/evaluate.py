@@ -26,7 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="checkpoint root (uses its 'latest' tag), a tag directory, or an exported .safetensors file",
+        help="checkpoint root (the run's own nestor_latest tag when complete, else the highest complete step_* tag, "
+        "else DeepSpeed's 'latest'), a tag directory, or an exported .safetensors file",
     )
     p.add_argument("--data", nargs="+", required=True, metavar="SHARD_DIR", help="built shard directories to score")
     p.add_argument(

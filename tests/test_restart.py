@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,10 +27,13 @@ STEPS = 4  # checkpoints at 2 and 4; the kill lands in step 3
 RUN_TIMEOUT = 600  # a loaded 2-core CI machine is slow; a hang still fails
 
 
-def _cfg(output_dir: Path) -> SimpleNamespace:
-    """The fields of a RunConfig that restart_resume reads."""
-    train = SimpleNamespace(output_dir=str(output_dir))
-    return SimpleNamespace(preset="nestor-tiny", model=SimpleNamespace(arch="nestor"), train=train)
+def _cfg(output_dir: Path):
+    """A default RunConfig of preset nestor-tiny writing under `output_dir`."""
+    from nestor_ds.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.preset, cfg.train.output_dir = "nestor-tiny", str(output_dir)
+    return cfg
 
 
 def _complete_tag(root: Path, step: int) -> None:
@@ -60,19 +62,21 @@ def test_restart_resume_picks_auto_only_on_a_restart_with_a_checkpoint(tmp_path:
     assert restart_resume(None, cfg, "pretrain", None, again) == "auto"
 
 
-def test_train_entry_resumes_on_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The wiring of ``python -m nestor_ds.train``: a restarted attempt calls run_training with resume='auto'."""
-    import nestor_ds.config
-    import nestor_ds.engine
-    from nestor_ds import train
+def test_train_entry_resumes_on_a_restart(tiny_shards, tmp_path: Path) -> None:
+    """The real ``python -m nestor_ds.train``: a run stopped at step 2, then the same command line (no --resume) in
+    an attempt that torchrun would mark as restarted: it resumes from its own checkpoint instead of refusing it."""
+    from train_fixtures import launch
 
-    _complete_tag(tmp_path / "r" / "checkpoints", 2)
-    seen = {}
-    monkeypatch.setattr(nestor_ds.config, "load_config", lambda path, overrides: _cfg(tmp_path))
-    monkeypatch.setattr(nestor_ds.engine, "run_training", lambda *a, **k: seen.update(k) or SimpleNamespace(steps=4))
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    monkeypatch.setattr(sys, "argv", ["train", "--ds_config", "x.json", "--run-name", "r"])
-    assert train.main() == 0 and seen["resume"] == "auto"
+    _, shards = tiny_shards
+    cfg = tiny_config(tmp_path, shards, train={"max_steps": 4, "ckpt_every": 2}, tracking={"enabled": False})
+    args = ["nestor_ds.train", "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg), "--run-name", "r"]
+    first = launch([*args, "--set", "train.stop_at=2"], ranks=1, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = launch(args, ranks=1, cwd=tmp_path, env={"TORCHELASTIC_RESTART_COUNT": "1"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "torchrun restart 1 (TORCHELASTIC_RESTART_COUNT): resuming run r" in again.stderr
+    rows = (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
 
 
 @pytest.fixture(scope="module")

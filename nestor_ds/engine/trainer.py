@@ -110,7 +110,7 @@ class Trainer:
             self.zero_stage,
             self.dist.local_world_size,
         )
-        self.run_name = run_name or f"{entry}-{cfg.preset or cfg.model.arch}"
+        self.run_name = cfg.run_name(entry, run_name)
         self.run_dir = Path(cfg.train.output_dir) / self.run_name
         self.ckpt_root = self.run_dir / "checkpoints"
         existing = ckpt.complete_tags(self.ckpt_root)

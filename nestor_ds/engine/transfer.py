@@ -1,6 +1,6 @@
 """Carry pre-trained weights into a model built for another problem (fine-tuning).
 
-The source is always the single-process ``local`` layout (``nestor_ds.checkpoint.safe_load.load_local_state``
+The source is always the single-process ``local`` layout (``nestor_ds.checkpoint.load.load_local_state``
 gathers a DeepSpeed checkpoint of any world size / ``ep_size``, or reads an export). When the target's token MoE
 is expert parallel (``ep_size > 1``), each token-MoE's weights are cut to this rank's experts, so reloading with
 another world size or ``ep_size`` works. Tensors whose shape no longer fits (another channel count, ``T_in``,

@@ -1,0 +1,528 @@
+"""Soak of automatic restart under torchrun's elastic agent (issue 26, section 3; docs/multinode.md "Automatic restart").
+
+Why a sibling of tools/soak.sh: soak.sh launches the job afresh after every interruption (``--resume auto``); here
+the job is launched *once*, and every recovery is torchrun's own restart (``--max-restarts``, c10d rendezvous on
+127.0.0.1), which must find and load the run's newest complete checkpoint by itself (``nestor_ds.cli.restart_resume``)
+and end with the uninterrupted run's weights, bit for bit. It also measures what the restarts cost in wall-clock time.
+
+    python tools/soak_restart.py --kills 8 --seed 3 --steps 60 [--ckpt-every 2] [--work DIR] [--json OUT.json]
+    python tools/soak_restart.py --mode fewer-nodes [--json OUT.json]
+
+``--mode soak`` (default): an uninterrupted reference run, then the soak run, one after the other (so the times
+compare), both ``python -m torch.distributed.run --nnodes 1 --nproc_per_node 2 --rdzv-backend c10d`` of the real entry
+``-m nestor_ds.train`` (tiny NESTOR of tests/train_fixtures.py, token experts expert-parallel, ZeRO-2, input noise,
+one thread per rank, a checkpoint every ``--ckpt-every`` steps). The kill steps are ``--kills`` distinct steps drawn
+by ``random.Random(seed)`` over the run (``ckpt_every + 1 .. steps - 3``), with a kind (SIGKILL of one random worker,
+or of every worker of the node: the agent survives to restart them) and a delay of 0-1 s after the step is seen. Each
+kill waits for progress of the live attempt: the previous restart resumed (metrics.jsonl rewritten by the resume) and
+logged a step at or past the target. Per kill it records the seconds from the kill to the restarted attempt's
+``torchrun restart`` line, to its ``resumed from`` line, and to its first new step in metrics.jsonl, and the steps
+that were redone. Then every tensor of every file of the final checkpoint (module, experts, fp32 masters and Adam
+moments) and every metrics.jsonl row (``perf/`` timing columns excluded) are compared with the reference.
+
+``--mode fewer-nodes``: two torchrun agents on 127.0.0.1 (``--nnodes 1:2 --nproc_per_node 1 --max-restarts 2``, c10d,
+``last_call_timeout``), the first hosting the rendezvous store; after the first checkpoint the second agent's whole
+process tree is SIGKILLed for good. The survivor must restart its worker on world size 1, which resumes through the
+elastic resume (ZeRO-2 re-sharded, ep 2 -> 1, tests/scripts/elastic_probe.py) and finishes; its losses, prediction
+and final weights are compared with a reference run on 2 ranks to the same checkpoint and 1 rank after it (the
+2 -> 1 case of tests/test_elastic_resume.py: losses to 1e-5 relative, prediction to 1e-4).
+
+Exit 0 = every check passed, 1 = a check failed, 2 = the run could not be carried out (see the logs under --work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python tools/soak_restart.py`
+    sys.path.insert(0, str(REPO))
+
+from nestor_ds.procs import free_port, kill_tree  # noqa: E402
+
+ELASTIC_PROBE = str(REPO / "tests" / "scripts" / "elastic_probe.py")
+RESTART_LINE = re.compile(r"torchrun restart (\d+) \(TORCHELASTIC_RESTART_COUNT\): (resuming|no complete)")
+RESUMED_LINE = re.compile(r"resumed from (\S+) \(step (\d+)\)")
+POLL_S = 0.05
+
+
+class SoakError(RuntimeError):
+    """The soak could not be carried out (a run failed or hung): exit status 2, not a failed comparison."""
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    """The ranks' environment: loopback gloo, one thread each, the repository importable, a shared extension cache."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+        **extra,
+    }
+
+
+def elastic(
+    port: int, nnodes: str, nproc: int, max_restarts: int, rdzv_id: str, rdzv_conf: str | None = None
+) -> list[str]:
+    """torchrun's elastic agent with the c10d rendezvous on 127.0.0.1:`port` (the launch line of docs/multinode.md)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", nnodes, "--nproc_per_node", str(nproc)]
+    cmd += ["--max-restarts", str(max_restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
+    cmd += ["--rdzv-id", rdzv_id]
+    return cmd + (["--rdzv-conf", rdzv_conf] if rdzv_conf else [])
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`cmd` in a session of its own (so a kill of our own process group cannot reach it), output to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout_s: float, what: str) -> None:
+    """Wait for `proc`; whatever happens, nothing of its tree is left running. Raises SoakError unless it exited 0."""
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise SoakError(f"{what}: still running after {timeout_s:.0f} s (log {log})") from None
+    finally:
+        kill_tree(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if proc.returncode != 0:
+        raise SoakError(f"{what}: exit {proc.returncode}; last lines of {log}:\n{log.read_text()[-4000:]}")
+
+
+def rows(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows (a torn last line, from a kill in mid-write, is skipped as the resume would drop it)."""
+    out = []
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def inode(path: Path) -> int | None:
+    """The file's inode: a resume rewrites metrics.jsonl atomically (truncate_metrics), so a new inode means the
+    restarted attempt has resumed and dropped the steps it will redo."""
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
+
+
+def wait_for(cond: Callable[[], Any], proc: subprocess.Popen, timeout_s: float, what: str) -> Any:
+    """Poll `cond` until it returns something truthy; SoakError when the job exits first or `timeout_s` runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise SoakError(f"the job exited ({proc.returncode}) while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise SoakError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(POLL_S)
+
+
+def workers(agent_pid: int, marker: str) -> dict[int, int]:
+    """rank -> pid of the agent's live workers whose command line contains `marker` (torchrun starts each worker as
+    its own child; the rank is read from the worker's environment)."""
+    import psutil
+
+    out = {}
+    try:
+        children = psutil.Process(agent_pid).children()
+    except psutil.Error:
+        return out
+    for child in children:
+        try:
+            if any(marker in a for a in child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+                out[int(child.environ().get("RANK", "-1"))] = child.pid
+        except (psutil.Error, ValueError):
+            continue
+    return out
+
+
+def flat_tensors(obj: Any, prefix: str, out: dict[str, Any]) -> None:
+    """Every tensor inside a loaded checkpoint file, keyed by its path in the nesting (dicts, lists, tuples)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            flat_tensors(v, f"{prefix}/{k}", out)
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            flat_tensors(v, f"{prefix}/{i}", out)
+
+
+def tag_tensors(tag: Path) -> dict[str, Any]:
+    """Every tensor of every .pt file of a checkpoint tag (module, expert files, ZeRO partitions with the fp32
+    masters and Adam's moments). Our own runs' files: loaded with weights_only=False, as DeepSpeed writes objects."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for f in sorted(tag.glob("*.pt")):
+        flat_tensors(torch.load(f, map_location="cpu", weights_only=False), f.name, out)
+    return out
+
+
+def compare_tags(ref: Path, other: Path) -> dict[str, Any]:
+    """Bitwise comparison of two tags, tensor by tensor (the model's weights counted apart from optimizer state)."""
+    import torch
+
+    a, b = tag_tensors(ref), tag_tensors(other)
+    differ = [k for k in a if k in b and not (a[k].shape == b[k].shape and torch.equal(a[k], b[k]))]
+    worst = 0.0
+    for k in a:
+        if k in b and a[k].shape == b[k].shape and a[k].is_floating_point():
+            worst = max(worst, (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0)
+    weights = [k for k in a if "optim_states" not in k.split("/")[0]]
+    return {
+        "tensors": len(a),
+        "weight_tensors": len(weights),
+        "missing_or_extra": sorted(set(a) ^ set(b))[:10],
+        "differing": differ[:10],
+        "n_differing": len(differ),
+        "max_abs_diff": worst,
+        "bit_identical": bool(a) and set(a) == set(b) and not differ,
+    }
+
+
+def compare_rows(ref: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any]:
+    """metrics.jsonl against the reference: the same steps, each non-timing value's relative difference."""
+    worst, losses_equal = 0.0, len(ref) == len(other)
+    for r, o in zip(ref, other, strict=False):
+        losses_equal = losses_equal and r.get("train/loss") == o.get("train/loss")
+        for k, v in r.items():
+            if k == "step" or k.startswith("perf/") or not isinstance(v, int | float):
+                continue
+            w = o.get(k)
+            if not isinstance(w, int | float):
+                worst = float("inf")
+            else:
+                worst = max(worst, abs(v - w) / max(abs(v), 1e-30))
+    return {
+        "rows": [len(ref), len(other)],
+        "steps_equal": [r["step"] for r in ref] == [o["step"] for o in other],
+        "losses_bit_identical": losses_equal,
+        "max_rel_diff": worst,
+    }
+
+
+def uptime() -> str:
+    """The load averages (/proc/loadavg) for the record: timings on a shared 2-core machine depend on them."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+# ---------------------------------------------------------------------------------------------------------- soak
+
+
+def soak_config(work: Path, steps: int, ckpt_every: int) -> tuple[Path, Path]:
+    """(run config, ds_config) for the soak: the tiny NESTOR of the tests, token experts expert-parallel, ZeRO-2."""
+    from tests.train_fixtures import build_tiny_shards, ds_config, tiny_config
+
+    cfg = tiny_config(
+        work,
+        build_tiny_shards(work),
+        model={"moe": {"backend": "local"}},
+        train={
+            "max_steps": steps,
+            "ckpt_every": ckpt_every,
+            "keep_last": 2,
+            "eval_every": 0,
+            "input_noise": 5e-4,
+            "threads_per_rank": 1,
+            "collective_timeout_s": 25,
+        },
+        tracking={"enabled": False},  # not under test; MLflow start-up would dominate every attempt
+    )
+    return cfg, ds_config(work, stage=2, micro=2)
+
+
+def kill_plan(seed: int, kills: int, steps: int, ckpt_every: int) -> list[dict[str, Any]]:
+    """The seeded kill schedule: distinct target steps spread over the run, each with a kind and a delay."""
+    lo, hi = ckpt_every + 1, steps - 3
+    if hi - lo + 1 < kills:
+        raise SoakError(f"--steps {steps} leaves {max(0, hi - lo + 1)} kill steps for {kills} kills: raise --steps")
+    rng = random.Random(seed)
+    targets = sorted(rng.sample(range(lo, hi + 1), kills))
+    return [
+        {"target_step": t, "kind": rng.choice(("one worker", "every worker")), "delay_s": round(rng.uniform(0, 1), 3)}
+        for t in targets
+    ]
+
+
+def soak(work: Path, kills: int, seed: int, steps: int, ckpt_every: int, timeout_s: float) -> dict[str, Any]:
+    """Reference run, then the soak run under the agent with the planned kills; the comparison and the costs."""
+    plan = kill_plan(seed, kills, steps, ckpt_every)
+    cfg, ds = soak_config(work, steps, ckpt_every)
+    for name in ("ref", "soak"):
+        shutil.rmtree(work / "runs" / name, ignore_errors=True)
+    rng = random.Random(seed + 1)  # victims (which worker), apart from the plan so the plan reads alone
+
+    def launch(name: str, max_restarts: int) -> tuple[subprocess.Popen, Path]:
+        cmd = elastic(free_port(), "1", 2, max_restarts, f"{name}-{os.getpid()}")
+        cmd += ["-m", "nestor_ds.train", "--ds_config", str(ds), "--config", str(cfg), "--run-name", name]
+        log = work / f"{name}.log"
+        return start(cmd, log, run_env()), log
+
+    result: dict[str, Any] = {"seed": seed, "kills_planned": kills, "steps": steps, "ckpt_every": ckpt_every}
+    result["load_before"] = uptime()
+    t0 = time.monotonic()
+    ref, ref_log = launch("ref", 0)
+    finish(ref, ref_log, timeout_s, "reference run")
+    result["reference_s"] = round(time.monotonic() - t0, 1)
+
+    run_dir, metrics = work / "runs" / "soak", work / "runs" / "soak" / "metrics.jsonl"
+    t0 = time.monotonic()
+    job, log = launch("soak", kills + 3)  # +3: a restart spent at exit (docs/multinode.md) must not fail the soak
+    records: list[dict[str, Any]] = []
+    resumed_step, resumed_ino = 0, None  # the live attempt's resume point and metrics.jsonl after its resume
+    try:
+        for k, kill in enumerate(plan, 1):
+
+            def progressed(kill: dict[str, Any] = kill) -> bool:
+                r = rows(run_dir)
+                live = resumed_ino is None or inode(metrics) != resumed_ino or True
+                return live and bool(r) and r[-1]["step"] >= max(kill["target_step"], resumed_step + 1)
+
+            wait_for(progressed, job, timeout_s, f"step {kill['target_step']} before kill {k}")
+            time.sleep(kill["delay_s"])
+            alive = workers(job.pid, "nestor_ds.train")
+            if len(alive) < 2:
+                raise SoakError(f"kill {k}: {len(alive)} live workers at step {rows(run_dir)[-1]['step']}")
+            victims = [alive[rng.choice(sorted(alive))]] if kill["kind"] == "one worker" else list(alive.values())
+            text_before = log.read_text()
+            n_restarts = len(RESTART_LINE.findall(text_before))
+            n_resumed = len(RESUMED_LINE.findall(text_before))
+            ino_at_kill, step_at_kill = inode(metrics), rows(run_dir)[-1]["step"]
+            t_kill = time.monotonic()
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+            rec = {"kill": k, **kill, "step_logged_at_kill": step_at_kill, "at_s": round(t_kill - t0, 1)}
+            rec["ranks_killed"] = sorted(r for r, p in alive.items() if p in victims)
+
+            # the restarted attempt: its restart line, its resume, and its first new step
+            restart = wait_for(
+                lambda n=n_restarts: (m := RESTART_LINE.findall(log.read_text()))[n:] and m[n],
+                job,
+                timeout_s,
+                f"the restart after kill {k}",
+            )
+            rec["restart_count"], rec["kill_to_restart_line_s"] = int(restart[0]), round(time.monotonic() - t_kill, 1)
+            if restart[1] == "resuming":
+                found = wait_for(
+                    lambda n=n_resumed: (m := RESUMED_LINE.findall(log.read_text()))[n:] and m[n],
+                    job,
+                    timeout_s,
+                    f"the resume after kill {k}",
+                )
+                resumed_step = int(found[1])
+                rec["kill_to_resumed_line_s"] = round(time.monotonic() - t_kill, 1)
+            else:
+                resumed_step = 0  # killed before the first complete checkpoint: the attempt starts afresh
+            rec["resumed_from_step"] = resumed_step
+            # the resume rewrites metrics.jsonl (new inode), then the attempt's first step appends a row past it
+            wait_for(
+                lambda i=ino_at_kill, s=resumed_step: inode(metrics) != i and (r := rows(run_dir)) and r[-1]["step"] > s,
+                job,
+                timeout_s,
+                f"the first step after kill {k}",
+            )
+            resumed_ino = inode(metrics)
+            rec["kill_to_resumed_step_s"] = round(time.monotonic() - t_kill, 1)
+            rec["steps_redone"] = step_at_kill - resumed_step
+            records.append(rec)
+            print(
+                f"soak_restart: kill {k}/{kills} ({kill['kind']}, ranks {rec['ranks_killed']}) at step "
+                f"{step_at_kill}: restart line +{rec['kill_to_restart_line_s']} s, resumed from step {resumed_step}, "
+                f"first step +{rec['kill_to_resumed_step_s']} s",
+                flush=True,
+            )
+        finish(job, log, timeout_s, "soak run")
+    finally:
+        kill_tree(job.pid, signal.SIGKILL)
+    result["soak_s"] = round(time.monotonic() - t0, 1)
+    result["load_after"] = uptime()
+    text = log.read_text()
+    result["restarts_total"] = max((int(m[0]) for m in RESTART_LINE.findall(text)), default=0)
+    result["kills"] = records
+    result["overhead_s"] = round(result["soak_s"] - result["reference_s"], 1)
+    result["overhead_per_kill_s"] = round(result["overhead_s"] / max(1, len(records)), 1)
+    for key in ("kill_to_restart_line_s", "kill_to_resumed_step_s"):
+        vals = [r[key] for r in records]
+        result[key] = {"min": min(vals), "mean": round(sum(vals) / len(vals), 1), "max": max(vals)}
+    result["steps_redone_total"] = sum(r["steps_redone"] for r in records)
+    result["metrics"] = compare_rows(rows(work / "runs" / "ref"), rows(run_dir))
+    tag = f"step_{steps:08d}"
+    result["final_tag"] = compare_tags(work / "runs" / "ref" / "checkpoints" / tag, run_dir / "checkpoints" / tag)
+    result["passed"] = (
+        len(records) == kills
+        and result["metrics"]["steps_equal"]
+        and result["metrics"]["losses_bit_identical"]
+        and result["final_tag"]["bit_identical"]
+    )
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- fewer nodes
+
+
+def fewer_nodes(work: Path, steps: int = 4, last_call_s: int = 5, timeout_s: float = 600) -> dict[str, Any]:
+    """Two single-rank agents (``--nnodes 1:2``); the non-host agent's tree is killed for good after the step-2
+    checkpoint while step 3 runs (slowed: 3 s per batch); the host agent goes on alone. The reference (2 ranks with
+    ``train.stop_at=2``, then 1 rank ``--resume auto``) runs beside it. Returns the checks and the figures."""
+    import torch
+
+    from tests.train_fixtures import build_tiny_shards, ds_config, tiny_config
+
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(
+        work,
+        build_tiny_shards(work),
+        model={"moe": {"backend": "local"}},
+        loss={"image_lb_weight": 0.0, "token_lb_weight": 0.0},  # as test_elastic_resume.py's 2 -> 1 case
+        train={"max_steps": steps, "ckpt_every": 2, "collective_timeout_s": 25, "threads_per_rank": 1},
+        tracking={"enabled": False},
+    )
+    ds = ds_config(work, stage=2, micro=2)  # elastic_probe.py sets the micro-batch per world size
+    for sub in ("runs", "out", "pids"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+
+    def args(name: str, *extra: str) -> list[str]:
+        base = [ELASTIC_PROBE, "--config", str(cfg), "--ds_config", str(ds), "--global-batch", "4"]
+        return [*base, "--out", str(work / "out" / name), "--run-name", name, *extra]
+
+    port, rdzv_id = free_port(), f"fewer-{os.getpid()}"
+    env = run_env(NODE_PROBE_SLOW="2:3", RESTART_PROBE_PIDS=str(work / "pids"))
+    result: dict[str, Any] = {"load_before": uptime()}
+    t0 = time.monotonic()
+    host = start(
+        elastic(port, "1:2", 1, 2, rdzv_id, f"is_host=1,last_call_timeout={last_call_s}") + args("elastic"),
+        work / "node0.log",
+        env,
+    )
+    other = start(  # a client of the host's store: it retries until the host listens
+        elastic(port, "1:2", 1, 2, rdzv_id, f"is_host=0,last_call_timeout={last_call_s}") + args("elastic"),
+        work / "node1.log",
+        env,
+    )
+    from nestor_ds.procs import torchrun
+
+    ref_log = work / "reference.log"
+    ref = start(torchrun(2, *args("reference", "--set", "train.stop_at=2")), ref_log, run_env())
+    try:
+        complete = work / "runs" / "elastic" / "checkpoints" / "step_00000002" / "COMPLETE"
+        wait_for(complete.is_file, host, timeout_s, "the step-2 checkpoint of the 2-node job")
+        pids = work / "pids"
+        result["world_before"] = len(list(pids.glob("attempt0.rank*.pid")))
+        if result["world_before"] != 2:
+            raise SoakError(
+                f"the first rendezvous closed with {result['world_before']} node(s): raise last_call_timeout"
+            )
+        time.sleep(1.0)  # step 3 has started on both ranks (each of its batches sleeps 3 s)
+        t_kill = time.monotonic()
+        killed = kill_tree(other.pid, signal.SIGKILL)
+        other.wait()
+        result["killed_pids"] = len(killed)
+        finish(host, work / "node0.log", timeout_s, "the surviving agent")
+        result["kill_to_end_s"] = round(time.monotonic() - t_kill, 1)
+        finish(ref, ref_log, timeout_s, "reference, 2 ranks to step 2")
+        ref2_log = work / "reference_1rank.log"
+        ref2 = start(torchrun(1, *args("reference", "--resume", "auto")), ref2_log, run_env())
+        finish(ref2, ref2_log, timeout_s, "reference, 1 rank from step 2")
+    finally:
+        for p in (host, other, ref):
+            kill_tree(p.pid, signal.SIGKILL)
+    result["total_s"] = round(time.monotonic() - t0, 1)
+    result["load_after"] = uptime()
+    log = (work / "node0.log").read_text()
+    result["restarted_attempts"] = sorted(p.name for p in (work / "pids").glob("attempt[1-9]*.pid"))
+    result["world_after"] = len([n for n in result["restarted_attempts"] if n.startswith("attempt1.")])
+    result["restart_line"] = "torchrun restart 1" in log and "resuming run elastic" in log
+    result["resharded"] = "saved on world size 2, ep_size 2" in log and "re-sharded" in log
+    result["elastic_resume_line"] = "elastic resume at step 2" in log
+    a, b = rows(work / "runs" / "reference"), rows(work / "runs" / "elastic")
+    result["metrics"] = compare_rows(a, b)
+    result["loss_max_rel_diff"] = max(
+        (abs(x["train/loss"] - y["train/loss"]) / abs(x["train/loss"]) for x, y in zip(a, b, strict=False)),
+        default=float("inf"),
+    )
+    pa = torch.load(work / "out" / "reference" / "probe.pt", weights_only=True)["pred"]
+    pb = torch.load(work / "out" / "elastic" / "probe.pt", weights_only=True)["pred"]
+    result["prediction_max_abs_diff"] = (pa - pb).abs().max().item()
+    tag = f"step_{steps:08d}"
+    result["final_tag"] = compare_tags(
+        work / "runs" / "reference" / "checkpoints" / tag, work / "runs" / "elastic" / "checkpoints" / tag
+    )
+    result["passed"] = (
+        result["world_after"] == 1
+        and result["restart_line"]
+        and result["resharded"]
+        and result["metrics"]["steps_equal"]
+        and [r["step"] for r in b] == list(range(1, steps + 1))
+        and result["loss_max_rel_diff"] <= 1e-5
+        and result["prediction_max_abs_diff"] <= 1e-4
+        and not result["final_tag"]["missing_or_extra"]
+        and result["final_tag"]["max_abs_diff"] <= 1e-4
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("soak", "fewer-nodes", "both"), default="soak")
+    p.add_argument("--kills", type=int, default=8, help="worker kills over the soak run (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule and victims (default 0)")
+    p.add_argument("--steps", type=int, default=60, help="training steps of each run (default 60)")
+    p.add_argument("--ckpt-every", type=int, default=2, help="checkpoint interval in steps (default 2)")
+    p.add_argument("--last-call", type=int, default=5, help="fewer-nodes: rendezvous last_call_timeout, s (5)")
+    p.add_argument("--timeout", type=float, default=600, help="bound on each wait, s (default 600)")
+    p.add_argument("--work", type=Path, default=None, help="work directory (default: a new temporary one)")
+    p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+    args = p.parse_args(argv)
+    work = (args.work or Path(tempfile.mkdtemp(prefix="nestor-soak-restart-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"work": str(work), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
+    try:
+        if args.mode in ("soak", "both"):
+            result["soak"] = soak(work, args.kills, args.seed, args.steps, args.ckpt_every, args.timeout)
+        if args.mode in ("fewer-nodes", "both"):
+            result["fewer_nodes"] = fewer_nodes(work / "fewer", last_call_s=args.last_call, timeout_s=args.timeout)
+    except SoakError as e:
+        result["error"] = str(e)
+        print(f"soak_restart: could not complete: {e}", file=sys.stderr)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    if "error" in result:
+        return 2
+    return 0 if all(result[k]["passed"] for k in ("soak", "fewer_nodes") if k in result) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
