@@ -125,6 +125,7 @@ def run_cli(main: Callable[[], int]) -> None:
     from nestor_ds.errors import UserError
     from nestor_ds.shards.schema import DataFormatError
 
+    started_here = not _process_group_up()  # end only a process group this entry started (not a caller's)
     try:
         sys.exit(main())
     except (UserError, DataFormatError, FileNotFoundError) as e:
@@ -136,7 +137,8 @@ def run_cli(main: Callable[[], int]) -> None:
         print(f"error: {e.strerror}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
-        _end_process_group()
+        if started_here:
+            _end_process_group()
 
 
 def train_entry() -> None:
@@ -153,10 +155,16 @@ def finetune_entry() -> None:
     run_cli(main)
 
 
+def _process_group_up() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _end_process_group() -> None:
     """Destroy the process group before the interpreter exits: left to exit-time destruction, gloo's worker threads
     can abort the process ("terminate called without an active exception", seen in a 2-rank CI run)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if _process_group_up():
         dist.destroy_process_group()
