@@ -161,3 +161,22 @@ def test_killed_worker_is_restarted_by_torchrun_and_resumes_by_itself(work: dict
     assert restarted["tensors"].keys() == reference["tensors"].keys() and reference["tensors"]
     for k, v in reference["tensors"].items():
         assert torch.equal(v, restarted["tensors"][k]), k
+
+
+def test_job_that_loses_a_node_for_good_continues_on_fewer_nodes(tmp_path: Path) -> None:
+    """Two agents ``--nnodes 1:2 --nproc_per_node 1 --max-restarts 2`` (c10d on 127.0.0.1, last_call_timeout 5 s);
+    the non-host agent's whole tree is SIGKILLed after the step-2 checkpoint and never comes back. The surviving
+    agent restarts its worker on world size 1, which resumes by itself through the elastic resume (ZeRO-2 re-sharded,
+    ep 2 -> 1) and finishes with what a run of 2 ranks to step 2 and 1 rank after it gives: the 2 -> 1 bar of
+    test_elastic_resume.py (losses to 1e-5 relative, prediction to 1e-4), final weights to 1e-4.
+    The run itself is tools/soak_restart.py --mode fewer-nodes (documented there and in docs/multinode.md)."""
+    from tools.soak_restart import fewer_nodes
+
+    r = fewer_nodes(tmp_path, timeout_s=RUN_TIMEOUT)
+    log = (tmp_path / "node0.log").read_text()[-5000:]
+    assert r["world_before"] == 2 and r["world_after"] == 1, (r, log)
+    assert r["restart_line"] and r["resharded"] and r["elastic_resume_line"], log
+    assert r["metrics"]["steps_equal"] and r["metrics"]["rows"] == [STEPS, STEPS], r
+    assert r["loss_max_rel_diff"] <= 1e-5 and r["prediction_max_abs_diff"] <= 1e-4, r
+    assert not r["final_tag"]["missing_or_extra"] and r["final_tag"]["max_abs_diff"] <= 1e-4, r["final_tag"]
+    assert r["passed"], r

@@ -1,24 +1,27 @@
-"""Soak of automatic restart under torchrun's elastic agent (issue 26, section 3; docs/multinode.md "Automatic restart").
+"""Soak of automatic restart under torchrun's elastic agent (issue 26 section 3; docs/multinode.md "Automatic restart").
 
 Why a sibling of tools/soak.sh: soak.sh launches the job afresh after every interruption (``--resume auto``); here
 the job is launched *once*, and every recovery is torchrun's own restart (``--max-restarts``, c10d rendezvous on
 127.0.0.1), which must find and load the run's newest complete checkpoint by itself (``nestor_ds.cli.restart_resume``)
 and end with the uninterrupted run's weights, bit for bit. It also measures what the restarts cost in wall-clock time.
 
-    python tools/soak_restart.py --kills 8 --seed 3 --steps 60 [--ckpt-every 2] [--work DIR] [--json OUT.json]
+    python tools/soak_restart.py --kills 8 --seed 3 --steps 120 [--ckpt-every 2] [--work DIR] [--json OUT.json]
     python tools/soak_restart.py --mode fewer-nodes [--json OUT.json]
 
 ``--mode soak`` (default): an uninterrupted reference run, then the soak run, one after the other (so the times
 compare), both ``python -m torch.distributed.run --nnodes 1 --nproc_per_node 2 --rdzv-backend c10d`` of the real entry
 ``-m nestor_ds.train`` (tiny NESTOR of tests/train_fixtures.py, token experts expert-parallel, ZeRO-2, input noise,
 one thread per rank, a checkpoint every ``--ckpt-every`` steps). The kill steps are ``--kills`` distinct steps drawn
-by ``random.Random(seed)`` over the run (``ckpt_every + 1 .. steps - 3``), with a kind (SIGKILL of one random worker,
-or of every worker of the node: the agent survives to restart them) and a delay of 0-1 s after the step is seen. Each
+by ``random.Random(seed)`` over the run (``ckpt_every + 1 .. steps - max(4, steps / 10)``), with a kind (SIGKILL of one
+random worker, or of every worker of the node: the agent survives to restart them) and a delay of 0-0.1 s after the
+step is seen (a tiny step takes ~40 ms on 2 ranks: the kill lands within a few steps of its target). Each
 kill waits for progress of the live attempt: the previous restart resumed (metrics.jsonl rewritten by the resume) and
 logged a step at or past the target. Per kill it records the seconds from the kill to the restarted attempt's
 ``torchrun restart`` line, to its ``resumed from`` line, and to its first new step in metrics.jsonl, and the steps
 that were redone. Then every tensor of every file of the final checkpoint (module, experts, fp32 masters and Adam
-moments) and every metrics.jsonl row (``perf/`` timing columns excluded) are compared with the reference.
+moments) and every metrics.jsonl row (``perf/`` timing columns excluded) are compared with the reference; the
+passing bar is bit-identical losses and tensors, except the client state's ``rng`` record, which is reported apart
+(kept for inspection, never restored, unseeded per process: see compare_tags).
 
 ``--mode fewer-nodes``: two torchrun agents on 127.0.0.1 (``--nnodes 1:2 --nproc_per_node 1 --max-restarts 2``, c10d,
 ``last_call_timeout``), the first hosting the rendezvous store; after the first checkpoint the second agent's whole
@@ -33,6 +36,7 @@ Exit 0 = every check passed, 1 = a check failed, 2 = the run could not be carrie
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import random
@@ -51,7 +55,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python tools/soak_restart.py`
     sys.path.insert(0, str(REPO))
 
-from nestor_ds.procs import free_port, kill_tree  # noqa: E402
+from nestor_ds import compat  # noqa: E402
+from nestor_ds.procs import free_port, kill_tree, torchrun  # noqa: E402
 
 ELASTIC_PROBE = str(REPO / "tests" / "scripts" / "elastic_probe.py")
 RESTART_LINE = re.compile(r"torchrun restart (\d+) \(TORCHELASTIC_RESTART_COUNT\): (resuming|no complete)")
@@ -177,32 +182,42 @@ def flat_tensors(obj: Any, prefix: str, out: dict[str, Any]) -> None:
 
 def tag_tensors(tag: Path) -> dict[str, Any]:
     """Every tensor of every .pt file of a checkpoint tag (module, expert files, ZeRO partitions with the fp32
-    masters and Adam's moments). Our own runs' files: loaded with weights_only=False, as DeepSpeed writes objects."""
-    import torch
+    masters and Adam's moments), read with the project's safe loader (weights_only, DeepSpeed's few state classes)."""
+    from nestor_ds.checkpoint.safe_load import safe_torch_load
 
     out: dict[str, Any] = {}
     for f in sorted(tag.glob("*.pt")):
-        flat_tensors(torch.load(f, map_location="cpu", weights_only=False), f.name, out)
+        flat_tensors(safe_torch_load(f), f.name, out)
     return out
 
 
 def compare_tags(ref: Path, other: Path) -> dict[str, Any]:
-    """Bitwise comparison of two tags, tensor by tensor (the model's weights counted apart from optimizer state)."""
+    """Bitwise comparison of two tags, tensor by tensor (the model's weights counted apart from optimizer state).
+
+    The client state's ``rng`` record is reported apart and not part of ``bit_identical``: it is kept for inspection
+    only and never restored (``save_resume.rng_state``: every draw is seeded per step), and its numpy and Python
+    states are those of the saving process, unseeded (two uninterrupted runs differ there too)."""
     import torch
 
     a, b = tag_tensors(ref), tag_tensors(other)
-    differ = [k for k in a if k in b and not (a[k].shape == b[k].shape and torch.equal(a[k], b[k]))]
+    differ_all = [k for k in a if k in b and not (a[k].shape == b[k].shape and torch.equal(a[k], b[k]))]
+    differ = [k for k in differ_all if "/rng/" not in k]
     worst = 0.0
     for k in a:
-        if k in b and a[k].shape == b[k].shape and a[k].is_floating_point():
+        if "/rng/" not in k and k in b and a[k].shape == b[k].shape and a[k].is_floating_point():
             worst = max(worst, (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0)
-    weights = [k for k in a if "optim_states" not in k.split("/")[0]]
+
+    def optimizer_file(name: str) -> bool:  # ZeRO's optimizer partitions (fp32 masters, Adam), experts' too
+        return bool(compat.OPTIM_FILE_RE.match(name)) or fnmatch.fnmatch(name, compat.EXPERT_OPTIM_FILES)
+
+    weights = [k for k in a if not optimizer_file(k.split("/")[0]) and "/rng/" not in k]
     return {
         "tensors": len(a),
-        "weight_tensors": len(weights),
+        "weight_tensors": len(weights),  # module and expert files; the rest: ZeRO partitions (masters, Adam)
         "missing_or_extra": sorted(set(a) ^ set(b))[:10],
         "differing": differ[:10],
         "n_differing": len(differ),
+        "rng_record_differing": [k for k in differ_all if "/rng/" in k],
         "max_abs_diff": worst,
         "bit_identical": bool(a) and set(a) == set(b) and not differ,
     }
@@ -264,13 +279,13 @@ def soak_config(work: Path, steps: int, ckpt_every: int) -> tuple[Path, Path]:
 
 def kill_plan(seed: int, kills: int, steps: int, ckpt_every: int) -> list[dict[str, Any]]:
     """The seeded kill schedule: distinct target steps spread over the run, each with a kind and a delay."""
-    lo, hi = ckpt_every + 1, steps - 3
+    lo, hi = ckpt_every + 1, steps - max(4, steps // 10)  # leave the end alone: a kill must find live workers
     if hi - lo + 1 < kills:
         raise SoakError(f"--steps {steps} leaves {max(0, hi - lo + 1)} kill steps for {kills} kills: raise --steps")
     rng = random.Random(seed)
     targets = sorted(rng.sample(range(lo, hi + 1), kills))
     return [
-        {"target_step": t, "kind": rng.choice(("one worker", "every worker")), "delay_s": round(rng.uniform(0, 1), 3)}
+        {"target_step": t, "kind": rng.choice(("one worker", "every worker")), "delay_s": round(rng.uniform(0, 0.1), 3)}
         for t in targets
     ]
 
@@ -300,14 +315,15 @@ def soak(work: Path, kills: int, seed: int, steps: int, ckpt_every: int, timeout
     t0 = time.monotonic()
     job, log = launch("soak", kills + 3)  # +3: a restart spent at exit (docs/multinode.md) must not fail the soak
     records: list[dict[str, Any]] = []
-    resumed_step, resumed_ino = 0, None  # the live attempt's resume point and metrics.jsonl after its resume
+    resumed_step = 0  # the live attempt's resume point
     try:
         for k, kill in enumerate(plan, 1):
 
-            def progressed(kill: dict[str, Any] = kill) -> bool:
+            def progressed(kill: dict[str, Any] = kill, resumed_step: int = resumed_step) -> bool:
+                # rows past the live attempt's resume point: the previous restart's rows (after its resume rewrote
+                # the file) or the first attempt's
                 r = rows(run_dir)
-                live = resumed_ino is None or inode(metrics) != resumed_ino or True
-                return live and bool(r) and r[-1]["step"] >= max(kill["target_step"], resumed_step + 1)
+                return bool(r) and r[-1]["step"] >= max(kill["target_step"], resumed_step + 1)
 
             wait_for(progressed, job, timeout_s, f"step {kill['target_step']} before kill {k}")
             time.sleep(kill["delay_s"])
@@ -345,14 +361,22 @@ def soak(work: Path, kills: int, seed: int, steps: int, ckpt_every: int, timeout
             else:
                 resumed_step = 0  # killed before the first complete checkpoint: the attempt starts afresh
             rec["resumed_from_step"] = resumed_step
+
+            if resumed_step >= steps:  # killed after the final save (the delay ran past the last step): nothing left
+                rec["kill_to_resumed_step_s"], rec["steps_redone"] = None, 0
+                records.append(rec)
+                continue
+
             # the resume rewrites metrics.jsonl (new inode), then the attempt's first step appends a row past it
+            def stepped(i: int | None = ino_at_kill, s: int = resumed_step) -> bool:
+                return inode(metrics) != i and bool(r := rows(run_dir)) and r[-1]["step"] > s
+
             wait_for(
-                lambda i=ino_at_kill, s=resumed_step: inode(metrics) != i and (r := rows(run_dir)) and r[-1]["step"] > s,
+                stepped,
                 job,
                 timeout_s,
                 f"the first step after kill {k}",
             )
-            resumed_ino = inode(metrics)
             rec["kill_to_resumed_step_s"] = round(time.monotonic() - t_kill, 1)
             rec["steps_redone"] = step_at_kill - resumed_step
             records.append(rec)
@@ -373,8 +397,9 @@ def soak(work: Path, kills: int, seed: int, steps: int, ckpt_every: int, timeout
     result["overhead_s"] = round(result["soak_s"] - result["reference_s"], 1)
     result["overhead_per_kill_s"] = round(result["overhead_s"] / max(1, len(records)), 1)
     for key in ("kill_to_restart_line_s", "kill_to_resumed_step_s"):
-        vals = [r[key] for r in records]
-        result[key] = {"min": min(vals), "mean": round(sum(vals) / len(vals), 1), "max": max(vals)}
+        vals = [r[key] for r in records if r[key] is not None]
+        if vals:
+            result[key] = {"min": min(vals), "mean": round(sum(vals) / len(vals), 1), "max": max(vals)}
     result["steps_redone_total"] = sum(r["steps_redone"] for r in records)
     result["metrics"] = compare_rows(rows(work / "runs" / "ref"), rows(run_dir))
     tag = f"step_{steps:08d}"
@@ -430,8 +455,6 @@ def fewer_nodes(work: Path, steps: int = 4, last_call_s: int = 5, timeout_s: flo
         work / "node1.log",
         env,
     )
-    from nestor_ds.procs import torchrun
-
     ref_log = work / "reference.log"
     ref = start(torchrun(2, *args("reference", "--set", "train.stop_at=2")), ref_log, run_env())
     try:
@@ -444,7 +467,7 @@ def fewer_nodes(work: Path, steps: int = 4, last_call_s: int = 5, timeout_s: flo
                 f"the first rendezvous closed with {result['world_before']} node(s): raise last_call_timeout"
             )
         time.sleep(1.0)  # step 3 has started on both ranks (each of its batches sleeps 3 s)
-        t_kill = time.monotonic()
+        t_kill, result["kill_at"] = time.monotonic(), time.strftime("%H:%M:%S")
         killed = kill_tree(other.pid, signal.SIGKILL)
         other.wait()
         result["killed_pids"] = len(killed)
@@ -462,6 +485,10 @@ def fewer_nodes(work: Path, steps: int = 4, last_call_s: int = 5, timeout_s: flo
     log = (work / "node0.log").read_text()
     result["restarted_attempts"] = sorted(p.name for p in (work / "pids").glob("attempt[1-9]*.pid"))
     result["world_after"] = len([n for n in result["restarted_attempts"] if n.startswith("attempt1.")])
+    # the survivor's timeline, from its log's HH:MM:SS stamps (to set against kill_at: the rendezvous wait included)
+    for key, pattern in (("restart_line_at", "torchrun restart 1"), ("resumed_at", "resumed from")):
+        stamps = [ln[:8] for ln in log.splitlines() if pattern in ln and re.match(r"\d\d:\d\d:\d\d", ln)]
+        result[key] = stamps[0] if stamps else None
     result["restart_line"] = "torchrun restart 1" in log and "resuming run elastic" in log
     result["resharded"] = "saved on world size 2, ep_size 2" in log and "re-sharded" in log
     result["elastic_resume_line"] = "elastic resume at step 2" in log
