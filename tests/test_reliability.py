@@ -184,6 +184,44 @@ ls {runs}/d/checkpoints/set_aside > {tmp_path}/aside.txt
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_one_rank_that_cannot_write_its_files_leaves_the_set_intact(small_cfg, tmp_path):
+    """2 ranks; rank 1 alone cannot write past a file-size limit (RLIMIT_FSIZE, its writes fail with EFBIG as on a
+    node whose disk filled) at the step-4 save, after its step-2 files fit. The job ends, step 4 is never marked
+    COMPLETE, rank 0's files of it are not taken for a checkpoint, and --resume auto on healthy ranks sets the partial
+    tag aside and continues from step 2 to the end."""
+    ds = ds_config(tmp_path)
+    ck = tmp_path / "runs" / "f" / "checkpoints"
+    base = ["--ds_config", str(ds), "--config", str(small_cfg), "--run-name", "f"]
+    _ok(launch([TRAIN, *base, "--set", "train.stop_at=2", "--set", "model.moe.ep_size=2"], ranks=2, cwd=tmp_path))
+    rank1 = [p for p in (ck / "step_00000002").iterdir() if "rank_1" in p.name or "rank_01" in p.name]
+    assert rank1, sorted(p.name for p in (ck / "step_00000002").iterdir())
+    limit_kb = max(p.stat().st_size for p in rank1) // 1024 // 2  # below the largest file rank 1 writes
+    wrapper = tmp_path / "rank.sh"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$RANK" = 1 ]; then trap "" XFSZ; ulimit -f {limit_kb}; fi\n'
+        f'exec {sys.executable} -m {TRAIN} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # the limit bites only on files rank 1 (re)writes past it: its step-4 optimizer partition
+    args = [*base, "--resume", "auto", "--set", "train.stop_at=4", "--set", "model.moe.ep_size=2"]
+    args += ["--set", "train.collective_timeout_s=30"]
+    cmd = torchrun(2, "--no-python", str(wrapper), *args)
+    failed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0, failed.stderr[-3000:]
+    # rank 1 names the write that failed; rank 0 names the lost peer and the newest complete checkpoint
+    assert "while saving step_00000004" in failed.stderr, failed.stderr[-3000:]
+    assert "lost peer rank 1" in failed.stderr and "newest complete checkpoint: step_00000002" in failed.stderr
+    assert not (ck / "step_00000004" / "COMPLETE").exists()
+    assert (ck / "step_00000002" / "COMPLETE").exists()
+    resumed = launch([TRAIN, *base, "--resume", "auto", "--set", "model.moe.ep_size=2"], ranks=2, cwd=tmp_path)
+    _ok(resumed)
+    assert "resumed from" in resumed.stderr and "(step 2)" in resumed.stderr, resumed.stderr[-3000:]
+    assert [r["step"] for r in _rows(tmp_path / "runs" / "f")] == [1, 2, 3, 4, 5, 6]
+    assert (ck / "step_00000006" / "COMPLETE").exists()
+
+
 def _pids_running(needle: str) -> list[int]:
     """Live rank processes of this test: their command line runs the nestor_ds.train module (not via a launcher
     module or the `deepspeed` runner script) with ``needle`` (the test's config path) among the arguments."""
