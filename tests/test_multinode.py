@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from nestor_ds.procs import free_port, kill_tree
-from tests.train_fixtures import REPO, build_tiny_shards, ds_config, tiny_config
+
+from train_fixtures import REPO, build_tiny_shards, ds_config, tiny_config
 
 PROBE = str(REPO / "tests" / "scripts" / "node_probe.py")
 STEPS = 4  # checkpoints at 2 and 4: the node-loss test kills after the first and resumes from it

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from nestor_ds.procs import free_port, kill_tree, torchrun
-from tests.train_fixtures import REPO, build_tiny_shards, ds_config, tiny_config
+
+from train_fixtures import REPO, build_tiny_shards, ds_config, launch, tiny_config
 
 PROBE = str(REPO / "tests" / "scripts" / "restart_probe.py")
 STEPS = 4  # checkpoints at 2 and 4; the kill lands in step 3
@@ -65,8 +66,6 @@ def test_restart_resume_picks_auto_only_on_a_restart_with_a_checkpoint(tmp_path:
 def test_train_entry_resumes_on_a_restart(tiny_shards, tmp_path: Path) -> None:
     """The real ``python -m nestor_ds.train``: a run stopped at step 2, then the same command line (no --resume) in
     an attempt that torchrun would mark as restarted: it resumes from its own checkpoint instead of refusing it."""
-    from train_fixtures import launch
-
     _, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, train={"max_steps": 4, "ckpt_every": 2}, tracking={"enabled": False})
     args = ["nestor_ds.train", "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg), "--run-name", "r"]
