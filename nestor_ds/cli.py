@@ -3,16 +3,19 @@
 Entries run as modules (``python -m nestor_ds.train``, ``deepspeed --module nestor_ds.train``, ``torchrun -m
 nestor_ds.train``) from the repository root, or from anywhere once the project is installed (``pip install .`` or
 ``pip install -e .``), which also puts the console commands of pyproject.toml on the PATH (``nestor-train``,
-``nestor-finetune``, ...: `train_entry` and `finetune_entry` below). Relative paths, the default ``--config``
-included, are read from the working directory.
+``nestor-finetune``, ...: each entry's own ``cli`` function, ``run_cli`` around its ``main``). This module imports no
+entry, so the entries can import it without a cycle. Relative paths, the default ``--config`` included, are read
+from the working directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, NoReturn
 
 DEFAULT_CONFIG = "configs/pretrain_demo.yaml"
 
@@ -120,39 +123,55 @@ def run_cli(main: Callable[[], int]) -> None:
     `CheckpointError` are UserErrors), the shard format's `DataFormatError`, a missing file, a full disk. Any other
     exception, a plain ValueError included, is a bug in our code: it propagates with its traceback (exit status 1).
     """
+    started_here = not _process_group_up()  # end only a process group this entry started (not a caller's)
+    try:
+        code = _exit_code(main)
+    finally:  # a bug's exception leaves from here, with its traceback
+        world = _end_process_group() if started_here else 0
+    if world > 1:
+        exit_after_teardown(code)
+    sys.exit(code)
+
+
+def _exit_code(main: Callable[[], int]) -> int | str | None:
+    """``main``'s exit status; a user's mistake printed as one line (status 2); a bug re-raised."""
+    try:
+        return main()
+    except SystemExit as e:
+        return e.code
+    except Exception as e:
+        line = user_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        return 2
+
+
+def user_error_line(e: BaseException) -> str | None:
+    """The line to show for the user's mistake (see `run_cli`), or None when ``e`` is a bug of ours."""
     import errno
 
     from nestor_ds.errors import UserError
     from nestor_ds.shards.schema import DataFormatError
 
-    started_here = not _process_group_up()  # end only a process group this entry started (not a caller's)
+    if isinstance(e, (UserError, DataFormatError, FileNotFoundError)):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk is the user's to fix
+        return e.strerror
+    return None
+
+
+@contextmanager
+def exit_on_user_error(prog: str) -> Iterator[None]:
+    """For an entry whose ``main(argv)`` tests call directly: the user's mistake (as `run_cli` tells them apart) ends
+    it with ``SystemExit("<prog>: error: <line>")`` (exit status 1), a bug keeps its traceback."""
     try:
-        sys.exit(main())
-    except (UserError, DataFormatError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except OSError as e:  # a full disk is the user's to fix: one line (the checkpoint code names the path)
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        yield
+    except Exception as e:
+        line = user_error_line(e)
+        if line is None:
             raise
-        print(f"error: {e.strerror}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    finally:
-        if started_here:
-            _end_process_group()
-
-
-def train_entry() -> None:
-    """``nestor-train``: the console command of ``python -m nestor_ds.train`` (same arguments, same errors)."""
-    from nestor_ds.train import main
-
-    run_cli(main)
-
-
-def finetune_entry() -> None:
-    """``nestor-finetune``: the console command of ``python -m nestor_ds.finetune``."""
-    from nestor_ds.finetune import main
-
-    run_cli(main)
+        raise SystemExit(f"{prog}: error: {line}") from None
 
 
 def _process_group_up() -> bool:
@@ -161,10 +180,38 @@ def _process_group_up() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _end_process_group() -> None:
-    """Destroy the process group before the interpreter exits: left to exit-time destruction, gloo's worker threads
-    can abort the process ("terminate called without an active exception", seen in a 2-rank CI run)."""
+def _end_process_group() -> int:
+    """Destroy the process group before the interpreter exits (left to exit-time destruction, gloo's worker threads
+    can abort the process); returns the world size it had (0: none was up)."""
     import torch.distributed as dist
 
-    if _process_group_up():
-        dist.destroy_process_group()
+    if not _process_group_up():
+        return 0
+    world = dist.get_world_size()
+    dist.destroy_process_group()
+    return world
+
+
+def exit_after_teardown(code: int | str | None) -> NoReturn:
+    """End a rank of a multi-rank run: run the exit handlers (MLflow's, the heartbeat's), flush, and leave without
+    the interpreter's C++ teardown.
+
+    Why: a rank that had finished everything (checkpoints written, process group destroyed) still died now and then
+    in exit-time destruction of torch.distributed's native objects ("terminate called without an active
+    exception", SIGABRT: seen on node 1 of a 2-node torchrun run). The launcher then reports the node failed:
+    torchrun's agent restarts or fails the job, and the other nodes wait at its exit barrier (5 minutes). Nothing
+    of ours is left to run at that point, so skipping the native teardown loses nothing."""
+    import atexit
+    import logging
+
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()  # what the interpreter would run first on exit; os._exit runs none
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to write anyway
+            pass
+    os._exit(0 if code is None else code)

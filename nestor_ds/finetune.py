@@ -117,5 +117,10 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``nestor-finetune``: the console command of ``python -m nestor_ds.finetune`` (same arguments, same errors)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

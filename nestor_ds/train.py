@@ -24,5 +24,10 @@ def main() -> int:
     return 0 if result.steps > 0 else 1
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``nestor-train``: the console command of ``python -m nestor_ds.train`` (same arguments, same errors)."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,8 +1,9 @@
 """Plain dicts (YAML) -> typed dataclasses: one builder for every configuration class in the project.
 
 Why its own module: component configs (``DataConfig``, ``ModelConfig``, ``MoEConfig``, ...) live next to their code
-and build themselves with it, and ``nestor_ds.config`` composes them; neither side may import the other's heavy
-dependencies. Errors name the dotted key (``unknown key 'model.widht'``, ``train.max_steps must be an integer``).
+and build themselves with it, and ``nestor_ds.config`` builds the composed ``RunConfig`` from them; neither side may
+import the other's heavy dependencies. Errors name the dotted key (``unknown key 'model.widht'``,
+``train.max_steps must be an integer``).
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def test_zero3_resume_checks_the_model_against_the_gathered_weights(tiny_shards,
 
 
 def test_resume_with_an_expert_order_keeps_the_trajectory_and_reorders_the_experts(elastic_cfg, tmp_path):
-    """train.expert_order (tools/place_experts.py --order-out): 2 ranks, ep 2, stopped at step 3 and continued with
+    """train.expert_order (nestor_ds/routing/place.py --order-out): 2 ranks, ep 2, stopped at step 3 and continued with
     every token MoE's experts rotated by one (across the two ranks). The same function in another order: losses and
     the final prediction match the uninterrupted run's, and the final experts are the uninterrupted run's in the new
     order, so Adam's moments moved with them (dropped moments move the weights far outside 1e-4, see above). The tag
@@ -137,7 +137,7 @@ def test_resume_with_an_expert_order_keeps_the_trajectory_and_reorders_the_exper
     from nestor_ds.model import build_model
     from nestor_ds.moe import LocalTokenMoE
     from nestor_ds.moe.placement import EXPERT_TENSORS, ExpertOrder, read_expert_order, write_expert_order
-    from tools.place_experts import main as place_main
+    from nestor_ds.routing.place import main as place_main
 
     _ok(_probe(tmp_path, elastic_cfg, 2, "ref", "ref"))
     _ok(_probe(tmp_path, elastic_cfg, 2, "placed", "placed_a", "--set", "train.stop_at=3"))

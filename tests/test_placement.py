@@ -1,4 +1,4 @@
-"""Expert placement (nestor_ds/moe/placement.py, tools/place_experts.py): balanced orders, re-ordered token MoEs
+"""Expert placement (nestor_ds/moe/placement.py, nestor_ds/routing/place.py): balanced orders, re-ordered token MoEs
 that compute the same function, and the CLI on a real export and real shards."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from nestor_ds.moe.placement import (
     read_expert_order,
     reorder_local_state,
 )
-from tools.place_experts import main
+from nestor_ds.routing.place import main
 
 from train_fixtures import tiny_config
 
@@ -116,7 +116,7 @@ def test_cli_writes_a_reordered_export_with_the_same_outputs(tiny_shards, tmp_pa
     assert len(others) == len(state) - 4 * len(result["orders"])
     assert all(torch.equal(placed_state[k], state[k]) for k in others)
     from nestor_ds.data.stream import TrainStream
-    from tools.routing_profile import stream_config
+    from nestor_ds.routing.record import stream_config
 
     batch = next(TrainStream(stream_config(original, export, None), 4, rank=1, world_size=2, seed=5).batches())
     x, mask = batch["x"], batch["channel_mask"]

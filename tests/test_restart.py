@@ -21,7 +21,7 @@ import torch
 
 from nestor_ds.procs import free_port, kill_tree, torchrun
 
-from train_fixtures import REPO, build_tiny_shards, ds_config, launch, tiny_config
+from train_fixtures import REPO, build_tiny_shards, ds_config, run_entry, tiny_config
 
 PROBE = str(REPO / "tests" / "scripts" / "restart_probe.py")
 STEPS = 4  # checkpoints at 2 and 4; the kill lands in step 3
@@ -69,9 +69,9 @@ def test_train_entry_resumes_on_a_restart(tiny_shards, tmp_path: Path) -> None:
     _, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, train={"max_steps": 4, "ckpt_every": 2}, tracking={"enabled": False})
     args = ["nestor_ds.train", "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg), "--run-name", "r"]
-    first = launch([*args, "--set", "train.stop_at=2"], ranks=1, cwd=tmp_path)
+    first = run_entry([*args, "--set", "train.stop_at=2"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    again = launch(args, ranks=1, cwd=tmp_path, env={"TORCHELASTIC_RESTART_COUNT": "1"})
+    again = run_entry(args, cwd=tmp_path, env={"TORCHELASTIC_RESTART_COUNT": "1"})
     assert again.returncode == 0, again.stderr[-3000:]
     assert "torchrun restart 1 (TORCHELASTIC_RESTART_COUNT): resuming run r" in again.stderr
     rows = (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()

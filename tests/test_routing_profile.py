@@ -1,5 +1,5 @@
-"""tools/routing_profile.py: the replay of routing counts for expert-parallel groups, and the CLI on a real model
-export and real shards."""
+"""nestor_ds/routing (profile.py, replay.py): the replay of routing counts for expert-parallel groups, and the CLI on
+a real model export and real shards."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from tools.routing_profile import Calls, main, replay, uniform_calls
+from nestor_ds.routing.profile import main
+from nestor_ds.routing.replay import Calls, replay, uniform_calls
 
 from train_fixtures import tiny_config
 

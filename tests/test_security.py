@@ -101,7 +101,9 @@ def test_tools_refuse_the_data_a_crafted_export_names(tiny_shards, tmp_path, lis
     _, shards = tiny_shards
     url, seen = listener
     export, trap = crafted_export(tmp_path, shards, url, first)
-    main = importlib.import_module(f"tools.{tool}").main
+    main = importlib.import_module(
+        {"routing_profile": "nestor_ds.routing.profile", "place_experts": "nestor_ds.routing.place"}[tool]
+    ).main
     extra = ["--ep", "2", "--out", str(tmp_path / "placed.safetensors")] if tool == "place_experts" else []
     with pytest.raises(SystemExit) as refused:
         main(["--checkpoint", str(export), "--steps", "2", "--ranks", "2", "--micro-batch", "2", *extra])

@@ -1,5 +1,6 @@
 """tools/study.py --quick: the equal-compute study end to end (gen_pde -> build_shards -> train.py with a time
-budget -> evaluate), its report, and that a second call skips the finished trials."""
+budget -> evaluate), its report, and that a second call skips the finished trials, also once packed; the committed
+cpu32 study's report is what its packed trials give."""
 
 from __future__ import annotations
 
@@ -88,10 +89,36 @@ def test_quick_study_runs_reports_and_resumes(tmp_path):
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("study-quick").experiment_id])
     assert {r.info.run_name for r in runs} >= {"afno-s0-b4", "nestor-s0-b4"}
-    # resumable: finished trials are skipped, the report is rebuilt from their JSONs
+    # resumable: finished trials are skipped, the report is rebuilt from their records, here once packed into
+    # trials.jsonl.xz as the repository keeps them (tools/study_records.py)
+    from tools.study_records import PACKED, pack
+
+    csv_before = (out / "trials.csv").read_text()
+    pack(out)
+    assert not (out / "trials").exists() and (out / PACKED).is_file()
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert second.returncode == 0 and "4 trials, 4 done, 0 to run" in second.stdout, second.stderr[-3000:]
-    assert (out / "report.md").read_text() == report
+    assert (out / "report.md").read_text() == report and (out / "trials.csv").read_text() == csv_before
+
+
+def test_committed_study_report_is_what_its_packed_trials_give(tmp_path):
+    """docs/study/cpu32 keeps its trials packed (trials.jsonl.xz, loss curves thinned); its report.md, trials.csv
+    and study.json, which docs/study.md and README quote, are rebuilt from them unchanged."""
+    import shutil
+
+    import yaml
+
+    from tools.study_records import PACKED, load_trials
+    from tools.study_report import write_report
+
+    study = Path(__file__).resolve().parents[1] / "docs" / "study" / "cpu32"
+    assert not (study / "trials").exists(), "pack the trials: python -m tools.study_records docs/study/cpu32 --pack"
+    shutil.copy(study / PACKED, tmp_path / PACKED)
+    spec = yaml.safe_load((study.parents[2] / "configs" / "study_cpu32.yaml").read_text())
+    write_report(spec, tmp_path)
+    assert len(load_trials(tmp_path)) == 62
+    for name in ("report.md", "trials.csv", "study.json"):
+        assert (tmp_path / name).read_text() == (study / name).read_text(), name
 
 
 def test_head_to_head_crossings_follow_the_power_laws():

@@ -331,7 +331,7 @@ def _two_runs(store: str, experiment: str) -> list[str]:
 
 
 def test_mlflow_report_prints_runs_side_by_side(store, capsys):
-    from tools import mlflow_report
+    from nestor_ds.tracking import compare as mlflow_report
 
     ids = _two_runs(store, "report")
     assert mlflow_report.main(["--tracking-uri", store, "--experiment", "report", "--metrics", "train/lr"]) == 0

@@ -143,6 +143,74 @@ def _free_port() -> int:
     return free_port()
 
 
+def run_entry(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m args[0] args[1:]`` on one rank, in this process: what ``launch(args, 1, cwd)`` returns (exit status,
+    stdout, stderr with our log lines and the one-line errors), without paying for a new interpreter.
+
+    For single-rank runs where nothing process-level is under test (signals, launchers, exit-time teardown keep
+    real processes). The entry runs through ``nestor_ds.cli.run_cli`` as on the command line; ``env`` is set and
+    ``cwd`` entered for the call only, signal handlers and torch's thread count are restored afterwards. The test
+    session's process group (a world of one, DeepSpeed keeps its groups in module state) is started first so that
+    run_cli leaves it up for the next run."""
+    import contextlib
+    import importlib
+    import io
+    import logging
+    import signal
+    import traceback
+
+    import torch
+
+    from nestor_ds.cli import run_cli
+
+    _session_process_group()
+    module = importlib.import_module(args[0])
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    saved_threads = torch.get_num_threads()
+    handlers = [h for h in logging.getLogger("nestor_ds").handlers if isinstance(h, logging.StreamHandler)]
+    streams = [h.setStream(err) for h in handlers]
+    code: int = 0
+    try:
+        os.environ.update(env or {})
+        os.chdir(cwd)
+        sys.argv = [f"{args[0]}.py", *args[1:]]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                run_cli(module.main)
+            except SystemExit as e:
+                if isinstance(e.code, str):
+                    print(e.code, file=err)
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:  # noqa: BLE001 - a bug's traceback, as the interpreter would print it
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        for h, s in zip(handlers, streams, strict=True):
+            h.setStream(s)
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for s, h in saved_signals.items():
+            signal.signal(s, h)
+        torch.set_num_threads(saved_threads)
+    return subprocess.CompletedProcess([sys.executable, "-m", *args], code, out.getvalue(), err.getvalue())
+
+
+def _session_process_group() -> None:
+    """The world of one that in-process runs share for the whole session (started once, never ended)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        from nestor_ds.engine.distributed import init_distributed
+
+        init_distributed()
+
+
 def run_two_rank_script(script: str | Path, cwd: Path, timeout: int = 880) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 <script>` (a test file that is its own worker) with the repository importable and
     one thread per rank."""

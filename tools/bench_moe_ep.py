@@ -22,7 +22,7 @@ speedup_vs_legacy = ratio_vs_local_ep1 x ceiling_vs_legacy), per token count, fo
     (valid_N False: the legacy layer routes, sends and computes them, as the removed backend did) and a router
     skewed towards expert 0 (rows shifted along its gate row; the dropless capacity of the legacy layer is the
     largest expert load, so every expert's buffer grows to it).
-  - `profiled` (with `--profile PROFILE.json` from `tools.routing_profile --ep 2`): a trained model's routing: the
+  - `profiled` (with `--profile PROFILE.json` from `nestor_ds.routing.profile --ep 2`): a trained model's routing: the
     profile's padding fraction, and rows shifted towards rank 0's experts (along the difference of the mean gate
     rows of experts 0-2 and 3-5) until rank 0 receives the profile's `rank_imbalance` / 2 of the assignments.
 `--one-device` runs no ranks: local ep 1 against the legacy layer at ep 1 in this process, bf16 on a GPU if there is
@@ -133,13 +133,13 @@ def shift_for_share(gate_ED, target: float, k: int, rows: int = 16384) -> tuple[
 
 
 def load_profile(path: str) -> dict[str, float]:
-    """The ep-2 row of a tools.routing_profile JSON: rank_imbalance and padding_fraction."""
+    """The ep-2 row of a nestor_ds.routing.profile JSON: rank_imbalance and padding_fraction."""
     data = json.loads(Path(path).read_text())
     try:
         row = data["ep"]["2"]
         return {"rank_imbalance": float(row["rank_imbalance"]), "padding_fraction": float(row["padding_fraction"])}
     except (KeyError, TypeError):
-        raise ValueError(f"{path}: no ep 2 row (run tools.routing_profile with --ep 2)") from None
+        raise ValueError(f"{path}: no ep 2 row (run nestor_ds.routing.profile with --ep 2)") from None
 
 
 def copy_gate(legacy_modules, gate_ED) -> None:
@@ -381,7 +381,7 @@ def main() -> None:
         "--profile",
         default=None,
         metavar="PROFILE.json",
-        help="add the `profiled` input, calibrated to a tools.routing_profile result (its ep 2 row)",
+        help="add the `profiled` input, calibrated to a nestor_ds.routing.profile result (its ep 2 row)",
     )
     ap.add_argument(
         "--one-device",

@@ -53,7 +53,7 @@ step "6/6 evaluate (one-step and rollout L2RE, energy spectra)"
 python -m nestor_ds.evaluate --checkpoint runs/demo-pretrain/nestor-demo.safetensors \
   --data shards/ns2d_fno_demo shards/dr_pdb_demo shards/swe_pdb_demo shards/cfd_pdb_demo \
   --rollout-steps 8 --out runs/demo-pretrain/eval_report.json
-python -m tools.mlflow_report --experiment nestor-ds-demo --run demo-pretrain --run demo-finetune || true
+python -m nestor_ds.tracking.compare --experiment nestor-ds-demo --run demo-pretrain --run demo-finetune || true
 
 printf '\nDone in %d s.\n' $((SECONDS - start))
 echo "Runs and checkpoints:  runs/demo-pretrain, runs/demo-finetune (report: runs/demo-pretrain/eval_report.json)"

@@ -36,7 +36,6 @@ Exit 0 = every check passed, 1 = a check failed, 2 = the run could not be carrie
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import random
@@ -47,7 +46,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,201 +53,23 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python tools/soak_restart.py`
     sys.path.insert(0, str(REPO))
 
-from nestor_ds import compat  # noqa: E402
 from nestor_ds.procs import free_port, kill_tree, torchrun  # noqa: E402
+from tools.soak_checks import compare_rows, compare_tags, rows  # noqa: E402
+from tools.soak_procs import (  # noqa: E402
+    SoakError,
+    elastic,
+    finish,
+    inode,
+    run_env,
+    start,
+    uptime,
+    wait_for,
+    workers,
+)
 
 ELASTIC_PROBE = str(REPO / "tests" / "scripts" / "elastic_probe.py")
 RESTART_LINE = re.compile(r"torchrun restart (\d+) \(TORCHELASTIC_RESTART_COUNT\): (resuming|no complete)")
 RESUMED_LINE = re.compile(r"resumed from (\S+) \(step (\d+)\)")
-POLL_S = 0.05
-
-
-class SoakError(RuntimeError):
-    """The soak could not be carried out (a run failed or hung): exit status 2, not a failed comparison."""
-
-
-def run_env(**extra: str) -> dict[str, str]:
-    """The ranks' environment: loopback gloo, one thread each, the repository importable, a shared extension cache."""
-    return {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-        "GLOO_SOCKET_IFNAME": "lo",
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-        **extra,
-    }
-
-
-def elastic(
-    port: int, nnodes: str, nproc: int, max_restarts: int, rdzv_id: str, rdzv_conf: str | None = None
-) -> list[str]:
-    """torchrun's elastic agent with the c10d rendezvous on 127.0.0.1:`port` (the launch line of docs/multinode.md)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", nnodes, "--nproc_per_node", str(nproc)]
-    cmd += ["--max-restarts", str(max_restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
-    cmd += ["--rdzv-id", rdzv_id]
-    return cmd + (["--rdzv-conf", rdzv_conf] if rdzv_conf else [])
-
-
-def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """`cmd` in a session of its own (so a kill of our own process group cannot reach it), output to `log`."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, log: Path, timeout_s: float, what: str) -> None:
-    """Wait for `proc`; whatever happens, nothing of its tree is left running. Raises SoakError unless it exited 0."""
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise SoakError(f"{what}: still running after {timeout_s:.0f} s (log {log})") from None
-    finally:
-        kill_tree(proc.pid, signal.SIGKILL)
-        proc.wait()
-    if proc.returncode != 0:
-        raise SoakError(f"{what}: exit {proc.returncode}; last lines of {log}:\n{log.read_text()[-4000:]}")
-
-
-def rows(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows (a torn last line, from a kill in mid-write, is skipped as the resume would drop it)."""
-    out = []
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
-
-
-def inode(path: Path) -> int | None:
-    """The file's inode: a resume rewrites metrics.jsonl atomically (truncate_metrics), so a new inode means the
-    restarted attempt has resumed and dropped the steps it will redo."""
-    try:
-        return path.stat().st_ino
-    except OSError:
-        return None
-
-
-def wait_for(cond: Callable[[], Any], proc: subprocess.Popen, timeout_s: float, what: str) -> Any:
-    """Poll `cond` until it returns something truthy; SoakError when the job exits first or `timeout_s` runs out."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = cond()
-        if value:
-            return value
-        if proc.poll() is not None:
-            raise SoakError(f"the job exited ({proc.returncode}) while waiting for {what}")
-        if time.monotonic() > deadline:
-            raise SoakError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(POLL_S)
-
-
-def workers(agent_pid: int, marker: str) -> dict[int, int]:
-    """rank -> pid of the agent's live workers whose command line contains `marker` (torchrun starts each worker as
-    its own child; the rank is read from the worker's environment)."""
-    import psutil
-
-    out = {}
-    try:
-        children = psutil.Process(agent_pid).children()
-    except psutil.Error:
-        return out
-    for child in children:
-        try:
-            if any(marker in a for a in child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
-                out[int(child.environ().get("RANK", "-1"))] = child.pid
-        except (psutil.Error, ValueError):
-            continue
-    return out
-
-
-def flat_tensors(obj: Any, prefix: str, out: dict[str, Any]) -> None:
-    """Every tensor inside a loaded checkpoint file, keyed by its path in the nesting (dicts, lists, tuples)."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        out[prefix] = obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            flat_tensors(v, f"{prefix}/{k}", out)
-    elif isinstance(obj, list | tuple):
-        for i, v in enumerate(obj):
-            flat_tensors(v, f"{prefix}/{i}", out)
-
-
-def tag_tensors(tag: Path) -> dict[str, Any]:
-    """Every tensor of every .pt file of a checkpoint tag (module, expert files, ZeRO partitions with the fp32
-    masters and Adam's moments), read with the project's safe loader (weights_only, DeepSpeed's few state classes)."""
-    from nestor_ds.checkpoint.safe_load import safe_torch_load
-
-    out: dict[str, Any] = {}
-    for f in sorted(tag.glob("*.pt")):
-        flat_tensors(safe_torch_load(f), f.name, out)
-    return out
-
-
-def compare_tags(ref: Path, other: Path) -> dict[str, Any]:
-    """Bitwise comparison of two tags, tensor by tensor (the model's weights counted apart from optimizer state).
-
-    The client state's ``rng`` record is reported apart and not part of ``bit_identical``: it is kept for inspection
-    only and never restored (``save_resume.rng_state``: every draw is seeded per step), and its numpy and Python
-    states are those of the saving process, unseeded (two uninterrupted runs differ there too)."""
-    import torch
-
-    a, b = tag_tensors(ref), tag_tensors(other)
-    differ_all = [k for k in a if k in b and not (a[k].shape == b[k].shape and torch.equal(a[k], b[k]))]
-    differ = [k for k in differ_all if "/rng/" not in k]
-    worst = 0.0
-    for k in a:
-        if "/rng/" not in k and k in b and a[k].shape == b[k].shape and a[k].is_floating_point():
-            worst = max(worst, (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0)
-
-    def optimizer_file(name: str) -> bool:  # ZeRO's optimizer partitions (fp32 masters, Adam), experts' too
-        return bool(compat.OPTIM_FILE_RE.match(name)) or fnmatch.fnmatch(name, compat.EXPERT_OPTIM_FILES)
-
-    weights = [k for k in a if not optimizer_file(k.split("/")[0]) and "/rng/" not in k]
-    return {
-        "tensors": len(a),
-        "weight_tensors": len(weights),  # module and expert files; the rest: ZeRO partitions (masters, Adam)
-        "missing_or_extra": sorted(set(a) ^ set(b))[:10],
-        "differing": differ[:10],
-        "n_differing": len(differ),
-        "rng_record_differing": [k for k in differ_all if "/rng/" in k],
-        "max_abs_diff": worst,
-        "bit_identical": bool(a) and set(a) == set(b) and not differ,
-    }
-
-
-def compare_rows(ref: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any]:
-    """metrics.jsonl against the reference: the same steps, each non-timing value's relative difference."""
-    worst, losses_equal = 0.0, len(ref) == len(other)
-    for r, o in zip(ref, other, strict=False):
-        losses_equal = losses_equal and r.get("train/loss") == o.get("train/loss")
-        for k, v in r.items():
-            if k == "step" or k.startswith("perf/") or not isinstance(v, int | float):
-                continue
-            w = o.get(k)
-            if not isinstance(w, int | float):
-                worst = float("inf")
-            else:
-                worst = max(worst, abs(v - w) / max(abs(v), 1e-30))
-    return {
-        "rows": [len(ref), len(other)],
-        "steps_equal": [r["step"] for r in ref] == [o["step"] for o in other],
-        "losses_bit_identical": losses_equal,
-        "max_rel_diff": worst,
-    }
-
-
-def uptime() -> str:
-    """The load averages (/proc/loadavg) for the record: timings on a shared 2-core machine depend on them."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
 # ---------------------------------------------------------------------------------------------------------- soak

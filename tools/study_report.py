@@ -1,4 +1,5 @@
-"""The study's report: tables and PNG figures from the trial JSONs that ``tools/study.py`` writes.
+"""The study's report: tables and PNG figures from the trial records that ``tools/study.py`` writes
+(``trials/<id>.json``, or packed in ``trials.jsonl.xz``: ``tools/study_records.py``).
 
     python -m tools.study_report docs/study/cpu32 --spec configs/study_cpu32.yaml
 
@@ -17,20 +18,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import numpy as np
-
-from nestor_ds.tracking.expert_stats import mutual_information_bits
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+from tools import study_records
+from tools.study_figures import (
+    figure_heatmap,
+    figure_rollout_growth,
+    figure_vs_cost,
+    mean_std,
+    specialisation_over_training,
+)
 
 
 def fmt(values: list[float], digits: int = 4) -> str:
@@ -46,7 +41,8 @@ def fmt(values: list[float], digits: int = 4) -> str:
 
 
 def load_trials(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((out / "trials").glob("*.json"))]
+    """The study's trial records, JSON files or packed (``tools/study_records.py``)."""
+    return study_records.load_trials(out)
 
 
 def _groups(trials: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
@@ -63,116 +59,6 @@ def _val(t: dict[str, Any], key: str) -> float | None:
 
 def _flops(t: dict[str, Any]) -> float | None:
     return t.get("train_flops")
-
-
-def figure_vs_cost(groups, path: Path, x_of: str) -> None:
-    """Mean test one-step and rollout L2RE against wall-clock budget or training FLOPs, one line per model."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    models = sorted({m for m, _ in groups})
-    for m in models:
-        pts = [(b, ts) for (mm, b), ts in groups.items() if mm == m]
-        for ax, key in zip(axes, ("l2re_1step", "l2re_rollout")):
-            xs = [b if x_of == "budget" else statistics.fmean(_flops(t) or 0 for t in ts) for b, ts in pts]
-            ms = [mean_std([t["test"]["mean"][key] for t in ts]) for _, ts in pts]
-            ax.errorbar(xs, [v for v, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3, label=m)
-            ax.set_xlabel("training wall-clock budget (s)" if x_of == "budget" else "training FLOPs")
-            ax.set_ylabel(f"test {key} (mean over datasets)")
-            if x_of == "flops":
-                ax.set_xscale("log")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def figure_rollout_growth(groups, path: Path) -> None:
-    """L2RE at each rollout step at the largest budget (mean over datasets and seeds)."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    top = max(b for _, b in groups)
-    for (m, b), ts in groups.items():
-        if b != top:
-            continue
-        curves = [
-            [
-                statistics.fmean(ds["l2re_curve"][k] for ds in t["test"]["datasets"].values())
-                for k in range(len(next(iter(t["test"]["datasets"].values()))["l2re_curve"]))
-            ]
-            for t in ts
-        ]
-        mean = [statistics.fmean(c[k] for c in curves) for k in range(len(curves[0]))]
-        ax.plot(range(1, len(mean) + 1), mean, marker="o", label=m)
-    ax.set_xlabel("rollout step")
-    ax.set_ylabel("test L2RE at the step")
-    ax.set_title(f"error growth, budget {top:.0f} s")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def figure_heatmap(trial: dict[str, Any], path: Path) -> bool:
-    """Dataset x image-expert shares of block 0 at the end of training (one NESTOR trial)."""
-    usage = trial.get("expert_usage") or {}
-    if not usage:
-        return False
-    block = sorted(usage)[0]
-    counts = usage[block]["dataset_expert"]
-    names = usage[block].get("datasets") or [str(i) for i in range(len(counts))]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    rows = [[c / max(1, sum(r)) for c in r] for r in counts]
-    im = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1)
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("image expert")
-    ax.set_title(f"{trial['id']}: block {block}, MI {usage[block].get('mi_bits', float('nan')):.3f} bits")
-    fig.colorbar(im, ax=ax, label="share of the dataset's samples")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def specialisation_over_training(trials: list[dict[str, Any]], path: Path) -> list[str]:
-    """Mutual information between dataset and image expert over training (trials with a usage curve: the trainer's
-    ``train.usage_every`` records): a figure, one line per trial and block, and a sentence with first, middle and
-    last records. Empty when no trial has a curve."""
-    curves = [t for t in trials if len(t.get("usage_curve") or []) > 1]
-    if not curves:
-        return []
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    said = []
-    for t in curves:
-        rows = t["usage_curve"]
-        for block in sorted(rows[-1]["mi_bits"]):
-            pts = [(r["seconds"], r["mi_bits"][block]) for r in rows if block in r["mi_bits"]]
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".", label=f"{t['id']} block {block}")
-            mid = pts[len(pts) // 2]
-            pooled = [r["dataset_expert"][block] for r in rows if block in r.get("dataset_expert", {})]
-            whole = f"; pooled over the run {mutual_information_bits(np.sum(pooled, axis=0)):.3f}" if pooled else ""
-            said.append(
-                f"{t['id']} block {block}: {pts[0][1]:.3f} at {pts[0][0]:.0f} s, {mid[1]:.3f} at {mid[0]:.0f} s, "
-                f"{pts[-1][1]:.3f} at {pts[-1][0]:.0f} s{whole}"
-            )
-    ax.set_xlabel("training seconds")
-    ax.set_ylabel("I(dataset; image expert), bits")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    every = max(r["step"] - q["step"] for t in curves for q, r in zip(t["usage_curve"], t["usage_curve"][1:]))
-    return [
-        "### Over training",
-        "",
-        f"Each point is the routing of the steps since the previous record (every {every} steps, "
-        "`train.usage_every`; the last record ends with the run); 'pooled' is the MI of all records' counts summed, "
-        "which is lower than the records' when the dataset-to-expert mapping drifts over training: "
-        + "; ".join(said)
-        + ".",
-        "",
-        f"![specialisation over training]({path.name})",
-        "",
-    ]
 
 
 def bare_loop_section(trials: list[dict[str, Any]]) -> list[str]:
@@ -338,13 +224,14 @@ def search_section(spec: dict[str, Any], trials: list[dict[str, Any]]) -> list[s
 
 
 def write_report(spec: dict[str, Any], out: Path) -> Path:
-    """report.md + figures in `out` from `out/trials/*.json`."""
+    """report.md, trials.csv and figures in `out` from its trial records."""
     trials = load_trials(out)
     groups = _groups(trials)
     lines = [
         f"# Study `{spec['name']}`",
         "",
-        f"Generated by `python -m tools.study --spec <spec>` from {len(trials)} trial JSONs in `trials/`. "
+        f"Generated by `python -m tools.study --spec <spec>` from {len(trials)} trial records (`trials/<id>.json`, "
+        "or packed in `trials.jsonl.xz`; each trial's final numbers: `trials.csv`). "
         "Mean ± std over seeds. Test = `nestor_ds.evaluate` on the test split (windows: every start frame; "
         "rollout over the windows with the horizon inside the trajectory); validation = the trainer's final "
         "evaluation of the validation split cut from the training files.",
@@ -460,8 +347,9 @@ def write_report(spec: dict[str, Any], out: Path) -> Path:
             )
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    # the spec and which trials the report read; each trial's record (loss curve included) is trials/<id>.json only
+    # the spec and which trials the report read; each trial's record is trials/<id>.json or a line of trials.jsonl.xz
     (out / "study.json").write_text(json.dumps({"spec": spec, "trials": [t["id"] for t in trials]}, indent=1))
+    study_records.write_summary(trials, out / study_records.SUMMARY)
     return path
 
 
@@ -469,7 +357,7 @@ def main() -> None:
     import yaml
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="study directory holding trials/")
+    p.add_argument("out", help="study directory holding trials/ or trials.jsonl.xz")
     p.add_argument("--spec", required=True, help="the study YAML")
     a = p.parse_args()
     print(write_report(yaml.safe_load(Path(a.spec).read_text()), Path(a.out)))

@@ -332,7 +332,7 @@ def _expert_order_for(tag_dir: Path, layout: RunLayout) -> ExpertOrder | None:
     if order.checkpoint_step is None:
         raise UserError(
             f"train.expert_order {layout.expert_order} was computed from an export, not from a checkpoint of this run: "
-            "write it with python -m tools.place_experts --checkpoint <run>/checkpoints --order-out FILE"
+            "write it with python -m nestor_ds.routing.place --checkpoint <run>/checkpoints --order-out FILE"
         )
     step = tag_step(tag_dir)
     if order.checkpoint_step != step:
@@ -346,7 +346,7 @@ def _expert_order_for(tag_dir: Path, layout: RunLayout) -> ExpertOrder | None:
     if layout.zero_stage not in (1, 2):
         raise ElasticResumeError(
             f"train.expert_order re-orders the experts in the fp32 masters and Adam's moments of a ZeRO-1/2 run; this "
-            f"run has ZeRO stage {layout.zero_stage} (re-order an export instead: tools.place_experts --out)"
+            f"run has ZeRO stage {layout.zero_stage} (re-order an export instead: nestor_ds.routing.place --out)"
         )
     if order.ep_size != layout.ep_size:
         log.warning("train.expert_order balances ep_size %d; this run has ep_size %d", order.ep_size, layout.ep_size)

@@ -64,10 +64,13 @@ class DatasetSpec:
     for a URL spec whose first URL is a local file or http(s); pipe:/s3:/gs: specs must set it.
     """
 
-    name: str
+    name: str  # the dataset's name in metrics (eval/<name>/...), logs and expert-usage tables; unique in the mixture
+    # a built shard directory, a WebDataset URL spec of the training shards, or {train: URLSPEC, test: URLSPEC}
     path: str | dict[str, str]
-    weight: float = 1.0
-    rollout_steps: int = 10
+    weight: float = 1.0  # relative probability that a batch element is drawn from this dataset
+    rollout_steps: int = 10  # autoregressive steps the evaluator scores on the test split
+    # where manifest.json is (path, http(s) URL or pipe: command); null: <path>/manifest.json, or beside the first
+    # training URL of a URL spec (pipe:, s3:// and gs:// specs must set it)
     manifest: str | None = None
 
 
@@ -154,7 +157,7 @@ class DataConfig:
     whose data ran out.
     """
 
-    datasets: list[DatasetSpec] = field(default_factory=list)
+    datasets: list[DatasetSpec] = field(default_factory=list)  # the training mixture, one entry per shard dataset
     t_in: int = 10  # past frames fed to the model
     t_ar: int = 1  # next frames to predict (training target length)
     resolution: int = 128  # every dataset is resized (bilinear) to resolution x resolution

@@ -1,19 +1,13 @@
 """The shared training engine: one loop (``trainer.run_training``) behind the pre-training and fine-tune entries.
 
-``run_training`` and ``TrainResult`` are imported on first use: the config sections that live in this package
-(``optim``, ``loss``, ``train_config``, ``transfer``) are read by ``nestor_ds.config``, which the trainer imports.
+Set-up (``run_setup.py``), what the loop records (``bookkeeping.py``) and the loop (``trainer.py``); the configs of
+its parts beside them, composed in ``run_config.RunConfig``. The engine never imports ``nestor_ds.config`` (which
+reads YAML into a ``RunConfig`` for the entries): the package graph has no cycle (docs/ARCHITECTURE.md, "Packages").
 """
 
 from __future__ import annotations
 
-from typing import Any
+from nestor_ds.engine.report import TrainResult
+from nestor_ds.engine.trainer import run_training
 
 __all__ = ["TrainResult", "run_training"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from nestor_ds.engine import trainer
-
-        return getattr(trainer, name)
-    raise AttributeError(f"module 'nestor_ds.engine' has no attribute {name!r}")

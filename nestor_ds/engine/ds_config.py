@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nestor_ds.config import RunConfig
+from nestor_ds.engine.run_config import RunConfig
 from nestor_ds.errors import UserError
 
 

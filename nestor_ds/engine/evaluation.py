@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from nestor_ds.config import RunConfig
 from nestor_ds.engine.compile import CompilePlan, eager_for_evaluation
 from nestor_ds.engine.distributed import DistInfo
+from nestor_ds.engine.run_config import RunConfig
 from nestor_ds.log import get_logger
 
 log = get_logger(__name__)

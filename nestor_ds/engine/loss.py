@@ -13,9 +13,9 @@ from nestor_ds.eval.metrics import l2re
 class LossConfig:
     """Weights of the load-balancing and router z-losses added to the masked relative L2 loss."""
 
-    image_lb_weight: float = 3e-2  # authors' pre-training value
-    token_lb_weight: float = 1e-4
-    token_z_weight: float = 0.0
+    image_lb_weight: float = 3e-2  # image routers' load-balancing loss E * sum f_i P_i (authors' pre-training value)
+    token_lb_weight: float = 1e-4  # token routers' load-balancing loss (the same form)
+    token_z_weight: float = 0.0  # token routers' z-loss, mean of logsumexp(logits)^2 (ST-MoE): keeps logits small
 
 
 def training_loss(

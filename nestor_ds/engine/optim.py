@@ -24,12 +24,12 @@ class OptimConfig:
     """AdamW/Adam with a warm-up + one-cycle or cosine schedule (the authors': Adam(0.9, 0.9), wd 1e-6, lr 1e-3)."""
 
     name: str = "adamw"  # adam | adamw
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.9)
-    eps: float = 1e-8
-    weight_decay: float = 1e-6
+    lr: float = 1e-3  # peak learning rate, reached at the end of warm-up (fine-tuning multiplies it per part)
+    betas: tuple[float, float] = (0.9, 0.9)  # Adam's (beta1, beta2)
+    eps: float = 1e-8  # Adam's epsilon
+    weight_decay: float = 1e-6  # on every parameter (decoupled from the gradient with adamw)
     schedule: str = "onecycle"  # onecycle | cosine | constant
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # onecycle: cosine rise from lr / div_factor; cosine, constant: linear rise from 0
     final_lr_ratio: float = 0.01  # lr at the last step, relative to lr
     # onecycle starts at lr / div_factor (torch's OneCycleLR default 25; DPOT and NESTOR use 1e4)
     div_factor: float = 25.0

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from nestor_ds.config import RunConfig
 from nestor_ds.engine.budget import Budget
+from nestor_ds.engine.run_config import RunConfig
 
 
 @dataclass

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from nestor_ds.config import RunConfig
 from nestor_ds.engine.compile import CompilePlan
 from nestor_ds.engine.distributed import derive_seed
 from nestor_ds.engine.hot_loop import PART_NAMES, DeviceLog
 from nestor_ds.engine.loss import inject_noise, noise_generator, training_loss
+from nestor_ds.engine.run_config import RunConfig
 
 
 def optimizer_step(

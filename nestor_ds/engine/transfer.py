@@ -40,11 +40,11 @@ FREEZE = {
 class FinetuneConfig:
     """How a pre-trained checkpoint is carried to a downstream dataset (used by ``nestor_ds/finetune.py``)."""
 
-    pretrained: str | None = None
-    load: str = "all"  # all | embedding+blocks | blocks
-    freeze: list[str] = field(default_factory=list)  # routers, experts, shared_afno, embedding
+    pretrained: str | None = None  # DeepSpeed checkpoint directory or exported .safetensors (--pretrained sets it)
+    load: str = "all"  # parts carried over: all | embedding+blocks | blocks (the rest starts fresh)
+    freeze: list[str] = field(default_factory=list)  # parts not trained: routers, experts, shared_afno, embedding
     new_lr_multiplier: float = 1.0  # lr multiplier for re-initialised parts
-    pretrained_lr_multiplier: float = 1.0
+    pretrained_lr_multiplier: float = 1.0  # lr multiplier for the parts loaded from the checkpoint
 
     def validate(self) -> None:
         check(self.load in PARTS, "finetune.load", f"must be all, embedding+blocks or blocks, got {self.load!r}")

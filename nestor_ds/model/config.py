@@ -26,35 +26,35 @@ class ModelConfig:
     """Architecture of one model. Shapes: input [B, X, Y, t_in, in_channels] at `resolution`."""
 
     arch: str = "nestor"  # "nestor" | "afno" (DPOT-style AFNO baseline)
-    in_channels: int = 4  # physical channels (padded to this by the data loader)
+    in_channels: int = 4  # physical channels (padded to this by the data loader); unset: data.channels
     out_channels: int | None = None  # None -> in_channels
-    resolution: int = 128  # training grid X = Y; other grids interpolate the pos. embedding
-    patch_size: int = 8
-    t_in: int = 10  # past frames per sample
-    t_ar: int = 1  # frames predicted per forward pass
+    resolution: int = 128  # training grid X = Y (unset: data.resolution); other grids interpolate the pos. embedding
+    patch_size: int = 8  # grid points per token side: resolution / patch_size tokens per side
+    t_in: int = 10  # past frames per sample; unset: data.t_in
+    t_ar: int = 1  # frames predicted per forward pass; unset: data.t_ar
     width: int = 512  # token width D
     depth: int = 2  # NESTOR blocks (arch=nestor) or AFNO blocks (arch=afno)
-    num_heads: int = 8
-    image_experts: int = 6
-    image_top_k: int = 2
+    num_heads: int = 8  # attention heads of each image expert (width must divide by it)
+    image_experts: int = 6  # image-level experts per NESTOR block (each: attention + a token MoE)
+    image_top_k: int = 2  # image experts each sample is routed to
     image_routing: str = "dropless"  # "dropless" | "static" (fixed samples per image expert, training only)
     image_capacity_factor: float | None = None  # static: ceil(cf * k * B / E) samples/expert; None = default
     image_router_noise: float = 0.0  # std of Gaussian noise on image-router logits (training only)
     image_moe_skip: bool = True  # the authors' extra identity term in ImageMoE (see nestor.py)
-    afno_modes: int = 32
-    afno_num_blocks: int = 4
-    afno_mlp_ratio: float = 1.0
+    afno_modes: int = 32  # Fourier modes kept per axis by each AFNO layer
+    afno_num_blocks: int = 4  # block-diagonal blocks of the AFNO spectral weights (width must divide by it)
+    afno_mlp_ratio: float = 1.0  # hidden width of the AFNO layers' channel MLP / width
     afno_sparsity: float = 0.01  # softshrink threshold on the spectral output (DPOT)
-    shared_afno_layers: int = 2
+    shared_afno_layers: int = 2  # AFNO layers of the shared global expert in each NESTOR block (0: none)
     afno_spectral: str = "dft"  # AFNO transforms: "dft" (real DFT matmuls) | "fft" (fp32 FFT islands)
     embed_hidden: int | None = None  # patch-embedding hidden channels; None -> DPOT's C_out*patch+3
     head_dim: int = 32  # output head hidden channels (DPOT's out_layer_dim)
     norm_groups: int = 8  # GroupNorm groups (DPOT)
     num_datasets: int = 0  # DPOT's dataset-classification head (0 = off)
     predict_residual: bool = False  # predict x_last + head(z) (not in the authors' code; off by default)
-    dropout: float = 0.0
-    attn_dropout: float = 0.0
-    attention: str = "auto"  # "auto" | "sdpa" | "flash"
+    dropout: float = 0.0  # dropout on the image experts' attention and token-MoE outputs before their residual adds
+    attn_dropout: float = 0.0  # dropout on the attention weights (training only)
+    attention: str = "auto"  # "auto" (flash-attn on CUDA in bf16/fp16 when installed, else SDPA) | "sdpa" | "flash"
     moe: MoEConfig = field(default_factory=MoEConfig)  # token-level Sub-MoE inside each image expert
 
     @property

@@ -36,7 +36,9 @@ class MoEConfig:
     num_shared_experts: int = 1  # always-on SwiGLU experts, added to every token
     mlp_ratio: float = 1.0  # expert hidden width F = int(dim * mlp_ratio)
     shared_hidden_ratio: float | None = None  # shared-expert hidden per shared expert / dim; None = mlp_ratio
-    ep_size: int = 1  # expert-parallel group of a built model (the engine resolves it and passes it to build_model)
+    # expert-parallel group: ranks that split the token experts, num_experts / ep_size each ("auto" or a divisor of
+    # the world size and num_experts in YAML; the engine resolves it and passes it to build_model)
+    ep_size: int = 1
     routing: str = "dropless"  # "dropless" (every assignment computed) | "static" (fixed per-expert capacity)
     capacity_factor: float | None = None  # static only: Q = ceil(cf*N*K/E) rows per expert; None = default
     router_noise: float = 0.0  # std of Gaussian noise added to router logits, training only

@@ -8,7 +8,7 @@ model's routing costs"): when two popular experts sit on the same rank, that ran
 call. The experts of a token MoE are interchangeable up to their index: permuting the router's rows and the expert
 weights together gives the same function, so a model can be re-ordered so that each rank's experts carry an equal
 share of the load, with no change to any output. `balanced_order` chooses the order from measured loads
-(`tools/place_experts.py` measures them on the model's own training stream); `reorder_local_state` applies it to a
+(`nestor_ds.routing.place` measures them on the model's own training stream); `reorder_local_state` applies it to a
 state dict in the local layout: weights for an export, or weights and Adam's moments when a run resumes with
 `train.expert_order` (`nestor_ds.checkpoint.elastic`). An expert-order file (`write_expert_order`) records the orders,
 the ep_size they balance and the checkpoint step they were computed from.
@@ -143,7 +143,7 @@ def write_expert_order(path: str | Path, order: ExpertOrder) -> Path:
 
 
 def read_expert_order(path: str | Path) -> ExpertOrder:
-    """An expert-order file written by tools/place_experts.py --order-out; ValueError in one line if it is not one."""
+    """An expert-order file written by `nestor_ds.routing.place --order-out`; ValueError in one line if not one."""
     try:
         body = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:

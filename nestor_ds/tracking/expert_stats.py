@@ -171,8 +171,8 @@ class ExpertUsage:
         """Under expert parallelism: the busiest rank's share of each token MoE's assignments over the interval, times
         ep_size (1.0 = every rank's experts got the same), averaged over the token MoEs weighted by assignments; and
         the same for the best re-ordering of the experts on these counts (`nestor_ds.moe.placement`, what
-        tools/place_experts.py would reach). Interval totals: the static skew that placement can remove; a single
-        call's imbalance also has sampling noise on top (tools/routing_profile.py)."""
+        nestor_ds.routing.place would reach). Interval totals: the static skew that placement can remove; a single
+        call's imbalance also has sampling noise on top (nestor_ds.routing.profile)."""
         from nestor_ds.moe.placement import balanced_order, rank_loads
 
         P = self.ep_size

@@ -6,7 +6,7 @@ MLflow alone (`mlflow.pyfunc.load_model("models:/<name>/<version>")`, `mlflow mo
 travel as the safetensors file written by `nestor_ds/checkpoint/export.py` and are read by `load_pretrained`.
 
 Called at the end of pre-training and fine-tuning (rank 0, after the last checkpoint; `tracking.log_model`,
-`tracking.register_model`) and by `nestor_ds.checkpoint --register NAME`.
+`tracking.register_model`) and by `python -m nestor_ds.tracking.register` (`register.py`).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def log_trained_model(tracker: Any, checkpoint_tag: Path, out: Path, final_eval:
     """End of a training run (rank 0): export the last checkpoint to `out`, log it, register it if configured.
 
     Best effort: the training result is on disk whatever happens here; a failure is one warning line
-    naming the command that does it later (`nestor_ds.checkpoint --register`).
+    naming the command that does it later (`python -m nestor_ds.tracking.register`).
     """
     cfg = tracker.cfg
     if not tracker.active or not cfg.log_model:
@@ -142,8 +142,8 @@ def log_trained_model(tracker: Any, checkpoint_tag: Path, out: Path, final_eval:
         )
     except Exception as exc:  # noqa: BLE001 - never fail a finished training over its MLflow model
         log.warning(
-            "MLflow: model not logged (%s); later: python -m nestor_ds.checkpoint --checkpoint %s --out %s "
-            "--register NAME",
+            "MLflow: model not logged (%s); later: python -m nestor_ds.tracking.register --checkpoint %s --out %s "
+            "--name NAME",
             one_line(exc),
             checkpoint_tag,
             out,

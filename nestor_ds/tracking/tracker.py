@@ -54,11 +54,11 @@ PRETRAIN_RUN_TAG = "nestor.pretrain_run_id"
 class TrackingConfig:
     """Where and what to track. `tracking_uri=None` -> $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
 
-    enabled: bool = True
-    tracking_uri: str | None = None
-    experiment: str = "nestor-ds"
-    system_metrics: bool = True
-    figure_every_eval: bool = True
+    enabled: bool = True  # log the run to MLflow (rank 0 only); false: no MLflow at all
+    tracking_uri: str | None = None  # MLflow store or server; None -> $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "nestor-ds"  # MLflow experiment the run is logged under (created when missing)
+    system_metrics: bool = True  # MLflow's CPU / memory / GPU metrics, sampled beside the run
+    figure_every_eval: bool = True  # log figures (predictions, rollout, expert usage) at each evaluation, the last too
     system_metrics_interval_s: float = 10.0  # sampling period of CPU / memory / GPU metrics
     http_timeout_s: int = 5  # per request; an unreachable server must not stall start-up
     buffer_max_mb: int = 256  # on-disk outage buffer of one run (metrics beyond it are dropped, counted)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script by the launchers
 
+from nestor_ds.cli import run_cli  # noqa: E402
 from tests.scripts import restart_probe  # noqa: E402
 
 
@@ -54,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # as the entries end (nestor_ds/cli.py)

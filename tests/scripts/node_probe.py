@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script by the launchers
 
+from nestor_ds.cli import run_cli  # noqa: E402
 from nestor_ds.config import RunConfig  # noqa: E402
 from nestor_ds.data import stream as stream_mod  # noqa: E402
 from tests.scripts import probe_train  # noqa: E402
@@ -79,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # as the entries end (nestor_ds/cli.py)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nestor_ds.cli import run_cli
 from nestor_ds.config import RunConfig, load_config
 from nestor_ds.data import TrainStream
 from nestor_ds.engine import run_training
@@ -68,8 +69,7 @@ def main() -> None:
         torch.save(
             {"x": full["x"], "channel_mask": full["channel_mask"], "pred": torch.cat(gathered)}, out / "probe.pt"
         )
-    dist.destroy_process_group()  # as the entries do (nestor_ds/cli.py): no gloo threads left to exit-time teardown
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # as the entries end: process group destroyed, no native exit-time teardown (nestor_ds/cli.py)

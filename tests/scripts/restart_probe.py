@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script by the launchers
 
-from nestor_ds.cli import restart_resume  # noqa: E402
+from nestor_ds.cli import restart_resume, run_cli  # noqa: E402
 from nestor_ds.config import load_config  # noqa: E402
 from tests.scripts import node_probe  # noqa: E402
 
@@ -48,4 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # as the entries end (nestor_ds/cli.py)

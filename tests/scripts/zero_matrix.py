@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nestor_ds.cli import run_cli
 from nestor_ds.config import load_config
 from nestor_ds.data import TrainStream
 from nestor_ds.engine import run_training
@@ -95,8 +96,7 @@ def main() -> None:
     results = {c["name"]: run_case(c, args.global_batch, out) for c in cases}
     if dist.get_rank() == 0:
         (out / "matrix.json").write_text(json.dumps(results))
-    dist.destroy_process_group()  # as the entries do (nestor_ds/cli.py)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # as the entries end: process group destroyed, no native exit-time teardown (nestor_ds/cli.py)
