@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,52 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
     return root, build_tiny_shards(root)
 
 
+@dataclass(frozen=True)
+class SharedRun:
+    """A finished training run made once per session (tests/shared_runs.py): read it, copy before changing it."""
+
+    work: Path  # its working directory: runs/<name>/ (checkpoints, metrics.jsonl), mlflow.db, the configs
+    name: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def run_dir(self) -> Path:
+        return self.work / "runs" / self.name
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.work / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def pretrain_ep2(tiny_shards, tmp_path_factory: pytest.TempPathFactory) -> SharedRun:
+    """The shared 2-rank pre-training: tiny NESTOR on both tiny datasets, ZeRO-2, token experts expert-parallel
+    (ep_size 2), 20 steps with evaluation and checkpoints at 10 and 20, MLflow on. Read by test_train.py (the run,
+    its checkpoints and MLflow run) and test_finetune.py (the checkpoint it fine-tunes)."""
+    from shared_runs import built_once
+    from train_fixtures import ds_config, launch, tiny_config
+
+    _, shards = tiny_shards
+
+    def build(work: Path) -> None:
+        cfg = tiny_config(
+            work,
+            shards,
+            model={"moe": {"backend": "local", "ep_size": 2}},
+            train={"max_steps": 20, "eval_every": 10, "ckpt_every": 10, "log_every": 5},
+            optim={"lr": 3e-3, "warmup_steps": 3},
+        )
+        args = ["nestor_ds.train", "--ds_config", str(ds_config(work)), "--config", str(cfg), "--run-name", "pre"]
+        proc = launch(args, ranks=2, cwd=work)
+        (work / "proc.json").write_text(json.dumps([proc.returncode, proc.stdout, proc.stderr]))
+
+    work = built_once(tmp_path_factory, "pretrain_ep2", build)
+    code, out, err = json.loads((work / "proc.json").read_text())
+    return SharedRun(work, "pre", code, out, err)
+
+
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -38,3 +86,28 @@ def _no_launcher_env_leaks():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+# The files that take longest, first: under `pytest -n 2 --dist loadfile` (.ci/run) each file runs whole on one
+# worker, so a long file started last would leave the other worker idle at the end. Order only, never a time limit.
+LONG_FILES_FIRST = (
+    "test_multinode.py",
+    "test_train.py",
+    "test_restart.py",
+    "test_elastic_resume.py",
+    "test_reliability.py",
+    "test_finetune.py",
+    "test_zero_matrix.py",
+    "test_study.py",
+    "test_mlflow_models.py",
+    "test_s3.py",
+    "test_tracking_outage.py",
+    "test_export.py",
+    "test_budget.py",
+    "test_bench_block_ep.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order is kept

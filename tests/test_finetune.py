@@ -1,9 +1,9 @@
 """Fine-tuning and the evaluation CLI end to end: real shards, real DeepSpeed checkpoints, real MLflow stores.
 
-One module fixture pre-trains a tiny NESTOR on 2 CPU ranks (DeepSpeed MoE, ep_size 2, ZeRO-2) on the
-2-channel dataset only; every test reuses it. The fine-tunes then change what a checkpoint must survive:
-world size and ep_size (2/2 -> 1/1 local backend), channel count (2 -> 1), and the source format
-(DeepSpeed checkpoint root vs. the safetensors export).
+Every test reuses the session's shared pre-training (tests/conftest.py ``pretrain_ep2``: a tiny NESTOR on 2 CPU
+ranks, DeepSpeed MoE ep_size 2, ZeRO-2, both tiny datasets with 2 channels). The fine-tunes then change what a
+checkpoint must survive: world size and ep_size (2/2 -> 1/1 local backend), channel count (2 -> 1), and the source
+format (DeepSpeed checkpoint root vs. the safetensors export).
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ class Pretrained:
     work: Path
     shards: dict[str, Path]
     ckpt_root: Path
-    uri: str  # the MLflow store of the pre-training and the fine-tunes
+    uri: str  # the MLflow store of the pre-training
+    ft_uri: str  # the fine-tunes' store (tiny_config's in `work`)
     run_id: str  # the pre-training's MLflow run
     ds: Path  # ZeRO-2 DeepSpeed JSON, micro-batch 2
 
@@ -85,29 +86,21 @@ def finetune_config(p: Pretrained, name: str, backend: str, train: dict) -> Path
 
 
 @pytest.fixture(scope="module")
-def pretrained(tiny_shards, tmp_path_factory) -> Pretrained:
-    """20 steps on dr_tiny (2 channels), DeepSpeed MoE ep_size 2 over 2 ranks, ZeRO-2, MLflow on."""
+def pretrained(tiny_shards, pretrain_ep2, tmp_path_factory) -> Pretrained:
+    """The session's shared pre-training (tests/conftest.py: both tiny datasets, 2 channels, DeepSpeed MoE ep_size 2
+    over 2 ranks, ZeRO-2, 20 steps, MLflow on), read only; the fine-tunes work and log in this module's directory."""
     _, shards = tiny_shards
+    _ok(pretrain_ep2)
     work = tmp_path_factory.mktemp("finetune")
-    cfg = tiny_config(
-        work,
-        {"dr_tiny": shards["dr_tiny"]},
-        model={"moe": {"backend": "local", "ep_size": 2}},
-        train={"max_steps": 20, "ckpt_every": 20, "log_every": 5},
-        optim={"lr": 3e-3, "warmup_steps": 3},
-    )
-    ds = ds_config(work)
-    proc = launch([TRAIN, "--ds_config", str(ds), "--config", str(cfg), "--run-name", "pre"], ranks=2, cwd=work)
-    _ok(proc)
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    run = _run_by_name(uri, "pre")
+    run = _run_by_name(pretrain_ep2.uri, "pre")
     return Pretrained(
         work=work,
         shards=shards,
-        ckpt_root=work / "runs" / "pre" / "checkpoints",
-        uri=uri,
+        ckpt_root=pretrain_ep2.run_dir / "checkpoints",
+        uri=pretrain_ep2.uri,
+        ft_uri=f"sqlite:///{work / 'mlflow.db'}",
         run_id=run.info.run_id,
-        ds=ds,
+        ds=ds_config(work),
     )
 
 
@@ -199,7 +192,7 @@ def test_finetune_from_deepspeed_checkpoint_on_one_process(pretrained, ft_local)
 
 def test_finetune_lowers_l2re_and_links_the_pretraining_run(pretrained, ft_local):
     _ok(ft_local)
-    run = _run_by_name(pretrained.uri, "ft-local")
+    run = _run_by_name(pretrained.ft_uri, "ft-local")
     tags, metrics = run.data.tags, run.data.metrics
     assert tags["nestor.entry"] == "finetune"
     assert tags["nestor.pretrain_run_id"] == pretrained.run_id
@@ -235,7 +228,7 @@ def test_finetune_from_export_on_two_ranks_ep2(pretrained, exported, ft_export):
     tag = pretrained.work / "runs" / "ft-export" / "checkpoints" / "step_00000020"
     saved = json.loads((tag / "nestor_config.json").read_text())
     assert saved["ep_size"] == 2 and saved["world_size"] == 2 and saved["model"]["moe"]["backend"] == "local"
-    run = _run_by_name(pretrained.uri, "ft-export")
+    run = _run_by_name(pretrained.ft_uri, "ft-export")
     assert run.data.tags["nestor.entry"] == "finetune"
     assert run.data.tags["nestor.pretrain_run_id"] == pretrained.run_id  # carried in the export's metadata
 

@@ -29,34 +29,18 @@ def _ok(proc) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def zero2_ep2_run(tiny_shards, tmp_path_factory):
-    """~30 steps of a tiny NESTOR, ZeRO-2, token experts expert-parallel over 2 ranks, evaluation and MLflow on."""
-    root, shards = tiny_shards
-    work = tmp_path_factory.mktemp("zero2_ep2")
-    cfg = tiny_config(
-        work,
-        shards,
-        model={"moe": {"backend": "local", "ep_size": 2}},
-        train={"max_steps": 30, "eval_every": 15, "ckpt_every": 15, "log_every": 5},
-        optim={"lr": 3e-3, "warmup_steps": 3},
-    )
-    proc = launch(
-        [TRAIN, "--ds_config", str(ds_config(work)), "--config", str(cfg), "--run-name", "ep2"], ranks=2, cwd=work
-    )
-    return work, proc
-
-
-def test_zero2_ep2_trains_checkpoints_and_evaluates(zero2_ep2_run):
-    work, proc = zero2_ep2_run
+def test_zero2_ep2_trains_checkpoints_and_evaluates(pretrain_ep2):
+    """The shared pre-training (tests/conftest.py): 20 steps of a tiny NESTOR, ZeRO-2, token experts expert-parallel
+    over 2 ranks, evaluation and MLflow on."""
+    proc = pretrain_ep2
     _ok(proc)
-    run = work / "runs" / "ep2"
+    run = pretrain_ep2.run_dir
     losses = _losses(run)
-    assert len(losses) == 30 and all(map(lambda v: v == v and abs(v) < 1e3, losses))
+    assert len(losses) == 20 and all(map(lambda v: v == v and abs(v) < 1e3, losses))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
     tags = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
-    assert tags == ["step_00000015", "step_00000030"]
-    last = run / "checkpoints" / "step_00000030"
+    assert tags == ["step_00000010", "step_00000020"]
+    last = run / "checkpoints" / "step_00000020"
     for f in (
         "mp_rank_00_model_states.pt",
         "nestor_config.json",
@@ -73,12 +57,11 @@ def test_zero2_ep2_trains_checkpoints_and_evaluates(zero2_ep2_run):
     assert "ep_size 2" in proc.stderr and "world size 2" in proc.stderr
 
 
-def test_one_mlflow_run_with_params_metrics_and_figures(zero2_ep2_run):
+def test_one_mlflow_run_with_params_metrics_and_figures(pretrain_ep2):
     from mlflow.tracking import MlflowClient
 
-    work, proc = zero2_ep2_run
-    _ok(proc)
-    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    _ok(pretrain_ep2)
+    client = MlflowClient(pretrain_ep2.uri)
     exp = client.get_experiment_by_name("nestor-ds")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1, "one MLflow run per training, never one per rank"
@@ -121,7 +104,7 @@ def test_one_mlflow_run_with_params_metrics_and_figures(zero2_ep2_run):
     # (both are >= 1 and <= ep by construction; what can fail: the re-ordering never makes the busiest rank busier)
     assert metrics["experts/token_ep_busiest_rank_placed"] <= metrics["experts/token_ep_busiest_rank"]
     history = client.get_metric_history(run.info.run_id, "eval/dr_tiny/l2re_1step")
-    assert sorted(m.step for m in history) == [15, 30]
+    assert sorted(m.step for m in history) == [10, 20]
     art = Path(run.info.artifact_uri.replace("file://", ""))
     pngs = sorted(art.rglob("*.png"))
     names = " ".join(p.name for p in pngs)

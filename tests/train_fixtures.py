@@ -118,9 +118,13 @@ def launch(
     timeout: int = 880,
     env: dict[str, str] | None = None,
     launcher: str = "torchrun",
+    process: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run the entry module ``args[0]`` (e.g. ``nestor_ds.train``) on ``ranks`` CPU ranks with torchrun or the
-    DeepSpeed launcher (1 rank with torchrun: a plain process)."""
+    DeepSpeed launcher. One rank runs in this process (`run_entry`) unless ``process``: a plain ``python -m`` process,
+    for tests of what only a process has (signals, exit status of a dying interpreter, a fresh import)."""
+    if ranks == 1 and launcher == "torchrun" and not process:
+        return run_entry(args, cwd, env=env)
     full_env = {
         **os.environ,
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
