@@ -60,6 +60,7 @@ def pretrain_ep2(tiny_shards, tmp_path_factory: pytest.TempPathFactory) -> Share
             model={"moe": {"backend": "local", "ep_size": 2}},
             train={"max_steps": 20, "eval_every": 10, "ckpt_every": 10, "log_every": 5},
             optim={"lr": 3e-3, "warmup_steps": 3},
+            tracking={"figure_every_eval": True},
         )
         args = ["nestor_ds.train", "--ds_config", str(ds_config(work)), "--config", str(cfg), "--run-name", "pre"]
         proc = launch(args, ranks=2, cwd=work)
@@ -70,39 +71,51 @@ def pretrain_ep2(tiny_shards, tmp_path_factory: pytest.TempPathFactory) -> Share
     return SharedRun(work, "pre", code, out, err)
 
 
-_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# the launcher variables as the session started (normally none): what every test body starts and ends with
+_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_SESSION_LAUNCH_ENV = {k: os.environ.get(k) for k in _LAUNCH_ENV}
 
 
-@pytest.fixture(autouse=True)
-def _no_launcher_env_leaks():
-    """Tests that build a DeepSpeed engine in the pytest process (a world of one) set the launcher variables; they
-    must not outlive the test: a later subprocess or spawned worker would inherit MASTER_PORT, whose port this
-    process still holds, and RANK/WORLD_SIZE of a world it is not part of. (The process group itself stays up:
-    DeepSpeed keeps its groups in module state for the rest of the session.)"""
-    saved = {k: os.environ.get(k) for k in _LAUNCH_ENV}
-    yield
-    for k, v in saved.items():
+def _reset_launch_env() -> None:
+    for k, v in _SESSION_LAUNCH_ENV.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
 
 
-# The files that take longest, first: under `pytest -n 2 --dist loadfile` (.ci/run) each file runs whole on one
-# worker, so a long file started last would leave the other worker idle at the end. Order only, never a time limit.
+@pytest.fixture(autouse=True)
+def _no_launcher_env_leaks():
+    """Code that builds a DeepSpeed engine in the pytest process (a world of one) sets the launcher variables; they
+    must not reach a test body or outlive it: a subprocess or spawned worker would inherit MASTER_PORT, whose port
+    this process still holds, and RANK/WORLD_SIZE/LOCAL_WORLD_SIZE of a world it is not part of (a launcher's own
+    LOCAL_SIZE would then be overridden). Reset before the body too, since module and session fixtures (set up before
+    this one) may have run such code. The process group itself stays up: DeepSpeed keeps its groups in module
+    state for the rest of the session."""
+    _reset_launch_env()
+    yield
+    _reset_launch_env()
+
+
+# The files that take longest, first: under .ci/run's `pytest -n 2 --dist loadfile --no-loadscope-reorder` each file
+# runs whole on one worker, in this order, so a long file started last would leave the other worker idle at the end.
+# Order only, never a time limit.
 LONG_FILES_FIRST = (
-    "test_multinode.py",
-    "test_train.py",
-    "test_restart.py",
-    "test_elastic_resume.py",
-    "test_reliability.py",
-    "test_finetune.py",
     "test_zero_matrix.py",
+    "test_multinode.py",
+    "test_restart.py",
+    "test_reliability.py",
+    "test_elastic_resume.py",
     "test_study.py",
+    "test_train.py",
+    "test_finetune.py",
+    "test_moe_ep.py",
     "test_mlflow_models.py",
-    "test_s3.py",
+    "test_bf16_master.py",
     "test_tracking_outage.py",
+    "test_s3.py",
     "test_export.py",
+    "test_packaging.py",
     "test_budget.py",
     "test_bench_block_ep.py",
 )

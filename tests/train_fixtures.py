@@ -75,20 +75,48 @@ def tiny_config(root: Path, shards: dict[str, Path], **sections: Any) -> Path:
             "output_dir": str(root / "runs"),
             "input_noise": 0.0,
         },
-        # log_model off: exporting + logging the model at the end costs every test run seconds; test_mlflow_models.py
-        # turns it on
+        # log_model and figures off: exporting + logging the model and drawing the figures cost every run seconds;
+        # test_mlflow_models.py turns the model on, the shared pre-training (conftest.py) the figures
         "tracking": {
             "enabled": True,
             "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
             "system_metrics": False,
             "log_model": False,
+            "figure_every_eval": False,
         },
     }
     for key, value in sections.items():
         cfg[key] = _merge(cfg.get(key, {}), value)
+    db = root / "mlflow.db"
+    if cfg["tracking"].get("enabled", True) and cfg["tracking"].get("tracking_uri") == f"sqlite:///{db}":
+        empty_mlflow_store(db)
     path = root / f"config_{abs(hash(json.dumps(cfg, sort_keys=True, default=str))) % 10**8}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def empty_mlflow_store(db: Path) -> None:
+    """Put an empty MLflow sqlite store (schema made, no runs) at ``db`` unless one is there: MLflow builds its
+    tables on first use of a new file, about 2 s of CPU in every run's tracker; the tests copy one built once per
+    MLflow version (under .cache/, locked: xdist workers share it)."""
+    if db.exists():
+        return
+    import shutil
+
+    import mlflow
+    from filelock import FileLock
+
+    template = REPO / ".cache" / f"mlflow-empty-{mlflow.__version__}.db"
+    template.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{template}.lock"):
+        if not template.exists():
+            from mlflow.tracking import MlflowClient
+
+            tmp = template.with_name(f".{template.name}.{os.getpid()}")
+            MlflowClient(f"sqlite:///{tmp}").search_experiments()  # creates and migrates the tables
+            os.replace(tmp, template)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, db)
 
 
 def _merge(a: Any, b: Any) -> Any:
@@ -121,18 +149,24 @@ def launch(
     process: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run the entry module ``args[0]`` (e.g. ``nestor_ds.train``) on ``ranks`` CPU ranks with torchrun or the
-    DeepSpeed launcher. One rank runs in this process (`run_entry`) unless ``process``: a plain ``python -m`` process,
-    for tests of what only a process has (signals, exit status of a dying interpreter, a fresh import)."""
+    DeepSpeed launcher. One rank runs in this process (`run_entry`) and several ranks "with torchrun" are forked from
+    a warm process (tests/fork_ranks.py, torchrun's environment), unless ``process``: then real processes (a plain
+    ``python -m`` for one rank, torchrun for several), for tests of what only those have (signals, a launcher, exit
+    status of a dying interpreter, a fresh import)."""
     if ranks == 1 and launcher == "torchrun" and not process:
         return run_entry(args, cwd, env=env)
     full_env = {
-        **os.environ,
+        **outside_env(),
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
         **(env or {}),
     }
     module, rest = args[0], args[1:]
+    if launcher == "torchrun" and ranks > 1 and not process:
+        from fork_ranks import fork_ranks
+
+        return fork_ranks("module", module, list(rest), ranks, cwd, full_env, timeout)
     if launcher == "deepspeed":
         deepspeed_cli = str(Path(sys.executable).with_name("deepspeed"))
         cmd = [deepspeed_cli, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "--module", module, *rest]
@@ -141,6 +175,16 @@ def launch(
     else:
         cmd = torchrun(ranks, "-m", module, *rest)
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def outside_env() -> dict[str, str]:
+    """This process's environment without a launcher's variables: what a command typed in a shell would inherit. (A
+    test process that built a world of one in process has RANK, MASTER_PORT, ... set; a child that inherited them
+    would join that world, or bind its port.)"""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
 
 
 def _free_port() -> int:
@@ -169,10 +213,12 @@ def run_entry(
 
     from nestor_ds.cli import run_cli
 
+    # the environment as it was, before the session's group sets RANK, MASTER_PORT, ... (restored at the end: a
+    # later subprocess must not inherit the launcher variables of this process's world of one)
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
     _session_process_group()
     module = importlib.import_module(args[0])
     out, err = io.StringIO(), io.StringIO()
-    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
     saved_signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     saved_threads = torch.get_num_threads()
     handlers = [h for h in logging.getLogger("nestor_ds").handlers if isinstance(h, logging.StreamHandler)]
@@ -216,11 +262,14 @@ def _session_process_group() -> None:
 
 
 def run_two_rank_script(script: str | Path, cwd: Path, timeout: int = 880) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 <script>` (a test file that is its own worker) with the repository importable and
-    one thread per rank."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    """``<script>`` on 2 ranks as ``torchrun --nproc_per_node 2 <script>`` would run it (a test file that is its own
+    worker), forked from the warm process of tests/fork_ranks.py, with the repository importable and one thread per
+    rank."""
+    env = {**outside_env(), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    return subprocess.run(torchrun(2, str(script)), env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    from fork_ranks import fork_ranks
+
+    return fork_ranks("path", str(script), [], 2, cwd, env, timeout)
 
 
 def marked_json(stdout: str, marker: str) -> Any:
