@@ -76,9 +76,9 @@ def _case_file(root: Path, shards: dict[str, Path], cases: list[tuple[str, str, 
     return path
 
 
-def _run(root: Path, cases: Path, ranks: int, out: str, launcher: str = "torchrun") -> dict:
+def _run(root: Path, cases: Path, ranks: int, out: str) -> dict:
     args = [MATRIX, "--cases", str(cases), "--global-batch", str(GLOBAL_BATCH), "--out", out]
-    proc = launch(args, ranks, root, launcher=launcher)
+    proc = launch(args, ranks, root)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     return json.loads((root / out / "matrix.json").read_text())
 
@@ -88,8 +88,9 @@ def matrix(tiny_shards, tmp_path_factory):
     root, shards = tiny_shards
     work = tmp_path_factory.mktemp("zero_matrix")
     refs = _run(work, _case_file(work, shards, REFERENCES, "refs"), 1, "one")
-    # the 2-rank cases through the DeepSpeed launcher, as the README's commands start them
-    two = _run(work, _case_file(work, shards, CASES, "cases"), 2, "two", launcher="deepspeed")
+    # the 2-rank cases with torchrun's environment (tests/fork_ranks.py); the DeepSpeed launcher itself, as the
+    # README's commands start it, is run by tests/test_multinode.py and tests/test_reliability.py
+    two = _run(work, _case_file(work, shards, CASES, "cases"), 2, "two")
     return refs, two
 
 
