@@ -3,7 +3,8 @@
 Each node is its own launcher process on 127.0.0.1 (loopback only): ``torchrun --nnodes 2 --node_rank i`` with a static
 rendezvous, or ``deepspeed --hostfile H --no_ssh --node_rank i``. Every run trains the tiny NESTOR on one global batch
 sequence (tests/scripts/node_probe.py wraps probe_train.py), so N nodes x R ranks must reproduce 1 node x N*R ranks
-exactly. The pdsh/ssh path (the README's command as written) needs sshd and pdsh: tools/multinode_ssh.sh.
+exactly (the one-node references are forked with torchrun's environment: tests/fork_ranks.py). The pdsh/ssh path (the
+README's command as written) needs sshd and pdsh: tools/multinode_ssh.sh.
 """
 
 from __future__ import annotations
@@ -126,6 +127,21 @@ def train(work: dict, name: str, launcher: str, nodes: int, ranks: int, *extra: 
     return result(work, name, logs)
 
 
+def train_one_node(work: dict, name: str, ranks: int, *extra: str) -> dict:
+    """The one-node reference: ``ranks`` ranks with torchrun's environment, forked from a warm process
+    (tests/fork_ranks.py; the launchers themselves are what the multi-node runs test)."""
+    from fork_ranks import fork_ranks
+
+    args = ["--config", str(work["cfg"]), "--ds_config", str(work["ds"]), "--global-batch", "4",
+            "--out", str(work["root"] / "out" / name), "--run-name", name, *extra]  # fmt: skip
+    env = _env({"NODE_PROBE_SHARES": str(work["root"] / "shares" / name)})
+    proc = fork_ranks("path", PROBE, args, ranks, REPO, env, RUN_TIMEOUT)
+    log = proc.stdout + proc.stderr
+    (work["root"] / f"{name}.node0.log").write_text(log)
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{log[-4000:]}"
+    return result(work, name, [log])
+
+
 def result(work: dict, name: str, logs: list[str]) -> dict:
     out = work["root"] / "out" / name
     tag = work["root"] / "runs" / name / "checkpoints" / f"step_{STEPS:08d}"
@@ -167,9 +183,9 @@ def mlflow_runs(work: dict, name: str) -> list:
 
 
 def test_torchrun_two_nodes_by_one_rank_match_one_node(work: dict) -> None:
-    """2 x 1 ranks (torchrun, static rendezvous) against 1 x 2: same losses, outputs, weights; ep_size auto stays
-    inside a node (1 rank per node: ep 1, asked explicitly of the one-node run)."""
-    one = train(work, "t1x2", "torchrun", 1, 2, "--set", "model.moe.ep_size=1")
+    """2 x 1 ranks (torchrun, static rendezvous) against 1 x 2 (forked): same losses, outputs, weights; ep_size auto
+    stays inside a node (1 rank per node: ep 1, asked explicitly of the one-node run)."""
+    one = train_one_node(work, "t1x2", 2, "--set", "model.moe.ep_size=1")
     two = train(work, "t2x1", "torchrun", 2, 1)
     work["runs"]["t2x1"] = two
     assert logged_ep_size(two["logs"]) == 1
@@ -177,10 +193,10 @@ def test_torchrun_two_nodes_by_one_rank_match_one_node(work: dict) -> None:
 
 
 def test_deepspeed_launcher_two_nodes_by_two_ranks_match_one_node(work: dict) -> None:
-    """2 x 2 ranks (DeepSpeed launcher, hostfile, --no_ssh) against 1 x 4 (torchrun): identical; ep_size auto reads
+    """2 x 2 ranks (DeepSpeed launcher, hostfile, --no_ssh) against 1 x 4 (forked): identical; ep_size auto reads
     the launcher's LOCAL_SIZE (2 experts per group, never across nodes); every training sample in exactly one rank's
     share; one MLflow run; one checkpoint tag holding every rank's files, listed in its COMPLETE marker."""
-    one = train(work, "d1x4", "torchrun", 1, 4, "--set", "model.moe.ep_size=2")
+    one = train_one_node(work, "d1x4", 4, "--set", "model.moe.ep_size=2")
     two = train(work, "d2x2", "deepspeed", 2, 2)
     assert logged_ep_size(two["logs"]) == 2 and logged_ep_size(one["logs"]) == 2
     assert_same_run(one, two)
