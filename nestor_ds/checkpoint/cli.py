@@ -69,15 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.out.endswith(".safetensors"):
         p.error(f"--out {args.out}: must end with .safetensors")
+    return 0 if export_and_report(args, PROG) is not None else 2
+
+
+def export_and_report(args: argparse.Namespace, prog: str) -> Path | None:
+    """`export_with_progress`, then one line saying what was written; a failure is one line ``<prog>: error: ...``
+    on stderr and None (the caller exits 2)."""
     try:
         out = export_with_progress(args)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         text = str(err).strip().splitlines()
-        print(f"{PROG}: error: {text[0] if text else type(err).__name__}", file=sys.stderr, flush=True)
-        return 2
-    size = out.stat().st_size / 2**20
-    print(f"wrote {out} ({size:.1f} MiB) and {out.with_suffix('.json')}")
-    return 0
+        print(f"{prog}: error: {text[0] if text else type(err).__name__}", file=sys.stderr, flush=True)
+        return None
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {out.with_suffix('.json')}")
+    return out
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nestor_ds.checkpoint.cli import add_export_arguments, export_with_progress
+from nestor_ds.checkpoint.cli import add_export_arguments, export_and_report
 
 PROG = "python -m nestor_ds.tracking.register"
 
@@ -83,13 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     weights = Path(args.checkpoint)
     if args.out is not None:
-        try:
-            weights = export_with_progress(args)
-        except (ValueError, OSError) as err:  # CheckpointError is a ValueError
-            text = str(err).strip().splitlines()
-            print(f"{PROG}: error: {text[0] if text else type(err).__name__}", file=sys.stderr, flush=True)
+        exported = export_and_report(args, PROG)
+        if exported is None:
             return 2
-        print(f"wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB) and {weights.with_suffix('.json')}")
+        weights = exported
     elif not weights.is_file():
         print(f"{PROG}: error: {weights}: no such file", file=sys.stderr, flush=True)
         return 2
