@@ -191,9 +191,7 @@ def _free_port() -> int:
     return free_port()
 
 
-def run_entry(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None
-) -> subprocess.CompletedProcess:
+def run_entry(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m args[0] args[1:]`` on one rank, in this process: what ``launch(args, 1, cwd)`` returns (exit status,
     stdout, stderr with our log lines and the one-line errors), without paying for a new interpreter.
 
