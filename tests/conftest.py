@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from train_fixtures import LAUNCHER_VARS
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 # entries and tools run as modules (`python -m nestor_ds.train`) from the tests' temporary directories
@@ -72,8 +74,7 @@ def pretrain_ep2(tiny_shards, tmp_path_factory: pytest.TempPathFactory) -> Share
 
 
 # the launcher variables as the session started (normally none): what every test body starts and ends with
-_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_SESSION_LAUNCH_ENV = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+_SESSION_LAUNCH_ENV = {k: os.environ.get(k) for k in LAUNCHER_VARS}
 
 
 def _reset_launch_env() -> None:

@@ -23,6 +23,8 @@ import sys
 import threading
 from pathlib import Path
 
+from train_fixtures import outside_env
+
 REPO = Path(__file__).resolve().parents[1]
 PRELOAD = (
     "torch",
@@ -116,7 +118,7 @@ class ForkServer:
     """One warm process that forks the ranks of each run (one run at a time)."""
 
     def __init__(self) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+        env = outside_env()
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         env.setdefault("OMP_NUM_THREADS", "1")
         code = f"PRELOAD = {PRELOAD!r}\n{_SERVER}"
@@ -180,7 +182,6 @@ class ForkServer:
                 self.proc.kill()
 
 
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _server: ForkServer | None = None
 
 

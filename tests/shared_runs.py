@@ -1,8 +1,9 @@
 """Runs that several test files read, made once per test session, also across xdist workers (.ci/run).
 
 The first worker to ask builds the run under the session's directory while holding its lock; the others wait on the
-lock and reuse it. A test that changes a shared run's files copies them first. A failed build leaves no marker, so
-the next worker to ask tries again (and fails with its own message)."""
+lock and reuse it. A test that changes a shared run's files copies them first. A build that raises leaves no marker,
+so the next worker to ask tries again; a run that failed is shared as it ended (its exit status and output are part of
+what was built), so every test that reads it fails with its message."""
 
 from __future__ import annotations
 
