@@ -1,25 +1,22 @@
 """Export of a real 2-rank, ep_size-2 DeepSpeed checkpoint -> safetensors -> load_pretrained.
 
 The module fixture trains a tiny NESTOR (expert-parallel local token MoE, ep_size 2, ZeRO-2, gloo) for one
-step under torchrun through the training entry's own set-up (``run_training``: ``Trainer.build``, its data stream,
-its checkpoint save with the COMPLETE marker), and records the trained DeepSpeed engine model's eval output on a
-fixed input. This file is also that worker (`--worker OUT_DIR CONFIG DS_CONFIG`).
+step on 2 ranks (torchrun's environment: tests/fork_ranks.py) through the training entry's own set-up
+(``run_training``: ``Trainer.build``, its data stream, its checkpoint save with the COMPLETE marker), and records
+the trained DeepSpeed engine model's eval output on a fixed input. This file is also that worker
+(`--worker OUT_DIR CONFIG DS_CONFIG`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-from nestor_ds.procs import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = Path("runs") / "export" / "checkpoints"  # the trainer's checkpoint root under the fixture's directory
@@ -72,7 +69,7 @@ def worker(out: Path, config: Path, ds_config_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def ds_run(tiny_shards, tmp_path_factory) -> Path:
-    from train_fixtures import ds_config
+    from train_fixtures import ds_config, run_two_rank_script
     from train_fixtures import tiny_config as run_config
 
     out = tmp_path_factory.mktemp("ds_ep2")
@@ -86,18 +83,8 @@ def ds_run(tiny_shards, tmp_path_factory) -> Path:
         train={"max_steps": 1, "ckpt_every": 1, "eval_max_trajectories": 1},
         tracking={"enabled": False},
     )
-    env = {
-        **os.environ,
-        "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    with socket.socket() as sock:  # torchrun's static rendezvous needs a real port (0 hangs)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     args = ("--worker", str(out), str(config), str(ds_config(out, stage=2, micro=2)))
-    cmd = torchrun(2, str(Path(__file__).resolve()), *args, port=port)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=out)
+    proc = run_two_rank_script(Path(__file__).resolve(), out, *args, timeout=600)
     if proc.returncode != 0:
         pytest.fail(
             f"2-rank DeepSpeed worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nestor_ds.procs import torchrun
+from nestor_ds.procs import free_port, torchrun
 
 from train_fixtures import ds_config, launch, tiny_config
 
@@ -264,12 +264,10 @@ def test_sigterm_to_the_launcher_checkpoints_and_ends_the_run_killed(tiny_shards
 
     from mlflow.tracking import MlflowClient
 
-    from train_fixtures import _free_port
-
     root, shards = tiny_shards
     cfg = tiny_config(tmp_path, shards, train={"max_steps": 100000, "ckpt_every": 100000, "log_every": 10})
     if launcher == "deepspeed":
-        cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port())]
+        cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port())]
     else:
         cmd = torchrun(2)
     cmd += [

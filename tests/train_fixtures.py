@@ -15,8 +15,6 @@ from typing import Any
 
 import yaml
 
-from nestor_ds.procs import free_port, torchrun
-
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {  # name: (pde, layout, trajectories, frames)
     "ns_tiny": ("ns", "fno-mat", 6, 14),
@@ -140,41 +138,31 @@ def entry_args(module: str, ds_config: str | Path, config: str | Path, *extra: s
 
 
 def launch(
-    args: list[str],
-    ranks: int,
-    cwd: Path,
-    timeout: int = 880,
-    env: dict[str, str] | None = None,
-    launcher: str = "torchrun",
-    process: bool = False,
+    args: list[str], ranks: int, cwd: Path, timeout: int = 880, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run the entry module ``args[0]`` (e.g. ``nestor_ds.train``) on ``ranks`` CPU ranks with torchrun or the
-    DeepSpeed launcher. One rank runs in this process (`run_entry`) and several ranks "with torchrun" are forked from
-    a warm process (tests/fork_ranks.py, torchrun's environment), unless ``process``: then real processes (a plain
-    ``python -m`` for one rank, torchrun for several), for tests of what only those have (signals, a launcher, exit
-    status of a dying interpreter, a fresh import)."""
-    if ranks == 1 and launcher == "torchrun" and not process:
+    """Run the entry module ``args[0]`` (e.g. ``nestor_ds.train``) on ``ranks`` CPU ranks: one rank in this process
+    (`run_entry`), several forked from a warm process with torchrun's environment (tests/fork_ranks.py). Tests of
+    what only real processes have (a launcher, signals, a dying interpreter) build their own command lines
+    (`nestor_ds.procs.torchrun`, the DeepSpeed launcher: tests/test_multinode.py, test_restart.py,
+    test_reliability.py)."""
+    if ranks == 1:
         return run_entry(args, cwd, env=env)
-    full_env = {
+    from fork_ranks import fork_ranks
+
+    return fork_ranks("module", args[0], list(args[1:]), ranks, cwd, rank_env(env), timeout)
+
+
+def rank_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a launched rank: this process's without launcher variables, the repository importable, the
+    shared extension cache, one thread, unbuffered output; ``extra`` on top."""
+    return {
         **outside_env(),
+        "PYTHONPATH": str(REPO),
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
-        **(env or {}),
+        **(extra or {}),
     }
-    module, rest = args[0], args[1:]
-    if launcher == "torchrun" and ranks > 1 and not process:
-        from fork_ranks import fork_ranks
-
-        return fork_ranks("module", module, list(rest), ranks, cwd, full_env, timeout)
-    if launcher == "deepspeed":
-        deepspeed_cli = str(Path(sys.executable).with_name("deepspeed"))
-        cmd = [deepspeed_cli, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "--module", module, *rest]
-    elif ranks == 1:
-        cmd = [sys.executable, "-m", module, *rest]
-    else:
-        cmd = torchrun(ranks, "-m", module, *rest)
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -185,10 +173,6 @@ def outside_env() -> dict[str, str]:
     test process that built a world of one in process has RANK, MASTER_PORT, ... set; a child that inherited them
     would join that world, or bind its port.)"""
     return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-
-
-def _free_port() -> int:
-    return free_port()
 
 
 def run_entry(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -259,15 +243,12 @@ def _session_process_group() -> None:
         init_distributed()
 
 
-def run_two_rank_script(script: str | Path, cwd: Path, timeout: int = 880) -> subprocess.CompletedProcess:
-    """``<script>`` on 2 ranks as ``torchrun --nproc_per_node 2 <script>`` would run it (a test file that is its own
-    worker), forked from the warm process of tests/fork_ranks.py, with the repository importable and one thread per
-    rank."""
-    env = {**outside_env(), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+def run_two_rank_script(script: str | Path, cwd: Path, *args: str, timeout: int = 880) -> subprocess.CompletedProcess:
+    """``<script> [args]`` on 2 ranks as ``torchrun --nproc_per_node 2 <script> [args]`` would run it (a test file
+    that is its own worker), forked from the warm process of tests/fork_ranks.py, in `rank_env`."""
     from fork_ranks import fork_ranks
 
-    return fork_ranks("path", str(script), [], 2, cwd, env, timeout)
+    return fork_ranks("path", str(script), list(args), 2, cwd, rank_env(), timeout)
 
 
 def marked_json(stdout: str, marker: str) -> Any:
