@@ -1,7 +1,8 @@
 """Device windowing (`TrainStream.packed_batches` + `WindowCutter`) gives the batches of the host path, bit for bit.
 
 Why it exists: cutting windows on the host copies t_in + t_ar frames per window; sending each trajectory once and
-cutting on the device moves T / windows_per_trajectory frames per window (docs/data_pipeline.md, "Loader capacity").
+cutting on the device moves T / windows_per_trajectory frames per window (docs/data_pipeline.md, "Loader capacity"),
+and a float16 shard is sent as stored (half the bytes) and converted on the device.
 The device here is the CPU: the cut code is the same on a GPU.
 """
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from nestor_ds.data import DataConfig, TrainStream
+from nestor_ds.data.device_windows import finite_frames
 from nestor_ds.shards import schema
 from nestor_ds.shards.tar import iter_shard_samples
 
@@ -27,6 +29,16 @@ from shard_fixtures import stream_config as make_cfg
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory) -> dict[str, Path]:
     return stream_datasets(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def dirs16(tmp_path_factory) -> dict[str, Path]:
+    """The stream tests' mixture stored as float16: "cfd" at the run resolution, "grp" resized and padded."""
+    root = tmp_path_factory.mktemp("shards16")
+    return {
+        "cfd": build_dataset(root, "cfd", n=8, t=10, res=16, c=4, per_shard=2, seed=1, dtype="float16"),
+        "grp": build_dataset(root, "grp", n=6, t=9, res=8, c=2, per_shard=3, seed=2, dtype="float16"),
+    }
 
 
 def cut(stream: TrainStream, n: int, start: int = 0) -> tuple[list[dict], int]:
@@ -72,24 +84,59 @@ def test_each_trajectory_is_sent_once_per_epoch(dirs: dict[str, Path]) -> None:
     assert len(released) == len(set(released)) and set(released) <= set(keys)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_float16_shards_are_sent_as_stored_and_cut_alike(dirs16: dict[str, Path], normalize: bool) -> None:
+    """A float16 shard crosses as float16 (half the bytes of float32) and the cut batches equal the host path's,
+    which converts to float32 in numpy: the conversion is exact wherever it runs. Resume included."""
+    cfg = make_cfg(dirs16, normalize=normalize, steps_per_epoch=5)
+    host = take(TrainStream(cfg, 4, seed=3), 12)
+    packed = list(itertools.islice(TrainStream(cfg, 4, seed=3).packed_batches(), 12))
+    sent = [t for p in packed for t in p["new_data"]]
+    assert sent and all(t.dtype == torch.float16 for t in sent)
+    cutter = TrainStream(cfg, 4, seed=3).cutter("cpu")
+    assert_batches_equal([cutter(p) for p in packed], host)
+    assert_batches_equal(cut(TrainStream(cfg, 4, seed=3), 5, 7)[0], host[7:])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_finite_frames_flags_exactly_the_frames_with_nan_or_inf(dtype: type) -> None:
+    """Against np.isfinite, on the values the cheap checks could get wrong: the largest finite values (their float32
+    sum overflows), subnormals, -0, signed Inf and NaN payloads."""
+    finfo = np.finfo(dtype)
+    frames = np.ones((7, 4, 4, 2), dtype=dtype)
+    frames[1] = finfo.max  # finite, but no finite sum in its own dtype
+    frames[2, 0, 0, 0], frames[2, 1, 1, 1] = finfo.smallest_subnormal, -0.0
+    frames[3, 3, 3, 1] = np.inf
+    frames[4, 0, 2, 0] = -np.inf
+    frames[5, 2, 2, 0] = np.nan
+    bits = frames.view(np.uint16 if dtype == np.float16 else np.uint32)
+    bits[6, 1, 1, 1] = 0x7C01 if dtype == np.float16 else 0x7F800001  # a NaN with the smallest payload
+    expect = np.isfinite(frames).reshape(7, -1).all(axis=1)
+    assert expect.tolist() == [True, True, True, False, False, False, False]
+    assert finite_frames(frames).tolist() == expect.tolist()
+    assert finite_frames(frames[:3]) is None  # all finite: no per-window check needed
+
+
 def _poison_frame0(shard_dir: Path) -> None:
-    """NaN in frame 0 of every trajectory of train shard 0, manifest digest updated (bad data, not corruption)."""
+    """NaN in frame 0 of every trajectory of train shard 0 (in the stored dtype), manifest digest updated (bad data,
+    not corruption)."""
     manifest = json.loads((shard_dir / "manifest.json").read_text())
     shard = shard_dir / manifest["splits"]["train"]["shards"][0]["file"]
     fd = os.open(shard, os.O_RDWR)
     try:
         for key, members in iter_shard_samples(fd, str(shard)):
             off, size = members["fields.npy"]
-            _, _, start = schema.parse_npy_header(np.frombuffer(os.pread(fd, 256, off), dtype=np.uint8), key)
-            os.pwrite(fd, np.float32("nan").tobytes(), off + start)
+            dtype, _, start = schema.parse_npy_header(np.frombuffer(os.pread(fd, 256, off), dtype=np.uint8), key)
+            os.pwrite(fd, np.array(np.nan, dtype=dtype).tobytes(), off + start)
     finally:
         os.close(fd)
     manifest["splits"]["train"]["shards"][0]["sha256"] = schema.sha256_file(shard)
     (shard_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_bad_windows_are_skipped_or_raised_alike(tmp_path: Path) -> None:
-    d = build_dataset(tmp_path, "bad", n=6, t=8, res=8, c=4, per_shard=3, test_fraction=0.0, seed=3)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_bad_windows_are_skipped_or_raised_alike(tmp_path: Path, dtype: str) -> None:
+    d = build_dataset(tmp_path, "bad", n=6, t=8, res=8, c=4, per_shard=3, test_fraction=0.0, seed=3, dtype=dtype)
     _poison_frame0(d)
     data = {"datasets": [{"name": "bad", "path": str(d)}], "t_in": 2, "t_ar": 1, "resolution": 8, "channels": 4}
     data.update(steps_per_epoch=4, shuffle_buffer=4, windows_per_trajectory=3, normalize=True)

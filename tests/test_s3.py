@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import threading
 from pathlib import Path
 
@@ -325,3 +326,54 @@ def test_training_from_s3_survives_a_server_restart_and_resumes_like_local(s3_se
     assert [step for step, _ in _losses(remote)] == list(range(1, 7))
     assert _losses(remote) == _losses(local)
     assert _final_eval(remote) == _final_eval(local) and _final_eval(local)["datasets"]
+
+
+def test_shard_cache_downloads_each_shard_once_through_a_restart_and_reads_it_like_local(
+    s3_env, s3_server, ns_both, tmp_path, monkeypatch, caplog
+):
+    """data.shard_cache: each s3:// shard is downloaded whole once (the server stopped and restarted in the middle
+    of the first download: the resuming reader finishes it), the cached files are the local build's bytes, the
+    batches equal the local directory's (with a resume), a second stream downloads nothing, and a shard whose
+    bytes differ from the manifest's sha256 is refused with one line and leaves nothing in the cache."""
+    local_dir, url = ns_both
+    cache = tmp_path / "cache"
+    full = take(TrainStream(make_cfg(str(local_dir)), 3, seed=9), 12)
+    proxy = CuttingProxy(s3_server.ports["s3.port"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    cached = make_cfg(s3_spec(url), shard_cache=str(cache))
+    stream = TrainStream(cached, 3, seed=9)  # reads the manifest: the cut below falls in a shard's download
+    proxy.arm(8000)
+
+    def restart_in_mid_body() -> None:
+        if proxy.held.wait(120):
+            s3_server.stop()
+            s3_server.start()
+            proxy.release()
+
+    restarter = threading.Thread(target=restart_in_mid_body, daemon=True)
+    restarter.start()
+    with caplog.at_level(logging.WARNING, logger="nestor_ds.shards.s3"):
+        assert_batches_equal(list(itertools.islice(stream.batches(), 12)), full)
+    restarter.join(60)
+    assert proxy.held.is_set() and "attempt 2 of" in caplog.text
+    files = {p.name.split("-", 1)[1]: p for p in cache.glob("*.tar")}
+    assert sorted(files) == [f"train-00000{i}.tar" for i in range(4)]
+    assert all(p.read_bytes() == (local_dir / name).read_bytes() for name, p in files.items())
+    before = {name: (p.stat().st_ino, p.stat().st_mtime_ns) for name, p in files.items()}
+    assert_batches_equal(take(TrainStream(cached, 3, seed=9), 7, 5), full[5:])  # resumed at step 5
+    assert {name: (p.stat().st_ino, p.stat().st_mtime_ns) for name, p in files.items()} == before
+    proxy.close()
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env["AWS_ENDPOINT_URL"])
+    c = raw_client(s3_env["AWS_ENDPOINT_URL"])
+    for p in sorted(local_dir.iterdir()):
+        body = p.read_bytes()
+        c.put_object(
+            Bucket=BUCKET, Key=f"stream/ns-flipped/{p.name}", Body=_flip(body, 3000) if "train" in p.name else body
+        )
+    bad_cache = tmp_path / "bad-cache"
+    with pytest.raises(DataFormatError) as changed:
+        take(TrainStream(make_cfg(s3_spec(f"s3://{BUCKET}/stream/ns-flipped"), shard_cache=str(bad_cache)), 3), 2)
+    text = str(changed.value)
+    assert text.startswith(f"s3://{BUCKET}/stream/ns-flipped/train-0000") and "sha256" in text, text
+    assert len(text.splitlines()) == 1 and not list(bad_cache.glob("*.tar")) and not list(bad_cache.glob(".*.part"))

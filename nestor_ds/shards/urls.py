@@ -160,9 +160,9 @@ def shard_urls(spec: str, manifest: dict[str, Any], split: str, where: str) -> t
     return tuple((by_file[s["file"]], int(s["count"])) for s in shards)
 
 
-def _open(url: str):
+def open_url(url: str):
     """A readable stream of one shard URL: s3:// through the resuming reader of s3.py (webdataset has no s3
-    scheme of its own), everything else through webdataset's gopen."""
+    scheme of its own), everything else through webdataset's gopen (also what the staging cache downloads with)."""
     if s3.is_s3(url):
         return s3.open_object(url)
     import webdataset as wds
@@ -182,7 +182,7 @@ def iter_url_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
     stream, finished = None, False
     try:
-        stream = _open(url)
+        stream = open_url(url)
         members = ((m["fname"], m["data"]) for m in tariterators.tar_file_iterator(stream))
         yield from group_members(members, url)
         finished = True
