@@ -60,7 +60,8 @@ def pretrain_ep2(tiny_shards, tmp_path_factory: pytest.TempPathFactory) -> Share
             work,
             shards,
             model={"moe": {"backend": "local", "ep_size": 2}},
-            train={"max_steps": 20, "eval_every": 10, "ckpt_every": 10, "log_every": 5},
+            # threads_per_rank: the product's default (cores / ranks per node), which tiny_config replaces by 1
+            train={"max_steps": 20, "eval_every": 10, "ckpt_every": 10, "log_every": 5, "threads_per_rank": None},
             optim={"lr": 3e-3, "warmup_steps": 3},
             tracking={"figure_every_eval": True},
         )

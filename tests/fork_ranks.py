@@ -31,6 +31,9 @@ PRELOAD = (
     "torch.distributed",
     "torch._dynamo",  # torch.optim imports it on the first optimizer
     "deepspeed",
+    # DeepSpeed's ZeRO optimizer check imports its Muon optimizer, whose torch.compile decorators import Inductor
+    # (about 2 s of CPU in every rank that builds a ZeRO engine)
+    "deepspeed.runtime.zero.muon.muon_optimizer",
     "mlflow",
     "matplotlib.pyplot",
     "nestor_ds.train",

@@ -94,19 +94,12 @@ def test_server_restart_mid_run_loses_nothing_and_masks_credentials(tiny_shards,
         up_at = _steps_in(metrics)
         server = start_tracking_server(tmp_path, port)
         out, err = train.communicate(timeout=600)
-    finally:
-        if train is not None and train.poll() is None:
-            train.kill()
-            train.communicate()
-        stop(server)
-    assert train.returncode == 0, err[-5000:]
-    assert up_at >= down_at + 6 or up_at == steps, (down_at, up_at)
-    assert "MLflow unreachable" in err and "reachable again" in err, err[-3000:]
-    assert "tracking disabled" not in err
+        assert train.returncode == 0, err[-5000:]
+        assert up_at >= down_at + 6 or up_at == steps, (down_at, up_at)
+        assert "MLflow unreachable" in err and "reachable again" in err, err[-3000:]
+        assert "tracking disabled" not in err
 
-    # restart the server only to read the store back (the training process is gone)
-    server = start_tracking_server(tmp_path, port)
-    try:
+        # the store read back through the restarted server, after the training process is gone
         client = MlflowClient(f"http://127.0.0.1:{port}")
         run = client.search_runs([client.get_experiment_by_name("nestor-ds").experiment_id])[0]
         assert run.info.status == "FINISHED"
@@ -117,6 +110,9 @@ def test_server_restart_mid_run_loses_nothing_and_masks_credentials(tiny_shards,
         assert not leaked, leaked
         assert "params.json" in [f.path for f in client.list_artifacts(run.info.run_id)]
     finally:
+        if train is not None and train.poll() is None:
+            train.kill()
+            train.communicate()
         stop(server)
 
     # every checkpoint names the run (a resume re-opens it); nothing on disk or printed holds the password

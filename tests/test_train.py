@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -38,6 +39,8 @@ def test_zero2_ep2_trains_checkpoints_and_evaluates(pretrain_ep2):
     losses = _losses(run)
     assert len(losses) == 20 and all(map(lambda v: v == v and abs(v) < 1e3, losses))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    threads = max(1, (os.cpu_count() or 1) // 2)  # the default threads_per_rank: cores / ranks on this node
+    assert f"world size 2, ep_size 2, {threads} thread(s) per rank" in proc.stderr, proc.stderr[-3000:]
     tags = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
     assert tags == ["step_00000010", "step_00000020"]
     last = run / "checkpoints" / "step_00000020"

@@ -72,6 +72,10 @@ def tiny_config(root: Path, shards: dict[str, Path], **sections: Any) -> Path:
             "eval_batch_size": 2,
             "output_dir": str(root / "runs"),
             "input_noise": 0.0,
+            # one intra-op thread: the default (cores / ranks per node) gives a one-rank run 2 OpenMP threads, which
+            # spin-wait for each other whenever the other test worker holds a core (measured 4-10x the CPU of one
+            # thread under load, docs/testing.md); the default itself is run by the shared pre-training (conftest.py)
+            "threads_per_rank": 1,
         },
         # log_model and figures off: exporting + logging the model and drawing the figures cost every run seconds;
         # test_mlflow_models.py turns the model on, the shared pre-training (conftest.py) the figures

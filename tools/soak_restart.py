@@ -277,6 +277,7 @@ def fewer_nodes(work: Path, steps: int = 4, last_call_s: int = 5, timeout_s: flo
     )
     ref_log = work / "reference.log"
     ref = start(torchrun(2, *args("reference", "--set", "train.stop_at=2")), ref_log, run_env())
+    ref2: subprocess.Popen | None = None
     try:
         complete = work / "runs" / "elastic" / "checkpoints" / "step_00000002" / "COMPLETE"
         wait_for(complete.is_file, host, timeout_s, "the step-2 checkpoint of the 2-node job")
@@ -291,14 +292,15 @@ def fewer_nodes(work: Path, steps: int = 4, last_call_s: int = 5, timeout_s: flo
         killed = kill_tree(other.pid, signal.SIGKILL)
         other.wait()
         result["killed_pids"] = len(killed)
-        finish(host, work / "node0.log", timeout_s, "the surviving agent")
-        result["kill_to_end_s"] = round(time.monotonic() - t_kill, 1)
+        # the reference's second leg runs while the survivor waits out the rendezvous and restarts
         finish(ref, ref_log, timeout_s, "reference, 2 ranks to step 2")
         ref2_log = work / "reference_1rank.log"
         ref2 = start(torchrun(1, *args("reference", "--resume", "auto")), ref2_log, run_env())
+        finish(host, work / "node0.log", timeout_s, "the surviving agent")
+        result["kill_to_end_s"] = round(time.monotonic() - t_kill, 1)
         finish(ref2, ref2_log, timeout_s, "reference, 1 rank from step 2")
     finally:
-        for p in (host, other, ref):
+        for p in (host, other, ref, *([ref2] if ref2 is not None else [])):
             kill_tree(p.pid, signal.SIGKILL)
     result["total_s"] = round(time.monotonic() - t0, 1)
     result["load_after"] = uptime()

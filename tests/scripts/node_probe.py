@@ -6,7 +6,9 @@ reads, and can slow the steps down so that a test can kill a node in mid-run.
 
 Environment (both optional): ``NODE_PROBE_SHARES=DIR`` writes ``DIR/rank<r>.json``, the (dataset, shard, sample
 position) triples that rank r's own ``TrainStream`` share holds in epoch 0 (``_WindowSource.share``, the real
-split by rank and worker); ``NODE_PROBE_SLOW=K:S`` sleeps S seconds before every batch from position K on.
+split by rank and worker); ``NODE_PROBE_SLOW=K:S`` sleeps S seconds before every batch from position K on, in the
+first attempt only (a test kills it in mid-step; an attempt restarted by torchrun's agent, TORCHELASTIC_RESTART_COUNT
+>= 1, runs at full speed).
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def main() -> None:
     source = probe_train.global_batch_source
     shares_dir = os.environ.get("NODE_PROBE_SHARES")
     slow_from, _, slow_s = os.environ.get("NODE_PROBE_SLOW", "").partition(":")
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        slow_s = ""  # a restarted attempt: nothing left to kill in mid-step
 
     def wrapped(cfg: RunConfig, global_batch: int) -> Batches:
         inner = source(cfg, global_batch)
