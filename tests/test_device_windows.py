@@ -152,15 +152,45 @@ def test_bad_windows_are_skipped_or_raised_alike(tmp_path: Path, dtype: str) -> 
     assert str(dev_err.value) == str(host_err.value)
 
 
-def test_training_with_device_windows_follows_the_host_path(tiny_shards, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny16(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny datasets for the trainer's tiny config (T = 14, 16x16, 2 and 1 channels), stored as float16."""
+    root = tmp_path_factory.mktemp("tiny16")
+    return {
+        "a16": build_dataset(
+            root, "a16", n=6, t=14, res=16, c=2, per_shard=2, test_fraction=0.34, seed=4, dtype="float16"
+        ),
+        "b16": build_dataset(
+            root, "b16", n=6, t=14, res=16, c=1, per_shard=3, test_fraction=0.34, seed=5, dtype="float16"
+        ),
+    }
+
+
+# the README's afno-ti recommendation (after its presets table; docs/data_pipeline.md, "Loader capacity"): fp16
+# shards, data.device_windows: true and data.windows_per_trajectory: 8 (shuffle buffer raised in proportion, as the
+# docs say), on afno-tiny shrunk like the other tests' AFNO
+AFNO_TI_RECIPE = {
+    "model": {"preset": "afno-tiny", "width": 16, "patch_size": 4, "afno_modes": 2, "norm_groups": 4, "head_dim": 8},
+    "data": {"windows_per_trajectory": 8, "shuffle_buffer": 16},
+}
+
+
+@pytest.mark.parametrize("recipe", ["nestor-tiny", "afno-ti-readme"])
+def test_training_with_device_windows_follows_the_host_path(recipe: str, request, tmp_path: Path) -> None:
     """`data.device_windows: true` through the real entry (trainer, DeviceFeed, resume position): the same loss at
-    every step as the host-cut default."""
+    every step as the host-cut default. "afno-ti-readme" runs the configuration the README recommends for afno-ti
+    (float16 shards sent as stored, 8 windows per trajectory) on a tiny AFNO."""
     from train_fixtures import ds_config, launch, tiny_config
 
-    _, shards = tiny_shards
+    if recipe == "afno-ti-readme":
+        shards, sections = request.getfixturevalue("tiny16"), AFNO_TI_RECIPE
+        assert all(json.loads((d / "manifest.json").read_text())["dtype"] == "float16" for d in shards.values())
+    else:
+        shards, sections = request.getfixturevalue("tiny_shards")[1], {}
     losses = {}
     for on in (False, True):
-        cfg = tiny_config(tmp_path, shards, data={"device_windows": on}, tracking={"enabled": False})
+        data = {**sections.get("data", {}), "device_windows": on}
+        cfg = tiny_config(tmp_path, shards, **{**sections, "data": data}, tracking={"enabled": False})
         name = f"dw{int(on)}"
         args = ["nestor_ds.train", "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg), "--run-name", name]
         proc = launch(args, ranks=1, cwd=tmp_path)
@@ -169,3 +199,55 @@ def test_training_with_device_windows_follows_the_host_path(tiny_shards, tmp_pat
         rows = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
         losses[on] = [json.loads(r)["train/loss"] for r in rows]
     assert len(losses[True]) == 6 and losses[True] == losses[False]
+    assert all(np.isfinite(losses[True]))
+
+
+def test_resume_with_settings_that_keep_the_batches_keeps_the_trajectory(tiny_shards, tmp_path: Path) -> None:
+    """A run stopped at step 2 and resumed with device windowing, a shard cache and no sha256 pass turned on (the
+    batches are the same by design): no "configuration differs" warning, and every loss equals the uninterrupted
+    run's. The digest still changes with what does change the batches (the logical worker count, windows)."""
+    from nestor_ds.engine.run_config import RunConfig
+
+    from train_fixtures import ds_config, launch, tiny_config
+
+    _, shards = tiny_shards
+    train = {"max_steps": 4, "ckpt_every": 2}
+    cfg = tiny_config(tmp_path, shards, model=AFNO_TI_RECIPE["model"], train=train, tracking={"enabled": False})
+
+    def run(name: str, *extra: str) -> str:
+        args = ["nestor_ds.train", "--ds_config", str(ds_config(tmp_path)), "--config", str(cfg), "--run-name", name]
+        proc = launch([*args, *extra], ranks=1, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+
+    run("full")
+    assert "stopped cleanly at step 2" in run("cut", "--set", "train.stop_at=2")
+    changed = ("data.device_windows=true", f"data.shard_cache={tmp_path / 'cache'}", "data.verify_shards=false")
+    resumed = run("cut", "--resume", "auto", *(a for c in changed for a in ("--set", c)))
+    assert "resumed from" in resumed and "windows cut on cpu" in resumed
+    assert "differs from the checkpoint" not in resumed, resumed[-3000:]
+    losses = {
+        name: [
+            json.loads(r)["train/loss"] for r in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        for name in ("full", "cut")
+    }
+    assert len(losses["cut"]) == 4 and losses["cut"] == losses["full"]
+
+    base = RunConfig()
+    digest = base.digest()
+    for key, value in (("num_workers", 1), ("device_windows", True), ("shard_cache", "/c"), ("verify_shards", False)):
+        same = RunConfig()
+        setattr(same.data, key, value)
+        assert same.digest() == digest, key  # on this CPU machine 0 and 1 workers are one logical worker
+    for key, value in (("num_workers", 2), ("windows_per_trajectory", 8)):
+        other = RunConfig()
+        setattr(other.data, key, value)
+        assert other.digest() != digest, key
+    # checkpoints written before these settings left the digest stored the whole data section (without the keys added
+    # since): the legacy form, which the resume also accepts, still tells device_windows apart and ignores the new keys
+    legacy = RunConfig()
+    legacy.data.shard_cache, legacy.data.verify_shards = "/c", False
+    assert legacy.digest(legacy=True) == base.digest(legacy=True) != legacy.digest()
+    legacy.data.device_windows = True
+    assert legacy.digest(legacy=True) != base.digest(legacy=True)

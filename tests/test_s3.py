@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -18,12 +20,13 @@ from nestor_ds.data import DataConfig, TrainStream, build_eval_batches
 from nestor_ds.procs import free_port
 from nestor_ds.shards import s3
 from nestor_ds.shards.build import META_BYTES_ESTIMATE, BuildConfig, build
+from nestor_ds.shards.cache import stage
 from nestor_ds.shards.cli import main as shards_main
 from nestor_ds.shards.schema import DataFormatError
 from nestor_ds.synth.layouts import write_dataset
 
 from s3_server import BUCKET, CuttingProxy, aws_env, raw_client, s3_env_fixture, s3_server_fixture  # noqa: F401
-from shard_fixtures import assert_batches_equal, take
+from shard_fixtures import assert_batches_equal, frame_table, take, window_positions
 from train_fixtures import build_tiny_shards, ds_config, launch, tiny_config
 
 pytestmark = pytest.mark.timeout(900)
@@ -377,3 +380,114 @@ def test_shard_cache_downloads_each_shard_once_through_a_restart_and_reads_it_li
     text = str(changed.value)
     assert text.startswith(f"s3://{BUCKET}/stream/ns-flipped/train-0000") and "sha256" in text, text
     assert len(text.splitlines()) == 1 and not list(bad_cache.glob("*.tar")) and not list(bad_cache.glob(".*.part"))
+
+
+def _staged(cache: Path) -> list[str]:
+    """The shard file names staged in `cache`, sorted (cache files are `<32 hex>-<shard name>`)."""
+    return sorted(p.name.split("-", 1)[1] for p in cache.glob("*.tar"))
+
+
+def test_shard_cache_bound_evicts_unused_shards_and_batches_stay_those_of_local(s3_env, ns_both, tmp_path, caplog):
+    """data.shard_cache_max_gb below one shard, one window per batch, per trajectory and in the shuffle buffer: after
+    each download every shard but those in use is evicted (at most three: the buffer's window, the one just read and
+    the one handed out last, until the next is drawn), so over three epochs (and a resume) the four shards are
+    downloaded again and again, and the batches still equal the local directory's; the shards in use stay, over the
+    bound, said in one warning."""
+    local_dir, url = ns_both
+    bound = min(p.stat().st_size for p in local_dir.glob("train-*.tar")) / 2 / 1e9
+    cache = tmp_path / "cache"
+    kw = {"shuffle_buffer": 1, "windows_per_trajectory": 1, "normalize": False}
+    full = take(TrainStream(make_cfg(str(local_dir), **kw), 1, seed=9), 24)
+    table = frame_table(local_dir)
+    read = {p for b in full for p in window_positions(b, 0, table, T_IN + T_AR)}
+    assert read == {0, 1, 2, 3}  # every shard (one trajectory each) is read
+    cached = make_cfg(s3_spec(url), shard_cache=str(cache), shard_cache_max_gb=bound, **kw)
+    with caplog.at_level(logging.WARNING, logger="nestor_ds.shards.cache"):
+        batches = TrainStream(cached, 1, seed=9).batches()
+        for step in range(24):
+            assert_batches_equal([next(batches)], full[step : step + 1])
+            assert len(_staged(cache)) <= 3, step
+        batches.close()
+        assert_batches_equal(take(TrainStream(cached, 1, seed=9), 7, 13), full[13:20])  # resumed at step 13
+    said = [r.getMessage() for r in caplog.records if "data.shard_cache_max_gb" in r.getMessage()]
+    assert len(said) == 1 and f"shard cache {cache}: the shards in use take" in said[0]
+
+
+def test_shard_cache_never_evicts_a_shard_another_process_or_this_one_uses(s3_env, ns_both, tmp_path):
+    """A bound of one and a half shards, shards A..D: A staged and held by another process, B held here; staging C
+    evicts B once released, never A; once A's process has exited, staging D evicts A and C."""
+    local_dir, url = ns_both
+    size = max(p.stat().st_size for p in local_dir.glob("train-*.tar"))
+    cache, bound = tmp_path / "cache", int(1.5 * size)
+    shas = {
+        s["file"]: s["sha256"]
+        for s in json.loads((local_dir / "manifest.json").read_text())["splits"]["train"]["shards"]
+    }
+    a, b, c, d = (f"train-00000{i}.tar" for i in range(4))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SHARD, f"{url}/{a}", str(cache), shas[a], str(bound)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        held_b = stage(f"{url}/{b}", cache, shas[b], bound)
+        assert held_b.downloaded and _staged(cache) == [a, b]  # both in use: nothing evicted, over the bound
+        held_b.lease.close()
+        held_c = stage(f"{url}/{c}", cache, shas[c], bound)
+        assert _staged(cache) == [a, c]  # B evicted; A is another process's
+        held_c.lease.close()
+    finally:
+        holder.communicate("", timeout=60)  # stdin closed: the holder exits
+    assert holder.returncode == 0
+    stage(f"{url}/{d}", cache, shas[d], bound)
+    assert _staged(cache) == [d]
+
+
+# A process of the node using shard argv[1]: staged into cache argv[2] (sha256 argv[3], bound argv[4] bytes), its lease
+# held until stdin closes.
+HOLD_SHARD = """
+import sys
+from nestor_ds.shards.cache import stage
+staged = stage(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_resume_downloads_only_the_shards_it_reads(s3_env, ns_both, tmp_path):
+    """Resumed at step 10 (one window per batch and per trajectory, a buffer of 2): the fast-forward passes 12
+    trajectories, three rounds over the 4 shards, but the resumed batch reads at most 2 (the window it uses and the
+    one it draws into the buffer); only those are downloaded, and the batches equal the local directory's, on the
+    host path and cut on the device."""
+    local_dir, url = ns_both
+    kw = {"steps_per_epoch": 100, "shuffle_buffer": 2, "windows_per_trajectory": 1}
+    full = take(TrainStream(make_cfg(str(local_dir), **kw), 1, seed=3), 13)
+    cache = tmp_path / "cache"
+    stream = TrainStream(make_cfg(s3_spec(url), shard_cache=str(cache), **kw), 1, seed=3)
+    resumed = stream.batches(10)
+    assert_batches_equal([next(resumed)], full[10:11])
+    assert 1 <= len(_staged(cache)) <= 2
+    assert_batches_equal([next(resumed), next(resumed)], full[11:13])
+    # device windowing: the trajectories passed over are sent, when used, from their shard staged then
+    cache2 = tmp_path / "cache2"
+    stream = TrainStream(make_cfg(s3_spec(url), shard_cache=str(cache2), device_windows=True, **kw), 1, seed=3)
+    packed, cutter = stream.packed_batches(10), stream.cutter("cpu")
+    assert_batches_equal([cutter(next(packed))], full[10:11])
+    assert 1 <= len(_staged(cache2)) <= 2
+
+
+def test_evaluation_over_s3_reads_the_staged_test_shards(s3_env, ns_both, tmp_path):
+    """With data.shard_cache the evaluation pass stages the test shards (downloaded once, then read mapped) and its
+    batches equal the local directory's; a second pass downloads nothing."""
+    local_dir, url = ns_both
+    cache = tmp_path / "cache"
+    remote, local = make_cfg(s3_spec(url), shard_cache=str(cache)), make_cfg(str(local_dir))
+    expect = list(build_eval_batches(local.datasets[0], local, 0, batch_size=4))
+    assert_batches_equal(list(build_eval_batches(remote.datasets[0], remote, 0, batch_size=4)), expect)
+    files = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.glob("*.tar")}
+    assert sorted(n.split("-", 1)[1] for n in files) == ["test-000000.tar", "test-000001.tar"]
+    assert all((cache / n).read_bytes() == (local_dir / n.split("-", 1)[1]).read_bytes() for n in files)
+    assert_batches_equal(list(build_eval_batches(remote.datasets[0], remote, 0, batch_size=4)), expect)
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.glob("*.tar")} == files

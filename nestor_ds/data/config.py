@@ -168,6 +168,9 @@ class DataConfig:
     # a local directory where each shard behind a URL (s3://, http(s)://, gs://, pipe:) is downloaded whole once, then
     # read memory-mapped like a local shard (docs/data_pipeline.md, "Shard staging cache"); null: streamed every read
     shard_cache: str | None = None
+    # bound on the shards staged in data.shard_cache, in GB (10^9 bytes): least recently used shards no process of the
+    # node reads are deleted after each download to fit (docs/data_pipeline.md, "Shard staging cache"); null: no bound
+    shard_cache_max_gb: float | None = None
     device_windows: bool = False  # send each trajectory to the device once, as stored (fp16 shards: half the bytes),
     # and cut its windows there (same batches; 1/windows_per_trajectory of the host-to-device bytes:
     # docs/data_pipeline.md, "Loader capacity")
@@ -190,6 +193,11 @@ class DataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def shard_cache_max_bytes(self) -> int | None:
+        """data.shard_cache_max_gb in bytes (None: no bound)."""
+        return None if self.shard_cache_max_gb is None else int(self.shard_cache_max_gb * 1e9)
 
     def validate(self, check_files: bool = True) -> None:
         """Raise ValueError with one clear line for the first problem found.
@@ -229,6 +237,9 @@ class DataConfig:
             raise UserError(f"data.num_workers: must be an integer >= 0, got {self.num_workers!r}")
         if self.shard_cache is not None and (not isinstance(self.shard_cache, str) or not self.shard_cache):
             raise UserError(f"data.shard_cache: a directory path or null, got {self.shard_cache!r}")
+        bound = self.shard_cache_max_gb
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0):
+            raise UserError(f"data.shard_cache_max_gb: a number of GB > 0 or null (no bound), got {bound!r}")
         if self.on_bad_sample not in ("error", "skip"):
             raise UserError(f"data.on_bad_sample: must be 'error' or 'skip', got {self.on_bad_sample!r}")
 

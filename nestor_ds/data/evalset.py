@@ -7,7 +7,8 @@ Two window sets (``windows``):
 - ``"first"``: one window per trajectory, input = the first t_in frames, targets = all later frames.
 
 The order is the manifest's test shards in order, the samples of each shard in tar order (shards behind
-URLs are read sequentially in that order with webdataset), then the start frames in order;
+URLs are read sequentially in that order with webdataset, or staged first with data.shard_cache and read as local
+shards), then the start frames in order;
 `traj_index` is a trajectory's position in that order and `start_frame` the window's s, so results of
 different ranks or runs can be joined per window. Frames are resized, padded and normalised exactly like
 training batches.
@@ -26,7 +27,7 @@ import torch
 
 from nestor_ds.data.config import DataConfig, DatasetSpec
 from nestor_ds.data.frames import normalize_, padded_stats, resize_frames, write_frames
-from nestor_ds.data.trajectories import DatasetInfo
+from nestor_ds.data.trajectories import DatasetInfo, stage_checked
 from nestor_ds.errors import UserError
 from nestor_ds.shards.schema import FIELDS_EXT, DataFormatError
 from nestor_ds.shards.tar import decode_sample, iter_shard_samples, read_fields
@@ -56,12 +57,32 @@ def _url_samples(url: str) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
         samples.close()
 
 
+def _staged_samples(
+    info: DatasetInfo, cfg: DataConfig
+) -> Callable[[str], Iterator[tuple[str, Callable[[], np.ndarray]]]]:
+    """Sample reader of test shard URLs through the staging cache (data.shard_cache): each shard staged as for
+    training (downloaded once per node, sha256-checked, kept from eviction while it is read), then read as a local
+    shard. Why: every evaluation reads the whole test split again; streamed, each pass downloads it again."""
+
+    def read(url: str) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+        path, lease = stage_checked(url, info, cfg.shard_cache, cfg.shard_cache_max_bytes)
+        try:
+            yield from _local_samples(path)
+        finally:
+            lease.close()
+
+    return read
+
+
 def _test_trajectories(
-    info: DatasetInfo, limit: int | None, rank: int, world_size: int
+    info: DatasetInfo, cfg: DataConfig, limit: int | None, rank: int, world_size: int
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(traj_index, fields [T, X, Y, c]) of this rank's test trajectories (index % world_size == rank);
     other ranks' trajectories are skipped without reading their data."""
-    read = _url_samples if info.remote else _local_samples
+    if not info.remote:
+        read = _local_samples
+    else:
+        read = _staged_samples(info, cfg) if cfg.shard_cache else _url_samples
     index = 0
     for location, _ in info.test:
         for key, fields in read(location):
@@ -90,7 +111,7 @@ def _check_args(batch_size: int, rank: int, world_size: int, windows: str, horiz
 
 def _test_split_info(spec: DatasetSpec, cfg: DataConfig, dataset_id: int) -> DatasetInfo:
     """The dataset's manifest facts, refusing one that has no test split or whose frames do not fit the config."""
-    info = DatasetInfo.from_spec(dataset_id, spec)
+    info = DatasetInfo.from_spec(dataset_id, spec, cfg.verify_shards)  # digests: staged shards' names, checks
     T, _, _, c = info.shape
     if T <= cfg.t_in:
         raise UserError(f"{spec.path}: T = {T} frames leaves no rollout target after t_in = {cfg.t_in}")
@@ -175,7 +196,7 @@ def build_eval_batches(
     stats = padded_stats(info, cfg.channels)
     starts = range(cfg.t_in, cfg.t_in + 1) if windows == "first" else range(cfg.t_in, T)
     items: list[tuple[int, int, np.ndarray]] = []
-    for index, fields in _test_trajectories(info, max_trajectories, rank, world_size):
+    for index, fields in _test_trajectories(info, cfg, max_trajectories, rank, world_size):
         frames = resize_frames(fields, cfg.resolution)
         for s in starts:
             items.append((index, s, frames))

@@ -111,6 +111,12 @@ class _WindowSource:
     def next(self) -> tuple[Trajectory, int]:
         return next(self._it)
 
+    def close(self) -> None:
+        """Drop the shuffle buffer and the shard being read now, not at the garbage collector's next cycle pass (the
+        generators and this source refer to each other): a staged shard stays leased, and unevictable, while one of
+        its trajectories is held (data.shard_cache_max_gb)."""
+        self._it.close()
+
     def _trajectories(self) -> Iterator[Trajectory]:
         """The share's trajectories, pass after pass: shards in a seeded order, each one read from a seeded start
         position round to the one before it.
@@ -118,7 +124,7 @@ class _WindowSource:
         Why the rotation: an epoch (`steps_per_epoch`) is usually shorter than a pass over the data, and every
         epoch builds its sources afresh; read from their first trajectory, a shard's later trajectories were
         never reached (measured: 30 of 64 per dataset ever trained on, docs/data_pipeline.md)."""
-        read: ShardReader = shard_reader(self.info, self.cfg.shard_cache)
+        read: ShardReader = shard_reader(self.info, self.cfg.shard_cache, self.cfg.shard_cache_max_bytes)
         while True:
             for j in self.rng.permutation(len(self.share)):
                 shard, mod, res = self.share[j]
@@ -285,6 +291,9 @@ class TrainStream:
             if epoch is None or epoch.epoch != e:
                 if packer is not None:
                     packer.new_epoch()
+                if epoch is not None:
+                    for source in epoch.sources.values():
+                        source.close()
                 epoch = _EpochStream(self, e, w, n_workers)
                 first = e * spe + (w - e * spe) % n_workers  # first step of epoch e owned by w
                 for _ in range((s - first) // n_workers):  # fast-forward: no trajectory reads

@@ -3,8 +3,9 @@
 `DatasetInfo` is what the pipeline needs from one manifest, read once at start-up. A trajectory source
 (`ShardReader`) yields the trajectories of one shard that belong to a reader slot: `mapped_trajectories`
 memory-maps a local shard (each trajectory a zero-copy view of its `fields.npy` member, found by
-`nestor_ds.shards.tar`), `url_trajectories` reads a shard URL sequentially with webdataset (urls.py). A local
-shard is compared with its manifest sha256 once per process before its first use.
+`nestor_ds.shards.tar`), `url_trajectories` reads a shard URL sequentially with webdataset (urls.py), and
+`staged_trajectories` stages a shard URL in data.shard_cache (nestor_ds/shards/cache.py) and maps it. A local or
+staged shard is compared with its manifest sha256 once per process before its first use.
 
 Shape legend: T frames, X, Y grid points, C channels (of the dataset).
 """
@@ -21,7 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from nestor_ds.data.config import DatasetSpec, spec_manifest
-from nestor_ds.shards.cache import stage
+from nestor_ds.shards.cache import Lease, is_staged, stage
 from nestor_ds.shards.schema import FIELDS_EXT, DataFormatError, sha256_file
 from nestor_ds.shards.tar import decode_sample, iter_shard_samples, map_fields
 from nestor_ds.shards.urls import is_url_spec, iter_url_samples, shard_urls, split_spec
@@ -109,10 +110,11 @@ class _MappedTrajectory:
     windows that entered the shuffle buffer during a resume fast-forward), and converted to float32 only when
     `load()` asks (a float16 shard on the device path is never converted on the host)."""
 
-    __slots__ = ("path", "key", "offset", "size", "info", "_stored", "_arr")
+    __slots__ = ("path", "key", "offset", "size", "info", "lease", "_stored", "_arr")
 
-    def __init__(self, path: str, key: str, offset: int, size: int, info: DatasetInfo):
+    def __init__(self, path: str, key: str, offset: int, size: int, info: DatasetInfo, lease: Lease | None = None):
         self.path, self.key, self.offset, self.size, self.info = path, key, offset, size, info
+        self.lease = lease  # a staged shard: kept from eviction while this trajectory lives (it may reopen the file)
         self._stored: np.ndarray | None = None
         self._arr: np.ndarray | None = None
 
@@ -166,9 +168,11 @@ def mapped_trajectories(
     eager: Callable[[], bool],
     first: int = 0,
     stop: int | None = None,
+    lease: Lease | None = None,
 ) -> Iterator[_MappedTrajectory]:
     """ShardReader of a local shard file: memory-mapped, tar headers walked by `iter_shard_samples` (positions
-    before `first` are passed over by their headers only)."""
+    before `first` are passed over by their headers only). `lease`: the staging cache's hold on the file, given to
+    each trajectory."""
     check_shard_once(path, info.digests.get(path))
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -185,7 +189,7 @@ def mapped_trajectories(
                 continue
             if FIELDS_EXT not in members:
                 raise DataFormatError(path, f"sample '{key}' has no .{FIELDS_EXT} member")
-            traj = _MappedTrajectory(path, key, *members[FIELDS_EXT], info)
+            traj = _MappedTrajectory(path, key, *members[FIELDS_EXT], info, lease)
             if eager():
                 traj.load_stored(mm)
             yield traj
@@ -279,12 +283,55 @@ def url_trajectories(
             samples.close()
 
 
-def staged_trajectories(cache_dir: str) -> ShardReader:
-    """ShardReader of shard URLs through the staging cache `cache_dir` (data.shard_cache; nestor_ds/shards/cache.py):
-    the shard is downloaded whole on its first read on this node (checked against the manifest sha256 as it
-    arrives), then read memory-mapped like a local shard, so trajectories, positions and batches are those of
-    `url_trajectories`. A shard another process staged is hashed once per process before use, as a local shard
-    (data.verify_shards). A resume fast-forward stages the shards it walks (their headers are read)."""
+def stage_checked(url: str, info: DatasetInfo, cache_dir: str, max_bytes: int | None) -> tuple[str, Lease]:
+    """The staged copy of shard `url` (downloaded on its first use on this node, checked against the manifest sha256
+    as it arrives; one another process staged is hashed once per process, as a local shard) and its lease."""
+    sha256 = info.digests.get(url)
+    path, downloaded, lease = stage(url, cache_dir, sha256, max_bytes)
+    if downloaded and sha256:
+        _VERIFIED.add((str(path), sha256))
+    check_shard_once(str(path), sha256)
+    return str(path), lease
+
+
+class _StagedTrajectory:
+    """A trajectory of a shard URL that a resume fast-forward passed before its shard was staged on this node: the
+    shard is staged (downloaded unless a process of the node has it) on the trajectory's first use, if it has one,
+    so a resume downloads only the shards it reads, as the streamed reader does."""
+
+    __slots__ = ("url", "pos", "count", "info", "cache_dir", "max_bytes", "_traj")
+
+    def __init__(self, url: str, pos: int, count: int, info: DatasetInfo, cache_dir: str, max_bytes: int | None):
+        self.url, self.pos, self.count, self.info = url, pos, count, info
+        self.cache_dir, self.max_bytes = cache_dir, max_bytes
+        self._traj: _MappedTrajectory | None = None
+
+    def _mapped(self) -> _MappedTrajectory:
+        if self._traj is None:
+            path, lease = stage_checked(self.url, self.info, self.cache_dir, self.max_bytes)
+            one = mapped_trajectories(path, self.count, 1, 0, self.info, lambda: True, self.pos, self.pos + 1, lease)
+            try:
+                self._traj = next(one)
+            finally:
+                one.close()
+        return self._traj
+
+    def where(self) -> str:
+        return self._traj.where() if self._traj else f"shard {self.url} sample #{self.pos}"
+
+    def load_stored(self) -> np.ndarray:
+        return self._mapped().load_stored()
+
+    def load(self) -> np.ndarray:
+        return self._mapped().load()
+
+
+def staged_trajectories(cache_dir: str, max_bytes: int | None = None) -> ShardReader:
+    """ShardReader of shard URLs through the staging cache `cache_dir` (data.shard_cache; nestor_ds/shards/cache.py;
+    `max_bytes`: data.shard_cache_max_gb): a shard is staged on its first read on this node, then read memory-mapped
+    like a local shard, so trajectories, positions and batches are those of `url_trajectories`. A resume
+    fast-forward walks the tar headers of shards already staged and, for the others, yields `_StagedTrajectory`s
+    that stage their shard only if they are used."""
 
     def read(
         url: str,
@@ -295,19 +342,21 @@ def staged_trajectories(cache_dir: str) -> ShardReader:
         eager: Callable[[], bool],
         first: int = 0,
         stop: int | None = None,
-    ) -> Iterator[_MappedTrajectory]:
-        sha256 = info.digests.get(url)
-        path, downloaded = stage(url, cache_dir, sha256)
-        if downloaded and sha256:
-            _VERIFIED.add((str(path), sha256))
-        check_shard_once(str(path), sha256)
-        yield from mapped_trajectories(str(path), count, mod, res, info, eager, first, stop)
+    ) -> Iterator[_MappedTrajectory | _StagedTrajectory]:
+        positions = range(res, count, mod)[first:stop]
+        k = 0  # trajectories of `positions` yielded so far
+        while k < len(positions) and not eager() and not is_staged(url, cache_dir, info.digests.get(url)):
+            yield _StagedTrajectory(url, positions[k], count, info, cache_dir, max_bytes)
+            k += 1
+        if k < len(positions):
+            path, lease = stage_checked(url, info, cache_dir, max_bytes)
+            yield from mapped_trajectories(path, count, mod, res, info, eager, first + k, stop, lease)
 
     return read
 
 
-def shard_reader(info: DatasetInfo, cache_dir: str | None) -> ShardReader:
+def shard_reader(info: DatasetInfo, cache_dir: str | None, max_bytes: int | None = None) -> ShardReader:
     """How a dataset's shards are read: mapped (local), staged then mapped (URLs with a cache), or streamed."""
     if not info.remote:
         return mapped_trajectories
-    return staged_trajectories(cache_dir) if cache_dir else url_trajectories
+    return staged_trajectories(cache_dir, max_bytes) if cache_dir else url_trajectories

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from nestor_ds.data.config import DataConfig
+from nestor_ds.data.stream import effective_workers
 from nestor_ds.engine.loss import LossConfig
 from nestor_ds.engine.optim import OptimConfig
 from nestor_ds.engine.train_config import TrainConfig
@@ -72,8 +73,12 @@ class RunConfig:
         out = dataclasses.asdict(self)
         return json.loads(json.dumps(out, default=str))
 
-    def digest(self) -> str:
-        """Hash of the science-relevant configuration (stored in checkpoints; resume warns on mismatch)."""
+    def digest(self, legacy: bool = False) -> str:
+        """Hash of the science-relevant configuration (stored in checkpoints; resume warns on mismatch).
+
+        ``legacy``: the hash as checkpoints written before the data section left out `SAME_BATCHES` stored it (the
+        whole data section, without the keys added since), so resuming one of those with an unchanged configuration
+        does not warn."""
         d = self.to_dict()
         for volatile in ("tracking",):
             d.pop(volatile, None)
@@ -81,7 +86,27 @@ class RunConfig:
         # (expert_order: the same function with the experts of each token MoE in another order)
         volatile = ("output_dir", "ckpt_every", "keep_last", "log_every", "stop_at", "threads_per_rank", "expert_order")
         d["train"] = {k: v for k, v in d["train"].items() if k not in volatile and not k.startswith("eval_")}
+        if legacy:
+            d["data"] = {k: v for k, v in d["data"].items() if k not in ADDED_SINCE_LEGACY_DIGEST}
+        else:
+            d["data"] = _batch_settings(d["data"])
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# data settings that change how the batches are made, never which: the batches are the same with them on or off
+# (device_windows: tests/test_device_windows.py, bit for bit with the CPU as the device; shard_cache: tests/test_s3.py),
+# so a run resumed with one of them changed keeps its trajectory (tests/test_device_windows.py)
+SAME_BATCHES = ("shard_cache", "shard_cache_max_gb", "verify_shards", "device_windows")
+ADDED_SINCE_LEGACY_DIGEST = ("shard_cache", "shard_cache_max_gb", "verify_shards")  # data keys newer than that hash
+
+
+def _batch_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """The data section as far as it decides the batches (`RunConfig.digest`): without `SAME_BATCHES`, and with
+    num_workers replaced by the logical worker count that seeds the streams (W = max(1, effective workers), stream.py):
+    0 and 1 give the same batches on a CPU machine, 0 and 2 on a GPU one, while any other change of W changes them."""
+    kept = {k: v for k, v in data.items() if k not in SAME_BATCHES and k != "num_workers"}
+    kept["logical_workers"] = max(1, effective_workers(data["num_workers"]))
+    return kept
 
 
 def format_config(cfg: RunConfig, ds_config: dict[str, Any] | None = None) -> str:

@@ -128,11 +128,12 @@ class RunSetup:
         layout = RunLayout(self.dist.world_size, self.ep, self.zero_stage, cfg.model.to_dict(), cfg.train.expert_order)
         logs = (self.run_dir / "metrics.jsonl", self.run_dir / USAGE_LOG)
         client = ckpt.resume(self.engine, resume, self.ckpt_root, logs, layout)
-        if client.get("config_digest") not in (None, self.cfg.digest()) and self.dist.is_main:
+        saved_digest = client.get("config_digest")
+        if saved_digest not in (None, self.cfg.digest(), self.cfg.digest(legacy=True)) and self.dist.is_main:
             log.warning(
                 "the configuration differs from the checkpoint's (digest %s vs %s): the trajectory will not "
                 "match an uninterrupted run",
-                client.get("config_digest"),
+                saved_digest,
                 self.cfg.digest(),
             )
         self.start_step = self.step = int(client.get("step", 0))
