@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,8 +19,36 @@ import time
 import urllib.request
 from pathlib import Path
 
+_LOWEST_PORT = 10000  # free_port's own range starts here: above the well-known and most registered service ports
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux; the common default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a server this process starts next.
+
+    Chosen outside the kernel's ephemeral range: a port the kernel hands out (bind to port 0) lies inside it, and
+    any outgoing connection made before the server binds -- by the server itself while it starts its parts, or by
+    anything else on the machine -- can take it as its local port (seen: SeaweedFS's volume server failing with
+    "address already in use" on a loaded machine). A random port below that range, tested by binding it, is
+    taken only by another server that picks the same one; the kernel's choice is the fallback."""
+    low, _ = _ephemeral_range()
+    if low - 1 > _LOWEST_PORT:
+        # SystemRandom: independent of any seed a training run gave `random`, so two processes never try in lockstep
+        for port in random.SystemRandom().sample(range(_LOWEST_PORT, low), k=min(64, low - _LOWEST_PORT)):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -16,6 +16,7 @@ from nestor_ds.eval.metrics import (
     masked_mean,
     spectrum_band_error,
 )
+from nestor_ds.procs import free_port
 
 
 def decaying_trajectory(steps: int, c: float = 0.8, n: int = 16) -> torch.Tensor:
@@ -245,15 +246,12 @@ def _dist_worker(rank: int, port: int, cfg, out: str) -> None:
 
 def test_distributed_reduction_equals_single_process(tiny_shards, tmp_path):
     import json
-    import socket
 
     import torch.multiprocessing as mp
 
     from nestor_ds.eval import evaluate_model
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_dist_worker, args=(port, tiny_shards, str(tmp_path / "r")), nprocs=2, join=True)
     (r0, seen0), (r1, seen1) = (
         (d["report"], set(d["seen"])) for d in (json.loads((tmp_path / f"r.{i}").read_text()) for i in range(2))

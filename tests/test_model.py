@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from nestor_ds.model.flops import account, forward_flops, measured_flops, param_
 from nestor_ds.model.image_moe import ImageMoE
 from nestor_ds.model.parallelize import apply_expert_parallel
 from nestor_ds.moe import LocalTokenMoE
+from nestor_ds.procs import free_port
 
 torch.set_num_threads(1)
 
@@ -256,9 +256,7 @@ def _ep_worker(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_expert_parallel_padding_two_ranks():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     mp.spawn(_ep_worker, args=(2, port, q), nprocs=2, join=True)

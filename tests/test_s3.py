@@ -491,3 +491,17 @@ def test_evaluation_over_s3_reads_the_staged_test_shards(s3_env, ns_both, tmp_pa
     assert all((cache / n).read_bytes() == (local_dir / n.split("-", 1)[1]).read_bytes() for n in files)
     assert_batches_equal(list(build_eval_batches(remote.datasets[0], remote, 0, batch_size=4)), expect)
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.glob("*.tar")} == files
+
+
+def test_free_port_lies_below_the_ephemeral_range_and_binds():
+    """The servers the tests start (SeaweedFS opens 12 ports) take ports from `free_port`: outside the kernel's range
+    for outgoing connections, which a connection made before the server binds could otherwise take (SeaweedFS's
+    volume server failed with "address already in use" that way on a loaded machine)."""
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(24)}
+    assert len(ports) > 1 and all(10000 <= p < low for p in ports), sorted(ports)
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
