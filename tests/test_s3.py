@@ -505,3 +505,16 @@ def test_free_port_lies_below_the_ephemeral_range_and_binds():
     for port in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_shard_cache_names_never_come_from_a_manifest_path():
+    """A staged shard's file name is built from the manifest's sha256: a value that is not 64 hex digits (a crafted
+    manifest in a bucket: "../../x") is refused in one line naming the URL, never joined into a path."""
+    from nestor_ds.shards.cache import cache_name
+
+    url = "s3://b/p/train-000001.tar"
+    assert cache_name(url, "ab" * 32) == f"{'ab' * 16}-train-000001.tar"
+    assert cache_name(url, None).endswith("-train-000001.tar") and "/" not in cache_name(url, None)
+    with pytest.raises(DataFormatError, match="not 64 hex digits") as err:
+        cache_name(url, "../../" + "a" * 58)
+    assert url in str(err.value)
