@@ -78,7 +78,7 @@ class SeaweedS3:
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
         log.close()
         deadline = time.monotonic() + timeout_s
-        c = raw_client(self.endpoint)
+        c = raw_client(self.endpoint, attempts=1)
         while True:
             try:
                 c.list_buckets()
@@ -95,8 +95,12 @@ class SeaweedS3:
         self.proc = None
 
 
-def raw_client(endpoint: str):
-    """A boto3 client with the test identity, independent of the code under test (setup and inspection)."""
+def raw_client(endpoint: str, attempts: int = 5):
+    """A boto3 client with the test identity, independent of the code under test (setup and inspection).
+
+    Setup retries (botocore's standard mode: connection errors, timeouts, 5xx, never a 4xx) with a generous read
+    timeout: right after a restart, on a loaded machine, SeaweedFS answered the first write after more than 10 s.
+    `attempts=1` for a readiness probe that polls by itself."""
     import boto3
     from botocore.config import Config
 
@@ -106,7 +110,11 @@ def raw_client(endpoint: str):
         aws_access_key_id=ACCESS_KEY,
         aws_secret_access_key=SECRET_KEY,
         region_name=REGION,
-        config=Config(retries={"total_max_attempts": 1}, connect_timeout=2, read_timeout=10),
+        config=Config(
+            retries={"total_max_attempts": attempts, "mode": "standard"},
+            connect_timeout=2,
+            read_timeout=10 if attempts == 1 else 60,
+        ),
     )
 
 
