@@ -25,7 +25,7 @@ from nestor_ds.shards.cli import main as shards_main
 from nestor_ds.shards.schema import DataFormatError
 from nestor_ds.synth.layouts import write_dataset
 
-from s3_server import BUCKET, CuttingProxy, aws_env, raw_client, s3_env_fixture, s3_server_fixture  # noqa: F401
+from s3_server import BUCKET, CuttingProxy, SeaweedS3, aws_env, raw_client, s3_env_fixture, s3_server_fixture  # noqa: F401
 from shard_fixtures import assert_batches_equal, frame_table, take, window_positions
 from train_fixtures import build_tiny_shards, ds_config, launch, tiny_config
 
@@ -155,6 +155,21 @@ def ns_both(s3_server, raw_ns, tmp_path_factory) -> tuple[Path, str]:
     for p in sorted(local.iterdir()):
         c.put_object(Bucket=BUCKET, Key=f"stream/ns/{p.name}", Body=p.read_bytes())
     return local, f"s3://{BUCKET}/stream/ns"
+
+
+def restart_when_held(proxy: CuttingProxy, server: SeaweedS3, wait_s: float) -> threading.Thread:
+    """A thread that, once `proxy` holds a response in mid-body, stops and restarts `server` and then lets the held
+    connection close: the reader sees its body end early and must resume from a restarted server."""
+
+    def restart_in_mid_body() -> None:
+        if proxy.held.wait(wait_s):
+            server.stop()
+            server.start()
+            proxy.release()
+
+    restarter = threading.Thread(target=restart_in_mid_body, daemon=True)
+    restarter.start()
+    return restarter
 
 
 def make_cfg(path, **kw) -> DataConfig:
@@ -312,14 +327,7 @@ def test_training_from_s3_survives_a_server_restart_and_resumes_like_local(s3_se
 
     proxy.arm(40_000)  # more than a manifest, less than a training shard
 
-    def restart_in_mid_body() -> None:
-        if proxy.held.wait(600):
-            s3_server.stop()
-            s3_server.start()
-            proxy.release()
-
-    restarter = threading.Thread(target=restart_in_mid_body, daemon=True)
-    restarter.start()
+    restarter = restart_when_held(proxy, s3_server, 600)
     second = run(s3_cfg, "s3", "--resume", "auto")
     restarter.join(60)
     proxy.close()
@@ -347,14 +355,7 @@ def test_shard_cache_downloads_each_shard_once_through_a_restart_and_reads_it_li
     stream = TrainStream(cached, 3, seed=9)  # reads the manifest: the cut below falls in a shard's download
     proxy.arm(8000)
 
-    def restart_in_mid_body() -> None:
-        if proxy.held.wait(120):
-            s3_server.stop()
-            s3_server.start()
-            proxy.release()
-
-    restarter = threading.Thread(target=restart_in_mid_body, daemon=True)
-    restarter.start()
+    restarter = restart_when_held(proxy, s3_server, 120)
     with caplog.at_level(logging.WARNING, logger="nestor_ds.shards.s3"):
         assert_batches_equal(list(itertools.islice(stream.batches(), 12)), full)
     restarter.join(60)
