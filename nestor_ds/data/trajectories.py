@@ -130,7 +130,7 @@ class _MappedTrajectory:
             if mm is None:
                 with open(self.path, "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._stored = self.info.check(map_fields(mm, self.offset, self.size, where, stored=True), where)
+            self._stored = self.info.check(map_fields(mm, self.offset, self.size, where), where)
         return self._stored
 
     def load(self) -> np.ndarray:

@@ -42,7 +42,7 @@ from nestor_ds.shards.urls import open_url
 
 CHUNK_BYTES = 1 << 20  # one read of the URL's stream, one write, one digest update
 _SHARD_NAME = re.compile(r"(train|test)-\d{6}\.tar")
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # as sha256 hexdigest writes it, and as compared
 _log = logging.getLogger("nestor_ds.shards.cache")
 _OVER_BOUND_SAID: set[str] = set()  # cache directories whose bound this process has said is too small
 
@@ -50,7 +50,7 @@ _OVER_BOUND_SAID: set[str] = set()  # cache directories whose bound this process
 def cache_name(url: str, sha256: str | None) -> str:
     """The cached file's name: 32 hex digits of the shard's sha256 (or of its URL's), then its shard file name."""
     if sha256 and not _HEX64.fullmatch(sha256):  # it becomes a file name: never a path from a manifest
-        raise DataFormatError(url, f"the manifest's sha256 {sha256[:80]!r} is not 64 hex digits")
+        raise DataFormatError(url, f"the manifest's sha256 {sha256[:80]!r} is not 64 hex digits, lowercase")
     key = sha256 or hashlib.sha256(url.encode("utf-8")).hexdigest()
     shard = _SHARD_NAME.search(url)
     return f"{key[:32]}-{shard.group(0) if shard else 'shard.tar'}"

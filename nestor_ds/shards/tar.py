@@ -154,22 +154,20 @@ def read_fields(fd: int, offset: int, size: int, where: str) -> np.ndarray:
     return decode_fields(read_member(fd, offset, size, where), where).astype(np.float32, copy=False)
 
 
-def map_fields(mm: mmap.mmap, offset: int, size: int, where: str, stored: bool = False) -> np.ndarray:
-    """A read-only [T, X, Y, C] view of one `fields.npy` member of a memory-mapped shard: float32 (a float16
-    member converted into a private copy), or with `stored` the stored dtype, float16 included (always a view).
+def map_fields(mm: mmap.mmap, offset: int, size: int, where: str) -> np.ndarray:
+    """A read-only [T, X, Y, C] view of one `fields.npy` member of a memory-mapped shard, in the stored dtype (float32
+    or float16): the host path converts float16 where it cuts windows, device windowing sends it as stored (half the
+    bytes) and converts it on the device.
 
     Zero-copy: the batch copy reads the page cache directly (measured 1.2-2x less CPU per window
     than reading into a private buffer). The kernel is asked to read the range ahead (WILLNEED), so
-    a cold shard is still read sequentially, trajectory by trajectory, as the stream advances. `stored` serves
-    device windowing, which sends float16 as stored (half the bytes) and converts it on the device.
+    a cold shard is still read sequentially, trajectory by trajectory, as the stream advances.
     """
     if offset + size > len(mm):
         raise DataFormatError(where, f"member ends at byte {offset + size}, file has {len(mm)}")
     start_page = offset - offset % mmap.PAGESIZE
     mm.madvise(mmap.MADV_WILLNEED, start_page, offset + size - start_page)
-    buf = np.frombuffer(mm, dtype=np.uint8, count=size, offset=offset)
-    fields = decode_fields(buf, where)
-    return fields if stored else fields.astype(np.float32, copy=False)
+    return decode_fields(np.frombuffer(mm, dtype=np.uint8, count=size, offset=offset), where)
 
 
 def decode_sample(key: str, members: dict[str, Any], where: str) -> tuple[np.ndarray, dict[str, Any]]:
